@@ -1,0 +1,171 @@
+"""KV page allocator and KV pool capacity planning.
+
+The KV pool is `num_pages` fixed-size pages. Page 0 is never handed out: the jitted steps
+write the K/V of padding tokens there, so real pages are never clobbered by bucket padding.
+Pages are owned by one sequence at a time (no prefix sharing); `free` returns them at once.
+
+Capacity: `plan_num_pages` divides (free device memory x fraction) by the bytes one page
+costs over all layers; `kv_bytes_per_token` gives that cost for a bf16 cache (2 bytes per
+element) and an INT4 cache (half a byte per element plus an f32 scale and zero per group).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+SCRATCH_PAGE = 0
+
+
+class OutOfPagesError(RuntimeError):
+    """Raised when an allocation asks for more pages than are free."""
+
+
+class BlockAllocator:
+    """Free list of KV pages 1..num_pages-1 with ownership tracking.
+
+    `allocate(n, owner)` returns n page ids (LIFO free list, so recently freed pages are
+    reused first); `free(pages, owner)` checks that each page is owned by `owner`.
+    """
+
+    def __init__(self, num_pages: int):
+        if not isinstance(num_pages, int) or num_pages < 2:
+            raise ValueError(f"num_pages={num_pages!r} must be an int >= 2 (page 0 is scratch)")
+        self.num_pages = num_pages
+        self._free: list[int] = list(range(num_pages - 1, 0, -1))
+        self._owner: dict[int, object] = {}
+
+    @property
+    def capacity(self) -> int:
+        """Pages that can ever be allocated (all but the scratch page)."""
+        return self.num_pages - 1
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_used(self) -> int:
+        return len(self._owner)
+
+    def can_allocate(self, n: int) -> bool:
+        return n <= len(self._free)
+
+    def allocate(self, n: int, owner: object) -> list[int]:
+        if n < 0:
+            raise ValueError(f"n={n} pages; expected >= 0")
+        if n > len(self._free):
+            raise OutOfPagesError(f"asked for {n} pages, {len(self._free)} free")
+        pages = [self._free.pop() for _ in range(n)]
+        for p in pages:
+            self._owner[p] = owner
+        return pages
+
+    def free(self, pages: list[int], owner: object) -> None:
+        for p in pages:
+            if self._owner.get(p, None) is not owner:
+                raise ValueError(f"page {p} is not owned by {owner!r} (double free?)")
+        for p in pages:
+            del self._owner[p]
+            self._free.append(p)
+
+    def owners(self) -> set[object]:
+        return set(self._owner.values())
+
+
+def pages_for(num_tokens: int, page_size: int) -> int:
+    return -(-num_tokens // page_size)
+
+
+def kv_bytes_per_token(
+    num_layers: int, num_kv_heads: int, head_dim: int, kv_dtype: str, group: int = 64
+) -> int:
+    """Bytes of K and V for one token over all layers."""
+    elems = 2 * num_layers * num_kv_heads * head_dim  # K and V
+    if kv_dtype == "bf16":
+        return 2 * elems
+    if kv_dtype == "int4":
+        if head_dim % group:
+            raise ValueError(f"head_dim={head_dim} must be a multiple of kv group={group}")
+        # Half a byte per value + f32 scale and f32 zero per group.
+        return elems // 2 + (elems // group) * 8
+    raise ValueError(f"kv_dtype={kv_dtype!r}; expected 'bf16' or 'int4'")
+
+
+def free_device_memory(device=None) -> int:
+    """Free bytes on `device` (accelerator memory stats; host RAM on CPU)."""
+    import jax
+
+    device = device or jax.devices()[0]
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return 4 << 30
+
+
+@dataclasses.dataclass(frozen=True)
+class CapacityPlan:
+    free_bytes: int
+    fraction: float
+    page_size: int
+    bytes_per_token: int
+    num_pages: int  # including the scratch page
+    tokens_bf16: int  # tokens that would fit with a bf16 cache in the same budget
+    tokens_int4: int  # ... with an INT4 cache
+
+    @property
+    def tokens(self) -> int:
+        return (self.num_pages - 1) * self.page_size
+
+    def describe(self) -> str:
+        return (
+            f"KV pool: {self.num_pages - 1} pages x {self.page_size} tokens = {self.tokens} tokens "
+            f"({self.bytes_per_token} B/token, {self.fraction:.0%} of "
+            f"{self.free_bytes / 2**30:.2f} GiB free); same budget holds {self.tokens_bf16} "
+            f"tokens in bf16 vs {self.tokens_int4} in KV4"
+        )
+
+
+def plan_num_pages(
+    *,
+    free_bytes: int,
+    fraction: float,
+    page_size: int,
+    num_layers: int,
+    num_kv_heads: int,
+    head_dim: int,
+    kv_dtype: str,
+    group: int = 64,
+    max_pages: int | None = None,
+) -> CapacityPlan:
+    """Pages (incl. scratch) of a KV pool filling `fraction` of `free_bytes`."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction={fraction!r} must be in (0, 1]")
+    budget = int(free_bytes * fraction)
+    per_tok = {
+        d: kv_bytes_per_token(num_layers, num_kv_heads, head_dim, d, group)
+        for d in ("bf16", "int4")
+    }
+    bpt = per_tok[kv_dtype] if kv_dtype in per_tok else kv_bytes_per_token(
+        num_layers, num_kv_heads, head_dim, kv_dtype, group
+    )
+    num_pages = budget // (bpt * page_size)
+    if max_pages is not None:
+        num_pages = min(num_pages, max_pages)
+    if num_pages < 2:
+        raise ValueError(
+            f"{budget} bytes hold {num_pages} KV pages of {page_size} tokens at {bpt} B/token; "
+            "need at least 2 (give more memory or a smaller model)"
+        )
+    return CapacityPlan(
+        free_bytes=free_bytes,
+        fraction=fraction,
+        page_size=page_size,
+        bytes_per_token=bpt,
+        num_pages=int(num_pages),
+        tokens_bf16=budget // per_tok["bf16"] // page_size * page_size,
+        tokens_int4=budget // per_tok["int4"] // page_size * page_size,
+    )

@@ -1,0 +1,152 @@
+"""`EngineConfig`: the static knobs of the serving engine (batching, paging, buckets, precision).
+
+A frozen dataclass of plain values; gin binds it at the edges (CLI, experiment files). Derived
+values (bucket lists, pages per sequence) are properties so that the config stays the single
+source of truth.
+
+Shape buckets: the jitted steps only ever see these shapes, so steady-state serving never
+recompiles.
+  decode  : tokens [B, 1]   with B in `decode_buckets`
+  prefill : tokens [Bp, C]  with Bp in `prefill_batch_buckets`, C in `chunk_buckets`
+  pages   : page table [B, P] with P in `page_buckets` (the smallest bucket >= the longest
+            sequence of the step; gathering fewer pages is cheaper for short contexts).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+PRECISIONS = ("bf16", "w8a8", "w4a16", "w4axkv4")
+KV_DTYPES = ("bf16", "int4")
+
+
+def _pow2_buckets(limit: int, start: int = 1) -> tuple[int, ...]:
+    out, b = [], start
+    while b < limit:
+        out.append(b)
+        b *= 2
+    out.append(limit)
+    return tuple(out)
+
+
+def _check_buckets(name: str, buckets: tuple[int, ...] | None, limit: int) -> None:
+    if buckets is None:
+        return
+    if not buckets or any(not isinstance(b, int) or b <= 0 for b in buckets):
+        raise ValueError(f"{name}={buckets!r}; expected a non-empty tuple of positive ints")
+    if tuple(sorted(set(buckets))) != tuple(buckets):
+        raise ValueError(f"{name}={buckets!r} must be strictly increasing")
+    if buckets[-1] != limit:
+        raise ValueError(f"{name}={buckets!r} must end with the limit {limit}")
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """Serving engine configuration.
+
+    Attributes:
+      max_batch: most sequences running at once (the largest decode batch).
+      max_tokens_per_step: token budget of one engine step (decode tokens + prefill chunk
+        tokens); also the largest prefill chunk.
+      max_prefill_seqs: most sequences whose prompt chunks run in one step.
+      max_model_len: longest sequence (prompt + generated) the engine accepts.
+      page_size: tokens per KV page.
+      num_pages: KV pool size in pages (page 0 is a reserved scratch page); None = plan it from
+        free device memory x `memory_fraction`.
+      memory_fraction: share of free device memory given to the KV pool when num_pages is None.
+      precision: 'bf16' | 'w8a8' | 'w4a16' | 'w4axkv4' (projection backends; w4axkv4 also
+        implies an INT4 KV cache).
+      kv_dtype: 'bf16' | 'int4' | None (None: int4 for w4axkv4, bf16 otherwise).
+      kv_group: KV4 quantization group along head_dim.
+      compute_dtype: 'bfloat16' | 'float32' activations.
+      decode_buckets, prefill_batch_buckets, chunk_buckets, page_buckets: shape buckets (None:
+        powers of two up to the limit; pages: a single bucket, the max pages per sequence).
+      interpret: run Pallas kernels in interpret mode (CPU).
+      aot_compile: compile every bucket at start-up (else on first use).
+      seed: default sampling seed of requests that give none.
+    """
+
+    max_batch: int = 16
+    max_tokens_per_step: int = 256
+    max_prefill_seqs: int = 2
+    max_model_len: int = 1024
+    page_size: int = 16
+    num_pages: int | None = None
+    memory_fraction: float = 0.9
+    precision: str = "bf16"
+    kv_dtype: str | None = None
+    kv_group: int = 64
+    compute_dtype: str = "bfloat16"
+    decode_buckets: tuple[int, ...] | None = None
+    prefill_batch_buckets: tuple[int, ...] | None = None
+    chunk_buckets: tuple[int, ...] | None = None
+    page_buckets: tuple[int, ...] | None = None
+    interpret: bool = False
+    aot_compile: bool = True
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("max_batch", "max_tokens_per_step", "max_prefill_seqs", "max_model_len",
+                     "page_size", "kv_group"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ValueError(f"{name}={v!r} must be a positive int")
+        if self.num_pages is not None and (not isinstance(self.num_pages, int) or self.num_pages < 2):
+            raise ValueError(f"num_pages={self.num_pages!r} must be an int >= 2 or None")
+        if not 0.0 < self.memory_fraction <= 1.0:
+            raise ValueError(f"memory_fraction={self.memory_fraction!r} must be in (0, 1]")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision={self.precision!r}; expected one of {PRECISIONS}")
+        if self.kv_dtype is not None and self.kv_dtype not in KV_DTYPES:
+            raise ValueError(f"kv_dtype={self.kv_dtype!r}; expected one of {KV_DTYPES} or None")
+        if self.compute_dtype not in ("bfloat16", "float32"):
+            raise ValueError(f"compute_dtype={self.compute_dtype!r}; expected bfloat16|float32")
+        if self.max_prefill_seqs > self.max_batch:
+            raise ValueError(
+                f"max_prefill_seqs={self.max_prefill_seqs} must be <= max_batch={self.max_batch}"
+            )
+        # Coerce gin/JSON lists to tuples so the config stays hashable.
+        for name in ("decode_buckets", "prefill_batch_buckets", "chunk_buckets", "page_buckets"):
+            v = getattr(self, name)
+            if v is not None and not isinstance(v, tuple):
+                object.__setattr__(self, name, tuple(v))
+        _check_buckets("decode_buckets", self.decode_buckets, self.max_batch)
+        _check_buckets("prefill_batch_buckets", self.prefill_batch_buckets, self.max_prefill_seqs)
+        _check_buckets("chunk_buckets", self.chunk_buckets, self.max_tokens_per_step)
+        _check_buckets("page_buckets", self.page_buckets, self.max_pages_per_seq)
+
+    @property
+    def resolved_kv_dtype(self) -> str:
+        if self.kv_dtype is not None:
+            return self.kv_dtype
+        return "int4" if self.precision == "w4axkv4" else "bf16"
+
+    @property
+    def max_pages_per_seq(self) -> int:
+        return math.ceil(self.max_model_len / self.page_size)
+
+    @property
+    def decode_bucket_list(self) -> tuple[int, ...]:
+        return self.decode_buckets or _pow2_buckets(self.max_batch)
+
+    @property
+    def prefill_batch_bucket_list(self) -> tuple[int, ...]:
+        return self.prefill_batch_buckets or _pow2_buckets(self.max_prefill_seqs)
+
+    @property
+    def chunk_bucket_list(self) -> tuple[int, ...]:
+        start = min(16, self.max_tokens_per_step)
+        return self.chunk_buckets or _pow2_buckets(self.max_tokens_per_step, start)
+
+    @property
+    def page_bucket_list(self) -> tuple[int, ...]:
+        return self.page_buckets or (self.max_pages_per_seq,)
+
+
+def bucket_for(value: int, buckets: tuple[int, ...], name: str) -> int:
+    """The smallest bucket >= value (buckets sorted); ValueError when none fits."""
+    for b in buckets:
+        if b >= value:
+            return b
+    raise ValueError(f"{name}={value} exceeds the largest bucket {buckets[-1]}")

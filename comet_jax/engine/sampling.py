@@ -1,0 +1,139 @@
+"""Token sampling: per-request parameters, the batched on-device sampler, and stop handling.
+
+`sample_tokens` runs inside the jitted step on the last-position logits of each row, so only
+B int32 token ids leave the device per step. Each row has its own temperature, top-k, top-p
+and seed; the random key of a row is `fold_in(PRNGKey(seed), counter)` with counter = the
+index of the token being generated, so a request's samples do not depend on which other
+requests share its batch (and a recomputed request after preemption draws the same tokens).
+
+Stop strings are checked on the host over the incrementally decoded text (`TextStream`), which
+holds back the tail that could still turn into a stop string, so streamed text never has to be
+taken back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """How one request samples and when it stops.
+
+    temperature: 0 = greedy (argmax); > 0 scales logits. top_k: 0 = off. top_p: 1 = off.
+    seed: per-request RNG seed (None: the engine's seed). max_tokens: new tokens at most.
+    stop_token_ids: extra token ids that end the request (the EOS id is added unless
+    ignore_eos). stop: strings that end the request; the text is cut before the match.
+    """
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self):
+        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or (
+            self.max_tokens < 1
+        ):
+            raise ValueError(f"max_tokens={self.max_tokens!r}; expected an int >= 1")
+        if not (isinstance(self.temperature, (int, float)) and self.temperature >= 0):
+            raise ValueError(f"temperature={self.temperature!r}; expected a number >= 0")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k!r}; expected an int >= 0 (0 = off)")
+        if not (isinstance(self.top_p, (int, float)) and 0.0 < self.top_p <= 1.0):
+            raise ValueError(f"top_p={self.top_p!r}; expected a number in (0, 1]")
+        if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
+            raise ValueError(f"seed={self.seed!r}; expected an int >= 0 or None")
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise ValueError(f"stop={self.stop!r}; expected non-empty strings")
+
+
+def _filter_top_k_top_p(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+    """scaled: [B, V] f32 -> the same with logits outside top-k / top-p set to -inf."""
+    v = scaled.shape[-1]
+    sorted_desc = -jnp.sort(-scaled, axis=-1)  # [B, V]
+    rank = jnp.arange(v)[None, :]
+    keep = jnp.where(top_k[:, None] > 0, rank < top_k[:, None], True)
+    probs = jax.nn.softmax(sorted_desc, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep &= mass_before < top_p[:, None]
+    keep = keep.at[:, 0].set(True)
+    threshold = jnp.min(jnp.where(keep, sorted_desc, jnp.inf), axis=-1, keepdims=True)
+    return jnp.where(scaled >= threshold, scaled, -jnp.inf)
+
+
+def sample_tokens(
+    logits: jax.Array,
+    temperature: jax.Array,
+    top_k: jax.Array,
+    top_p: jax.Array,
+    seeds: jax.Array,
+    counters: jax.Array,
+) -> jax.Array:
+    """Samples one token per row.
+
+    logits: [B, V] f32; temperature, top_p: [B] f32; top_k, seeds, counters: [B] int32.
+    Returns [B] int32. Rows with temperature 0 are greedy. The full-vocabulary sort runs only
+    when some row uses top-k or top-p.
+    """
+    logits = logits.astype(jnp.float32)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    t = jnp.where(temperature > 0, temperature, 1.0)
+    scaled = logits / t[:, None]
+    needs_filter = jnp.any((top_k > 0) | (top_p < 1.0))
+    scaled = jax.lax.cond(
+        needs_filter, _filter_top_k_top_p, lambda s, k, p: s, scaled, top_k, top_p
+    )
+    keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.PRNGKey(s), c))(seeds, counters)
+    drawn = jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
+    return jnp.where(temperature > 0, drawn, greedy)
+
+
+class TextStream:
+    """Incremental detokenization with stop strings.
+
+    `push(token_ids_so_far)` returns the newly final text (delta) and whether a stop string
+    was hit; the text never includes the stop string. Text that could still be the start of a
+    stop string, or an incomplete UTF-8 sequence, is held back until it is decided.
+    """
+
+    def __init__(self, decode: Callable[[Sequence[int]], str], stop: Sequence[str] = ()):
+        self._decode = decode
+        self._stop = tuple(stop)
+        self._hold = max((len(s) for s in self._stop), default=1) - 1
+        self.emitted = ""
+        self.stopped = False
+
+    def push(self, token_ids: Sequence[int], final: bool = False) -> str:
+        if self.stopped:
+            return ""
+        text = self._decode(list(token_ids))
+        if text.endswith("\ufffd") and not final:
+            text = text[: len(text) - 1]  # partial multi-byte character: wait for more
+        for s in self._stop:
+            # Search from where a new match could start.
+            idx = text.find(s, max(0, len(self.emitted) - len(s) + 1))
+            if idx >= 0:
+                text, self.stopped = text[:idx], True
+        if self.stopped or final:
+            ready = text
+        else:
+            ready = text[: max(len(self.emitted), len(text) - self._hold)]
+        if not ready.startswith(self.emitted):  # decoder re-spelled earlier text: keep ours
+            return ""
+        delta = ready[len(self.emitted) :]
+        self.emitted = ready
+        return delta
+

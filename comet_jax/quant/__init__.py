@@ -1,0 +1,1 @@
+"""Quantization: integer quantizers, INT4 packing, quantized-tensor pytree, FMPQ algorithms."""

@@ -1,0 +1,243 @@
+"""Flax LLaMA-family causal LM (LLaMA-2/3/3.1, Mistral, Qwen2) with pluggable linears/attention.
+
+    model = LlamaForCausalLM(config)                        # float, dense causal attention
+    logits, cache = model.apply({"params": params}, tokens, positions, cache=None)
+      tokens, positions: [B, T] int32 -> logits: [B, T, V] f32
+
+Layers are a Python loop (not `nn.scan`) so each layer may carry differently shaped
+(quantized) parameters. Projections go through `models.projection` backends, attention through
+a `models.attention` callable; both are hashable static attributes, so `jax.jit(model.apply)`
+works. See `models/projection.py` for the parameter tree.
+
+Capture (calibration): make the "intermediates" collection mutable and every input group's
+float input (after its RMSNorm, i.e. the x each projection multiplies) is sown:
+
+    logits, state = model.apply({"params": p}, tokens, positions, mutable=["intermediates"])
+    x = state["intermediates"]["layers_3"]["attn_in"][0]       # [B, T, H] compute dtype
+
+Groups: "attn_in", "o_in" [B, T, Hq*D], "mlp_in", "down_in" [B, T, I]. With
+`capture_transform=f` the sown value is `f(layer_idx, group_name, x)` instead (e.g. per-channel
+absmax or X^T X, to avoid keeping activations). Padding positions are not masked out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from models.attention import DenseAttention
+from models.config import ModelConfig
+from models.projection import (
+    GROUPS,
+    PROJECTIONS_OF,
+    FloatLinear,
+    GroupSpec,
+    LinearBackend,
+    LinearPlan,
+    ProjSpec,
+    as_plan,
+    rms_norm,
+)
+from models.rope import apply_rope, config_inv_freq, rope_cos_sin
+
+
+def layer_specs(config: ModelConfig, layer: int) -> dict[str, GroupSpec]:
+    """Static GroupSpecs (with their ProjSpecs) of one decoder layer, keyed by group name."""
+    h, i = config.hidden_size, config.intermediate_size
+    shapes = {  # projection: (K, N, bias)
+        "q_proj": (h, config.q_size, config.attention_bias),
+        "k_proj": (h, config.kv_size, config.attention_bias),
+        "v_proj": (h, config.kv_size, config.attention_bias),
+        "o_proj": (config.q_size, h, config.o_proj_bias),
+        "gate_proj": (h, i, config.mlp_bias),
+        "up_proj": (h, i, config.mlp_bias),
+        "down_proj": (i, h, config.mlp_bias),
+    }
+    specs = {}
+    for group in GROUPS:
+        projs = tuple(
+            ProjSpec(layer=layer, name=p, in_features=shapes[p][0], out_features=shapes[p][1],
+                     bias=shapes[p][2])
+            for p in PROJECTIONS_OF[group]
+        )
+        specs[group] = GroupSpec(
+            layer=layer,
+            name=group,
+            in_features=projs[0].in_features,
+            has_norm=group in ("attn_in", "mlp_in"),
+            projections=projs,
+        )
+    return specs
+
+
+def _ones_init(shape, dtype):
+    return lambda rng: jnp.ones(shape, dtype)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: x += attn(norm(x)); x += mlp(norm(x)). Params flat (see projection.py)."""
+
+    config: ModelConfig
+    layer_idx: int
+    linear: LinearPlan
+    attention: Callable
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    capture_transform: Callable | None = None
+
+    def _group(self, spec: GroupSpec, x, norm_weight) -> dict[str, jax.Array]:
+        """Runs one input group: prepare once per distinct backend, then each projection."""
+        if self.is_mutable_collection("intermediates"):
+            x_in = x if norm_weight is None else rms_norm(x, norm_weight, self.config.rms_norm_eps)
+            if self.capture_transform is not None:
+                x_in = self.capture_transform(self.layer_idx, spec.name, x_in)
+            self.sow("intermediates", spec.name, x_in)
+        backends = {p.name: self.linear.backend_for(self.layer_idx, p.name) for p in spec.projections}
+        distinct = list(dict.fromkeys(backends.values()))
+        group_inits = [(b, b.group_init(spec, self.param_dtype)) for b in distinct]
+        owners = [b for b, init in group_inits if init is not None]
+        if len(owners) > 1:
+            raise ValueError(
+                f"layer {self.layer_idx} group {spec.name!r}: backends {owners} all declare group "
+                "params; at most one backend per input group may"
+            )
+        group_params = None
+        if owners:
+            group_params = self.param(spec.name, dict(group_inits)[owners[0]])
+        prepared = {
+            b: b.prepare_input(
+                group_params if b in owners else None, x, norm_weight, eps=self.config.rms_norm_eps
+            )
+            for b in distinct
+        }
+        out = {}
+        for p in spec.projections:
+            backend = backends[p.name]
+            w = self.param(p.name, backend.weight_init(p, self.param_dtype))
+            out[p.name] = backend.matmul(w, prepared[backend])
+        return out
+
+    @nn.compact
+    def __call__(self, x, cos, sin, cache_state):
+        cfg = self.config
+        specs = layer_specs(cfg, self.layer_idx)
+        b, t, _ = x.shape
+        h = cfg.hidden_size
+
+        input_norm = self.param("input_norm", _ones_init((h,), self.param_dtype))
+        qkv = self._group(specs["attn_in"], x, input_norm)
+        q = qkv["q_proj"].reshape(b, t, cfg.num_heads, cfg.head_dim)
+        k = qkv["k_proj"].reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        v = qkv["v_proj"].reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        attn, cache_state = self.attention(q, k, v, self.layer_idx, cache_state)
+        attn = attn.reshape(b, t, cfg.q_size).astype(self.dtype)
+        x = x + self._group(specs["o_in"], attn, None)["o_proj"]
+
+        post_norm = self.param("post_attn_norm", _ones_init((h,), self.param_dtype))
+        gu = self._group(specs["mlp_in"], x, post_norm)
+        hidden = (jax.nn.silu(gu["gate_proj"].astype(jnp.float32)) * gu["up_proj"]).astype(
+            self.dtype
+        )
+        x = x + self._group(specs["down_in"], hidden, None)["down_proj"]
+        return x, cache_state
+
+
+class LlamaForCausalLM(nn.Module):
+    """LLaMA-family causal LM.
+
+    Attributes:
+      config: ModelConfig.
+      linear: one LinearBackend for every projection, or a LinearPlan (per layer/projection).
+      attention: attention callable (see models/attention.py); None means
+        DenseAttention(sliding_window=config.sliding_window).
+      dtype: compute dtype (jnp.float32 or jnp.bfloat16); logits are always f32.
+      param_dtype: dtype of parameters created by `init`.
+      capture_transform: optional f(layer_idx, group, x) applied to sown capture values.
+
+    Embedding and lm_head stay in float (lm_head uses FloatLinear on the final-norm output).
+    """
+
+    config: ModelConfig
+    linear: LinearBackend | LinearPlan = FloatLinear()
+    attention: Callable | None = None
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    capture_transform: Callable | None = None
+
+    @nn.compact
+    def __call__(self, tokens, positions=None, cache=None, *, logits_at=None):
+        """tokens, positions: [B, T] int32 (positions default arange(T)); cache: attention state.
+
+        logits_at: optional [B] int32 index into T; then only those rows go through the final
+        norm and lm_head and logits are [B, 1, V] (prefill wants only the last token).
+        Returns (logits f32, new cache state).
+        """
+        cfg = self.config
+        tokens = jnp.asarray(tokens)
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens of shape {tokens.shape}; expected [B, T]")
+        b, t = tokens.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        positions = jnp.asarray(positions)
+        if positions.shape != (b, t):
+            raise ValueError(f"positions of shape {positions.shape}; expected {(b, t)}")
+        plan = as_plan(self.linear)
+        attention = self.attention
+        if attention is None:
+            attention = DenseAttention(sliding_window=cfg.sliding_window)
+
+        embedding = self.param(
+            "embed_tokens",
+            lambda rng: (0.02 * jax.random.normal(rng, (cfg.vocab_size, cfg.hidden_size))).astype(
+                self.param_dtype
+            ),
+        )
+        x = jnp.take(embedding, tokens, axis=0).astype(self.dtype)  # [B, T, H]
+        cos, sin = rope_cos_sin(positions, config_inv_freq(cfg))
+        for i in range(cfg.num_layers):
+            x, cache = DecoderLayer(
+                config=cfg,
+                layer_idx=i,
+                linear=plan,
+                attention=attention,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                capture_transform=self.capture_transform,
+                name=f"layers_{i}",
+            )(x, cos, sin, cache)
+
+        if logits_at is not None:
+            x = jnp.take_along_axis(x, jnp.asarray(logits_at)[:, None, None], axis=1)
+        final_norm = self.param("final_norm", _ones_init((cfg.hidden_size,), self.param_dtype))
+        x = rms_norm(x, final_norm, cfg.rms_norm_eps)
+        head = FloatLinear()
+        if cfg.tie_word_embeddings:
+            head_params = {"kernel": embedding}
+        else:
+            spec = ProjSpec(-1, "lm_head", cfg.hidden_size, cfg.vocab_size, False)
+            head_params = self.param("lm_head", head.weight_init(spec, self.param_dtype))
+        logits = jnp.einsum(
+            "...k,nk->...n",
+            x,
+            head_params["kernel"].astype(x.dtype),
+            precision=head.precision,
+            preferred_element_type=jnp.float32,
+        )
+        return logits, cache
+
+
+def init_params(model: LlamaForCausalLM, rng: jax.Array, batch: int = 1, length: int = 8):
+    """Random parameters (the inner `params` tree) for `model`."""
+    tokens = jnp.zeros((batch, length), jnp.int32)
+    return model.init(rng, tokens)["params"]
+
+
+def abstract_params(model: LlamaForCausalLM):
+    """The parameter tree as jax.ShapeDtypeStruct leaves, without allocating anything."""
+    return jax.eval_shape(lambda: init_params(model, jax.random.key(0)))
