@@ -60,8 +60,13 @@ def layer_specs(config: ModelConfig, layer: int) -> dict[str, GroupSpec]:
     specs = {}
     for group in GROUPS:
         projs = tuple(
-            ProjSpec(layer=layer, name=p, in_features=shapes[p][0], out_features=shapes[p][1],
-                     bias=shapes[p][2])
+            ProjSpec(
+                layer=layer,
+                name=p,
+                in_features=shapes[p][0],
+                out_features=shapes[p][1],
+                bias=shapes[p][2],
+            )
             for p in PROJECTIONS_OF[group]
         )
         specs[group] = GroupSpec(
@@ -96,7 +101,9 @@ class DecoderLayer(nn.Module):
             if self.capture_transform is not None:
                 x_in = self.capture_transform(self.layer_idx, spec.name, x_in)
             self.sow("intermediates", spec.name, x_in)
-        backends = {p.name: self.linear.backend_for(self.layer_idx, p.name) for p in spec.projections}
+        backends = {
+            p.name: self.linear.backend_for(self.layer_idx, p.name) for p in spec.projections
+        }
         distinct = list(dict.fromkeys(backends.values()))
         group_inits = [(b, b.group_init(spec, self.param_dtype)) for b in distinct]
         owners = [b for b, init in group_inits if init is not None]

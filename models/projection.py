@@ -115,7 +115,12 @@ class LinearBackend(Protocol):
         ...
 
     def prepare_input(
-        self, group_params: PyTree | None, x: jax.Array, norm_weight: jax.Array | None, *, eps: float
+        self,
+        group_params: PyTree | None,
+        x: jax.Array,
+        norm_weight: jax.Array | None,
+        *,
+        eps: float,
     ) -> Any:
         """x: [..., K] in compute dtype -> whatever `matmul` consumes (RMSNorm first if given)."""
         ...

@@ -18,13 +18,9 @@ import numpy as np
 from models.config import ModelConfig
 
 
-def rope_inv_freq(
-    head_dim: int, theta: float, scaling: dict | None = None
-) -> np.ndarray:
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> np.ndarray:
     """inv_freq: [head_dim/2] f32, with "linear" or "llama3" frequency scaling applied."""
-    exponents = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(
-        head_dim
-    )
+    exponents = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
     inv_freq = (1.0 / (np.float32(theta) ** exponents)).astype(np.float32)
     if scaling is None:
         return inv_freq

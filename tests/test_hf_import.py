@@ -135,7 +135,9 @@ def test_config_fields_from_hf(tmp_path):
     mistral = ModelConfig.from_hf(_hf_model("mistral_sliding_window", {}).config.to_dict())
     assert mistral.sliding_window == 5 and mistral.head_dim == 16
     # Old-style (transformers 4.x) config.json fields are accepted too.
-    old = dict(_COMMON, model_type="llama", rope_theta=5e5, rope_scaling={"type": "linear", "factor": 2.0})
+    old = dict(
+        _COMMON, model_type="llama", rope_theta=5e5, rope_scaling={"type": "linear", "factor": 2.0}
+    )
     old.pop("attn_implementation")
     assert ModelConfig.from_hf(old).rope_scaling_dict == {"rope_type": "linear", "factor": 2.0}
 
@@ -148,7 +150,7 @@ def test_sharded_checkpoint(tmp_path):
     assert len(shards) > 2
     config, params = load_hf_model(path)
     tokens, positions = _inputs(batch=1, length=9)
-    got, _ = LlamaForCausalLM(config).apply({"params": params}, tokens, positions)
+    got, _ = jax.jit(LlamaForCausalLM(config).apply)({"params": params}, tokens, positions)
     np.testing.assert_allclose(np.asarray(got), _hf_logits(model, tokens, positions), atol=F32_TOL)
 
 
@@ -191,7 +193,10 @@ def test_tensor_errors(tmp_path):
     legacy = dict(tensors, **{"model.layers.0.self_attn.rotary_emb.inv_freq": np.ones(8)})
     params_from_hf_tensors(config, legacy)
 
+    (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="neither model.safetensors"):
+        load_hf_tensors(tmp_path / "empty")
+    with pytest.raises(ValueError, match="is not a directory"):
         load_hf_tensors(tmp_path / "nowhere")
 
 
@@ -208,9 +213,7 @@ def test_dense_padding_mask_matches_unpadded(tmp_path):
     batched, state = apply({"params": params}, tokens, positions, cache=jnp.asarray(lengths))
     np.testing.assert_array_equal(np.asarray(state), lengths)  # dense state passes through
     for b, n in enumerate(lengths):
-        alone, _ = LlamaForCausalLM(config).apply(
-            {"params": params}, tokens[b : b + 1, :n], positions[b : b + 1, :n]
-        )
+        alone, _ = apply({"params": params}, tokens[b : b + 1, :n], positions[b : b + 1, :n])
         np.testing.assert_allclose(np.asarray(batched[b, :n]), np.asarray(alone[0]), atol=1e-5)
 
     # Left padding with a [B, T] valid mask and true positions gives the same logits.

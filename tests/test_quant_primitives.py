@@ -45,16 +45,21 @@ def quant_case(draw):
 def test_roundtrip_within_half_step(case):
     rng = np.random.default_rng(case["seed"])
     x = (rng.standard_normal(case["shape"]) * case["scale"]).astype(np.float32)
-    kw = dict(bits=case["bits"], symmetric=case["symmetric"], granularity=case["granularity"],
-              group_size=case["group_size"])
+    kw = dict(
+        bits=case["bits"],
+        symmetric=case["symmetric"],
+        granularity=case["granularity"],
+        group_size=case["group_size"],
+    )
     res = quantizers.quantize(x, **kw)
     assert res.q.dtype == (jnp.int8 if case["symmetric"] else jnp.uint8)
     assert res.q.shape == x.shape
     assert res.scale.dtype == jnp.float32
     assert bool(jnp.all(res.scale > 0))
     assert (res.zero is None) == case["symmetric"]
-    deq = quantizers.dequantize(res.q, res.scale, res.zero, granularity=case["granularity"],
-                                group_size=case["group_size"])
+    deq = quantizers.dequantize(
+        res.q, res.scale, res.zero, granularity=case["granularity"], group_size=case["group_size"]
+    )
     step = quantizers._broadcast(res.scale, x.shape, case["granularity"], case["group_size"])
     err = np.abs(np.asarray(deq) - x)
     assert np.all(err <= 0.5 * np.asarray(step) * (1 + 1e-5) + 1e-6 * np.abs(x))
@@ -101,8 +106,9 @@ def test_all_zero_rows_are_exact(symmetric, gran, gs):
     x[:, :16] = 0.0 if gran == "col" else x[:, :16]
     res = quantizers.quantize(x, bits=4, symmetric=symmetric, granularity=gran, group_size=gs)
     assert bool(jnp.all(res.scale > 0))
-    deq = np.asarray(quantizers.dequantize(res.q, res.scale, res.zero, granularity=gran,
-                                           group_size=gs))
+    deq = np.asarray(
+        quantizers.dequantize(res.q, res.scale, res.zero, granularity=gran, group_size=gs)
+    )
     assert (deq[1] == 0).all()
     assert np.isfinite(deq).all()
 
@@ -178,9 +184,15 @@ def test_pack_rejects_bad_input():
         pack.unpack_int4(np.ones((2, 8), np.uint8), 4)
 
 
-@pytest.mark.parametrize("bits,sym,gran,gs", [
-    (4, True, "row", None), (4, False, "group", 32), (8, True, "row", None), (8, False, "col", None),
-])
+@pytest.mark.parametrize(
+    "bits,sym,gran,gs",
+    [
+        (4, True, "row", None),
+        (4, False, "group", 32),
+        (8, True, "row", None),
+        (8, False, "col", None),
+    ],
+)
 def test_qtensor_jit_dequantize_and_meta(bits, sym, gran, gs):
     x = jnp.asarray(np.random.default_rng(2).standard_normal((16, 128)), jnp.float32)
     qt = QuantizedTensor.quantize(x, bits=bits, symmetric=sym, granularity=gran, group_size=gs)
@@ -188,7 +200,11 @@ def test_qtensor_jit_dequantize_and_meta(bits, sym, gran, gs):
     assert qt.values.shape == ((16, 64) if bits == 4 else (16, 128))
     ref = quantizers.dequantize(
         quantizers.quantize(x, bits=bits, symmetric=sym, granularity=gran, group_size=gs).q,
-        qt.scales, qt.zeros, granularity=gran, group_size=gs)
+        qt.scales,
+        qt.zeros,
+        granularity=gran,
+        group_size=gs,
+    )
     out = jax.jit(lambda t: t.dequantize(jnp.bfloat16))(qt)
     assert out.dtype == jnp.bfloat16 and out.shape == x.shape
     np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref), rtol=1e-2, atol=1e-2)

@@ -34,7 +34,9 @@ SINGLE_FILE = "model.safetensors"
 
 # HF tensors that hold no parameter of ours (old checkpoints stored RoPE buffers).
 _IGNORED = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
-_HF_PROJ_PREFIX = {p: ("self_attn" if GROUP_OF[p] in ("attn_in", "o_in") else "mlp") for p in GROUP_OF}
+_HF_PROJ_PREFIX = {
+    p: ("self_attn" if GROUP_OF[p] in ("attn_in", "o_in") else "mlp") for p in GROUP_OF
+}
 
 
 def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
@@ -133,7 +135,9 @@ def params_from_hf_tensors(
     if bad_shapes:
         problems.append(f"shape mismatches {_abbrev(bad_shapes)}")
     if problems:
-        raise ValueError(f"checkpoint does not match the {config.family} config: " + "; ".join(problems))
+        raise ValueError(
+            f"checkpoint does not match the {config.family} config: " + "; ".join(problems)
+        )
 
     def get(name):
         return jnp.asarray(np.asarray(tensors[name]), dtype=dtype)

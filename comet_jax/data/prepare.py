@@ -368,7 +368,6 @@ def _count_tokens(root: Path, manifest: dict[str, Any]) -> None:
         for d, ids in zip(docs, tok.encode_batch(texts, add_bos=False)):
             d["tokens"] = len(ids)
         corpus["tokens"] = sum(d["tokens"] for d in docs)
-        _log(f"{name} ({corpus['role']}): {len(docs)} documents, {corpus['tokens']:,} tokens")
 
 
 def prepare(

@@ -14,6 +14,8 @@ from __future__ import annotations
 import dataclasses
 import os
 
+from comet_jax.quant.kv_quant import kv4_bytes_per_token_head
+
 SCRATCH_PAGE = 0
 
 
@@ -80,15 +82,11 @@ def pages_for(num_tokens: int, page_size: int) -> int:
 def kv_bytes_per_token(
     num_layers: int, num_kv_heads: int, head_dim: int, kv_dtype: str, group: int = 64
 ) -> int:
-    """Bytes of K and V for one token over all layers."""
-    elems = 2 * num_layers * num_kv_heads * head_dim  # K and V
+    """Bytes of K and V for one token over all layers (bf16, or KV4 with f16 scale/zero)."""
     if kv_dtype == "bf16":
-        return 2 * elems
+        return 2 * num_layers * num_kv_heads * head_dim * 2
     if kv_dtype == "int4":
-        if head_dim % group:
-            raise ValueError(f"head_dim={head_dim} must be a multiple of kv group={group}")
-        # Half a byte per value + f32 scale and f32 zero per group.
-        return elems // 2 + (elems // group) * 8
+        return 2 * num_layers * num_kv_heads * kv4_bytes_per_token_head(head_dim, group)
     raise ValueError(f"kv_dtype={kv_dtype!r}; expected 'bf16' or 'int4'")
 
 
@@ -149,9 +147,9 @@ def plan_num_pages(
         d: kv_bytes_per_token(num_layers, num_kv_heads, head_dim, d, group)
         for d in ("bf16", "int4")
     }
-    bpt = per_tok[kv_dtype] if kv_dtype in per_tok else kv_bytes_per_token(
-        num_layers, num_kv_heads, head_dim, kv_dtype, group
-    )
+    if kv_dtype not in per_tok:
+        raise ValueError(f"kv_dtype={kv_dtype!r}; expected 'bf16' or 'int4'")
+    bpt = per_tok[kv_dtype]
     num_pages = budget // (bpt * page_size)
     if max_pages is not None:
         num_pages = min(num_pages, max_pages)

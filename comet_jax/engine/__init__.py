@@ -1,0 +1,1 @@
+"""Serving engine: paged KV cache, scheduler, jitted model steps (imports stay lazy/light)."""

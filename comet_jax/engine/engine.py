@@ -1,0 +1,387 @@
+"""`LLMEngine`: continuous batching over the paged KV cache with AOT-compiled step buckets.
+
+    engine = LLMEngine.build(model_config, params, EngineConfig(...), tokenizer=tok)
+    engine.add_request("r1", prompt_ids, SamplingParams(max_tokens=32), on_output=callback)
+    while engine.has_unfinished():
+        engine.step()                   # callbacks receive RequestOutput deltas (streaming)
+    outs = engine.generate([ids1, ids2], SamplingParams(temperature=0))   # offline helper
+
+One `step()`: schedule (scheduler.py) -> build padded numpy inputs for the decode rows
+([B, 1], B a decode bucket) and the prefill chunks ([Bp, C] buckets) -> dispatch both jitted
+calls -> read back [B] sampled ids -> append tokens, check stops, emit outputs. At start-up
+every bucket is compiled ahead of time (progress bar, `compile_time_s`); afterwards the
+runner refuses unknown shapes, so steady-state serving cannot recompile.
+
+Thread safety: `add_request`, `abort` and `stats` may be called from any thread while one
+thread drives `step()`; the device work of a step runs outside the lock, so an abort frees the
+request's pages at once (the in-flight step's writes to them are harmless: a page's next owner
+writes every position before reading it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from comet_jax.engine.allocator import (
+    BlockAllocator,
+    CapacityPlan,
+    free_device_memory,
+    plan_num_pages,
+)
+from comet_jax.engine.config import EngineConfig, bucket_for
+from comet_jax.engine.runner import (
+    ModelRunner,
+    PagedAttention,
+    StepInputs,
+    kv_backend_for,
+    linear_backend_for,
+)
+from comet_jax.engine.sampling import SamplingParams, TextStream
+from comet_jax.engine.scheduler import Chunk, FinishReason, Scheduler, Sequence as Seq
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestOutput:
+    """What one step produced for a request (deltas) and, when finished, why it ended."""
+
+    request_id: str
+    new_token_ids: tuple[int, ...]
+    new_text: str
+    finished: bool
+    finish_reason: str | None
+    num_prompt_tokens: int
+    num_output_tokens: int
+
+
+@dataclasses.dataclass
+class _Request:
+    seq: Seq
+    on_output: Callable[[RequestOutput], None] | None
+    text: TextStream | None
+    stop_ids: frozenset[int]
+    sent: int = 0  # output tokens already reported
+
+
+@dataclasses.dataclass
+class EngineStats:
+    steps: int = 0
+    decode_calls: int = 0
+    prefill_calls: int = 0
+    prompt_tokens: int = 0
+    processed_tokens: int = 0  # tokens run through the model (prefill incl. recompute + decode)
+    generated_tokens: int = 0
+    requests_added: int = 0
+    requests_finished: int = 0
+    requests_aborted: int = 0
+    host_time_s: float = 0.0  # schedule + input building + output handling
+    device_time_s: float = 0.0  # dispatch until results are on the host
+
+
+class LLMEngine:
+    def __init__(
+        self,
+        config: EngineConfig,
+        runner: ModelRunner,
+        *,
+        tokenizer=None,
+        capacity: CapacityPlan | None = None,
+        progress: bool = True,
+    ):
+        self.config = config
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.capacity = capacity
+        self.allocator = BlockAllocator(runner.num_pages)
+        self.scheduler = Scheduler(config, self.allocator)
+        self.stats = EngineStats()
+        self._requests: dict[str, _Request] = {}
+        self._lock = threading.RLock()
+        self._ids = itertools.count()
+        self.compile_time_s = 0.0
+        if config.aot_compile:
+            self.compile_all(progress=progress)
+            runner.allow_lazy = False
+
+    @classmethod
+    def build(
+        cls,
+        model_config,
+        params,
+        config: EngineConfig,
+        *,
+        tokenizer=None,
+        linear=None,
+        progress: bool = True,
+    ) -> LLMEngine:
+        """Model + paged attention + KV pool sized by config (or free memory) -> engine."""
+        from models.llama import LlamaForCausalLM
+
+        kv = kv_backend_for(config.resolved_kv_dtype, config.kv_group)
+        if linear is None:
+            linear = linear_backend_for(config.precision, interpret=config.interpret)
+        dtype = jnp.bfloat16 if config.compute_dtype == "bfloat16" else jnp.float32
+        model = LlamaForCausalLM(
+            model_config,
+            linear=linear,
+            attention=PagedAttention(kv, config.page_size),
+            dtype=dtype,
+            param_dtype=dtype,
+        )
+        plan = plan_num_pages(
+            free_bytes=free_device_memory(),
+            fraction=config.memory_fraction,
+            page_size=config.page_size,
+            num_layers=model_config.num_layers,
+            num_kv_heads=model_config.num_kv_heads,
+            head_dim=model_config.head_dim,
+            kv_dtype=config.resolved_kv_dtype,
+            group=config.kv_group,
+        )
+        num_pages = config.num_pages or plan.num_pages
+        runner = ModelRunner(model, params, num_pages=num_pages, page_size=config.page_size, kv=kv)
+        return cls(config, runner, tokenizer=tokenizer, capacity=plan, progress=progress)
+
+    # -- compilation -----------------------------------------------------------------------------
+    def bucket_shapes(self) -> list[tuple[int, int, int]]:
+        """Every (batch, length, pages) the engine may run."""
+        cfg = self.config
+        shapes = [(b, 1, p) for b in cfg.decode_bucket_list for p in cfg.page_bucket_list]
+        shapes += [
+            (b, c, p)
+            for b in cfg.prefill_batch_bucket_list
+            for c in cfg.chunk_bucket_list
+            for p in cfg.page_bucket_list
+            if c > 1
+        ]
+        return shapes
+
+    def compile_all(self, progress: bool = True) -> float:
+        from tqdm.auto import tqdm
+
+        shapes = self.bucket_shapes()
+        t0 = time.perf_counter()
+        bar = tqdm(shapes, desc="compiling step buckets", unit="shape", disable=not progress)
+        for b, t, p in bar:
+            bar.set_postfix_str(f"B={b} T={t} P={p}")
+            self.runner.compile(b, t, p)
+        self.compile_time_s = time.perf_counter() - t0
+        if progress:
+            print(
+                f"compiled {len(shapes)} step shapes in {self.compile_time_s:.1f} s", flush=True
+            )
+        return self.compile_time_s
+
+    # -- requests --------------------------------------------------------------------------------
+    def add_request(
+        self,
+        request_id: str | None,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        on_output: Callable[[RequestOutput], None] | None = None,
+    ) -> str:
+        """Queues a request; ValueError if it can never run (empty/too long/bad ids)."""
+        prompt_ids = [int(t) for t in prompt_ids]
+        vocab = self.runner.model.config.vocab_size
+        if not prompt_ids:
+            raise ValueError("prompt is empty; expected at least one token")
+        if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        if params.stop and self.tokenizer is None:
+            raise ValueError(f"stop={params.stop!r} needs a tokenizer")
+        with self._lock:
+            rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+            if rid in self._requests:
+                raise ValueError(f"request_id={rid!r} is already in use")
+            seed = self.config.seed if params.seed is None else params.seed
+            seq = Seq(rid, prompt_ids, params, seed=seed & 0x7FFFFFFF)
+            self.scheduler.add(seq)  # raises on too long
+            stop_ids = set(params.stop_token_ids)
+            eos = getattr(self.tokenizer, "eos_id", None)
+            if eos is not None and not params.ignore_eos:
+                stop_ids.add(eos)
+            text = None
+            if self.tokenizer is not None:
+                text = TextStream(
+                    lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True), params.stop
+                )
+            self._requests[rid] = _Request(seq, on_output, text, frozenset(stop_ids))
+            self.stats.requests_added += 1
+            self.stats.prompt_tokens += len(prompt_ids)
+            return rid
+
+    def abort(self, request_id: str) -> bool:
+        """Cancels a request; its pages are free on return. False if unknown or finished."""
+        with self._lock:
+            req = self._requests.get(request_id)
+            if req is None or req.seq.finished:
+                return False
+            self.scheduler.finish(req.seq, FinishReason.ABORT)
+            self.stats.requests_aborted += 1
+            self._emit(req, [], "")
+            return True
+
+    def has_unfinished(self) -> bool:
+        with self._lock:
+            return self.scheduler.num_unfinished > 0
+
+    # -- one step --------------------------------------------------------------------------------
+    def _inputs(self, chunks: list[Chunk], batch_buckets, length: int) -> StepInputs:
+        cfg = self.config
+        batch = bucket_for(len(chunks), batch_buckets, "batch")
+        pages = bucket_for(max(len(c.seq.pages) for c in chunks), cfg.page_bucket_list, "pages")
+        inp = StepInputs.zeros(batch, length, pages)
+        for i, c in enumerate(chunks):
+            seq = c.seq
+            inp.tokens[i, : c.length] = seq.tokens[c.start : c.start + c.length]
+            inp.start[i] = c.start
+            inp.num_valid[i] = c.length
+            inp.page_table[i, : len(seq.pages)] = seq.pages
+            inp.temperature[i] = seq.params.temperature
+            inp.top_k[i] = seq.params.top_k
+            inp.top_p[i] = seq.params.top_p
+            inp.seeds[i] = seq.seed
+            inp.counters[i] = len(seq.output_ids)
+        return inp
+
+    def step(self) -> list[RequestOutput]:
+        """Runs one engine step; returns the outputs it produced (also sent to callbacks)."""
+        cfg = self.config
+        t0 = time.perf_counter()
+        with self._lock:
+            plan = self.scheduler.schedule()
+            if plan.empty:
+                return []
+            calls = []
+            if plan.decode:
+                calls.append((plan.decode, self._inputs(plan.decode, cfg.decode_bucket_list, 1)))
+            if plan.prefill:
+                longest = max(c.length for c in plan.prefill)
+                length = bucket_for(longest, cfg.chunk_bucket_list, "chunk")
+                calls.append(
+                    (plan.prefill, self._inputs(plan.prefill, cfg.prefill_batch_bucket_list, length))
+                )
+        t1 = time.perf_counter()
+        pending = [(chunks, self.runner.run(inp)) for chunks, inp in calls]
+        results = [(chunks, np.asarray(toks)) for chunks, toks in pending]
+        t2 = time.perf_counter()
+        outputs = []
+        with self._lock:
+            for chunks, toks in results:
+                for c, tok in zip(chunks, toks[: len(chunks)]):
+                    if not self.scheduler.complete(c, int(tok)):
+                        continue
+                    self.stats.processed_tokens += c.length
+                    if c.samples:
+                        outputs.append(self._after_token(self._requests[c.seq.request_id]))
+            st = self.stats
+            st.steps += 1
+            st.decode_calls += bool(plan.decode)
+            st.prefill_calls += bool(plan.prefill)
+            st.host_time_s += (t1 - t0) + (time.perf_counter() - t2)
+            st.device_time_s += t2 - t1
+        return outputs
+
+    def _after_token(self, req: _Request) -> RequestOutput:
+        """Stop checks after a sampled token; emits the delta."""
+        seq = req.seq
+        self.stats.generated_tokens += 1
+        token = seq.output_ids[-1]
+        reason = None
+        if token in req.stop_ids:
+            seq.output_ids.pop()  # the stop token is not part of the completion
+            reason = FinishReason.STOP
+        elif len(seq.output_ids) >= seq.params.max_tokens:
+            reason = FinishReason.LENGTH
+        elif seq.num_tokens >= self.config.max_model_len:
+            reason = FinishReason.LENGTH
+        delta = ""
+        if req.text is not None:
+            delta = req.text.push(seq.output_ids, final=reason is not None)
+            if req.text.stopped:
+                reason = FinishReason.STOP
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+            self.stats.requests_finished += 1
+        return self._emit(req, seq.output_ids[req.sent :], delta)
+
+    def _emit(self, req: _Request, new_ids: list[int], text: str) -> RequestOutput:
+        seq = req.seq
+        req.sent = len(seq.output_ids)
+        out = RequestOutput(
+            request_id=seq.request_id,
+            new_token_ids=tuple(new_ids),
+            new_text=text,
+            finished=seq.finished,
+            finish_reason=seq.finish_reason.value if seq.finish_reason else None,
+            num_prompt_tokens=len(seq.prompt_ids),
+            num_output_tokens=len(seq.output_ids),
+        )
+        if seq.finished:
+            del self._requests[seq.request_id]
+        if req.on_output is not None:
+            req.on_output(out)
+        return out
+
+    # -- offline ---------------------------------------------------------------------------------
+    def generate(
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams]
+    ) -> list[dict]:
+        """Runs prompts to completion; returns per prompt {token_ids, text, finish_reason}."""
+        if isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
+        results: dict[str, dict] = {}
+
+        def collect(out: RequestOutput):
+            r = results.setdefault(out.request_id, {"token_ids": [], "text": ""})
+            r["token_ids"].extend(out.new_token_ids)
+            r["text"] += out.new_text
+            if out.finished:
+                r["finish_reason"] = out.finish_reason
+
+        rids = [self.add_request(None, p, sp, collect) for p, sp in zip(prompts, params)]
+        while self.has_unfinished():
+            self.step()
+        return [results[r] for r in rids]
+
+    def metrics(self) -> dict[str, float]:
+        with self._lock:
+            st = self.stats
+            return {
+                "running_requests": len(self.scheduler.running),
+                "waiting_requests": len(self.scheduler.waiting),
+                "kv_pages_used": self.allocator.num_used,
+                "kv_pages_total": self.allocator.capacity,
+                "kv_page_size": self.config.page_size,
+                "preemptions_total": self.scheduler.num_preemptions,
+                "steps_total": st.steps,
+                "prompt_tokens_total": st.prompt_tokens,
+                "processed_tokens_total": st.processed_tokens,
+                "generated_tokens_total": st.generated_tokens,
+                "requests_added_total": st.requests_added,
+                "requests_finished_total": st.requests_finished,
+                "requests_aborted_total": st.requests_aborted,
+                "host_time_seconds_total": st.host_time_s,
+                "device_time_seconds_total": st.device_time_s,
+                "compilations_total": self.runner.num_compilations,
+                "compile_time_seconds": self.compile_time_s,
+            }
+
+
+def count_backend_compiles() -> Callable[[], int]:
+    """Starts counting XLA backend compilations process-wide; returns a reader of the count."""
+    count = [0]
+
+    def listener(event: str, duration: float, **_):
+        if event == "/jax/core/compile/backend_compile_duration":
+            count[0] += 1
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    return lambda: count[0]

@@ -1,0 +1,235 @@
+"""Paged KV cache (INT4 or bf16) for all layers, its write path, and write-then-attend.
+
+Layout (stacked over layers; see ``pallas_kernels/kv4_attention.py`` for why head-major pages):
+
+    dtype="int4":  k, v                 [L, P, Hkv, page, D/2] uint8  (kv_quant format, tile = group)
+                   k_scale/k_zero/v_*   [L, P, Hkv, D/group, page] f16
+    dtype="bf16":  k, v                 [L, P, Hkv, page, D]   bf16   (scales/zeros None)
+
+A token's *slot* is ``physical_page * page_size + offset``. Writes take a flat slot per new
+token (``-1`` = padding, skipped), so one fixed-shape jitted write serves prefill (many tokens
+per sequence) and decode (one). Page allocation (which physical pages a sequence owns) is the
+engine's job; this module only needs the resulting ``page_table [B, max_pages] int32``.
+
+Typical engine step (per layer, inside jit, cache donated)::
+
+    out, cache = paged_attention(q, k_new, v_new, cache, layer, page_table, seq_lens,
+                                 slot_mapping, mode="decode")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+from comet_jax.quant import kv_quant
+from pallas_kernels import kv4_attention as attn
+
+CacheDtype = Literal["int4", "bf16"]
+
+
+@dataclasses.dataclass(frozen=True)
+class KVCacheConfig:
+    """Shape of the page pool. ``page_size`` tokens per page, ``num_pages`` pages per layer."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    page_size: int = 64
+    num_pages: int = 1024
+    group_size: int = 128
+    dtype: CacheDtype = "int4"
+
+    def __post_init__(self):
+        for name in ("num_layers", "num_kv_heads", "num_pages"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.page_size not in (16, 32, 64, 128):
+            raise ValueError(f"page_size={self.page_size} must be one of 16, 32, 64, 128")
+        if self.head_dim not in (64, 128, 256):
+            raise ValueError(f"head_dim={self.head_dim} must be 64, 128 or 256")
+        if self.dtype not in ("int4", "bf16"):
+            raise ValueError(f"dtype={self.dtype!r} must be 'int4' or 'bf16'")
+        if self.dtype == "int4" and (
+            self.group_size not in kv_quant.GROUP_SIZES or self.head_dim % self.group_size
+        ):
+            raise ValueError(
+                f"group_size={self.group_size} must be one of {kv_quant.GROUP_SIZES} "
+                f"and divide head_dim={self.head_dim}"
+            )
+
+    @property
+    def quantized(self) -> bool:
+        return self.dtype == "int4"
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Cache bytes one token costs over all layers, K and V (for pool sizing)."""
+        return self.num_layers * 2 * self.num_kv_heads * bytes_per_token_head(self)
+
+    def pages_for_budget(self, budget_bytes: int) -> int:
+        """How many pages (per layer) fit in ``budget_bytes`` of device memory."""
+        return int(budget_bytes // (self.bytes_per_token * self.page_size))
+
+
+def bytes_per_token_head(cfg: KVCacheConfig) -> int:
+    """Bytes of one K (or V) vector of one head: 68 (int4, D=g=128) vs 256 (bf16, D=128)."""
+    if cfg.quantized:
+        return kv_quant.kv4_bytes_per_token_head(cfg.head_dim, cfg.group_size)
+    return cfg.head_dim * 2
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PagedKVCache:
+    """The page pool of every layer (module docstring). A pytree; ``config`` is static."""
+
+    k: jax.Array
+    v: jax.Array
+    k_scale: jax.Array | None
+    k_zero: jax.Array | None
+    v_scale: jax.Array | None
+    v_zero: jax.Array | None
+    config: KVCacheConfig = dataclasses.field(metadata=dict(static=True))
+
+    def pages(self) -> attn.PagedKV:
+        """The arrays as the attention kernels take them."""
+        return attn.PagedKV(self.k, self.v, self.k_scale, self.k_zero, self.v_scale, self.v_zero)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(self))
+
+
+def init_cache(cfg: KVCacheConfig) -> PagedKVCache:
+    """An empty pool (zeros; never read before written, lengths mask the rest)."""
+    lead = (cfg.num_layers, cfg.num_pages, cfg.num_kv_heads)
+    if not cfg.quantized:
+        kv = jnp.zeros((*lead, cfg.page_size, cfg.head_dim), jnp.bfloat16)
+        return PagedKVCache(kv, kv, None, None, None, None, cfg)
+    packed = jnp.zeros((*lead, cfg.page_size, cfg.head_dim // 2), jnp.uint8)
+    meta = jnp.zeros((*lead, cfg.head_dim // cfg.group_size, cfg.page_size), kv_quant.SCALE_DTYPE)
+    return PagedKVCache(packed, packed, meta, meta, meta, meta, cfg)
+
+
+def _check_new(name: str, x, cfg: KVCacheConfig, n: int):
+    x = jnp.asarray(x)
+    want = (n, cfg.num_kv_heads, cfg.head_dim)
+    if x.shape != want or not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"{name} must be floating [N, Hkv, D] = {want}, got {x.dtype} {x.shape}")
+    return x
+
+
+def write_kv(cache: PagedKVCache, layer, k_new, v_new, slot_mapping) -> PagedKVCache:
+    """Quantizes (int4) and scatters new tokens' K/V of one layer into their slots.
+
+    Args:
+      layer: int or traced int32 scalar.
+      k_new, v_new: ``[N, Hkv, D]`` float (K after RoPE), or ``[B, T, Hkv, D]`` (flattened).
+      slot_mapping: ``[N]`` (or ``[B, T]``) int32 ``page * page_size + offset``; ``-1`` skips.
+
+    Returns the updated cache (donate the old one under jit for an in-place update).
+    """
+    cfg = cache.config
+    slot_mapping = jnp.asarray(slot_mapping)
+    if slot_mapping.dtype != jnp.int32:
+        raise ValueError(f"slot_mapping must be int32, got {slot_mapping.dtype}")
+    n = slot_mapping.size
+    k_new = _check_new("k_new", jnp.reshape(k_new, (-1, *jnp.shape(k_new)[-2:])), cfg, n)
+    v_new = _check_new("v_new", jnp.reshape(v_new, (-1, *jnp.shape(v_new)[-2:])), cfg, n)
+    slots = slot_mapping.reshape(n)
+    skip = slots < 0
+    # Out-of-range page index + mode="drop" turns padding tokens into no-ops.
+    page = jnp.where(skip, cfg.num_pages, slots // cfg.page_size)
+    off = jnp.where(skip, 0, slots % cfg.page_size)
+    layer = jnp.asarray(layer, jnp.int32)
+
+    def put(pool, vals, token_axis_last=False):
+        if token_axis_last:  # [L, P, Hkv, G, page] <- [N, Hkv, G]
+            return pool.at[layer, page, :, :, off].set(vals.astype(pool.dtype), mode="drop")
+        return pool.at[layer, page, :, off, :].set(vals.astype(pool.dtype), mode="drop")
+
+    if not cfg.quantized:
+        return dataclasses.replace(cache, k=put(cache.k, k_new), v=put(cache.v, v_new))
+    kq = kv_quant.quantize_kv(k_new, cfg.group_size)
+    vq = kv_quant.quantize_kv(v_new, cfg.group_size)
+    return dataclasses.replace(
+        cache,
+        k=put(cache.k, kq.packed),
+        v=put(cache.v, vq.packed),
+        k_scale=put(cache.k_scale, kq.scale, True),
+        k_zero=put(cache.k_zero, kq.zero, True),
+        v_scale=put(cache.v_scale, vq.scale, True),
+        v_zero=put(cache.v_zero, vq.zero, True),
+    )
+
+
+def slot_mapping_from_positions(page_table, positions, page_size: int, valid=None):
+    """Slots of tokens at ``positions [B, T]`` through ``page_table [B, max_pages]``.
+
+    Returns ``[B, T] int32``; tokens with ``valid`` False (or negative positions) map to -1.
+    """
+    page_table = jnp.asarray(page_table)
+    positions = jnp.asarray(positions, jnp.int32)
+    logical = jnp.clip(positions // page_size, 0, page_table.shape[1] - 1)
+    phys = jnp.take_along_axis(page_table, logical, axis=1)
+    slots = phys * page_size + positions % page_size
+    ok = positions >= 0 if valid is None else (jnp.asarray(valid) & (positions >= 0))
+    return jnp.where(ok, slots, -1).astype(jnp.int32)
+
+
+def read_kv(cache: PagedKVCache, layer, page_table, dtype=jnp.float32):
+    """Dense dequantized ``(k, v)``, each ``[B, max_pages * page_size, Hkv, D]`` (tests, debug)."""
+    return attn.gather_kv(cache.pages(), page_table, layer, dtype)
+
+
+def paged_attention(
+    q,
+    k_new,
+    v_new,
+    cache: PagedKVCache,
+    layer,
+    page_table,
+    seq_lens,
+    slot_mapping,
+    *,
+    mode: Literal["decode", "prefill"] = "decode",
+    q_lens=None,
+    backend: Literal["pallas", "reference"] = "pallas",
+    interpret: bool = False,
+    **kernel_kwargs,
+):
+    """Writes the new tokens' K/V into the cache, then attends over the cache.
+
+    decode:  q ``[B, Hq, D]``, k_new/v_new ``[B, Hkv, D]``, slot_mapping ``[B]``.
+    prefill: q ``[B, T, Hq, D]``, k_new/v_new ``[B, T, Hkv, D]``, slot_mapping ``[B, T]``,
+             q_lens ``[B]`` valid chunk tokens (default T).
+    seq_lens: ``[B] int32`` tokens per sequence *after* this write.
+
+    Returns ``(out, cache)``: ``out`` shaped like q (q's dtype; the reference returns f32).
+    """
+    if mode not in ("decode", "prefill"):
+        raise ValueError(f"mode={mode!r} must be 'decode' or 'prefill'")
+    if backend not in ("pallas", "reference"):
+        raise ValueError(f"backend={backend!r} must be 'pallas' or 'reference'")
+    cache = write_kv(cache, layer, k_new, v_new, slot_mapping)
+    pages = cache.pages()
+    if mode == "decode":
+        if backend == "reference":
+            out = attn.paged_decode_attention_reference(q, pages, page_table, seq_lens, layer=layer)
+        else:
+            out = attn.paged_decode_attention(
+                q, pages, page_table, seq_lens, layer=layer, interpret=interpret, **kernel_kwargs
+            )
+    elif backend == "reference":
+        out = attn.paged_prefill_attention_reference(
+            q, pages, page_table, seq_lens, q_lens, layer=layer
+        )
+    else:
+        out = attn.paged_prefill_attention(
+            q, pages, page_table, seq_lens, q_lens, layer=layer, interpret=interpret, **kernel_kwargs
+        )
+    return out, cache

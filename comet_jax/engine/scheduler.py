@@ -1,0 +1,228 @@
+"""Continuous-batching scheduler: waiting/running queues, chunked prefill, preemption.
+
+A `Sequence` holds `tokens = prompt_ids + output_ids` and `num_computed`, the number of
+leading tokens whose K/V are in the paged cache. Every step a running sequence processes the
+next `tokens[num_computed:]` slice: one token (a decode row) or a chunk of several (a prefill
+row). When a slice ends at the last token, the step samples the next token from its logits.
+
+`Scheduler.schedule()` builds one step under the limits of `EngineConfig`:
+  1. running sequences in admission order: decode rows (1 token each) and prefill chunks,
+     all within `max_tokens_per_step` and `max_prefill_seqs`; when pages run out, the newest
+     running sequence is preempted by recompute (pages freed, `num_computed = 0`, put back at
+     the head of the waiting queue with its generated tokens kept) until the page fits;
+  2. waiting sequences, first come first served, while a slot (`max_batch`), token budget and
+     free pages for their first chunk remain. Admission never preempts.
+A preempted sequence later re-prefills prompt + generated tokens and continues; its sampler
+counter is the number of generated tokens, so it draws exactly what it would have drawn.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import enum
+import time
+
+from comet_jax.engine.allocator import BlockAllocator, pages_for
+from comet_jax.engine.config import EngineConfig
+from comet_jax.engine.sampling import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"  # stop token or stop string
+    LENGTH = "length"  # max_tokens or max_model_len
+    ABORT = "abort"  # cancelled by the client
+
+
+@dataclasses.dataclass(eq=False)
+class Sequence:
+    """One request's state. Identity (not value) equality: used as the page owner."""
+
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    arrival: float = dataclasses.field(default_factory=time.monotonic)
+    output_ids: list[int] = dataclasses.field(default_factory=list)
+    num_computed: int = 0
+    pages: list[int] = dataclasses.field(default_factory=list)
+    status: Status = Status.WAITING
+    finish_reason: FinishReason | None = None
+    num_preemptions: int = 0
+    seed: int = 0
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def remaining(self) -> int:
+        return self.num_tokens - self.num_computed
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+
+@dataclasses.dataclass(frozen=True)
+class Chunk:
+    """Process seq.tokens[start:start+length]; `samples`: it reaches the last token, so the
+    step's sampled token is appended."""
+
+    seq: Sequence
+    start: int
+    length: int
+    samples: bool
+
+
+def _chunk(seq: Sequence, length: int) -> Chunk:
+    return Chunk(seq, seq.num_computed, length, seq.num_computed + length == seq.num_tokens)
+
+
+@dataclasses.dataclass
+class StepPlan:
+    decode: list[Chunk] = dataclasses.field(default_factory=list)  # length-1 chunks
+    prefill: list[Chunk] = dataclasses.field(default_factory=list)
+    preempted: list[Sequence] = dataclasses.field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return not self.decode and not self.prefill
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.length for c in self.decode) + sum(c.length for c in self.prefill)
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, allocator: BlockAllocator):
+        if config.max_pages_per_seq > allocator.capacity:
+            raise ValueError(
+                f"max_model_len={config.max_model_len} needs {config.max_pages_per_seq} pages "
+                f"but the pool has {allocator.capacity}; lower max_model_len or add pages"
+            )
+        self.config = config
+        self.allocator = allocator
+        self.waiting: collections.deque[Sequence] = collections.deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    # -- queue management ----------------------------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        if seq.num_tokens + seq.params.max_tokens - len(seq.output_ids) > self.config.max_model_len:
+            raise ValueError(
+                f"prompt of {len(seq.prompt_ids)} tokens + max_tokens={seq.params.max_tokens} "
+                f"exceeds max_model_len={self.config.max_model_len}"
+            )
+        seq.status = Status.WAITING
+        self.waiting.append(seq)
+
+    def finish(self, seq: Sequence, reason: FinishReason) -> None:
+        """Ends `seq` wherever it is; its pages are free on return."""
+        if seq.finished:
+            return
+        if seq.status is Status.RUNNING:
+            self.running.remove(seq)
+        else:
+            self.waiting.remove(seq)
+        self._release(seq)
+        seq.status, seq.finish_reason = Status.FINISHED, reason
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    # -- paging ----------------------------------------------------------------------------------
+    def _release(self, seq: Sequence) -> None:
+        self.allocator.free(seq.pages, seq)
+        seq.pages = []
+
+    def _grow(self, seq: Sequence, num_tokens: int) -> bool:
+        """Makes seq own pages for its first `num_tokens` tokens; False if not enough free."""
+        need = pages_for(num_tokens, self.config.page_size) - len(seq.pages)
+        if need <= 0:
+            return True
+        if not self.allocator.can_allocate(need):
+            return False
+        seq.pages.extend(self.allocator.allocate(need, seq))
+        return True
+
+    def _preempt(self, seq: Sequence, plan: StepPlan) -> None:
+        self.running.remove(seq)
+        self._release(seq)
+        seq.num_computed = 0
+        seq.status = Status.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+        plan.preempted.append(seq)
+
+    # -- one step ----------------------------------------------------------------------------------
+    def schedule(self) -> StepPlan:
+        cfg = self.config
+        plan = StepPlan()
+        budget = cfg.max_tokens_per_step
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            length = min(seq.remaining, budget)
+            if length > 1 and len(plan.prefill) >= cfg.max_prefill_seqs:
+                i += 1
+                continue
+            # Shrink a prefill chunk to the free pages before preempting anyone for it.
+            while length > 1 and not self._grow(seq, seq.num_computed + length):
+                owned = len(seq.pages) * cfg.page_size - seq.num_computed
+                free = self.allocator.num_free * cfg.page_size
+                length = max(1, min(length - 1, owned + free))
+            while not self._grow(seq, seq.num_computed + length):
+                victim = self.running[-1]
+                self._preempt(victim, plan)
+                if victim is seq:
+                    break
+            if seq.status is not Status.RUNNING:
+                break  # seq preempted itself: everything after it is gone too
+            chunk = _chunk(seq, length)
+            (plan.prefill if length > 1 else plan.decode).append(chunk)
+            budget -= length
+            i += 1
+        while (
+            self.waiting
+            and not plan.preempted
+            and len(self.running) < cfg.max_batch
+            and budget > 0
+        ):
+            seq = self.waiting[0]
+            length = min(seq.remaining, budget)
+            if length > 1 and len(plan.prefill) >= cfg.max_prefill_seqs:
+                break
+            if not self._grow(seq, seq.num_computed + length):
+                break
+            self.waiting.popleft()
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            chunk = _chunk(seq, length)
+            (plan.prefill if length > 1 else plan.decode).append(chunk)
+            budget -= length
+        return plan
+
+    def complete(self, chunk: Chunk, token: int | None) -> bool:
+        """Records that `chunk` ran (`token`: the sampled id when chunk.samples).
+
+        Returns False (and changes nothing) when the sequence was aborted meanwhile.
+        """
+        seq = chunk.seq
+        if seq.finished or seq.num_computed != chunk.start:
+            return False
+        seq.num_computed += chunk.length
+        if chunk.samples:
+            seq.output_ids.append(int(token))
+        return True

@@ -1,0 +1,380 @@
+"""Quantized projection backends for `models.projection` (the `LinearBackend` protocol).
+
+Every backend is a frozen dataclass (a static Flax attribute) with two stages: per input group
+`prepare_input` (RMSNorm -> optional rotation -> optional channel permutation -> activation
+quantization) and per projection `matmul`. Each integer backend has two modes:
+
+- ``mode="sim"``: pure jnp; integer products accumulated in int32, then the float epilogue
+  ``y = sum_chunks (s_x[m, c] * s_w[n, c]) * acc_c[m, n]`` in chunk order (a chunk is the
+  largest K range where both scales are constant: an FMPQ precision segment, a weight group,
+  or an activation block). This is what the W4Ax kernel computes; the tests check it bit for
+  bit against the kernel references.
+- ``mode="pallas"``: the Pallas kernels (`pallas_kernels.act_quant` and
+  `pallas_kernels.w4ax_matmul`); ``interpret=True`` runs them on CPU.
+
+Backends and their parameter pytrees (HF ``[N, K]`` layout, K contiguous):
+
+| backend | weight params | group params | kernel |
+|---|---|---|---|
+| `W8A8Linear` | ``w_q: [N, K] int8``, ``w_scales: [N] f32`` | -- | sim only |
+| `W4A16Linear` | ``w_packed: [N, K/2] int8``, ``w_scales: [N]`` or ``[N, K/g] f32`` | -- | sim only |
+| `W4AxLinear` | ``w_packed``, ``w_scales`` as above | ``perm: [K] int32`` if `permute` | W4Ax |
+
+``bias: [N] f32`` is added when the projection has one. `W4AxLinear` covers uniform W4A4
+(``k8=0``), W4A8 (``k4=0``) and FMPQ W4Ax (INT4 channels first, INT8 channels last, as laid out
+by the group's permutation). Activations are quantized per token, symmetric, with one scale per
+precision segment (``act_granularity="segment"``, the kernel's format ``x_scales: [M, 2]``) or
+per block (``"block"``, simulation only).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from comet_jax.quant import act_quant, pack, quantizers
+from models.projection import GroupSpec, ProjSpec, rms_norm
+
+MODES = ("sim", "pallas")
+ACT_GRANULARITIES = ("segment", "block")
+
+
+def _check_mode(mode: str, interpret: bool, kernel: bool, name: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"{name}: mode={mode!r} must be one of {MODES}")
+    if mode == "pallas" and not kernel:
+        raise ValueError(f"{name}: mode='pallas' has no kernel for this format; use mode='sim'")
+    if interpret and mode != "pallas":
+        raise ValueError(f"{name}: interpret=True only applies to mode='pallas'")
+
+
+def _flatten(x):
+    return x.reshape(-1, x.shape[-1]), x.shape[:-1]
+
+
+def int_dot(a, b):
+    """a: [M, K] int8, b: [N, K] int8 -> [M, N] int32 (exact integer products)."""
+    return jax.lax.dot_general(
+        a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32
+    )
+
+
+def chunked_epilogue(x_q, x_scales, w_q, w_scales, chunks):
+    """Sum over K chunks of ``(s_x[m, i] * s_w[n, j]) * (x_q[:, lo:hi] . w_q[:, lo:hi])``.
+
+    x_q: [M, K] int8; x_scales: [M, Cx] f32; w_q: [N, K] int8; w_scales: [N, Cw] f32;
+    chunks: static ((lo, hi, i, j), ...) in K order; the f32 terms are added in that order.
+    Returns [M, N] f32.
+    """
+    y = None
+    for lo, hi, i, j in chunks:
+        acc = int_dot(x_q[:, lo:hi], w_q[:, lo:hi]).astype(jnp.float32)
+        term = (x_scales[:, i][:, None] * w_scales[:, j][None, :]) * acc
+        y = term if y is None else y + term
+    return y
+
+
+def _add_bias_cast(y, weight_params, dtype, lead):
+    if "bias" in weight_params:
+        y = y + weight_params["bias"].astype(jnp.float32)
+    return y.reshape(*lead, y.shape[-1]).astype(dtype)
+
+
+def _weight_init(spec: ProjSpec, tile: int, w_group: int | None, packed: bool = True):
+    """Shape-correct random init (only used for shapes; real values come from convert)."""
+    n, k = spec.out_features, spec.in_features
+    if packed and k % tile:
+        raise ValueError(f"{spec.name}: K={k} must be a multiple of the packing tile={tile}")
+    if w_group is not None and k % w_group:
+        raise ValueError(f"{spec.name}: K={k} must be a multiple of the weight group={w_group}")
+
+    def init(rng):
+        q = jax.random.randint(rng, (n, k), -8, 8).astype(jnp.int8)
+        s_shape = (n,) if w_group is None else (n, k // w_group)
+        out = {"w_scales": jnp.full(s_shape, 0.01, jnp.float32)}
+        if packed:
+            out["w_packed"] = pack.pack_int4(q, tile)
+        else:
+            out["w_q"] = q
+        if spec.bias:
+            out["bias"] = jnp.zeros((n,), jnp.float32)
+        return out
+
+    return init
+
+
+@dataclasses.dataclass(frozen=True)
+class W8A8Linear:
+    """INT8 weights per output channel, INT8 activations per token (both symmetric)."""
+
+    act_clip: float = 1.0
+    mode: str = "sim"
+    interpret: bool = False
+
+    def __post_init__(self):
+        _check_mode(self.mode, self.interpret, False, "W8A8Linear")
+
+    def weight_init(self, spec, param_dtype):
+        return _weight_init(spec, 1, None, packed=False)
+
+    def group_init(self, spec, param_dtype):
+        return None
+
+    def prepare_input(self, group_params, x, norm_weight, *, eps):
+        if norm_weight is not None:
+            x = rms_norm(x, norm_weight, eps)
+        x2, lead = _flatten(x)
+        res = quantizers.quantize(x2, bits=8, granularity="row", clip_ratio=self.act_clip)
+        return PreparedInt(res.q, res.scale[:, None], x.dtype, lead)
+
+    def matmul(self, weight_params, prepared):
+        w_q = weight_params["w_q"]
+        chunks = ((0, w_q.shape[1], 0, 0),)
+        y = chunked_epilogue(
+            prepared.x_q, prepared.x_scales, w_q, weight_params["w_scales"][:, None], chunks
+        )
+        return _add_bias_cast(y, weight_params, prepared.dtype, prepared.lead)
+
+
+class PreparedInt(NamedTuple):
+    """Quantized activations in simulation: x_q [M, K] int8, x_scales [M, C] f32 (C chunks)."""
+
+    x_q: jax.Array
+    x_scales: jax.Array
+    dtype: Any
+    lead: tuple
+
+
+class PreparedKernel(NamedTuple):
+    """Kernel-format activations: x4_packed [M, K4/2] int8, x8 [M, K8] int8, x_scales [M, 2]."""
+
+    x4_packed: jax.Array
+    x8: jax.Array
+    x_scales: jax.Array
+    dtype: Any
+    lead: tuple
+
+
+def dequantize_weight(weight_params, tile: int, w_group: int | None):
+    """-> W: [N, K] f32 = q * scale (per channel or per group)."""
+    q = pack.unpack_int4(weight_params["w_packed"], tile)
+    s = weight_params["w_scales"]
+    if w_group is None:
+        return q.astype(jnp.float32) * s[:, None]
+    return quantizers.dequantize(q, s, granularity="group", group_size=w_group)
+
+
+@dataclasses.dataclass(frozen=True)
+class W4A16Linear:
+    """INT4 weights (per channel or per group, RTN/GPTQ/LWC values), float activations."""
+
+    tile: int = 64
+    w_group: int | None = None
+    mode: str = "sim"
+    interpret: bool = False
+
+    def __post_init__(self):
+        _check_mode(self.mode, self.interpret, False, "W4A16Linear")
+
+    def weight_init(self, spec, param_dtype):
+        return _weight_init(spec, self.tile, self.w_group)
+
+    def group_init(self, spec, param_dtype):
+        return None
+
+    def prepare_input(self, group_params, x, norm_weight, *, eps):
+        return x if norm_weight is None else rms_norm(x, norm_weight, eps)
+
+    def matmul(self, weight_params, prepared):
+        x = prepared
+        w = dequantize_weight(weight_params, self.tile, self.w_group)
+        y = jnp.einsum(
+            "...k,nk->...n", x.astype(jnp.float32), w, precision="highest",
+            preferred_element_type=jnp.float32,
+        )
+        if "bias" in weight_params:
+            y = y + weight_params["bias"].astype(jnp.float32)
+        return y.astype(x.dtype)
+
+
+def quantize_activations(x2, k4: int, block: int, granularity: str, clip: float):
+    """Per-token symmetric quantization of permuted ``x2: [M, K]`` (INT4 ``[:k4]``, INT8 after).
+
+    Returns ``(x_q [M, K] int8, x_scales)``: ``[M, 2]`` (s4, s8) for ``"segment"`` (the kernel
+    operand), ``[M, K/block]`` for ``"block"``. The integers come from
+    :func:`comet_jax.quant.act_quant.quantize_activation`.
+    """
+    r = act_quant.quantize_activation(
+        x2, k4=k4, granularity=granularity, block_size=block, clip_ratio4=clip, clip_ratio8=clip
+    )
+    x_q = jnp.concatenate([r.q4, r.q8], axis=-1)
+    if granularity == "segment":
+        return x_q, jnp.stack([r.s4, r.s8], axis=-1)
+    return x_q, jnp.concatenate([r.s4, r.s8], axis=-1)
+
+
+@dataclasses.dataclass(frozen=True)
+class W4AxLinear:
+    """FMPQ W4Ax: INT4 weights, INT4 (first k4 channels) / INT8 (last k8) activations.
+
+    Attributes:
+      k4, k8: INT4 / INT8 input channels after the group's permutation (multiples of `block`).
+      block: FMPQ block size along K (64 or 128).
+      tile: INT4 packing tile of the weights (the kernel's K tile; divides `block`).
+      w_group: None = per-output-channel weight scales, else the weight group size along K.
+      act_granularity: "segment" (per token per precision segment) or "block".
+      act_clip: clip ratio of the activation absmax (1.0 = none).
+      permute: the group carries a runtime permutation ``perm: [K] int32`` (False when the
+        permutation is folded into the producing weights or is the identity).
+      rotate: apply the online Hadamard rotation (``comet_jax.quant.hadamard``) before the
+        permutation; the weights were rotated offline to match.
+      mode, interpret: see the module docstring.
+    """
+
+    k4: int
+    k8: int
+    block: int = 64
+    tile: int = 64
+    w_group: int | None = None
+    act_granularity: str = "segment"
+    act_clip: float = 1.0
+    permute: bool = False
+    rotate: bool = False
+    mode: str = "sim"
+    interpret: bool = False
+
+    def __post_init__(self):
+        kernel_ok = self.act_granularity == "segment" and self.w_group is None
+        _check_mode(self.mode, self.interpret, kernel_ok, "W4AxLinear")
+        if self.act_granularity not in ACT_GRANULARITIES:
+            raise ValueError(
+                f"act_granularity={self.act_granularity!r} must be one of {ACT_GRANULARITIES}"
+            )
+        if self.k4 < 0 or self.k8 < 0 or self.k4 + self.k8 == 0:
+            raise ValueError(f"k4={self.k4}, k8={self.k8}: expected non-negative, not both zero")
+        if self.block % self.tile or self.k4 % self.block or self.k8 % self.block:
+            raise ValueError(
+                f"k4={self.k4}, k8={self.k8} must be multiples of block={self.block}, "
+                f"itself a multiple of tile={self.tile}"
+            )
+        if self.w_group is not None and (self.k4 % self.w_group or self.w_group % self.tile):
+            raise ValueError(
+                f"w_group={self.w_group} must divide k4={self.k4} (segment boundary) and be a "
+                f"multiple of tile={self.tile}"
+            )
+        if not 0.0 < self.act_clip <= 1.0:
+            raise ValueError(f"act_clip={self.act_clip} must be in (0, 1]")
+
+    @property
+    def in_features(self) -> int:
+        return self.k4 + self.k8
+
+    def _check_k(self, k: int, what: str) -> None:
+        if k != self.in_features:
+            raise ValueError(f"{what}: K={k} but the backend has k4+k8={self.in_features}")
+
+    def weight_init(self, spec: ProjSpec, param_dtype):
+        self._check_k(spec.in_features, spec.name)
+        return _weight_init(spec, self.tile, self.w_group)
+
+    def group_init(self, spec: GroupSpec, param_dtype):
+        self._check_k(spec.in_features, spec.name)
+        if not self.permute:
+            return None
+        k = spec.in_features
+        return lambda rng: {"perm": jnp.arange(k, dtype=jnp.int32)}
+
+    def _transform(self, group_params, x, norm_weight, eps):
+        """RMSNorm -> rotation -> permutation (float), as the fused quantize kernel does."""
+        if norm_weight is not None:
+            x = rms_norm(x, norm_weight, eps)
+        if self.rotate:
+            from comet_jax.quant import hadamard
+
+            x = hadamard.hadamard_transform(x).astype(x.dtype)
+        if self.permute:
+            x = jnp.take(x, group_params["perm"], axis=-1)
+        return x
+
+    def prepare_input(self, group_params, x, norm_weight, *, eps):
+        self._check_k(x.shape[-1], "prepare_input")
+        if self.mode == "pallas":
+            return self._prepare_pallas(group_params, x, norm_weight, eps)
+        x2, lead = _flatten(self._transform(group_params, x, norm_weight, eps))
+        x_q, x_scales = quantize_activations(
+            x2, self.k4, self.block, self.act_granularity, self.act_clip
+        )
+        if self.act_granularity == "block":
+            return PreparedInt(x_q, x_scales, x.dtype, lead)
+        x4_packed = pack.pack_int4(x_q[:, : self.k4], self.tile)
+        return PreparedKernel(x4_packed, x_q[:, self.k4 :], x_scales, x.dtype, lead)
+
+    def chunks(self) -> tuple[tuple[int, int, int, int], ...]:
+        """Static K chunks (lo, hi, x-scale column, w-scale column) of the epilogue."""
+        k, k4 = self.in_features, self.k4
+        if self.act_granularity == "segment" and self.w_group is None:
+            segs = ((0, k4, 0), (k4, k, 1))  # x_scales columns: (s4, s8)
+            return tuple((lo, hi, col, 0) for lo, hi, col in segs if hi > lo)
+        unit = self.block if self.act_granularity == "block" else self.w_group
+        if self.w_group is not None:
+            unit = math.gcd(unit, self.w_group)
+        out = []
+        for lo in range(0, k, unit):
+            if self.act_granularity == "block":
+                xi = lo // self.block
+            else:
+                xi = 0 if lo < k4 else 1
+            wj = 0 if self.w_group is None else lo // self.w_group
+            out.append((lo, lo + unit, xi, wj))
+        return tuple(out)
+
+    def matmul(self, weight_params, prepared):
+        if self.act_granularity == "block":
+            # Per-block activation scales: no kernel; same integer sums, finer epilogue.
+            w_q = pack.unpack_int4(weight_params["w_packed"], self.tile)  # [N, K] int8
+            w_scales = weight_params["w_scales"]
+            if w_scales.ndim == 1:
+                w_scales = w_scales[:, None]
+            y = chunked_epilogue(prepared.x_q, prepared.x_scales, w_q, w_scales, self.chunks())
+            return _add_bias_cast(y, weight_params, prepared.dtype, prepared.lead)
+        from pallas_kernels import w4ax_matmul as wk
+
+        fn = wk.w4ax_matmul_reference
+        kwargs = {}
+        if self.mode == "pallas":
+            fn, kwargs = wk.w4ax_matmul, {"interpret": self.interpret}
+        y = fn(
+            prepared.x4_packed,
+            prepared.x8,
+            prepared.x_scales,
+            weight_params["w_packed"],
+            weight_params["w_scales"],
+            weight_params.get("bias"),
+            tile_k=self.tile,
+            out_dtype=jnp.float32,
+            **kwargs,
+        )
+        return y.reshape(*prepared.lead, y.shape[-1]).astype(prepared.dtype)
+
+    # ---- Pallas path ---------------------------------------------------------------------
+    def _prepare_pallas(self, group_params, x, norm_weight, eps):
+        from pallas_kernels import act_quant as aq
+
+        x2, lead = _flatten(x)
+        perm = group_params["perm"] if self.permute else None
+        if self.rotate:
+            # The fused kernel has no rotation: rotate first (a matmul), then fuse the rest.
+            from comet_jax.quant import hadamard
+
+            if norm_weight is not None:
+                x2 = rms_norm(x2, norm_weight, eps)
+                norm_weight = None
+            x2 = hadamard.hadamard_transform(x2).astype(x2.dtype)
+        x4_packed, x8, x_scales = aq.act_quant(
+            x2, norm_weight, perm, k4=self.k4, eps=eps, tile=self.tile, interpret=self.interpret
+        )
+        return PreparedKernel(x4_packed, x8, x_scales, x.dtype, lead)

@@ -1,0 +1,401 @@
+"""Benchmark: paged KV4 decode/prefill attention vs bf16 Pallas and XLA baselines (GPU).
+
+    PYTHONPATH=. python3 experiments/bench_attention.py [--quick]
+
+1. Correctness on the GPU: kernels vs the jnp references (dequantized cache), random data,
+   ragged lengths.
+2. Decode, LLaMA-3-8B heads (Hq=32, Hkv=8, D=128), B x S grid: our INT4 kernel, our kernel on
+   a bf16 paged cache, ``pallas.ops.gpu.decode_attention.gqa`` on bf16 K/V, XLA einsum on bf16.
+   Effective bandwidth = bytes the kernel must read (K/V + scales, pages actually used) / time.
+3. Prefill (causal, from an empty prefix and one chunked case) vs ``pallas.ops.gpu.attention.mha``.
+
+Timing: medians of 7 repeats, each the mean over n back-to-back async dispatches (n sized to
+~50 ms), after compile + warm-up; inputs rotate over several buffers when the working set is
+small enough to sit in L2. Writes JSON + markdown to $OUT (or experiments/results/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import os
+import statistics
+import sys
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels import kv4_attention as A
+
+HQ, HKV, D = 32, 8, 128
+OUT = os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results")
+PREFILL_SHAPES = [(1, 2048, 0), (1, 8192, 0), (8, 1024, 0), (4, 512, 4096)]  # (B, T, prefix)
+WRITE_SIZES = (64, 8192)  # tokens per write call (decode batch, prefill chunk)
+RESULTS: dict = {"meta": {}, "correctness": [], "tuning": [], "decode": [], "prefill": [], "write": []}
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+def save():
+    os.makedirs(OUT, exist_ok=True)
+    with open(os.path.join(OUT, "bench_attention.json"), "w") as f:
+        json.dump(RESULTS, f, indent=1)
+
+
+def bench(fn, arg_sets, target_s=0.05, repeats=7):
+    """Median seconds per call of ``fn(*args)``, rotating over ``arg_sets``."""
+    jax.block_until_ready(fn(*arg_sets[0]))
+    for a in arg_sets:
+        jax.block_until_ready(fn(*a))
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*arg_sets[0]))
+    one = time.perf_counter() - t0
+    n = int(min(500, max(3, target_s / max(one, 1e-6))))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for i in range(n):
+            out = fn(*arg_sets[i % len(arg_sets)])
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - t0) / n)
+    return statistics.median(times)
+
+
+# ------------------------------------------------------------------------------ data
+
+
+def paged_bytes_per_token_head(quantized, group):
+    """K + V bytes of one token of one KV head as stored (what a kernel must read)."""
+    if quantized:
+        return 2 * (D // 2 + 2 * 2 * (D // group))
+    return 2 * D * 2
+
+
+def make_paged(key, batch, seq, page, group, quantized, n_sets):
+    """Random paged cache holding n_sets disjoint copies of B sequences of ``seq`` tokens."""
+    mp = -(-seq // page)
+    pages = n_sets * batch * mp
+    ks = jax.random.split(key, 8)
+    shape = (1, pages, HKV, page)
+    if quantized:
+        k = jax.random.bits(ks[0], (*shape, D // 2), jnp.uint8)
+        v = jax.random.bits(ks[1], (*shape, D // 2), jnp.uint8)
+        mshape = (1, pages, HKV, D // group, page)
+        sc = lambda kk: jax.random.uniform(kk, mshape, jnp.float32, 0.02, 0.1).astype(jnp.float16)  # noqa: E731
+        zr = lambda kk: jax.random.randint(kk, mshape, 4, 12).astype(jnp.float16)  # noqa: E731
+        kv = A.PagedKV(k, v, sc(ks[2]), zr(ks[3]), sc(ks[4]), zr(ks[5]))
+    else:
+        k = jax.random.normal(ks[0], (*shape, D), jnp.bfloat16)
+        v = jax.random.normal(ks[1], (*shape, D), jnp.bfloat16)
+        kv = A.PagedKV(k, v)
+    perm = np.random.default_rng(0).permutation(pages).astype(np.int32)
+    tables = [jnp.asarray(perm[s * batch * mp : (s + 1) * batch * mp].reshape(batch, mp)) for s in range(n_sets)]
+    return kv, tables
+
+
+def n_sets_for(nbytes):
+    return int(min(4, max(1, math.ceil(256e6 / max(nbytes, 1)))))
+
+
+def xla_decode(q, k, v, lens):
+    """Plain XLA GQA decode attention on bf16 [B, S, Hkv, D]."""
+    b = q.shape[0]
+    qg = q.reshape(b, HKV, HQ // HKV, D)
+    logits = jnp.einsum("bhgd,bshd->bhgs", qg, k, preferred_element_type=jnp.float32) / math.sqrt(D)
+    mask = jnp.arange(k.shape[1])[None, :] < lens[:, None]
+    logits = jnp.where(mask[:, None, None, :], logits, -jnp.inf)
+    p = jax.nn.softmax(logits, axis=-1)
+    o = jnp.einsum("bhgs,bshd->bhgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return o.reshape(b, HQ, D).astype(q.dtype)
+
+
+def rel(a, b):
+    a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
+    return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+
+
+# ------------------------------------------------------------------------------ sections
+
+
+def correctness():
+    from comet_jax.engine import kv_cache as kc
+
+    rng = np.random.default_rng(1)
+    cases = [  # (dtype, group, hg, head_dim, page)
+        ("int4", 128, 4, 128, 64),
+        ("int4", 32, 8, 128, 16),
+        ("int4", 64, 1, 64, 32),
+        ("bf16", 128, 4, 128, 64),
+    ]
+    for dtype, g, hg, hd, page in cases:
+        hkv, b, mp = 2, 4, 12
+        cfg = kc.KVCacheConfig(1, hkv, hd, page, 64, g if hd >= g else hd, dtype)
+        lens = np.array([1, page + 3, 5 * page - 1, mp * page], np.int32)
+        pt = rng.permutation(64)[: b * mp].reshape(b, mp).astype(np.int32)  # disjoint pages
+        s = mp * page
+        pos = np.broadcast_to(np.arange(s), (b, s))
+        slots = kc.slot_mapping_from_positions(pt, pos, page, pos < lens[:, None])
+        k = jnp.asarray(rng.standard_normal((b, s, hkv, hd)), jnp.bfloat16)
+        v = jnp.asarray(rng.standard_normal((b, s, hkv, hd)), jnp.bfloat16)
+        cache = kc.write_kv(kc.init_cache(cfg), 0, k, v, slots)
+        q = jnp.asarray(rng.standard_normal((b, hkv * hg, hd)), jnp.bfloat16)
+        out = A.paged_decode_attention(q, cache.pages(), pt, lens, num_splits=3)
+        ref = A.paged_decode_attention_reference(q, cache.pages(), pt, lens)
+        full = A.dense_attention_reference(q[:, None], k, v, lens, np.ones(b, np.int32))[:, 0]
+        t, ql = 2 * page + 5, np.array([1, page, 2 * page + 5, 7], np.int32)
+        qp = jnp.asarray(rng.standard_normal((b, t, hkv * hg, hd)), jnp.bfloat16)
+        outp = A.paged_prefill_attention(qp, cache.pages(), pt, lens, ql)
+        refp = A.paged_prefill_attention_reference(qp, cache.pages(), pt, lens, ql)
+        row = dict(
+            dtype=dtype, group=g, gqa=hg, head_dim=hd, page=page,
+            decode_vs_ref=rel(out, ref), decode_ref_vs_full=rel(ref, full),
+            prefill_vs_ref=rel(outp, refp), finite=bool(jnp.isfinite(out).all() & jnp.isfinite(outp).all()),
+        )
+        RESULTS["correctness"].append(row)
+        log("correct", row)
+    save()
+
+
+def decode_point(batch, seq, page, group, quantized, key, **kw):
+    mp = -(-seq // page)
+    nbytes = batch * mp * page * HKV * paged_bytes_per_token_head(quantized, group)
+    kv, tables = make_paged(key, batch, seq, page, group, quantized, n_sets_for(nbytes))
+    q = jax.random.normal(jax.random.fold_in(key, 1), (batch, HQ, D), jnp.bfloat16)
+    lens = jnp.full((batch,), seq, jnp.int32)
+    fn = jax.jit(functools.partial(A.paged_decode_attention, **kw))
+    t = bench(lambda pt: fn(q, kv, pt, lens), [(pt,) for pt in tables])
+    return t, nbytes
+
+
+def tuning(key):
+    b, s = 64, 4096
+    grid = [dict(page=p) for p in (16, 32, 64, 128)]
+    grid += [dict(page=64, num_warps=w, num_stages=st) for w, st in ((4, 3), (8, 2), (2, 2))]
+    grid += [dict(page=64, num_splits=n) for n in (1, 2, 4)]
+    grid += [dict(page=64, group=g) for g in (64, 32)]
+    best = None
+    for cfg in grid:
+        cfg = dict(cfg)
+        page, group = cfg.pop("page"), cfg.pop("group", 128)
+        try:
+            t, nb = decode_point(b, s, page, group, True, key, **cfg)
+        except Exception as e:  # keep the sweep going; report the failure
+            log("tune FAIL", page, group, cfg, repr(e)[:300])
+            RESULTS["tuning"].append(dict(page=page, group=group, **cfg, error=repr(e)[:300]))
+            continue
+        row = dict(page=page, group=group, **cfg, us=t * 1e6, gbps=nb / t / 1e9)
+        RESULTS["tuning"].append(row)
+        log("tune", row)
+        if group == 128 and (best is None or t < best[0]):
+            best = (t, page, cfg)
+    save()
+    return best
+
+
+def decode_sweep(key, page, kw, quick):
+    batches, seqs = ((64,), (4096,)) if quick else ((1, 16, 64, 256), (1024, 4096, 16384, 32768))
+    for b in batches:
+        for s in seqs:
+            row = dict(B=b, S=s)
+            bf16_bytes = b * s * HKV * 2 * D * 2
+            try:
+                t, nb = decode_point(b, s, page, 128, True, key, **kw)
+                row.update(kv4_us=t * 1e6, kv4_gbps=nb / t / 1e9, kv4_bytes=nb)
+            except Exception as e:
+                row["kv4_error"] = repr(e)[:300]
+            if bf16_bytes <= 16 * 2**30:
+                try:
+                    t, nb = decode_point(b, s, page, 128, False, key, **kw)
+                    row.update(bf16paged_us=t * 1e6, bf16paged_gbps=nb / t / 1e9)
+                except Exception as e:
+                    row["bf16paged_error"] = repr(e)[:300]
+                row.update(dense_baselines(key, b, s, bf16_bytes))
+            for base in ("gqa_us", "xla_us"):
+                if base in row and "kv4_us" in row:
+                    row["speedup_vs_" + base[:-3]] = row[base] / row["kv4_us"]
+            RESULTS["decode"].append(row)
+            log("decode", row)
+            save()
+
+
+def dense_baselines(key, b, s, bf16_bytes):
+    from jax.experimental.pallas.ops.gpu import decode_attention as da
+
+    out = {}
+    n_sets = n_sets_for(bf16_bytes)
+    ks = jax.random.split(key, 2 * n_sets + 1)
+    q = jax.random.normal(ks[-1], (b, HQ, D), jnp.bfloat16)
+    lens = jnp.full((b,), s, jnp.int32)
+    sets = [
+        (jax.random.normal(ks[2 * i], (b, s, HKV, D), jnp.bfloat16),
+         jax.random.normal(ks[2 * i + 1], (b, s, HKV, D), jnp.bfloat16))
+        for i in range(n_sets)
+    ]
+    gqa = jax.jit(lambda q, k, v, n: da.gqa(q, k, v, kv_seq_len=n))
+    xla = jax.jit(xla_decode)
+    for name, fn in (("gqa", gqa), ("xla", xla)):
+        try:
+            t = bench(lambda k, v: fn(q, k, v, lens), sets)
+            out[name + "_us"] = t * 1e6
+            out[name + "_gbps"] = bf16_bytes / t / 1e9
+        except Exception as e:
+            out[name + "_error"] = repr(e)[:300]
+    return out
+
+
+def prefill(key, quick):
+    from jax.experimental.pallas.ops.gpu import attention as fa
+
+    shapes = PREFILL_SHAPES
+    if quick:
+        shapes = shapes[:1]
+    variants = [dict(page=64, num_warps=4), dict(page=64, num_warps=8), dict(page=128, num_warps=8)]
+    for b, t, prefix in shapes:
+        s = prefix + t
+        row = dict(B=b, T=t, prefix=prefix)
+        q = jax.random.normal(key, (b, t, HQ, D), jnp.bfloat16)
+        lens = jnp.full((b,), s, jnp.int32)
+        flops = 4 * b * HQ * D * (t * prefix + t * (t + 1) / 2)
+        row["gflop"] = flops / 1e9
+        for quantized in (True, False):
+            name = "kv4" if quantized else "bf16paged"
+            best = None
+            for var in variants:
+                var = dict(var)
+                page = var.pop("page")
+                try:
+                    kv, tables = make_paged(key, b, s, page, 128, quantized, 1)
+                    fn = jax.jit(functools.partial(A.paged_prefill_attention, **var))
+                    tt = bench(lambda: fn(q, kv, tables[0], lens), [()])
+                except Exception as e:
+                    row[f"{name}_p{page}_w{var['num_warps']}_error"] = repr(e)[:300]
+                    continue
+                row[f"{name}_p{page}_w{var['num_warps']}_us"] = tt * 1e6
+                if best is None or tt < best:
+                    best = tt
+            if best is not None:
+                row[name + "_us"] = best * 1e6
+                row[name + "_tflops"] = flops / best / 1e12
+        if prefix == 0:
+            k = jax.random.normal(jax.random.fold_in(key, 2), (b, t, HQ, D), jnp.bfloat16)
+            v = jax.random.normal(jax.random.fold_in(key, 3), (b, t, HQ, D), jnp.bfloat16)
+            mha = jax.jit(functools.partial(fa.mha, segment_ids=None, sm_scale=1 / math.sqrt(D), causal=True))
+            try:
+                tt = bench(lambda: mha(q, k, v), [()])
+                row["mha_us"] = tt * 1e6
+                row["mha_tflops"] = flops / tt / 1e12
+                if "kv4_us" in row:
+                    row["kv4_over_mha"] = row["kv4_us"] / row["mha_us"]
+            except Exception as e:
+                row["mha_error"] = repr(e)[:300]
+        RESULTS["prefill"].append(row)
+        log("prefill", row)
+        save()
+
+
+def writes(key):
+    from comet_jax.engine import kv_cache as kc
+
+    for n_tokens in WRITE_SIZES:
+        label = f"{n_tokens} tokens"
+        cfg = kc.KVCacheConfig(1, HKV, D, 64, 4096, 128, "int4")
+        cache = kc.init_cache(cfg)
+        k = jax.random.normal(key, (n_tokens, HKV, D), jnp.bfloat16)
+        slots = jnp.asarray(np.random.default_rng(0).permutation(4096 * 64)[:n_tokens].astype(np.int32))
+        fn = jax.jit(kc.write_kv, donate_argnums=0)
+        state = [cache]
+
+        def step():
+            state[0] = fn(state[0], 0, k, k, slots)
+            return state[0].k
+
+        t = bench(step, [()])
+        RESULTS["write"].append(dict(what=label, us=t * 1e6))
+        log("write", label, f"{t * 1e6:.1f} us")
+    save()
+
+
+def markdown():
+    m = RESULTS["meta"]
+    lines = [f"# bench_attention ({m.get('date')}, {m.get('device')}, jax {m.get('jax')})", ""]
+    lines += ["## Decode (Hq=32, Hkv=8, D=128; INT4 g=128)", "",
+              "| B | S | KV4 us | KV4 GB/s | bf16 paged us | gqa bf16 us | gqa GB/s | XLA us | KV4 vs gqa | KV4 vs XLA |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    f = lambda r, k, fmt="{:.0f}": fmt.format(r[k]) if k in r else "-"  # noqa: E731
+    for r in RESULTS["decode"]:
+        lines.append(
+            f"| {r['B']} | {r['S']} | {f(r, 'kv4_us', '{:.1f}')} | {f(r, 'kv4_gbps')} | {f(r, 'bf16paged_us', '{:.1f}')} "
+            f"| {f(r, 'gqa_us', '{:.1f}')} | {f(r, 'gqa_gbps')} | {f(r, 'xla_us', '{:.1f}')} "
+            f"| {f(r, 'speedup_vs_gqa', '{:.2f}x')} | {f(r, 'speedup_vs_xla', '{:.2f}x')} |"
+        )
+    lines += ["", "## Decode tuning at B=64, S=4096", "", "| config | us | GB/s |", "|---|---|---|"]
+    for r in RESULTS["tuning"]:
+        cfg = {k: v for k, v in r.items() if k not in ("us", "gbps")}
+        lines.append(f"| {cfg} | {f(r, 'us', '{:.1f}')} | {f(r, 'gbps')} |")
+    lines += ["", "## Prefill (causal)", "", "| B | T | prefix | KV4 us | bf16 paged us | mha bf16 us | KV4/mha | KV4 TFLOP/s |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in RESULTS["prefill"]:
+        lines.append(
+            f"| {r['B']} | {r['T']} | {r['prefix']} | {f(r, 'kv4_us', '{:.0f}')} | {f(r, 'bf16paged_us', '{:.0f}')} "
+            f"| {f(r, 'mha_us', '{:.0f}')} | {f(r, 'kv4_over_mha', '{:.2f}')} | {f(r, 'kv4_tflops', '{:.0f}')} |"
+        )
+    lines += ["", "## Cache write (quantize + scatter)", ""]
+    lines += [f"- {r['what']}: {r['us']:.1f} us" for r in RESULTS["write"]]
+    lines += ["", "## GPU correctness (relative L2 error)", ""]
+    lines += [f"- {r}" for r in RESULTS["correctness"]]
+    text = "\n".join(lines) + "\n"
+    with open(os.path.join(OUT, "bench_attention.md"), "w") as fh:
+        fh.write(text)
+    return text
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="one decode point, one prefill shape")
+    ap.add_argument("--skip", default="", help="comma list of sections to skip")
+    args = ap.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
+    dev = jax.devices()[0]
+    RESULTS["meta"] = dict(
+        date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), device=dev.device_kind,
+        jax=jax.__version__, python=sys.version.split()[0],
+    )
+    log(RESULTS["meta"])
+    key = jax.random.key(0)
+    t0 = time.time()
+    sections = [("correctness", correctness), ("tuning", None), ("writes", lambda: writes(key))]
+    best = None
+    for name, fn in sections:
+        if name in skip:
+            continue
+        try:
+            if name == "tuning":
+                best = tuning(key)
+            else:
+                fn()
+        except Exception:
+            traceback.print_exc()
+        log(f"[{name} done at {time.time() - t0:.0f}s]")
+    page, kw = (64, {}) if best is None else (best[1], best[2])
+    RESULTS["meta"]["decode_config"] = dict(page=page, **kw)
+    for name, fn in (("decode", lambda: decode_sweep(key, page, kw, args.quick)), ("prefill", lambda: prefill(key, args.quick))):
+        if name in skip:
+            continue
+        try:
+            fn()
+        except Exception:
+            traceback.print_exc()
+        log(f"[{name} done at {time.time() - t0:.0f}s]")
+    save()
+    print(markdown())
+
+
+if __name__ == "__main__":
+    main()

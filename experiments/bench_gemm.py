@@ -1,0 +1,392 @@
+"""W4Ax GEMM benchmark: correctness on the device, config tuning, ablations, the model sweep.
+
+    PYTHONPATH=. python3 experiments/bench_gemm.py --check --tune --ablate --sweep \
+        --out $OUT [--budget-s 500] [--quick]
+
+Every timed row measures its baselines in the same run: XLA bf16 ``jnp.dot`` (cuBLAS),
+XLA int8 ``dot_general`` with ``[N, K]`` weights (contract last axes, int32 accumulation),
+and the W4A8 case of our own kernel (K4 = 0). Times are medians over repeated jitted calls
+that rotate through several weight copies (>= 256 MiB in all where that fits in 8 copies) so
+decode shapes are not served from L2. Writes ``gemm_<date>.json`` and ``gemm_<date>.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import os
+import pathlib
+import sys
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels import tuning
+from pallas_kernels.act_quant import act_quant, act_quant_reference
+from pallas_kernels.w4ax_matmul import (
+    GemmConfig,
+    dequantized_matmul,
+    w4ax_accumulators,
+    w4ax_accumulators_reference,
+    w4ax_matmul,
+    w4ax_matmul_reference,
+)
+
+M_VALUES = (1, 4, 16, 64, 256, 1024, 4096)
+SMOKE = False  # --smoke: tiny shapes in interpret mode on the CPU (tests the script itself)
+FRACS = (0.0, 0.125, 0.25)
+_DOT_LAST = (((1,), (1,)), ((), ()))
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def n_copies(bytes_per_copy: int, m: int) -> int:
+    if m >= 1024:
+        return 2
+    return int(max(2, min(8, math.ceil((256 << 20) / bytes_per_copy))))
+
+
+# ------------------------------------------------------------------------------------------
+# correctness on the device
+# ------------------------------------------------------------------------------------------
+
+
+def check(results):
+    key = jax.random.PRNGKey(1)
+    cases = [  # m, n, k, k8, config, group
+        (1, 4096, 4096, 1024, None, None),
+        (16, 14336, 4096, 512, None, None),
+        (64, 4096, 14336, 3584, None, None),
+        (33, 1024, 2048, 512, GemmConfig(16, 64, 4, 4, 4, True, 1), None),
+        (256, 4096, 4096, 1024, None, None),
+        (300, 2048, 4096, 0, GemmConfig(128, 128, 1, 8, 3, False, 8), None),
+        (1000, 4096, 4096, 4096, None, None),
+        (4096, 4096, 4096, 1024, None, None),
+        (64, 4096, 4096, 1024, None, 128),
+        (512, 4096, 4096, 1024, GemmConfig(128, 128, 2, 8, 3, False, 8), 256),
+    ]
+    aq_cases = [(64, 4096, 3072, True, 1.0), (7, 14336, 12288, True, 0.9),
+                (300, 4096, 4096, False, 1.0), (5, 4096, 0, True, 0.85)]
+    if SMOKE:
+        cases = [(3, 64, 256, 128, GemmConfig(16, 32, 2, 4, 2, True, 1), None),
+                 (20, 64, 256, 128, GemmConfig(16, 32, 1, 4, 2, False, 2), 128)]
+        aq_cases = [(3, 256, 128, True, 0.9)]
+    ok = True
+    for i, (m, n, k, k8, cfg, g) in enumerate(cases):
+        ops = tuning.random_operands(jax.random.fold_in(key, i), m, n, k, k8, group_size=g)
+        bias = jax.random.normal(jax.random.fold_in(key, 100 + i), (n,), jnp.float32) * 0.1
+        cfg_used = cfg or tuning.get_config(m, n, k, k8)
+        a4, a8 = w4ax_accumulators(ops[0], ops[1], ops[3], config=cfg_used, interpret=SMOKE)
+        r4, r8 = w4ax_accumulators_reference(ops[0], ops[1], ops[3])
+        exact = bool(jnp.all(a4 == r4)) and bool(jnp.all(a8 == r8))
+        y = w4ax_matmul(*ops, bias, config=cfg_used, interpret=SMOKE)
+        yr = w4ax_matmul_reference(*ops, bias, out_dtype=jnp.float32)
+        yd = dequantized_matmul(*ops) + bias
+        e_ref, e_deq = rel_err(y.astype(jnp.float32), yr), rel_err(y.astype(jnp.float32), yd)
+        good = exact and e_ref < 1e-2 and e_deq < 1e-2
+        ok &= good
+        row = dict(m=m, n=n, k=k, k8=k8, group=g, config=cfg_used.to_dict(), int_exact=exact,
+                   rel_err_ref=e_ref, rel_err_deq=e_deq, ok=good)
+        results["check"].append(row)
+        log(f"check gemm {m}x{n}x{k} k8={k8} g={g} {cfg_used}: exact={exact} "
+            f"err_ref={e_ref:.2e} err_deq={e_deq:.2e} {'OK' if good else 'FAIL'}")
+    for i, (m, k, k4, norm, clip) in enumerate(aq_cases):
+        kx = jax.random.fold_in(key, 500 + i)
+        x = (jax.random.normal(kx, (m, k), jnp.float32) * 2).astype(jnp.bfloat16)
+        perm = jax.random.permutation(jax.random.fold_in(kx, 1), k).astype(jnp.int32)
+        w = jax.random.uniform(jax.random.fold_in(kx, 2), (k,), jnp.float32, 0.5, 1.5)
+        w = w if norm else None
+        a = act_quant(x, perm, k4, norm_weight=w, clip4=clip, clip8=1.0, interpret=SMOKE)
+        r = act_quant_reference(x, perm, k4, norm_weight=w, clip4=clip, clip8=1.0)
+        diffs = [int(jnp.sum(u != v)) for u, v in zip(a, r)]
+        good = all(d == 0 for d in diffs)
+        ok &= good
+        results["check"].append(dict(kernel="act_quant", m=m, k=k, k4=k4, norm=norm,
+                                     mismatches=diffs, ok=good))
+        log(f"check act_quant {m}x{k} k4={k4} norm={norm} clip={clip}: mismatches "
+            f"(x4, x8, scales)={diffs} {'OK' if good else 'FAIL'}")
+    return ok
+
+
+# ------------------------------------------------------------------------------------------
+# timing
+# ------------------------------------------------------------------------------------------
+
+
+def _ours_sets(m, n, k, k8, reps, seed=0, group=None):
+    key = jax.random.PRNGKey(seed)
+    return [tuning.random_operands(jax.random.fold_in(key, i), m, n, k, k8, group_size=group)
+            for i in range(reps)]
+
+
+def time_ours(m, n, k, k8, config=None, sets=None, group=None):
+    reps = n_copies(n * k // 2, m)
+    sets = sets or _ours_sets(m, n, k, k8, reps, group=group)
+    f = functools.partial(w4ax_matmul, config=config, interpret=SMOKE)
+    return tuning.time_fn(f, sets)
+
+
+def time_bf16(m, n, k):
+    reps = n_copies(n * k * 2, m)
+    key = jax.random.PRNGKey(7)
+    x = jax.random.normal(key, (m, k), jnp.bfloat16)
+    sets = [(x, jax.random.normal(jax.random.fold_in(key, i), (k, n), jnp.bfloat16))
+            for i in range(reps)]
+    return tuning.time_fn(lambda a, b: jnp.dot(a, b), sets)
+
+
+def time_int8(m, n, k):
+    reps = n_copies(n * k, m)
+    key = jax.random.PRNGKey(8)
+    x = jax.random.randint(key, (m, k), -127, 128, jnp.int32).astype(jnp.int8)
+    sets = [(x, jax.random.randint(jax.random.fold_in(key, i), (n, k), -127, 128,
+                                   jnp.int32).astype(jnp.int8)) for i in range(reps)]
+    f = lambda a, b: jax.lax.dot_general(a, b, _DOT_LAST, preferred_element_type=jnp.int32)
+    return tuning.time_fn(f, sets)
+
+
+def time_copy(nbytes=1 << 30):
+    x = jnp.ones((nbytes // 4,), jnp.float32)
+    t = tuning.time_fn(lambda a: a * 1.0001, [(x,)])
+    return 2 * nbytes / t
+
+
+def time_act_quant(m, k, k4):
+    key = jax.random.PRNGKey(3)
+    x = jax.random.normal(key, (m, k), jnp.bfloat16)
+    perm = jax.random.permutation(key, k).astype(jnp.int32)
+    w = jnp.ones((k,), jnp.float32)
+    f = lambda a: act_quant(a, perm, k4, norm_weight=w, interpret=SMOKE)
+    return tuning.time_fn(f, [(x,)])
+
+
+# ------------------------------------------------------------------------------------------
+# tuning subset and ablations
+# ------------------------------------------------------------------------------------------
+
+
+def tune(results, quick, deadline):
+    shapes = [(4096, 4096), (14336, 4096), (4096, 14336), (8192, 8192), (28672, 8192)]
+    ms = (1, 16, 64, 256, 4096) if quick else M_VALUES
+    if SMOKE:
+        shapes, ms = [(128, 512)], (1, 300)
+    if quick:
+        shapes = shapes[:3]
+    entries = tuning.sweep(shapes, ms, (0.25,), quick=quick, log=log, deadline=deadline,
+                           interpret=SMOKE)
+    results["tuning"] = entries
+    return entries
+
+
+def ablate(results, deadline):
+    """Each row: one change against the tuned/heuristic config, same shape, same run."""
+    rows = []
+
+    def run(name, m, n, k, k8, cfg, group=None):
+        if time.time() > deadline:
+            return
+        try:
+            t = time_ours(m, n, k, k8, cfg, group=group)
+        except Exception as e:  # noqa: BLE001
+            log(f"ablate {name}: failed {type(e).__name__}: {str(e)[:200]}")
+            return
+        rows.append(dict(name=name, m=m, n=n, k=k, k8=k8, group=group,
+                         config=cfg.to_dict() if cfg else None, us=t * 1e6))
+        log(f"ablate {name:40s} {m}x{n}x{k} k8={k8}: {t * 1e6:8.1f} us")
+
+    n, k = (128, 512) if SMOKE else (8192, 8192)
+    k8 = k // 4
+    for m in ((16,) if SMOKE else (16, 64)):
+        base = tuning.get_config(m, n, k, k8)
+        run("decode tuned", m, n, k, k8, base)
+        run("decode no split-K", m, n, k, k8, GemmConfig(**{**base.to_dict(), "split_k": 1}))
+        run("decode no swap_ab", m, n, k, k8, GemmConfig(**{**base.to_dict(), "swap_ab": False}))
+        run("decode W4A8 (K4=0)", m, n, k, k, base)
+        run("decode W4A4 (K8=0)", m, n, k, 0, base)
+        run("decode group scales g=128", m, n, k, k8, base, group=128)
+    m = 128 if SMOKE else 4096
+    base = tuning.get_config(m, n, k, k8)
+    run("prefill tuned", m, n, k, k8, base)
+    run("prefill group_m=1 (row-major)", m, n, k, k8, GemmConfig(**{**base.to_dict(),
+                                                                   "group_m": 1}))
+    run("prefill swap_ab", m, n, k, k8, GemmConfig(**{**base.to_dict(), "swap_ab": True}))
+    for st in (2, 4):
+        run(f"prefill num_stages={st}", m, n, k, k8,
+            GemmConfig(**{**base.to_dict(), "num_stages": st}))
+    run("prefill W4A8 (K4=0)", m, n, k, k, base)
+    run("prefill W4A4 (K8=0)", m, n, k, 0, base)
+    run("prefill group scales g=128", m, n, k, k8, base, group=128)
+    m = 256
+    base = tuning.get_config(m, n, k, k8)
+    run("M=256 tuned", m, n, k, k8, base)
+    run("M=256 split_k x2", m, n, k, k8,
+        GemmConfig(**{**base.to_dict(), "split_k": base.split_k * 2}))
+    run("M=256 no split", m, n, k, k8, GemmConfig(**{**base.to_dict(), "split_k": 1}))
+    results["ablation"] = rows
+
+
+# ------------------------------------------------------------------------------------------
+# the model sweep
+# ------------------------------------------------------------------------------------------
+
+
+def sweep(results, deadline, quick):
+    shapes = []
+    for model, lst in tuning.MODEL_SHAPES.items():
+        for s in lst:
+            if s not in shapes:
+                shapes.append(s)
+    ms = (1, 16, 64, 256, 4096) if quick else M_VALUES
+    if SMOKE:
+        shapes, ms = [(128, 256)], (1, 100)
+    rows = results["sweep"]
+    for n, k in shapes:
+        for m in ms:
+            if time.time() > deadline:
+                log("sweep: deadline reached")
+                return
+            try:
+                base = dict(m=m, n=n, k=k, bf16_us=time_bf16(m, n, k) * 1e6,
+                            int8_us=time_int8(m, n, k) * 1e6,
+                            w4a8_us=time_ours(m, n, k, k) * 1e6)
+            except Exception as e:  # noqa: BLE001
+                log(f"sweep {m}x{n}x{k} baselines failed: {e!s:.200}")
+                continue
+            fracs = FRACS if (n, k) in tuning.MODEL_SHAPES["llama3-8b"] or not quick else (0.25,)
+            for frac in fracs:
+                k8 = tuning.int8_fraction_k8(k, frac)
+                try:
+                    t = time_ours(m, n, k, k8) * 1e6
+                except Exception as e:  # noqa: BLE001
+                    log(f"sweep {m}x{n}x{k} frac={frac} failed: {e!s:.200}")
+                    continue
+                wbytes = n * k / 2
+                row = dict(base, frac=frac, k8=k8, w4ax_us=t,
+                           config=tuning.get_config(m, n, k, k8).to_dict(),
+                           vs_bf16=base["bf16_us"] / t, vs_int8=base["int8_us"] / t,
+                           vs_w4a8=base["w4a8_us"] / t, weight_tbps=wbytes / t / 1e6,
+                           tops=2 * m * n * k / t / 1e6)
+                rows.append(row)
+                log(f"sweep {m:5d}x{n:5d}x{k:5d} f={frac:5.3f}: ours {t:8.1f} us  "
+                    f"bf16 {base['bf16_us']:8.1f}  int8 {base['int8_us']:8.1f}  "
+                    f"w4a8 {base['w4a8_us']:8.1f}  x{row['vs_bf16']:.2f} bf16 "
+                    f"x{row['vs_int8']:.2f} int8  {row['weight_tbps']:.2f} TB/s(w)")
+
+
+def geomean(v):
+    v = [x for x in v if x > 0]
+    return float(np.exp(np.mean(np.log(v)))) if v else float("nan")
+
+
+def markdown(results) -> str:
+    meta = results["meta"]
+    out = [f"# W4Ax GEMM benchmark ({meta['date']}, {meta['device']}, jax {meta['jax']})", ""]
+    if results.get("copy_tbps"):
+        out.append(f"Device-to-device copy (read+write): {results['copy_tbps']:.2f} TB/s\n")
+    rows = results["sweep"]
+    if rows:
+        out += ["## Geomean speedup per M (all shapes, INT8 fraction as listed)", "",
+                "| M | frac | n | vs XLA bf16 | vs XLA int8 [N,K] | vs our W4A8 |",
+                "|---|---|---|---|---|---|"]
+        for m in M_VALUES:
+            for frac in FRACS:
+                r = [x for x in rows if x["m"] == m and x["frac"] == frac]
+                if r:
+                    out.append(f"| {m} | {frac} | {len(r)} | "
+                               f"{geomean([x['vs_bf16'] for x in r]):.2f} | "
+                               f"{geomean([x['vs_int8'] for x in r]):.2f} | "
+                               f"{geomean([x['vs_w4a8'] for x in r]):.2f} |")
+        out += ["", "## Per shape (us)", "",
+                "| M | N | K | frac | W4Ax | bf16 | int8 | W4A8 | xbf16 | xint8 | TB/s(w) | TOP/s |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for x in rows:
+            out.append(f"| {x['m']} | {x['n']} | {x['k']} | {x['frac']} | {x['w4ax_us']:.1f} | "
+                       f"{x['bf16_us']:.1f} | {x['int8_us']:.1f} | {x['w4a8_us']:.1f} | "
+                       f"{x['vs_bf16']:.2f} | {x['vs_int8']:.2f} | {x['weight_tbps']:.2f} | "
+                       f"{x['tops']:.0f} |")
+    if results.get("ablation"):
+        out += ["", "## Ablation (us)", "", "| variant | M | N | K | K8 | us |",
+                "|---|---|---|---|---|---|"]
+        for x in results["ablation"]:
+            out.append(f"| {x['name']} | {x['m']} | {x['n']} | {x['k']} | {x['k8']} | "
+                       f"{x['us']:.1f} |")
+    if results.get("act_quant"):
+        out += ["", "## act_quant (us)", ""]
+        for x in results["act_quant"]:
+            out.append(f"- M={x['m']} K={x['k']}: {x['us']:.1f} us")
+    return "\n".join(out) + "\n"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--check", action="store_true")
+    ap.add_argument("--tune", action="store_true")
+    ap.add_argument("--ablate", action="store_true")
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes, interpret mode (CPU)")
+    ap.add_argument("--budget-s", type=float, default=540.0, help="stop timing after this")
+    ap.add_argument("--tune-share", type=float, default=0.5, help="share of budget for --tune")
+    ap.add_argument("--out", default=os.environ.get("OUT", "experiments/results"))
+    args = ap.parse_args(argv)
+    global SMOKE
+    SMOKE = args.smoke
+    t_start = time.time()
+    deadline = t_start + args.budget_s
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    date = time.strftime("%Y-%m-%d")
+    results = dict(meta=dict(date=date, device=jax.devices()[0].device_kind,
+                             jax=jax.__version__, argv=sys.argv[1:]),
+                   check=[], sweep=[], ablation=[])
+    stem = out / f"gemm_{date}"
+
+    def save():
+        stem.with_suffix(".json").write_text(json.dumps(results, indent=1, default=str))
+        stem.with_suffix(".md").write_text(markdown(results))
+
+    log(results["meta"])
+    try:
+        results["copy_tbps"] = time_copy(1 << 20 if SMOKE else 1 << 30) / 1e12
+        log(f"copy bandwidth {results['copy_tbps']:.2f} TB/s")
+        if args.check:
+            results["check_ok"] = check(results)
+            save()
+        if args.tune:
+            entries = tune(results, args.quick,
+                           min(deadline, time.time() + args.tune_share * args.budget_s))
+            tuning.write_table(entries, results["meta"], out / "tuning_table.json", merge=False)
+            if not SMOKE:  # this run's later stages use the new table
+                tuning.write_table(entries, results["meta"])
+            save()
+        if args.ablate:
+            ablate(results, deadline)
+            results["act_quant"] = [
+                dict(m=m, k=k, us=time_act_quant(m, k, k * 3 // 4) * 1e6)
+                for m, k in (((2, 256),) if SMOKE else ((16, 4096), (4096, 4096)))
+            ]
+            save()
+        if args.sweep:
+            sweep(results, deadline, args.quick)
+    except Exception:  # noqa: BLE001 - keep what was measured
+        traceback.print_exc()
+    save()
+    md = markdown(results)
+    log(md[:6000])
+    log(f"total {time.time() - t_start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

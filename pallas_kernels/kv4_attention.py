@@ -1,0 +1,590 @@
+"""Paged attention over an INT4 (or bf16) KV cache: decode and chunked-prefill Pallas kernels.
+
+Cache layout (one pool per layer, stacked; built by ``comet_jax.engine.kv_cache``):
+
+    k, v:        [L, P, Hkv, page, D/2] uint8   (INT4, half-split tiles of ``group`` channels)
+                 [L, P, Hkv, page, D]   bf16    (baseline cache)
+    k_scale, k_zero, v_scale, v_zero:
+                 [L, P, Hkv, D/group, page] f16 (INT4 only; token axis last so a page's scales
+                                                 of one group are one contiguous 2*page-byte load)
+
+``P`` physical pages of ``page`` tokens. A page of one KV head is one contiguous block, so a
+kernel program that owns (sequence, KV head) reads each page once for all ``Hq/Hkv`` query
+heads of that GQA group (the "rows" of its tile). ``page_table [B, max_pages] int32`` maps a
+sequence's logical page ``i`` to a physical page; ``seq_lens [B] int32`` counts its tokens
+(those of the current chunk included: write first, then attend).
+
+Math inside a page (per group ``j`` of ``g`` channels, INT4): with nibble tiles
+``lo, hi: [page, g/2]`` and the group's per-token ``s, z: [page]``,
+
+    logits += s * (q_lo @ lo^T + q_hi @ hi^T - z * sum(q_group))        # K: scale after the dot
+    ps = f16(p * s);  o_lo += ps @ lo - sum(ps * z);  o_hi += ps @ hi - ...  # V: scale before
+
+The nibbles enter the tensor-core dot as exact small integers; dequantization costs one
+multiply-add per logit instead of one per cache element. The zero-point correction uses the same
+rounded ``ps`` as the dot, so it cancels exactly. Softmax is online (flash) in f32.
+
+Decode splits the page range of a sequence over ``num_splits`` programs (flash-decoding) and
+merges their partial results with a log-sum-exp step; prefill gives each program a tile of
+``block_q`` chunk tokens x the GQA group and walks the pages causally.
+
+``paged_*_reference`` functions are the documented semantics: gather pages, dequantize with
+:mod:`comet_jax.quant.quantizers`, masked softmax in f32.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+
+from comet_jax.quant import pack, quantizers
+
+_MASK = -0.7 * float(np.finfo(np.float32).max)
+_MIN_ROWS = 16  # Triton's smallest dot M
+
+
+class PagedKV(NamedTuple):
+    """The arrays of a paged KV cache (module docstring); scales/zeros are None for bf16."""
+
+    k: jnp.ndarray
+    v: jnp.ndarray
+    k_scale: jnp.ndarray | None = None
+    k_zero: jnp.ndarray | None = None
+    v_scale: jnp.ndarray | None = None
+    v_zero: jnp.ndarray | None = None
+
+    @property
+    def quantized(self) -> bool:
+        return self.k_scale is not None
+
+    @property
+    def head_dim(self) -> int:
+        return self.k.shape[-1] * (2 if self.quantized else 1)
+
+    @property
+    def group_size(self) -> int:
+        return self.head_dim // self.k_scale.shape[-2] if self.quantized else self.head_dim
+
+    @property
+    def page_size(self) -> int:
+        return self.k.shape[-2]
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _concrete(x):
+    """numpy value of x, or None when x is a tracer (under jit only shapes can be checked)."""
+    if x is None or isinstance(x, jax.core.Tracer):
+        return None
+    try:
+        return np.asarray(x)
+    except jax.errors.TracerArrayConversionError:
+        return None
+
+
+def _check_kv(kv: PagedKV) -> None:
+    if not isinstance(kv, PagedKV):
+        raise ValueError(f"kv must be a PagedKV, got {type(kv).__name__}")
+    if kv.k.ndim != 5 or kv.k.shape != kv.v.shape:
+        raise ValueError(
+            f"kv.k/kv.v must both be [L, P, Hkv, page, D/2 | D], got {kv.k.shape}, {kv.v.shape}"
+        )
+    if kv.quantized:
+        if kv.k.dtype != jnp.uint8 or kv.v.dtype != jnp.uint8:
+            raise ValueError(f"INT4 kv.k/kv.v must be uint8, got {kv.k.dtype}, {kv.v.dtype}")
+        l_, p_, h_, t_, _ = kv.k.shape
+        g_count = kv.k_scale.shape[-2]
+        want = (l_, p_, h_, g_count, t_)
+        for name in ("k_scale", "k_zero", "v_scale", "v_zero"):
+            a = getattr(kv, name)
+            if a is None or a.shape != want:
+                got = None if a is None else a.shape
+                raise ValueError(f"kv.{name} must have shape {want} ([L, P, Hkv, D/g, page]), got {got}")
+        if kv.head_dim % g_count or (kv.head_dim // g_count) % 32:
+            raise ValueError(f"group count {g_count} must split head_dim={kv.head_dim} in groups >= 32")
+    else:
+        if not jnp.issubdtype(kv.k.dtype, jnp.floating):
+            raise ValueError(f"bf16-mode kv.k must be floating, got dtype {kv.k.dtype}")
+        if any(getattr(kv, n) is not None for n in ("k_zero", "v_scale", "v_zero")):
+            raise ValueError("kv scales/zeros must be all set (INT4) or all None (bf16)")
+    if kv.page_size < 16 or kv.page_size & (kv.page_size - 1):
+        raise ValueError(f"page size {kv.page_size} must be a power of two >= 16")
+    if kv.head_dim < 32 or kv.head_dim & (kv.head_dim - 1):
+        raise ValueError(f"head_dim={kv.head_dim} must be a power of two >= 32")
+
+
+def _check_tables(kv: PagedKV, page_table, seq_lens, layer, batch: int, q_lens=None, chunk=None):
+    page_table, seq_lens = jnp.asarray(page_table), jnp.asarray(seq_lens)
+    if page_table.ndim != 2 or page_table.shape[0] != batch or page_table.dtype != jnp.int32:
+        raise ValueError(
+            f"page_table must be int32 [B={batch}, max_pages], got {page_table.dtype} {page_table.shape}"
+        )
+    if seq_lens.shape != (batch,) or seq_lens.dtype != jnp.int32:
+        raise ValueError(f"seq_lens must be int32 [B={batch}], got {seq_lens.dtype} {seq_lens.shape}")
+    num_layers, num_pages, page = kv.k.shape[0], kv.k.shape[1], kv.page_size
+    capacity = page_table.shape[1] * page
+    lay = _concrete(layer)
+    if lay is not None and not 0 <= int(lay) < num_layers:
+        raise ValueError(f"layer={int(lay)} out of range for a cache of {num_layers} layers")
+    lens = _concrete(seq_lens)
+    if lens is not None:
+        if lens.min(initial=0) < 0 or lens.max(initial=0) > capacity:
+            raise ValueError(
+                f"seq_lens={lens.tolist()} must be in [0, capacity={capacity}] "
+                f"(max_pages={page_table.shape[1]} x page_size={page})"
+            )
+        table = _concrete(page_table)
+        if table is not None:
+            for b, n in enumerate(lens):
+                used = table[b, : -(-int(n) // page)]
+                if used.size and (used.min() < 0 or used.max() >= num_pages):
+                    raise ValueError(
+                        f"page_table[{b}] entries {used.tolist()} must be in [0, num_pages={num_pages})"
+                    )
+        ql = _concrete(q_lens)
+        if ql is not None and (ql.min() < 0 or (ql > lens).any() or (ql > chunk).any()):
+            raise ValueError(f"q_lens={ql.tolist()} must be in [0, min(seq_lens, T={chunk})]")
+
+
+def _layer_array(layer) -> jnp.ndarray:
+    return jnp.asarray(layer, jnp.int32).reshape(1)
+
+
+# --------------------------------------------------------------------------- kernel
+
+
+def _kernel(
+    # inputs
+    layer_ref,  # [1] int32
+    page_table_ref,  # [B, max_pages] int32
+    seq_lens_ref,  # [B] int32 (kv tokens, chunk included)
+    q_start_ref,  # [B] int32 (position of chunk token 0)
+    q_lens_ref,  # [B] int32 (valid chunk tokens)
+    q_ref,  # [BM, D] (block of [B, Hkv, R, D]; row = token * hg_pad + head-in-group)
+    k_ref,  # [L, P, Hkv, page, D/2 | D]
+    v_ref,
+    *rest,  # (k_scale, k_zero, v_scale, v_zero) if quantized, then outputs
+    quantized: bool,
+    group: int,
+    hg: int,
+    hg_pad: int,
+    pages_per_split: int,
+    num_splits: int,
+    sm_scale: float,
+):
+    if quantized:
+        ks_ref, kz_ref, vs_ref, vz_ref, *outs = rest
+    else:
+        outs = list(rest)
+    o_ref = outs[0]
+    b, h, qt, split = (pl.program_id(i) for i in range(4))
+    block_rows, head_dim = q_ref.shape
+    page = k_ref.shape[3]
+    half = group // 2
+    n_groups = head_dim // group
+
+    layer = layer_ref[0]
+    seq_len = seq_lens_ref[b]
+    q_start = q_start_ref[b]
+    q_len = q_lens_ref[b]
+
+    row = qt * block_rows + jnp.arange(block_rows, dtype=jnp.int32)
+    token = row // hg_pad
+    row_valid = (row % hg_pad < hg) & (token < q_len)
+    row_pos = q_start + token  # [BM] absolute position of each query row
+
+    # Last key this tile can see (causal), then the split's slice of the needed pages.
+    first_token = qt * block_rows // hg_pad
+    last_token = jnp.minimum(q_len, (qt + 1) * block_rows // hg_pad) - 1
+    kv_end = jnp.where(first_token < q_len, jnp.minimum(seq_len, q_start + last_token + 1), 0)
+    n_pages = (kv_end + page - 1) // page
+    p_lo = split * pages_per_split
+    p_hi = jnp.minimum(n_pages, p_lo + pages_per_split)
+
+    # q pieces: group j -> (first half, second half) of its channels, matching the nibbles.
+    q_pieces, q_sums = [], []
+    for j in range(n_groups):
+        lo = q_ref[:, pl.ds(j * group, half)]
+        hi = q_ref[:, pl.ds(j * group + half, half)]
+        q_pieces.append((lo, hi))
+        q_sums.append(
+            jnp.sum(lo.astype(jnp.float32), axis=1) + jnp.sum(hi.astype(jnp.float32), axis=1)
+        )
+    cdt = q_pieces[0][0].dtype
+
+    def halves(ref, pg, j, dtype):
+        if quantized:
+            byte = ref[layer, pg, h, :, pl.ds(j * half, half)]  # [page, g/2] uint8
+            lo = (byte & jnp.uint8(0xF)).astype(jnp.float32).astype(dtype)
+            hi = (byte >> jnp.uint8(4)).astype(jnp.float32).astype(dtype)
+            return lo, hi
+        lo = ref[layer, pg, h, :, pl.ds(j * group, half)]
+        hi = ref[layer, pg, h, :, pl.ds(j * group + half, half)]
+        return lo.astype(dtype), hi.astype(dtype)
+
+    def body(p, carry):
+        accs, m_prev, l_prev = carry
+        pg = page_table_ref[b, p]
+        logits = jnp.zeros((block_rows, page), jnp.float32)
+        for j in range(n_groups):
+            k_lo, k_hi = halves(k_ref, pg, j, cdt)
+            raw = jnp.dot(q_pieces[j][0], k_lo.T, preferred_element_type=jnp.float32)
+            raw += jnp.dot(q_pieces[j][1], k_hi.T, preferred_element_type=jnp.float32)
+            if quantized:
+                s = ks_ref[layer, pg, h, j, :].astype(jnp.float32)[None, :]
+                z = kz_ref[layer, pg, h, j, :].astype(jnp.float32)[None, :]
+                raw = s * (raw - z * q_sums[j][:, None])
+            logits += raw
+        logits *= sm_scale
+        key_pos = p * page + jnp.arange(page, dtype=jnp.int32)
+        valid = (key_pos[None, :] <= row_pos[:, None]) & (key_pos[None, :] < seq_len)
+        logits = jnp.where(valid, logits, _MASK)
+        m_next = jnp.maximum(m_prev, jnp.max(logits, axis=1))
+        corr = jnp.exp(m_prev - m_next)
+        probs = jnp.where(valid, jnp.exp(logits - m_next[:, None]), 0.0)
+        l_next = l_prev * corr + jnp.sum(probs, axis=1)
+        new_accs = []
+        for j in range(n_groups):
+            if quantized:
+                s = vs_ref[layer, pg, h, j, :].astype(jnp.float32)[None, :]
+                z = vz_ref[layer, pg, h, j, :].astype(jnp.float32)[None, :]
+                ps = (probs * s).astype(jnp.float16)
+                v_lo, v_hi = halves(v_ref, pg, j, jnp.float16)
+                zc = jnp.sum(ps.astype(jnp.float32) * z, axis=1)[:, None]
+            else:
+                ps = probs.astype(v_ref.dtype)
+                v_lo, v_hi = halves(v_ref, pg, j, v_ref.dtype)
+                zc = 0.0
+            for acc, v_half in zip(accs[2 * j : 2 * j + 2], (v_lo, v_hi)):
+                pv = jnp.dot(ps, v_half, preferred_element_type=jnp.float32)
+                new_accs.append(acc * corr[:, None] + (pv - zc))
+        return tuple(new_accs), m_next, l_next
+
+    accs0 = tuple(jnp.zeros((block_rows, half), jnp.float32) for _ in range(2 * n_groups))
+    m0 = jnp.full((block_rows,), _MASK, jnp.float32)
+    l0 = jnp.zeros((block_rows,), jnp.float32)
+    accs, m_i, l_i = jax.lax.fori_loop(p_lo, p_hi, body, (accs0, m0, l0))
+    l_i = jnp.where(row_valid, l_i, 0.0)
+
+    if num_splits == 1:
+        inv = jnp.where(l_i > 0, 1.0 / jnp.where(l_i > 0, l_i, 1.0), 0.0)[:, None]
+        for c, acc in enumerate(accs):
+            o_ref[:, pl.ds(c * half, half)] = (acc * inv).astype(o_ref.dtype)
+    else:
+        m_ref, l_ref = outs[1], outs[2]
+        for c, acc in enumerate(accs):
+            o_ref[:, pl.ds(c * half, half)] = acc
+        m_ref[...] = m_i
+        l_ref[...] = l_i
+
+
+def _attend(
+    q_rows,  # [B, Hkv, R, D], R = T * hg_pad
+    kv: PagedKV,
+    layer,
+    page_table,
+    seq_lens,
+    q_start,
+    q_lens,
+    *,
+    hg: int,
+    hg_pad: int,
+    block_rows: int,
+    num_splits: int,
+    sm_scale: float,
+    num_warps: int,
+    num_stages: int,
+    interpret: bool,
+):
+    """Launches the kernel over grid (B, Hkv, R / block_rows, num_splits); merges splits."""
+    batch, hkv, rows, head_dim = q_rows.shape
+    max_pages = page_table.shape[1]
+    pages_per_split = -(-max_pages // num_splits)
+    q_tiles = rows // block_rows
+    kernel = functools.partial(
+        _kernel,
+        quantized=kv.quantized,
+        group=kv.group_size,
+        hg=hg,
+        hg_pad=hg_pad,
+        pages_per_split=pages_per_split,
+        num_splits=num_splits,
+        sm_scale=sm_scale,
+    )
+    whole = pl.no_block_spec  # the kernel gets the whole array and indexes it itself
+    in_specs = [whole] * 5 + [pl.BlockSpec((None, None, block_rows, head_dim), lambda b, h, t, s: (b, h, t, 0))]
+    inputs = [_layer_array(layer), page_table, seq_lens, q_start, q_lens, q_rows, kv.k, kv.v]
+    in_specs += [whole, whole]
+    if kv.quantized:
+        inputs += [kv.k_scale, kv.k_zero, kv.v_scale, kv.v_zero]
+        in_specs += [whole] * 4
+    o_spec = pl.BlockSpec((None, None, None, block_rows, head_dim), lambda b, h, t, s: (b, h, s, t, 0))
+    ml_spec = pl.BlockSpec((None, None, None, block_rows), lambda b, h, t, s: (b, h, s, t))
+    if num_splits == 1:
+        out_shape = [jax.ShapeDtypeStruct((batch, hkv, 1, rows, head_dim), q_rows.dtype)]
+        out_specs = [o_spec]
+    else:
+        out_shape = [
+            jax.ShapeDtypeStruct((batch, hkv, num_splits, rows, head_dim), jnp.float32),
+            jax.ShapeDtypeStruct((batch, hkv, num_splits, rows), jnp.float32),
+            jax.ShapeDtypeStruct((batch, hkv, num_splits, rows), jnp.float32),
+        ]
+        out_specs = [o_spec, ml_spec, ml_spec]
+    compiler_params = None
+    if not interpret:
+        from jax.experimental.pallas import triton as plgpu  # GPU-only import
+
+        compiler_params = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+    outs = pl.pallas_call(
+        kernel,
+        grid=(batch, hkv, q_tiles, num_splits),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        compiler_params=compiler_params,
+        interpret=interpret,
+        name="kv4_paged_attention" if kv.quantized else "bf16_paged_attention",
+    )(*inputs)
+    if num_splits == 1:
+        return outs[0][:, :, 0]
+    o, m, l_ = outs
+    m_max = jnp.max(m, axis=2, keepdims=True)
+    w = jnp.where(l_ > 0, jnp.exp(m - m_max), 0.0)  # [B, Hkv, S, R]
+    l_sum = jnp.sum(w * l_, axis=2)
+    o_sum = jnp.sum(w[..., None] * o, axis=2)
+    inv = jnp.where(l_sum > 0, 1.0 / jnp.where(l_sum > 0, l_sum, 1.0), 0.0)
+    return (o_sum * inv[..., None]).astype(q_rows.dtype)
+
+
+def _check_q(q, kv: PagedKV, ndim: int, what: str):
+    q = jnp.asarray(q)
+    if q.ndim != ndim or not jnp.issubdtype(q.dtype, jnp.floating):
+        raise ValueError(f"q must be a floating {what} array, got {q.dtype} {q.shape}")
+    hq, d = q.shape[-2], q.shape[-1]
+    hkv = kv.k.shape[2]
+    if d != kv.head_dim:
+        raise ValueError(f"q head_dim={d} does not match the cache head_dim={kv.head_dim}")
+    if hq % hkv:
+        raise ValueError(f"q heads Hq={hq} must be a multiple of the cache's Hkv={hkv}")
+    return q, hq // hkv
+
+
+def _default_splits(batch: int, hkv: int, max_pages: int) -> int:
+    """Enough programs to fill ~2 waves of an H100 (132 SMs), at least 2 pages per split."""
+    want = -(-264 // (batch * hkv))
+    return int(max(1, min(want, max_pages // 2)))
+
+
+def _to_rows(q, hg: int, hg_pad: int, block_rows: int):
+    """[B, T, Hq, D] -> [B, Hkv, R, D] with R = T * hg_pad padded to a multiple of block_rows."""
+    batch, t, hq, d = q.shape
+    hkv = hq // hg
+    x = q.reshape(batch, t, hkv, hg, d)
+    x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, hg_pad - hg), (0, 0)))
+    x = x.transpose(0, 2, 1, 3, 4).reshape(batch, hkv, t * hg_pad, d)
+    rows = -(-(t * hg_pad) // block_rows) * block_rows
+    return jnp.pad(x, ((0, 0), (0, 0), (0, rows - t * hg_pad), (0, 0)))
+
+
+def _from_rows(o, t: int, hg: int, hg_pad: int):
+    batch, hkv, _, d = o.shape
+    o = o[:, :, : t * hg_pad].reshape(batch, hkv, t, hg_pad, d)[:, :, :, :hg]
+    return o.transpose(0, 2, 1, 3, 4).reshape(batch, t, hkv * hg, d)
+
+
+def paged_decode_attention(
+    q,
+    kv: PagedKV,
+    page_table,
+    seq_lens,
+    *,
+    layer=0,
+    sm_scale: float | None = None,
+    num_splits: int | None = None,
+    num_warps: int = 4,
+    num_stages: int = 2,
+    interpret: bool = False,
+):
+    """One new token per sequence attends to its cached tokens (its own K/V already written).
+
+    Args:
+      q: ``[B, Hq, D]`` (bf16 recommended; the K dot runs in q's dtype).
+      kv: :class:`PagedKV` arrays of the whole cache (all layers).
+      page_table: ``[B, max_pages] int32``; entries past ``ceil(seq_len/page)`` are ignored.
+      seq_lens: ``[B] int32`` tokens in the cache per sequence; 0 gives a zero output row.
+      layer: int or traced int32 scalar, the layer to read.
+      num_splits: flash-decoding splits of the page range (default: fill ~2 waves of 132 SMs).
+
+    Returns:
+      ``[B, Hq, D]`` in q's dtype.
+
+    Checks shapes and dtypes always; page-table entries, lengths and layer only when they are
+    concrete (outside jit).
+    """
+    _check_kv(kv)
+    q, hg = _check_q(q, kv, 3, "[B, Hq, D]")
+    batch, hq, d = q.shape
+    _check_tables(kv, page_table, seq_lens, layer, batch)
+    max_pages = page_table.shape[1]
+    if num_splits is None:
+        num_splits = _default_splits(batch, kv.k.shape[2], max_pages)
+    if not 1 <= num_splits <= max_pages:
+        raise ValueError(f"num_splits={num_splits} must be in [1, max_pages={max_pages}]")
+    hg_pad = 1 << (hg - 1).bit_length()
+    block_rows = max(_MIN_ROWS, hg_pad)
+    seq_lens = jnp.asarray(seq_lens)
+    ones = jnp.ones_like(seq_lens)
+    out = _attend(
+        _to_rows(q[:, None], hg, hg_pad, block_rows),
+        kv,
+        layer,
+        jnp.asarray(page_table),
+        seq_lens,
+        seq_lens - 1,
+        ones,
+        hg=hg,
+        hg_pad=hg_pad,
+        block_rows=block_rows,
+        num_splits=num_splits,
+        sm_scale=sm_scale if sm_scale is not None else 1.0 / math.sqrt(d),
+        num_warps=num_warps,
+        num_stages=num_stages,
+        interpret=interpret,
+    )
+    return _from_rows(out, 1, hg, hg_pad)[:, 0]
+
+
+def paged_prefill_attention(
+    q,
+    kv: PagedKV,
+    page_table,
+    seq_lens,
+    q_lens=None,
+    *,
+    layer=0,
+    sm_scale: float | None = None,
+    block_q: int | None = None,
+    num_warps: int = 4,
+    num_stages: int = 2,
+    interpret: bool = False,
+):
+    """Causal attention of a chunk of new tokens against the cache (chunk already written).
+
+    Args:
+      q: ``[B, T, Hq, D]``; chunk token ``i`` of sequence ``b`` sits at absolute position
+        ``seq_lens[b] - q_lens[b] + i`` (a prefix of ``seq_lens - q_lens`` tokens is cached:
+        chunked prefill and prefix reuse).
+      seq_lens: ``[B] int32`` cached tokens including the chunk.
+      q_lens: ``[B] int32`` valid chunk tokens (default T); rows ``i >= q_lens[b]`` return 0.
+      block_q: chunk tokens per program (default: 128 rows / GQA group, at least 1).
+
+    Returns:
+      ``[B, T, Hq, D]`` in q's dtype.
+    """
+    _check_kv(kv)
+    q, hg = _check_q(q, kv, 4, "[B, T, Hq, D]")
+    batch, t, hq, d = q.shape
+    if q_lens is None:
+        q_lens = jnp.full((batch,), t, jnp.int32)
+    q_lens = jnp.asarray(q_lens)
+    if q_lens.shape != (batch,) or q_lens.dtype != jnp.int32:
+        raise ValueError(f"q_lens must be int32 [B={batch}], got {q_lens.dtype} {q_lens.shape}")
+    _check_tables(kv, page_table, seq_lens, layer, batch, q_lens, t)
+    hg_pad = 1 << (hg - 1).bit_length()
+    if block_q is None:
+        block_q = max(1, 128 // hg_pad)
+    block_rows = max(_MIN_ROWS, block_q * hg_pad)
+    if block_rows & (block_rows - 1):
+        raise ValueError(f"block_q={block_q} x padded GQA group {hg_pad} must be a power of two")
+    seq_lens = jnp.asarray(seq_lens)
+    out = _attend(
+        _to_rows(q, hg, hg_pad, block_rows),
+        kv,
+        layer,
+        jnp.asarray(page_table),
+        seq_lens,
+        seq_lens - q_lens,
+        q_lens,
+        hg=hg,
+        hg_pad=hg_pad,
+        block_rows=block_rows,
+        num_splits=1,
+        sm_scale=sm_scale if sm_scale is not None else 1.0 / math.sqrt(d),
+        num_warps=num_warps,
+        num_stages=num_stages,
+        interpret=interpret,
+    )
+    return _from_rows(out, t, hg, hg_pad)
+
+
+# --------------------------------------------------------------------------- references
+
+
+def gather_kv(kv: PagedKV, page_table, layer=0, dtype=jnp.float32):
+    """Dense ``(k, v)``, each ``[B, max_pages * page, Hkv, D]``, dequantized to ``dtype``.
+
+    Page-table entries are clipped into range (unused entries may hold anything).
+    """
+    page_table = jnp.asarray(page_table)
+    batch, max_pages = page_table.shape
+
+    def one(x, scale, zero):
+        pages = jnp.take(x[layer], page_table, axis=0, mode="clip")  # [B, MP, Hkv, page, X]
+        if kv.quantized:
+            g = kv.group_size
+            s = jnp.take(scale[layer], page_table, axis=0, mode="clip").swapaxes(-1, -2)
+            z = jnp.take(zero[layer], page_table, axis=0, mode="clip").swapaxes(-1, -2)
+            qv = pack.unpack_uint4(pages, tile=g)
+            pages = quantizers.dequantize(qv, s, z, granularity="group", group_size=g)
+        pages = pages.astype(dtype).transpose(0, 1, 3, 2, 4)  # [B, MP, page, Hkv, D]
+        return pages.reshape(batch, max_pages * kv.page_size, *pages.shape[-2:])
+
+    return one(kv.k, kv.k_scale, kv.k_zero), one(kv.v, kv.v_scale, kv.v_zero)
+
+
+def dense_attention_reference(q, k, v, seq_lens, q_lens=None, sm_scale=None):
+    """Causal attention of ``q [B, T, Hq, D]`` on dense ``k, v [B, S, Hkv, D]`` in f32.
+
+    Query token ``i`` sits at ``seq_lens - q_lens + i`` and sees keys at positions <= its own
+    and < seq_lens; rows ``i >= q_lens`` and sequences with no visible key give 0.
+    """
+    batch, t, hq, d = q.shape
+    hg = hq // k.shape[2]
+    seq_lens = jnp.asarray(seq_lens)
+    q_lens = jnp.full((batch,), t, jnp.int32) if q_lens is None else jnp.asarray(q_lens)
+    sm_scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
+    k = jnp.repeat(k.astype(jnp.float32), hg, axis=2)
+    v = jnp.repeat(v.astype(jnp.float32), hg, axis=2)
+    logits = jnp.einsum("bthd,bshd->bhts", q.astype(jnp.float32), k) * sm_scale
+    pos = (seq_lens - q_lens)[:, None] + jnp.arange(t)  # [B, T]
+    key = jnp.arange(k.shape[1])
+    mask = (key[None, None, :] <= pos[:, :, None]) & (key[None, None, :] < seq_lens[:, None, None])
+    mask &= (jnp.arange(t)[None, :] < q_lens[:, None])[:, :, None]
+    mask = mask[:, None]  # [B, 1, T, S]
+    logits = jnp.where(mask, logits, -jnp.inf)
+    m = jnp.max(logits, axis=-1, keepdims=True)
+    p = jnp.where(mask, jnp.exp(logits - jnp.where(jnp.isfinite(m), m, 0.0)), 0.0)
+    denom = jnp.sum(p, axis=-1, keepdims=True)
+    p = p / jnp.where(denom > 0, denom, 1.0)
+    return jnp.einsum("bhts,bshd->bthd", p, v)
+
+
+def paged_prefill_attention_reference(q, kv: PagedKV, page_table, seq_lens, q_lens=None, *, layer=0, sm_scale=None):
+    """Semantics of :func:`paged_prefill_attention` (f32 output)."""
+    k, v = gather_kv(kv, page_table, layer)
+    return dense_attention_reference(q, k, v, seq_lens, q_lens, sm_scale)
+
+
+def paged_decode_attention_reference(q, kv: PagedKV, page_table, seq_lens, *, layer=0, sm_scale=None):
+    """Semantics of :func:`paged_decode_attention` (f32 output)."""
+    ones = jnp.ones_like(jnp.asarray(seq_lens))
+    return paged_prefill_attention_reference(
+        q[:, None], kv, page_table, seq_lens, ones, layer=layer, sm_scale=sm_scale
+    )[:, 0]

@@ -1,0 +1,254 @@
+"""Autotuning table for the W4Ax GEMM: (M bucket, N, K, INT8 fraction bucket) -> GemmConfig.
+
+The table lives in ``tuning_table.json`` beside this file::
+
+    {"meta": {...}, "entries": {"<m_bucket>:<N>:<K>:<int8_frac>": {GemmConfig fields}}}
+
+Lookup order: the exact key; the same (M bucket, N, K) at another INT8 fraction; the
+heuristic :func:`default_config`. Regenerate on a GPU with
+
+    PYTHONPATH=. python -m pallas_kernels.tuning --regenerate [--quick]
+
+which times the candidate configs of :func:`candidates` on random data (median of
+L2-rotating repeats) and rewrites the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import pathlib
+import time
+
+from pallas_kernels.w4ax_matmul import DEFAULT_TILE_K, GemmConfig
+
+TABLE_PATH = pathlib.Path(__file__).with_name("tuning_table.json")
+M_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096)
+FRAC_BUCKETS = (0.0, 0.125, 0.25, 0.5, 1.0)
+NUM_SMS = 132  # H100 SXM; only shapes the heuristic's grid sizes
+
+# (N, K) of the benchmark models: LLaMA-3-8B (fused QKV as MHA 12288 and as GQA 6144),
+# LLaMA-3-70B (MHA 24576, GQA 10240), LLaMA-2-7B.
+MODEL_SHAPES = {
+    "llama3-8b": [(12288, 4096), (6144, 4096), (4096, 4096), (4096, 14336), (14336, 4096)],
+    "llama3-70b": [(24576, 8192), (10240, 8192), (8192, 8192), (8192, 28672), (28672, 8192)],
+    "llama2-7b": [(12288, 4096), (4096, 4096), (4096, 11008), (11008, 4096)],
+}
+
+
+def m_bucket(m: int) -> int:
+    for b in M_BUCKETS:
+        if m <= b:
+            return b
+    return M_BUCKETS[-1]
+
+
+def frac_bucket(k8: int, k: int) -> float:
+    f = k8 / k if k else 0.0
+    return min(FRAC_BUCKETS, key=lambda b: abs(b - f))
+
+
+def table_key(m: int, n: int, k: int, k8: int) -> str:
+    return f"{m_bucket(m)}:{n}:{k}:{frac_bucket(k8, k)}"
+
+
+@functools.lru_cache(maxsize=1)
+def load_table(path: str = str(TABLE_PATH)) -> dict:
+    p = pathlib.Path(path)
+    if not p.exists():
+        return {}
+    return json.loads(p.read_text()).get("entries", {})
+
+
+def _split_for(tiles_mn: int, n_k_tiles: int, min_tiles_per_split: int = 4) -> int:
+    """Smallest split-K that puts ~2 waves of programs on the SMs."""
+    target = 2 * NUM_SMS
+    split = 1
+    while tiles_mn * split < target and n_k_tiles // (split * 2) >= min_tiles_per_split:
+        split *= 2
+    return split
+
+
+def default_config(m: int, n: int, k: int, k8: int = 0, *, tile_k: int = DEFAULT_TILE_K):
+    """Heuristic for shapes absent from the table."""
+    n_k_tiles = max(1, k // tile_k)
+    if m <= 64:
+        # Decode: weight-bandwidth bound. Y^T tiles (weights as the MMA's A operand), the
+        # token dimension padded to >= 16, split-K for enough programs in flight.
+        bm = max(16, 1 << (max(1, m) - 1).bit_length())
+        bn = 64
+        return GemmConfig(
+            block_m=bm, block_n=bn, split_k=_split_for(n // bn, n_k_tiles), num_warps=4,
+            num_stages=4, swap_ab=True, group_m=1,
+        )
+    if m <= 256:
+        bm, bn = 64, 128
+        tiles = math.ceil(m / bm) * (n // bn)
+        return GemmConfig(
+            block_m=bm, block_n=bn, split_k=_split_for(tiles, n_k_tiles), num_warps=4,
+            num_stages=4, swap_ab=False, group_m=8,
+        )
+    return GemmConfig(
+        block_m=128, block_n=128, split_k=1, num_warps=8, num_stages=3, swap_ab=False, group_m=8
+    )
+
+
+def get_config(m: int, n: int, k: int, k8: int = 0, *, tile_k: int = DEFAULT_TILE_K):
+    """Tuned config for the shape, else the heuristic (module docstring)."""
+    table = load_table()
+    entry = table.get(table_key(m, n, k, k8))
+    if entry is None:
+        prefix = f"{m_bucket(m)}:{n}:{k}:"
+        same = [v for key, v in table.items() if key.startswith(prefix)]
+        entry = same[0] if same else None
+    if entry is None or tile_k != DEFAULT_TILE_K:
+        return default_config(m, n, k, k8, tile_k=tile_k)
+    return GemmConfig.from_dict(entry)
+
+
+def candidates(m: int, n: int, k: int, *, tile_k: int = DEFAULT_TILE_K, quick: bool = False):
+    """Configs swept by --regenerate for one shape (the heuristic's choice first)."""
+    base = default_config(m, n, k, tile_k=tile_k)
+    out = [base]
+    n_k_tiles = k // tile_k
+    if m <= 64:
+        bm = base.block_m
+        for bn in (64, 128):
+            for split in (1, 2, 4, 8, 16):
+                if n_k_tiles // split < 2:
+                    continue
+                for stages in ((4,) if quick else (3, 5)):
+                    out.append(GemmConfig(bm, bn, split, 4, stages, True, 1))
+        if not quick:
+            out.append(GemmConfig(bm, 64, base.split_k, 4, 4, False, 1))
+    elif m <= 256:
+        for bm, bn, warps in ((64, 128, 4), (128, 128, 8), (64, 256, 8), (128, 64, 4)):
+            for split in (1, 2, 4):
+                out.append(GemmConfig(bm, bn, split, warps, 4, False, 8))
+        out.append(GemmConfig(128, 64, 1, 4, 4, True, 8))
+    else:
+        for bm, bn, warps, stages in (
+            (128, 128, 8, 3), (128, 128, 4, 4), (128, 256, 8, 3), (256, 128, 8, 3),
+            (128, 128, 8, 4), (64, 256, 4, 3),
+        ):
+            out.append(GemmConfig(bm, bn, 1, warps, stages, False, 8))
+        out.append(GemmConfig(128, 128, 1, 8, 3, True, 8))
+        out.append(GemmConfig(128, 128, 1, 8, 3, False, 1))
+    seen, uniq = set(), []
+    for c in out:
+        if c not in seen and n % min(c.block_n, n) == 0:
+            seen.add(c)
+            uniq.append(c)
+    return uniq[:6] if quick else uniq
+
+
+def time_fn(fn, arg_sets, *, reps: int = 20, warmup: int = 2) -> float:
+    """Median seconds of one call of ``fn(*args)``; cycles through ``arg_sets`` (a list of
+    argument tuples) in one jitted dispatch so that the weights rotate out of L2."""
+    import jax
+
+    @jax.jit
+    def many(sets):
+        return [fn(*a) for a in sets]
+
+    for _ in range(warmup):
+        jax.block_until_ready(many(arg_sets))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(many(arg_sets))
+        times.append((time.perf_counter() - t0) / len(arg_sets))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def random_operands(key, m: int, n: int, k: int, k8: int, *, tile_k: int = DEFAULT_TILE_K,
+                    group_size: int | None = None):
+    """Random non-zero W4Ax operands ``(x4_packed, x8, x_scales, w_packed, w_scales)``."""
+    import jax
+    import jax.numpy as jnp
+
+    k4 = k - k8
+    k1, k2, k3, k4_, k5 = jax.random.split(key, 5)
+    x4_packed = jax.random.randint(k1, (m, k4 // 2), -128, 128, jnp.int32).astype(jnp.int8)
+    x8 = jax.random.randint(k2, (m, k8), -127, 128, jnp.int32).astype(jnp.int8)
+    x_scales = jax.random.uniform(k3, (m, 2), jnp.float32, 1e-3, 2e-2)
+    w_packed = jax.random.randint(k4_, (n, k // 2), -128, 128, jnp.int32).astype(jnp.int8)
+    ws_shape = (n,) if group_size is None else (n, k // group_size)
+    w_scales = jax.random.uniform(k5, ws_shape, jnp.float32, 1e-3, 2e-2)
+    return x4_packed, x8, x_scales, w_packed, w_scales
+
+
+def int8_fraction_k8(k: int, frac: float, block: int = 128) -> int:
+    """K8 for an INT8 fraction, rounded to whole 128-channel blocks."""
+    return int(round(frac * k / block)) * block
+
+
+def sweep(shapes, m_values, fracs, *, quick=False, log=print, deadline=None,
+          interpret=False) -> dict:
+    """Times the candidates of every (M, N, K, frac); returns table entries (best config)."""
+    import jax
+
+    from pallas_kernels.w4ax_matmul import w4ax_matmul
+
+    entries, key = {}, jax.random.PRNGKey(0)
+    for n, k in shapes:
+        for frac in fracs:
+            k8 = int8_fraction_k8(k, frac)
+            for m in m_values:
+                if deadline is not None and time.time() > deadline:
+                    log("tuning: deadline reached, stopping")
+                    return entries
+                reps = max(2, min(8, (256 << 20) // (n * k // 2)))
+                sets = [random_operands(jax.random.fold_in(key, i), m, n, k, k8)
+                        for i in range(reps)]
+                best = None
+                for cfg in candidates(m, n, k, quick=quick):
+                    f = functools.partial(w4ax_matmul, config=cfg, interpret=interpret)
+                    try:
+                        t = time_fn(f, sets, reps=10)
+                    except Exception as e:  # noqa: BLE001 - a config may not compile
+                        log(f"  {m}x{n}x{k} f={frac} {cfg}: failed {type(e).__name__}: {e}"[:300])
+                        continue
+                    log(f"  {m}x{n}x{k} f={frac} {cfg}: {t * 1e6:.1f} us")
+                    if best is None or t < best[0]:
+                        best = (t, cfg)
+                if best is not None:
+                    entries[table_key(m, n, k, k8)] = dict(best[1].to_dict(),
+                                                           us=round(best[0] * 1e6, 2))
+    return entries
+
+
+def write_table(entries: dict, meta: dict, out_path=TABLE_PATH, merge: bool = True) -> None:
+    path = pathlib.Path(out_path)
+    old = json.loads(path.read_text()).get("entries", {}) if merge and path.exists() else {}
+    old.update(entries)
+    path.write_text(json.dumps({"meta": meta, "entries": dict(sorted(old.items()))}, indent=1))
+    load_table.cache_clear()
+
+
+def _main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--regenerate", action="store_true", help="sweep configs on the GPU")
+    ap.add_argument("--quick", action="store_true", help="fewer candidates and shapes")
+    ap.add_argument("--out", default=str(TABLE_PATH))
+    args = ap.parse_args(argv)
+    if not args.regenerate:
+        for key, v in sorted(load_table().items()):
+            print(key, v)
+        return
+    import jax
+
+    shapes = sorted({s for v in MODEL_SHAPES.values() for s in v})
+    if args.quick:
+        shapes = [(4096, 4096), (14336, 4096), (4096, 14336), (8192, 8192)]
+    entries = sweep(shapes, M_BUCKETS, (0.0, 0.125, 0.25), quick=args.quick)
+    meta = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
+            "date": time.strftime("%Y-%m-%d")}
+    write_table(entries, meta, args.out)
+
+
+if __name__ == "__main__":
+    _main()

@@ -1,0 +1,461 @@
+"""W4Ax GEMM: INT4 weights x FMPQ mixed INT4/INT8 activations, Pallas-Triton, with its reference.
+
+``Y[M, N] = X[M, K] @ W[N, K]^T`` where the K channels of X were permuted so that the INT4
+blocks come first (``K4`` channels) and the INT8 blocks last (``K8``); ``K = K4 + K8``.
+
+Operands (docs/architecture.md, "Number formats"):
+
+    x4_packed: [M, K4/2] int8   INT4 activations, half-split tiles of ``tile_k``
+    x8:        [M, K8]   int8   INT8 activations
+    x_scales:  [M, 2]    f32    per-token (INT4 segment scale, INT8 segment scale)
+    w_packed:  [N, K/2]  int8   INT4 weights over the full K, half-split tiles of ``tile_k``
+    w_scales:  [N] f32 (per output channel) or [N, K/g] f32 (groups of g along K)
+    bias:      [N] or None
+
+    Y = s4[m] * ws[n] * (x4 . w[:, :K4]) + s8[m] * ws[n] * (x8 . w[:, K4:]) + bias[n]
+
+With group scales each group's partial sum gets its own ``ws[n, g]``.
+
+Kernel design (Hopper, Triton):
+
+* Both dot operands are K-contiguous and contracted on their last axes (``dot_general``
+  with ``(((1,), (1,)), ((), ()))``): the only int8 layout on which Triton's tensor-core
+  path runs at full rate on sm_90.
+* One K tile of packed weights ``[bn, tile_k/2]`` is unpacked with one op per half
+  (``b << 4`` = 16*lo, ``b & 0xF0`` = 16*hi) and contributes
+  ``dot(x[:, :tile_k/2], lo) + dot(x[:, tile_k/2:], hi)``; INT4 activations are unpacked the
+  same way. The factors 16 (INT8 segment) and 256 (INT4 segment) are folded into the
+  epilogue; accumulation is int32 per segment.
+* ``swap_ab``: compute ``Y^T`` tiles ``[bn, bm] = W_tile @ X_tile^T`` so that the unpacked
+  weights are the MMA's A operand (registers) and the small token dimension is the MMA's N
+  (down to 16): the decode schedule.
+* ``split_k``: the tile range ``[0, K/tile_k)`` is cut into ``split_k`` contiguous pieces
+  (a piece may straddle the INT4/INT8 boundary); partial f32 results ``[S, M, N]`` are
+  reduced by XLA. With ``split_k == 1`` the kernel writes ``out_dtype`` directly.
+* ``group_m``: grouped ordering of output tiles over the 1-D grid (L2 reuse in prefill).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from comet_jax.quant.pack import unpack_int4
+
+DEFAULT_TILE_K = 128
+_DOT_LAST = (((1,), (1,)), ((), ()))
+
+
+@dataclasses.dataclass(frozen=True)
+class GemmConfig:
+    """Static schedule of one W4Ax GEMM call (see module docstring)."""
+
+    block_m: int = 64
+    block_n: int = 128
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+    swap_ab: bool = False
+    group_m: int = 8
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> GemmConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+# --------------------------------------------------------------------------------------------
+# Validation (before tracing)
+# --------------------------------------------------------------------------------------------
+
+
+def _is_pow2(v: int) -> bool:
+    return v > 0 and (v & (v - 1)) == 0
+
+
+def _check_2d(name, a, dtype):
+    if a.ndim != 2:
+        raise ValueError(f"{name} must be 2-D, got shape {a.shape}")
+    if a.dtype != dtype:
+        raise ValueError(f"{name} must be {jnp.dtype(dtype).name}, got dtype {a.dtype}")
+
+
+def validate_args(x4_packed, x8, x_scales, w_packed, w_scales, bias, tile_k) -> tuple:
+    """Checks shapes/dtypes; returns ``(M, N, K4, K8, n_groups)`` (n_groups 0: per channel)."""
+    if not (_is_pow2(tile_k) and tile_k >= 32):
+        raise ValueError(f"tile_k={tile_k} must be a power of two >= 32")
+    _check_2d("x4_packed", x4_packed, jnp.int8)
+    _check_2d("x8", x8, jnp.int8)
+    _check_2d("w_packed", w_packed, jnp.int8)
+    m = x4_packed.shape[0]
+    if x8.shape[0] != m:
+        raise ValueError(f"x8 has {x8.shape[0]} rows but x4_packed has {m}; expected equal M")
+    k4, k8 = 2 * x4_packed.shape[1], x8.shape[1]
+    if k4 % tile_k:
+        raise ValueError(f"x4_packed: K4={k4} must be a multiple of tile_k={tile_k}")
+    if k8 % tile_k:
+        raise ValueError(f"x8: K8={k8} must be a multiple of tile_k={tile_k}")
+    k = k4 + k8
+    if k == 0:
+        raise ValueError("x4_packed and x8 are both empty: K4 + K8 must be > 0")
+    n = w_packed.shape[0]
+    if 2 * w_packed.shape[1] != k:
+        raise ValueError(
+            f"w_packed has shape {w_packed.shape} (K={2 * w_packed.shape[1]}); "
+            f"expected [N, {k // 2}] for K = K4 + K8 = {k4} + {k8}"
+        )
+    if n % 16:
+        raise ValueError(f"w_packed: N={n} must be a multiple of 16")
+    if x_scales.shape != (m, 2) or x_scales.dtype != jnp.float32:
+        raise ValueError(
+            f"x_scales must be f32 [{m}, 2], got {x_scales.dtype} {tuple(x_scales.shape)}"
+        )
+    if w_scales.dtype != jnp.float32:
+        raise ValueError(f"w_scales must be f32, got dtype {w_scales.dtype}")
+    n_groups = 0
+    if w_scales.shape == (n,):
+        pass
+    elif w_scales.ndim == 2 and w_scales.shape[0] == n and w_scales.shape[1] > 0:
+        n_groups = w_scales.shape[1]
+        if k % n_groups or (k // n_groups) % tile_k:
+            raise ValueError(
+                f"w_scales has {n_groups} groups over K={k}: the group size must be a "
+                f"multiple of tile_k={tile_k}"
+            )
+    else:
+        raise ValueError(f"w_scales must be [{n}] or [{n}, K/g] f32, got shape {w_scales.shape}")
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"bias must have shape [{n}], got {tuple(bias.shape)}")
+    return m, n, k4, k8, n_groups
+
+
+# --------------------------------------------------------------------------------------------
+# Reference
+# --------------------------------------------------------------------------------------------
+
+
+def w4ax_accumulators_reference(x4_packed, x8, w_packed, *, tile_k: int = DEFAULT_TILE_K):
+    """Exact integer sums ``(acc4, acc8)``, each ``[M, N] int32`` (true units, no x16)."""
+    k4 = 2 * x4_packed.shape[1]
+    w = unpack_int4(w_packed, tile_k)  # [N, K] int8 in [-8, 7]
+    m, n = x8.shape[0], w.shape[0]
+    acc4 = jnp.zeros((m, n), jnp.int32)
+    acc8 = jnp.zeros((m, n), jnp.int32)
+    if k4:
+        x4 = unpack_int4(x4_packed, tile_k)
+        acc4 = jax.lax.dot_general(x4, w[:, :k4], _DOT_LAST, preferred_element_type=jnp.int32)
+    if x8.shape[1]:
+        acc8 = jax.lax.dot_general(x8, w[:, k4:], _DOT_LAST, preferred_element_type=jnp.int32)
+    return acc4, acc8
+
+
+def w4ax_matmul_reference(
+    x4_packed, x8, x_scales, w_packed, w_scales, bias=None, *, tile_k=DEFAULT_TILE_K,
+    out_dtype=jnp.bfloat16,
+):
+    """Pure-jnp W4Ax GEMM: the documented semantics (module docstring)."""
+    m, n, k4, k8, n_groups = validate_args(
+        x4_packed, x8, x_scales, w_packed, w_scales, bias, tile_k
+    )
+    s4, s8 = x_scales[:, 0:1], x_scales[:, 1:2]
+    if n_groups == 0:
+        acc4, acc8 = w4ax_accumulators_reference(x4_packed, x8, w_packed, tile_k=tile_k)
+        y = (s4 * acc4.astype(jnp.float32) + s8 * acc8.astype(jnp.float32)) * w_scales[None, :]
+    else:
+        w = unpack_int4(w_packed, tile_k)
+        x = jnp.concatenate(
+            [unpack_int4(x4_packed, tile_k) if k4 else x8[:, :0], x8], axis=1
+        )  # [M, K] int8, true values
+        g = (k4 + k8) // n_groups
+        y = jnp.zeros((m, n), jnp.float32)
+        # Groups may straddle the INT4/INT8 boundary: cut at both.
+        cuts = sorted(set(list(range(0, k4 + k8, g)) + [k4, k4 + k8]))
+        for lo, hi in zip(cuts[:-1], cuts[1:]):
+            if hi <= lo:
+                continue
+            acc = jax.lax.dot_general(
+                x[:, lo:hi], w[:, lo:hi], _DOT_LAST, preferred_element_type=jnp.int32
+            )
+            s = s4 if lo < k4 else s8
+            y = y + s * (acc.astype(jnp.float32) * w_scales[None, :, lo // g])
+    if bias is not None:
+        y = y + bias.astype(jnp.float32)[None, :]
+    return y.astype(out_dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Kernel
+# --------------------------------------------------------------------------------------------
+
+
+def _kernel(*refs, t4, t8, tile_k, tiles_per_split, swap_ab, group_tiles, raw, has_x4,
+            has_x8, has_bias):
+    refs = list(refs)
+    x4_ref = refs.pop(0) if has_x4 else None
+    x8_ref = refs.pop(0) if has_x8 else None
+    s4_ref, s8_ref, w_ref, ws_ref = refs[:4]
+    refs = refs[4:]
+    bias_ref = refs.pop(0) if has_bias else None
+    out_refs = refs
+
+    h = tile_k // 2
+    bn = w_ref.shape[0]
+    bm = s4_ref.shape[0]
+    acc_shape = (bn, bm) if swap_ab else (bm, bn)
+    n_tiles = t4 + t8
+    lo = pl.program_id(1) * tiles_per_split
+    hi = jnp.minimum(lo + tiles_per_split, n_tiles)
+    grouped = group_tiles > 0 and not raw
+
+    def tile_dot(xlo, xhi, wb):
+        wlo = jnp.left_shift(wb, jnp.int8(4))  # 16 * low nibble
+        whi = wb & jnp.int8(-16)  # 16 * high nibble
+        if swap_ab:
+            d = jax.lax.dot_general(wlo, xlo, _DOT_LAST, preferred_element_type=jnp.int32)
+            return d + jax.lax.dot_general(whi, xhi, _DOT_LAST, preferred_element_type=jnp.int32)
+        d = jax.lax.dot_general(xlo, wlo, _DOT_LAST, preferred_element_type=jnp.int32)
+        return d + jax.lax.dot_general(xhi, whi, _DOT_LAST, preferred_element_type=jnp.int32)
+
+    def accumulate(acc, t, d):
+        if not grouped:
+            return acc + d
+        gs = ws_ref[pl.ds(t // group_tiles, 1), :]  # [1, bn]
+        gs = gs.reshape(bn, 1) if swap_ab else gs
+        return acc + d.astype(jnp.float32) * gs
+
+    acc_dtype = jnp.float32 if grouped else jnp.int32
+
+    def body4(t, acc):
+        xb = x4_ref[:, pl.ds(t * h, h)]
+        xlo = jnp.left_shift(xb, jnp.int8(4))
+        xhi = xb & jnp.int8(-16)
+        return accumulate(acc, t, tile_dot(xlo, xhi, w_ref[:, pl.ds(t * h, h)]))
+
+    def body8(t, acc):
+        t8_ = t - t4
+        xlo = x8_ref[:, pl.ds(t8_ * tile_k, h)]
+        xhi = x8_ref[:, pl.ds(t8_ * tile_k + h, h)]
+        return accumulate(acc, t, tile_dot(xlo, xhi, w_ref[:, pl.ds(t * h, h)]))
+
+    acc4 = jnp.zeros(acc_shape, acc_dtype)
+    acc8 = jnp.zeros(acc_shape, acc_dtype)
+    if has_x4:
+        acc4 = jax.lax.fori_loop(lo, jnp.minimum(hi, t4), body4, acc4)
+    if has_x8:
+        acc8 = jax.lax.fori_loop(jnp.maximum(lo, t4), hi, body8, acc8)
+
+    def store(ref, v):
+        ref[...] = (v.T if swap_ab else v).astype(ref.dtype)
+
+    if raw:
+        store(out_refs[0], acc4)
+        store(out_refs[1], acc8)
+        return
+
+    # Epilogue: fold the x16 (INT8 segment) and x256 (INT4 segment) unpack factors.
+    s4 = s4_ref[...] * (1.0 / 256.0)
+    s8 = s8_ref[...] * (1.0 / 16.0)
+    if swap_ab:
+        s4, s8 = s4.reshape(1, bm), s8.reshape(1, bm)
+    else:
+        s4, s8 = s4.reshape(bm, 1), s8.reshape(bm, 1)
+    y = acc4.astype(jnp.float32) * s4 + acc8.astype(jnp.float32) * s8
+    if not grouped:
+        ws = ws_ref[...]
+        y = y * (ws.reshape(bn, 1) if swap_ab else ws.reshape(1, bn))
+    if has_bias:
+        b = bias_ref[...].astype(jnp.float32)
+        y = y + (b.reshape(bn, 1) if swap_ab else b.reshape(1, bn))
+    store(out_refs[0], y)
+
+
+def _pick_block_n(n: int, want: int) -> int:
+    bn = want
+    while bn > 16 and n % bn:
+        bn //= 2
+    return bn
+
+
+def _round_up(v: int, m: int) -> int:
+    return -(-v // m) * m
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("tile_k", "out_dtype", "interpret", "config", "raw"),
+)
+def _w4ax_call(x4_packed, x8, x_scales, w_packed, w_scales, bias, *, tile_k, out_dtype,
+               interpret, config: GemmConfig, raw: bool):
+    m = x8.shape[0]
+    n = w_packed.shape[0]
+    k4, k8 = 2 * x4_packed.shape[1], x8.shape[1]
+    t4, t8 = k4 // tile_k, k8 // tile_k
+    n_tiles = t4 + t8
+    n_groups = 0 if w_scales.ndim == 1 else w_scales.shape[1]
+    group_tiles = 0 if n_groups == 0 else (k4 + k8) // n_groups // tile_k
+
+    bm = max(16, config.block_m)
+    bn = _pick_block_n(n, config.block_n)
+    tps = -(-n_tiles // max(1, min(config.split_k, n_tiles)))
+    splits = -(-n_tiles // tps)
+    mp = _round_up(m, bm)
+    if mp != m:
+        pad = ((0, mp - m), (0, 0))
+        x4_packed, x8 = jnp.pad(x4_packed, pad), jnp.pad(x8, pad)
+        x_scales = jnp.pad(x_scales, pad, constant_values=1.0)
+    n_pm, n_pn = mp // bm, n // bn
+    gm = max(1, config.group_m)
+
+    def tile_ids(pid):
+        # Grouped ordering: `gm` rows of output tiles sweep the N axis together.
+        per_group = gm * n_pn
+        first_m = (pid // per_group) * gm
+        size_m = jnp.minimum(n_pm - first_m, gm)
+        return first_m + (pid % per_group) % size_m, (pid % per_group) // size_m
+
+    def m_map(pid, s):
+        return tile_ids(pid)[0]
+
+    def n_map(pid, s):
+        return tile_ids(pid)[1]
+
+    write_partial = raw or splits > 1
+    has_x4, has_x8 = k4 > 0, k8 > 0
+    has_bias = bias is not None and not write_partial  # else added after the split reduction
+    args, in_specs = [], []
+    if has_x4:
+        args.append(x4_packed)
+        in_specs.append(pl.BlockSpec((bm, k4 // 2), lambda p, s: (m_map(p, s), 0)))
+    if has_x8:
+        args.append(x8)
+        in_specs.append(pl.BlockSpec((bm, k8), lambda p, s: (m_map(p, s), 0)))
+    args += [x_scales[:, 0], x_scales[:, 1], w_packed]
+    in_specs += [
+        pl.BlockSpec((bm,), lambda p, s: (m_map(p, s),)),
+        pl.BlockSpec((bm,), lambda p, s: (m_map(p, s),)),
+        pl.BlockSpec((bn, (k4 + k8) // 2), lambda p, s: (n_map(p, s), 0)),
+    ]
+    if n_groups:
+        args.append(w_scales.T)  # [G, N]: one contiguous row per group
+        in_specs.append(pl.BlockSpec((n_groups, bn), lambda p, s: (0, n_map(p, s))))
+    else:
+        args.append(w_scales)
+        in_specs.append(pl.BlockSpec((bn,), lambda p, s: (n_map(p, s),)))
+    if has_bias:
+        args.append(bias.astype(jnp.float32))
+        in_specs.append(pl.BlockSpec((bn,), lambda p, s: (n_map(p, s),)))
+
+    if write_partial:
+        dt = jnp.int32 if raw else jnp.float32
+        shape = jax.ShapeDtypeStruct((splits, mp, n), dt)
+        spec = pl.BlockSpec((None, bm, bn), lambda p, s: (s, m_map(p, s), n_map(p, s)))
+        out_shape, out_specs = ([shape, shape], [spec, spec]) if raw else (shape, spec)
+    else:
+        out_shape = jax.ShapeDtypeStruct((mp, n), out_dtype)
+        out_specs = pl.BlockSpec((bm, bn), lambda p, s: (m_map(p, s), n_map(p, s)))
+
+    kernel = functools.partial(
+        _kernel, t4=t4, t8=t8, tile_k=tile_k, tiles_per_split=tps, swap_ab=config.swap_ab,
+        group_tiles=group_tiles, raw=raw, has_x4=has_x4, has_x8=has_x8, has_bias=has_bias,
+    )
+    out = pl.pallas_call(
+        kernel,
+        out_shape=out_shape,
+        grid=(n_pm * n_pn, splits),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        interpret=interpret,
+        compiler_params=plgpu.CompilerParams(
+            num_warps=config.num_warps, num_stages=config.num_stages
+        ),
+        name=f"w4ax_k4_{k4}_k8_{k8}",
+    )(*args)
+    if raw:
+        return tuple(o.sum(axis=0)[:m] for o in out)
+    if write_partial:
+        y = out.sum(axis=0)[:m]
+        if bias is not None:
+            y = y + bias.astype(jnp.float32)[None, :]
+        return y.astype(out_dtype)
+    return out[:m]
+
+
+def _resolve_config(config, m, n, k4, k8, tile_k):
+    if config is not None:
+        if not isinstance(config, GemmConfig):
+            raise ValueError(f"config must be a GemmConfig or None, got {type(config).__name__}")
+        return config
+    from pallas_kernels import tuning  # local import: tuning imports this module
+
+    return tuning.get_config(m, n, k4 + k8, k8, tile_k=tile_k)
+
+
+def w4ax_matmul(
+    x4_packed, x8, x_scales, w_packed, w_scales, bias=None, *, tile_k: int = DEFAULT_TILE_K,
+    out_dtype=jnp.bfloat16, interpret: bool = False, config: GemmConfig | None = None,
+):
+    """W4Ax GEMM ``[M, N]`` (module docstring). ``config=None`` takes the tuning table."""
+    m, n, k4, k8, _ = validate_args(x4_packed, x8, x_scales, w_packed, w_scales, bias, tile_k)
+    cfg = _resolve_config(config, m, n, k4, k8, tile_k)
+    return _w4ax_call(
+        x4_packed, x8, x_scales, w_packed, w_scales, bias, tile_k=tile_k,
+        out_dtype=jnp.dtype(out_dtype), interpret=interpret, config=cfg, raw=False,
+    )
+
+
+def w4ax_accumulators(
+    x4_packed, x8, w_packed, *, tile_k: int = DEFAULT_TILE_K, interpret: bool = False,
+    config: GemmConfig | None = None,
+):
+    """The kernel's int32 sums ``(acc4, acc8)`` in true units (x16 / x256 removed exactly).
+
+    Same loops as :func:`w4ax_matmul` with the float epilogue skipped: the exact-integer check.
+    """
+    m, n = x8.shape[0], w_packed.shape[0]
+    dummy_scales = jnp.ones((m, 2), jnp.float32)
+    dummy_ws = jnp.ones((n,), jnp.float32)
+    _, _, k4, k8, _ = validate_args(
+        x4_packed, x8, dummy_scales, w_packed, dummy_ws, None, tile_k
+    )
+    cfg = _resolve_config(config, m, n, k4, k8, tile_k)
+    acc4_16, acc8_16 = _w4ax_call(
+        x4_packed, x8, dummy_scales, w_packed, dummy_ws, None, tile_k=tile_k,
+        out_dtype=jnp.dtype(jnp.float32), interpret=interpret, config=cfg, raw=True,
+    )
+    return jnp.right_shift(acc4_16, 8), jnp.right_shift(acc8_16, 4)
+
+
+def dequantized_matmul(x4_packed, x8, x_scales, w_packed, w_scales, *, tile_k=DEFAULT_TILE_K):
+    """Float check: dequantize both operands and multiply in f32 (``[M, N]`` f32)."""
+    k4 = 2 * x4_packed.shape[1]
+    w = unpack_int4(w_packed, tile_k).astype(jnp.float32)
+    if w_scales.ndim == 1:
+        w = w * w_scales[:, None]
+    else:
+        w = w * jnp.repeat(w_scales, w.shape[1] // w_scales.shape[1], axis=1)
+    parts = []
+    if k4:
+        parts.append(unpack_int4(x4_packed, tile_k).astype(jnp.float32) * x_scales[:, 0:1])
+    parts.append(x8.astype(jnp.float32) * x_scales[:, 1:2])
+    x = jnp.concatenate(parts, axis=1)
+    return jnp.dot(x, w.T, precision=jax.lax.Precision.HIGHEST)
+
+
+__all__ = [
+    "DEFAULT_TILE_K",
+    "GemmConfig",
+    "dequantized_matmul",
+    "validate_args",
+    "w4ax_accumulators",
+    "w4ax_accumulators_reference",
+    "w4ax_matmul",
+    "w4ax_matmul_reference",
+]

@@ -1,0 +1,441 @@
+"""Unit tests of models/: config validation, RoPE, dense attention, pluggable backends, capture.
+
+Tolerances: float32 paths compared with 1e-5 absolute (same math, different association);
+integer-valued bookkeeping compared exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from models import (
+    GROUPS,
+    PROJECTIONS,
+    DenseAttention,
+    FloatLinear,
+    LinearPlan,
+    LlamaForCausalLM,
+    ModelConfig,
+    abstract_params,
+    apply_rope,
+    dense_attention,
+    init_params,
+    rms_norm,
+    rope_cos_sin,
+    rope_inv_freq,
+)
+
+TINY = ModelConfig(
+    vocab_size=96,
+    hidden_size=48,
+    intermediate_size=80,
+    num_layers=2,
+    num_heads=6,
+    num_kv_heads=2,
+    head_dim=8,
+    rms_norm_eps=1e-5,
+    attention_bias=True,
+)
+
+
+def _random_params(model, seed=0):
+    """Random params from the abstract tree (no eager init): norms near one, weights ~1/sqrt(K)."""
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        name = jax.tree_util.keystr(path)
+        if "norm" in name:
+            return jnp.asarray(1.0 + 0.1 * rng.standard_normal(leaf.shape), leaf.dtype)
+        return jnp.asarray(rng.standard_normal(leaf.shape) / np.sqrt(leaf.shape[-1]), leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(draw, abstract_params(model))
+
+
+@functools.cache
+def _jitted(model, mutable=False):
+    return jax.jit(functools.partial(model.apply, mutable=list(mutable) if mutable else False))
+
+
+def _run(model, params, tokens, mutable=()):
+    """Jitted forward, cached per (model, mutable): one compile per model and token shape."""
+    return _jitted(model, tuple(mutable))({"params": params}, tokens)
+
+
+def _tokens(b, t, seed=0, vocab=96):
+    return jax.random.randint(jax.random.key(seed), (b, t), 0, vocab, jnp.int32)
+
+
+# ---------------------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(num_kv_heads=4), "multiple of num_kv_heads"),
+        (dict(head_dim=7), "head_dim=7 must be even"),
+        (dict(hidden_size=0), "hidden_size=0 must be a positive int"),
+        (dict(family="gpt2"), "family='gpt2'"),
+        (dict(rope_scaling={"rope_type": "yarn", "factor": 2.0}), "rope_type='yarn'"),
+        (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0}), "needs 'low_freq_factor'"),
+    ],
+)
+def test_config_validation(change, match):
+    with pytest.raises(ValueError, match=match):
+        dataclasses.replace(TINY, **change)
+
+
+def test_config_from_hf_errors():
+    base = dict(
+        vocab_size=96,
+        hidden_size=48,
+        intermediate_size=80,
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+    )
+    with pytest.raises(ValueError, match="model_type='gpt2' is not supported"):
+        ModelConfig.from_hf(dict(base, model_type="gpt2"))
+    with pytest.raises(ValueError, match="hidden_act='gelu'"):
+        ModelConfig.from_hf(dict(base, model_type="llama", hidden_act="gelu"))
+    with pytest.raises(ValueError, match="neither a directory nor a file"):
+        ModelConfig.from_hf("/nonexistent/ckpt")
+    # model_type may be inferred from `architectures` (as GGUF-derived dicts provide).
+    cfg = ModelConfig.from_hf(dict(base, architectures=["Qwen2ForCausalLM"]))
+    assert cfg.family == "qwen2" and cfg.attention_bias
+    assert hash(cfg) == hash(ModelConfig.from_hf(dict(base, architectures=["Qwen2ForCausalLM"])))
+
+
+# ---------------------------------------------------------------------------- RoPE
+
+
+def test_rope_relative_position():
+    """<rope(q, m), rope(k, n)> depends only on m - n; norms are preserved."""
+    d = 16
+    inv_freq = rope_inv_freq(d, 10000.0)
+    q = jax.random.normal(jax.random.key(0), (1, 1, 1, d))
+    k = jax.random.normal(jax.random.key(1), (1, 1, 1, d))
+
+    def dot(m, n):
+        cm, sm = rope_cos_sin(jnp.array([[m]]), inv_freq)
+        cn, sn = rope_cos_sin(jnp.array([[n]]), inv_freq)
+        return float(jnp.sum(apply_rope(q, cm, sm) * apply_rope(k, cn, sn)))
+
+    assert dot(7, 3) == pytest.approx(dot(104, 100), abs=1e-4)
+    assert dot(7, 3) != pytest.approx(dot(7, 5), abs=1e-3)
+    c, s = rope_cos_sin(jnp.array([[37]]), inv_freq)
+    np.testing.assert_allclose(jnp.linalg.norm(apply_rope(q, c, s)), jnp.linalg.norm(q), rtol=1e-5)
+
+
+def test_llama3_inv_freq_bands():
+    scaling = dict(
+        rope_type="llama3",
+        factor=8.0,
+        low_freq_factor=1.0,
+        high_freq_factor=4.0,
+        original_max_position_embeddings=8192,
+    )
+    base = rope_inv_freq(128, 500000.0)
+    scaled = rope_inv_freq(128, 500000.0, scaling)
+    wavelen = 2 * np.pi / base
+    high = wavelen < 8192 / 4
+    low = wavelen > 8192 / 1
+    np.testing.assert_array_equal(scaled[high], base[high])
+    np.testing.assert_allclose(scaled[low], base[low] / 8, rtol=1e-6)
+    mid = ~high & ~low
+    assert mid.any() and np.all(scaled[mid] < base[mid]) and np.all(scaled[mid] > base[mid] / 8)
+
+
+# ---------------------------------------------------------------------------- attention
+
+
+def _attention_loop_reference(q, k, v, valid, window=None):
+    """Per (batch, head, query) numpy loop: the plainest statement of causal GQA."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    b, t, hq, d = q.shape
+    g = hq // k.shape[2]
+    out = np.zeros_like(q)
+    for bi in range(b):
+        for h in range(hq):
+            for i in range(t):
+                js = [
+                    j for j in range(i + 1) if valid[bi, j] and (window is None or i - j < window)
+                ]
+                if not js:
+                    continue
+                s = np.array([q[bi, i, h] @ k[bi, j, h // g] for j in js]) / np.sqrt(d)
+                p = np.exp(s - s.max())
+                p /= p.sum()
+                out[bi, i, h] = sum(pj * v[bi, j, h // g] for pj, j in zip(p, js))
+    return out
+
+
+@pytest.mark.parametrize("t, window", [(1, None), (7, None), (9, 3)])
+def test_dense_attention_matches_loop(t, window):
+    rng = np.random.default_rng(t)
+    q = rng.normal(size=(2, t, 6, 8)).astype(np.float32)
+    k = rng.normal(size=(2, t, 2, 8)).astype(np.float32)
+    v = rng.normal(size=(2, t, 2, 8)).astype(np.float32)
+    lengths = np.array([t, max(1, t - 3)])
+    valid = np.arange(t)[None] < lengths[:, None]
+    got = dense_attention(q, k, v, key_valid=jnp.asarray(valid), sliding_window=window)
+    want = _attention_loop_reference(q, k, v, valid, window)
+    for bi, n in enumerate(lengths):  # outputs at padded queries are unspecified
+        np.testing.assert_allclose(np.asarray(got[bi, :n]), want[bi, :n], atol=1e-5)
+
+
+def test_dense_attention_state_errors():
+    q = jnp.ones((2, 3, 2, 4))
+    with pytest.raises(ValueError, match="dense attention state of shape"):
+        DenseAttention()(q, q, q, 0, jnp.ones((3,), jnp.int32))
+
+
+# ---------------------------------------------------------------------------- model
+
+
+def test_param_tree_layout():
+    model = LlamaForCausalLM(TINY)
+    shapes = jax.tree.map(lambda a: a.shape, abstract_params(model))
+    assert set(shapes) == {"embed_tokens", "final_norm", "lm_head", "layers_0", "layers_1"}
+    layer = shapes["layers_1"]
+    assert set(layer) == {"input_norm", "post_attn_norm", *PROJECTIONS}
+    assert layer["q_proj"] == {"kernel": (48, 48), "bias": (48,)}
+    assert layer["k_proj"] == {"kernel": (16, 48), "bias": (16,)}
+    assert layer["o_proj"] == {"kernel": (48, 48)}
+    assert layer["down_proj"] == {"kernel": (48, 80)}
+    tied = abstract_params(LlamaForCausalLM(dataclasses.replace(TINY, tie_word_embeddings=True)))
+    assert "lm_head" not in tied
+
+
+def test_jit_static_model_and_logits_at():
+    model = LlamaForCausalLM(TINY)
+    params = _random_params(model)
+    tokens = _tokens(2, 7)
+    hash(model)  # a static argument must be hashable
+
+    fwd = jax.jit(lambda m, p, t, at: m.apply({"params": p}, t, logits_at=at)[0], static_argnums=0)
+    at = jnp.array([6, 0], jnp.int32)
+    last = fwd(model, params, tokens, at)
+    assert last.shape == (2, 1, 96)
+    logits, _ = _run(model, params, tokens)
+    np.testing.assert_allclose(last[:, 0], logits[jnp.arange(2), at], atol=1e-5)
+    assert np.all(np.isfinite(np.asarray(logits)))
+
+
+@dataclasses.dataclass(frozen=True)
+class ScaledLinear:
+    """Test backend with group params: x' = norm(x) * s (group), y = x' @ (W / s).T.
+
+    Mathematically the float model when the weight is divided by the same s; exercises group
+    params, per-projection plans and the one-prepare-per-group contract.
+    """
+
+    calls: list = dataclasses.field(default_factory=list, compare=False, hash=False)
+
+    def weight_init(self, spec, param_dtype):
+        return FloatLinear().weight_init(spec, param_dtype)
+
+    def group_init(self, spec, param_dtype):
+        return lambda rng: {"scale": 1.0 + jax.random.uniform(rng, (spec.in_features,))}
+
+    def prepare_input(self, group_params, x, norm_weight, *, eps):
+        self.calls.append(x.shape)
+        x = x if norm_weight is None else rms_norm(x, norm_weight, eps)
+        return x * group_params["scale"]
+
+    def matmul(self, weight_params, prepared):
+        return FloatLinear().matmul(weight_params, prepared)
+
+
+def _fold_scales(params, plan_layers_groups, scales):
+    """Divides the weights of the projections reading (layer, group) by that group's scale."""
+    from models import PROJECTIONS_OF
+
+    params = jax.tree.map(lambda a: a, params)
+    for (layer, group), s in zip(plan_layers_groups, scales):
+        lp = dict(params[f"layers_{layer}"])
+        lp[group] = {"scale": s}
+        for proj in PROJECTIONS_OF[group]:
+            lp[proj] = dict(lp[proj], kernel=lp[proj]["kernel"] / s)
+        params[f"layers_{layer}"] = lp
+    return params
+
+
+def test_plan_with_group_params_matches_float():
+    float_model = LlamaForCausalLM(TINY)
+    params = _random_params(float_model)
+    tokens = _tokens(2, 7, seed=5)
+    want, _ = _run(float_model, params, tokens)
+
+    backend = ScaledLinear()
+    plan = LinearPlan.from_mapping({(1, "attn_in"): backend, (None, "down_in"): backend})
+    model = LlamaForCausalLM(TINY, linear=plan)
+    shapes = jax.tree.map(lambda a: a.shape, abstract_params(model))
+    assert shapes["layers_1"]["attn_in"] == {"scale": (48,)}
+    assert "attn_in" not in shapes["layers_0"]
+    assert shapes["layers_0"]["down_in"] == {"scale": (80,)}
+
+    where = [(1, "attn_in"), (0, "down_in"), (1, "down_in")]
+    scales = [1.0 + jax.random.uniform(jax.random.key(i), (k,)) for i, k in enumerate((48, 80, 80))]
+    backend.calls.clear()
+    got, _ = jax.jit(model.apply)({"params": _fold_scales(params, where, scales)}, tokens)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+    assert len(backend.calls) == 3  # one prepare per group, not per projection
+
+
+def test_mixed_backends_within_group():
+    """k_proj alone on another backend: both backends prepare the shared input once."""
+    float_model = LlamaForCausalLM(TINY)
+    params = _random_params(float_model)
+    tokens = _tokens(2, 7, seed=2)
+    want, _ = _run(float_model, params, tokens)
+    other = FloatLinear(precision=None)
+    model = LlamaForCausalLM(TINY, linear=LinearPlan(overrides=(((0, "k_proj"), other),)))
+    got, _ = _run(model, params, tokens)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+
+    two_owners = LinearPlan(
+        default=ScaledLinear(), overrides=(((0, "q_proj"), dataclasses.replace(ScaledLinear())),)
+    )
+    # Equal (dataclass eq ignores `calls`) backends collapse to one; distinct ones must not both
+    # own group params.
+    assert two_owners.backend_for(0, "q_proj") == two_owners.backend_for(0, "k_proj")
+
+    @dataclasses.dataclass(frozen=True)
+    class OtherScaled(ScaledLinear):
+        pass
+
+    bad = LlamaForCausalLM(
+        TINY, linear=LinearPlan(default=ScaledLinear(), overrides=(((0, "q_proj"), OtherScaled()),))
+    )
+    with pytest.raises(ValueError, match="at most one backend per input group"):
+        init_params(bad, jax.random.key(0))
+
+
+def test_plan_validation():
+    with pytest.raises(ValueError, match="override name 'qkv'"):
+        LinearPlan(overrides=(((0, "qkv"), FloatLinear()),))
+    with pytest.raises(ValueError, match="must be hashable"):
+        LinearPlan(default=_Unhashable())
+
+
+class _Unhashable:
+    __hash__ = None
+
+    def weight_init(self, spec, dt): ...
+    def group_init(self, spec, dt): ...
+    def prepare_input(self, gp, x, n, *, eps): ...
+    def matmul(self, w, x): ...
+
+
+def test_capture_intermediates():
+    model = LlamaForCausalLM(TINY)
+    params = _random_params(model)
+    tokens = _tokens(2, 7, seed=3)
+    (logits, _), state = _run(model, params, tokens, mutable=["intermediates"])
+    inter = state["intermediates"]
+    assert set(inter) == {"layers_0", "layers_1"}
+    widths = {"attn_in": 48, "o_in": 48, "mlp_in": 48, "down_in": 80}
+    for group in GROUPS:
+        (x,) = inter["layers_1"][group]
+        assert x.shape == (2, 7, widths[group])
+    x0 = params["embed_tokens"][tokens]
+    want = rms_norm(x0, params["layers_0"]["input_norm"], TINY.rms_norm_eps)
+    np.testing.assert_allclose(inter["layers_0"]["attn_in"][0], want, atol=1e-6)
+    plain, _ = _run(model, params, tokens)
+    np.testing.assert_allclose(logits, plain, atol=1e-6)
+
+    # A reducing transform: per-channel absmax instead of whole activations.
+    absmax = LlamaForCausalLM(
+        TINY, capture_transform=lambda layer, group, x: jnp.max(jnp.abs(x), axis=(0, 1))
+    )
+    _, reduced = _run(absmax, params, tokens, mutable=["intermediates"])
+    np.testing.assert_allclose(
+        reduced["intermediates"]["layers_1"]["down_in"][0],
+        jnp.max(jnp.abs(inter["layers_1"]["down_in"][0]), axis=(0, 1)),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class _RecordingAttention:
+    """Dense attention that appends its layer index to an int32 state (checks threading)."""
+
+    def __call__(self, q, k, v, layer_idx, cache_state):
+        out, _ = DenseAttention()(q, k, v, layer_idx, None)
+        if cache_state is None:  # model.init passes no cache
+            cache_state = jnp.zeros((0,), jnp.int32)
+        return out, jnp.concatenate([cache_state, jnp.array([layer_idx], jnp.int32)])
+
+
+def test_attention_plugin_threads_state_and_kv_transform():
+    model = LlamaForCausalLM(TINY, attention=_RecordingAttention())
+    params = _random_params(model)
+    tokens = _tokens(2, 7, seed=4)
+    _, state = jax.jit(model.apply)({"params": params}, tokens, None, jnp.zeros((0,), jnp.int32))
+    np.testing.assert_array_equal(state, [0, 1])
+
+    zero_v = DenseAttention(kv_transform=lambda k, v, layer: (k, jnp.zeros_like(v)))
+    _, inter = _run(
+        LlamaForCausalLM(TINY, attention=zero_v), params, tokens, mutable=["intermediates"]
+    )
+    assert not np.any(np.asarray(inter["intermediates"]["layers_0"]["o_in"][0]))
+
+
+def test_bf16_compute_close_to_f32():
+    params = _random_params(LlamaForCausalLM(TINY))
+    tokens = _tokens(2, 7, seed=6)
+    f32, _ = _run(LlamaForCausalLM(TINY), params, tokens)
+    bf16, _ = _run(LlamaForCausalLM(TINY, dtype=jnp.bfloat16), params, tokens)
+    assert bf16.dtype == jnp.float32
+    # bf16 keeps 8 mantissa bits; two layers: a few percent of the logit range.
+    assert float(jnp.max(jnp.abs(bf16 - f32))) <= 5e-2 * float(jnp.max(jnp.abs(f32)))
+
+
+# ---------------------------------------------------------------------------- real model
+
+
+def _perplexity(model, params, ids: np.ndarray) -> float:
+    logits, _ = jax.jit(model.apply)({"params": params}, jnp.asarray(ids)[None])
+    logp = jax.nn.log_softmax(logits[0, :-1], axis=-1)
+    nll = -jnp.take_along_axis(logp, jnp.asarray(ids)[1:, None], axis=-1)
+    return float(jnp.exp(jnp.mean(nll)))
+
+
+@pytest.mark.slow
+@pytest.mark.data
+def test_smollm2_gguf_perplexity(smollm2_float, smollm2_tokenizer, prepared_data):
+    """SmolLM2-135M from GGUF: sane perplexity on 256 tokens of Austen; RoPE order matters."""
+    from comet_jax.checkpoint.gguf import permute_qk_to_gguf
+    from comet_jax.checkpoint.hf import params_from_hf_tensors
+    from comet_jax.data import text
+
+    hf_config, tensors = smollm2_float
+    config = ModelConfig.from_hf(hf_config)
+    assert (config.num_layers, config.hidden_size, config.num_heads, config.num_kv_heads) == (
+        30,
+        576,
+        9,
+        3,
+    )
+    assert config.tie_word_embeddings and config.head_dim == 64
+    params = params_from_hf_tensors(config, tensors)
+    doc = text.calibration_corpus(prepared_data.root)[0]
+    ids = np.asarray(smollm2_tokenizer.encode(doc.text[:4000], add_bos=False)[:256], np.int32)
+    assert ids.shape == (256,)
+    model = LlamaForCausalLM(config)
+    ppl = _perplexity(model, params, ids)
+    # Measured ~18 over 1024 tokens in numpy float32; a short prefix is a little harder.
+    assert 5.0 < ppl < 40.0, ppl
+
+    # Keeping llama.cpp's interleaved Q/K row order under rotate-half RoPE must hurt badly.
+    wrong = dict(tensors)
+    for i in range(config.num_layers):
+        for proj, heads in (("q_proj", config.num_heads), ("k_proj", config.num_kv_heads)):
+            name = f"model.layers.{i}.self_attn.{proj}.weight"
+            wrong[name] = permute_qk_to_gguf(np.asarray(tensors[name]), heads)
+    assert _perplexity(model, params_from_hf_tensors(config, wrong), ids) > 2 * ppl
