@@ -100,18 +100,27 @@ def ablation_recipes(
     return rows
 
 
-def load_model_and_text(context: int):
+def load_model_and_text(gguf_path=None, tokens_path=None):
+    """(config, float params, austen ids, wikipedia ids) from the data root, or from an explicit
+    GGUF file and a token-id .npz (keys austen, wikipedia; see --save-tokens)."""
     from comet_jax.checkpoint.gguf import load_gguf
     from comet_jax.checkpoint.hf import params_from_hf_tensors
-    from comet_jax.data import text
-    from comet_jax.tokenizer import Tokenizer
     from models.config import ModelConfig
 
-    path = text.default_gguf_path()
-    hf_config, tensors = load_gguf(path)
+    if gguf_path is None:
+        from comet_jax.data import text
+
+        gguf_path = text.default_gguf_path()
+    hf_config, tensors = load_gguf(gguf_path)
     config = ModelConfig.from_hf(hf_config)
     params = params_from_hf_tensors(config, tensors)
-    tok = Tokenizer.from_gguf(path)
+    if tokens_path is not None:
+        z = np.load(tokens_path)
+        return config, params, z["austen"], z["wikipedia"]
+    from comet_jax.data import text
+    from comet_jax.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_gguf(gguf_path)
     austen = text.corpus_token_ids(text.calibration_corpus(), tok)
     wiki = text.corpus_token_ids(text.evaluation_corpus(), tok)
     return config, params, austen, wiki
@@ -159,7 +168,9 @@ def run(args) -> dict:
         wiki = rng.randint(0, 512, 64 * 8).astype(np.int32)
         model_name = "tiny random LLaMA (--quick)"
     else:
-        config, params, austen, wiki = load_model_and_text(args.context)
+        config, params, austen, wiki = load_model_and_text(args.gguf, args.tokens)
+        if args.save_tokens is not None:
+            np.savez_compressed(args.save_tokens, austen=austen, wikipedia=wiki)
         model_name = "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to f32)"
     calib, wiki_w, held = split_windows(
         austen, wiki, args.context, args.calib_windows, args.eval_windows, args.austen_eval_windows
@@ -336,6 +347,9 @@ def parse_args(argv=None):
     p.add_argument("--w-group", type=int, default=None)
     p.add_argument("--rows", nargs="*", default=None, help="subset of main rows")
     p.add_argument("--no-ablations", action="store_true")
+    p.add_argument("--gguf", type=Path, default=None, help="model file (default: data root)")
+    p.add_argument("--tokens", type=Path, default=None, help="token ids .npz (default: tokenize)")
+    p.add_argument("--save-tokens", type=Path, default=None, help="write the token ids .npz")
     p.add_argument("--quick", action="store_true", help="tiny random model, seconds (tests)")
     p.add_argument("--out", type=Path, default=None, help="results folder")
     p.add_argument("--docs", type=Path, default=None, help="markdown copy (docs/accuracy.md)")

@@ -36,7 +36,14 @@ HQ, HKV, D = 32, 8, 128
 OUT = os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results")
 PREFILL_SHAPES = [(1, 2048, 0), (1, 8192, 0), (8, 1024, 0), (4, 512, 4096)]  # (B, T, prefix)
 WRITE_SIZES = (64, 8192)  # tokens per write call (decode batch, prefill chunk)
-RESULTS: dict = {"meta": {}, "correctness": [], "tuning": [], "decode": [], "prefill": [], "write": []}
+RESULTS: dict = {
+    "meta": {},
+    "correctness": [],
+    "tuning": [],
+    "decode": [],
+    "prefill": [],
+    "write": [],
+}
 
 
 def log(*a):
@@ -96,7 +103,10 @@ def make_paged(key, batch, seq, page, group, quantized, n_sets):
         v = jax.random.normal(ks[1], (*shape, D), jnp.bfloat16)
         kv = A.PagedKV(k, v)
     perm = np.random.default_rng(0).permutation(pages).astype(np.int32)
-    tables = [jnp.asarray(perm[s * batch * mp : (s + 1) * batch * mp].reshape(batch, mp)) for s in range(n_sets)]
+    tables = [
+        jnp.asarray(perm[s * batch * mp : (s + 1) * batch * mp].reshape(batch, mp))
+        for s in range(n_sets)
+    ]
     return kv, tables
 
 
@@ -154,9 +164,15 @@ def correctness():
         outp = A.paged_prefill_attention(qp, cache.pages(), pt, lens, ql)
         refp = A.paged_prefill_attention_reference(qp, cache.pages(), pt, lens, ql)
         row = dict(
-            dtype=dtype, group=g, gqa=hg, head_dim=hd, page=page,
-            decode_vs_ref=rel(out, ref), decode_ref_vs_full=rel(ref, full),
-            prefill_vs_ref=rel(outp, refp), finite=bool(jnp.isfinite(out).all() & jnp.isfinite(outp).all()),
+            dtype=dtype,
+            group=g,
+            gqa=hg,
+            head_dim=hd,
+            page=page,
+            decode_vs_ref=rel(out, ref),
+            decode_ref_vs_full=rel(ref, full),
+            prefill_vs_ref=rel(outp, refp),
+            finite=bool(jnp.isfinite(out).all() & jnp.isfinite(outp).all()),
         )
         RESULTS["correctness"].append(row)
         log("correct", row)
@@ -179,6 +195,7 @@ def tuning(key):
     grid = [dict(page=p) for p in (16, 32, 64, 128)]
     grid += [dict(page=64, num_warps=w, num_stages=st) for w, st in ((4, 3), (8, 2), (2, 2))]
     grid += [dict(page=64, num_splits=n) for n in (1, 2, 4)]
+    grid += [dict(page=64, unpack="convert")]
     grid += [dict(page=64, group=g) for g in (64, 32)]
     best = None
     for cfg in grid:
@@ -234,15 +251,17 @@ def dense_baselines(key, b, s, bf16_bytes):
     q = jax.random.normal(ks[-1], (b, HQ, D), jnp.bfloat16)
     lens = jnp.full((b,), s, jnp.int32)
     sets = [
-        (jax.random.normal(ks[2 * i], (b, s, HKV, D), jnp.bfloat16),
-         jax.random.normal(ks[2 * i + 1], (b, s, HKV, D), jnp.bfloat16))
+        (
+            jax.random.normal(ks[2 * i], (b, s, HKV, D), jnp.bfloat16),
+            jax.random.normal(ks[2 * i + 1], (b, s, HKV, D), jnp.bfloat16),
+        )
         for i in range(n_sets)
     ]
     gqa = jax.jit(lambda q, k, v, n: da.gqa(q, k, v, kv_seq_len=n))
     xla = jax.jit(xla_decode)
     for name, fn in (("gqa", gqa), ("xla", xla)):
         try:
-            t = bench(lambda k, v: fn(q, k, v, lens), sets)
+            t = bench(fn, [(q, k, v, lens) for k, v in sets])
             out[name + "_us"] = t * 1e6
             out[name + "_gbps"] = bf16_bytes / t / 1e9
         except Exception as e:
@@ -273,7 +292,7 @@ def prefill(key, quick):
                 try:
                     kv, tables = make_paged(key, b, s, page, 128, quantized, 1)
                     fn = jax.jit(functools.partial(A.paged_prefill_attention, **var))
-                    tt = bench(lambda: fn(q, kv, tables[0], lens), [()])
+                    tt = bench(fn, [(q, kv, tables[0], lens)])
                 except Exception as e:
                     row[f"{name}_p{page}_w{var['num_warps']}_error"] = repr(e)[:300]
                     continue
@@ -286,9 +305,11 @@ def prefill(key, quick):
         if prefix == 0:
             k = jax.random.normal(jax.random.fold_in(key, 2), (b, t, HQ, D), jnp.bfloat16)
             v = jax.random.normal(jax.random.fold_in(key, 3), (b, t, HQ, D), jnp.bfloat16)
-            mha = jax.jit(functools.partial(fa.mha, segment_ids=None, sm_scale=1 / math.sqrt(D), causal=True))
+            mha = jax.jit(
+                functools.partial(fa.mha, segment_ids=None, sm_scale=1 / math.sqrt(D), causal=True)
+            )
             try:
-                tt = bench(lambda: mha(q, k, v), [()])
+                tt = bench(mha, [(q, k, v)])
                 row["mha_us"] = tt * 1e6
                 row["mha_tflops"] = flops / tt / 1e12
                 if "kv4_us" in row:
@@ -300,6 +321,11 @@ def prefill(key, quick):
         save()
 
 
+def _write_step(fn, state, k, slots):
+    state[0] = fn(state[0], 0, k, k, slots)  # donated: an in-place scatter, as in the engine
+    return state[0].k
+
+
 def writes(key):
     from comet_jax.engine import kv_cache as kc
 
@@ -308,14 +334,11 @@ def writes(key):
         cfg = kc.KVCacheConfig(1, HKV, D, 64, 4096, 128, "int4")
         cache = kc.init_cache(cfg)
         k = jax.random.normal(key, (n_tokens, HKV, D), jnp.bfloat16)
-        slots = jnp.asarray(np.random.default_rng(0).permutation(4096 * 64)[:n_tokens].astype(np.int32))
+        slots = jnp.asarray(
+            np.random.default_rng(0).permutation(4096 * 64)[:n_tokens].astype(np.int32)
+        )
         fn = jax.jit(kc.write_kv, donate_argnums=0)
-        state = [cache]
-
-        def step():
-            state[0] = fn(state[0], 0, k, k, slots)
-            return state[0].k
-
+        step = functools.partial(_write_step, fn, [cache], k, slots)
         t = bench(step, [()])
         RESULTS["write"].append(dict(what=label, us=t * 1e6))
         log("write", label, f"{t * 1e6:.1f} us")
@@ -325,9 +348,12 @@ def writes(key):
 def markdown():
     m = RESULTS["meta"]
     lines = [f"# bench_attention ({m.get('date')}, {m.get('device')}, jax {m.get('jax')})", ""]
-    lines += ["## Decode (Hq=32, Hkv=8, D=128; INT4 g=128)", "",
-              "| B | S | KV4 us | KV4 GB/s | bf16 paged us | gqa bf16 us | gqa GB/s | XLA us | KV4 vs gqa | KV4 vs XLA |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "## Decode (Hq=32, Hkv=8, D=128; INT4 g=128)",
+        "",
+        "| B | S | KV4 us | KV4 GB/s | bf16 paged us | gqa bf16 us | gqa GB/s | XLA us | KV4 vs gqa | KV4 vs XLA |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     f = lambda r, k, fmt="{:.0f}": fmt.format(r[k]) if k in r else "-"  # noqa: E731
     for r in RESULTS["decode"]:
         lines.append(
@@ -339,8 +365,13 @@ def markdown():
     for r in RESULTS["tuning"]:
         cfg = {k: v for k, v in r.items() if k not in ("us", "gbps")}
         lines.append(f"| {cfg} | {f(r, 'us', '{:.1f}')} | {f(r, 'gbps')} |")
-    lines += ["", "## Prefill (causal)", "", "| B | T | prefix | KV4 us | bf16 paged us | mha bf16 us | KV4/mha | KV4 TFLOP/s |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## Prefill (causal)",
+        "",
+        "| B | T | prefix | KV4 us | bf16 paged us | mha bf16 us | KV4/mha | KV4 TFLOP/s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in RESULTS["prefill"]:
         lines.append(
             f"| {r['B']} | {r['T']} | {r['prefix']} | {f(r, 'kv4_us', '{:.0f}')} | {f(r, 'bf16paged_us', '{:.0f}')} "
@@ -364,8 +395,10 @@ def main():
     skip = set(filter(None, args.skip.split(",")))
     dev = jax.devices()[0]
     RESULTS["meta"] = dict(
-        date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), device=dev.device_kind,
-        jax=jax.__version__, python=sys.version.split()[0],
+        date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        device=dev.device_kind,
+        jax=jax.__version__,
+        python=sys.version.split()[0],
     )
     log(RESULTS["meta"])
     key = jax.random.key(0)
@@ -385,7 +418,10 @@ def main():
         log(f"[{name} done at {time.time() - t0:.0f}s]")
     page, kw = (64, {}) if best is None else (best[1], best[2])
     RESULTS["meta"]["decode_config"] = dict(page=page, **kw)
-    for name, fn in (("decode", lambda: decode_sweep(key, page, kw, args.quick)), ("prefill", lambda: prefill(key, args.quick))):
+    for name, fn in (
+        ("decode", lambda: decode_sweep(key, page, kw, args.quick)),
+        ("prefill", lambda: prefill(key, args.quick)),
+    ):
         if name in skip:
             continue
         try:

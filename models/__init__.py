@@ -1,6 +1,12 @@
 """Flax LLaMA-family models with pluggable projection backends and attention."""
 
-from models.attention import DenseAttention, dense_attention
+from models.attention import (
+    CachedDenseAttention,
+    DenseAttention,
+    DenseKVCache,
+    dense_attention,
+    masked_attention,
+)
 from models.config import ModelConfig
 from models.llama import DecoderLayer, LlamaForCausalLM, abstract_params, init_params, layer_specs
 from models.projection import (
@@ -22,7 +28,9 @@ __all__ = [
     "GROUP_OF",
     "PROJECTIONS",
     "PROJECTIONS_OF",
+    "CachedDenseAttention",
     "DecoderLayer",
+    "DenseKVCache",
     "DenseAttention",
     "FloatLinear",
     "GroupSpec",
@@ -36,6 +44,7 @@ __all__ = [
     "config_inv_freq",
     "dense_attention",
     "init_params",
+    "masked_attention",
     "layer_specs",
     "rms_norm",
     "rope_cos_sin",

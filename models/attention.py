@@ -16,6 +16,9 @@ and it is returned unchanged. Keys at invalid positions are masked out; outputs 
 query positions are finite but meaningless. Causality is by index in T, so right padding and
 left padding both work (give RoPE the true positions). `kv_transform` lets accuracy studies
 simulate a quantized cache: `(k, v, layer_idx) -> (k, v)` applied before attention.
+
+`CachedDenseAttention` + `DenseKVCache` is the float reference for incremental decoding: the
+state is a contiguous per-layer cache that each layer writes its new K/V into.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 
@@ -45,18 +49,12 @@ def dense_attention(
     q: [B, T, Hq, D]; k, v: [B, S, Hkv, D] with S == T (query t sits at key index t);
     key_valid: [B, S] bool or None. Returns [B, T, Hq, D] in q.dtype.
     """
-    b, t, hq, d = q.shape
+    b, t, hq, _ = q.shape
     s, hkv = k.shape[1], k.shape[2]
     if hq % hkv:
         raise ValueError(f"q heads {hq} must be a multiple of kv heads {hkv}")
     if causal and s != t:
         raise ValueError(f"causal dense attention needs equal q/k lengths, got T={t}, S={s}")
-    g = hq // hkv
-    qg = q.reshape(b, t, hkv, g, d)
-    scores = jnp.einsum(
-        "bthgd,bshd->bhgts", qg, k, precision=precision, preferred_element_type=jnp.float32
-    )
-    scores = scores * (d**-0.5)
     mask = jnp.ones((b, t, s), bool)
     if causal:
         qi = jnp.arange(t)[:, None]
@@ -67,6 +65,24 @@ def dense_attention(
         mask &= allowed[None]
     if key_valid is not None:
         mask &= key_valid[:, None, :]
+    return masked_attention(q, k, v, mask, precision=precision)
+
+
+def masked_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, precision: str | None = "highest"
+) -> jax.Array:
+    """q: [B, T, Hq, D]; k, v: [B, S, Hkv, D]; mask: [B, T, S] bool -> [B, T, Hq, D] q.dtype.
+
+    Scores and softmax in f32 (scale D^-0.5); probabilities cast to v.dtype for the PV product.
+    """
+    b, t, hq, d = q.shape
+    hkv = k.shape[2]
+    g = hq // hkv
+    qg = q.reshape(b, t, hkv, g, d)
+    scores = jnp.einsum(
+        "bthgd,bshd->bhgts", qg, k, precision=precision, preferred_element_type=jnp.float32
+    )
+    scores = scores * (d**-0.5)
     scores = jnp.where(mask[:, None, None], scores, _MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1)
     out = jnp.einsum(
@@ -115,3 +131,69 @@ class DenseAttention:
             precision=self.precision,
         )
         return out, cache_state
+
+
+@flax.struct.dataclass
+class DenseKVCache:
+    """Contiguous float KV cache (a pytree), the simple reference for incremental decoding.
+
+    k, v: [L, B, S, Hkv, D] (K after RoPE); lengths: [B] int32 tokens already cached per
+    sequence. A forward call writes its T new tokens of sequence b at slots lengths[b]..+T-1
+    (query t of sequence b sits at position lengths[b] + t); the attention never moves
+    `lengths`: after the call, `advance(n_new)` adds the number of valid new tokens (T, or
+    per-sequence counts [B] for a right-padded ragged chunk; padded slots are overwritten later).
+    """
+
+    k: jax.Array
+    v: jax.Array
+    lengths: jax.Array
+
+    @classmethod
+    def create(cls, config, batch: int, max_len: int, dtype=jnp.float32) -> DenseKVCache:
+        shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch,), jnp.int32))
+
+    def advance(self, n_new) -> DenseKVCache:
+        return self.replace(lengths=self.lengths + jnp.asarray(n_new, jnp.int32))
+
+
+@dataclasses.dataclass(frozen=True)
+class CachedDenseAttention:
+    """Causal attention through a `DenseKVCache` (prefill and decode alike); state = the cache.
+
+    Positions handed to the model must equal `cache.lengths[:, None] + arange(T)`. Keep
+    lengths + T <= S: `dynamic_update_slice` clamps an overflowing start index, which would
+    overwrite earlier slots (checking would need a host sync inside jit).
+    """
+
+    sliding_window: int | None = None
+    kv_transform: Callable[[jax.Array, jax.Array, int], tuple[jax.Array, jax.Array]] | None = None
+    precision: str | None = "highest"
+
+    def __call__(self, q, k, v, layer_idx, cache_state: DenseKVCache):
+        if not isinstance(cache_state, DenseKVCache):
+            raise ValueError(
+                f"CachedDenseAttention state of type {type(cache_state).__name__}; expected "
+                "DenseKVCache (pass cache=DenseKVCache.create(...) to the model)"
+            )
+        if self.kv_transform is not None:
+            k, v = self.kv_transform(k, v, layer_idx)
+        cache = cache_state
+        write = jax.vmap(
+            lambda buf, new, start: jax.lax.dynamic_update_slice_in_dim(buf, new, start, 0)
+        )
+        k_all = write(cache.k[layer_idx], k.astype(cache.k.dtype), cache.lengths)  # [B, S, Hkv, D]
+        v_all = write(cache.v[layer_idx], v.astype(cache.v.dtype), cache.lengths)
+        t, s = q.shape[1], k_all.shape[1]
+        q_pos = cache.lengths[:, None] + jnp.arange(t)[None, :]  # [B, T]
+        k_idx = jnp.arange(s)[None, None, :]
+        mask = k_idx <= q_pos[:, :, None]
+        if self.sliding_window is not None:
+            mask &= k_idx > q_pos[:, :, None] - self.sliding_window
+        out = masked_attention(
+            q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask, precision=self.precision
+        )
+        new_cache = cache.replace(
+            k=cache.k.at[layer_idx].set(k_all), v=cache.v.at[layer_idx].set(v_all)
+        )
+        return out, new_cache

@@ -17,10 +17,9 @@ segments, so the simulated path equals the kernel path. For that:
   order would otherwise differ between XLA and Triton) is computed once by :func:`rms_inv`,
   shared by reference and kernel wrapper; the kernel applies ``(x * inv_rms) * w`` in f32
   (the same two IEEE products as the reference; no bf16 rounding of the normalized value);
-* XLA compiles the library's ``scale = amax * clip / qmax`` as
-  ``amax * f32(clip * f32(1/qmax))`` and ``x / scale`` as ``x * (1 / scale)`` (its algebraic
-  simplifier folds constant divisors and divisions by a broadcast); the kernel evaluates the
-  same expressions, with IEEE ``div.rn.f32`` for ``1 / scale`` (Triton's ``/`` is
+* XLA compiles the library's ``scale = amax * clip / qmax`` as ``amax * f32(clip / qmax)``
+  and ``x / scale`` as ``x * (1 / scale)`` (its algebraic simplifier folds constant divisors
+  and divisions by a broadcast); the kernel evaluates the same expressions, with IEEE ``div.rn.f32`` for ``1 / scale`` (Triton's ``/`` is
   approximate) and round-half-to-even ``cvt.rni.f32.f32`` (inline PTX on the GPU; ``jnp`` ops when
   interpreting, where XLA would fold the usual ``(y + 1.5*2^23) - 1.5*2^23`` trick away).
 
@@ -154,14 +153,18 @@ def _kernel(x_ref, perm_ref, w_ref, inv_ref, *out_refs, k4, k8, chunk, tile_k, c
         return jax.lax.fori_loop(0, n_chunks, body, jnp.float32(0.0))
 
     def scale_of(a, clip, qmax):
-        # XLA evaluates the library's ``(amax * clip) / qmax`` as ``amax * (clip * (1/qmax))``
-        # with the constant folded in f32 (algebraic simplifier); reproduce that exactly.
-        c = np.float32(np.float32(clip) * np.float32(1.0 / np.float32(qmax)))
+        # XLA folds the library's ``(amax * clip) / qmax`` into ``amax * c`` with the
+        # constant ``c`` rounded once to f32 (exact for clip == 1; for clip < 1 the folding
+        # order, hence the last bit of ``c``, depends on the surrounding graph; see
+        # docs/kernels_gemm.md).
+        c = np.float32(clip / qmax)
         return jnp.where(a * jnp.float32(clip) > 0, a * c, jnp.float32(1.0))
 
     def quant(v, s, qmax):
         # XLA rewrites ``x / broadcast(s)`` into ``x * broadcast(1 / s)``: same here.
-        inv = _div_rn(jnp.float32(1.0), s, interpret)
+        # Vectors, not scalars: inline asm needs IR values (a scalar literal is not one).
+        inv = _div_rn(jnp.full(v.shape, 1.0, jnp.float32), jnp.full(v.shape, s, jnp.float32),
+                      interpret)
         y = _round_even(v * inv, interpret)
         return jnp.clip(y, -qmax - 1.0, qmax).astype(jnp.int32)
 

@@ -18,11 +18,12 @@ Math inside a page (per group ``j`` of ``g`` channels, INT4): with nibble tiles
 ``lo, hi: [page, g/2]`` and the group's per-token ``s, z: [page]``,
 
     logits += s * (q_lo @ lo^T + q_hi @ hi^T - z * sum(q_group))        # K: scale after the dot
-    ps = f16(p * s);  o_lo += ps @ lo - sum(ps * z);  o_hi += ps @ hi - ...  # V: scale before
+    ps = bf16(p * s);  o_lo += ps @ lo - sum(ps * z);  o_hi += ps @ hi - ...  # V: scale before
 
-The nibbles enter the tensor-core dot as exact small integers; dequantization costs one
-multiply-add per logit instead of one per cache element. The zero-point correction uses the same
-rounded ``ps`` as the dot, so it cancels exactly. Softmax is online (flash) in f32.
+The nibbles enter the bf16 tensor-core dots as exact integers (as ``128 + n``, made by a bit
+trick; the 128 is folded into ``z``); dequantization costs one multiply-add per logit instead of
+one per cache element. The zero-point corrections use the same rounded operands as the dots, so
+they cancel exactly. Softmax is online (flash) in f32.
 
 Decode splits the page range of a sequence over ``num_splits`` programs (flash-decoding) and
 merges their partial results with a log-sum-exp step; prefill gives each program a tile of
@@ -106,9 +107,13 @@ def _check_kv(kv: PagedKV) -> None:
             a = getattr(kv, name)
             if a is None or a.shape != want:
                 got = None if a is None else a.shape
-                raise ValueError(f"kv.{name} must have shape {want} ([L, P, Hkv, D/g, page]), got {got}")
+                raise ValueError(
+                    f"kv.{name} must have shape {want} ([L, P, Hkv, D/g, page]), got {got}"
+                )
         if kv.head_dim % g_count or (kv.head_dim // g_count) % 32:
-            raise ValueError(f"group count {g_count} must split head_dim={kv.head_dim} in groups >= 32")
+            raise ValueError(
+                f"group count {g_count} must split head_dim={kv.head_dim} in groups >= 32"
+            )
     else:
         if not jnp.issubdtype(kv.k.dtype, jnp.floating):
             raise ValueError(f"bf16-mode kv.k must be floating, got dtype {kv.k.dtype}")
@@ -127,7 +132,9 @@ def _check_tables(kv: PagedKV, page_table, seq_lens, layer, batch: int, q_lens=N
             f"page_table must be int32 [B={batch}, max_pages], got {page_table.dtype} {page_table.shape}"
         )
     if seq_lens.shape != (batch,) or seq_lens.dtype != jnp.int32:
-        raise ValueError(f"seq_lens must be int32 [B={batch}], got {seq_lens.dtype} {seq_lens.shape}")
+        raise ValueError(
+            f"seq_lens must be int32 [B={batch}], got {seq_lens.dtype} {seq_lens.shape}"
+        )
     num_layers, num_pages, page = kv.k.shape[0], kv.k.shape[1], kv.page_size
     capacity = page_table.shape[1] * page
     lay = _concrete(layer)
@@ -159,6 +166,45 @@ def _layer_array(layer) -> jnp.ndarray:
 
 # --------------------------------------------------------------------------- kernel
 
+# Nibbles enter the dots as bf16(128 + n): exact, and one bit trick away from the byte
+# (bf16 0x4300 is 128.0 with a mantissa step of 1, so 0x4300 | n == 128 + n). The bias is
+# folded into the zero point: (128 + n) - (128 + z) == n - z.
+_NIBBLE_BIAS = 128.0
+
+# Per 4 bytes (x): prmt spreads the bytes into 16-bit lanes, lop3 masks the low nibble and ORs
+# the bf16 exponent in: 4 instructions give 4 bf16 values (5 for the high nibbles: x >> 4 first).
+# Two single-result calls because multi-result inline asm does not lower in Pallas-Triton.
+_NIBBLE_ASM = """
+{
+.reg .b32 x, t01, t23;
+{shift}
+prmt.b32 t01, x, 0, 0x4140;
+prmt.b32 t23, x, 0, 0x4342;
+lop3.b32 $0, t01, 0x000F000F, 0x43004300, 0xEA;
+lop3.b32 $1, t23, 0x000F000F, 0x43004300, 0xEA;
+}
+"""
+_LO_ASM = _NIBBLE_ASM.replace("{shift}", "mov.b32 x, $2;")
+_HI_ASM = _NIBBLE_ASM.replace("{shift}", "shr.u32 x, $2, 4;")
+
+
+def _unpack_biased(byte, *, fast: bool):
+    """``[..] uint8 -> (lo, hi)`` bf16 holding ``128 + (byte & 15)`` and ``128 + (byte >> 4)``."""
+    if fast:
+        from jax.experimental.pallas import triton as plgpu  # GPU-only
+
+        out = [jax.ShapeDtypeStruct(byte.shape, jnp.bfloat16)]
+        (lo,) = plgpu.elementwise_inline_asm(
+            _LO_ASM, args=[byte], constraints="=r,=r,r", pack=4, result_shape_dtypes=out
+        )
+        (hi,) = plgpu.elementwise_inline_asm(
+            _HI_ASM, args=[byte], constraints="=r,=r,r", pack=4, result_shape_dtypes=out
+        )
+        return lo, hi
+    lo = (byte & jnp.uint8(0xF)).astype(jnp.float32) + _NIBBLE_BIAS
+    hi = (byte >> jnp.uint8(4)).astype(jnp.float32) + _NIBBLE_BIAS
+    return lo.astype(jnp.bfloat16), hi.astype(jnp.bfloat16)
+
 
 def _kernel(
     # inputs
@@ -178,6 +224,7 @@ def _kernel(
     pages_per_split: int,
     num_splits: int,
     sm_scale: float,
+    fast_unpack: bool,
 ):
     if quantized:
         ks_ref, kz_ref, vs_ref, vz_ref, *outs = rest
@@ -210,21 +257,21 @@ def _kernel(
 
     # q pieces: group j -> (first half, second half) of its channels, matching the nibbles.
     q_pieces, q_sums = [], []
+    cdt = jnp.bfloat16 if quantized else q_ref.dtype
     for j in range(n_groups):
-        lo = q_ref[:, pl.ds(j * group, half)]
-        hi = q_ref[:, pl.ds(j * group + half, half)]
+        lo = q_ref[:, pl.ds(j * group, half)].astype(cdt)
+        hi = q_ref[:, pl.ds(j * group + half, half)].astype(cdt)
         q_pieces.append((lo, hi))
+        # Sums of the rounded q the dot sees, so the zero-point term cancels exactly.
         q_sums.append(
             jnp.sum(lo.astype(jnp.float32), axis=1) + jnp.sum(hi.astype(jnp.float32), axis=1)
         )
-    cdt = q_pieces[0][0].dtype
 
     def halves(ref, pg, j, dtype):
+        """The [page, g/2] channel halves of group j; INT4 comes back as 128 + nibble (exact)."""
         if quantized:
             byte = ref[layer, pg, h, :, pl.ds(j * half, half)]  # [page, g/2] uint8
-            lo = (byte & jnp.uint8(0xF)).astype(jnp.float32).astype(dtype)
-            hi = (byte >> jnp.uint8(4)).astype(jnp.float32).astype(dtype)
-            return lo, hi
+            return _unpack_biased(byte, fast=fast_unpack)
         lo = ref[layer, pg, h, :, pl.ds(j * group, half)]
         hi = ref[layer, pg, h, :, pl.ds(j * group + half, half)]
         return lo.astype(dtype), hi.astype(dtype)
@@ -239,7 +286,7 @@ def _kernel(
             raw += jnp.dot(q_pieces[j][1], k_hi.T, preferred_element_type=jnp.float32)
             if quantized:
                 s = ks_ref[layer, pg, h, j, :].astype(jnp.float32)[None, :]
-                z = kz_ref[layer, pg, h, j, :].astype(jnp.float32)[None, :]
+                z = kz_ref[layer, pg, h, j, :].astype(jnp.float32)[None, :] + _NIBBLE_BIAS
                 raw = s * (raw - z * q_sums[j][:, None])
             logits += raw
         logits *= sm_scale
@@ -254,9 +301,10 @@ def _kernel(
         for j in range(n_groups):
             if quantized:
                 s = vs_ref[layer, pg, h, j, :].astype(jnp.float32)[None, :]
-                z = vz_ref[layer, pg, h, j, :].astype(jnp.float32)[None, :]
-                ps = (probs * s).astype(jnp.float16)
-                v_lo, v_hi = halves(v_ref, pg, j, jnp.float16)
+                z = vz_ref[layer, pg, h, j, :].astype(jnp.float32)[None, :] + _NIBBLE_BIAS
+                ps = (probs * s).astype(jnp.bfloat16)
+                v_lo, v_hi = halves(v_ref, pg, j, jnp.bfloat16)
+                # Same rounded ps in the dot and in the correction: the bias cancels exactly.
                 zc = jnp.sum(ps.astype(jnp.float32) * z, axis=1)[:, None]
             else:
                 ps = probs.astype(v_ref.dtype)
@@ -302,6 +350,7 @@ def _attend(
     num_warps: int,
     num_stages: int,
     interpret: bool,
+    unpack: str,
 ):
     """Launches the kernel over grid (B, Hkv, R / block_rows, num_splits); merges splits."""
     batch, hkv, rows, head_dim = q_rows.shape
@@ -317,15 +366,20 @@ def _attend(
         pages_per_split=pages_per_split,
         num_splits=num_splits,
         sm_scale=sm_scale,
+        fast_unpack=_fast_unpack(unpack, interpret),
     )
     whole = pl.no_block_spec  # the kernel gets the whole array and indexes it itself
-    in_specs = [whole] * 5 + [pl.BlockSpec((None, None, block_rows, head_dim), lambda b, h, t, s: (b, h, t, 0))]
+    in_specs = [whole] * 5 + [
+        pl.BlockSpec((None, None, block_rows, head_dim), lambda b, h, t, s: (b, h, t, 0))
+    ]
     inputs = [_layer_array(layer), page_table, seq_lens, q_start, q_lens, q_rows, kv.k, kv.v]
     in_specs += [whole, whole]
     if kv.quantized:
         inputs += [kv.k_scale, kv.k_zero, kv.v_scale, kv.v_zero]
         in_specs += [whole] * 4
-    o_spec = pl.BlockSpec((None, None, None, block_rows, head_dim), lambda b, h, t, s: (b, h, s, t, 0))
+    o_spec = pl.BlockSpec(
+        (None, None, None, block_rows, head_dim), lambda b, h, t, s: (b, h, s, t, 0)
+    )
     ml_spec = pl.BlockSpec((None, None, None, block_rows), lambda b, h, t, s: (b, h, s, t))
     if num_splits == 1:
         out_shape = [jax.ShapeDtypeStruct((batch, hkv, 1, rows, head_dim), q_rows.dtype)]
@@ -361,6 +415,14 @@ def _attend(
     o_sum = jnp.sum(w[..., None] * o, axis=2)
     inv = jnp.where(l_sum > 0, 1.0 / jnp.where(l_sum > 0, l_sum, 1.0), 0.0)
     return (o_sum * inv[..., None]).astype(q_rows.dtype)
+
+
+def _fast_unpack(unpack: str, interpret: bool) -> bool:
+    if unpack not in ("auto", "asm", "convert"):
+        raise ValueError(f"unpack={unpack!r} must be 'auto', 'asm' or 'convert'")
+    if unpack == "asm" and interpret:
+        raise ValueError("unpack='asm' (inline PTX) cannot run with interpret=True")
+    return unpack == "asm" or (unpack == "auto" and not interpret)
 
 
 def _check_q(q, kv: PagedKV, ndim: int, what: str):
@@ -411,6 +473,7 @@ def paged_decode_attention(
     num_warps: int = 4,
     num_stages: int = 2,
     interpret: bool = False,
+    unpack: str = "auto",
 ):
     """One new token per sequence attends to its cached tokens (its own K/V already written).
 
@@ -421,6 +484,8 @@ def paged_decode_attention(
       seq_lens: ``[B] int32`` tokens in the cache per sequence; 0 gives a zero output row.
       layer: int or traced int32 scalar, the layer to read.
       num_splits: flash-decoding splits of the page range (default: fill ~2 waves of 132 SMs).
+      unpack: INT4 nibble -> bf16 path: "asm" (inline PTX prmt/lop3, GPU), "convert" (integer
+        to float conversions), "auto" (asm unless interpret).
 
     Returns:
       ``[B, Hq, D]`` in q's dtype.
@@ -457,6 +522,7 @@ def paged_decode_attention(
         num_warps=num_warps,
         num_stages=num_stages,
         interpret=interpret,
+        unpack=unpack,
     )
     return _from_rows(out, 1, hg, hg_pad)[:, 0]
 
@@ -474,6 +540,7 @@ def paged_prefill_attention(
     num_warps: int = 4,
     num_stages: int = 2,
     interpret: bool = False,
+    unpack: str = "auto",
 ):
     """Causal attention of a chunk of new tokens against the cache (chunk already written).
 
@@ -520,6 +587,7 @@ def paged_prefill_attention(
         num_warps=num_warps,
         num_stages=num_stages,
         interpret=interpret,
+        unpack=unpack,
     )
     return _from_rows(out, t, hg, hg_pad)
 
@@ -576,13 +644,17 @@ def dense_attention_reference(q, k, v, seq_lens, q_lens=None, sm_scale=None):
     return jnp.einsum("bhts,bshd->bthd", p, v)
 
 
-def paged_prefill_attention_reference(q, kv: PagedKV, page_table, seq_lens, q_lens=None, *, layer=0, sm_scale=None):
+def paged_prefill_attention_reference(
+    q, kv: PagedKV, page_table, seq_lens, q_lens=None, *, layer=0, sm_scale=None
+):
     """Semantics of :func:`paged_prefill_attention` (f32 output)."""
     k, v = gather_kv(kv, page_table, layer)
     return dense_attention_reference(q, k, v, seq_lens, q_lens, sm_scale)
 
 
-def paged_decode_attention_reference(q, kv: PagedKV, page_table, seq_lens, *, layer=0, sm_scale=None):
+def paged_decode_attention_reference(
+    q, kv: PagedKV, page_table, seq_lens, *, layer=0, sm_scale=None
+):
     """Semantics of :func:`paged_decode_attention` (f32 output)."""
     ones = jnp.ones_like(jnp.asarray(seq_lens))
     return paged_prefill_attention_reference(

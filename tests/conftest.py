@@ -7,7 +7,17 @@ data root (`$COMET_JAX_DATA`, else `~/.cache/comet_jax`). Mark such tests `@pyte
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+
+# Eight host devices for the sharding tests; must be set before jax is first imported.
+# Tests that need one device simply use jax.devices()[0].
+if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    ).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from dataclasses import dataclass  # noqa: E402
 from pathlib import Path
 from typing import Any
 

@@ -124,8 +124,9 @@ def test_tiny_gguf_roundtrip_names_layout_and_qk_order(tmp_path, untied):
     # Without un-permutation the Q/K rows come back in llama.cpp's interleaved order.
     _, raw = load_gguf(path, unpermute_qk=False, names=["model.layers.1.self_attn.k_proj.weight"])
     k = params["model.layers.1.self_attn.k_proj.weight"]
-    np.testing.assert_array_equal(raw["model.layers.1.self_attn.k_proj.weight"],
-                                  permute_qk_to_gguf(k, TINY["kv"]))  # fmt: skip
+    np.testing.assert_array_equal(
+        raw["model.layers.1.self_attn.k_proj.weight"], permute_qk_to_gguf(k, TINY["kv"])
+    )
 
 
 def test_tiny_gguf_quantized_tensors(tmp_path):
@@ -245,8 +246,11 @@ def numpy_llama_logits(config, params, ids, rope=rope_rotate_half) -> np.ndarray
 
     x = params["model.embed_tokens.weight"][ids]
     for i in range(config["num_hidden_layers"]):
-        p = {k.split(f"model.layers.{i}.", 1)[1]: v for k, v in params.items()
-             if k.startswith(f"model.layers.{i}.")}  # fmt: skip
+        p = {
+            k.split(f"model.layers.{i}.", 1)[1]: v
+            for k, v in params.items()
+            if k.startswith(f"model.layers.{i}.")
+        }
         h = norm(x, p["input_layernorm.weight"])
         q = rope((h @ p["self_attn.q_proj.weight"].T).reshape(T, H, hd), cos, sin)
         k = rope((h @ p["self_attn.k_proj.weight"].T).reshape(T, KV, hd), cos, sin)
@@ -288,10 +292,20 @@ def test_smollm2_metadata_and_config(prepared_data, smollm2_float):
     assert meta["general.architecture"] == "llama"
     assert meta["llama.context_length"] == 8192
     config, params = smollm2_float
-    expected = dict(model_type="llama", hidden_size=576, intermediate_size=1536,
-                    num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
-                    head_dim=64, rope_theta=100000.0, rms_norm_eps=1e-5, vocab_size=49152,
-                    tie_word_embeddings=True, max_position_embeddings=8192)  # fmt: skip
+    expected = dict(
+        model_type="llama",
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        head_dim=64,
+        rope_theta=100000.0,
+        rms_norm_eps=1e-5,
+        vocab_size=49152,
+        tie_word_embeddings=True,
+        max_position_embeddings=8192,
+    )
     assert {k: config[k] for k in expected} == expected
     assert "lm_head.weight" not in params
     assert params["model.layers.0.self_attn.k_proj.weight"].shape == (192, 576)

@@ -77,3 +77,13 @@ def test_dead_channel_and_errors():
         gptq_quantize(w, h, group_size=40)
     with pytest.raises(ValueError, match="bits=3"):
         gptq_quantize(w, h, bits=3)
+
+
+def test_given_scales_are_kept():
+    w, h = _problem(seed=4)
+    rtn = rtn_quantize(w, group_size=32, clip_ratio=0.9)
+    res = gptq_quantize(w, h, group_size=32, block_size=64, scales=rtn.scales)
+    np.testing.assert_array_equal(res.scales, rtn.scales)
+    assert float(output_error(w, res.w_hat, h)) < float(output_error(w, rtn.w_hat, h))
+    with pytest.raises(ValueError, match="scales has shape"):
+        gptq_quantize(w, h, scales=rtn.scales)

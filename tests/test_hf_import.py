@@ -212,7 +212,7 @@ def test_dense_padding_mask_matches_unpadded(tmp_path):
     positions = np.broadcast_to(np.arange(t), (3, t)).astype(np.int32)
     batched, state = apply({"params": params}, tokens, positions, cache=jnp.asarray(lengths))
     np.testing.assert_array_equal(np.asarray(state), lengths)  # dense state passes through
-    for b, n in enumerate(lengths):
+    for b, n in enumerate(lengths[1:], start=1):  # row 0 is unpadded
         alone, _ = apply({"params": params}, tokens[b : b + 1, :n], positions[b : b + 1, :n])
         np.testing.assert_allclose(np.asarray(batched[b, :n]), np.asarray(alone[0]), atol=1e-5)
 

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from comet_jax.quant import pack, quantizers
 from comet_jax.quant.qtensor import QuantizedTensor
 
-SETTINGS = settings(max_examples=25, deadline=None)
+SETTINGS = settings(max_examples=15, deadline=None)
 
 
 def _shape_and_group(draw):

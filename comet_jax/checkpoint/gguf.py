@@ -17,6 +17,7 @@ Usage:
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections.abc import Iterable
@@ -51,11 +52,19 @@ _GLOBAL_RE = re.compile(r"^([a-z_]+)\.(weight|bias)$")
 
 
 def _reader(path: str | os.PathLike):
-    from gguf import GGUFReader
-
     if not os.path.isfile(path):
         raise FileNotFoundError(f"GGUF file {str(path)!r} does not exist")
-    return GGUFReader(os.fspath(path), "r")
+    st = os.stat(path)
+    return _cached_reader(os.path.realpath(path), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_reader(path: str, mtime_ns: int, size: int):
+    """Parsing the header (~100k tokenizer strings) takes ~2 s; the tensors stay memory-mapped,
+    so a cached reader is cheap. Keyed by mtime/size so a rewritten file is parsed again."""
+    from gguf import GGUFReader
+
+    return GGUFReader(path, "r")
 
 
 def _field_value(field) -> Any:
@@ -76,9 +85,7 @@ def _field_value(field) -> Any:
     return one(field.data[0], field.types[0])
 
 
-def read_gguf_metadata(
-    path: str | os.PathLike, *, include_arrays: bool = True
-) -> dict[str, Any]:
+def read_gguf_metadata(path: str | os.PathLike, *, include_arrays: bool = True) -> dict[str, Any]:
     """All metadata key/values of a GGUF file, as plain Python values.
 
     `include_arrays=False` drops list values (the tokenizer vocabulary and merges, ~100k
@@ -101,17 +108,17 @@ def gguf_hf_config(metadata: dict[str, Any]) -> dict[str, Any]:
     if arch is None:
         raise ValueError("metadata has no 'general.architecture' key; is this a GGUF model?")
 
-    def get(key: str, default: Any = None, *, required: bool = True) -> Any:
+    def get(key: str, default: Any = None) -> Any:  # default None: the key is required
         full = f"{arch}.{key}"
         if full in metadata:
             return metadata[full]
-        if required and default is None:
+        if default is None:
             raise ValueError(f"GGUF metadata lacks {full!r} (needed for the {arch} config)")
         return default
 
     n_heads = int(get("attention.head_count"))
     hidden = int(get("embedding_length"))
-    head_dim = int(get("attention.key_length", hidden // n_heads, required=False))
+    head_dim = int(get("attention.key_length", hidden // n_heads))
     vocab = metadata.get(f"{arch}.vocab_size")
     if vocab is None:
         tokens = metadata.get("tokenizer.ggml.tokens")
@@ -125,9 +132,9 @@ def gguf_hf_config(metadata: dict[str, Any]) -> dict[str, Any]:
         "intermediate_size": int(get("feed_forward_length")),
         "num_hidden_layers": int(get("block_count")),
         "num_attention_heads": n_heads,
-        "num_key_value_heads": int(get("attention.head_count_kv", n_heads, required=False)),
+        "num_key_value_heads": int(get("attention.head_count_kv", n_heads)),
         "head_dim": head_dim,
-        "rope_theta": float(get("rope.freq_base", 10000.0, required=False)),
+        "rope_theta": float(get("rope.freq_base", 10000.0)),
         "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon")),
         "vocab_size": int(vocab),
         "max_position_embeddings": int(get("context_length")),
@@ -239,7 +246,9 @@ def load_gguf(
             continue
         arr = _dequantize(tensor)
         if unpermute_qk and (".q_proj." in hf_name or ".k_proj." in hf_name):
-            heads = config["num_attention_heads" if ".q_proj." in hf_name else "num_key_value_heads"]
+            heads = config[
+                "num_attention_heads" if ".q_proj." in hf_name else "num_key_value_heads"
+            ]
             arr = unpermute_qk_from_gguf(arr, heads)
         params[hf_name] = arr
     config["tie_word_embeddings"] = not any(t.name == "output.weight" for t in reader.tensors)

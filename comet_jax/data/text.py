@@ -136,7 +136,9 @@ def token_windows(token_ids, window: int, max_windows: int | None = None) -> np.
         raise ValueError(f"token_ids has shape {ids.shape}: expected a 1-D sequence")
     if not isinstance(window, (int, np.integer)) or window < 1:
         raise ValueError(f"window={window!r}: expected a positive int")
-    if max_windows is not None and (not isinstance(max_windows, (int, np.integer)) or max_windows < 1):
+    if max_windows is not None and (
+        not isinstance(max_windows, (int, np.integer)) or max_windows < 1
+    ):
         raise ValueError(f"max_windows={max_windows!r}: expected None or a positive int")
     n = ids.shape[0] // window
     if max_windows is not None:
@@ -144,3 +146,15 @@ def token_windows(token_ids, window: int, max_windows: int | None = None) -> np.
     if n == 0:
         raise ValueError(f"window={window} is longer than the {ids.shape[0]} tokens given")
     return ids[: n * window].reshape(n, window).astype(np.int32)
+
+
+def corpus_windows(
+    name: str,
+    tokenizer,
+    window: int = 2048,
+    max_windows: int | None = None,
+    root: str | os.PathLike | None = None,
+) -> np.ndarray:
+    """`[n, window] int32` windows of a cached corpus: `load_corpus` -> `corpus_token_ids` ->
+    `token_windows`. E.g. `corpus_windows("wikipedia", tok, 2048)` is the evaluation set."""
+    return token_windows(corpus_token_ids(load_corpus(name, root), tokenizer), window, max_windows)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from comet_jax.quant.kv_quant import kv4_bytes_per_token_head
+from comet_jax.engine.kv_cache import KVCacheConfig
 
 SCRATCH_PAGE = 0
 
@@ -79,17 +79,6 @@ def pages_for(num_tokens: int, page_size: int) -> int:
     return -(-num_tokens // page_size)
 
 
-def kv_bytes_per_token(
-    num_layers: int, num_kv_heads: int, head_dim: int, kv_dtype: str, group: int = 64
-) -> int:
-    """Bytes of K and V for one token over all layers (bf16, or KV4 with f16 scale/zero)."""
-    if kv_dtype == "bf16":
-        return 2 * num_layers * num_kv_heads * head_dim * 2
-    if kv_dtype == "int4":
-        return 2 * num_layers * num_kv_heads * kv4_bytes_per_token_head(head_dim, group)
-    raise ValueError(f"kv_dtype={kv_dtype!r}; expected 'bf16' or 'int4'")
-
-
 def free_device_memory(device=None) -> int:
     """Free bytes on `device` (accelerator memory stats; host RAM on CPU)."""
     import jax
@@ -128,42 +117,32 @@ class CapacityPlan:
 
 
 def plan_num_pages(
-    *,
-    free_bytes: int,
-    fraction: float,
-    page_size: int,
-    num_layers: int,
-    num_kv_heads: int,
-    head_dim: int,
-    kv_dtype: str,
-    group: int = 64,
-    max_pages: int | None = None,
+    *, free_bytes: int, fraction: float, cache_config: KVCacheConfig
 ) -> CapacityPlan:
-    """Pages (incl. scratch) of a KV pool filling `fraction` of `free_bytes`."""
+    """Pages (incl. scratch) of a KV pool filling `fraction` of `free_bytes`.
+
+    cache_config gives the layout (layers, heads, page size, dtype); its num_pages is ignored.
+    """
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"fraction={fraction!r} must be in (0, 1]")
     budget = int(free_bytes * fraction)
+    page = cache_config.page_size
     per_tok = {
-        d: kv_bytes_per_token(num_layers, num_kv_heads, head_dim, d, group)
-        for d in ("bf16", "int4")
+        d: dataclasses.replace(cache_config, dtype=d).bytes_per_token for d in ("bf16", "int4")
     }
-    if kv_dtype not in per_tok:
-        raise ValueError(f"kv_dtype={kv_dtype!r}; expected 'bf16' or 'int4'")
-    bpt = per_tok[kv_dtype]
-    num_pages = budget // (bpt * page_size)
-    if max_pages is not None:
-        num_pages = min(num_pages, max_pages)
+    bpt = cache_config.bytes_per_token
+    num_pages = budget // (bpt * page)
     if num_pages < 2:
         raise ValueError(
-            f"{budget} bytes hold {num_pages} KV pages of {page_size} tokens at {bpt} B/token; "
+            f"{budget} bytes hold {num_pages} KV pages of {page} tokens at {bpt} B/token; "
             "need at least 2 (give more memory or a smaller model)"
         )
     return CapacityPlan(
         free_bytes=free_bytes,
         fraction=fraction,
-        page_size=page_size,
+        page_size=page,
         bytes_per_token=bpt,
         num_pages=int(num_pages),
-        tokens_bf16=budget // per_tok["bf16"] // page_size * page_size,
-        tokens_int4=budget // per_tok["int4"] // page_size * page_size,
+        tokens_bf16=budget // per_tok["bf16"] // page * page,
+        tokens_int4=budget // per_tok["int4"] // page * page,
     )

@@ -62,7 +62,9 @@ class EngineConfig:
       compute_dtype: 'bfloat16' | 'float32' activations.
       decode_buckets, prefill_batch_buckets, chunk_buckets, page_buckets: shape buckets (None:
         powers of two up to the limit; pages: a single bucket, the max pages per sequence).
-      interpret: run Pallas kernels in interpret mode (CPU).
+      kernels: 'auto' (Pallas on GPU or with interpret, jnp reference/simulation on CPU) |
+        'pallas' | 'reference'.
+      interpret: run Pallas kernels in interpret mode (CPU; slow, for testing kernels).
       aot_compile: compile every bucket at start-up (else on first use).
       seed: default sampling seed of requests that give none.
     """
@@ -82,6 +84,7 @@ class EngineConfig:
     prefill_batch_buckets: tuple[int, ...] | None = None
     chunk_buckets: tuple[int, ...] | None = None
     page_buckets: tuple[int, ...] | None = None
+    kernels: str = "auto"
     interpret: bool = False
     aot_compile: bool = True
     seed: int = 0
@@ -100,6 +103,8 @@ class EngineConfig:
             raise ValueError(f"precision={self.precision!r}; expected one of {PRECISIONS}")
         if self.kv_dtype is not None and self.kv_dtype not in KV_DTYPES:
             raise ValueError(f"kv_dtype={self.kv_dtype!r}; expected one of {KV_DTYPES} or None")
+        if self.kernels not in ("auto", "pallas", "reference"):
+            raise ValueError(f"kernels={self.kernels!r}; expected auto|pallas|reference")
         if self.compute_dtype not in ("bfloat16", "float32"):
             raise ValueError(f"compute_dtype={self.compute_dtype!r}; expected bfloat16|float32")
         if self.max_prefill_seqs > self.max_batch:

@@ -37,12 +37,13 @@ from comet_jax.engine.allocator import (
     plan_num_pages,
 )
 from comet_jax.engine.config import EngineConfig, bucket_for
+from comet_jax.engine.kv_cache import KVCacheConfig
 from comet_jax.engine.runner import (
     ModelRunner,
     PagedAttention,
     StepInputs,
-    kv_backend_for,
-    linear_backend_for,
+    precision_plan,
+    resolve_kernels,
 )
 from comet_jax.engine.sampling import SamplingParams, TextStream
 from comet_jax.engine.scheduler import Chunk, FinishReason, Scheduler, Sequence as Seq
@@ -99,7 +100,14 @@ class LLMEngine:
         self.runner = runner
         self.tokenizer = tokenizer
         self.capacity = capacity
-        self.allocator = BlockAllocator(runner.num_pages)
+        # config.num_pages may use only part of the runner's pool (tests share one compiled
+        # runner between engines of different pool sizes).
+        num_pages = config.num_pages or runner.num_pages
+        if num_pages > runner.num_pages:
+            raise ValueError(
+                f"num_pages={num_pages} exceeds the runner's cache of {runner.num_pages} pages"
+            )
+        self.allocator = BlockAllocator(num_pages)
         self.scheduler = Scheduler(config, self.allocator)
         self.stats = EngineStats()
         self._requests: dict[str, _Request] = {}
@@ -121,32 +129,45 @@ class LLMEngine:
         linear=None,
         progress: bool = True,
     ) -> LLMEngine:
-        """Model + paged attention + KV pool sized by config (or free memory) -> engine."""
+        """Model + paged attention + KV pool sized by config (or free memory) -> engine.
+
+        linear: the projection backend/LinearPlan of `params` (a quantized checkpoint's plan);
+        None = `precision_plan(config.precision)` (float params for bf16; random-weight
+        shaped params otherwise).
+        """
         from models.llama import LlamaForCausalLM
 
-        kv = kv_backend_for(config.resolved_kv_dtype, config.kv_group)
+        mode, attn_backend = resolve_kernels(config.kernels, config.interpret)
         if linear is None:
-            linear = linear_backend_for(config.precision, interpret=config.interpret)
+            linear = precision_plan(
+                model_config, config.precision, mode=mode, interpret=config.interpret
+            )
         dtype = jnp.bfloat16 if config.compute_dtype == "bfloat16" else jnp.float32
         model = LlamaForCausalLM(
             model_config,
             linear=linear,
-            attention=PagedAttention(kv, config.page_size),
+            attention=PagedAttention(attn_backend, config.interpret),
             dtype=dtype,
             param_dtype=dtype,
         )
-        plan = plan_num_pages(
-            free_bytes=free_device_memory(),
-            fraction=config.memory_fraction,
-            page_size=config.page_size,
+        cache_config = KVCacheConfig(
             num_layers=model_config.num_layers,
             num_kv_heads=model_config.num_kv_heads,
             head_dim=model_config.head_dim,
-            kv_dtype=config.resolved_kv_dtype,
-            group=config.kv_group,
+            page_size=config.page_size,
+            num_pages=config.num_pages or 2,
+            group_size=config.kv_group,
+            dtype=config.resolved_kv_dtype,
         )
-        num_pages = config.num_pages or plan.num_pages
-        runner = ModelRunner(model, params, num_pages=num_pages, page_size=config.page_size, kv=kv)
+        plan = plan_num_pages(
+            free_bytes=free_device_memory(), fraction=config.memory_fraction,
+            cache_config=cache_config,
+        )
+        if config.num_pages is None:
+            cache_config = dataclasses.replace(cache_config, num_pages=plan.num_pages)
+        else:
+            plan = dataclasses.replace(plan, num_pages=config.num_pages)
+        runner = ModelRunner(model, params, cache_config)
         return cls(config, runner, tokenizer=tokenizer, capacity=plan, progress=progress)
 
     # -- compilation -----------------------------------------------------------------------------

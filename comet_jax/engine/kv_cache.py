@@ -20,6 +20,7 @@ Typical engine step (per layer, inside jit, cache donated)::
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Literal
 
 import jax
@@ -107,12 +108,15 @@ class PagedKVCache:
 def init_cache(cfg: KVCacheConfig) -> PagedKVCache:
     """An empty pool (zeros; never read before written, lengths mask the rest)."""
     lead = (cfg.num_layers, cfg.num_pages, cfg.num_kv_heads)
+    # Distinct buffers (no aliasing), so the whole cache can be donated to a jitted step.
     if not cfg.quantized:
-        kv = jnp.zeros((*lead, cfg.page_size, cfg.head_dim), jnp.bfloat16)
-        return PagedKVCache(kv, kv, None, None, None, None, cfg)
-    packed = jnp.zeros((*lead, cfg.page_size, cfg.head_dim // 2), jnp.uint8)
-    meta = jnp.zeros((*lead, cfg.head_dim // cfg.group_size, cfg.page_size), kv_quant.SCALE_DTYPE)
-    return PagedKVCache(packed, packed, meta, meta, meta, meta, cfg)
+        kv = functools.partial(jnp.zeros, (*lead, cfg.page_size, cfg.head_dim), jnp.bfloat16)
+        return PagedKVCache(kv(), kv(), None, None, None, None, cfg)
+    packed = functools.partial(jnp.zeros, (*lead, cfg.page_size, cfg.head_dim // 2), jnp.uint8)
+    meta = functools.partial(
+        jnp.zeros, (*lead, cfg.head_dim // cfg.group_size, cfg.page_size), kv_quant.SCALE_DTYPE
+    )
+    return PagedKVCache(packed(), packed(), meta(), meta(), meta(), meta(), cfg)
 
 
 def _check_new(name: str, x, cfg: KVCacheConfig, n: int):
@@ -230,6 +234,13 @@ def paged_attention(
         )
     else:
         out = attn.paged_prefill_attention(
-            q, pages, page_table, seq_lens, q_lens, layer=layer, interpret=interpret, **kernel_kwargs
+            q,
+            pages,
+            page_table,
+            seq_lens,
+            q_lens,
+            layer=layer,
+            interpret=interpret,
+            **kernel_kwargs,
         )
     return out, cache

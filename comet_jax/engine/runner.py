@@ -1,144 +1,40 @@
-"""Glue between the Flax model, the paged KV pool and the jitted engine step.
+"""Glue between the Flax model, the paged KV cache and the jitted engine step.
 
 One step function serves decode and prefill: it takes a padded batch of token slices
 
     tokens: [B, T] int32      T = 1 (decode) or a chunk bucket (prefill)
     start: [B] int32          position of tokens[:, 0] (= tokens already in the cache)
     num_valid: [B] int32      real tokens per row (0 for padding rows)
-    page_table: [B, P] int32  pages of each row's sequence (0 = scratch page)
+    page_table: [B, P] int32  pages of each row's sequence (unused entries 0)
     sampling arrays [B]       temperature, top_k, top_p, seed, counter
 
-writes the rows' K/V into the pool, attends over each row's pages, and samples one token per
+writes the rows' K/V into the cache, attends over each row's pages, and samples one token per
 row from the logits of its last valid token. Only [B] int32 leaves the device.
 
-The model sees attention through `PagedAttention` (models/attention.py protocol): its cache
-state is a `PagedState` holding the whole pool (all layers) plus the batch's page table, and
-each layer updates its slice. The pool layout and kernels come from a `KVBackend`:
-`BF16KV` (bf16 pages) and `Int4KV` (KV4 pages, `comet_jax.quant.kv_quant` format, dequantized
-in the reference attention). Pool arrays: `[L, num_pages, page_size, Hkv, ...]`.
+The model sees attention through `PagedAttention` (the models/attention.py protocol): its
+cache state is a `PagedState` holding the whole `kv_cache.PagedKVCache` (all layers) plus the
+batch's page table; each layer writes its slice and attends with `kv_cache.paged_attention`
+(decode kernel for T = 1, chunked-prefill kernel otherwise; Pallas on GPU, the jnp reference
+or interpret mode on CPU).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from comet_jax.engine import kv_cache
 from comet_jax.engine.sampling import sample_tokens
-from comet_jax.quant import kv_quant
-
-_MASK = -0.7 * float(np.finfo(np.float32).max)
-
-
-class KVBackend(Protocol):
-    """Paged KV pool storage and attention (hashable: a static attribute of the model)."""
-
-    def init_pool(self, num_layers, num_pages, page_size, num_kv_heads, head_dim) -> Any: ...
-
-    def write(self, pool, layer: int, k, v, page, offset) -> Any:
-        """k, v: [B, T, Hkv, D]; page, offset: [B, T] int32 slot of each token."""
-        ...
-
-    def attend(self, pool, layer: int, q, page_table, q_pos, kv_len) -> jax.Array:
-        """q: [B, T, Hq, D]; page_table: [B, P]; q_pos: [B, T]; kv_len: [B] -> [B, T, Hq, D]."""
-        ...
-
-
-def paged_attention_reference(q, k_ctx, v_ctx, q_pos, kv_len) -> jax.Array:
-    """Causal GQA over gathered pages, softmax in f32.
-
-    q: [B, T, Hq, D]; k_ctx, v_ctx: [B, S, Hkv, D] (S = P * page_size; key s sits at position
-    s); q_pos: [B, T] positions of the queries; kv_len: [B] keys written so far. Query at
-    position p sees keys s <= p and s < kv_len.
-    """
-    b, t, hq, d = q.shape
-    s, hkv = k_ctx.shape[1], k_ctx.shape[2]
-    qg = q.reshape(b, t, hkv, hq // hkv, d)
-    scores = jnp.einsum("bthgd,bshd->bhgts", qg, k_ctx, preferred_element_type=jnp.float32)
-    scores = scores * (d**-0.5)
-    key_pos = jnp.arange(s)[None, None, :]
-    allowed = (key_pos <= q_pos[:, :, None]) & (key_pos < kv_len[:, None, None])  # [B, T, S]
-    scores = jnp.where(allowed[:, None, None], scores, _MASK)
-    probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum(
-        "bhgts,bshd->bthgd", probs.astype(v_ctx.dtype), v_ctx, preferred_element_type=jnp.float32
-    )
-    return out.reshape(b, t, hq, d).astype(q.dtype)
-
-
-def _gather(pages: jax.Array, page_table: jax.Array) -> jax.Array:
-    """pages: [N, page, ...]; page_table: [B, P] -> [B, P*page, ...]."""
-    g = pages[page_table]
-    return g.reshape(g.shape[0], g.shape[1] * g.shape[2], *g.shape[3:])
-
-
-@dataclasses.dataclass(frozen=True)
-class BF16KV:
-    """bf16 pages: pool = (k, v), each [L, N, page, Hkv, D]."""
-
-    dtype: Any = jnp.bfloat16
-
-    def init_pool(self, num_layers, num_pages, page_size, num_kv_heads, head_dim):
-        shape = (num_layers, num_pages, page_size, num_kv_heads, head_dim)
-        return (jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype))
-
-    def write(self, pool, layer, k, v, page, offset):
-        kp, vp = pool
-        kp = kp.at[layer, page, offset].set(k.astype(kp.dtype))
-        vp = vp.at[layer, page, offset].set(v.astype(vp.dtype))
-        return kp, vp
-
-    def attend(self, pool, layer, q, page_table, q_pos, kv_len):
-        kp, vp = pool
-        k_ctx = _gather(kp[layer], page_table).astype(q.dtype)
-        v_ctx = _gather(vp[layer], page_table).astype(q.dtype)
-        return paged_attention_reference(q, k_ctx, v_ctx, q_pos, kv_len)
-
-
-@dataclasses.dataclass(frozen=True)
-class Int4KV:
-    """KV4 pages (kv_quant format): pool = (k, v) KVQuant, packed [L, N, page, Hkv, D/2] uint8,
-    scale/zero [L, N, page, Hkv, D/g] f16."""
-
-    group: int = 64
-
-    def init_pool(self, num_layers, num_pages, page_size, num_kv_heads, head_dim):
-        base = (num_layers, num_pages, page_size, num_kv_heads)
-        g = head_dim // self.group
-
-        def one():
-            return kv_quant.KVQuant(
-                jnp.zeros(base + (head_dim // 2,), jnp.uint8),
-                jnp.ones(base + (g,), kv_quant.SCALE_DTYPE),
-                jnp.zeros(base + (g,), kv_quant.SCALE_DTYPE),
-            )
-
-        return (one(), one())
-
-    def write(self, pool, layer, k, v, page, offset):
-        def put(store, x):
-            qx = kv_quant.quantize_kv(x.astype(jnp.float32), self.group)
-            return kv_quant.KVQuant(
-                *(s.at[layer, page, offset].set(n) for s, n in zip(store, qx, strict=True))
-            )
-
-        return put(pool[0], k), put(pool[1], v)
-
-    def attend(self, pool, layer, q, page_table, q_pos, kv_len):
-        def ctx(store):
-            parts = [_gather(a[layer], page_table) for a in store]
-            return kv_quant.dequantize_kv(*parts, group_size=self.group, dtype=q.dtype)
-
-        return paged_attention_reference(q, ctx(pool[0]), ctx(pool[1]), q_pos, kv_len)
 
 
 class PagedState(NamedTuple):
     """Attention cache state threaded through the layers."""
 
-    pool: Any
+    cache: kv_cache.PagedKVCache
     page_table: jax.Array  # [B, P] int32
     start: jax.Array  # [B] int32
     num_valid: jax.Array  # [B] int32
@@ -146,25 +42,35 @@ class PagedState(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class PagedAttention:
-    """models.attention protocol over a paged pool: write this step's K/V, then attend."""
+    """models.attention protocol over the paged cache: write this step's K/V, then attend.
 
-    kv: Any  # KVBackend
-    page_size: int
+    backend: "pallas" (kernels; `interpret` runs them on CPU) or "reference" (jnp).
+    """
+
+    backend: str = "reference"
+    interpret: bool = False
 
     def __call__(self, q, k, v, layer_idx, state: PagedState):
-        b, t = q.shape[:2]
+        t = q.shape[1]
         ti = jnp.arange(t, dtype=jnp.int32)[None, :]
-        q_pos = state.start[:, None] + ti  # [B, T]
+        positions = state.start[:, None] + ti  # [B, T]
         valid = ti < state.num_valid[:, None]
-        slot_page = jnp.take_along_axis(
-            state.page_table, jnp.where(valid, q_pos // self.page_size, 0), axis=1
-        )
-        page = jnp.where(valid, slot_page, 0)  # padding tokens land on the scratch page
-        offset = jnp.where(valid, q_pos % self.page_size, 0)
-        pool = self.kv.write(state.pool, layer_idx, k, v, page, offset)
-        kv_len = state.start + state.num_valid
-        out = self.kv.attend(pool, layer_idx, q, state.page_table, q_pos, kv_len)
-        return out, state._replace(pool=pool)
+        page_size = state.cache.config.page_size
+        slots = kv_cache.slot_mapping_from_positions(state.page_table, positions, page_size, valid)
+        seq_lens = state.start + state.num_valid
+        common = dict(backend=self.backend, interpret=self.interpret)
+        if t == 1:
+            out, cache = kv_cache.paged_attention(
+                q[:, 0], k[:, 0], v[:, 0], state.cache, layer_idx, state.page_table, seq_lens,
+                slots[:, 0], mode="decode", **common,
+            )
+            out = out[:, None]
+        else:
+            out, cache = kv_cache.paged_attention(
+                q, k, v, state.cache, layer_idx, state.page_table, seq_lens, slots,
+                mode="prefill", q_lens=state.num_valid, **common,
+            )
+        return out.astype(q.dtype), state._replace(cache=cache)
 
 
 class StepInputs(NamedTuple):
@@ -200,12 +106,12 @@ class StepInputs(NamedTuple):
 
 
 def make_step_fn(model):
-    """The pure step: (params, pool, StepInputs) -> (next_tokens [B] int32, pool)."""
+    """The pure step: (params, cache, StepInputs) -> (next_tokens [B] int32, cache)."""
 
-    def step(params, pool, inp: StepInputs):
+    def step(params, cache, inp: StepInputs):
         t = inp.tokens.shape[1]
         positions = inp.start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
-        state = PagedState(pool, inp.page_table, inp.start, inp.num_valid)
+        state = PagedState(cache, inp.page_table, inp.start, inp.num_valid)
         last = jnp.maximum(inp.num_valid - 1, 0)
         logits, state = model.apply(
             {"params": params}, inp.tokens, positions, cache=state, logits_at=last
@@ -213,54 +119,71 @@ def make_step_fn(model):
         next_tokens = sample_tokens(
             logits[:, 0], inp.temperature, inp.top_k, inp.top_p, inp.seeds, inp.counters
         )
-        return next_tokens, state.pool
+        return next_tokens, state.cache
 
     return step
 
 
-def kv_backend_for(kv_dtype: str, group: int):
-    if kv_dtype == "bf16":
-        return BF16KV()
-    if kv_dtype == "int4":
-        return Int4KV(group)
-    raise ValueError(f"kv_dtype={kv_dtype!r}; expected 'bf16' or 'int4'")
+def resolve_kernels(kernels: str, interpret: bool) -> tuple[str, str]:
+    """EngineConfig.kernels -> (qlinear mode "sim"|"pallas", attention "reference"|"pallas")."""
+    if kernels == "auto":
+        kernels = "pallas" if interpret or jax.default_backend() == "gpu" else "reference"
+    if kernels == "pallas":
+        return "pallas", "pallas"
+    return "sim", "reference"
 
 
-def linear_backend_for(precision: str, *, interpret: bool = False):
-    """The projection backend of a precision preset ('bf16' = float weights)."""
-    from models.projection import FloatLinear
+def precision_plan(model_config, precision: str, *, mode: str = "sim", interpret: bool = False,
+                   int8_fraction: float = 0.25, block: int = 64):
+    """Projection backends of a precision preset for random weights (benchmarks, tests).
+
+    'bf16': float weights; 'w8a8', 'w4a16': one backend everywhere; 'w4axkv4': FMPQ W4Ax with
+    `int8_fraction` of each input group's channels in INT8 blocks (the paper's worst case is
+    25%). Quantized checkpoints bring their own plan (`comet_jax.quant.convert`).
+    """
+    from models.llama import layer_specs
+    from models.projection import GROUPS, FloatLinear, LinearPlan
 
     if precision == "bf16":
         return FloatLinear(precision=None)
-    try:
-        from comet_jax.quant import qlinear
-    except ImportError as e:
-        raise ValueError(
-            f"precision={precision!r} needs comet_jax.quant.qlinear, which is not importable: {e}"
-        ) from e
-    factory = getattr(qlinear, "backend_for_precision", None)
-    if factory is None:
-        raise ValueError(
-            f"precision={precision!r}: comet_jax.quant.qlinear has no backend_for_precision()"
+    from comet_jax.quant import qlinear
+
+    sim = dict(mode="sim")  # W8A8 / W4A16 have no Pallas kernel
+    if precision == "w8a8":
+        return qlinear.W8A8Linear(**sim)
+    if precision == "w4a16":
+        return qlinear.W4A16Linear(tile=block, **sim)
+    if precision != "w4axkv4":
+        raise ValueError(f"precision={precision!r}; expected bf16|w8a8|w4a16|w4axkv4")
+    overrides = {}
+    for group, spec in layer_specs(model_config, 0).items():
+        k = spec.in_features
+        if k % block:
+            raise ValueError(f"{group}: K={k} is not a multiple of the FMPQ block={block}")
+        k8 = int(round(k * int8_fraction / block)) * block
+        overrides[(None, group)] = qlinear.W4AxLinear(
+            k4=k - k8, k8=k8, block=block, tile=block, mode=mode, interpret=interpret
         )
-    return factory(precision, interpret=interpret)
+    assert set(g for _, g in overrides) == set(GROUPS)
+    return LinearPlan.from_mapping(overrides)
 
 
 class ModelRunner:
-    """Owns the model, its params and the KV pool; runs (and AOT-compiles) step buckets.
+    """Owns the model, its params and the KV cache; runs (and AOT-compiles) step buckets.
 
     `run(inp)` executes the executable compiled for inp's shapes; with `allow_lazy=False` an
     uncompiled shape raises instead of compiling, which is how the engine guarantees that
     steady-state serving never recompiles.
     """
 
-    def __init__(self, model, params, *, num_pages: int, page_size: int, kv):
-        cfg = model.config
+    def __init__(self, model, params, cache_config: kv_cache.KVCacheConfig):
         self.model = model
         self.params = params
-        self.page_size = page_size
-        self.num_pages = num_pages
-        self.pool = kv.init_pool(cfg.num_layers, num_pages, page_size, cfg.num_kv_heads, cfg.head_dim)
+        self.cache_config = cache_config
+        self.num_pages = cache_config.num_pages
+        # init_cache shares one zeros buffer between k and v (and the four scale arrays); the
+        # step donates the cache, and a buffer cannot be donated twice: give each leaf its own.
+        self.cache = jax.tree.map(jnp.copy, kv_cache.init_cache(cache_config))
         self._jit = jax.jit(make_step_fn(model), donate_argnums=(1,))
         self._compiled: dict[tuple[int, int, int], Any] = {}
         self.allow_lazy = True
@@ -274,7 +197,7 @@ class ModelRunner:
         if key in self._compiled:
             return
         abstract = StepInputs.zeros(batch, length, pages).abstract()
-        self._compiled[key] = self._jit.lower(self.params, self.pool, abstract).compile()
+        self._compiled[key] = self._jit.lower(self.params, self.cache, abstract).compile()
 
     def run(self, inp: StepInputs) -> jax.Array:
         """Dispatches one step; returns next_tokens [B] int32 (a device array, not waited on)."""
@@ -283,7 +206,7 @@ class ModelRunner:
             if not self.allow_lazy:
                 raise RuntimeError(f"step shape {key} was not compiled at start-up")
             self.compile(*key)
-        next_tokens, self.pool = self._compiled[key](self.params, self.pool, inp)
+        next_tokens, self.cache = self._compiled[key](self.params, self.cache, inp)
         return next_tokens
 
 

@@ -220,7 +220,9 @@ def _rank_key(max_abs, mean_abs, score, cfg):
     return is_outlier, score
 
 
-def plan_permutation(max_abs, config: FMPQConfig = FMPQConfig(), *, mean_abs=None, score=None):
+def plan_permutation(
+    max_abs, config: FMPQConfig = FMPQConfig(), *, mean_abs=None, score=None
+) -> FMPQPlan:
     """Builds the FMPQ plan of one layer input from calibration statistics.
 
     Args:

@@ -19,7 +19,9 @@ that layout); results are un-permuted before returning. Because groups must stay
 in the storage layout, act_order uses static group scales (from the un-updated weight,
 computed before the sweep); without act_order group scales are computed when the sweep reaches
 a group's first column, from the error-updated weights (the original GPTQ behaviour).
-Per-channel scales are always computed from the original weight.
+Per-channel scales are always computed from the original weight. Scales can also be given
+(``scales=``, e.g. learned by :func:`comet_jax.quant.lwc.lwc_quantize`): GPTQ then only
+chooses the integers.
 """
 
 from __future__ import annotations
@@ -176,6 +178,7 @@ def gptq_quantize(
     block_size: int = 128,
     act_order: bool = False,
     clip_ratio: float = 1.0,
+    scales=None,
 ) -> GPTQResult:
     """GPTQ-quantizes ``w: [N, K]`` given ``h = X^T X: [K, K]`` (numpy or jnp, any float).
 
@@ -189,6 +192,9 @@ def gptq_quantize(
         group_size.
       act_order: process columns by descending ``diag(H)`` (static group scales; module doc).
       clip_ratio: range multiplier of the scales (1.0 = plain max).
+      scales: optional fixed scales, ``[N]`` (per channel) or ``[N, K/group_size]``, e.g.
+        ``lwc_quantize(...).scales`` (learned clipping + GPTQ rounding). Used as static scales
+        (like act_order); clip_ratio is then ignored.
 
     Returns:
       :class:`GPTQResult` in the layout of ``w``.
@@ -199,8 +205,20 @@ def gptq_quantize(
     w = jnp.asarray(w, jnp.float32)
     h = jnp.asarray(h, jnp.float32)
     k = w.shape[1]
-    col_scale = _col_scales(w, bits, group_size, clip_ratio)
-    dynamic = group_size is not None and not act_order
+    if scales is None:
+        col_scale = _col_scales(w, bits, group_size, clip_ratio)
+    else:
+        want = (w.shape[0],) if group_size is None else (w.shape[0], k // group_size)
+        if np.shape(scales) != want:
+            raise ValueError(f"scales has shape {np.shape(scales)}, expected {want}")
+        scales = jnp.asarray(scales, jnp.float32)
+        if not bool(jnp.all(scales > 0)):
+            raise ValueError("scales must be > 0")
+        col_scale = jnp.broadcast_to(
+            scales[:, None] if group_size is None else jnp.repeat(scales, group_size, axis=1),
+            w.shape,
+        )
+    dynamic = group_size is not None and not act_order and scales is None
     if dynamic:
         # Group scales follow the sweep, so groups must not straddle blocks.
         block_size = max(block_size, group_size)

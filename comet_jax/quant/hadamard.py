@@ -16,10 +16,10 @@ Construction of ``hadamard_matrix(n)`` (entries +-1/sqrt(n), exactly orthogonal)
     ``m = 2 (q + 1)`` for a prime ``q = 1 mod 4`` (12, 28, 36, 60, 76, 84, 108, 124, 148, ...).
     Examples: 576 = 36 x 16, 896 = 28 x 32, 1536 = 12 x 128, 4864 = 76 x 64,
     14336 = 28 x 512, 18944 = 148 x 128. The online cost is one ``[m, m]`` matmul per token
-    plus the fast transform (11008 = 5504 x 2 exists but is nearly a dense rotation). Sizes
-    without a construction raise ValueError; use
-    :func:`block_hadamard_matrix`, whose block-diagonal ``I (x) H_b`` only spreads outliers
-    inside each block of b channels (weaker).
+    plus the fast transform (11008 = 5504 x 2 exists but is nearly a dense rotation).
+    Sizes without a construction (e.g. 52) raise ValueError; :func:`block_hadamard_matrix`
+    is the fallback, a block-diagonal ``I (x) H_b`` that spreads outliers only inside each
+    block of b channels (weaker).
 ``random_hadamard_matrix`` multiplies rows by random signs (``R = diag(s) H``, still
 orthogonal), as QuaRot does, so that no fixed input direction maps onto a single column.
 """
@@ -117,12 +117,14 @@ def hadamard_factors(n: int) -> tuple[int, int]:
 @functools.lru_cache(maxsize=64)
 def _hadamard_np(n: int) -> np.ndarray:
     m, p = hadamard_factors(n)
-    h = _sylvester(p) if m == 1 else np.kron(_paley(m), _sylvester(p))
-    h = h.astype(np.float64) / math.sqrt(n)
-    # Cheap at the sizes used offline; catches any construction error.
-    if n <= 4096 and not np.allclose(h @ h.T, np.eye(n), atol=1e-9):
-        raise AssertionError(f"hadamard construction for n={n} is not orthogonal")
-    return h
+    if m == 1:
+        return _sylvester(p).astype(np.float64) / math.sqrt(n)
+    hm = _paley(m)
+    # Exact integer check of the Paley factor (the Kronecker product with Sylvester's matrix
+    # is then Hadamard too).
+    if m <= 1024 and not np.array_equal(hm @ hm.T, m * np.eye(m, dtype=np.int64)):
+        raise AssertionError(f"Paley construction of order {m} is not Hadamard")
+    return np.kron(hm, _sylvester(p)).astype(np.float64) / math.sqrt(n)
 
 
 def hadamard_matrix(n: int, dtype=jnp.float32) -> jnp.ndarray:

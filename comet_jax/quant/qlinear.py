@@ -30,8 +30,9 @@ per block (``"block"``, simulation only).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -129,7 +130,7 @@ class W8A8Linear:
             x = rms_norm(x, norm_weight, eps)
         x2, lead = _flatten(x)
         res = quantizers.quantize(x2, bits=8, granularity="row", clip_ratio=self.act_clip)
-        return PreparedInt(res.q, res.scale[:, None], x.dtype, lead)
+        return PreparedInt(res.q, res.scale[:, None], jnp.dtype(x.dtype), tuple(lead))
 
     def matmul(self, weight_params, prepared):
         w_q = weight_params["w_q"]
@@ -140,8 +141,15 @@ class W8A8Linear:
         return _add_bias_cast(y, weight_params, prepared.dtype, prepared.lead)
 
 
-class PreparedInt(NamedTuple):
-    """Quantized activations in simulation: x_q [M, K] int8, x_scales [M, C] f32 (C chunks)."""
+@functools.partial(
+    jax.tree_util.register_dataclass, data_fields=["x_q", "x_scales"], meta_fields=["dtype", "lead"]
+)
+@dataclasses.dataclass(frozen=True)
+class PreparedInt:
+    """Quantized activations in simulation: x_q [M, K] int8, x_scales [M, C] f32 (C chunks).
+
+    dtype: the compute dtype of the output; lead: the leading shape of x (M = prod(lead)).
+    """
 
     x_q: jax.Array
     x_scales: jax.Array
@@ -149,7 +157,13 @@ class PreparedInt(NamedTuple):
     lead: tuple
 
 
-class PreparedKernel(NamedTuple):
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["x4_packed", "x8", "x_scales"],
+    meta_fields=["dtype", "lead"],
+)
+@dataclasses.dataclass(frozen=True)
+class PreparedKernel:
     """Kernel-format activations: x4_packed [M, K4/2] int8, x8 [M, K8] int8, x_scales [M, 2]."""
 
     x4_packed: jax.Array
@@ -302,16 +316,34 @@ class W4AxLinear:
 
     def prepare_input(self, group_params, x, norm_weight, *, eps):
         self._check_k(x.shape[-1], "prepare_input")
-        if self.mode == "pallas":
-            return self._prepare_pallas(group_params, x, norm_weight, eps)
-        x2, lead = _flatten(self._transform(group_params, x, norm_weight, eps))
-        x_q, x_scales = quantize_activations(
-            x2, self.k4, self.block, self.act_granularity, self.act_clip
+        if self.act_granularity == "block":  # simulation only (no kernel format)
+            x2, lead = _flatten(self._transform(group_params, x, norm_weight, eps))
+            x_q, x_scales = quantize_activations(
+                x2, self.k4, self.block, self.act_granularity, self.act_clip
+            )
+            return PreparedInt(x_q, x_scales, jnp.dtype(x.dtype), tuple(lead))
+        from pallas_kernels import act_quant as aq
+
+        x2, lead = _flatten(x)
+        if self.rotate:
+            # The fused kernel has no rotation: normalize and rotate first, then quantize.
+            from comet_jax.quant import hadamard
+
+            if norm_weight is not None:
+                x2 = rms_norm(x2, norm_weight, eps)
+                norm_weight = None
+            x2 = hadamard.hadamard_transform(x2).astype(x2.dtype)
+        k = x2.shape[-1]
+        perm = group_params["perm"] if self.permute else jnp.arange(k, dtype=jnp.int32)
+        kwargs = dict(
+            norm_weight=norm_weight, eps=eps, clip4=self.act_clip, clip8=self.act_clip,
+            tile_k=self.tile,
         )
-        if self.act_granularity == "block":
-            return PreparedInt(x_q, x_scales, x.dtype, lead)
-        x4_packed = pack.pack_int4(x_q[:, : self.k4], self.tile)
-        return PreparedKernel(x4_packed, x_q[:, self.k4 :], x_scales, x.dtype, lead)
+        if self.mode == "pallas":
+            out = aq.act_quant(x2, perm, self.k4, interpret=self.interpret, **kwargs)
+        else:
+            out = aq.act_quant_reference(x2, perm, self.k4, **kwargs)
+        return PreparedKernel(*out, jnp.dtype(x.dtype), tuple(lead))
 
     def chunks(self) -> tuple[tuple[int, int, int, int], ...]:
         """Static K chunks (lo, hi, x-scale column, w-scale column) of the epilogue."""
@@ -361,20 +393,3 @@ class W4AxLinear:
         return y.reshape(*prepared.lead, y.shape[-1]).astype(prepared.dtype)
 
     # ---- Pallas path ---------------------------------------------------------------------
-    def _prepare_pallas(self, group_params, x, norm_weight, eps):
-        from pallas_kernels import act_quant as aq
-
-        x2, lead = _flatten(x)
-        perm = group_params["perm"] if self.permute else None
-        if self.rotate:
-            # The fused kernel has no rotation: rotate first (a matmul), then fuse the rest.
-            from comet_jax.quant import hadamard
-
-            if norm_weight is not None:
-                x2 = rms_norm(x2, norm_weight, eps)
-                norm_weight = None
-            x2 = hadamard.hadamard_transform(x2).astype(x2.dtype)
-        x4_packed, x8, x_scales = aq.act_quant(
-            x2, norm_weight, perm, k4=self.k4, eps=eps, tile=self.tile, interpret=self.interpret
-        )
-        return PreparedKernel(x4_packed, x8, x_scales, x.dtype, lead)

@@ -9,7 +9,8 @@ Granularity names where the scale is shared, for ``x: [..., K]``:
 | ``"col"`` | all leading axes | ``[K]`` | per-input-channel (KIVI-style K cache) |
 | ``"group"`` | groups of ``group_size`` along the last axis | ``x.shape[:-1] + (K/group_size,)`` | per-group weights, KV groups |
 
-Symmetric: ``q = clamp(round(x / s), -2^(b-1), 2^(b-1) - 1)`` (int8), ``s = clip * max|x| / (2^(b-1) - 1)``.
+Symmetric: ``q = clamp(round(x / s), -2^(b-1), 2^(b-1) - 1)`` (int8),
+``s = max|x| * f32(clip / (2^(b-1) - 1))`` (a multiply by one f32 constant, never a division).
 Asymmetric: the range ``[min(lo, 0), max(hi, 0)]`` (always containing 0, so zero is exact) is
 mapped onto ``[0, 2^b - 1]`` (uint8): ``q = clamp(round(x / s) + z, 0, 2^b - 1)``,
 ``x ~ (q - z) * s`` with the integer-valued zero point ``z`` stored as f32.
@@ -22,6 +23,7 @@ from __future__ import annotations
 from typing import Literal, NamedTuple
 
 import jax.numpy as jnp
+import numpy as np
 
 Granularity = Literal["tensor", "row", "col", "group"]
 GRANULARITIES = ("tensor", "row", "col", "group")
@@ -113,8 +115,11 @@ def quantize(
     pshape = _param_shape(x.shape, granularity, group_size)
     if symmetric:
         qmax = 2 ** (bits - 1) - 1
-        amax = jnp.max(jnp.abs(g), axis=-1) * clip_ratio
-        scale = jnp.where(amax > 0, amax / qmax, 1.0).reshape(pshape)
+        amax = jnp.max(jnp.abs(g), axis=-1)
+        # One multiply by a host constant (not a division): XLA rewrites x / c into
+        # x * (1 / c) under jit only, so a division would make eager and jitted scales
+        # differ by an ulp; kernels use the same constant.
+        scale = jnp.where(amax > 0, amax * np.float32(clip_ratio / qmax), 1.0).reshape(pshape)
         s = _broadcast(scale, x.shape, granularity, group_size)
         q = jnp.clip(jnp.round(xf / s), -qmax - 1, qmax).astype(jnp.int8)
         return QuantResult(q, scale, None)
@@ -122,7 +127,7 @@ def quantize(
     hi = jnp.maximum(jnp.max(g, axis=-1), 0.0) * clip_ratio
     lo = jnp.minimum(jnp.min(g, axis=-1), 0.0) * clip_ratio
     rng = hi - lo
-    scale = jnp.where(rng > 0, rng / levels, 1.0)
+    scale = jnp.where(rng > 0, rng * np.float32(1.0 / levels), 1.0)
     zero = jnp.clip(jnp.round(-lo / scale), 0, levels)
     scale, zero = scale.reshape(pshape), zero.reshape(pshape)
     s = _broadcast(scale, x.shape, granularity, group_size)

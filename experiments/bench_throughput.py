@@ -1,0 +1,253 @@
+"""Offline serving throughput of one engine across precisions (bf16, W8A8, W4A16, W4AxKV4).
+
+For each precision, with random weights in the true shapes of a model preset:
+  * max throughput at input/output 1024/512 and 128/128: `--requests` requests submitted at
+    once; the scheduler runs as many concurrently as memory (KV pages) and --max-batch allow;
+  * fixed batches 4..256 (exactly B requests of --fixed-workload);
+reporting output tokens/s, total tokens/s, time per output token (TPOT), peak device memory,
+the batch reached, compile time, and engine overhead = host time between device steps /
+step time. bf16 is the baseline of the same engine, measured in the same run.
+
+    python experiments/bench_throughput.py --preset llama3-8b              # GPU
+    python experiments/bench_throughput.py --preset llama3-70b --precisions w4axkv4,bf16
+    python experiments/bench_throughput.py --tiny                           # CPU smoke run
+
+Writes a JSON file (--out) and prints a table. A configuration whose weights do not fit in
+device memory is recorded as "does not fit" instead of being run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import platform
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from comet_jax.engine.config import EngineConfig
+from comet_jax.engine.engine import LLMEngine
+from comet_jax.engine.runner import precision_plan, preset_config
+from comet_jax.engine.sampling import SamplingParams
+from models.llama import LlamaForCausalLM, abstract_params
+
+
+def random_params(model, seed: int = 0):
+    """Random params of `model` (any backend) built leaf by leaf from the abstract tree.
+
+    Avoids tracing the whole model's init (slow to compile for 80 layers): floats ~N(0, 0.02),
+    norms 1, weight scales ~0.002-0.004 (so int4 x scale ~ N(0, 0.02)), packed ints uniform,
+    permutations identity.
+    """
+    abstract = abstract_params(model)
+    key = jax.random.key(seed)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract)
+    out = []
+    for i, (path, leaf) in enumerate(leaves):
+        name = jax.tree_util.keystr(path)
+        k = jax.random.fold_in(key, i)
+        shape, dtype = leaf.shape, leaf.dtype
+        if "norm" in name:
+            x = jnp.ones(shape, dtype)
+        elif "perm" in name:
+            x = jnp.arange(shape[0], dtype=dtype)
+        elif "scale" in name:
+            x = jax.random.uniform(k, shape, dtype, 0.002, 0.004)
+        elif jnp.issubdtype(dtype, jnp.integer):
+            info = jnp.iinfo(dtype)
+            x = jax.random.randint(k, shape, info.min, info.max, jnp.int32).astype(dtype)
+        else:
+            x = (0.02 * jax.random.normal(k, shape, jnp.float32)).astype(dtype)
+        out.append(x)
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def tree_bytes(tree) -> int:
+    return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def device_memory():
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats.get("bytes_limit"), stats.get("bytes_in_use"), stats.get("peak_bytes_in_use")
+
+
+def run_workload(engine: LLMEngine, n: int, prompt_len: int, out_len: int, seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    vocab = engine.runner.model.config.vocab_size
+    params = SamplingParams(max_tokens=out_len, temperature=0.0, ignore_eos=True)
+    first, done = {}, {}
+
+    def on_output(out):
+        now = time.perf_counter()
+        first.setdefault(out.request_id, now)
+        if out.finished:
+            done[out.request_id] = now
+
+    st0 = dataclasses.replace(engine.stats)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        engine.add_request(None, rng.integers(0, vocab, prompt_len).tolist(), params, on_output)
+    batch_reached, decode_steps = 0, 0
+    while engine.has_unfinished():
+        engine.step()
+        batch_reached = max(batch_reached, len(engine.scheduler.running))
+    wall = time.perf_counter() - t0
+    st = engine.stats
+    host = st.host_time_s - st0.host_time_s
+    dev = st.device_time_s - st0.device_time_s
+    gen = st.generated_tokens - st0.generated_tokens
+    tpot = [(done[r] - first[r]) / (out_len - 1) for r in done if out_len > 1]
+    decode_steps = st.steps - st0.steps
+    return {
+        "requests": n, "input_len": prompt_len, "output_len": out_len,
+        "wall_s": wall, "output_tokens": gen,
+        "output_tok_per_s": gen / wall, "total_tok_per_s": (gen + n * prompt_len) / wall,
+        "tpot_ms": 1e3 * float(np.mean(tpot)) if tpot else None,
+        "batch_reached": batch_reached, "steps": decode_steps,
+        "host_s": host, "device_s": dev, "engine_overhead": host / max(host + dev, 1e-9),
+        "preemptions": engine.scheduler.num_preemptions,
+    }
+
+
+def bench_precision(args, model_config, precision: str) -> dict:
+    mode = "pallas" if args.kernels == "pallas" else "sim"
+    linear = precision_plan(model_config, precision, mode=mode, interpret=args.interpret)
+    dtype = jnp.float32 if args.float32 else jnp.bfloat16
+    model = LlamaForCausalLM(model_config, linear=linear, dtype=dtype, param_dtype=dtype)
+    weight_bytes = tree_bytes(abstract_params(model))
+    limit, _, _ = device_memory()
+    row = {"precision": precision, "weight_gib": weight_bytes / 2**30}
+    if limit is not None and weight_bytes > 0.95 * limit:
+        row["status"] = f"does not fit: weights {weight_bytes / 2**30:.1f} GiB > device"
+        return row
+    t0 = time.perf_counter()
+    params = random_params(model)
+    jax.block_until_ready(params)
+    row["init_s"] = time.perf_counter() - t0
+    longest = max(i + o for i, o in args.workloads)
+    cfg = EngineConfig(
+        max_batch=args.max_batch, max_tokens_per_step=args.max_tokens_per_step,
+        max_prefill_seqs=args.max_prefill_seqs, max_model_len=longest, page_size=args.page_size,
+        num_pages=args.num_pages, memory_fraction=args.memory_fraction, precision=precision,
+        kv_group=args.kv_group, compute_dtype="float32" if args.float32 else "bfloat16",
+        kernels=args.kernels, interpret=args.interpret,
+        page_buckets=tuple(args.page_buckets) if args.page_buckets else None,
+    )
+    engine = LLMEngine.build(model_config, params, cfg, linear=linear, progress=not args.quiet)
+    row["compile_s"] = engine.compile_time_s
+    row["kv_pages"] = engine.allocator.capacity
+    row["kv_tokens"] = engine.allocator.capacity * cfg.page_size
+    row["capacity"] = engine.capacity.describe() if engine.capacity else None
+    row["max_throughput"] = []
+    for i, (pin, pout) in enumerate(args.workloads):
+        r = run_workload(engine, args.requests, pin, pout, seed=i)
+        r["peak_mem_gib"] = (device_memory()[2] or 0) / 2**30
+        row["max_throughput"].append(r)
+    row["fixed_batch"] = []
+    fin, fout = args.fixed_workload
+    for b in args.fixed_batches:
+        if b > args.max_batch:
+            continue
+        r = run_workload(engine, b, fin, fout, seed=100 + b)
+        r["peak_mem_gib"] = (device_memory()[2] or 0) / 2**30
+        row["fixed_batch"].append(r)
+    assert engine.allocator.num_used == 0
+    row["status"] = "ok"
+    del engine, params
+    return row
+
+
+def print_table(results: list[dict]) -> None:
+    base = {}
+    for row in results:
+        for r in row.get("max_throughput", []):
+            if row["precision"] == "bf16":
+                base[(r["input_len"], r["output_len"])] = r["output_tok_per_s"]
+    print(f"\n{'precision':10} {'workload':>10} {'req':>5} {'batch':>5} {'out tok/s':>10} "
+          f"{'vs bf16':>8} {'TPOT ms':>8} {'overhead':>8} {'mem GiB':>8}")
+    for row in results:
+        if row.get("status") != "ok":
+            print(f"{row['precision']:10} {row.get('status')}")
+            continue
+        for r in row["max_throughput"] + row["fixed_batch"]:
+            key = (r["input_len"], r["output_len"])
+            rel = r["output_tok_per_s"] / base[key] if key in base and r in row[
+                "max_throughput"] else float("nan")
+            tpot = f"{r['tpot_ms']:.2f}" if r["tpot_ms"] is not None else "-"
+            print(f"{row['precision']:10} {r['input_len']:>4}/{r['output_len']:<5} "
+                  f"{r['requests']:>5} {r['batch_reached']:>5} {r['output_tok_per_s']:>10.1f} "
+                  f"{rel:>8.2f} {tpot:>8} {r['engine_overhead']:>8.1%} "
+                  f"{r['peak_mem_gib']:>8.2f}")
+
+
+def _pairs(text: str) -> list[tuple[int, int]]:
+    return [tuple(int(x) for x in w.split("/")) for w in text.split(",")]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--preset", default="llama3-8b", help="model shapes (runner.MODEL_PRESETS)")
+    p.add_argument("--tiny", action="store_true",
+                   help="CPU smoke run: tiny model, small workloads, float32, reference kernels")
+    p.add_argument("--precisions", default="bf16,w8a8,w4a16,w4axkv4")
+    p.add_argument("--workloads", type=_pairs, default=_pairs("1024/512,128/128"),
+                   help="max-throughput input/output lengths, e.g. 1024/512,128/128")
+    p.add_argument("--requests", type=int, default=512, help="requests per max-throughput run")
+    p.add_argument("--fixed-batches", type=lambda s: [int(x) for x in s.split(",")],
+                   default=[4, 8, 16, 32, 64, 128, 256])
+    p.add_argument("--fixed-workload", type=lambda s: _pairs(s)[0], default=(128, 128))
+    p.add_argument("--max-batch", type=int, default=256)
+    p.add_argument("--max-tokens-per-step", type=int, default=2048)
+    p.add_argument("--max-prefill-seqs", type=int, default=4)
+    p.add_argument("--page-size", type=int, default=64)
+    p.add_argument("--page-buckets", type=lambda s: [int(x) for x in s.split(",")], default=None,
+                   help="page-table width buckets (default: one, the longest sequence)")
+    p.add_argument("--num-pages", type=int, default=None, help="default: plan from free memory")
+    p.add_argument("--memory-fraction", type=float, default=0.85)
+    p.add_argument("--kv-group", type=int, default=128)
+    p.add_argument("--kernels", default="auto", choices=("auto", "pallas", "reference"))
+    p.add_argument("--interpret", action="store_true")
+    p.add_argument("--float32", action="store_true", help="float32 compute (CPU)")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--out", default="bench_throughput.json")
+    args = p.parse_args(argv)
+    if args.tiny:
+        args.preset, args.float32, args.kernels = "tiny", True, "reference"
+        args.workloads, args.requests = _pairs("64/32,16/16"), 8
+        args.fixed_batches, args.fixed_workload = [4, 8], (16, 16)
+        args.max_batch, args.max_tokens_per_step, args.max_prefill_seqs = 8, 64, 2
+        args.page_size, args.num_pages, args.kv_group = 16, 64, 64
+    if args.kernels == "auto":
+        args.kernels = "pallas" if jax.default_backend() == "gpu" else "reference"
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    model_config = preset_config(args.preset)
+    results = []
+    for precision in args.precisions.split(","):
+        print(f"== {args.preset} {precision}", file=sys.stderr, flush=True)
+        results.append(bench_precision(args, model_config, precision))
+    print_table(results)
+    record = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+        "device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
+        "python": platform.python_version(), "preset": args.preset,
+        "args": {k: v for k, v in vars(args).items()}, "results": results,
+    }
+    with open(args.out, "w") as f:
+        json.dump(record, f, indent=1, default=str)
+    print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""Block allocator and KV capacity planning (pure Python, exact)."""
+
+import numpy as np
+import pytest
+
+from comet_jax.engine.allocator import (
+    SCRATCH_PAGE,
+    BlockAllocator,
+    OutOfPagesError,
+    pages_for,
+    plan_num_pages,
+)
+from comet_jax.engine.kv_cache import KVCacheConfig
+
+
+def test_allocate_free_roundtrip_never_hands_out_scratch():
+    rng = np.random.default_rng(0)
+    alloc = BlockAllocator(33)
+    assert alloc.capacity == 32 and alloc.num_free == 32
+    owners = [object() for _ in range(5)]
+    held = {o: [] for o in owners}
+    for _ in range(300):
+        o = owners[rng.integers(len(owners))]
+        if held[o] and rng.random() < 0.5:
+            alloc.free(held[o], o)
+            held[o] = []
+        else:
+            n = int(rng.integers(0, 6))
+            if alloc.can_allocate(n):
+                held[o] += alloc.allocate(n, o)
+            else:
+                with pytest.raises(OutOfPagesError):
+                    alloc.allocate(n, o)
+        all_pages = [p for ps in held.values() for p in ps]
+        assert len(all_pages) == len(set(all_pages)) == alloc.num_used
+        assert SCRATCH_PAGE not in all_pages
+        assert alloc.num_used + alloc.num_free == alloc.capacity
+    for o in owners:
+        alloc.free(held[o], o)
+    assert alloc.num_used == 0 and alloc.num_free == 32
+
+
+def test_free_checks_ownership():
+    alloc = BlockAllocator(4)
+    a, b = object(), object()
+    pages = alloc.allocate(2, a)
+    with pytest.raises(ValueError, match="not owned"):
+        alloc.free(pages, b)
+    alloc.free(pages, a)
+    with pytest.raises(ValueError, match="double free"):
+        alloc.free(pages, a)
+
+
+def test_bad_sizes():
+    with pytest.raises(ValueError, match="num_pages"):
+        BlockAllocator(1)
+    with pytest.raises(ValueError, match="n=-1"):
+        BlockAllocator(4).allocate(-1, None)
+    assert pages_for(0, 16) == 0 and pages_for(1, 16) == 1 and pages_for(17, 16) == 2
+
+
+def test_capacity_plan_kv4_holds_about_3_8x_more_tokens():
+    # LLaMA-3-8B shapes: bf16 costs 2*32*8*128*2 = 131072 B/token; KV4 (g=128, f16 scale and
+    # zero) 2*32*8*(64+4) = 34816 B/token: 3.76x more tokens in the same memory.
+    cfg = KVCacheConfig(num_layers=32, num_kv_heads=8, head_dim=128, page_size=16,
+                        num_pages=1, group_size=128, dtype="int4")
+    plan = plan_num_pages(free_bytes=40 << 30, fraction=0.5, cache_config=cfg)
+    assert plan.bytes_per_token == 34816
+    assert plan.num_pages == (20 << 30) // (34816 * 16)
+    assert plan.tokens_bf16 == (20 << 30) // 131072
+    assert 3.7 < plan.tokens_int4 / plan.tokens_bf16 < 3.8
+    assert "KV4" in plan.describe()
+    with pytest.raises(ValueError, match="fraction"):
+        plan_num_pages(free_bytes=1 << 30, fraction=0.0, cache_config=cfg)
+    with pytest.raises(ValueError, match="at least 2"):
+        plan_num_pages(free_bytes=1 << 20, fraction=1.0, cache_config=cfg)

@@ -1,0 +1,177 @@
+"""LLMEngine on a tiny random-weight LLaMA (f32 compute, reference kernels on CPU).
+
+Exactness: tokens are compared exactly. Both sides run f32 with the same weights, so the
+greedy argmax only differs on near-ties, which random logits of this size do not produce.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from comet_jax.engine.config import EngineConfig
+from comet_jax.engine.engine import LLMEngine, count_backend_compiles
+from comet_jax.engine.runner import precision_plan, preset_config
+from comet_jax.engine.sampling import SamplingParams
+from models.llama import LlamaForCausalLM, init_params
+
+CFG = EngineConfig(
+    max_batch=4, max_tokens_per_step=32, max_prefill_seqs=2, max_model_len=128, page_size=16,
+    num_pages=48, decode_buckets=(4,), prefill_batch_buckets=(2,), chunk_buckets=(32,),
+    compute_dtype="float32", kernels="reference",
+)
+GREEDY = SamplingParams(max_tokens=6, temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def model():
+    cfg = preset_config("tiny")
+    return cfg, init_params(LlamaForCausalLM(cfg), jax.random.key(0))
+
+
+@pytest.fixture(scope="module")
+def engine(model):
+    return LLMEngine.build(*model, CFG, progress=False)
+
+
+def prompts(seed, lengths, vocab=320):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, vocab, int(n)).tolist() for n in lengths]
+
+
+def dense_greedy(model, prompts, n, width=64):
+    """Greedy continuation by full causal recomputation (no cache), one jitted shape."""
+    cfg, params = model
+    m = LlamaForCausalLM(cfg)
+    fwd = jax.jit(lambda toks, lens: m.apply({"params": params}, toks, cache=lens,
+                                             logits_at=lens - 1)[0][:, 0])
+    seqs = [list(p) for p in prompts]
+    for _ in range(n):
+        toks = np.zeros((len(seqs), width), np.int32)
+        for i, s in enumerate(seqs):
+            toks[i, : len(s)] = s
+        lens = np.array([len(s) for s in seqs], np.int32)
+        nxt = np.asarray(jnp.argmax(fwd(toks, lens), -1))
+        for s, t in zip(seqs, nxt):
+            s.append(int(t))
+    return [s[len(p):] for s, p in zip(seqs, prompts)]
+
+
+def test_greedy_matches_dense_forward(model, engine):
+    ps = prompts(0, [1, 7, 45, 16, 33])  # single token, multi-chunk (45 > 32), page edges
+    outs = engine.generate(ps, GREEDY)
+    want = dense_greedy(model, ps, GREEDY.max_tokens)
+    for o, w in zip(outs, want):
+        assert o["finish_reason"] == "length"
+        assert o["token_ids"] == w
+    assert engine.allocator.num_used == 0
+
+
+def test_preemption_gives_the_same_tokens(engine):
+    ps = prompts(1, [30, 25, 40, 12, 35, 28, 20, 33])
+    params = SamplingParams(max_tokens=20, temperature=0.0)
+    want = engine.generate(ps, params)
+    # 8 usable pages = 128 tokens for a load that needs ~420: preemption must kick in.
+    small = LLMEngine(dataclasses.replace(CFG, num_pages=9), engine.runner, progress=False)
+    got = small.generate(ps, params)
+    assert small.scheduler.num_preemptions > 0
+    assert [g["token_ids"] for g in got] == [w["token_ids"] for w in want]
+    assert small.allocator.num_used == 0
+
+
+def test_no_recompilation_after_warmup(engine):
+    compiles = count_backend_compiles()
+    before = engine.runner.num_compilations
+    ps = prompts(2, [3, 50, 17, 64, 1, 9])
+    sps = [SamplingParams(max_tokens=int(m), temperature=t, top_k=k, top_p=p, seed=i)
+           for i, (m, t, k, p) in enumerate([(5, 0, 0, 1), (9, 1, 0, 1), (2, 0.8, 5, 1),
+                                              (7, 1, 0, 0.9), (12, 0, 0, 1), (4, 1.2, 3, 0.5)])]
+    engine.generate(ps, sps)
+    assert compiles() == 0, "XLA compiled during steady-state serving"
+    assert engine.runner.num_compilations == before
+    with pytest.raises(RuntimeError, match="not compiled"):
+        engine.runner.run(__import__("comet_jax.engine.runner", fromlist=["x"]).StepInputs.zeros(
+            3, 1, 8))
+
+
+def test_abort_frees_pages_at_once(engine):
+    events = []
+    ids = [engine.add_request(None, p, SamplingParams(max_tokens=30, temperature=0),
+                              events.append) for p in prompts(3, [20, 20, 20])]
+    for _ in range(3):
+        engine.step()
+    used = engine.allocator.num_used
+    victim = engine.scheduler.running[0]
+    n_pages = len(victim.pages)
+    assert engine.abort(ids[0]) and n_pages > 0
+    assert engine.allocator.num_used == used - n_pages
+    assert not engine.abort(ids[0])  # already finished
+    while engine.has_unfinished():
+        engine.step()
+    final = {e.request_id: e for e in events if e.finished}
+    assert final[ids[0]].finish_reason == "abort"
+    assert all(final[i].finish_reason == "length" for i in ids[1:])
+    assert engine.allocator.num_used == 0
+
+
+def test_seeded_sampling_independent_of_batch(engine):
+    p = prompts(4, [10])[0]
+    sp = SamplingParams(max_tokens=8, temperature=1.0, top_p=0.95, seed=123)
+    alone = engine.generate([p], sp)[0]["token_ids"]
+    crowd = engine.generate(prompts(5, [5, 30]) + [p],
+                            [SamplingParams(max_tokens=8, seed=9)] * 2 + [sp])[2]["token_ids"]
+    other = engine.generate([p], dataclasses.replace(sp, seed=124))[0]["token_ids"]
+    assert alone == crowd
+    assert alone != other
+
+
+class LetterTokenizer:
+    eos_id = None
+
+    def decode(self, ids, skip_special_tokens=False):
+        return "".join(chr(65 + i % 26) for i in ids)
+
+
+def test_stop_tokens_and_stop_strings(engine):
+    p = prompts(6, [12])[0]
+    full = engine.generate([p], SamplingParams(max_tokens=12, temperature=0))[0]["token_ids"]
+    out = engine.generate([p], SamplingParams(max_tokens=12, temperature=0,
+                                              stop_token_ids=(full[3],)))[0]
+    assert out["finish_reason"] == "stop"
+    assert out["token_ids"] == full[: full.index(full[3])]
+    engine.tokenizer = LetterTokenizer()
+    try:
+        text = LetterTokenizer().decode(full)
+        stop = text[4:6]
+        out = engine.generate([p], SamplingParams(max_tokens=12, temperature=0, stop=(stop,)))[0]
+    finally:
+        engine.tokenizer = None
+    assert out["finish_reason"] == "stop"
+    assert out["text"] == text[: text.index(stop)]
+
+
+def test_bad_requests_rejected(engine):
+    with pytest.raises(ValueError, match="empty"):
+        engine.add_request(None, [], GREEDY)
+    with pytest.raises(ValueError, match="token ids"):
+        engine.add_request(None, [5, 320], GREEDY)
+    with pytest.raises(ValueError, match="max_model_len"):
+        engine.add_request(None, [1] * 125, GREEDY)
+    with pytest.raises(ValueError, match="tokenizer"):
+        engine.add_request(None, [1], SamplingParams(stop=("x",)))
+    assert not engine.has_unfinished()
+
+
+def test_w4axkv4_engine_serves_with_int4_cache(model):
+    cfg = model[0]
+    plan = precision_plan(cfg, "w4axkv4")
+    params = init_params(LlamaForCausalLM(cfg, linear=plan), jax.random.key(1))
+    ec = dataclasses.replace(CFG, precision="w4axkv4", num_pages=24)
+    eng = LLMEngine.build(cfg, params, ec, progress=False)
+    assert eng.runner.cache_config.dtype == "int4"
+    assert eng.runner.cache.k.dtype == jnp.uint8
+    outs = eng.generate(prompts(7, [5, 40, 18]), SamplingParams(max_tokens=5, temperature=0))
+    assert all(len(o["token_ids"]) == 5 for o in outs)
+    assert eng.allocator.num_used == 0

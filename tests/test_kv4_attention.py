@@ -1,0 +1,127 @@
+"""Paged KV4 decode/prefill kernels (interpret mode) vs the jnp references.
+
+Tolerances:
+- kernel vs reference on the same (dequantized) cache: < 1e-2 relative L2. The kernel feeds
+  bf16 operands to the dots (q, softmax weights times V scales) with f32 accumulation; measured
+  ~2e-3.
+- reference on the INT4 cache vs full-precision attention on the unquantized K/V: < 0.2.
+  Budget: asymmetric INT4 over a group of g Gaussian values has a step of ~range/15 ~ 0.35 sigma
+  (g=128), i.e. ~10% RMS error per element (8% at g=32); K errors also move the softmax weights,
+  so attention outputs land at 10-15% (measured on Gaussian data, S = 1..1000: 0.08-0.15, max
+  0.149 at g=128). 0.2 leaves ~30% margin. bf16 cache mode must match exactly (same values).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from comet_jax.engine import kv_cache as kc
+from pallas_kernels import kv4_attention as attn
+
+QUANT_BUDGET = 0.2
+
+
+def _rel(a, b):
+    a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
+    return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+
+
+def _filled_cache(dtype, hg, d, page, group, lens, max_pages, seed, hkv=2):
+    rng = np.random.default_rng(seed)
+    b = len(lens)
+    cfg = kc.KVCacheConfig(2, hkv, d, page, b * max_pages + 3, group, dtype)
+    table = rng.permutation(cfg.num_pages)[: b * max_pages].reshape(b, max_pages).astype(np.int32)
+    s = max_pages * page
+    pos = np.broadcast_to(np.arange(s), (b, s))
+    slots = kc.slot_mapping_from_positions(table, pos, page, pos < lens[:, None])
+    k = jnp.asarray(rng.standard_normal((b, s, hkv, d)), jnp.bfloat16)
+    v = jnp.asarray(rng.standard_normal((b, s, hkv, d)), jnp.bfloat16)
+    cache = kc.write_kv(kc.init_cache(cfg), 1, k, v, slots)
+    return cache, table, k, v, rng
+
+
+DECODE_CASES = [  # dtype, gqa, head_dim, page, group, num_splits
+    ("int4", 1, 64, 16, 64, 1),
+    ("int4", 4, 128, 32, 128, 3),
+    ("int4", 8, 128, 16, 32, 2),
+    ("bf16", 4, 64, 32, 64, 2),
+]
+
+
+@pytest.mark.parametrize("dtype,hg,d,page,group,splits", DECODE_CASES)
+def test_decode_matches_reference(dtype, hg, d, page, group, splits):
+    lens = np.array([1, page - 1, 3 * page + 5, 4 * page], np.int32)
+    cache, table, k, v, rng = _filled_cache(dtype, hg, d, page, group, lens, 4, seed=hg + d)
+    q = jnp.asarray(rng.standard_normal((len(lens), 2 * hg, d)), jnp.bfloat16)
+    out = attn.paged_decode_attention(
+        q, cache.pages(), table, lens, layer=1, num_splits=splits, interpret=True
+    )
+    assert out.shape == q.shape and out.dtype == q.dtype
+    ref = attn.paged_decode_attention_reference(q, cache.pages(), table, lens, layer=1)
+    assert _rel(out, ref) < 1e-2
+    full = attn.dense_attention_reference(q[:, None], k, v, lens, np.ones(len(lens), np.int32))
+    budget = QUANT_BUDGET if dtype == "int4" else 1e-6
+    assert _rel(ref, full[:, 0]) < budget
+
+
+PREFILL_CASES = [  # dtype, gqa, head_dim, page, group
+    ("int4", 4, 128, 16, 64),
+    ("int4", 8, 64, 32, 32),
+    ("bf16", 1, 128, 16, 128),
+]
+
+
+@pytest.mark.parametrize("dtype,hg,d,page,group", PREFILL_CASES)
+def test_prefill_matches_reference(dtype, hg, d, page, group):
+    lens = np.array([1, 2 * page + 3, 3 * page], np.int32)
+    t = 2 * page + 3
+    q_lens = np.array([1, t, page + 1], np.int32)  # last: a cached prefix of 2 * page - 1 tokens
+    cache, table, k, v, rng = _filled_cache(dtype, hg, d, page, group, lens, 3, seed=hg * d)
+    q = jnp.asarray(rng.standard_normal((3, t, 2 * hg, d)), jnp.bfloat16)
+    out = attn.paged_prefill_attention(
+        q, cache.pages(), table, lens, q_lens, layer=1, block_q=4, interpret=True
+    )
+    ref = attn.paged_prefill_attention_reference(q, cache.pages(), table, lens, q_lens, layer=1)
+    assert _rel(out, ref) < 1e-2
+    assert not np.asarray(out[0, 1:]).any()  # rows past q_lens are zero
+    full = attn.dense_attention_reference(q, k, v, lens, q_lens)
+    assert _rel(ref, full) < (QUANT_BUDGET if dtype == "int4" else 1e-6)
+
+
+def test_decode_empty_sequence_gives_zeros_and_jit_works():
+    lens = np.array([0, 9], np.int32)
+    cache, table, _, _, rng = _filled_cache("int4", 2, 64, 16, 64, lens, 2, seed=7)
+    q = jnp.asarray(rng.standard_normal((2, 4, 64)), jnp.bfloat16)
+    fn = jax.jit(lambda q, kv, pt, sl: attn.paged_decode_attention(q, kv, pt, sl, interpret=True))
+    out = fn(q, cache.pages(), table, lens)  # layer 0: written nowhere -> only lens matter
+    assert not np.asarray(out[0]).any() and np.isfinite(np.asarray(out)).all()
+
+
+def test_bad_inputs_raise():
+    lens = np.array([5, 20], np.int32)
+    cache, table, _, _, rng = _filled_cache("int4", 4, 64, 16, 64, lens, 2, seed=1)
+    kv = cache.pages()
+    q = jnp.asarray(rng.standard_normal((2, 8, 64)), jnp.bfloat16)
+    bad_table = table.copy()
+    bad_table[1, 1] = kv.k.shape[1]
+    with pytest.raises(ValueError, match=r"page_table\[1\]"):
+        attn.paged_decode_attention(q, kv, bad_table, lens, interpret=True)
+    with pytest.raises(ValueError, match="capacity=32"):
+        attn.paged_decode_attention(q, kv, table, np.array([5, 33], np.int32), interpret=True)
+    with pytest.raises(ValueError, match="seq_lens"):
+        attn.paged_decode_attention(q, kv, table, lens.astype(np.float32), interpret=True)
+    with pytest.raises(ValueError, match="head_dim"):
+        attn.paged_decode_attention(q[..., :32], kv, table, lens, interpret=True)
+    with pytest.raises(ValueError, match="Hq=6"):
+        attn.paged_decode_attention(q[:, :6], kv, table, lens, interpret=True)
+    with pytest.raises(ValueError, match="layer=2"):
+        attn.paged_decode_attention(q, kv, table, lens, layer=2, interpret=True)
+    with pytest.raises(ValueError, match="q_lens"):
+        attn.paged_prefill_attention(
+            q[:, None], kv, table, lens, np.array([2, 1], np.int32), interpret=True
+        )
+    with pytest.raises(ValueError, match="kv.k_scale"):
+        attn.paged_decode_attention(q, kv._replace(k_scale=kv.k_scale[..., :8]), table, lens)
+    with pytest.raises(ValueError, match="unpack"):
+        attn.paged_decode_attention(q, kv, table, lens, unpack="asm", interpret=True)

@@ -1,0 +1,128 @@
+"""Scheduler: limits, chunked prefill, preemption by recompute, abort (pure Python).
+
+A fake model makes every step's tokens a function of the sequence's tokens so far, so a run
+under page pressure must reproduce the unconstrained run exactly.
+"""
+
+import numpy as np
+import pytest
+
+from comet_jax.engine.allocator import BlockAllocator, pages_for
+from comet_jax.engine.config import EngineConfig
+from comet_jax.engine.sampling import SamplingParams
+from comet_jax.engine.scheduler import FinishReason, Scheduler, Sequence, Status
+
+
+def fake_next(tokens):
+    return (sum((i + 1) * t for i, t in enumerate(tokens)) * 31 + len(tokens)) % 97
+
+
+def run(config, num_pages, prompts, max_tokens, abort_after=None):
+    alloc = BlockAllocator(num_pages)
+    sched = Scheduler(config, alloc)
+    seqs = [Sequence(f"r{i}", list(p), SamplingParams(max_tokens=m)) for i, (p, m) in
+            enumerate(zip(prompts, max_tokens))]
+    for s in seqs:
+        sched.add(s)
+    steps = 0
+    while sched.num_unfinished:
+        steps += 1
+        assert steps < 10_000
+        plan = sched.schedule()
+        assert not plan.empty, "scheduler stalled with unfinished requests"
+        chunks = plan.decode + plan.prefill
+        # Limits and invariants of one step.
+        assert plan.num_tokens <= config.max_tokens_per_step
+        assert len(sched.running) <= config.max_batch
+        assert len(plan.prefill) <= config.max_prefill_seqs
+        assert all(c.length == 1 for c in plan.decode)
+        assert len({id(c.seq) for c in chunks}) == len(chunks)
+        owned = [p for s in sched.running for p in s.pages]
+        assert len(owned) == len(set(owned)) == alloc.num_used
+        for c in chunks:
+            assert c.seq.status is Status.RUNNING
+            assert len(c.seq.pages) >= pages_for(c.start + c.length, config.page_size)
+        for s in sched.waiting:
+            assert not s.pages
+        for c in chunks:
+            tok = fake_next(c.seq.tokens[: c.start + c.length])
+            assert sched.complete(c, tok)
+            s = c.seq
+            if c.samples and len(s.output_ids) >= s.params.max_tokens:
+                sched.finish(s, FinishReason.LENGTH)
+        if abort_after is not None and steps == abort_after[1]:
+            victim = seqs[abort_after[0]]
+            sched.finish(victim, FinishReason.ABORT)
+            assert not victim.pages
+    assert alloc.num_used == 0, "pages leaked"
+    return seqs, sched
+
+
+def expected(prompt, n):
+    toks = list(prompt)
+    for _ in range(n):
+        toks.append(fake_next(toks))
+    return toks[len(prompt):]
+
+
+@pytest.mark.parametrize("num_pages", [6, 9, 64])
+def test_outputs_identical_under_page_pressure(num_pages):
+    rng = np.random.default_rng(num_pages)
+    cfg = EngineConfig(max_batch=6, max_tokens_per_step=20, max_prefill_seqs=2,
+                       max_model_len=64, page_size=16)
+    prompts = [list(rng.integers(0, 97, int(n))) for n in rng.integers(1, 40, 12)]
+    max_tokens = [int(m) for m in rng.integers(1, 20, 12)]
+    seqs, sched = run(cfg, num_pages, prompts, max_tokens)
+    for s, p, m in zip(seqs, prompts, max_tokens):
+        assert s.finish_reason is FinishReason.LENGTH
+        assert s.output_ids == expected(p, m)
+    if num_pages == 6:
+        assert sched.num_preemptions > 0
+    if num_pages == 64:
+        assert sched.num_preemptions == 0
+
+
+def test_chunked_prefill_mixed_with_decode():
+    cfg = EngineConfig(max_batch=4, max_tokens_per_step=16, max_prefill_seqs=1,
+                       max_model_len=128, page_size=16)
+    sched = Scheduler(cfg, BlockAllocator(64))
+    short = Sequence("a", [1, 2], SamplingParams(max_tokens=50))
+    long = Sequence("b", list(range(60)), SamplingParams(max_tokens=5))
+    sched.add(short)
+    plan = sched.schedule()
+    for c in plan.prefill:
+        sched.complete(c, 5)
+    sched.add(long)
+    plan = sched.schedule()
+    assert [c.seq.request_id for c in plan.decode] == ["a"]
+    assert [(c.seq.request_id, c.start, c.length) for c in plan.prefill] == [("b", 0, 15)]
+    assert not plan.prefill[0].samples
+    for c in plan.decode + plan.prefill:
+        sched.complete(c, 7)
+    plan = sched.schedule()
+    assert [(c.seq.request_id, c.start, c.length) for c in plan.prefill] == [("b", 15, 15)]
+
+
+def test_abort_frees_pages_at_once_and_other_requests_finish():
+    rng = np.random.default_rng(1)
+    cfg = EngineConfig(max_batch=4, max_tokens_per_step=32, max_prefill_seqs=2,
+                       max_model_len=64, page_size=16)
+    prompts = [list(rng.integers(0, 97, 20)) for _ in range(4)]
+    seqs, _ = run(cfg, 32, prompts, [10] * 4, abort_after=(2, 3))
+    assert seqs[2].finish_reason is FinishReason.ABORT
+    for i in (0, 1, 3):
+        assert seqs[i].output_ids == expected(prompts[i], 10)
+
+
+def test_limits_and_validation():
+    cfg = EngineConfig(max_batch=2, max_tokens_per_step=8, max_prefill_seqs=1, max_model_len=32,
+                       page_size=16)
+    with pytest.raises(ValueError, match="max_model_len"):
+        Scheduler(cfg, BlockAllocator(2))
+    sched = Scheduler(cfg, BlockAllocator(8))
+    with pytest.raises(ValueError, match="exceeds max_model_len"):
+        sched.add(Sequence("x", [1] * 30, SamplingParams(max_tokens=3)))
+    for i in range(3):
+        sched.add(Sequence(f"s{i}", [1], SamplingParams(max_tokens=3)))
+    plan = sched.schedule()
+    assert len(plan.decode) == 2 and len(sched.waiting) == 1  # max_batch

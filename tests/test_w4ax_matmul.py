@@ -1,0 +1,119 @@
+"""W4Ax GEMM kernel (interpret mode) vs its jnp reference and a float dequantized matmul.
+
+Tolerances: the int32 accumulators must agree exactly (integer path); after the epilogue,
+relative Frobenius error < 1e-2 (the output is bf16, ~4e-3 relative rounding; f32 outputs
+land near 1e-7). Tiles are tiny (tile_k 64, blocks 16/32) so interpret mode stays fast.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.tuning import default_config, get_config, random_operands
+from pallas_kernels.w4ax_matmul import (
+    GemmConfig,
+    dequantized_matmul,
+    w4ax_accumulators,
+    w4ax_accumulators_reference,
+    w4ax_matmul,
+    w4ax_matmul_reference,
+)
+
+TILE = 64
+DECODE = GemmConfig(block_m=16, block_n=32, split_k=3, num_warps=4, num_stages=2,
+                    swap_ab=True, group_m=1)
+PREFILL = GemmConfig(block_m=32, block_n=32, split_k=1, num_warps=4, num_stages=2,
+                     swap_ab=False, group_m=2)
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+@pytest.mark.parametrize(
+    "m,n,k,k8,cfg,group,use_bias",
+    [
+        (1, 96, 256, 64, DECODE, None, True),  # M=1, 25% INT8, N not a power of two, split-K
+        (5, 224, 256, 0, DECODE, None, False),  # W4A4 (0% INT8)
+        (40, 96, 256, 128, PREFILL, None, True),  # M not a multiple of the tile, 50%
+        (33, 64, 256, 256, PREFILL, 128, False),  # W4A8 (100% INT8), group scales
+        (3, 64, 384, 128, DECODE, 64, True),  # group scales with split-K across segments
+    ],
+)
+def test_kernel_matches_reference(m, n, k, k8, cfg, group, use_bias):
+    key = jax.random.PRNGKey(m * 1000 + k8)
+    ops = random_operands(key, m, n, k, k8, tile_k=TILE, group_size=group)
+    assert int(jnp.count_nonzero(ops[3])) > 0
+    bias = jax.random.normal(jax.random.fold_in(key, 1), (n,)) * 0.05 if use_bias else None
+
+    # Exact integer agreement before the epilogue.
+    acc = w4ax_accumulators(ops[0], ops[1], ops[3], tile_k=TILE, interpret=True, config=cfg)
+    ref = w4ax_accumulators_reference(ops[0], ops[1], ops[3], tile_k=TILE)
+    for a, r in zip(acc, ref):
+        assert a.dtype == jnp.int32 and a.shape == (m, n)
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(r))
+
+    y = w4ax_matmul(*ops, bias, tile_k=TILE, interpret=True, config=cfg)
+    assert y.shape == (m, n) and y.dtype == jnp.bfloat16
+    y_ref = w4ax_matmul_reference(*ops, bias, tile_k=TILE, out_dtype=jnp.float32)
+    y_deq = dequantized_matmul(*ops, tile_k=TILE)
+    if bias is not None:
+        y_deq = y_deq + bias
+    assert _rel(y.astype(jnp.float32), y_ref) < 1e-2
+    assert _rel(y.astype(jnp.float32), y_deq) < 1e-2
+
+
+def test_f32_output_and_default_config():
+    """config=None goes through the tuning table / heuristic; f32 output is near-exact."""
+    m, n, k, k8 = 2, 64, 256, 128
+    ops = random_operands(jax.random.PRNGKey(3), m, n, k, k8, tile_k=TILE)
+    y = w4ax_matmul(*ops, tile_k=TILE, interpret=True, out_dtype=jnp.float32)
+    y_ref = w4ax_matmul_reference(*ops, tile_k=TILE, out_dtype=jnp.float32)
+    assert _rel(y, y_ref) < 1e-5
+
+
+def test_heuristic_paths():
+    assert default_config(1, 4096, 4096).swap_ab  # decode: weights as the MMA's A operand
+    assert default_config(16, 4096, 4096).split_k > 1
+    assert not default_config(4096, 4096, 4096).swap_ab
+    assert get_config(3, 14336, 4096, 1024).block_m >= 16
+
+
+def _ok_args(m=4, n=32, k=256, k8=128):
+    return list(random_operands(jax.random.PRNGKey(0), m, n, k, k8, tile_k=TILE))
+
+
+@pytest.mark.parametrize(
+    "mutate,match",
+    [
+        (lambda a: a.__setitem__(1, a[1][:, :100]), "K8=100"),  # K8 not a multiple of tile
+        (lambda a: a.__setitem__(0, a[0][:, :20]), "K4=40"),  # K4 not a multiple of tile
+        (lambda a: a.__setitem__(2, a[2][:, :1]), "x_scales"),
+        (lambda a: a.__setitem__(4, a[4][:16]), "w_scales"),
+        (lambda a: a.__setitem__(4, jnp.ones((32, 3), jnp.float32)), "w_scales"),
+        (lambda a: a.__setitem__(3, a[3][:, :64]), "w_packed"),
+        (lambda a: a.__setitem__(1, a[1].astype(jnp.int32)), "x8 must be int8"),
+        (lambda a: a.__setitem__(2, a[2].astype(jnp.bfloat16)), "x_scales"),
+        (lambda a: a.__setitem__(1, a[1][:3]), "x8 has 3 rows"),
+    ],
+)
+def test_bad_inputs_raise_before_tracing(mutate, match):
+    args = _ok_args()
+    mutate(args)
+    with pytest.raises(ValueError, match=match):
+        w4ax_matmul(*args, tile_k=TILE, interpret=True, config=PREFILL)
+
+
+def test_bad_bias_and_tile():
+    args = _ok_args()
+    with pytest.raises(ValueError, match="bias"):
+        w4ax_matmul(*args, jnp.ones((7,)), tile_k=TILE, interpret=True, config=PREFILL)
+    with pytest.raises(ValueError, match="tile_k"):
+        w4ax_matmul(*args, tile_k=48, interpret=True, config=PREFILL)
+    with pytest.raises(ValueError, match="K4 \\+ K8 must be > 0"):
+        z = jnp.zeros((4, 0), jnp.int8)
+        w4ax_matmul(z, z, args[2], args[3][:, :0], args[4], tile_k=TILE, interpret=True)
