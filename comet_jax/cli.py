@@ -25,9 +25,22 @@ import time
 from pathlib import Path
 
 QUANT_META = "comet_quant.json"
-ENGINE_FLAGS = ("max_batch", "max_tokens_per_step", "max_prefill_seqs", "max_model_len",
-                "page_size", "num_pages", "memory_fraction", "precision", "kv_dtype", "kv_group",
-                "compute_dtype", "kernels", "interpret", "seed")
+ENGINE_FLAGS = (
+    "max_batch",
+    "max_tokens_per_step",
+    "max_prefill_seqs",
+    "max_model_len",
+    "page_size",
+    "num_pages",
+    "memory_fraction",
+    "precision",
+    "kv_dtype",
+    "kv_group",
+    "compute_dtype",
+    "kernels",
+    "interpret",
+    "seed",
+)
 
 
 # -- configuration ---------------------------------------------------------------------------
@@ -61,8 +74,9 @@ class LoadedModel:
     kv_dtype: str | None = None
 
 
-def load_model(spec: str, *, precision: str = "bf16", dtype: str = "float32",
-               seed: int = 0) -> LoadedModel:
+def load_model(
+    spec: str, *, precision: str = "bf16", dtype: str = "float32", seed: int = 0
+) -> LoadedModel:
     import jax
     import jax.numpy as jnp
 
@@ -99,8 +113,9 @@ def load_model(spec: str, *, precision: str = "bf16", dtype: str = "float32",
 
         config, params = load_hf_model(path, dtype=jdtype)
         return LoadedModel(config, params, Tokenizer.from_hf_dir(path), path.name)
-    raise ValueError(f"--model={spec!r}: expected smollm2, a .gguf file, a checkpoint directory "
-                     "or random:PRESET")
+    raise ValueError(
+        f"--model={spec!r}: expected smollm2, a .gguf file, a checkpoint directory or random:PRESET"
+    )
 
 
 def _save_quantized(out: Path, source: str, config, recipe, plan, qparams, report) -> None:
@@ -111,8 +126,12 @@ def _save_quantized(out: Path, source: str, config, recipe, plan, qparams, repor
     ckpt.save((out / "params").resolve(), qparams, force=True)
     ckpt.wait_until_finished()
     (out / "plan.pkl").write_bytes(pickle.dumps(plan))
-    meta = {"source": source, "model_config": dataclasses.asdict(config),
-            "recipe": json.loads(recipe.to_json()), "report": report.rows}
+    meta = {
+        "source": source,
+        "model_config": dataclasses.asdict(config),
+        "recipe": json.loads(recipe.to_json()),
+        "report": report.to_dict(),
+    }
     (out / QUANT_META).write_text(json.dumps(meta, indent=1, default=str))
 
 
@@ -169,20 +188,30 @@ def cmd_generate(args) -> int:
         raise SystemExit("generate: give at least one prompt (positional or --prompt_file)")
     n = args.max_batch or len(prompts)
     # Few step shapes: generation is one batch, so compile only the buckets it can use.
-    extra = dict(max_batch=n, max_prefill_seqs=min(n, args.max_prefill_seqs or 1),
-                 decode_buckets=(bucket_for(n, _pow2_buckets(n), "batch"),),
-                 prefill_batch_buckets=(min(n, args.max_prefill_seqs or 1),),
-                 chunk_buckets=(args.max_tokens_per_step or 256,))
+    extra = dict(
+        max_batch=n,
+        max_prefill_seqs=min(n, args.max_prefill_seqs or 1),
+        decode_buckets=(bucket_for(n, _pow2_buckets(n), "batch"),),
+        prefill_batch_buckets=(min(n, args.max_prefill_seqs or 1),),
+        chunk_buckets=(args.max_tokens_per_step or 256,),
+    )
     engine, lm = _build_engine(args, build, **extra)
     tok = lm.tokenizer
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
-                            top_k=args.top_k, top_p=args.top_p, seed=args.seed_sampling,
-                            stop=tuple(args.stop or ()), ignore_eos=args.ignore_eos)
+    params = SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed_sampling,
+        stop=tuple(args.stop or ()),
+        ignore_eos=args.ignore_eos,
+    )
     ids = []
     for p in prompts:
         if args.chat:
-            p = tok.apply_chat_template([{"role": "user", "content": p}],
-                                        add_generation_prompt=True)
+            p = tok.apply_chat_template(
+                [{"role": "user", "content": p}], add_generation_prompt=True
+            )
         ids.append(tok.encode(p))
     stream = len(prompts) == 1
 
@@ -214,8 +243,11 @@ def cmd_serve(args) -> int:
     build = _configure(args)
     engine, lm = _build_engine(args, build)
     name = args.served_model_name or lm.name
-    print(f"serving {name} on http://{args.host}:{args.port} (/v1/completions, "
-          "/v1/chat/completions, /v1/models, /health, /metrics)", file=sys.stderr)
+    print(
+        f"serving {name} on http://{args.host}:{args.port} (/v1/completions, "
+        "/v1/chat/completions, /v1/models, /health, /metrics)",
+        file=sys.stderr,
+    )
     serve(engine, lm.tokenizer, name, host=args.host, port=args.port, max_waiting=args.max_waiting)
     return 0
 
@@ -240,8 +272,9 @@ def cmd_eval(args) -> int:
     ids = text.corpus_token_ids(docs, lm.tokenizer)
     windows = text.token_windows(ids, args.window, args.max_windows)
     res = perplexity(model, lm.params, windows, batch_size=args.batch_size)
-    print(json.dumps(dataclasses.asdict(res) if dataclasses.is_dataclass(res) else res,
-                     default=float))
+    print(
+        json.dumps(dataclasses.asdict(res) if dataclasses.is_dataclass(res) else res, default=float)
+    )
     return 0
 
 
@@ -252,15 +285,19 @@ def cmd_quantize(args) -> int:
     from comet_jax.quant.convert import quantize_model
 
     build = _configure(args)
-    recipe = build(recipes.QuantRecipe) if (args.gin_file or args.gin_param) and not args.recipe \
+    recipe = (
+        build(recipes.QuantRecipe)
+        if (args.gin_file or args.gin_param) and not args.recipe
         else recipes.preset(args.recipe or "fmpq_w4axkv4")
+    )
     lm = load_model(args.model)
     stats = None
     if not recipe.is_float and (recipe.act == "fmpq" or recipe.needs_hessian):
         ids = text.corpus_token_ids(text.calibration_corpus(), lm.tokenizer)
         windows = text.token_windows(ids, args.calib_window, args.calib_windows)
-        stats = collect_stats(lm.config, lm.params, windows, hessian=recipe.needs_hessian,
-                              rotated=recipe.rotation)
+        stats = collect_stats(
+            lm.config, lm.params, windows, hessian=recipe.needs_hessian, rotated=recipe.rotation
+        )
     qparams, plan, report = quantize_model(lm.config, lm.params, recipe, stats)
     _save_quantized(Path(args.out), args.model, lm.config, recipe, plan, qparams, report)
     print(f"wrote {args.out} ({recipe.name})", file=sys.stderr)
@@ -273,68 +310,110 @@ def cmd_bench(args, rest) -> int:
     script = Path(__file__).resolve().parent.parent / "experiments" / "bench_throughput.py"
     if not script.is_file():
         raise SystemExit(f"bench: {script} not found (run from a source checkout)")
-    sys.argv = [str(script), *rest]
-    runpy.run_path(str(script), run_name="__main__")
-    return 0
+    return runpy.run_path(str(script), run_name="bench_throughput")["main"](rest)
 
 
 # -- argument parsing ------------------------------------------------------------------------
 def _common(p: argparse.ArgumentParser, engine: bool = True) -> None:
-    p.add_argument("--model", default="smollm2",
-                   help="smollm2 | PATH.gguf | HF or quantized checkpoint DIR | random:PRESET "
-                        "(default: smollm2)")
-    p.add_argument("--gin_file", action="append", default=[],
-                   help="gin config file (or a name in experiments/configs); repeatable")
-    p.add_argument("--gin_param", action="append", default=[],
-                   help="gin binding, e.g. 'EngineConfig.max_batch = 32'; repeatable")
-    p.add_argument("--precision", choices=("bf16", "w8a8", "w4a16", "w4axkv4"),
-                   help="projection backends (random weights) and KV format; quantized "
-                        "checkpoints carry their own")
+    p.add_argument(
+        "--model",
+        default="smollm2",
+        help="smollm2 | PATH.gguf | HF or quantized checkpoint DIR | random:PRESET "
+        "(default: smollm2)",
+    )
+    p.add_argument(
+        "--gin_file",
+        action="append",
+        default=[],
+        help="gin config file (or a name in experiments/configs); repeatable",
+    )
+    p.add_argument(
+        "--gin_param",
+        action="append",
+        default=[],
+        help="gin binding, e.g. 'EngineConfig.max_batch = 32'; repeatable",
+    )
+    p.add_argument(
+        "--precision",
+        choices=("bf16", "w8a8", "w4a16", "w4axkv4"),
+        help="projection backends (random weights) and KV format; quantized "
+        "checkpoints carry their own",
+    )
     if not engine:
         return
     g = p.add_argument_group("engine (EngineConfig; unset flags keep gin/default values)")
     g.add_argument("--max_batch", type=int, help="most sequences running at once")
-    g.add_argument("--max_tokens_per_step", type=int,
-                   help="token budget of one step (decode + prefill chunks); largest chunk")
+    g.add_argument(
+        "--max_tokens_per_step",
+        type=int,
+        help="token budget of one step (decode + prefill chunks); largest chunk",
+    )
     g.add_argument("--max_prefill_seqs", type=int, help="prompts chunked in one step")
     g.add_argument("--max_model_len", type=int, help="longest prompt + completion in tokens")
     g.add_argument("--page_size", type=int, help="tokens per KV page (16, 32, 64 or 128)")
-    g.add_argument("--num_pages", type=int,
-                   help="KV pool size in pages (default: plan from free memory)")
-    g.add_argument("--memory_fraction", type=float,
-                   help="share of free device memory for the KV pool (default 0.9)")
+    g.add_argument(
+        "--num_pages", type=int, help="KV pool size in pages (default: plan from free memory)"
+    )
+    g.add_argument(
+        "--memory_fraction",
+        type=float,
+        help="share of free device memory for the KV pool (default 0.9)",
+    )
     g.add_argument("--kv_dtype", choices=("bf16", "int4"), help="KV cache format override")
     g.add_argument("--kv_group", type=int, help="KV4 group size along head_dim")
-    g.add_argument("--compute_dtype", choices=("bfloat16", "float32"),
-                   help="activation dtype (bfloat16 on GPU; float32 is faster on CPU)")
-    g.add_argument("--kernels", choices=("auto", "pallas", "reference"),
-                   help="auto: Pallas on GPU, jnp reference/simulation on CPU")
-    g.add_argument("--interpret", action="store_true", default=None,
-                   help="run Pallas kernels in interpret mode (CPU, slow)")
-    g.add_argument("--lazy_compile", action="store_true",
-                   help="compile step shapes on first use instead of all at start-up")
+    g.add_argument(
+        "--compute_dtype",
+        choices=("bfloat16", "float32"),
+        help="activation dtype (bfloat16 on GPU; float32 is faster on CPU)",
+    )
+    g.add_argument(
+        "--kernels",
+        choices=("auto", "pallas", "reference"),
+        help="auto: Pallas on GPU, jnp reference/simulation on CPU",
+    )
+    g.add_argument(
+        "--interpret",
+        action="store_true",
+        default=None,
+        help="run Pallas kernels in interpret mode (CPU, slow)",
+    )
+    g.add_argument(
+        "--lazy_compile",
+        action="store_true",
+        help="compile step shapes on first use instead of all at start-up",
+    )
     g.add_argument("--seed", type=int, help="default sampling seed of requests without one")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="comet-jax", description="W4AxKV4 LLM serving in JAX/Pallas (a COMET re-implementation)",
-        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 2)[2])
+        prog="comet-jax",
+        description="W4AxKV4 LLM serving in JAX/Pallas (a COMET re-implementation)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 2)[2],
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    q = sub.add_parser("quantize", help="checkpoint -> calibration -> FMPQ quantized checkpoint",
-                       description="Load a float checkpoint, collect calibration statistics on "
-                       "the calibration corpus (Austen), quantize with a recipe and write an "
-                       "orbax checkpoint plus its projection plan.")
+    q = sub.add_parser(
+        "quantize",
+        help="checkpoint -> calibration -> FMPQ quantized checkpoint",
+        description="Load a float checkpoint, collect calibration statistics on "
+        "the calibration corpus (Austen), quantize with a recipe and write an "
+        "orbax checkpoint plus its projection plan.",
+    )
     _common(q, engine=False)
-    q.add_argument("--recipe", help="QuantRecipe preset (default fmpq_w4axkv4; or bind "
-                                    "QuantRecipe with gin)")
+    q.add_argument(
+        "--recipe", help="QuantRecipe preset (default fmpq_w4axkv4; or bind QuantRecipe with gin)"
+    )
     q.add_argument("--calib_windows", type=int, default=128, help="calibration windows")
     q.add_argument("--calib_window", type=int, default=2048, help="tokens per window")
     q.add_argument("--out", required=True, help="output directory")
 
-    g = sub.add_parser("generate", help="prompt(s) -> text, streamed for a single prompt",
-                       description="Generate completions with the serving engine.")
+    g = sub.add_parser(
+        "generate",
+        help="prompt(s) -> text, streamed for a single prompt",
+        description="Generate completions with the serving engine.",
+    )
     _common(g)
     g.add_argument("prompt", nargs="*", help="prompt text(s)")
     g.add_argument("--prompt_file", help="file with one prompt per line")
@@ -347,18 +426,30 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append", help="stop string; repeatable")
     g.add_argument("--ignore_eos", action="store_true", help="do not stop at EOS")
 
-    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server",
-                       description="Serve /v1/completions, /v1/chat/completions (SSE streaming), "
-                       "/v1/models, /health and /metrics.")
+    s = sub.add_parser(
+        "serve",
+        help="OpenAI-compatible HTTP server",
+        description="Serve /v1/completions, /v1/chat/completions (SSE streaming), "
+        "/v1/models, /health and /metrics.",
+    )
     _common(s)
-    s.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    s.add_argument(
+        "--host", default="127.0.0.1", help="bind address (default 127.0.0.1: loopback only)"
+    )
     s.add_argument("--port", type=int, default=8000, help="TCP port")
     s.add_argument("--served_model_name", help="model id reported by the API")
-    s.add_argument("--max_waiting", type=int, default=1024,
-                   help="queued requests beyond which new ones get 503")
+    s.add_argument(
+        "--max_waiting",
+        type=int,
+        default=1024,
+        help="queued requests beyond which new ones get 503",
+    )
 
-    e = sub.add_parser("eval", help="perplexity on the prepared corpora",
-                       description="Perplexity of a (quantized) model on non-overlapping windows.")
+    e = sub.add_parser(
+        "eval",
+        help="perplexity on the prepared corpora",
+        description="Perplexity of a (quantized) model on non-overlapping windows.",
+    )
     _common(e, engine=False)
     e.add_argument("--corpus", default="wikipedia", choices=("wikipedia", "austen"))
     e.add_argument("--window", type=int, default=2048, help="tokens per window")
@@ -366,9 +457,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch_size", type=int, default=1)
     e.add_argument("--kv_group", type=int, default=None, help="KV4 group of simulated KV4")
 
-    sub.add_parser("bench", help="offline throughput benchmark (experiments/bench_throughput.py)",
-                   description="Arguments after 'bench' go to experiments/bench_throughput.py; "
-                   "see `comet-jax bench --help`.", add_help=False)
+    sub.add_parser(
+        "bench",
+        help="offline throughput benchmark (experiments/bench_throughput.py)",
+        description="Arguments after 'bench' go to experiments/bench_throughput.py; "
+        "see `comet-jax bench --help`.",
+        add_help=False,
+    )
     return parser
 
 
@@ -379,8 +474,12 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_bench(parser.parse_args(["bench"]), argv[1:])
     args = parser.parse_args(argv)
     try:
-        return {"quantize": cmd_quantize, "generate": cmd_generate, "serve": cmd_serve,
-                "eval": cmd_eval}[args.command](args)
+        return {
+            "quantize": cmd_quantize,
+            "generate": cmd_generate,
+            "serve": cmd_serve,
+            "eval": cmd_eval,
+        }[args.command](args)
     except ValueError as e:
         parser.exit(2, f"comet-jax {args.command}: error: {e}\n")
 

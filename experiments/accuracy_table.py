@@ -67,7 +67,10 @@ def main_recipes(base_kw: dict) -> dict[str, QuantRecipe]:
         else:
             r = PRESETS[name]
         if not r.is_float:
-            r = dataclasses.replace(r, **base_kw)
+            kw = dict(base_kw)
+            if r.w_bits == 8:  # INT8 weights are per channel
+                kw.pop("w_group", None)
+            r = dataclasses.replace(r, **kw)
         out[name] = r
     return out
 
@@ -80,6 +83,8 @@ def ablation_recipes(
     dims: the input widths K of the model (block sizes must divide all of them).
     """
     rows = []
+    rows.append(("float", "f32", PRESETS["bf16"], None))
+    rows.append(("base", f"{base.fmpq.rule}", dataclasses.replace(base, name="abl_base"), None))
     for b in (0.0, 0.06, 0.12, 0.25, 0.5):
         cfg = dataclasses.replace(base.fmpq, rule="budget", int8_budget=b)
         rows.append(("int8_budget", f"{b:.0%}", dataclasses.replace(
@@ -185,17 +190,23 @@ def run(args) -> dict:
     calib_seconds = time.perf_counter() - t0
     snaps[len(calib)] = stats
 
-    base_kw = {"fmpq": FMPQConfig(block_size=64, rule="threshold", threshold=args.threshold)}
+    if args.int8_budget is not None:
+        fcfg = FMPQConfig(block_size=64, rule="budget", int8_budget=args.int8_budget)
+    else:
+        fcfg = FMPQConfig(block_size=64, rule="threshold", threshold=args.threshold)
+    base_kw = {"fmpq": fcfg}
     if args.w_group:
         base_kw["w_group"] = args.w_group
     recipes = main_recipes(base_kw)
     if args.rows:
         recipes = {k: v for k, v in recipes.items() if k in args.rows}
     rows = []
+    cache: dict = {}
     labels = dict(MAIN_ROWS)
     for name, recipe in recipes.items():
         t1 = time.perf_counter()
-        qparams, plan, report = quantize_model(config, params, recipe, stats)
+        qparams, plan, report = quantize_model(config, params, recipe, stats,
+                                               weight_cache=cache)
         tq = time.perf_counter() - t1
         res = evaluate(config, qparams, recipe, plan, evals, args.batch_size)
         row = {"name": name, "label": labels[name], "recipe": json.loads(recipe.to_json()),
@@ -207,7 +218,9 @@ def run(args) -> dict:
         print(_fmt_row(row), flush=True)
     ablations = []
     if not args.no_ablations:
-        base = recipes.get("fmpq_w4axkv4", main_recipes(base_kw)["fmpq_w4axkv4"])
+        base = main_recipes(base_kw)["fmpq_w4axkv4"]
+        if args.ablation_quantizer:
+            base = dataclasses.replace(base, w_quantizer=args.ablation_quantizer)
         abl_evals = {"wikipedia": wiki_w[: args.ablation_windows]}
         for abl, label, recipe, n_cal in ablation_recipes(
             base, calib_sizes, (config.hidden_size, config.q_size, config.intermediate_size)
@@ -215,10 +228,12 @@ def run(args) -> dict:
             st = snaps[n_cal] if n_cal else stats
             if n_cal:  # max/mean from the first n windows, Hessian from the full set
                 st = _with_hessian(st, stats)
-            qparams, plan, report = quantize_model(config, params, recipe, st)
+            qparams, plan, report = quantize_model(config, params, recipe, st,
+                                                   weight_cache=cache)
             res = evaluate(config, qparams, recipe, plan, abl_evals, args.batch_size)
             row = {"ablation": abl, "value": label, "name": recipe.name,
-                   "int8_fraction": report.int8_fraction, **res}
+                   "int8_fraction": report.int8_fraction if recipe.act == "fmpq" else None,
+                   **res}
             ablations.append(row)
             print(abl, label, f"int8={report.int8_fraction:.3f}",
                   f"wiki={res['wikipedia']['ppl']:.3f}", flush=True)
@@ -231,6 +246,7 @@ def run(args) -> dict:
         "evaluation": {k: {"windows": len(v), "tokens_predicted": int(len(v) * (args.context - 1))}
                        for k, v in evals.items()},
         "ablation_eval_windows": min(args.ablation_windows, len(wiki_w)),
+        "ablation_quantizer": args.ablation_quantizer or "the main rows'",
         "fmpq": dataclasses.asdict(base_kw["fmpq"]),
         "w_group": args.w_group,
         "rows": rows,
@@ -277,7 +293,10 @@ def to_markdown(res: dict) -> str:
                     f"({res['evaluation'][c]['tokens_predicted']} predicted tokens)"
                     for c in corpora)
         + f". FMPQ: {res['fmpq']['block_size']}-channel blocks, rule {res['fmpq']['rule']}"
-        f" (threshold {res['fmpq']['threshold']} x median max|x|). Weights: symmetric INT4 "
+        + (f" (threshold {res['fmpq']['threshold']} x median max|x|)"
+           if res["fmpq"]["rule"] == "threshold" else
+           f" ({res['fmpq']['int8_budget']:.0%} of the blocks of every input INT8)")
+        + ". Weights: symmetric INT4 "
         + ("per output channel" if not res["w_group"] else f"groups of {res['w_group']}")
         + ". Backend: " + res["platform"]["backend"] + ".",
         "",
@@ -293,13 +312,13 @@ def to_markdown(res: dict) -> str:
         f8 = "" if r.get("int8_fraction") is None else f"{r['int8_fraction']:.1%}"
         lines.append(f"| {r['label']} | " + " | ".join(cells) + f" | {f8} |")
     if res["ablations"] and base is not None:
-        lines += ["", f"Ablations around FMPQ W4AxKV4 (Wikipedia, first "
-                  f"{res['ablation_eval_windows']} windows; the float baseline on the same "
-                  "windows is in the first row):", "",
+        lines += ["", f"Ablations around FMPQ W4AxKV4 with {res['ablation_quantizer']} weights "
+                  f"(Wikipedia, first {res['ablation_eval_windows']} windows; row 'base' is "
+                  "the unchanged recipe on the same windows):", "",
                   "| ablation | value | wikipedia ppl | INT8 fraction |", "|---|---|---|---|"]
         for a in res["ablations"]:
-            lines.append(f"| {a['ablation']} | {a['value']} | {a['wikipedia']['ppl']:.3f} | "
-                         f"{a['int8_fraction']:.1%} |")
+            f8 = "" if a["int8_fraction"] is None else f"{a['int8_fraction']:.1%}"
+            lines.append(f"| {a['ablation']} | {a['value']} | {a['wikipedia']['ppl']:.3f} | {f8} |")
     return "\n".join(lines) + "\n"
 
 
@@ -344,7 +363,11 @@ def parse_args(argv=None):
     p.add_argument("--ablation-windows", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--threshold", type=float, default=8.0)
+    p.add_argument("--int8-budget", type=float, default=None,
+                   help="FMPQ budget rule with this INT8 share (default: threshold rule)")
     p.add_argument("--w-group", type=int, default=None)
+    p.add_argument("--ablation-quantizer", default=None, choices=["rtn", "gptq", "lwc"],
+                   help="weight quantizer of the ablations (default: as the main FMPQ rows)")
     p.add_argument("--rows", nargs="*", default=None, help="subset of main rows")
     p.add_argument("--no-ablations", action="store_true")
     p.add_argument("--gguf", type=Path, default=None, help="model file (default: data root)")

@@ -34,6 +34,8 @@ from pallas_kernels import kv4_attention as A
 
 HQ, HKV, D = 32, 8, 128
 OUT = os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results")
+FOCUS = "--focus" in sys.argv
+NAME = "bench_attention_focus" if FOCUS else "bench_attention"
 PREFILL_SHAPES = [(1, 2048, 0), (1, 8192, 0), (8, 1024, 0), (4, 512, 4096)]  # (B, T, prefix)
 WRITE_SIZES = (64, 8192)  # tokens per write call (decode batch, prefill chunk)
 RESULTS: dict = {
@@ -52,7 +54,7 @@ def log(*a):
 
 def save():
     os.makedirs(OUT, exist_ok=True)
-    with open(os.path.join(OUT, "bench_attention.json"), "w") as f:
+    with open(os.path.join(OUT, NAME + ".json"), "w") as f:
         json.dump(RESULTS, f, indent=1)
 
 
@@ -190,13 +192,25 @@ def decode_point(batch, seq, page, group, quantized, key, **kw):
     return t, nbytes
 
 
+TUNING_GRID = (
+    [dict(page=p) for p in (16, 32, 64, 128)]
+    + [dict(page=p, block_k=256) for p in (16, 32, 64, 128)]
+    + [dict(page=128, num_warps=4, num_stages=3), dict(page=128, num_warps=8, num_stages=2)]
+    + [dict(page=128, num_splits=n) for n in (2, 4)]
+    + [dict(page=128, unpack="convert")]
+    + [dict(page=128, group=g) for g in (64, 32)]
+)
+PREFILL_VARIANTS = [
+    dict(page=128, num_warps=8),
+    dict(page=64, num_warps=8),
+    dict(page=16, num_warps=8),
+    dict(page=128, num_warps=4, num_stages=3),
+]
+
+
 def tuning(key):
     b, s = 64, 4096
-    grid = [dict(page=p) for p in (16, 32, 64, 128)]
-    grid += [dict(page=64, num_warps=w, num_stages=st) for w, st in ((4, 3), (8, 2), (2, 2))]
-    grid += [dict(page=64, num_splits=n) for n in (1, 2, 4)]
-    grid += [dict(page=64, unpack="convert")]
-    grid += [dict(page=64, group=g) for g in (64, 32)]
+    grid = TUNING_GRID
     best = None
     for cfg in grid:
         cfg = dict(cfg)
@@ -217,7 +231,9 @@ def tuning(key):
 
 
 def decode_sweep(key, page, kw, quick):
-    batches, seqs = ((64,), (4096,)) if quick else ((1, 16, 64, 256), (1024, 4096, 16384, 32768))
+    batches, seqs = (
+        ((64,), (4096,)) if quick or FOCUS else ((1, 16, 64, 256), (1024, 4096, 16384, 32768))
+    )
     for b in batches:
         for s in seqs:
             row = dict(B=b, S=s)
@@ -275,7 +291,6 @@ def prefill(key, quick):
     shapes = PREFILL_SHAPES
     if quick:
         shapes = shapes[:1]
-    variants = [dict(page=64, num_warps=4), dict(page=64, num_warps=8), dict(page=128, num_warps=8)]
     for b, t, prefix in shapes:
         s = prefix + t
         row = dict(B=b, T=t, prefix=prefix)
@@ -286,17 +301,18 @@ def prefill(key, quick):
         for quantized in (True, False):
             name = "kv4" if quantized else "bf16paged"
             best = None
-            for var in variants:
+            for var in PREFILL_VARIANTS:
                 var = dict(var)
                 page = var.pop("page")
+                tag = f"{name}_p{page}_w{var['num_warps']}_s{var.get('num_stages', 2)}"
                 try:
                     kv, tables = make_paged(key, b, s, page, 128, quantized, 1)
                     fn = jax.jit(functools.partial(A.paged_prefill_attention, **var))
                     tt = bench(fn, [(q, kv, tables[0], lens)])
                 except Exception as e:
-                    row[f"{name}_p{page}_w{var['num_warps']}_error"] = repr(e)[:300]
+                    row[tag + "_error"] = repr(e)[:300]
                     continue
-                row[f"{name}_p{page}_w{var['num_warps']}_us"] = tt * 1e6
+                row[tag + "_us"] = tt * 1e6
                 if best is None or tt < best:
                     best = tt
             if best is not None:
@@ -382,7 +398,7 @@ def markdown():
     lines += ["", "## GPU correctness (relative L2 error)", ""]
     lines += [f"- {r}" for r in RESULTS["correctness"]]
     text = "\n".join(lines) + "\n"
-    with open(os.path.join(OUT, "bench_attention.md"), "w") as fh:
+    with open(os.path.join(OUT, NAME + ".md"), "w") as fh:
         fh.write(text)
     return text
 
@@ -391,7 +407,12 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="one decode point, one prefill shape")
     ap.add_argument("--skip", default="", help="comma list of sections to skip")
+    ap.add_argument("--focus", action="store_true", help="tuning + B=64,S=4096 + 2 prefill shapes")
     args = ap.parse_args()
+    if args.focus:
+        global PREFILL_SHAPES
+        PREFILL_SHAPES = [(1, 8192, 0), (4, 512, 4096)]
+        args.skip += ",writes"
     skip = set(filter(None, args.skip.split(",")))
     dev = jax.devices()[0]
     RESULTS["meta"] = dict(

@@ -53,9 +53,16 @@ def rel_err(a, b):
 
 
 def n_copies(bytes_per_copy: int, m: int) -> int:
+    """Distinct weight copies per timed call: >= 256 MiB of weights (out of L2) and, for
+    small shapes, up to 32 ops per call so the host dispatch/sync (~0.1 ms) adds <= ~3 us."""
     if m >= 1024:
         return 2
-    return int(max(2, min(8, math.ceil((256 << 20) / bytes_per_copy))))
+    return int(
+        max(
+            2,
+            min(32, (1 << 30) // bytes_per_copy, max(math.ceil((256 << 20) / bytes_per_copy), 16)),
+        )
+    )
 
 
 # ------------------------------------------------------------------------------------------
@@ -77,11 +84,17 @@ def check(results):
         (64, 4096, 4096, 1024, None, 128),
         (512, 4096, 4096, 1024, GemmConfig(128, 128, 2, 8, 3, False, 8), 256),
     ]
-    aq_cases = [(64, 4096, 3072, True, 1.0), (7, 14336, 12288, True, 0.9),
-                (300, 4096, 4096, False, 1.0), (5, 4096, 0, True, 0.85)]
+    aq_cases = [
+        (64, 4096, 3072, True, 1.0),
+        (7, 14336, 12288, True, 0.9),
+        (300, 4096, 4096, False, 1.0),
+        (5, 4096, 0, True, 0.85),
+    ]
     if SMOKE:
-        cases = [(3, 64, 256, 128, GemmConfig(16, 32, 2, 4, 2, True, 1), None),
-                 (20, 64, 256, 128, GemmConfig(16, 32, 1, 4, 2, False, 2), 128)]
+        cases = [
+            (3, 64, 256, 128, GemmConfig(16, 32, 2, 4, 2, True, 1), None),
+            (20, 64, 256, 128, GemmConfig(16, 32, 1, 4, 2, False, 2), 128),
+        ]
         aq_cases = [(3, 256, 128, True, 0.9)]
     ok = True
     for i, (m, n, k, k8, cfg, g) in enumerate(cases):
@@ -97,11 +110,23 @@ def check(results):
         e_ref, e_deq = rel_err(y.astype(jnp.float32), yr), rel_err(y.astype(jnp.float32), yd)
         good = exact and e_ref < 1e-2 and e_deq < 1e-2
         ok &= good
-        row = dict(m=m, n=n, k=k, k8=k8, group=g, config=cfg_used.to_dict(), int_exact=exact,
-                   rel_err_ref=e_ref, rel_err_deq=e_deq, ok=good)
+        row = dict(
+            m=m,
+            n=n,
+            k=k,
+            k8=k8,
+            group=g,
+            config=cfg_used.to_dict(),
+            int_exact=exact,
+            rel_err_ref=e_ref,
+            rel_err_deq=e_deq,
+            ok=good,
+        )
         results["check"].append(row)
-        log(f"check gemm {m}x{n}x{k} k8={k8} g={g} {cfg_used}: exact={exact} "
-            f"err_ref={e_ref:.2e} err_deq={e_deq:.2e} {'OK' if good else 'FAIL'}")
+        log(
+            f"check gemm {m}x{n}x{k} k8={k8} g={g} {cfg_used}: exact={exact} "
+            f"err_ref={e_ref:.2e} err_deq={e_deq:.2e} {'OK' if good else 'FAIL'}"
+        )
     for i, (m, k, k4, norm, clip) in enumerate(aq_cases):
         kx = jax.random.fold_in(key, 500 + i)
         x = (jax.random.normal(kx, (m, k), jnp.float32) * 2).astype(jnp.bfloat16)
@@ -113,10 +138,13 @@ def check(results):
         diffs = [int(jnp.sum(u != v)) for u, v in zip(a, r)]
         good = all(d == 0 for d in diffs)
         ok &= good
-        results["check"].append(dict(kernel="act_quant", m=m, k=k, k4=k4, norm=norm,
-                                     mismatches=diffs, ok=good))
-        log(f"check act_quant {m}x{k} k4={k4} norm={norm} clip={clip}: mismatches "
-            f"(x4, x8, scales)={diffs} {'OK' if good else 'FAIL'}")
+        results["check"].append(
+            dict(kernel="act_quant", m=m, k=k, k4=k4, norm=norm, mismatches=diffs, ok=good)
+        )
+        log(
+            f"check act_quant {m}x{k} k4={k4} norm={norm} clip={clip}: mismatches "
+            f"(x4, x8, scales)={diffs} {'OK' if good else 'FAIL'}"
+        )
     return ok
 
 
@@ -127,8 +155,10 @@ def check(results):
 
 def _ours_sets(m, n, k, k8, reps, seed=0, group=None):
     key = jax.random.PRNGKey(seed)
-    return [tuning.random_operands(jax.random.fold_in(key, i), m, n, k, k8, group_size=group)
-            for i in range(reps)]
+    return [
+        tuning.random_operands(jax.random.fold_in(key, i), m, n, k, k8, group_size=group)
+        for i in range(reps)
+    ]
 
 
 def time_ours(m, n, k, k8, config=None, sets=None, group=None):
@@ -142,8 +172,10 @@ def time_bf16(m, n, k):
     reps = n_copies(n * k * 2, m)
     key = jax.random.PRNGKey(7)
     x = jax.random.normal(key, (m, k), jnp.bfloat16)
-    sets = [(x, jax.random.normal(jax.random.fold_in(key, i), (k, n), jnp.bfloat16))
-            for i in range(reps)]
+    sets = [
+        (x, jax.random.normal(jax.random.fold_in(key, i), (k, n), jnp.bfloat16))
+        for i in range(reps)
+    ]
     return tuning.time_fn(lambda a, b: jnp.dot(a, b), sets)
 
 
@@ -151,8 +183,15 @@ def time_int8(m, n, k):
     reps = n_copies(n * k, m)
     key = jax.random.PRNGKey(8)
     x = jax.random.randint(key, (m, k), -127, 128, jnp.int32).astype(jnp.int8)
-    sets = [(x, jax.random.randint(jax.random.fold_in(key, i), (n, k), -127, 128,
-                                   jnp.int32).astype(jnp.int8)) for i in range(reps)]
+    sets = [
+        (
+            x,
+            jax.random.randint(jax.random.fold_in(key, i), (n, k), -127, 128, jnp.int32).astype(
+                jnp.int8
+            ),
+        )
+        for i in range(reps)
+    ]
     f = lambda a, b: jax.lax.dot_general(a, b, _DOT_LAST, preferred_element_type=jnp.int32)
     return tuning.time_fn(f, sets)
 
@@ -184,8 +223,9 @@ def tune(results, quick, deadline):
         shapes, ms = [(128, 512)], (1, 300)
     if quick:
         shapes = shapes[:3]
-    entries = tuning.sweep(shapes, ms, (0.25,), quick=quick, log=log, deadline=deadline,
-                           interpret=SMOKE)
+    entries = tuning.sweep(
+        shapes, ms, (0.25,), quick=quick, log=log, deadline=deadline, interpret=SMOKE
+    )
     results["tuning"] = entries
     return entries
 
@@ -202,13 +242,23 @@ def ablate(results, deadline):
         except Exception as e:  # noqa: BLE001
             log(f"ablate {name}: failed {type(e).__name__}: {str(e)[:200]}")
             return
-        rows.append(dict(name=name, m=m, n=n, k=k, k8=k8, group=group,
-                         config=cfg.to_dict() if cfg else None, us=t * 1e6))
+        rows.append(
+            dict(
+                name=name,
+                m=m,
+                n=n,
+                k=k,
+                k8=k8,
+                group=group,
+                config=cfg.to_dict() if cfg else None,
+                us=t * 1e6,
+            )
+        )
         log(f"ablate {name:40s} {m}x{n}x{k} k8={k8}: {t * 1e6:8.1f} us")
 
     n, k = (128, 512) if SMOKE else (8192, 8192)
     k8 = k // 4
-    for m in ((16,) if SMOKE else (16, 64)):
+    for m in (16,) if SMOKE else (16, 64):
         base = tuning.get_config(m, n, k, k8)
         run("decode tuned", m, n, k, k8, base)
         run("decode no split-K", m, n, k, k8, GemmConfig(**{**base.to_dict(), "split_k": 1}))
@@ -219,20 +269,33 @@ def ablate(results, deadline):
     m = 128 if SMOKE else 4096
     base = tuning.get_config(m, n, k, k8)
     run("prefill tuned", m, n, k, k8, base)
-    run("prefill group_m=1 (row-major)", m, n, k, k8, GemmConfig(**{**base.to_dict(),
-                                                                   "group_m": 1}))
+    run(
+        "prefill group_m=1 (row-major)", m, n, k, k8, GemmConfig(**{**base.to_dict(), "group_m": 1})
+    )
     run("prefill swap_ab", m, n, k, k8, GemmConfig(**{**base.to_dict(), "swap_ab": True}))
     for st in (2, 4):
-        run(f"prefill num_stages={st}", m, n, k, k8,
-            GemmConfig(**{**base.to_dict(), "num_stages": st}))
+        run(
+            f"prefill num_stages={st}",
+            m,
+            n,
+            k,
+            k8,
+            GemmConfig(**{**base.to_dict(), "num_stages": st}),
+        )
     run("prefill W4A8 (K4=0)", m, n, k, k, base)
     run("prefill W4A4 (K8=0)", m, n, k, 0, base)
     run("prefill group scales g=128", m, n, k, k8, base, group=128)
     m = 256
     base = tuning.get_config(m, n, k, k8)
     run("M=256 tuned", m, n, k, k8, base)
-    run("M=256 split_k x2", m, n, k, k8,
-        GemmConfig(**{**base.to_dict(), "split_k": base.split_k * 2}))
+    run(
+        "M=256 split_k x2",
+        m,
+        n,
+        k,
+        k8,
+        GemmConfig(**{**base.to_dict(), "split_k": base.split_k * 2}),
+    )
     run("M=256 no split", m, n, k, k8, GemmConfig(**{**base.to_dict(), "split_k": 1}))
     results["ablation"] = rows
 
@@ -242,9 +305,11 @@ def ablate(results, deadline):
 # ------------------------------------------------------------------------------------------
 
 
-def sweep(results, deadline, quick):
+def sweep(results, deadline, quick, models=None, fracs_arg=None):
     shapes = []
-    for lst in tuning.MODEL_SHAPES.values():
+    for name, lst in tuning.MODEL_SHAPES.items():
+        if models and name not in models:
+            continue
         for s in lst:
             if s not in shapes:
                 shapes.append(s)
@@ -258,13 +323,19 @@ def sweep(results, deadline, quick):
                 log("sweep: deadline reached")
                 return
             try:
-                base = dict(m=m, n=n, k=k, bf16_us=time_bf16(m, n, k) * 1e6,
-                            int8_us=time_int8(m, n, k) * 1e6,
-                            w4a8_us=time_ours(m, n, k, k) * 1e6)
+                base = dict(
+                    m=m,
+                    n=n,
+                    k=k,
+                    bf16_us=time_bf16(m, n, k) * 1e6,
+                    int8_us=time_int8(m, n, k) * 1e6,
+                    w4a8_us=time_ours(m, n, k, k) * 1e6,
+                )
             except Exception as e:  # noqa: BLE001
                 log(f"sweep {m}x{n}x{k} baselines failed: {e!s:.200}")
                 continue
             fracs = FRACS if (n, k) in tuning.MODEL_SHAPES["llama3-8b"] or not quick else (0.25,)
+            fracs = fracs_arg or fracs
             for frac in fracs:
                 k8 = tuning.int8_fraction_k8(k, frac)
                 try:
@@ -273,16 +344,57 @@ def sweep(results, deadline, quick):
                     log(f"sweep {m}x{n}x{k} frac={frac} failed: {e!s:.200}")
                     continue
                 wbytes = n * k / 2
-                row = dict(base, frac=frac, k8=k8, w4ax_us=t,
-                           config=tuning.get_config(m, n, k, k8).to_dict(),
-                           vs_bf16=base["bf16_us"] / t, vs_int8=base["int8_us"] / t,
-                           vs_w4a8=base["w4a8_us"] / t, weight_tbps=wbytes / t / 1e6,
-                           tops=2 * m * n * k / t / 1e6)
+                row = dict(
+                    base,
+                    frac=frac,
+                    k8=k8,
+                    w4ax_us=t,
+                    config=tuning.get_config(m, n, k, k8).to_dict(),
+                    vs_bf16=base["bf16_us"] / t,
+                    vs_int8=base["int8_us"] / t,
+                    vs_w4a8=base["w4a8_us"] / t,
+                    weight_tbps=wbytes / t / 1e6,
+                    tops=2 * m * n * k / t / 1e6,
+                )
                 rows.append(row)
-                log(f"sweep {m:5d}x{n:5d}x{k:5d} f={frac:5.3f}: ours {t:8.1f} us  "
+                log(
+                    f"sweep {m:5d}x{n:5d}x{k:5d} f={frac:5.3f}: ours {t:8.1f} us  "
                     f"bf16 {base['bf16_us']:8.1f}  int8 {base['int8_us']:8.1f}  "
                     f"w4a8 {base['w4a8_us']:8.1f}  x{row['vs_bf16']:.2f} bf16 "
-                    f"x{row['vs_int8']:.2f} int8  {row['weight_tbps']:.2f} TB/s(w)")
+                    f"x{row['vs_int8']:.2f} int8  {row['weight_tbps']:.2f} TB/s(w)"
+                )
+
+
+def unroll_study(results, deadline):
+    """k_unroll (K tiles per pipelined step) against the current configs, baselines alongside."""
+    rows = results.setdefault("unroll", [])
+    cases = [
+        (16, 8192, 8192),
+        (1, 14336, 4096),
+        (64, 4096, 14336),
+        (256, 8192, 8192),
+        (4096, 8192, 8192),
+    ]
+    if SMOKE:
+        cases = [(16, 128, 512)]
+    for m, n, k in cases:
+        k8 = tuning.int8_fraction_k8(k, 0.25)
+        base = tuning.get_config(m, n, k, k8)
+        row = dict(m=m, n=n, k=k, k8=k8, config=base.to_dict())
+        if time.time() > deadline:
+            break
+        row["bf16_us"] = time_bf16(m, n, k) * 1e6
+        row["int8_us"] = time_int8(m, n, k) * 1e6
+        variants = [(u, base.num_stages) for u in (1, 2, 4)]
+        variants += [(2, 3), (4, 2)]
+        for u, st in variants:
+            cfg = GemmConfig(**{**base.to_dict(), "k_unroll": u, "num_stages": st})
+            try:
+                row[f"u{u}_s{st}_us"] = time_ours(m, n, k, k8, cfg) * 1e6
+            except Exception as e:  # noqa: BLE001
+                log(f"unroll {m}x{n}x{k} u={u} s={st}: failed {e!s:.200}")
+        rows.append(row)
+        log(f"unroll {json.dumps(row)}")
 
 
 def ptx_probe(results, out):
@@ -295,9 +407,14 @@ def ptx_probe(results, out):
         ops = _ours_sets(m, n, k, k8, 1)[0]
         jax.block_until_ready(w4ax_matmul(*ops))
         log(f"ptx probe {name}: {tuning.get_config(m, n, k, k8)}")
-    pats = {"wgmma_s8": r"wgmma\.mma_async\S*\.s8", "wgmma_any": r"wgmma\.mma_async",
-            "mma_sync_s8": r"mma\.sync\S*\.s8", "mma_sync_any": r"mma\.sync",
-            "div_rn": r"div\.rn\.f32", "cvt_rni": r"cvt\.rni"}
+    pats = {
+        "wgmma_s8": r"wgmma\.mma_async\S*\.s8",
+        "wgmma_any": r"wgmma\.mma_async",
+        "mma_sync_s8": r"mma\.sync\S*\.s8",
+        "mma_sync_any": r"mma\.sync",
+        "div_rn": r"div\.rn\.f32",
+        "cvt_rni": r"cvt\.rni",
+    }
     found = {}
     files = glob.glob("/tmp/xla_dump/*") + glob.glob("/tmp/mlir_dump*.txt")
     log(f"{len(files)} dump files")
@@ -327,31 +444,48 @@ def markdown(results) -> str:
         out.append(f"Device-to-device copy (read+write): {results['copy_tbps']:.2f} TB/s\n")
     rows = results["sweep"]
     if rows:
-        out += ["## Geomean speedup per M (all shapes, INT8 fraction as listed)", "",
-                "| M | frac | n | vs XLA bf16 | vs XLA int8 [N,K] | vs our W4A8 |",
-                "|---|---|---|---|---|---|"]
+        out += [
+            "## Geomean speedup per M (all shapes, INT8 fraction as listed)",
+            "",
+            "| M | frac | n | vs XLA bf16 | vs XLA int8 [N,K] | vs our W4A8 |",
+            "|---|---|---|---|---|---|",
+        ]
         for m in M_VALUES:
             for frac in FRACS:
                 r = [x for x in rows if x["m"] == m and x["frac"] == frac]
                 if r:
-                    out.append(f"| {m} | {frac} | {len(r)} | "
-                               f"{geomean([x['vs_bf16'] for x in r]):.2f} | "
-                               f"{geomean([x['vs_int8'] for x in r]):.2f} | "
-                               f"{geomean([x['vs_w4a8'] for x in r]):.2f} |")
-        out += ["", "## Per shape (us)", "",
-                "| M | N | K | frac | W4Ax | bf16 | int8 | W4A8 | xbf16 | xint8 | TB/s(w) | TOP/s |",
-                "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                    out.append(
+                        f"| {m} | {frac} | {len(r)} | "
+                        f"{geomean([x['vs_bf16'] for x in r]):.2f} | "
+                        f"{geomean([x['vs_int8'] for x in r]):.2f} | "
+                        f"{geomean([x['vs_w4a8'] for x in r]):.2f} |"
+                    )
+        out += [
+            "",
+            "## Per shape (us)",
+            "",
+            "| M | N | K | frac | W4Ax | bf16 | int8 | W4A8 | xbf16 | xint8 | TB/s(w) | TOP/s |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for x in rows:
-            out.append(f"| {x['m']} | {x['n']} | {x['k']} | {x['frac']} | {x['w4ax_us']:.1f} | "
-                       f"{x['bf16_us']:.1f} | {x['int8_us']:.1f} | {x['w4a8_us']:.1f} | "
-                       f"{x['vs_bf16']:.2f} | {x['vs_int8']:.2f} | {x['weight_tbps']:.2f} | "
-                       f"{x['tops']:.0f} |")
+            out.append(
+                f"| {x['m']} | {x['n']} | {x['k']} | {x['frac']} | {x['w4ax_us']:.1f} | "
+                f"{x['bf16_us']:.1f} | {x['int8_us']:.1f} | {x['w4a8_us']:.1f} | "
+                f"{x['vs_bf16']:.2f} | {x['vs_int8']:.2f} | {x['weight_tbps']:.2f} | "
+                f"{x['tops']:.0f} |"
+            )
     if results.get("ablation"):
-        out += ["", "## Ablation (us)", "", "| variant | M | N | K | K8 | us |",
-                "|---|---|---|---|---|---|"]
+        out += [
+            "",
+            "## Ablation (us)",
+            "",
+            "| variant | M | N | K | K8 | us |",
+            "|---|---|---|---|---|---|",
+        ]
         for x in results["ablation"]:
-            out.append(f"| {x['name']} | {x['m']} | {x['n']} | {x['k']} | {x['k8']} | "
-                       f"{x['us']:.1f} |")
+            out.append(
+                f"| {x['name']} | {x['m']} | {x['n']} | {x['k']} | {x['k8']} | {x['us']:.1f} |"
+            )
     if results.get("act_quant"):
         out += ["", "## act_quant (us)", ""]
         for x in results["act_quant"]:
@@ -365,6 +499,9 @@ def main(argv=None):
     ap.add_argument("--tune", action="store_true")
     ap.add_argument("--ablate", action="store_true")
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--unroll", action="store_true", help="k_unroll study")
+    ap.add_argument("--models", default="", help="comma list of tuning.MODEL_SHAPES keys")
+    ap.add_argument("--fracs", default="", help="comma list of INT8 fractions")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--ptx", action="store_true", help="dump PTX of two configs (alone)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, interpret mode (CPU)")
@@ -383,9 +520,14 @@ def main(argv=None):
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     date = time.strftime("%Y-%m-%d")
-    results = dict(meta=dict(date=date, device=jax.devices()[0].device_kind,
-                             jax=jax.__version__, argv=sys.argv[1:]),
-                   check=[], sweep=[], ablation=[])
+    results = dict(
+        meta=dict(
+            date=date, device=jax.devices()[0].device_kind, jax=jax.__version__, argv=sys.argv[1:]
+        ),
+        check=[],
+        sweep=[],
+        ablation=[],
+    )
     stem = out / (f"ptx_{date}" if args.ptx else f"gemm_{date}")
 
     def save():
@@ -408,8 +550,9 @@ def main(argv=None):
                 results["check_ok"] = False
             save()
         if args.tune:
-            entries = tune(results, args.quick,
-                           min(deadline, time.time() + args.tune_share * args.budget_s))
+            entries = tune(
+                results, args.quick, min(deadline, time.time() + args.tune_share * args.budget_s)
+            )
             tuning.write_table(entries, results["meta"], out / "tuning_table.json", merge=False)
             if not SMOKE:  # this run's later stages use the new table
                 tuning.write_table(entries, results["meta"])
@@ -424,8 +567,17 @@ def main(argv=None):
             except Exception:  # noqa: BLE001
                 traceback.print_exc()
             save()
+        if args.unroll:
+            unroll_study(results, deadline)
+            save()
         if args.sweep:
-            sweep(results, deadline, args.quick)
+            sweep(
+                results,
+                deadline,
+                args.quick,
+                models=[x for x in args.models.split(",") if x] or None,
+                fracs_arg=tuple(float(x) for x in args.fracs.split(",") if x) or None,
+            )
     except Exception:  # noqa: BLE001 - keep what was measured
         traceback.print_exc()
     save()

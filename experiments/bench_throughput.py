@@ -104,12 +104,19 @@ def run_workload(engine: LLMEngine, n: int, prompt_len: int, out_len: int, seed:
     tpot = [(done[r] - first[r]) / (out_len - 1) for r in done if out_len > 1]
     decode_steps = st.steps - st0.steps
     return {
-        "requests": n, "input_len": prompt_len, "output_len": out_len,
-        "wall_s": wall, "output_tokens": gen,
-        "output_tok_per_s": gen / wall, "total_tok_per_s": (gen + n * prompt_len) / wall,
+        "requests": n,
+        "input_len": prompt_len,
+        "output_len": out_len,
+        "wall_s": wall,
+        "output_tokens": gen,
+        "output_tok_per_s": gen / wall,
+        "total_tok_per_s": (gen + n * prompt_len) / wall,
         "tpot_ms": 1e3 * float(np.mean(tpot)) if tpot else None,
-        "batch_reached": batch_reached, "steps": decode_steps,
-        "host_s": host, "device_s": dev, "engine_overhead": host / max(host + dev, 1e-9),
+        "batch_reached": batch_reached,
+        "steps": decode_steps,
+        "host_s": host,
+        "device_s": dev,
+        "engine_overhead": host / max(host + dev, 1e-9),
         "preemptions": engine.scheduler.num_preemptions,
     }
 
@@ -131,12 +138,23 @@ def bench_precision(args, model_config, precision: str) -> dict:
     row["init_s"] = time.perf_counter() - t0
     longest = max(i + o for i, o in args.workloads)
     cfg = EngineConfig(
-        max_batch=args.max_batch, max_tokens_per_step=args.max_tokens_per_step,
-        max_prefill_seqs=args.max_prefill_seqs, max_model_len=longest, page_size=args.page_size,
-        num_pages=args.num_pages, memory_fraction=args.memory_fraction, precision=precision,
-        kv_group=args.kv_group, compute_dtype="float32" if args.float32 else "bfloat16",
-        kernels=args.kernels, interpret=args.interpret,
+        max_batch=args.max_batch,
+        max_tokens_per_step=args.max_tokens_per_step,
+        max_prefill_seqs=args.max_prefill_seqs,
+        max_model_len=longest,
+        page_size=args.page_size,
+        num_pages=args.num_pages,
+        memory_fraction=args.memory_fraction,
+        precision=precision,
+        kv_group=args.kv_group,
+        compute_dtype="float32" if args.float32 else "bfloat16",
+        kernels=args.kernels,
+        interpret=args.interpret,
         page_buckets=tuple(args.page_buckets) if args.page_buckets else None,
+        decode_buckets=tuple(b for b in args.decode_buckets if b < args.max_batch)
+        + (args.max_batch,),
+        prefill_batch_buckets=tuple(args.prefill_batch_buckets),
+        chunk_buckets=tuple(args.chunk_buckets),
     )
     engine = LLMEngine.build(model_config, params, cfg, linear=linear, progress=not args.quiet)
     row["compile_s"] = engine.compile_time_s
@@ -163,26 +181,38 @@ def bench_precision(args, model_config, precision: str) -> dict:
 
 
 def print_table(results: list[dict]) -> None:
-    base = {}
-    for row in results:
-        for r in row.get("max_throughput", []):
-            if row["precision"] == "bf16":
-                base[(r["input_len"], r["output_len"])] = r["output_tok_per_s"]
-    print(f"\n{'precision':10} {'workload':>10} {'req':>5} {'batch':>5} {'out tok/s':>10} "
-          f"{'vs bf16':>8} {'TPOT ms':>8} {'overhead':>8} {'mem GiB':>8}")
+    def key(r):
+        return r["requests"], r["input_len"], r["output_len"]
+
+    base = {
+        key(r): r["output_tok_per_s"]
+        for row in results
+        if row["precision"] == "bf16" and row.get("status") == "ok"
+        for r in row["max_throughput"] + row["fixed_batch"]
+    }
+    print(
+        f"\n{'precision':10} {'run':5} {'workload':>10} {'req':>5} {'batch':>5} {'out tok/s':>10} "
+        f"{'vs bf16':>8} {'TPOT ms':>8} {'overhead':>8} {'mem GiB':>8}"
+    )
     for row in results:
         if row.get("status") != "ok":
             print(f"{row['precision']:10} {row.get('status')}")
             continue
-        for r in row["max_throughput"] + row["fixed_batch"]:
-            key = (r["input_len"], r["output_len"])
-            rel = r["output_tok_per_s"] / base[key] if key in base and r in row[
-                "max_throughput"] else float("nan")
+        for run, r in [("max", r) for r in row["max_throughput"]] + [
+            ("fixed", r) for r in row["fixed_batch"]
+        ]:
+            rel = r["output_tok_per_s"] / base[key(r)] if key(r) in base else float("nan")
             tpot = f"{r['tpot_ms']:.2f}" if r["tpot_ms"] is not None else "-"
-            print(f"{row['precision']:10} {r['input_len']:>4}/{r['output_len']:<5} "
-                  f"{r['requests']:>5} {r['batch_reached']:>5} {r['output_tok_per_s']:>10.1f} "
-                  f"{rel:>8.2f} {tpot:>8} {r['engine_overhead']:>8.1%} "
-                  f"{r['peak_mem_gib']:>8.2f}")
+            print(
+                f"{row['precision']:10} {run:5} {r['input_len']:>5}/{r['output_len']:<4} "
+                f"{r['requests']:>5} {r['batch_reached']:>5} {r['output_tok_per_s']:>10.1f} "
+                f"{rel:>8.2f} {tpot:>8} {r['engine_overhead']:>8.1%} "
+                f"{r['peak_mem_gib']:>8.2f}"
+            )
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",")]
 
 
 def _pairs(text: str) -> list[tuple[int, int]]:
@@ -190,25 +220,55 @@ def _pairs(text: str) -> list[tuple[int, int]]:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     p.add_argument("--preset", default="llama3-8b", help="model shapes (runner.MODEL_PRESETS)")
-    p.add_argument("--tiny", action="store_true",
-                   help="CPU smoke run: tiny model, small workloads, float32, reference kernels")
+    p.add_argument(
+        "--tiny",
+        action="store_true",
+        help="CPU smoke run: tiny model, small workloads, float32, reference kernels",
+    )
     p.add_argument("--precisions", default="bf16,w8a8,w4a16,w4axkv4")
-    p.add_argument("--workloads", type=_pairs, default=_pairs("1024/512,128/128"),
-                   help="max-throughput input/output lengths, e.g. 1024/512,128/128")
+    p.add_argument(
+        "--workloads",
+        type=_pairs,
+        default=_pairs("1024/512,128/128"),
+        help="max-throughput input/output lengths, e.g. 1024/512,128/128",
+    )
     p.add_argument("--requests", type=int, default=512, help="requests per max-throughput run")
-    p.add_argument("--fixed-batches", type=lambda s: [int(x) for x in s.split(",")],
-                   default=[4, 8, 16, 32, 64, 128, 256])
+    p.add_argument("--fixed-batches", type=_ints, default=[4, 8, 16, 32, 64, 128, 256])
     p.add_argument("--fixed-workload", type=lambda s: _pairs(s)[0], default=(128, 128))
     p.add_argument("--max-batch", type=int, default=256)
     p.add_argument("--max-tokens-per-step", type=int, default=2048)
     p.add_argument("--max-prefill-seqs", type=int, default=4)
     p.add_argument("--page-size", type=int, default=64)
-    p.add_argument("--page-buckets", type=lambda s: [int(x) for x in s.split(",")], default=None,
-                   help="page-table width buckets (default: one, the longest sequence)")
+    p.add_argument(
+        "--page-buckets",
+        type=_ints,
+        default=None,
+        help="page-table width buckets (default: one, the longest sequence)",
+    )
+    p.add_argument(
+        "--decode-buckets",
+        type=_ints,
+        default=[4, 8, 16, 32, 64, 128, 256],
+        help="decode batch buckets (each is one compiled shape)",
+    )
+    p.add_argument(
+        "--prefill-batch-buckets",
+        type=_ints,
+        default=[1, 4],
+        help="prefill batch buckets; the last must equal --max-prefill-seqs",
+    )
+    p.add_argument(
+        "--chunk-buckets",
+        type=_ints,
+        default=[256, 2048],
+        help="prefill chunk buckets; the last must equal --max-tokens-per-step",
+    )
     p.add_argument("--num-pages", type=int, default=None, help="default: plan from free memory")
     p.add_argument("--memory-fraction", type=float, default=0.85)
     p.add_argument("--kv-group", type=int, default=128)
@@ -216,6 +276,11 @@ def parse_args(argv=None):
     p.add_argument("--interpret", action="store_true")
     p.add_argument("--float32", action="store_true", help="float32 compute (CPU)")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument(
+        "--compile-cache",
+        default=None,
+        help="persistent XLA compilation cache directory (re-runs skip compiles)",
+    )
     p.add_argument("--out", default="bench_throughput.json")
     args = p.parse_args(argv)
     if args.tiny:
@@ -224,6 +289,7 @@ def parse_args(argv=None):
         args.fixed_batches, args.fixed_workload = [4, 8], (16, 16)
         args.max_batch, args.max_tokens_per_step, args.max_prefill_seqs = 8, 64, 2
         args.page_size, args.num_pages, args.kv_group = 16, 64, 64
+        args.decode_buckets, args.prefill_batch_buckets, args.chunk_buckets = [8], [2], [64]
     if args.kernels == "auto":
         args.kernels = "pallas" if jax.default_backend() == "gpu" else "reference"
     return args
@@ -231,6 +297,9 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.compile_cache:
+        jax.config.update("jax_compilation_cache_dir", args.compile_cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     model_config = preset_config(args.preset)
     results = []
     for precision in args.precisions.split(","):
@@ -239,9 +308,12 @@ def main(argv=None) -> int:
     print_table(results)
     record = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
-        "device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
-        "python": platform.python_version(), "preset": args.preset,
-        "args": {k: v for k, v in vars(args).items()}, "results": results,
+        "device": str(jax.devices()[0].device_kind),
+        "jax": jax.__version__,
+        "python": platform.python_version(),
+        "preset": args.preset,
+        "args": {k: v for k, v in vars(args).items()},
+        "results": results,
     }
     with open(args.out, "w") as f:
         json.dump(record, f, indent=1, default=str)

@@ -17,9 +17,8 @@ segments, so the simulated path equals the kernel path. For that:
   order would otherwise differ between XLA and Triton) is computed once by :func:`rms_inv`,
   shared by reference and kernel wrapper; the kernel applies ``(x * inv_rms) * w`` in f32
   (the same two IEEE products as the reference; no bf16 rounding of the normalized value);
-* XLA compiles the library's ``scale = amax * clip / qmax`` as ``amax * f32(clip / qmax)``
-  and ``x / scale`` as ``x * (1 / scale)`` (its algebraic simplifier folds constant divisors
-  and divisions by a broadcast); the kernel evaluates the same expressions, with IEEE ``div.rn.f32`` for ``1 / scale`` (Triton's ``/`` is
+* the library computes ``scale = amax * f32(clip / qmax)`` and ``q = round(x * (1 / scale))``
+  with every step spelled out (so no XLA graph reorders it); the kernel evaluates the same expressions, with IEEE ``div.rn.f32`` for ``1 / scale`` (Triton's ``/`` is
   approximate) and round-half-to-even ``cvt.rni.f32.f32`` (inline PTX on the GPU; ``jnp`` ops when
   interpreting, where XLA would fold the usual ``(y + 1.5*2^23) - 1.5*2^23`` trick away).
 
@@ -77,17 +76,32 @@ def _normalize(x, norm_weight, eps):
     return (xf * rms_inv(x, eps)[:, None]) * norm_weight.astype(jnp.float32)[None, :]
 
 
-def act_quant_reference(x, perm, k4: int, *, norm_weight=None, eps: float = 1e-6,
-                        clip4: float = 1.0, clip8: float = 1.0,
-                        tile_k: int = DEFAULT_TILE_K):
+def act_quant_reference(
+    x,
+    perm,
+    k4: int,
+    *,
+    norm_weight=None,
+    eps: float = 1e-6,
+    clip4: float = 1.0,
+    clip8: float = 1.0,
+    tile_k: int = DEFAULT_TILE_K,
+):
     """Library-quantizer semantics of :func:`act_quant` (module docstring).
 
-    Always jitted: XLA's rewrites of constant divisors change the last bit of some scales
-    between eager (op-by-op) and jitted evaluation of ``quantize``; the kernel follows jit.
+    Jitted, like the simulated path that calls the same quantizer.
     """
     validate_args(x, perm, k4, norm_weight, clip4, clip8, tile_k)
-    return _act_quant_reference(x, perm, norm_weight, k4=int(k4), eps=float(eps),
-                                clip4=float(clip4), clip8=float(clip8), tile_k=tile_k)
+    return _act_quant_reference(
+        x,
+        perm,
+        norm_weight,
+        k4=int(k4),
+        eps=float(eps),
+        clip4=float(clip4),
+        clip8=float(clip8),
+        tile_k=tile_k,
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("k4", "eps", "clip4", "clip8", "tile_k"))
@@ -111,11 +125,14 @@ def _act_quant_reference(x, perm, norm_weight, *, k4, eps, clip4, clip8, tile_k)
 def _div_rn(a, b, interpret):
     """IEEE a / b (Triton lowers ``/`` to the approximate ``div.full.f32``)."""
     if interpret:
-        # The barrier keeps XLA from folding ``(a * clip) / qmax`` into one product.
+        # The barrier keeps XLA from rewriting the reciprocal into the following multiply.
         a, b = jax.lax.optimization_barrier((a, b))
         return a / b
     [q] = plgpu.elementwise_inline_asm(
-        "div.rn.f32 $0, $1, $2;", args=[a, b], constraints="=r,r,r", pack=1,
+        "div.rn.f32 $0, $1, $2;",
+        args=[a, b],
+        constraints="=r,r,r",
+        pack=1,
         result_shape_dtypes=[jax.ShapeDtypeStruct(a.shape, jnp.float32)],
     )
     return q
@@ -126,14 +143,30 @@ def _round_even(y, interpret):
     if interpret:
         return jnp.round(y)
     [r] = plgpu.elementwise_inline_asm(
-        "cvt.rni.f32.f32 $0, $1;", args=[y], constraints="=r,r", pack=1,
+        "cvt.rni.f32.f32 $0, $1;",
+        args=[y],
+        constraints="=r,r",
+        pack=1,
         result_shape_dtypes=[jax.ShapeDtypeStruct(y.shape, jnp.float32)],
     )
     return r
 
 
-def _kernel(x_ref, perm_ref, w_ref, inv_ref, *out_refs, k4, k8, chunk, tile_k, clip4, clip8,
-            has_norm, interpret):
+def _kernel(
+    x_ref,
+    perm_ref,
+    w_ref,
+    inv_ref,
+    *out_refs,
+    k4,
+    k8,
+    chunk,
+    tile_k,
+    clip4,
+    clip8,
+    has_norm,
+    interpret,
+):
     out_refs = list(out_refs)
     x4_ref = out_refs.pop(0) if k4 else None
     x8_ref = out_refs.pop(0) if k8 else None
@@ -150,6 +183,7 @@ def _kernel(x_ref, perm_ref, w_ref, inv_ref, *out_refs, k4, k8, chunk, tile_k, c
     def amax(lo, n_chunks):
         def body(i, a):
             return jnp.maximum(a, jnp.max(jnp.abs(gather(lo + i * chunk))))
+
         return jax.lax.fori_loop(0, n_chunks, body, jnp.float32(0.0))
 
     def scale_of(a, clip, qmax):
@@ -163,8 +197,9 @@ def _kernel(x_ref, perm_ref, w_ref, inv_ref, *out_refs, k4, k8, chunk, tile_k, c
     def quant(v, s, qmax):
         # XLA rewrites ``x / broadcast(s)`` into ``x * broadcast(1 / s)``: same here.
         # Vectors, not scalars: inline asm needs IR values (a scalar literal is not one).
-        inv = _div_rn(jnp.full(v.shape, 1.0, jnp.float32), jnp.full(v.shape, s, jnp.float32),
-                      interpret)
+        inv = _div_rn(
+            jnp.full(v.shape, 1.0, jnp.float32), jnp.full(v.shape, s, jnp.float32), interpret
+        )
         y = _round_even(v * inv, interpret)
         return jnp.clip(y, -qmax - 1.0, qmax).astype(jnp.int32)
 
@@ -197,8 +232,7 @@ def _kernel(x_ref, perm_ref, w_ref, inv_ref, *out_refs, k4, k8, chunk, tile_k, c
 @functools.partial(
     jax.jit, static_argnames=("k4", "eps", "clip4", "clip8", "tile_k", "interpret", "num_warps")
 )
-def _act_quant_call(x, perm, norm_weight, *, k4, eps, clip4, clip8, tile_k, interpret,
-                    num_warps):
+def _act_quant_call(x, perm, norm_weight, *, k4, eps, clip4, clip8, tile_k, interpret, num_warps):
     m, k = x.shape
     k8 = k - k4
     has_norm = norm_weight is not None
@@ -215,8 +249,15 @@ def _act_quant_call(x, perm, norm_weight, *, k4, eps, clip4, clip8, tile_k, inte
     out_shape.append(jax.ShapeDtypeStruct((m, 2), jnp.float32))
     out_specs.append(pl.BlockSpec((None, 2), lambda i: (i, 0)))
     kernel = functools.partial(
-        _kernel, k4=k4, k8=k8, chunk=chunk, tile_k=tile_k, clip4=clip4, clip8=clip8,
-        has_norm=has_norm, interpret=interpret,
+        _kernel,
+        k4=k4,
+        k8=k8,
+        chunk=chunk,
+        tile_k=tile_k,
+        clip4=clip4,
+        clip8=clip8,
+        has_norm=has_norm,
+        interpret=interpret,
     )
     outs = pl.pallas_call(
         kernel,
@@ -239,17 +280,35 @@ def _act_quant_call(x, perm, norm_weight, *, k4, eps, clip4, clip8, tile_k, inte
     return x4, x8, outs[0]
 
 
-def act_quant(x, perm, k4: int, *, norm_weight=None, eps: float = 1e-6, clip4: float = 1.0,
-              clip8: float = 1.0, tile_k: int = DEFAULT_TILE_K, interpret: bool = False,
-              num_warps: int = 4):
+def act_quant(
+    x,
+    perm,
+    k4: int,
+    *,
+    norm_weight=None,
+    eps: float = 1e-6,
+    clip4: float = 1.0,
+    clip8: float = 1.0,
+    tile_k: int = DEFAULT_TILE_K,
+    interpret: bool = False,
+    num_warps: int = 4,
+):
     """Fused RMSNorm -> permute -> per-token INT4/INT8 quantize -> pack (module docstring).
 
     Returns ``(x4_packed [M, K4/2] int8, x8 [M, K-K4] int8, x_scales [M, 2] f32)``.
     """
     validate_args(x, perm, k4, norm_weight, clip4, clip8, tile_k)
     return _act_quant_call(
-        x, perm, norm_weight, k4=int(k4), eps=float(eps), clip4=float(clip4),
-        clip8=float(clip8), tile_k=tile_k, interpret=interpret, num_warps=num_warps,
+        x,
+        perm,
+        norm_weight,
+        k4=int(k4),
+        eps=float(eps),
+        clip4=float(clip4),
+        clip8=float(clip8),
+        tile_k=tile_k,
+        interpret=interpret,
+        num_warps=num_warps,
     )
 
 

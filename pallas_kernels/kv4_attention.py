@@ -48,6 +48,9 @@ from comet_jax.quant import pack, quantizers
 
 _MASK = -0.7 * float(np.finfo(np.float32).max)
 _MIN_ROWS = 16  # Triton's smallest dot M
+# Array sizes (bytes) whose element offsets Pallas-Triton computes in int32 although they can
+# exceed 2^31 (it switches to int64 only above 2^32 bytes).
+_OFFSET_HAZARD = (2**31, 2**32)
 
 
 class PagedKV(NamedTuple):
@@ -119,6 +122,14 @@ def _check_kv(kv: PagedKV) -> None:
             raise ValueError(f"bf16-mode kv.k must be floating, got dtype {kv.k.dtype}")
         if any(getattr(kv, n) is not None for n in ("k_zero", "v_scale", "v_zero")):
             raise ValueError("kv scales/zeros must be all set (INT4) or all None (bf16)")
+    for name, a in zip(PagedKV._fields, kv):
+        nbytes = 0 if a is None else a.size * a.dtype.itemsize
+        if _OFFSET_HAZARD[0] < nbytes <= _OFFSET_HAZARD[1]:
+            raise ValueError(
+                f"kv.{name} is {nbytes} bytes: Pallas-Triton addresses arrays of up to 4 GiB with "
+                "signed 32-bit offsets, which wrap above 2 GiB; size the pool (num_pages) to "
+                "<= 2 GiB or > 4 GiB per array (KVCacheConfig.pages_for_budget does this)"
+            )
     if kv.page_size < 16 or kv.page_size & (kv.page_size - 1):
         raise ValueError(f"page size {kv.page_size} must be a power of two >= 16")
     if kv.head_dim < 32 or kv.head_dim & (kv.head_dim - 1):
@@ -221,7 +232,8 @@ def _kernel(
     group: int,
     hg: int,
     hg_pad: int,
-    pages_per_split: int,
+    pages_per_block: int,
+    blocks_per_split: int,
     num_splits: int,
     sm_scale: float,
     fast_unpack: bool,
@@ -251,9 +263,10 @@ def _kernel(
     first_token = qt * block_rows // hg_pad
     last_token = jnp.minimum(q_len, (qt + 1) * block_rows // hg_pad) - 1
     kv_end = jnp.where(first_token < q_len, jnp.minimum(seq_len, q_start + last_token + 1), 0)
-    n_pages = (kv_end + page - 1) // page
-    p_lo = split * pages_per_split
-    p_hi = jnp.minimum(n_pages, p_lo + pages_per_split)
+    block_k = pages_per_block * page  # keys per loop step
+    n_blocks = (kv_end + block_k - 1) // block_k
+    blk_lo = split * blocks_per_split
+    blk_hi = jnp.minimum(n_blocks, blk_lo + blocks_per_split)
 
     # q pieces: group j -> (first half, second half) of its channels, matching the nibbles.
     q_pieces, q_sums = [], []
@@ -267,30 +280,38 @@ def _kernel(
             jnp.sum(lo.astype(jnp.float32), axis=1) + jnp.sum(hi.astype(jnp.float32), axis=1)
         )
 
+    def load(ref, pg, *trail):
+        """ref[layer, pages, h, *trail] with the block's pages merged into one token axis."""
+        x = ref[(layer, pg, h, *trail)]
+        return x.reshape(block_k, *x.shape[2:]) if pages_per_block > 1 else x
+
     def halves(ref, pg, j, dtype):
-        """The [page, g/2] channel halves of group j; INT4 comes back as 128 + nibble (exact)."""
+        """The [block_k, g/2] channel halves of group j; INT4 comes as 128 + nibble (exact)."""
         if quantized:
-            byte = ref[layer, pg, h, :, pl.ds(j * half, half)]  # [page, g/2] uint8
+            byte = load(ref, pg, slice(None), pl.ds(j * half, half))  # [block_k, g/2] uint8
             return _unpack_biased(byte, fast=fast_unpack)
-        lo = ref[layer, pg, h, :, pl.ds(j * group, half)]
-        hi = ref[layer, pg, h, :, pl.ds(j * group + half, half)]
+        lo = load(ref, pg, slice(None), pl.ds(j * group, half))
+        hi = load(ref, pg, slice(None), pl.ds(j * group + half, half))
         return lo.astype(dtype), hi.astype(dtype)
 
-    def body(p, carry):
+    def body(blk, carry):
         accs, m_prev, l_prev = carry
-        pg = page_table_ref[b, p]
-        logits = jnp.zeros((block_rows, page), jnp.float32)
+        if pages_per_block == 1:
+            pg = page_table_ref[b, blk]
+        else:  # a gather of whole pages: [pages_per_block] physical page ids
+            pg = page_table_ref[b, pl.ds(blk * pages_per_block, pages_per_block)]
+        logits = jnp.zeros((block_rows, block_k), jnp.float32)
         for j in range(n_groups):
             k_lo, k_hi = halves(k_ref, pg, j, cdt)
             raw = jnp.dot(q_pieces[j][0], k_lo.T, preferred_element_type=jnp.float32)
             raw += jnp.dot(q_pieces[j][1], k_hi.T, preferred_element_type=jnp.float32)
             if quantized:
-                s = ks_ref[layer, pg, h, j, :].astype(jnp.float32)[None, :]
-                z = kz_ref[layer, pg, h, j, :].astype(jnp.float32)[None, :] + _NIBBLE_BIAS
+                s = load(ks_ref, pg, j, slice(None)).astype(jnp.float32)[None, :]
+                z = load(kz_ref, pg, j, slice(None)).astype(jnp.float32)[None, :] + _NIBBLE_BIAS
                 raw = s * (raw - z * q_sums[j][:, None])
             logits += raw
         logits *= sm_scale
-        key_pos = p * page + jnp.arange(page, dtype=jnp.int32)
+        key_pos = blk * block_k + jnp.arange(block_k, dtype=jnp.int32)
         valid = (key_pos[None, :] <= row_pos[:, None]) & (key_pos[None, :] < seq_len)
         logits = jnp.where(valid, logits, _MASK)
         m_next = jnp.maximum(m_prev, jnp.max(logits, axis=1))
@@ -300,8 +321,8 @@ def _kernel(
         new_accs = []
         for j in range(n_groups):
             if quantized:
-                s = vs_ref[layer, pg, h, j, :].astype(jnp.float32)[None, :]
-                z = vz_ref[layer, pg, h, j, :].astype(jnp.float32)[None, :] + _NIBBLE_BIAS
+                s = load(vs_ref, pg, j, slice(None)).astype(jnp.float32)[None, :]
+                z = load(vz_ref, pg, j, slice(None)).astype(jnp.float32)[None, :] + _NIBBLE_BIAS
                 ps = (probs * s).astype(jnp.bfloat16)
                 v_lo, v_hi = halves(v_ref, pg, j, jnp.bfloat16)
                 # Same rounded ps in the dot and in the correction: the bias cancels exactly.
@@ -318,7 +339,7 @@ def _kernel(
     accs0 = tuple(jnp.zeros((block_rows, half), jnp.float32) for _ in range(2 * n_groups))
     m0 = jnp.full((block_rows,), _MASK, jnp.float32)
     l0 = jnp.zeros((block_rows,), jnp.float32)
-    accs, m_i, l_i = jax.lax.fori_loop(p_lo, p_hi, body, (accs0, m0, l0))
+    accs, m_i, l_i = jax.lax.fori_loop(blk_lo, blk_hi, body, (accs0, m0, l0))
     l_i = jnp.where(row_valid, l_i, 0.0)
 
     if num_splits == 1:
@@ -345,6 +366,7 @@ def _attend(
     hg: int,
     hg_pad: int,
     block_rows: int,
+    block_k: int,
     num_splits: int,
     sm_scale: float,
     num_warps: int,
@@ -355,7 +377,13 @@ def _attend(
     """Launches the kernel over grid (B, Hkv, R / block_rows, num_splits); merges splits."""
     batch, hkv, rows, head_dim = q_rows.shape
     max_pages = page_table.shape[1]
-    pages_per_split = -(-max_pages // num_splits)
+    if block_k % kv.page_size or block_k & (block_k - 1):
+        raise ValueError(f"block_k={block_k} must be a power-of-two multiple of the page size")
+    pages_per_block = block_k // kv.page_size
+    max_blocks = -(-max_pages // pages_per_block)
+    # Pad the table to whole blocks; padded entries point at page 0 and are masked by length.
+    page_table = jnp.pad(page_table, ((0, 0), (0, max_blocks * pages_per_block - max_pages)))
+    num_splits = min(num_splits, max_blocks)
     q_tiles = rows // block_rows
     kernel = functools.partial(
         _kernel,
@@ -363,7 +391,8 @@ def _attend(
         group=kv.group_size,
         hg=hg,
         hg_pad=hg_pad,
-        pages_per_split=pages_per_split,
+        pages_per_block=pages_per_block,
+        blocks_per_split=-(-max_blocks // num_splits),
         num_splits=num_splits,
         sm_scale=sm_scale,
         fast_unpack=_fast_unpack(unpack, interpret),
@@ -438,10 +467,10 @@ def _check_q(q, kv: PagedKV, ndim: int, what: str):
     return q, hq // hkv
 
 
-def _default_splits(batch: int, hkv: int, max_pages: int) -> int:
-    """Enough programs to fill ~2 waves of an H100 (132 SMs), at least 2 pages per split."""
+def _default_splits(batch: int, hkv: int, max_blocks: int) -> int:
+    """Enough programs to fill ~2 waves of an H100 (132 SMs), at least 2 key blocks per split."""
     want = -(-264 // (batch * hkv))
-    return int(max(1, min(want, max_pages // 2)))
+    return int(max(1, min(want, max_blocks // 2)))
 
 
 def _to_rows(q, hg: int, hg_pad: int, block_rows: int):
@@ -470,6 +499,7 @@ def paged_decode_attention(
     layer=0,
     sm_scale: float | None = None,
     num_splits: int | None = None,
+    block_k: int | None = None,
     num_warps: int = 4,
     num_stages: int = 2,
     interpret: bool = False,
@@ -484,6 +514,10 @@ def paged_decode_attention(
       seq_lens: ``[B] int32`` tokens in the cache per sequence; 0 gives a zero output row.
       layer: int or traced int32 scalar, the layer to read.
       num_splits: flash-decoding splits of the page range (default: fill ~2 waves of 132 SMs).
+      block_k: keys per loop step (default: one page). A multiple of the page size gathers
+        ``block_k / page`` pages per step so the dots stay large with small pages (page 16 with
+        one page per step ran 2.5x slower than page 128 on H100; the gather path is verified in
+        interpret mode and lowers to Triton, but is not yet timed on a GPU, hence opt-in).
       unpack: INT4 nibble -> bf16 path: "asm" (inline PTX prmt/lop3, GPU), "convert" (integer
         to float conversions), "auto" (asm unless interpret).
 
@@ -499,7 +533,8 @@ def paged_decode_attention(
     _check_tables(kv, page_table, seq_lens, layer, batch)
     max_pages = page_table.shape[1]
     if num_splits is None:
-        num_splits = _default_splits(batch, kv.k.shape[2], max_pages)
+        blocks = -(-max_pages // max(1, (block_k or kv.page_size) // kv.page_size))
+        num_splits = _default_splits(batch, kv.k.shape[2], blocks)
     if not 1 <= num_splits <= max_pages:
         raise ValueError(f"num_splits={num_splits} must be in [1, max_pages={max_pages}]")
     hg_pad = 1 << (hg - 1).bit_length()
@@ -517,6 +552,7 @@ def paged_decode_attention(
         hg=hg,
         hg_pad=hg_pad,
         block_rows=block_rows,
+        block_k=block_k or kv.page_size,
         num_splits=num_splits,
         sm_scale=sm_scale if sm_scale is not None else 1.0 / math.sqrt(d),
         num_warps=num_warps,
@@ -537,6 +573,7 @@ def paged_prefill_attention(
     layer=0,
     sm_scale: float | None = None,
     block_q: int | None = None,
+    block_k: int | None = None,
     num_warps: int = 4,
     num_stages: int = 2,
     interpret: bool = False,
@@ -551,6 +588,7 @@ def paged_prefill_attention(
       seq_lens: ``[B] int32`` cached tokens including the chunk.
       q_lens: ``[B] int32`` valid chunk tokens (default T); rows ``i >= q_lens[b]`` return 0.
       block_q: chunk tokens per program (default: 128 rows / GQA group, at least 1).
+      block_k: keys per loop step, as in :func:`paged_decode_attention`.
 
     Returns:
       ``[B, T, Hq, D]`` in q's dtype.
@@ -582,6 +620,7 @@ def paged_prefill_attention(
         hg=hg,
         hg_pad=hg_pad,
         block_rows=block_rows,
+        block_k=block_k or kv.page_size,
         num_splits=1,
         sm_scale=sm_scale if sm_scale is not None else 1.0 / math.sqrt(d),
         num_warps=num_warps,

@@ -62,9 +62,11 @@ def load_table(path: str = str(TABLE_PATH)) -> dict:
     return json.loads(p.read_text()).get("entries", {})
 
 
-def _split_for(tiles_mn: int, n_k_tiles: int, min_tiles_per_split: int = 4) -> int:
-    """Smallest split-K that puts ~2 waves of programs on the SMs."""
-    target = 2 * NUM_SMS
+def _split_for(
+    tiles_mn: int, n_k_tiles: int, waves: float = 1.5, min_tiles_per_split: int = 4
+) -> int:
+    """Smallest power-of-two split-K that puts ``waves`` waves of programs on the SMs."""
+    target = waves * NUM_SMS
     split = 1
     while tiles_mn * split < target and n_k_tiles // (split * 2) >= min_tiles_per_split:
         split *= 2
@@ -80,15 +82,25 @@ def default_config(m: int, n: int, k: int, k8: int = 0, *, tile_k: int = DEFAULT
         bm = max(16, 1 << (max(1, m) - 1).bit_length())
         bn = 64
         return GemmConfig(
-            block_m=bm, block_n=bn, split_k=_split_for(n // bn, n_k_tiles), num_warps=4,
-            num_stages=4, swap_ab=True, group_m=1,
+            block_m=bm,
+            block_n=bn,
+            split_k=_split_for(n // bn, n_k_tiles),
+            num_warps=4,
+            num_stages=4,
+            swap_ab=True,
+            group_m=1,
         )
     if m <= 256:
-        bm, bn = 64, 128
+        bm, bn = 128, 128
         tiles = math.ceil(m / bm) * (n // bn)
         return GemmConfig(
-            block_m=bm, block_n=bn, split_k=_split_for(tiles, n_k_tiles), num_warps=4,
-            num_stages=4, swap_ab=False, group_m=8,
+            block_m=bm,
+            block_n=bn,
+            split_k=_split_for(tiles, n_k_tiles, waves=0.9),
+            num_warps=8,
+            num_stages=4,
+            swap_ab=False,
+            group_m=8,
         )
     return GemmConfig(
         block_m=128, block_n=128, split_k=1, num_warps=8, num_stages=3, swap_ab=False, group_m=8
@@ -119,7 +131,7 @@ def candidates(m: int, n: int, k: int, *, tile_k: int = DEFAULT_TILE_K, quick: b
             for split in (1, 2, 4, 8, 16):
                 if n_k_tiles // split < 2:
                     continue
-                for stages in ((4,) if quick else (3, 5)):
+                for stages in (4,) if quick else (3, 5):
                     out.append(GemmConfig(bm, bn, split, 4, stages, True, 1))
         if not quick:
             out.append(GemmConfig(bm, 64, base.split_k, 4, 4, False, 1))
@@ -130,8 +142,12 @@ def candidates(m: int, n: int, k: int, *, tile_k: int = DEFAULT_TILE_K, quick: b
         out.append(GemmConfig(128, 64, 1, 4, 4, True, 8))
     else:
         for bm, bn, warps, stages in (
-            (128, 128, 8, 3), (128, 128, 4, 4), (128, 256, 8, 3), (256, 128, 8, 3),
-            (128, 128, 8, 4), (64, 256, 4, 3),
+            (128, 128, 8, 3),
+            (128, 128, 4, 4),
+            (128, 256, 8, 3),
+            (256, 128, 8, 3),
+            (128, 128, 8, 4),
+            (64, 256, 4, 3),
         ):
             out.append(GemmConfig(bm, bn, 1, warps, stages, False, 8))
         out.append(GemmConfig(128, 128, 1, 8, 3, True, 8))
@@ -164,8 +180,16 @@ def time_fn(fn, arg_sets, *, reps: int = 20, warmup: int = 2) -> float:
     return times[len(times) // 2]
 
 
-def random_operands(key, m: int, n: int, k: int, k8: int, *, tile_k: int = DEFAULT_TILE_K,
-                    group_size: int | None = None):
+def random_operands(
+    key,
+    m: int,
+    n: int,
+    k: int,
+    k8: int,
+    *,
+    tile_k: int = DEFAULT_TILE_K,
+    group_size: int | None = None,
+):
     """Random non-zero W4Ax operands ``(x4_packed, x8, x_scales, w_packed, w_scales)``."""
     import jax
     import jax.numpy as jnp
@@ -186,8 +210,9 @@ def int8_fraction_k8(k: int, frac: float, block: int = 128) -> int:
     return int(round(frac * k / block)) * block
 
 
-def sweep(shapes, m_values, fracs, *, quick=False, log=print, deadline=None,
-          interpret=False) -> dict:
+def sweep(
+    shapes, m_values, fracs, *, quick=False, log=print, deadline=None, interpret=False
+) -> dict:
     """Times the candidates of every (M, N, K, frac); returns table entries (best config)."""
     import jax
 
@@ -202,8 +227,9 @@ def sweep(shapes, m_values, fracs, *, quick=False, log=print, deadline=None,
                     log("tuning: deadline reached, stopping")
                     return entries
                 reps = max(2, min(8, (256 << 20) // (n * k // 2)))
-                sets = [random_operands(jax.random.fold_in(key, i), m, n, k, k8)
-                        for i in range(reps)]
+                sets = [
+                    random_operands(jax.random.fold_in(key, i), m, n, k, k8) for i in range(reps)
+                ]
                 best = None
                 for cfg in candidates(m, n, k, quick=quick):
                     f = functools.partial(w4ax_matmul, config=cfg, interpret=interpret)
@@ -216,8 +242,9 @@ def sweep(shapes, m_values, fracs, *, quick=False, log=print, deadline=None,
                     if best is None or t < best[0]:
                         best = (t, cfg)
                 if best is not None:
-                    entries[table_key(m, n, k, k8)] = dict(best[1].to_dict(),
-                                                           us=round(best[0] * 1e6, 2))
+                    entries[table_key(m, n, k, k8)] = dict(
+                        best[1].to_dict(), us=round(best[0] * 1e6, 2)
+                    )
     return entries
 
 
@@ -245,8 +272,11 @@ def _main(argv=None):
     if args.quick:
         shapes = [(4096, 4096), (14336, 4096), (4096, 14336), (8192, 8192)]
     entries = sweep(shapes, M_BUCKETS, (0.0, 0.125, 0.25), quick=args.quick)
-    meta = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
-            "date": time.strftime("%Y-%m-%d")}
+    meta = {
+        "device": str(jax.devices()[0].device_kind),
+        "jax": jax.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+    }
     write_table(entries, meta, args.out)
 
 

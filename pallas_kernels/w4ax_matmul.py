@@ -62,6 +62,7 @@ class GemmConfig:
     num_stages: int = 3
     swap_ab: bool = False
     group_m: int = 8
+    k_unroll: int = 1  # K tiles per pipelined loop step (more bytes in flight per stage)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -158,7 +159,14 @@ def w4ax_accumulators_reference(x4_packed, x8, w_packed, *, tile_k: int = DEFAUL
 
 
 def w4ax_matmul_reference(
-    x4_packed, x8, x_scales, w_packed, w_scales, bias=None, *, tile_k=DEFAULT_TILE_K,
+    x4_packed,
+    x8,
+    x_scales,
+    w_packed,
+    w_scales,
+    bias=None,
+    *,
+    tile_k=DEFAULT_TILE_K,
     out_dtype=jnp.bfloat16,
 ):
     """Pure-jnp W4Ax GEMM: the documented semantics (module docstring)."""
@@ -196,8 +204,20 @@ def w4ax_matmul_reference(
 # --------------------------------------------------------------------------------------------
 
 
-def _kernel(*refs, t4, t8, tile_k, tiles_per_split, swap_ab, group_tiles, raw, has_x4,
-            has_x8, has_bias):
+def _kernel(
+    *refs,
+    t4,
+    t8,
+    tile_k,
+    tiles_per_split,
+    swap_ab,
+    group_tiles,
+    raw,
+    has_x4,
+    has_x8,
+    has_bias,
+    k_unroll,
+):
     refs = list(refs)
     x4_ref = refs.pop(0) if has_x4 else None
     x8_ref = refs.pop(0) if has_x8 else None
@@ -245,12 +265,26 @@ def _kernel(*refs, t4, t8, tile_k, tiles_per_split, swap_ab, group_tiles, raw, h
         xhi = x8_ref[:, pl.ds(t8_ * tile_k + h, h)]
         return accumulate(acc, t, tile_dot(xlo, xhi, w_ref[:, pl.ds(t * h, h)]))
 
+    def seg_loop(start, stop, body, acc):
+        # `k_unroll` tiles per pipelined step, then the remainder one tile at a time.
+        if k_unroll == 1:
+            return jax.lax.fori_loop(start, stop, body, acc)
+        n_steps = jnp.maximum(stop - start, 0) // k_unroll
+
+        def step(i, acc):
+            for j in range(k_unroll):
+                acc = body(start + i * k_unroll + j, acc)
+            return acc
+
+        acc = jax.lax.fori_loop(0, n_steps, step, acc)
+        return jax.lax.fori_loop(start + n_steps * k_unroll, stop, body, acc)
+
     acc4 = jnp.zeros(acc_shape, acc_dtype)
     acc8 = jnp.zeros(acc_shape, acc_dtype)
     if has_x4:
-        acc4 = jax.lax.fori_loop(lo, jnp.minimum(hi, t4), body4, acc4)
+        acc4 = seg_loop(lo, jnp.minimum(hi, t4), body4, acc4)
     if has_x8:
-        acc8 = jax.lax.fori_loop(jnp.maximum(lo, t4), hi, body8, acc8)
+        acc8 = seg_loop(jnp.maximum(lo, t4), hi, body8, acc8)
 
     def store(ref, v):
         ref[...] = (v.T if swap_ab else v).astype(ref.dtype)
@@ -292,8 +326,20 @@ def _round_up(v: int, m: int) -> int:
     jax.jit,
     static_argnames=("tile_k", "out_dtype", "interpret", "config", "raw"),
 )
-def _w4ax_call(x4_packed, x8, x_scales, w_packed, w_scales, bias, *, tile_k, out_dtype,
-               interpret, config: GemmConfig, raw: bool):
+def _w4ax_call(
+    x4_packed,
+    x8,
+    x_scales,
+    w_packed,
+    w_scales,
+    bias,
+    *,
+    tile_k,
+    out_dtype,
+    interpret,
+    config: GemmConfig,
+    raw: bool,
+):
     m = x8.shape[0]
     n = w_packed.shape[0]
     k4, k8 = 2 * x4_packed.shape[1], x8.shape[1]
@@ -363,8 +409,18 @@ def _w4ax_call(x4_packed, x8, x_scales, w_packed, w_scales, bias, *, tile_k, out
         out_specs = pl.BlockSpec((bm, bn), lambda p, s: (m_map(p, s), n_map(p, s)))
 
     kernel = functools.partial(
-        _kernel, t4=t4, t8=t8, tile_k=tile_k, tiles_per_split=tps, swap_ab=config.swap_ab,
-        group_tiles=group_tiles, raw=raw, has_x4=has_x4, has_x8=has_x8, has_bias=has_bias,
+        _kernel,
+        t4=t4,
+        t8=t8,
+        tile_k=tile_k,
+        tiles_per_split=tps,
+        swap_ab=config.swap_ab,
+        group_tiles=group_tiles,
+        raw=raw,
+        has_x4=has_x4,
+        has_x8=has_x8,
+        has_bias=has_bias,
+        k_unroll=max(1, config.k_unroll),
     )
     out = pl.pallas_call(
         kernel,
@@ -399,20 +455,43 @@ def _resolve_config(config, m, n, k4, k8, tile_k):
 
 
 def w4ax_matmul(
-    x4_packed, x8, x_scales, w_packed, w_scales, bias=None, *, tile_k: int = DEFAULT_TILE_K,
-    out_dtype=jnp.bfloat16, interpret: bool = False, config: GemmConfig | None = None,
+    x4_packed,
+    x8,
+    x_scales,
+    w_packed,
+    w_scales,
+    bias=None,
+    *,
+    tile_k: int = DEFAULT_TILE_K,
+    out_dtype=jnp.bfloat16,
+    interpret: bool = False,
+    config: GemmConfig | None = None,
 ):
     """W4Ax GEMM ``[M, N]`` (module docstring). ``config=None`` takes the tuning table."""
     m, n, k4, k8, _ = validate_args(x4_packed, x8, x_scales, w_packed, w_scales, bias, tile_k)
     cfg = _resolve_config(config, m, n, k4, k8, tile_k)
     return _w4ax_call(
-        x4_packed, x8, x_scales, w_packed, w_scales, bias, tile_k=tile_k,
-        out_dtype=jnp.dtype(out_dtype), interpret=interpret, config=cfg, raw=False,
+        x4_packed,
+        x8,
+        x_scales,
+        w_packed,
+        w_scales,
+        bias,
+        tile_k=tile_k,
+        out_dtype=jnp.dtype(out_dtype),
+        interpret=interpret,
+        config=cfg,
+        raw=False,
     )
 
 
 def w4ax_accumulators(
-    x4_packed, x8, w_packed, *, tile_k: int = DEFAULT_TILE_K, interpret: bool = False,
+    x4_packed,
+    x8,
+    w_packed,
+    *,
+    tile_k: int = DEFAULT_TILE_K,
+    interpret: bool = False,
     config: GemmConfig | None = None,
 ):
     """The kernel's int32 sums ``(acc4, acc8)`` in true units (x16 / x256 removed exactly).
@@ -422,13 +501,20 @@ def w4ax_accumulators(
     m, n = x8.shape[0], w_packed.shape[0]
     dummy_scales = jnp.ones((m, 2), jnp.float32)
     dummy_ws = jnp.ones((n,), jnp.float32)
-    _, _, k4, k8, _ = validate_args(
-        x4_packed, x8, dummy_scales, w_packed, dummy_ws, None, tile_k
-    )
+    _, _, k4, k8, _ = validate_args(x4_packed, x8, dummy_scales, w_packed, dummy_ws, None, tile_k)
     cfg = _resolve_config(config, m, n, k4, k8, tile_k)
     acc4_16, acc8_16 = _w4ax_call(
-        x4_packed, x8, dummy_scales, w_packed, dummy_ws, None, tile_k=tile_k,
-        out_dtype=jnp.dtype(jnp.float32), interpret=interpret, config=cfg, raw=True,
+        x4_packed,
+        x8,
+        dummy_scales,
+        w_packed,
+        dummy_ws,
+        None,
+        tile_k=tile_k,
+        out_dtype=jnp.dtype(jnp.float32),
+        interpret=interpret,
+        config=cfg,
+        raw=True,
     )
     return jnp.right_shift(acc4_16, 8), jnp.right_shift(acc8_16, 4)
 

@@ -1,10 +1,9 @@
 """Fused activation quantization (interpret mode): bit-exact vs the library quantizer path.
 
-Tolerance: none without clipping. The kernel must produce the same bytes and scales as
-``act_quant_reference`` (``quantizers.quantize`` on the permuted segments): the simulated
-accuracy path and the kernel path have to be the same function. With clip < 1, XLA folds the
-library's ``amax * clip / qmax`` in a graph-dependent order, so the last bit of a scale (and
-then a rare rounding tie of q) may differ: 1 ulp on scales, q within 1 on <= 2% of elements.
+Tolerance: none, with or without clipping. The kernel must produce the same bytes and scales
+as ``act_quant_reference`` (``quantizers.quantize`` on the permuted segments): the simulated
+accuracy path and the kernel path have to be the same function. The library spells its
+arithmetic out (``amax * f32(clip / qmax)``, ``x * (1 / scale)``) so no graph can reorder it.
 """
 
 from __future__ import annotations
@@ -42,23 +41,15 @@ def _inputs(m, k, dtype, seed):
 def test_bit_exact(m, k, k4, dtype, norm, clip4, clip8):
     x, perm, w = _inputs(m, k, dtype, seed=k4 + m)
     w = w if norm else None
-    got = act_quant(x, perm, k4, norm_weight=w, clip4=clip4, clip8=clip8, tile_k=TILE,
-                    interpret=True)
-    want = act_quant_reference(x, perm, k4, norm_weight=w, clip4=clip4, clip8=clip8,
-                               tile_k=TILE)
+    got = act_quant(
+        x, perm, k4, norm_weight=w, clip4=clip4, clip8=clip8, tile_k=TILE, interpret=True
+    )
+    want = act_quant_reference(x, perm, k4, norm_weight=w, clip4=clip4, clip8=clip8, tile_k=TILE)
     shapes = [(m, k4 // 2), (m, k - k4), (m, 2)]
     for g, r, s in zip(got, want, shapes):
         assert g.shape == s and g.dtype == r.dtype
-    if clip4 == 1.0 and clip8 == 1.0:
-        for g, r in zip(got, want):
-            np.testing.assert_array_equal(np.asarray(g), np.asarray(r))
-        return
-    np.testing.assert_array_max_ulp(np.asarray(got[2]), np.asarray(want[2]), maxulp=1)
-    q_got = [np.asarray(unpack_int4(got[0], TILE)), np.asarray(got[1])]
-    q_want = [np.asarray(unpack_int4(want[0], TILE)), np.asarray(want[1])]
-    for g, r in zip(q_got, q_want):
-        d = np.abs(g.astype(np.int32) - r)
-        assert d.max(initial=0) <= 1 and (d > 0).mean() <= 0.02 if d.size else True
+    for g, r in zip(got, want):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(r))
 
 
 def test_reference_is_the_library_quantizer():
@@ -101,5 +92,6 @@ def test_bad_inputs(kwargs, match):
     args = dict(x=x, perm=perm, k4=128)
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
-        act_quant(args.pop("x"), args.pop("perm"), args.pop("k4"), tile_k=TILE, interpret=True,
-                  **args)
+        act_quant(
+            args.pop("x"), args.pop("perm"), args.pop("k4"), tile_k=TILE, interpret=True, **args
+        )

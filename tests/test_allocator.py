@@ -62,8 +62,15 @@ def test_bad_sizes():
 def test_capacity_plan_kv4_holds_about_3_8x_more_tokens():
     # LLaMA-3-8B shapes: bf16 costs 2*32*8*128*2 = 131072 B/token; KV4 (g=128, f16 scale and
     # zero) 2*32*8*(64+4) = 34816 B/token: 3.76x more tokens in the same memory.
-    cfg = KVCacheConfig(num_layers=32, num_kv_heads=8, head_dim=128, page_size=16,
-                        num_pages=1, group_size=128, dtype="int4")
+    cfg = KVCacheConfig(
+        num_layers=32,
+        num_kv_heads=8,
+        head_dim=128,
+        page_size=16,
+        num_pages=1,
+        group_size=128,
+        dtype="int4",
+    )
     plan = plan_num_pages(free_bytes=40 << 30, fraction=0.5, cache_config=cfg)
     assert plan.bytes_per_token == 34816
     assert plan.num_pages == (20 << 30) // (34816 * 16)

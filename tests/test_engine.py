@@ -18,9 +18,17 @@ from comet_jax.engine.sampling import SamplingParams
 from models.llama import LlamaForCausalLM, init_params
 
 CFG = EngineConfig(
-    max_batch=4, max_tokens_per_step=32, max_prefill_seqs=2, max_model_len=128, page_size=16,
-    num_pages=48, decode_buckets=(4,), prefill_batch_buckets=(2,), chunk_buckets=(32,),
-    compute_dtype="float32", kernels="reference",
+    max_batch=4,
+    max_tokens_per_step=32,
+    max_prefill_seqs=2,
+    max_model_len=128,
+    page_size=16,
+    num_pages=48,
+    decode_buckets=(4,),
+    prefill_batch_buckets=(2,),
+    chunk_buckets=(32,),
+    compute_dtype="float32",
+    kernels="reference",
 )
 GREEDY = SamplingParams(max_tokens=6, temperature=0.0)
 
@@ -45,8 +53,11 @@ def dense_greedy(model, prompts, n, width=64):
     """Greedy continuation by full causal recomputation (no cache), one jitted shape."""
     cfg, params = model
     m = LlamaForCausalLM(cfg)
-    fwd = jax.jit(lambda toks, lens: m.apply({"params": params}, toks, cache=lens,
-                                             logits_at=lens - 1)[0][:, 0])
+    fwd = jax.jit(
+        lambda toks, lens: m.apply({"params": params}, toks, cache=lens, logits_at=lens - 1)[0][
+            :, 0
+        ]
+    )
     seqs = [list(p) for p in prompts]
     for _ in range(n):
         toks = np.zeros((len(seqs), width), np.int32)
@@ -56,7 +67,7 @@ def dense_greedy(model, prompts, n, width=64):
         nxt = np.asarray(jnp.argmax(fwd(toks, lens), -1))
         for s, t in zip(seqs, nxt):
             s.append(int(t))
-    return [s[len(p):] for s, p in zip(seqs, prompts)]
+    return [s[len(p) :] for s, p in zip(seqs, prompts)]
 
 
 def test_greedy_matches_dense_forward(model, engine):
@@ -85,21 +96,34 @@ def test_no_recompilation_after_warmup(engine):
     compiles = count_backend_compiles()
     before = engine.runner.num_compilations
     ps = prompts(2, [3, 50, 17, 64, 1, 9])
-    sps = [SamplingParams(max_tokens=int(m), temperature=t, top_k=k, top_p=p, seed=i)
-           for i, (m, t, k, p) in enumerate([(5, 0, 0, 1), (9, 1, 0, 1), (2, 0.8, 5, 1),
-                                              (7, 1, 0, 0.9), (12, 0, 0, 1), (4, 1.2, 3, 0.5)])]
+    sps = [
+        SamplingParams(max_tokens=int(m), temperature=t, top_k=k, top_p=p, seed=i)
+        for i, (m, t, k, p) in enumerate(
+            [
+                (5, 0, 0, 1),
+                (9, 1, 0, 1),
+                (2, 0.8, 5, 1),
+                (7, 1, 0, 0.9),
+                (12, 0, 0, 1),
+                (4, 1.2, 3, 0.5),
+            ]
+        )
+    ]
     engine.generate(ps, sps)
     assert compiles() == 0, "XLA compiled during steady-state serving"
     assert engine.runner.num_compilations == before
     with pytest.raises(RuntimeError, match="not compiled"):
-        engine.runner.run(__import__("comet_jax.engine.runner", fromlist=["x"]).StepInputs.zeros(
-            3, 1, 8))
+        engine.runner.run(
+            __import__("comet_jax.engine.runner", fromlist=["x"]).StepInputs.zeros(3, 1, 8)
+        )
 
 
 def test_abort_frees_pages_at_once(engine):
     events = []
-    ids = [engine.add_request(None, p, SamplingParams(max_tokens=30, temperature=0),
-                              events.append) for p in prompts(3, [20, 20, 20])]
+    ids = [
+        engine.add_request(None, p, SamplingParams(max_tokens=30, temperature=0), events.append)
+        for p in prompts(3, [20, 20, 20])
+    ]
     for _ in range(3):
         engine.step()
     used = engine.allocator.num_used
@@ -120,8 +144,9 @@ def test_seeded_sampling_independent_of_batch(engine):
     p = prompts(4, [10])[0]
     sp = SamplingParams(max_tokens=8, temperature=1.0, top_p=0.95, seed=123)
     alone = engine.generate([p], sp)[0]["token_ids"]
-    crowd = engine.generate(prompts(5, [5, 30]) + [p],
-                            [SamplingParams(max_tokens=8, seed=9)] * 2 + [sp])[2]["token_ids"]
+    crowd = engine.generate(
+        prompts(5, [5, 30]) + [p], [SamplingParams(max_tokens=8, seed=9)] * 2 + [sp]
+    )[2]["token_ids"]
     other = engine.generate([p], dataclasses.replace(sp, seed=124))[0]["token_ids"]
     assert alone == crowd
     assert alone != other
@@ -137,8 +162,9 @@ class LetterTokenizer:
 def test_stop_tokens_and_stop_strings(engine):
     p = prompts(6, [12])[0]
     full = engine.generate([p], SamplingParams(max_tokens=12, temperature=0))[0]["token_ids"]
-    out = engine.generate([p], SamplingParams(max_tokens=12, temperature=0,
-                                              stop_token_ids=(full[3],)))[0]
+    out = engine.generate(
+        [p], SamplingParams(max_tokens=12, temperature=0, stop_token_ids=(full[3],))
+    )[0]
     assert out["finish_reason"] == "stop"
     assert out["token_ids"] == full[: full.index(full[3])]
     engine.tokenizer = LetterTokenizer()
@@ -175,3 +201,46 @@ def test_w4axkv4_engine_serves_with_int4_cache(model):
     outs = eng.generate(prompts(7, [5, 40, 18]), SamplingParams(max_tokens=5, temperature=0))
     assert all(len(o["token_ids"]) == 5 for o in outs)
     assert eng.allocator.num_used == 0
+
+
+@pytest.mark.slow
+@pytest.mark.data
+def test_real_smollm2_end_to_end_matches_dense(smollm2_float, smollm2_tokenizer):
+    """The default model (GGUF loader, float32 on CPU) through the paged engine, chunked
+    prefill included, gives the dense model's greedy tokens."""
+    from comet_jax.checkpoint.hf import params_from_hf_tensors
+    from models.config import ModelConfig
+
+    hf_config, tensors = smollm2_float
+    cfg = ModelConfig.from_hf(hf_config)
+    params = params_from_hf_tensors(cfg, tensors)
+    tok = smollm2_tokenizer
+    chat = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])
+    ps = [tok.encode(chat), tok.encode("The quick brown fox")]
+    ec = dataclasses.replace(
+        CFG,
+        max_batch=2,
+        max_prefill_seqs=1,
+        num_pages=16,
+        decode_buckets=(2,),
+        prefill_batch_buckets=(1,),
+    )
+    eng = LLMEngine.build(cfg, params, ec, tokenizer=tok, progress=False)
+    outs = eng.generate(ps, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+    assert [o["token_ids"] for o in outs] == dense_greedy((cfg, params), ps, 8)
+    assert "Paris" in outs[0]["text"]
+
+
+@pytest.mark.slow
+def test_pallas_kv4_kernels_in_interpret_mode_match_reference(model):
+    """The GPU path (Pallas paged decode/prefill kernels over the INT4 cache), run in
+    interpret mode, gives the jnp-reference engine's greedy tokens."""
+    ps = prompts(8, [5, 40, 1, 17])
+    ec = dataclasses.replace(CFG, kv_dtype="int4", num_pages=24)
+    sp = SamplingParams(max_tokens=6, temperature=0)
+    want = LLMEngine.build(*model, ec, progress=False).generate(ps, sp)
+    pallas = LLMEngine.build(
+        *model, dataclasses.replace(ec, kernels="pallas", interpret=True), progress=False
+    )
+    got = pallas.generate(ps, sp)
+    assert [g["token_ids"] for g in got] == [w["token_ids"] for w in want]

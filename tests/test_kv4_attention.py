@@ -11,6 +11,8 @@ Tolerances:
   0.149 at g=128). 0.2 leaves ~30% margin. bf16 cache mode must match exactly (same values).
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,6 +22,12 @@ from comet_jax.engine import kv_cache as kc
 from pallas_kernels import kv4_attention as attn
 
 QUANT_BUDGET = 0.2
+_write = jax.jit(kc.write_kv)
+
+
+def _jit(fn, **static):
+    """Whole-call jit: interpret-mode kernels and references compile once instead of per op."""
+    return jax.jit(functools.partial(fn, **static))
 
 
 def _rel(a, b):
@@ -37,28 +45,29 @@ def _filled_cache(dtype, hg, d, page, group, lens, max_pages, seed, hkv=2):
     slots = kc.slot_mapping_from_positions(table, pos, page, pos < lens[:, None])
     k = jnp.asarray(rng.standard_normal((b, s, hkv, d)), jnp.bfloat16)
     v = jnp.asarray(rng.standard_normal((b, s, hkv, d)), jnp.bfloat16)
-    cache = kc.write_kv(kc.init_cache(cfg), 1, k, v, slots)
+    cache = _write(kc.init_cache(cfg), 1, k, v, slots)
     return cache, table, k, v, rng
 
 
-DECODE_CASES = [  # dtype, gqa, head_dim, page, group, num_splits
-    ("int4", 1, 64, 16, 64, 1),
-    ("int4", 4, 128, 32, 128, 3),
-    ("int4", 8, 128, 16, 32, 2),
-    ("bf16", 4, 64, 32, 64, 2),
+DECODE_CASES = [  # dtype, gqa, head_dim, page, group, num_splits, block_k (None: gather pages)
+    ("int4", 1, 64, 16, 64, 1, None),
+    ("int4", 4, 128, 32, 128, 3, 32),  # one page per loop step
+    ("int4", 8, 128, 16, 32, 2, 32),  # two-page gather, splits
+    ("bf16", 4, 64, 32, 64, 2, None),
 ]
 
 
-@pytest.mark.parametrize("dtype,hg,d,page,group,splits", DECODE_CASES)
-def test_decode_matches_reference(dtype, hg, d, page, group, splits):
+@pytest.mark.parametrize("dtype,hg,d,page,group,splits,block_k", DECODE_CASES)
+def test_decode_matches_reference(dtype, hg, d, page, group, splits, block_k):
     lens = np.array([1, page - 1, 3 * page + 5, 4 * page], np.int32)
     cache, table, k, v, rng = _filled_cache(dtype, hg, d, page, group, lens, 4, seed=hg + d)
     q = jnp.asarray(rng.standard_normal((len(lens), 2 * hg, d)), jnp.bfloat16)
-    out = attn.paged_decode_attention(
-        q, cache.pages(), table, lens, layer=1, num_splits=splits, interpret=True
+    kernel = _jit(
+        attn.paged_decode_attention, layer=1, num_splits=splits, block_k=block_k, interpret=True
     )
+    out = kernel(q, cache.pages(), table, lens)
     assert out.shape == q.shape and out.dtype == q.dtype
-    ref = attn.paged_decode_attention_reference(q, cache.pages(), table, lens, layer=1)
+    ref = _jit(attn.paged_decode_attention_reference, layer=1)(q, cache.pages(), table, lens)
     assert _rel(out, ref) < 1e-2
     full = attn.dense_attention_reference(q[:, None], k, v, lens, np.ones(len(lens), np.int32))
     budget = QUANT_BUDGET if dtype == "int4" else 1e-6
@@ -79,13 +88,14 @@ def test_prefill_matches_reference(dtype, hg, d, page, group):
     q_lens = np.array([1, t, page + 1], np.int32)  # last: a cached prefix of 2 * page - 1 tokens
     cache, table, k, v, rng = _filled_cache(dtype, hg, d, page, group, lens, 3, seed=hg * d)
     q = jnp.asarray(rng.standard_normal((3, t, 2 * hg, d)), jnp.bfloat16)
-    out = attn.paged_prefill_attention(
-        q, cache.pages(), table, lens, q_lens, layer=1, block_q=4, interpret=True
+    kernel = _jit(attn.paged_prefill_attention, layer=1, block_q=4, interpret=True)
+    out = kernel(q, cache.pages(), table, lens, q_lens)
+    ref = _jit(attn.paged_prefill_attention_reference, layer=1)(
+        q, cache.pages(), table, lens, q_lens
     )
-    ref = attn.paged_prefill_attention_reference(q, cache.pages(), table, lens, q_lens, layer=1)
     assert _rel(out, ref) < 1e-2
     assert not np.asarray(out[0, 1:]).any()  # rows past q_lens are zero
-    full = attn.dense_attention_reference(q, k, v, lens, q_lens)
+    full = jax.jit(attn.dense_attention_reference)(q, k, v, lens, q_lens)
     assert _rel(ref, full) < (QUANT_BUDGET if dtype == "int4" else 1e-6)
 
 
@@ -113,8 +123,8 @@ def test_bad_inputs_raise():
         attn.paged_decode_attention(q, kv, table, lens.astype(np.float32), interpret=True)
     with pytest.raises(ValueError, match="head_dim"):
         attn.paged_decode_attention(q[..., :32], kv, table, lens, interpret=True)
-    with pytest.raises(ValueError, match="Hq=6"):
-        attn.paged_decode_attention(q[:, :6], kv, table, lens, interpret=True)
+    with pytest.raises(ValueError, match="Hq=5"):
+        attn.paged_decode_attention(q[:, :5], kv, table, lens, interpret=True)
     with pytest.raises(ValueError, match="layer=2"):
         attn.paged_decode_attention(q, kv, table, lens, layer=2, interpret=True)
     with pytest.raises(ValueError, match="q_lens"):
@@ -125,3 +135,14 @@ def test_bad_inputs_raise():
         attn.paged_decode_attention(q, kv._replace(k_scale=kv.k_scale[..., :8]), table, lens)
     with pytest.raises(ValueError, match="unpack"):
         attn.paged_decode_attention(q, kv, table, lens, unpack="asm", interpret=True)
+
+
+def test_pool_size_in_32bit_offset_hazard_is_rejected():
+    big = jax.ShapeDtypeStruct((1, 10_000, 8, 128, 128), jnp.bfloat16)  # 2.6 GB
+    q = jnp.zeros((1, 8, 128), jnp.bfloat16)
+    with pytest.raises(ValueError, match="kv.k is"):
+        attn.paged_decode_attention(q, attn.PagedKV(big, big), np.zeros((1, 1), np.int32), [1])
+    cfg = kc.KVCacheConfig(32, 8, 128, 16, 1)
+    per_array = lambda p: 32 * 8 * 16 * 64 * p  # noqa: E731
+    pages = cfg.pages_for_budget(int(2.5 * 2**31 * cfg.bytes_per_token * 16 / (per_array(1) * 2)))
+    assert not 2**31 < per_array(pages) <= 2**32

@@ -4,6 +4,8 @@ Roundtrips are exact: what read_kv returns must equal dequantize(quantize(x)) bi
 (INT4) or x itself (bf16 mode), at every written slot, and skipped slots must stay untouched.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -65,12 +67,13 @@ def test_write_read_roundtrip(dtype):
 
 def test_decode_write_one_token():
     cfg, table, lens, slots, k, v = _setup("int4", page=32, group=32)
-    cache = kc.write_kv(kc.init_cache(cfg), 0, k, v, slots)
+    write = jax.jit(kc.write_kv)
+    cache = write(kc.init_cache(cfg), 0, k, v, slots)
     new_k = jnp.asarray(np.random.default_rng(5).standard_normal((3, 2, 64)), jnp.float32)
     pos = lens[:, None]  # next position of each sequence
     slot = kc.slot_mapping_from_positions(table, pos, 32)[:, 0]
-    cache = kc.write_kv(cache, 0, new_k, new_k, slot)
-    kr, _ = kc.read_kv(cache, 0, table)
+    cache = write(cache, 0, new_k, new_k, slot)
+    kr, _ = jax.jit(kc.read_kv)(cache, 0, table)
     want = kv_quant.dequantize_kv(*kv_quant.quantize_kv(new_k, 32), group_size=32)
     for b in range(3):
         np.testing.assert_array_equal(np.asarray(kr[b, lens[b]]), np.asarray(want[b]))
@@ -97,21 +100,23 @@ def test_chunked_prefill_then_decode_matches_reference():
     table = np.arange(2 * 8, dtype=np.int32).reshape(2, 8)[:, ::-1].copy()
     cache = kc.init_cache(cfg)
     seen = np.zeros(b, np.int32)
+    # Whole-step jit, as in the engine (interpret-mode kernels then compile once).
+    prefill = jax.jit(functools.partial(kc.paged_attention, mode="prefill", interpret=True))
+    decode = jax.jit(functools.partial(kc.paged_attention, interpret=True))
+    decode_ref = jax.jit(functools.partial(kc.paged_attention, backend="reference"))
     for q_lens in (np.array([20, 7], np.int32), np.array([13, 20], np.int32)):
         q = jnp.asarray(rng.standard_normal((b, t, hq, 64)), jnp.bfloat16)
         kn = jnp.asarray(rng.standard_normal((b, t, 2, 64)), jnp.bfloat16)
         pos = seen[:, None] + np.arange(t)
         slots = kc.slot_mapping_from_positions(table, pos, 16, np.arange(t) < q_lens[:, None])
         seen = seen + q_lens
-        out, cache = kc.paged_attention(
-            q, kn, kn, cache, 0, table, seen, slots, mode="prefill", q_lens=q_lens, interpret=True
-        )
-        ref = attn.paged_prefill_attention_reference(q, cache.pages(), table, seen, q_lens)
+        out, cache = prefill(q, kn, kn, cache, 0, table, seen, slots, q_lens=q_lens)
+        ref = jax.jit(attn.paged_prefill_attention_reference)(q, cache.pages(), table, seen, q_lens)
         err = jnp.linalg.norm(out.astype(jnp.float32) - ref) / jnp.linalg.norm(ref)
         assert err < 1e-2
     q = jnp.asarray(rng.standard_normal((b, hq, 64)), jnp.bfloat16)
     kn = jnp.asarray(rng.standard_normal((b, 2, 64)), jnp.bfloat16)
     slot = kc.slot_mapping_from_positions(table, seen[:, None], 16)[:, 0]
-    out, cache = kc.paged_attention(q, kn, kn, cache, 0, table, seen + 1, slot, interpret=True)
-    ref, _ = kc.paged_attention(q, kn, kn, cache, 0, table, seen + 1, slot, backend="reference")
+    out, cache = decode(q, kn, kn, cache, 0, table, seen + 1, slot)
+    ref, _ = decode_ref(q, kn, kn, cache, 0, table, seen + 1, slot)
     assert jnp.linalg.norm(out.astype(jnp.float32) - ref) / jnp.linalg.norm(ref) < 1e-2

@@ -58,21 +58,28 @@ def test_greedy_seeded_and_batch_independent():
         assert reference_support(logits[i], int(top_k[i]), float(top_p[i]))[toks[i]]
     # Same (seed, counter) -> same token wherever the row sits in the batch.
     perm = rng.permutation(B)
-    toks_p = np.asarray(sample(logits[perm], temp[perm], top_k[perm], top_p[perm], seeds[perm],
-                               counters[perm]))
+    toks_p = np.asarray(
+        sample(logits[perm], temp[perm], top_k[perm], top_p[perm], seeds[perm], counters[perm])
+    )
     np.testing.assert_array_equal(toks_p, toks[perm])
 
 
 def test_temperature_sampling_follows_softmax():
     # One row's logits replicated over many counters: the empirical frequencies must match
     # softmax(logits / T) within sampling error (4 sigma of a 4000-draw binomial < 0.032).
-    logits = np.tile(np.log(np.array([0.5, 0.3, 0.15, 0.05] + [1e-9] * (V - 4), np.float32)),
-                     (B, 1))
+    logits = np.tile(
+        np.log(np.array([0.5, 0.3, 0.15, 0.05] + [1e-9] * (V - 4), np.float32)), (B, 1)
+    )
     counts = np.zeros(V)
     for c in range(500):
-        toks = sample(logits, np.ones(B, np.float32), np.zeros(B, np.int32),
-                      np.ones(B, np.float32), np.arange(B, dtype=np.int32),
-                      np.full(B, c, np.int32))
+        toks = sample(
+            logits,
+            np.ones(B, np.float32),
+            np.zeros(B, np.int32),
+            np.ones(B, np.float32),
+            np.arange(B, dtype=np.int32),
+            np.full(B, c, np.int32),
+        )
         np.add.at(counts, np.asarray(toks), 1)
     freq = counts / counts.sum()
     np.testing.assert_allclose(freq[:4], [0.5, 0.3, 0.15, 0.05], atol=0.032)

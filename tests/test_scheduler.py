@@ -20,8 +20,10 @@ def fake_next(tokens):
 def run(config, num_pages, prompts, max_tokens, abort_after=None):
     alloc = BlockAllocator(num_pages)
     sched = Scheduler(config, alloc)
-    seqs = [Sequence(f"r{i}", list(p), SamplingParams(max_tokens=m)) for i, (p, m) in
-            enumerate(zip(prompts, max_tokens))]
+    seqs = [
+        Sequence(f"r{i}", list(p), SamplingParams(max_tokens=m))
+        for i, (p, m) in enumerate(zip(prompts, max_tokens))
+    ]
     for s in seqs:
         sched.add(s)
     steps = 0
@@ -62,14 +64,15 @@ def expected(prompt, n):
     toks = list(prompt)
     for _ in range(n):
         toks.append(fake_next(toks))
-    return toks[len(prompt):]
+    return toks[len(prompt) :]
 
 
 @pytest.mark.parametrize("num_pages", [6, 9, 64])
 def test_outputs_identical_under_page_pressure(num_pages):
     rng = np.random.default_rng(num_pages)
-    cfg = EngineConfig(max_batch=6, max_tokens_per_step=20, max_prefill_seqs=2,
-                       max_model_len=64, page_size=16)
+    cfg = EngineConfig(
+        max_batch=6, max_tokens_per_step=20, max_prefill_seqs=2, max_model_len=64, page_size=16
+    )
     prompts = [list(rng.integers(0, 97, int(n))) for n in rng.integers(1, 40, 12)]
     max_tokens = [int(m) for m in rng.integers(1, 20, 12)]
     seqs, sched = run(cfg, num_pages, prompts, max_tokens)
@@ -83,8 +86,9 @@ def test_outputs_identical_under_page_pressure(num_pages):
 
 
 def test_chunked_prefill_mixed_with_decode():
-    cfg = EngineConfig(max_batch=4, max_tokens_per_step=16, max_prefill_seqs=1,
-                       max_model_len=128, page_size=16)
+    cfg = EngineConfig(
+        max_batch=4, max_tokens_per_step=16, max_prefill_seqs=1, max_model_len=128, page_size=16
+    )
     sched = Scheduler(cfg, BlockAllocator(64))
     short = Sequence("a", [1, 2], SamplingParams(max_tokens=50))
     long = Sequence("b", list(range(60)), SamplingParams(max_tokens=5))
@@ -105,8 +109,9 @@ def test_chunked_prefill_mixed_with_decode():
 
 def test_abort_frees_pages_at_once_and_other_requests_finish():
     rng = np.random.default_rng(1)
-    cfg = EngineConfig(max_batch=4, max_tokens_per_step=32, max_prefill_seqs=2,
-                       max_model_len=64, page_size=16)
+    cfg = EngineConfig(
+        max_batch=4, max_tokens_per_step=32, max_prefill_seqs=2, max_model_len=64, page_size=16
+    )
     prompts = [list(rng.integers(0, 97, 20)) for _ in range(4)]
     seqs, _ = run(cfg, 32, prompts, [10] * 4, abort_after=(2, 3))
     assert seqs[2].finish_reason is FinishReason.ABORT
@@ -115,8 +120,9 @@ def test_abort_frees_pages_at_once_and_other_requests_finish():
 
 
 def test_limits_and_validation():
-    cfg = EngineConfig(max_batch=2, max_tokens_per_step=8, max_prefill_seqs=1, max_model_len=32,
-                       page_size=16)
+    cfg = EngineConfig(
+        max_batch=2, max_tokens_per_step=8, max_prefill_seqs=1, max_model_len=32, page_size=16
+    )
     with pytest.raises(ValueError, match="max_model_len"):
         Scheduler(cfg, BlockAllocator(2))
     sched = Scheduler(cfg, BlockAllocator(8))
@@ -126,3 +132,11 @@ def test_limits_and_validation():
         sched.add(Sequence(f"s{i}", [1], SamplingParams(max_tokens=3)))
     plan = sched.schedule()
     assert len(plan.decode) == 2 and len(sched.waiting) == 1  # max_batch
+
+
+def test_token_slice_equals_list_slice():
+    seq = Sequence("t", [1, 2, 3, 4, 5], SamplingParams())
+    seq.output_ids = [6, 7, 8]
+    for a in range(9):
+        for b in range(a, 9):
+            assert seq.token_slice(a, b) == seq.tokens[a:b]

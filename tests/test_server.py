@@ -29,13 +29,23 @@ CTX = 256
 def server():
     cfg = preset_config("tiny")
     params = init_params(LlamaForCausalLM(cfg), jax.random.key(0))
-    ec = EngineConfig(max_batch=16, max_tokens_per_step=64, max_prefill_seqs=4,
-                      max_model_len=CTX, page_size=16, num_pages=96, decode_buckets=(16,),
-                      prefill_batch_buckets=(4,), chunk_buckets=(64,), compute_dtype="float32",
-                      kernels="reference")
+    ec = EngineConfig(
+        max_batch=16,
+        max_tokens_per_step=64,
+        max_prefill_seqs=4,
+        max_model_len=CTX,
+        page_size=16,
+        num_pages=96,
+        decode_buckets=(16,),
+        prefill_batch_buckets=(4,),
+        chunk_buckets=(64,),
+        compute_dtype="float32",
+        kernels="reference",
+    )
     engine = LLMEngine.build(cfg, params, ec, tokenizer=ByteTokenizer(), progress=False)
-    httpd, app = serve(engine, ByteTokenizer(), MODEL, host="127.0.0.1", port=0, block=False,
-                       max_waiting=512)
+    httpd, app = serve(
+        engine, ByteTokenizer(), MODEL, host="127.0.0.1", port=0, block=False, max_waiting=512
+    )
     yield httpd.server_address[1], app
     httpd.shutdown()
     httpd.server_close()
@@ -83,35 +93,68 @@ def test_health_models_metrics(server):
     assert status == 200 and models["data"][0]["id"] == MODEL
     status, text = request(port, "GET", "/metrics")
     assert status == 200
-    for name in ("comet_running_requests", "comet_waiting_requests", "comet_kv_pages_used",
-                 "comet_generation_tokens_per_second", "comet_generated_tokens_total"):
+    for name in (
+        "comet_running_requests",
+        "comet_waiting_requests",
+        "comet_kv_pages_used",
+        "comet_generation_tokens_per_second",
+        "comet_generated_tokens_total",
+    ):
         assert f"\n{name} " in "\n" + text
 
 
 def test_completion_and_chat(server):
     port, _ = server
-    status, out = request(port, "POST", "/v1/completions", {
-        "model": MODEL, "prompt": "Hello there", "max_tokens": 7, "temperature": 0,
-        "ignore_eos": True})
+    status, out = request(
+        port,
+        "POST",
+        "/v1/completions",
+        {
+            "model": MODEL,
+            "prompt": "Hello there",
+            "max_tokens": 7,
+            "temperature": 0,
+            "ignore_eos": True,
+        },
+    )
     assert status == 200, out
     assert out["object"] == "text_completion"
     assert out["choices"][0]["finish_reason"] == "length"
     assert out["usage"] == {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18}
     # Greedy streaming yields the same text as the blocking call.
-    events = sse_events(port, "/v1/completions", {
-        "prompt": "Hello there", "max_tokens": 7, "temperature": 0, "stream": True,
-        "ignore_eos": True})
+    events = sse_events(
+        port,
+        "/v1/completions",
+        {
+            "prompt": "Hello there",
+            "max_tokens": 7,
+            "temperature": 0,
+            "stream": True,
+            "ignore_eos": True,
+        },
+    )
     assert events[-1] == "[DONE]"
     chunks = [json.loads(e) for e in events[:-1]]
     assert "".join(c["choices"][0]["text"] for c in chunks) == out["choices"][0]["text"]
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
-    status, out = request(port, "POST", "/v1/chat/completions", {
-        "model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
-        "seed": 3})
+    status, out = request(
+        port,
+        "POST",
+        "/v1/chat/completions",
+        {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 4,
+            "seed": 3,
+        },
+    )
     assert status == 200 and out["object"] == "chat.completion"
     assert out["choices"][0]["message"]["role"] == "assistant"
-    events = sse_events(port, "/v1/chat/completions", {
-        "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "stream": True})
+    events = sse_events(
+        port,
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "stream": True},
+    )
     first = json.loads(events[0])
     assert first["object"] == "chat.completion.chunk"
     assert first["choices"][0]["delta"]["role"] == "assistant"
@@ -150,10 +193,19 @@ def test_client_disconnect_aborts_and_frees_pages(server):
     port, app = server
     aborted = app.engine.stats.requests_aborted
     sock = socket.create_connection(("127.0.0.1", port))
-    body = json.dumps({"prompt": "x" * 100, "max_tokens": 120, "stream": True,
-                       "ignore_eos": True, "temperature": 0})
-    sock.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
-                 f"Content-Type: application/json\r\n\r\n{body}".encode())
+    body = json.dumps(
+        {
+            "prompt": "x" * 100,
+            "max_tokens": 120,
+            "stream": True,
+            "ignore_eos": True,
+            "temperature": 0,
+        }
+    )
+    sock.sendall(
+        f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
+        f"Content-Type: application/json\r\n\r\n{body}".encode()
+    )
     assert b"200" in sock.recv(4096)
     sock.close()
     deadline = time.monotonic() + 30
@@ -174,18 +226,26 @@ def _client(port, i, rng):
         assert status == 400 and "error" in out
         return "rejected"
     if kind < 0.10:
-        status, out = request(port, "POST", "/v1/completions", {"prompt": prompt,
-                                                              "max_tokens": -1})
+        status, out = request(port, "POST", "/v1/completions", {"prompt": prompt, "max_tokens": -1})
         assert status == 400 and "max_tokens" in out["error"]["message"]
         return "rejected"
     stream = kind < 0.55
-    body = {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "stream": stream,
-            "temperature": rng.choice([0.0, 0.8]), "seed": i, "ignore_eos": True}
+    body = {
+        "model": MODEL,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "stream": stream,
+        "temperature": rng.choice([0.0, 0.8]),
+        "seed": i,
+        "ignore_eos": True,
+    }
     if kind > 0.92:  # cancelled midway: hang up after the response starts or a short wait
         sock = socket.create_connection(("127.0.0.1", port), timeout=30)
         data = json.dumps(dict(body, stream=True, max_tokens=200 - len(prompt) // 4 + 40))
-        sock.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: "
-                     f"{len(data)}\r\n\r\n{data}".encode())
+        sock.sendall(
+            f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: "
+            f"{len(data)}\r\n\r\n{data}".encode()
+        )
         sock.settimeout(rng.choice([0.01, 0.2, 30]))
         try:
             sock.recv(64)

@@ -23,10 +23,12 @@ from pallas_kernels.w4ax_matmul import (
 )
 
 TILE = 64
-DECODE = GemmConfig(block_m=16, block_n=32, split_k=3, num_warps=4, num_stages=2,
-                    swap_ab=True, group_m=1)
-PREFILL = GemmConfig(block_m=32, block_n=32, split_k=1, num_warps=4, num_stages=2,
-                     swap_ab=False, group_m=2)
+DECODE = GemmConfig(
+    block_m=16, block_n=32, split_k=3, num_warps=4, num_stages=2, swap_ab=True, group_m=1
+)
+PREFILL = GemmConfig(
+    block_m=32, block_n=32, split_k=1, num_warps=4, num_stages=2, swap_ab=False, group_m=2
+)
 
 
 def _rel(a, b):

@@ -90,12 +90,20 @@ class EngineConfig:
     seed: int = 0
 
     def __post_init__(self):
-        for name in ("max_batch", "max_tokens_per_step", "max_prefill_seqs", "max_model_len",
-                     "page_size", "kv_group"):
+        for name in (
+            "max_batch",
+            "max_tokens_per_step",
+            "max_prefill_seqs",
+            "max_model_len",
+            "page_size",
+            "kv_group",
+        ):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ValueError(f"{name}={v!r} must be a positive int")
-        if self.num_pages is not None and (not isinstance(self.num_pages, int) or self.num_pages < 2):
+        if self.num_pages is not None and (
+            not isinstance(self.num_pages, int) or self.num_pages < 2
+        ):
             raise ValueError(f"num_pages={self.num_pages!r} must be an int >= 2 or None")
         if not 0.0 < self.memory_fraction <= 1.0:
             raise ValueError(f"memory_fraction={self.memory_fraction!r} must be in (0, 1]")

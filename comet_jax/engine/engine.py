@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -44,9 +45,11 @@ from comet_jax.engine.runner import (
     StepInputs,
     precision_plan,
     resolve_kernels,
+    with_kernel_mode,
 )
 from comet_jax.engine.sampling import SamplingParams, TextStream
-from comet_jax.engine.scheduler import Chunk, FinishReason, Scheduler, Sequence as Seq
+from comet_jax.engine.scheduler import Chunk, FinishReason, Scheduler
+from comet_jax.engine.scheduler import Sequence as Seq
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,6 +145,8 @@ class LLMEngine:
             linear = precision_plan(
                 model_config, config.precision, mode=mode, interpret=config.interpret
             )
+        else:
+            linear = with_kernel_mode(linear, mode, config.interpret)
         dtype = jnp.bfloat16 if config.compute_dtype == "bfloat16" else jnp.float32
         model = LlamaForCausalLM(
             model_config,
@@ -160,7 +165,8 @@ class LLMEngine:
             dtype=config.resolved_kv_dtype,
         )
         plan = plan_num_pages(
-            free_bytes=free_device_memory(), fraction=config.memory_fraction,
+            free_bytes=free_device_memory(),
+            fraction=config.memory_fraction,
             cache_config=cache_config,
         )
         if config.num_pages is None:
@@ -196,7 +202,9 @@ class LLMEngine:
         self.compile_time_s = time.perf_counter() - t0
         if progress:
             print(
-                f"compiled {len(shapes)} step shapes in {self.compile_time_s:.1f} s", flush=True
+                f"compiled {len(shapes)} step shapes in {self.compile_time_s:.1f} s",
+                file=sys.stderr,
+                flush=True,
             )
         return self.compile_time_s
 
@@ -261,7 +269,7 @@ class LLMEngine:
         inp = StepInputs.zeros(batch, length, pages)
         for i, c in enumerate(chunks):
             seq = c.seq
-            inp.tokens[i, : c.length] = seq.tokens[c.start : c.start + c.length]
+            inp.tokens[i, : c.length] = seq.token_slice(c.start, c.start + c.length)
             inp.start[i] = c.start
             inp.num_valid[i] = c.length
             inp.page_table[i, : len(seq.pages)] = seq.pages
@@ -287,7 +295,10 @@ class LLMEngine:
                 longest = max(c.length for c in plan.prefill)
                 length = bucket_for(longest, cfg.chunk_bucket_list, "chunk")
                 calls.append(
-                    (plan.prefill, self._inputs(plan.prefill, cfg.prefill_batch_bucket_list, length))
+                    (
+                        plan.prefill,
+                        self._inputs(plan.prefill, cfg.prefill_batch_bucket_list, length),
+                    )
                 )
         t1 = time.perf_counter()
         pending = [(chunks, self.runner.run(inp)) for chunks, inp in calls]

@@ -61,14 +61,31 @@ class PagedAttention:
         common = dict(backend=self.backend, interpret=self.interpret)
         if t == 1:
             out, cache = kv_cache.paged_attention(
-                q[:, 0], k[:, 0], v[:, 0], state.cache, layer_idx, state.page_table, seq_lens,
-                slots[:, 0], mode="decode", **common,
+                q[:, 0],
+                k[:, 0],
+                v[:, 0],
+                state.cache,
+                layer_idx,
+                state.page_table,
+                seq_lens,
+                slots[:, 0],
+                mode="decode",
+                **common,
             )
             out = out[:, None]
         else:
             out, cache = kv_cache.paged_attention(
-                q, k, v, state.cache, layer_idx, state.page_table, seq_lens, slots,
-                mode="prefill", q_lens=state.num_valid, **common,
+                q,
+                k,
+                v,
+                state.cache,
+                layer_idx,
+                state.page_table,
+                seq_lens,
+                slots,
+                mode="prefill",
+                q_lens=state.num_valid,
+                **common,
             )
         return out.astype(q.dtype), state._replace(cache=cache)
 
@@ -133,8 +150,15 @@ def resolve_kernels(kernels: str, interpret: bool) -> tuple[str, str]:
     return "sim", "reference"
 
 
-def precision_plan(model_config, precision: str, *, mode: str = "sim", interpret: bool = False,
-                   int8_fraction: float = 0.25, block: int = 64):
+def precision_plan(
+    model_config,
+    precision: str,
+    *,
+    mode: str = "sim",
+    interpret: bool = False,
+    int8_fraction: float = 0.25,
+    block: int = 64,
+):
     """Projection backends of a precision preset for random weights (benchmarks, tests).
 
     'bf16': float weights; 'w8a8', 'w4a16': one backend everywhere; 'w4axkv4': FMPQ W4Ax with
@@ -166,6 +190,27 @@ def precision_plan(model_config, precision: str, *, mode: str = "sim", interpret
         )
     assert set(g for _, g in overrides) == set(GROUPS)
     return LinearPlan.from_mapping(overrides)
+
+
+def with_kernel_mode(linear, mode: str, interpret: bool = False):
+    """A backend/LinearPlan with every integer backend switched to `mode` ("sim"/"pallas")
+    where it has a kernel for its format (the others stay as they are)."""
+    from models.projection import LinearPlan
+
+    def switch(backend):
+        if getattr(backend, "mode", None) in (None, mode):
+            return backend
+        try:
+            return dataclasses.replace(backend, mode=mode, interpret=interpret and mode == "pallas")
+        except ValueError:  # no kernel for this format: keep the simulation
+            return backend
+
+    if isinstance(linear, LinearPlan):
+        return LinearPlan(
+            default=switch(linear.default),
+            overrides=tuple((k, switch(b)) for k, b in linear.overrides),
+        )
+    return switch(linear)
 
 
 class ModelRunner:
@@ -212,18 +257,53 @@ class ModelRunner:
 
 # Random-weight model shapes for tests and benchmarks (name -> ModelConfig kwargs).
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_layers=2,
-                 num_heads=4, num_kv_heads=2, head_dim=64, max_position_embeddings=2048),
-    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536,
-                         num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64,
-                         rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
-                         max_position_embeddings=8192),
-    "llama3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
-                      num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128,
-                      rope_theta=500000.0, rms_norm_eps=1e-5, max_position_embeddings=8192),
-    "llama3-70b": dict(vocab_size=128256, hidden_size=8192, intermediate_size=28672,
-                       num_layers=80, num_heads=64, num_kv_heads=8, head_dim=128,
-                       rope_theta=500000.0, rms_norm_eps=1e-5, max_position_embeddings=8192),
+    "tiny": dict(
+        vocab_size=320,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=64,
+        max_position_embeddings=2048,
+    ),
+    "smollm2-135m": dict(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_layers=30,
+        num_heads=9,
+        num_kv_heads=3,
+        head_dim=64,
+        rope_theta=100000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        max_position_embeddings=8192,
+    ),
+    "llama3-8b": dict(
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=8,
+        head_dim=128,
+        rope_theta=500000.0,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=8192,
+    ),
+    "llama3-70b": dict(
+        vocab_size=128256,
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_layers=80,
+        num_heads=64,
+        num_kv_heads=8,
+        head_dim=128,
+        rope_theta=500000.0,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=8192,
+    ),
 }
 
 

@@ -41,8 +41,10 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def __post_init__(self):
-        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or (
-            self.max_tokens < 1
+        if (
+            not isinstance(self.max_tokens, int)
+            or isinstance(self.max_tokens, bool)
+            or (self.max_tokens < 1)
         ):
             raise ValueError(f"max_tokens={self.max_tokens!r}; expected an int >= 1")
         if not (isinstance(self.temperature, (int, float)) and self.temperature >= 0):
@@ -149,24 +151,39 @@ def _uniform_noise(seeds: jax.Array, counters: jax.Array, vocab: int) -> jax.Arr
 class TextStream:
     """Incremental detokenization with stop strings.
 
-    `push(token_ids_so_far)` returns the newly final text (delta) and whether a stop string
-    was hit; the text never includes the stop string. Text that could still be the start of a
-    stop string, or an incomplete UTF-8 sequence, is held back until it is decided.
+    `push(token_ids_so_far)` returns the newly final text (delta); the text never includes a
+    stop string (`stopped` turns True). Text that could still be the start of a stop string,
+    or an incomplete UTF-8 sequence, is held back until it is decided. Each push decodes only
+    the tokens since the previous one plus one earlier chunk of context (tokenizers whose
+    decoding depends on the left neighbour, e.g. SentencePiece's leading space, stay right),
+    so a long completion costs O(new tokens) per step, not O(length).
     """
 
     def __init__(self, decode: Callable[[Sequence[int]], str], stop: Sequence[str] = ()):
         self._decode = decode
         self._stop = tuple(stop)
         self._hold = max((len(s) for s in self._stop), default=1) - 1
+        self._prefix = 0  # ids[_prefix:_read] is the context chunk decoded last time
+        self._read = 0  # ids[:_read] are in _text
+        self._text = ""
         self.emitted = ""
         self.stopped = False
+
+    def _full_text(self, ids: Sequence[int], final: bool) -> str:
+        prev = self._decode(ids[self._prefix : self._read])
+        cur = self._decode(ids[self._prefix :])
+        new = cur[len(prev) :]
+        if not final and new.endswith("\ufffd"):
+            # A multi-byte character cut in half: show what precedes it, commit nothing yet.
+            return self._text + new.rstrip("\ufffd")
+        self._text += new
+        self._prefix, self._read = self._read, len(ids)
+        return self._text
 
     def push(self, token_ids: Sequence[int], final: bool = False) -> str:
         if self.stopped:
             return ""
-        text = self._decode(list(token_ids))
-        if text.endswith("\ufffd") and not final:
-            text = text[: len(text) - 1]  # partial multi-byte character: wait for more
+        text = self._full_text(list(token_ids), final)
         for s in self._stop:
             # Search from where a new match could start.
             idx = text.find(s, max(0, len(self.emitted) - len(s) + 1))
@@ -176,9 +193,6 @@ class TextStream:
             ready = text
         else:
             ready = text[: max(len(self.emitted), len(text) - self._hold)]
-        if not ready.startswith(self.emitted):  # decoder re-spelled earlier text: keep ours
-            return ""
         delta = ready[len(self.emitted) :]
         self.emitted = ready
         return delta
-

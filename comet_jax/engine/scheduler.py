@@ -34,7 +34,7 @@ class Status(enum.Enum):
     FINISHED = "finished"
 
 
-class FinishReason(str, enum.Enum):
+class FinishReason(enum.StrEnum):
     STOP = "stop"  # stop token or stop string
     LENGTH = "length"  # max_tokens or max_model_len
     ABORT = "abort"  # cancelled by the client
@@ -59,6 +59,15 @@ class Sequence:
     @property
     def tokens(self) -> list[int]:
         return self.prompt_ids + self.output_ids
+
+    def token_slice(self, start: int, end: int) -> list[int]:
+        """tokens[start:end] without building the whole list (a decode row needs one id)."""
+        n = len(self.prompt_ids)
+        if start >= n:
+            return self.output_ids[start - n : end - n]
+        if end <= n:
+            return self.prompt_ids[start:end]
+        return self.prompt_ids[start:] + self.output_ids[: end - n]
 
     @property
     def num_tokens(self) -> int:
@@ -97,6 +106,15 @@ class StepPlan:
     @property
     def empty(self) -> bool:
         return not self.decode and not self.prefill
+
+    def token_slice(self, start: int, end: int) -> list[int]:
+        """tokens[start:end] without building the whole list (a decode row needs one id)."""
+        n = len(self.prompt_ids)
+        if start >= n:
+            return self.output_ids[start - n : end - n]
+        if end <= n:
+            return self.prompt_ids[start:end]
+        return self.prompt_ids[start:] + self.output_ids[: end - n]
 
     @property
     def num_tokens(self) -> int:
@@ -195,10 +213,7 @@ class Scheduler:
             budget -= length
             i += 1
         while (
-            self.waiting
-            and not plan.preempted
-            and len(self.running) < cfg.max_batch
-            and budget > 0
+            self.waiting and not plan.preempted and len(self.running) < cfg.max_batch and budget > 0
         ):
             seq = self.waiting[0]
             length = min(seq.remaining, budget)

@@ -15,6 +15,7 @@ from comet_jax.parallel.mesh import TP_AXIS, initialize_distributed, make_mesh, 
 from comet_jax.parallel.rules import cache_specs, param_specs
 from comet_jax.parallel.tp_quant import (
     ChunkedW4AxLinear,
+    chunk_row_backends,
     plan_chunks,
     quantize_model_tp,
     with_mesh,
@@ -24,6 +25,7 @@ __all__ = [
     "TP_AXIS",
     "ChunkedW4AxLinear",
     "cache_specs",
+    "chunk_row_backends",
     "initialize_distributed",
     "make_mesh",
     "param_specs",

@@ -12,16 +12,28 @@ Single host (1, 2, 4 or 8 GPUs, or CPU devices simulated with
 
     mesh = make_mesh(tp=2)                      # the first 2 of jax.devices()
 
-Multi-host clusters: call `initialize_distributed` once per process, *before* anything else
-touches JAX devices; afterwards `jax.devices()` lists the devices of every host and
-`make_mesh(tp=jax.device_count())` spans them. Launch one process per host (or per GPU)::
+Multi-host clusters: call `initialize_distributed()` once per process, *before* anything
+else touches JAX devices (first lines of the launcher script); afterwards `jax.devices()`
+lists the devices of every host and `make_mesh(tp=jax.device_count())` spans them. Launch one
+process per host (JAX then drives all local GPUs of that host)::
 
-    # SLURM / Open MPI / Cloud TPU: everything is auto-detected.
-    srun -N 2 --ntasks-per-node=1 python -m comet_jax.cli serve ...   # calls the wrapper
+    # SLURM / Open MPI / Cloud TPU: coordinator and ranks are auto-detected.
+    srun -N 2 --ntasks-per-node=1 python my_launcher.py
 
     # Anywhere else: name the coordinator (process 0's host:port) and the process ranks.
-    COMET_COORDINATOR=10.0.0.1:1234 COMET_NUM_PROCESSES=2 COMET_PROCESS_ID=0 python ...
-    COMET_COORDINATOR=10.0.0.1:1234 COMET_NUM_PROCESSES=2 COMET_PROCESS_ID=1 python ...
+    COMET_COORDINATOR=10.0.0.1:1234 COMET_NUM_PROCESSES=2 COMET_PROCESS_ID=0 python my_launcher.py
+    COMET_COORDINATOR=10.0.0.1:1234 COMET_NUM_PROCESSES=2 COMET_PROCESS_ID=1 python my_launcher.py
+
+    # my_launcher.py
+    from comet_jax.parallel import initialize_distributed, make_mesh
+    initialize_distributed()
+    mesh = make_mesh()          # every device of every process
+
+Every process must run the same program (same jitted steps in the same order: SPMD); host
+inputs (step token arrays) must be identical on all processes, e.g. built by one scheduler
+and broadcast, or by a deterministic scheduler on every host. The engine's scheduler is
+single-host today (see the TP report): multi-host is wired at the JAX level, not yet in the
+serving loop.
 
 Tensor parallelism all-reduces once per row-parallel layer, per token: keep the ``tp`` axis
 inside one NVLink domain (one host) and put data parallelism (separate engine replicas)

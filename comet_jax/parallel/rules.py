@@ -67,8 +67,9 @@ def _column_leaf(name: str, ndim: int, on: bool, axis: str) -> P:
         return P()
     if name in ("kernel", "w_packed", "w_q", "w_scales", "bias"):
         return P(axis, *([None] * (ndim - 1)))
-    raise ValueError(f"unknown column-parallel leaf {name!r}; expected kernel|w_packed|w_q|"
-                     "w_scales|bias")
+    raise ValueError(
+        f"unknown column-parallel leaf {name!r}; expected kernel|w_packed|w_q|w_scales|bias"
+    )
 
 
 def _row_leaf(name: str, ndim: int, on: bool, axis: str) -> P:
@@ -80,8 +81,9 @@ def _row_leaf(name: str, ndim: int, on: bool, axis: str) -> P:
         return P(None, axis) if ndim == 2 else P()
     if name == "bias":
         return P()
-    raise ValueError(f"unknown row-parallel leaf {name!r}; expected kernel|w_packed|w_q|"
-                     "w_scales|bias")
+    raise ValueError(
+        f"unknown row-parallel leaf {name!r}; expected kernel|w_packed|w_q|w_scales|bias"
+    )
 
 
 def _proj_on(proj: str, flags: dict[str, bool]) -> bool:
@@ -146,9 +148,7 @@ def cache_specs(cache: Any, tp: int, axis: str = TP_AXIS) -> Any:
 
 def named(mesh, specs: Any) -> Any:
     """PartitionSpec pytree -> NamedSharding pytree on `mesh`."""
-    return jax.tree.map(
-        lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P)
-    )
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
 
 
 def spec_table(params: Any, config, tp: int, axis: str = TP_AXIS, layer: int = 0) -> list[tuple]:

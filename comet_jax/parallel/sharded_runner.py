@@ -76,8 +76,11 @@ class ColumnParallelLinear:
             return self.inner.matmul(w, rebuild(arrs))
 
         return jax.shard_map(
-            local, mesh=self.mesh, in_specs=(w_specs, P()),
-            out_specs=P(*([None] * (out_ndim - 1)), self.axis), check_vma=False,
+            local,
+            mesh=self.mesh,
+            in_specs=(w_specs, P()),
+            out_specs=P(*([None] * (out_ndim - 1)), self.axis),
+            check_vma=False,
         )(weight_params, arrays)
 
 
@@ -123,8 +126,11 @@ class ShardedAttention:
                 return self.inner(q, k, v, layer_idx, st)
 
         return jax.shard_map(
-            local, mesh=self.mesh, in_specs=(head, head, head, state_spec),
-            out_specs=(head, state_spec), check_vma=False,
+            local,
+            mesh=self.mesh,
+            in_specs=(head, head, head, state_spec),
+            out_specs=(head, state_spec),
+            check_vma=False,
         )(q, k, v, state)
 
 
@@ -182,8 +188,9 @@ def shard_params(params, config, mesh: Mesh, axis: str = TP_AXIS):
 
 
 def shard_cache(cache, mesh: Mesh, axis: str = TP_AXIS):
-    """Places a `PagedKVCache` on `mesh`, split by KV head."""
-    return jax.device_put(cache, cache_shardings(cache, mesh, axis))
+    """Places a `PagedKVCache` on `mesh`, split by KV head. Every leaf gets its own buffer
+    (`init_cache` shares one zeros array between leaves; a donated step needs distinct ones)."""
+    return jax.device_put(cache, cache_shardings(cache, mesh, axis), may_alias=False)
 
 
 def init_sharded_cache(cache_config, mesh: Mesh, axis: str = TP_AXIS):
@@ -201,6 +208,7 @@ def init_sharded_params(model, mesh: Mesh, rng, axis: str = TP_AXIS):
     """Random params created directly in their sharded layout (benchmarks: 70B shapes)."""
     from models.llama import abstract_params, init_params
 
+    model = model.clone(attention=None)  # attention holds no params; init runs without a cache
     shardings = param_shardings(abstract_params(model), model.config, mesh, axis)
     return jax.jit(lambda r: init_params(model, r), out_shardings=shardings)(rng)
 

@@ -46,7 +46,7 @@ from jax.sharding import PartitionSpec as P
 
 from comet_jax.parallel.mesh import TP_AXIS
 from comet_jax.quant import fmpq, pack
-from comet_jax.quant.qlinear import W4AxLinear, _flatten
+from comet_jax.quant.qlinear import W4AxLinear
 from models.projection import LinearPlan, rms_norm
 
 ROW_GROUPS = ("o_in", "down_in")  # inputs of the row-parallel projections
@@ -96,11 +96,7 @@ class ChunkedW4AxLinear(W4AxLinear):
 
     def chunk_backend(self) -> W4AxLinear:
         """The plain backend that computes one chunk (same format, mode and kernels)."""
-        return W4AxLinear(
-            k4=self.k4, k8=self.k8, block=self.block, tile=self.tile, w_group=self.w_group,
-            act_granularity=self.act_granularity, act_clip=self.act_clip, permute=self.permute,
-            rotate=False, mode=self.mode, interpret=self.interpret,
-        )
+        return W4AxLinear(**{f.name: getattr(self, f.name) for f in dataclasses.fields(W4AxLinear)})
 
     def group_init(self, spec, param_dtype):
         self._check_k(spec.in_features, spec.name)
@@ -125,8 +121,10 @@ class ChunkedW4AxLinear(W4AxLinear):
             axes = tuple(None if a is None else 0 for a in args)
             return jax.vmap(fn, in_axes=axes)(*args)
         n = jax.tree.leaves(args)[0].shape[0]
-        outs = [fn(*(None if a is None else jax.tree.map(lambda v: v[j], a) for a in args))
-                for j in range(n)]
+        outs = [
+            fn(*(None if a is None else jax.tree.map(lambda v, j=j: v[j], a) for a in args))
+            for j in range(n)
+        ]
         return jax.tree.map(lambda *v: jnp.stack(v), *outs)
 
     # ---- stage 1: per chunk permute + quantize -------------------------------------------
@@ -134,7 +132,8 @@ class ChunkedW4AxLinear(W4AxLinear):
         self._check_k(x.shape[-1], "prepare_input")
         if norm_weight is not None:  # not the case for o_in/down_in; kept for generality
             x = rms_norm(x, norm_weight, eps)
-        x2, lead = _flatten(x)
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1])
         c, kc = self.n_chunks, self.chunk_features
         xc = x2.reshape(x2.shape[0], c, kc)  # [M, C, Kc]
         inner = self.chunk_backend()
@@ -175,16 +174,17 @@ class ChunkedW4AxLinear(W4AxLinear):
                 w_j = {"w_packed": wp_j, "w_scales": ws if ws_j is None else ws_j}
                 return inner.matmul(w_j, _with_f32(prepared.rebuild(arrays_j)))
 
-            y = self._map_chunks(one, arrays, wp.swapaxes(0, 1),
-                                 ws.swapaxes(0, 1) if grouped else None).sum(axis=0)
+            y = self._map_chunks(
+                one, arrays, wp.swapaxes(0, 1), ws.swapaxes(0, 1) if grouped else None
+            ).sum(axis=0)
             if mesh_on:
                 y = jax.lax.psum(y, ax)  # the row-parallel all-reduce
             return y
 
         ws_spec = P(None, ax, None) if grouped else P()
-        y = self._shard(
-            local, in_specs=(P(ax), P(None, ax, None), ws_spec), out_specs=P()
-        )(prepared.arrays, wp, ws)
+        y = self._shard(local, in_specs=(P(ax), P(None, ax, None), ws_spec), out_specs=P())(
+            prepared.arrays, wp, ws
+        )
         if "bias" in weight_params:
             y = y + weight_params["bias"].astype(jnp.float32)
         return y.reshape(*prepared.lead, y.shape[-1]).astype(prepared.dtype)
@@ -253,7 +253,7 @@ def plan_chunks(
         score = max_abs
     if config.rule == "threshold":
         is_out = max_abs > config.threshold * np.median(max_abs)
-        need = [-(-int(is_out[c * kc:(c + 1) * kc].sum()) // block) for c in range(n_chunks)]
+        need = [-(-int(is_out[c * kc : (c + 1) * kc].sum()) // block) for c in range(n_chunks)]
     else:
         is_out = np.zeros(k, bool)
         if config.int8_blocks is not None:
@@ -268,8 +268,9 @@ def plan_chunks(
         config, rule="budget", int8_blocks=n8, min_int8_blocks=0, max_int8_blocks=None
     )
     return [
-        fmpq.plan_permutation(max_abs[c * kc:(c + 1) * kc], chunk_cfg,
-                              score=boosted[c * kc:(c + 1) * kc])
+        fmpq.plan_permutation(
+            max_abs[c * kc : (c + 1) * kc], chunk_cfg, score=boosted[c * kc : (c + 1) * kc]
+        )
         for c in range(n_chunks)
     ]
 
@@ -317,8 +318,15 @@ def check_tp_shapes(config, n_chunks: int, block: int, tile: int, w_group: int |
 
 
 def quantize_model_tp(
-    config, params, recipe, calib_stats=None, *, n_chunks: int, mode: str = "sim",
-    interpret: bool = False, progress: bool = False,
+    config,
+    params,
+    recipe,
+    calib_stats=None,
+    *,
+    n_chunks: int,
+    mode: str = "sim",
+    interpret: bool = False,
+    progress: bool = False,
 ):
     """`quantize_model` for tensor parallelism up to ``n_chunks``-way (module docstring).
 
@@ -334,7 +342,12 @@ def quantize_model_tp(
 
     if recipe.is_float or recipe.w_bits != 4 or recipe.act == "none":
         return convert.quantize_model(
-            config, params, recipe, calib_stats, mode=mode, interpret=interpret,
+            config,
+            params,
+            recipe,
+            calib_stats,
+            mode=mode,
+            interpret=interpret,
             progress=progress,
         )
     if recipe.rotation:
@@ -346,8 +359,13 @@ def quantize_model_tp(
     check_tp_shapes(config, n_chunks, block, tile, recipe.w_group)
     # fold=False: the whole-K down_in plan must not be folded into gate/up; ours is below.
     qparams, plan, report = convert.quantize_model(
-        config, params, dataclasses.replace(recipe, fold=False), calib_stats, mode=mode,
-        interpret=interpret, progress=progress,
+        config,
+        params,
+        dataclasses.replace(recipe, fold=False),
+        calib_stats,
+        mode=mode,
+        interpret=interpret,
+        progress=progress,
     )
     overrides = dict(plan.overrides)
     rows = {(r["layer"], r["group"]): r for r in report.groups}
@@ -383,13 +401,22 @@ def quantize_model_tp(
                 local = np.stack([np.asarray(pl.perm) for pl in plans]).astype(np.int32)
                 lq[g] = {"perm": jnp.asarray(local)}
             overrides[(i, p)] = ChunkedW4AxLinear(
-                k4=plans[0].k4, k8=plans[0].k8, block=block, tile=tile, w_group=recipe.w_group,
-                act_granularity=recipe.act_granularity, act_clip=recipe.act_clip,
-                permute=runtime, mode=mode, interpret=interpret, n_chunks=n_chunks,
+                k4=plans[0].k4,
+                k8=plans[0].k8,
+                block=block,
+                tile=tile,
+                w_group=recipe.w_group,
+                act_granularity=recipe.act_granularity,
+                act_clip=recipe.act_clip,
+                permute=runtime,
+                mode=mode,
+                interpret=interpret,
+                n_chunks=n_chunks,
             )
             k8 = n_chunks * plans[0].k8
             rows[(i, g)].update(
-                k8=int(k8), int8_fraction=k8 / k,
+                k8=int(k8),
+                int8_fraction=k8 / k,
                 perm="identity" if identity else ("chunk-runtime" if runtime else "chunk-folded"),
                 n_chunks=n_chunks,
             )
@@ -410,3 +437,29 @@ def with_mesh(plan: LinearPlan, mesh: Mesh | None, axis: str = TP_AXIS) -> Linea
         default=bind(plan.default),
         overrides=tuple((key, bind(b)) for key, b in plan.overrides),
     )
+
+
+def chunk_row_backends(plan: LinearPlan, config, n_chunks: int) -> LinearPlan:
+    """Random-weight plans only: every plain `W4AxLinear` of o_proj/down_proj becomes a
+    `ChunkedW4AxLinear` with the same INT8 share per chunk (``k8 / n_chunks`` rounded to whole
+    blocks). The converted values of a real checkpoint are NOT valid under the new layout: use
+    `quantize_model_tp` for those. (Engine presets such as ``precision="w4axkv4"`` build
+    shape-only plans; this makes them row-parallel without a cross-device activation scale.)
+    """
+    overrides = {}
+    for i in range(config.num_layers):
+        for g in ROW_GROUPS:
+            p = ROW_PROJ[g]
+            b = plan.backend_for(i, p)
+            if type(b) is W4AxLinear and n_chunks > 1:
+                kc = b.in_features // n_chunks
+                if b.in_features % n_chunks or kc % b.block:
+                    raise ValueError(
+                        f"layer {i} {p}: K={b.in_features} does not split into n_chunks="
+                        f"{n_chunks} chunks of whole {b.block}-channel blocks"
+                    )
+                k8 = min(kc, round(b.k8 / n_chunks / b.block) * b.block)
+                fields = {f.name: getattr(b, f.name) for f in dataclasses.fields(W4AxLinear)}
+                b = ChunkedW4AxLinear(**{**fields, "k4": kc - k8, "k8": k8}, n_chunks=n_chunks)
+            overrides[(i, p)] = b
+    return LinearPlan.from_mapping({**dict(plan.overrides), **overrides}, default=plan.default)

@@ -23,6 +23,7 @@ permutation was folded, gathered at run time or is the identity.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from typing import Any
 
 import jax
@@ -162,6 +163,22 @@ def _quantize_weight(recipe: QuantRecipe, w, h):
     return r.q, r.scales
 
 
+def _cached_quantize(recipe: QuantRecipe, w, h, cache: dict | None):
+    if cache is None:
+        return _quantize_weight(recipe, w, h)
+    d = hashlib.sha1()
+    d.update(np.asarray(w, np.float32).tobytes())
+    if h is not None and recipe.w_quantizer != "rtn":
+        d.update(np.asarray(h, np.float32).tobytes())
+    keys = ("w_bits", "w_quantizer", "w_group", "w_clip", "gptq_percdamp", "gptq_act_order",
+            "lwc_steps", "lwc_lr")
+    d.update(repr([getattr(recipe, k) for k in keys]).encode())
+    key = d.hexdigest()
+    if key not in cache:
+        cache[key] = jax.device_get(_quantize_weight(recipe, w, h))
+    return cache[key]
+
+
 def quantize_model(
     config,
     params,
@@ -171,6 +188,7 @@ def quantize_model(
     mode: str = "sim",
     interpret: bool = False,
     progress: bool = True,
+    weight_cache: dict | None = None,
 ):
     """Quantizes a float model.
 
@@ -180,6 +198,9 @@ def quantize_model(
       recipe: the QuantRecipe.
       calib_stats: `comet_jax.calibrate.CalibStats` (needed for FMPQ plans and GPTQ/LWC).
       mode, interpret: backend mode of the integer projections ("sim" or "pallas").
+      weight_cache: optional dict reused across calls: weight quantization results keyed by
+        a digest of (final weight, Hessian, quantizer settings), so recipes that differ only
+        in activations / KV (same permutation and rotation) skip GPTQ/LWC.
 
     Returns:
       (qparams, LinearPlan, QuantReport).
@@ -247,7 +268,7 @@ def quantize_model(
                     wp = _rotate_cols(wp)
                 if plan is not None:
                     wp = fmpq.permute_in(wp, np.asarray(plan.perm))
-                q, scales = _quantize_weight(recipe, wp, hess)
+                q, scales = _cached_quantize(recipe, wp, hess, weight_cache)
                 entry = {"w_scales": jnp.asarray(scales, jnp.float32)}
                 if recipe.w_bits == 4:
                     entry["w_packed"] = pack.pack_int4(jnp.asarray(q, jnp.int8), recipe.tile)

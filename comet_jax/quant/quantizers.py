@@ -9,10 +9,10 @@ Granularity names where the scale is shared, for ``x: [..., K]``:
 | ``"col"`` | all leading axes | ``[K]`` | per-input-channel (KIVI-style K cache) |
 | ``"group"`` | groups of ``group_size`` along the last axis | ``x.shape[:-1] + (K/group_size,)`` | per-group weights, KV groups |
 
-Symmetric: ``q = clamp(round(x / s), -2^(b-1), 2^(b-1) - 1)`` (int8),
+Symmetric: ``q = clamp(round(x * (1/s)), -2^(b-1), 2^(b-1) - 1)`` (int8),
 ``s = max|x| * f32(clip / (2^(b-1) - 1))`` (a multiply by one f32 constant, never a division).
 Asymmetric: the range ``[min(lo, 0), max(hi, 0)]`` (always containing 0, so zero is exact) is
-mapped onto ``[0, 2^b - 1]`` (uint8): ``q = clamp(round(x / s) + z, 0, 2^b - 1)``,
+mapped onto ``[0, 2^b - 1]`` (uint8): ``q = clamp(round(x * (1/s)) + z, 0, 2^b - 1)``,
 ``x ~ (q - z) * s`` with the integer-valued zero point ``z`` stored as f32.
 
 A scale is never zero: an all-zero row/group gets scale 1 and quantizes to exact zeros.
@@ -116,23 +116,24 @@ def quantize(
     if symmetric:
         qmax = 2 ** (bits - 1) - 1
         amax = jnp.max(jnp.abs(g), axis=-1)
-        # One multiply by a host constant (not a division): XLA rewrites x / c into
-        # x * (1 / c) under jit only, so a division would make eager and jitted scales
-        # differ by an ulp; kernels use the same constant.
+        # The arithmetic is spelled out (a multiply by one host constant, one reciprocal per
+        # scale, then multiplies) so that XLA cannot reassociate it differently in eager,
+        # jitted, CPU and GPU graphs; the Pallas kernels compute exactly these steps.
         scale = jnp.where(amax > 0, amax * np.float32(clip_ratio / qmax), 1.0).reshape(pshape)
-        s = _broadcast(scale, x.shape, granularity, group_size)
-        q = jnp.clip(jnp.round(xf / s), -qmax - 1, qmax).astype(jnp.int8)
+        inv = _broadcast(1.0 / scale, x.shape, granularity, group_size)
+        q = jnp.clip(jnp.round(xf * inv), -qmax - 1, qmax).astype(jnp.int8)
         return QuantResult(q, scale, None)
     levels = 2**bits - 1
     hi = jnp.maximum(jnp.max(g, axis=-1), 0.0) * clip_ratio
     lo = jnp.minimum(jnp.min(g, axis=-1), 0.0) * clip_ratio
     rng = hi - lo
     scale = jnp.where(rng > 0, rng * np.float32(1.0 / levels), 1.0)
-    zero = jnp.clip(jnp.round(-lo / scale), 0, levels)
-    scale, zero = scale.reshape(pshape), zero.reshape(pshape)
-    s = _broadcast(scale, x.shape, granularity, group_size)
+    inv = 1.0 / scale
+    zero = jnp.clip(jnp.round(-lo * inv), 0, levels)
+    scale, zero, inv = scale.reshape(pshape), zero.reshape(pshape), inv.reshape(pshape)
+    inv_b = _broadcast(inv, x.shape, granularity, group_size)
     z = _broadcast(zero, x.shape, granularity, group_size)
-    q = jnp.clip(jnp.round(xf / s) + z, 0, levels).astype(jnp.uint8)
+    q = jnp.clip(jnp.round(xf * inv_b) + z, 0, levels).astype(jnp.uint8)
     return QuantResult(q, scale, zero)
 
 

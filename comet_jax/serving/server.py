@@ -32,14 +32,17 @@ log = logging.getLogger("comet_jax.serving")
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+    def __init__(
+        self, status: int, message: str, param: str | None = None, code: str | None = None
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
 
     def body(self) -> dict:
         kind = "invalid_request_error" if self.status < 500 else "server_error"
-        return {"error": {"message": self.message, "type": kind, "param": self.param,
-                          "code": self.code}}
+        return {
+            "error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}
+        }
 
 
 class EngineLoop:
@@ -83,7 +86,9 @@ class EngineLoop:
             except Exception:  # keep serving: fail the in-flight requests, not the server
                 self.errors += 1
                 log.exception("engine step failed; aborting in-flight requests")
-                for seq in list(self.engine.scheduler.running) + list(self.engine.scheduler.waiting):
+                for seq in list(self.engine.scheduler.running) + list(
+                    self.engine.scheduler.waiting
+                ):
                     self.engine.abort(seq.request_id)
             now = time.monotonic()
             self._history.append((now, self.engine.stats.generated_tokens))
@@ -97,8 +102,9 @@ def _get(body: dict, name: str, kind, default, *, check=None, expected: str = ""
         value = default
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
-    if value is not default and (not isinstance(value, kind) or isinstance(value, bool) and
-                                 kind is not bool):
+    if value is not default and (
+        not isinstance(value, kind) or isinstance(value, bool) and kind is not bool
+    ):
         raise ApiError(400, f"'{name}'={value!r}: expected {expected or kind.__name__}", name)
     if check is not None and value is not None and not check(value):
         raise ApiError(400, f"'{name}'={value!r}: expected {expected}", name)
@@ -108,8 +114,15 @@ def _get(body: dict, name: str, kind, default, *, check=None, expected: str = ""
 class OpenAIServer:
     """Request handling independent of the socket layer (used by the HTTP handler)."""
 
-    def __init__(self, engine: LLMEngine, tokenizer, model_name: str, *, max_waiting: int = 1024,
-                 request_timeout_s: float = 600.0):
+    def __init__(
+        self,
+        engine: LLMEngine,
+        tokenizer,
+        model_name: str,
+        *,
+        max_waiting: int = 1024,
+        request_timeout_s: float = 600.0,
+    ):
         self.engine = engine
         self.tokenizer = tokenizer
         self.model_name = model_name
@@ -130,17 +143,25 @@ class OpenAIServer:
             raise ApiError(400, f"'stop'={stop!r}: expected a string or a list of strings", "stop")
         max_tokens = body.get("max_completion_tokens", body.get("max_tokens", 16))
         if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
-            raise ApiError(400, f"'max_tokens'={max_tokens!r}: expected an integer >= 1",
-                           "max_tokens")
+            raise ApiError(
+                400, f"'max_tokens'={max_tokens!r}: expected an integer >= 1", "max_tokens"
+            )
         n = body.get("n", 1)
         if n != 1:
             raise ApiError(400, f"'n'={n!r}: only n=1 is supported", "n")
         return SamplingParams(
             max_tokens=max_tokens,
-            temperature=_get(body, "temperature", float, 1.0, check=lambda v: 0 <= v <= 2,
-                             expected="a number in [0, 2]"),
-            top_p=_get(body, "top_p", float, 1.0, check=lambda v: 0 < v <= 1,
-                       expected="a number in (0, 1]"),
+            temperature=_get(
+                body,
+                "temperature",
+                float,
+                1.0,
+                check=lambda v: 0 <= v <= 2,
+                expected="a number in [0, 2]",
+            ),
+            top_p=_get(
+                body, "top_p", float, 1.0, check=lambda v: 0 < v <= 1, expected="a number in (0, 1]"
+            ),
             top_k=_get(body, "top_k", int, 0, check=lambda v: v >= 0, expected="an int >= 0"),
             seed=_get(body, "seed", int, None, check=lambda v: v >= 0, expected="an int >= 0"),
             stop=tuple(stop),
@@ -150,12 +171,22 @@ class OpenAIServer:
     def prompt_ids(self, body: dict, chat: bool) -> list[int]:
         if chat:
             messages = body.get("messages")
-            if not isinstance(messages, list) or not messages or not all(
-                isinstance(m, dict) and isinstance(m.get("role"), str)
-                and isinstance(m.get("content"), str) for m in messages
+            if (
+                not isinstance(messages, list)
+                or not messages
+                or not all(
+                    isinstance(m, dict)
+                    and isinstance(m.get("role"), str)
+                    and isinstance(m.get("content"), str)
+                    for m in messages
+                )
             ):
-                raise ApiError(400, "'messages': expected a non-empty list of {role, content} "
-                               "objects with string values", "messages")
+                raise ApiError(
+                    400,
+                    "'messages': expected a non-empty list of {role, content} "
+                    "objects with string values",
+                    "messages",
+                )
             try:
                 text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
             except ValueError as e:
@@ -166,18 +197,27 @@ class OpenAIServer:
             prompt = prompt[0]
         if isinstance(prompt, str):
             return self.tokenizer.encode(prompt)
-        if isinstance(prompt, list) and prompt and all(
-            isinstance(t, int) and not isinstance(t, bool) for t in prompt
+        if (
+            isinstance(prompt, list)
+            and prompt
+            and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
         ):
             return prompt
-        raise ApiError(400, "'prompt': expected a string or a non-empty list of token ids "
-                       "(one prompt per request)", "prompt")
+        raise ApiError(
+            400,
+            "'prompt': expected a string or a non-empty list of token ids (one prompt per request)",
+            "prompt",
+        )
 
     def check_model(self, body: dict) -> None:
         model = body.get("model")
         if model is not None and model != self.model_name:
-            raise ApiError(404, f"model {model!r} does not exist; this server serves "
-                           f"{self.model_name!r}", "model", "model_not_found")
+            raise ApiError(
+                404,
+                f"model {model!r} does not exist; this server serves {self.model_name!r}",
+                "model",
+                "model_not_found",
+            )
 
     def submit(self, body: dict, chat: bool) -> tuple[str, list[int], queue.Queue]:
         """Validates and queues a request; returns (request id, prompt ids, output queue)."""
@@ -186,9 +226,13 @@ class OpenAIServer:
         ids = self.prompt_ids(body, chat)
         limit = self.engine.config.max_model_len
         if len(ids) + params.max_tokens > limit:
-            raise ApiError(400, f"prompt of {len(ids)} tokens + max_tokens={params.max_tokens} "
-                           f"exceeds the context length {limit}", "max_tokens",
-                           "context_length_exceeded")
+            raise ApiError(
+                400,
+                f"prompt of {len(ids)} tokens + max_tokens={params.max_tokens} "
+                f"exceeds the context length {limit}",
+                "max_tokens",
+                "context_length_exceeded",
+            )
         if len(self.engine.scheduler.waiting) >= self.max_waiting:
             self.rejected += 1
             raise ApiError(503, f"server busy: {self.max_waiting} requests already waiting")
@@ -251,9 +295,20 @@ def _make_handler(app: OpenAIServer):
             if path == "/health":
                 self._send_json(200, {"status": "ok"})
             elif path == "/v1/models":
-                self._send_json(200, {"object": "list", "data": [{
-                    "id": app.model_name, "object": "model", "created": 0,
-                    "owned_by": "comet-jax"}]})
+                self._send_json(
+                    200,
+                    {
+                        "object": "list",
+                        "data": [
+                            {
+                                "id": app.model_name,
+                                "object": "model",
+                                "created": 0,
+                                "owned_by": "comet-jax",
+                            }
+                        ],
+                    },
+                )
             elif path == "/metrics":
                 data = app.metrics_text().encode()
                 self.send_response(200)
@@ -313,15 +368,28 @@ def _make_handler(app: OpenAIServer):
                     break
             content = "".join(text)
             if chat:
-                choice = {"index": 0, "message": {"role": "assistant", "content": content},
-                          "finish_reason": reason}
+                choice = {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": content},
+                    "finish_reason": reason,
+                }
             else:
                 choice = {"index": 0, "text": content, "logprobs": None, "finish_reason": reason}
-            self._send_json(200, {
-                "id": rid, "object": "chat.completion" if chat else "text_completion",
-                "created": int(time.time()), "model": app.model_name, "choices": [choice],
-                "usage": {"prompt_tokens": len(ids), "completion_tokens": n_out,
-                          "total_tokens": len(ids) + n_out}})
+            self._send_json(
+                200,
+                {
+                    "id": rid,
+                    "object": "chat.completion" if chat else "text_completion",
+                    "created": int(time.time()),
+                    "model": app.model_name,
+                    "choices": [choice],
+                    "usage": {
+                        "prompt_tokens": len(ids),
+                        "completion_tokens": n_out,
+                        "total_tokens": len(ids) + n_out,
+                    },
+                },
+            )
 
         def _stream(self, rid, ids, outq, chat):
             self.send_response(200)
@@ -349,8 +417,13 @@ def _make_handler(app: OpenAIServer):
                     choice = {"index": 0, "delta": delta, "finish_reason": reason}
                 else:
                     choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
-                return {"id": rid, "object": obj, "created": created, "model": app.model_name,
-                        "choices": [choice]}
+                return {
+                    "id": rid,
+                    "object": obj,
+                    "created": created,
+                    "model": app.model_name,
+                    "choices": [choice],
+                }
 
             if chat and not event(chunk("", None, first=True)):
                 return

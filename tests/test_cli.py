@@ -1,0 +1,148 @@
+"""`comet-jax` CLI: help texts, gin bindings, generate / quantize / bench on a tiny model."""
+
+import json
+
+import pytest
+
+from comet_jax import cli
+
+TINY_ENGINE = [
+    "--compute_dtype",
+    "float32",
+    "--num_pages",
+    "32",
+    "--max_model_len",
+    "128",
+    "--max_tokens_per_step",
+    "32",
+]
+
+
+@pytest.mark.parametrize(
+    "command, needles",
+    [
+        ("quantize", ["--recipe", "--calib_windows", "--out", "--gin_file"]),
+        (
+            "generate",
+            [
+                "--max_tokens",
+                "--temperature",
+                "--top_p",
+                "--stop",
+                "--max_batch",
+                "--num_pages",
+                "--gin_param",
+            ],
+        ),
+        ("serve", ["--host", "127.0.0.1", "--port", "--max_waiting", "--page_size"]),
+        ("eval", ["--corpus", "--window", "--max_windows"]),
+    ],
+)
+def test_every_command_explains_its_options(command, needles, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main([command, "--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for n in needles:
+        assert n in text
+
+
+def test_top_level_help_lists_commands(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    text = capsys.readouterr().out
+    for c in ("quantize", "generate", "serve", "eval", "bench", "random:PRESET"):
+        assert c in text
+
+
+def test_gin_bindings_apply_and_flags_win():
+    args = cli.build_parser().parse_args(
+        [
+            "generate",
+            "x",
+            "--max_batch",
+            "3",
+            "--gin_param",
+            "EngineConfig.max_model_len = 96",
+            "--gin_param",
+            "EngineConfig.max_batch = 7",
+        ]
+    )
+    cfg = cli._engine_config(args, cli._configure(args))
+    assert cfg.max_model_len == 96 and cfg.max_batch == 3
+
+
+def test_bad_gin_binding_fails_before_compute():
+    args = cli.build_parser().parse_args(
+        ["generate", "x", "--gin_param", "EngineConfig.no_such_field = 1"]
+    )
+    with pytest.raises(Exception, match="no_such_field"):
+        cli._configure(args)
+
+
+def test_generate_tiny_random(capsys):
+    assert (
+        cli.main(
+            [
+                "generate",
+                "--model",
+                "random:tiny",
+                "Hi",
+                "--max_tokens",
+                "5",
+                "--ignore_eos",
+                *TINY_ENGINE,
+            ]
+        )
+        == 0
+    )
+    err = capsys.readouterr().err
+    assert "5 tokens in" in err and "compiled 2 step shapes" in err
+
+
+def test_quantize_then_generate_from_checkpoint(tmp_path, capsys):
+    out = tmp_path / "q"
+    assert (
+        cli.main(["quantize", "--model", "random:tiny", "--recipe", "w8a8", "--out", str(out)]) == 0
+    )
+    meta = json.loads((out / cli.QUANT_META).read_text())
+    assert meta["recipe"]["name"] == "w8a8"
+    assert (
+        cli.main(
+            [
+                "generate",
+                "--model",
+                str(out),
+                "Hi",
+                "a b",
+                "--max_tokens",
+                "3",
+                "--ignore_eos",
+                *TINY_ENGINE,
+            ]
+        )
+        == 0
+    )
+    assert "### a b" in capsys.readouterr().out
+
+
+def test_bench_tiny_writes_json(tmp_path):
+    path = tmp_path / "bench.json"
+    assert (
+        cli.main(["bench", "--tiny", "--quiet", "--precisions", "bf16,w4axkv4", "--out", str(path)])
+        == 0
+    )
+    record = json.loads(path.read_text())
+    rows = {r["precision"]: r for r in record["results"]}
+    assert set(rows) == {"bf16", "w4axkv4"}
+    for row in rows.values():
+        assert row["status"] == "ok"
+        assert [r["batch_reached"] for r in row["fixed_batch"]] == [4, 8]
+        assert all(r["output_tok_per_s"] > 0 for r in row["max_throughput"])
+
+
+def test_unknown_model_is_a_clean_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["generate", "--model", "random:nope", "x", *TINY_ENGINE])
+    assert e.value.code == 2
+    assert "preset" in capsys.readouterr().err

@@ -1,0 +1,52 @@
+"""Orbax save/load of a quantized model: every leaf, the plan and the metadata roundtrip exactly."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+from comet_jax.calibrate import collect_stats
+from comet_jax.checkpoint.orbax_io import load_quantized, save_quantized
+from comet_jax.quant.convert import quantize_model, quantized_model
+from comet_jax.quant.fmpq import FMPQConfig
+from comet_jax.quant.recipe import preset
+from models.config import ModelConfig
+from models.llama import LlamaForCausalLM, init_params
+
+CFG = ModelConfig(vocab_size=96, hidden_size=128, intermediate_size=128, num_layers=2,
+                  num_heads=2, num_kv_heads=1, head_dim=64, rms_norm_eps=1e-5)
+
+
+@pytest.mark.parametrize("name", ["fmpq_w4axkv4", "w8a8"])
+def test_roundtrip(tmp_path, name):
+    params = init_params(LlamaForCausalLM(CFG), jax.random.key(1))
+    toks = np.random.default_rng(0).integers(0, CFG.vocab_size, (2, 32)).astype(np.int32)
+    stats = collect_stats(CFG, params, toks, progress=False)
+    recipe = preset(name, w_quantizer="rtn",
+                    fmpq=FMPQConfig(block_size=64, rule="budget", int8_budget=0.5))
+    qp, plan, rep = quantize_model(CFG, params, recipe, stats, progress=False)
+    out = save_quantized(tmp_path / "q", CFG, recipe, qp, plan, rep)
+    with pytest.raises(ValueError, match="not empty"):
+        save_quantized(out, CFG, recipe, qp, plan, rep)
+
+    cfg2, recipe2, qp2, plan2, rep2 = load_quantized(out)
+    assert cfg2 == CFG and recipe2 == recipe and plan2 == plan
+    assert rep2["int8_fraction"] == pytest.approx(rep.int8_fraction)
+    a, ta = jax.tree_util.tree_flatten(qp)
+    b, tb = jax.tree_util.tree_flatten(qp2)
+    assert ta == tb
+    for x, y in zip(a, b):
+        assert x.dtype == y.dtype
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    if name == "fmpq_w4axkv4":  # the runtime permutations and packed weights travel
+        assert qp2["layers_0"]["attn_in"]["perm"].dtype == np.int32
+        assert qp2["layers_0"]["q_proj"]["w_packed"].dtype == np.int8
+    y1, _ = quantized_model(CFG, recipe, plan).apply({"params": qp}, toks[:1])
+    y2, _ = quantized_model(cfg2, recipe2, plan2).apply({"params": qp2}, toks[:1])
+    np.testing.assert_array_equal(np.asarray(y1), np.asarray(y2))
+
+
+def test_load_rejects_missing_meta(tmp_path):
+    with pytest.raises(ValueError, match="meta.json"):
+        load_quantized(tmp_path)
