@@ -28,8 +28,7 @@ CONFIGURABLES: tuple[str, ...] = (
     "comet_jax.quant.recipe:QuantRecipe",
     "comet_jax.engine.kv_cache:KVCacheConfig",
     "comet_jax.engine.config:EngineConfig",
-    "comet_jax.eval.perplexity:PerplexityConfig",
-    "comet_jax.calibrate.stats:CalibrationConfig",
+    "pallas_kernels.w4ax_matmul:GemmConfig",
 )
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "experiments" / "configs"
@@ -41,9 +40,11 @@ def register_all() -> dict[type, object]:
     """Registers every class in :data:`CONFIGURABLES` with gin (idempotent)."""
     if _registered:
         return _registered
-    for spec in CONFIGURABLES:
+    classes = []
+    for spec in CONFIGURABLES:  # import everything first: a failure registers nothing
         mod_name, cls_name = spec.split(":")
-        cls = getattr(importlib.import_module(mod_name), cls_name)
+        classes.append(getattr(importlib.import_module(mod_name), cls_name))
+    for cls in classes:
         _registered[cls] = gin.external_configurable(cls, module="comet_jax")
     return _registered
 

@@ -87,21 +87,36 @@ def ablation_recipes(
     rows.append(("base", f"{base.fmpq.rule}", dataclasses.replace(base, name="abl_base"), None))
     for b in (0.0, 0.06, 0.12, 0.25, 0.5):
         cfg = dataclasses.replace(base.fmpq, rule="budget", int8_budget=b)
-        rows.append(("int8_budget", f"{b:.0%}", dataclasses.replace(
-            base, name=f"budget_{b:.2f}", fmpq=cfg), None))
+        rows.append(
+            (
+                "int8_budget",
+                f"{b:.0%}",
+                dataclasses.replace(base, name=f"budget_{b:.2f}", fmpq=cfg),
+                None,
+            )
+        )
     for bs in [b for b in (64, 128, 192) if all(k % b == 0 for k in dims)]:
         cfg = dataclasses.replace(base.fmpq, block_size=bs)
-        rows.append(("block_size", str(bs), dataclasses.replace(
-            base, name=f"block_{bs}", fmpq=cfg), None))
+        rows.append(
+            ("block_size", str(bs), dataclasses.replace(base, name=f"block_{bs}", fmpq=cfg), None)
+        )
     for gran in ("segment", "block"):
-        rows.append(("scale_granularity", gran, dataclasses.replace(
-            base, name=f"gran_{gran}", act_granularity=gran), None))
+        rows.append(
+            (
+                "scale_granularity",
+                gran,
+                dataclasses.replace(base, name=f"gran_{gran}", act_granularity=gran),
+                None,
+            )
+        )
     for g in (32, 64):
-        rows.append(("kv_group", str(g), dataclasses.replace(
-            base, name=f"kvgroup_{g}", kv_group=g), None))
+        rows.append(
+            ("kv_group", str(g), dataclasses.replace(base, name=f"kvgroup_{g}", kv_group=g), None)
+        )
     for n in calib_sizes:
-        rows.append(("calibration_windows", str(n), dataclasses.replace(
-            base, name=f"calib_{n}"), n))
+        rows.append(
+            ("calibration_windows", str(n), dataclasses.replace(base, name=f"calib_{n}"), n)
+        )
     return rows
 
 
@@ -136,7 +151,7 @@ def split_windows(austen, wiki, context, n_calib, n_eval, n_austen_eval):
 
     calib = text.token_windows(austen, context, n_calib)
     all_austen = text.token_windows(austen, context)
-    held = all_austen[len(all_austen) - n_austen_eval:] if n_austen_eval else all_austen[:0]
+    held = all_austen[len(all_austen) - n_austen_eval :] if n_austen_eval else all_austen[:0]
     if n_austen_eval and len(all_austen) - n_austen_eval < n_calib:
         raise ValueError(
             f"Austen has {len(all_austen)} windows of {context}: calibration ({n_calib}) and "
@@ -153,7 +168,9 @@ def evaluate(config, qparams, recipe, plan, evals, batch_size):
     for corpus, windows in evals.items():
         if len(windows) == 0:
             continue
-        r = perplexity(model, qparams, windows, batch_size=batch_size, desc=f"{recipe.name}/{corpus}")
+        r = perplexity(
+            model, qparams, windows, batch_size=batch_size, desc=f"{recipe.name}/{corpus}"
+        )
         out[corpus] = {"ppl": r.ppl, "tokens": r.n_tokens, "seconds": r.seconds}
     return out
 
@@ -164,9 +181,16 @@ def run(args) -> dict:
         from models.config import ModelConfig
         from models.llama import LlamaForCausalLM, init_params
 
-        config = ModelConfig(vocab_size=512, hidden_size=128, intermediate_size=384,
-                             num_layers=2, num_heads=4, num_kv_heads=2, head_dim=64,
-                             rms_norm_eps=1e-5)
+        config = ModelConfig(
+            vocab_size=512,
+            hidden_size=128,
+            intermediate_size=384,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+            head_dim=64,
+            rms_norm_eps=1e-5,
+        )
         params = init_params(LlamaForCausalLM(config), jax.random.key(0))
         rng = np.random.RandomState(0)
         austen = rng.randint(0, 512, 64 * 40).astype(np.int32)
@@ -184,7 +208,12 @@ def run(args) -> dict:
     calib_sizes = sorted({n for n in args.calib_sizes if n < len(calib)})
     t0 = time.perf_counter()
     stats, snaps = collect_stats(
-        config, params, calib, hessian=True, rotated=True, snapshots=calib_sizes or (len(calib),),
+        config,
+        params,
+        calib,
+        hessian=True,
+        rotated=True,
+        snapshots=calib_sizes or (len(calib),),
         batch_size=args.batch_size,
     )
     calib_seconds = time.perf_counter() - t0
@@ -205,15 +234,21 @@ def run(args) -> dict:
     labels = dict(MAIN_ROWS)
     for name, recipe in recipes.items():
         t1 = time.perf_counter()
-        qparams, plan, report = quantize_model(config, params, recipe, stats,
-                                               weight_cache=cache)
+        qparams, plan, report = quantize_model(config, params, recipe, stats, weight_cache=cache)
         tq = time.perf_counter() - t1
         res = evaluate(config, qparams, recipe, plan, evals, args.batch_size)
-        row = {"name": name, "label": labels[name], "recipe": json.loads(recipe.to_json()),
-               "int8_fraction": report.int8_fraction if recipe.act == "fmpq" else None,
-               "int8_fraction_by_group": report.int8_fraction_by_group()
-               if recipe.act == "fmpq" else None,
-               "perm_status": _perm_summary(report), "quantize_seconds": tq, **res}
+        row = {
+            "name": name,
+            "label": labels[name],
+            "recipe": json.loads(recipe.to_json()),
+            "int8_fraction": report.int8_fraction if recipe.act == "fmpq" else None,
+            "int8_fraction_by_group": report.int8_fraction_by_group()
+            if recipe.act == "fmpq"
+            else None,
+            "perm_status": _perm_summary(report),
+            "quantize_seconds": tq,
+            **res,
+        }
         rows.append(row)
         print(_fmt_row(row), flush=True)
     ablations = []
@@ -228,23 +263,37 @@ def run(args) -> dict:
             st = snaps[n_cal] if n_cal else stats
             if n_cal:  # max/mean from the first n windows, Hessian from the full set
                 st = _with_hessian(st, stats)
-            qparams, plan, report = quantize_model(config, params, recipe, st,
-                                                   weight_cache=cache)
+            qparams, plan, report = quantize_model(config, params, recipe, st, weight_cache=cache)
             res = evaluate(config, qparams, recipe, plan, abl_evals, args.batch_size)
-            row = {"ablation": abl, "value": label, "name": recipe.name,
-                   "int8_fraction": report.int8_fraction if recipe.act == "fmpq" else None,
-                   **res}
+            row = {
+                "ablation": abl,
+                "value": label,
+                "name": recipe.name,
+                "int8_fraction": report.int8_fraction if recipe.act == "fmpq" else None,
+                **res,
+            }
             ablations.append(row)
-            print(abl, label, f"int8={report.int8_fraction:.3f}",
-                  f"wiki={res['wikipedia']['ppl']:.3f}", flush=True)
+            print(
+                abl,
+                label,
+                f"int8={report.int8_fraction:.3f}",
+                f"wiki={res['wikipedia']['ppl']:.3f}",
+                flush=True,
+            )
     return {
         "model": model_name,
         "config": dataclasses.asdict(config),
         "context": args.context,
-        "calibration": {"corpus": "austen (first windows)", "windows": len(calib),
-                        "tokens": int(calib.size), "seconds": calib_seconds},
-        "evaluation": {k: {"windows": len(v), "tokens_predicted": int(len(v) * (args.context - 1))}
-                       for k, v in evals.items()},
+        "calibration": {
+            "corpus": "austen (first windows)",
+            "windows": len(calib),
+            "tokens": int(calib.size),
+            "seconds": calib_seconds,
+        },
+        "evaluation": {
+            k: {"windows": len(v), "tokens_predicted": int(len(v) * (args.context - 1))}
+            for k, v in evals.items()
+        },
         "ablation_eval_windows": min(args.ablation_windows, len(wiki_w)),
         "ablation_quantizer": args.ablation_quantizer or "the main rows'",
         "fmpq": dataclasses.asdict(base_kw["fmpq"]),
@@ -252,14 +301,20 @@ def run(args) -> dict:
         "rows": rows,
         "ablations": ablations,
         "comet_llama2_7b": COMET_L2_7B,
-        "platform": {"jax": jax.__version__, "backend": jax.default_backend(),
-                     "device": str(jax.devices()[0]), "python": platform.python_version()},
+        "platform": {
+            "jax": jax.__version__,
+            "backend": jax.default_backend(),
+            "device": str(jax.devices()[0]),
+            "python": platform.python_version(),
+        },
         "seconds": time.perf_counter() - t_start,
     }
 
 
 def _with_hessian(snap, full):
-    groups = {k: dataclasses.replace(g, hessian=full.groups[k].hessian) for k, g in snap.groups.items()}
+    groups = {
+        k: dataclasses.replace(g, hessian=full.groups[k].hessian) for k, g in snap.groups.items()
+    }
     return dataclasses.replace(snap, groups=groups)
 
 
@@ -289,16 +344,22 @@ def to_markdown(res: dict) -> str:
         f"Model: {res['model']}. Context {res['context']} tokens, fixed non-overlapping windows. "
         f"Calibration: {res['calibration']['windows']} Austen windows "
         f"({res['calibration']['tokens']} tokens). Evaluation: "
-        + ", ".join(f"{c} {res['evaluation'][c]['windows']} windows "
-                    f"({res['evaluation'][c]['tokens_predicted']} predicted tokens)"
-                    for c in corpora)
+        + ", ".join(
+            f"{c} {res['evaluation'][c]['windows']} windows "
+            f"({res['evaluation'][c]['tokens_predicted']} predicted tokens)"
+            for c in corpora
+        )
         + f". FMPQ: {res['fmpq']['block_size']}-channel blocks, rule {res['fmpq']['rule']}"
-        + (f" (threshold {res['fmpq']['threshold']} x median max|x|)"
-           if res["fmpq"]["rule"] == "threshold" else
-           f" ({res['fmpq']['int8_budget']:.0%} of the blocks of every input INT8)")
+        + (
+            f" (threshold {res['fmpq']['threshold']} x median max|x|)"
+            if res["fmpq"]["rule"] == "threshold"
+            else f" ({res['fmpq']['int8_budget']:.0%} of the blocks of every input INT8)"
+        )
         + ". Weights: symmetric INT4 "
         + ("per output channel" if not res["w_group"] else f"groups of {res['w_group']}")
-        + ". Backend: " + res["platform"]["backend"] + ".",
+        + ". Backend: "
+        + res["platform"]["backend"]
+        + ".",
         "",
         "| method | " + " | ".join(f"{c} ppl | {c} +%" for c in corpora) + " | INT8 fraction |",
         "|---|" + "---|---|" * len(corpora) + "---|",
@@ -311,15 +372,61 @@ def to_markdown(res: dict) -> str:
             cells += [f"{p:.3f}", rel]
         f8 = "" if r.get("int8_fraction") is None else f"{r['int8_fraction']:.1%}"
         lines.append(f"| {r['label']} | " + " | ".join(cells) + f" | {f8} |")
+    lines += _goal_lines(res, base)
     if res["ablations"] and base is not None:
-        lines += ["", f"Ablations around FMPQ W4AxKV4 with {res['ablation_quantizer']} weights "
-                  f"(Wikipedia, first {res['ablation_eval_windows']} windows; row 'base' is "
-                  "the unchanged recipe on the same windows):", "",
-                  "| ablation | value | wikipedia ppl | INT8 fraction |", "|---|---|---|---|"]
+        lines += [
+            "",
+            f"Ablations around FMPQ W4AxKV4 with {res['ablation_quantizer']} weights "
+            f"(Wikipedia, first {res['ablation_eval_windows']} windows; row 'base' is "
+            "the unchanged recipe on the same windows):",
+            "",
+            "| ablation | value | wikipedia ppl | INT8 fraction |",
+            "|---|---|---|---|",
+        ]
         for a in res["ablations"]:
             f8 = "" if a["int8_fraction"] is None else f"{a['int8_fraction']:.1%}"
             lines.append(f"| {a['ablation']} | {a['value']} | {a['wikipedia']['ppl']:.3f} | {f8} |")
     return "\n".join(lines) + "\n"
+
+
+def _goal_lines(res: dict, base) -> list[str]:
+    """The issue's goal: FMPQ W4AxKV4's relative increase vs COMET's and vs uniform W4A4's."""
+    rows = {r["name"]: r for r in res["rows"]}
+    if base is None or "fmpq_w4axkv4" not in rows:
+        return []
+    c = res["comet_llama2_7b"]
+    comet_meas = 100 * (c["w4axkv4"] / c["fp16_measured"] - 1)
+    comet_row = 100 * (c["w4axkv4"] / c["fp16_paper_row"] - 1)
+    out = [
+        "",
+        "Goal check (Wikipedia): COMET's W4AxKV4 on LLaMA-2-7B is "
+        f"+{comet_meas:.1f}% over FP16 measured at 2048 (5.47) and +{comet_row:.1f}% over "
+        "its paper's FP16 row (5.12).",
+    ]
+    p0 = base["wikipedia"]["ppl"]
+    ours = 100 * (rows["fmpq_w4axkv4"]["wikipedia"]["ppl"] / p0 - 1)
+    verdict = (
+        "meets both"
+        if ours <= comet_meas
+        else "meets only the paper-row version of"
+        if ours <= comet_row
+        else "misses"
+    )
+    out.append(f"- FMPQ W4AxKV4 here: {ours:+.1f}% -> {verdict} the goal.")
+    for uni in ("w4a4_rtn", "w4a4_gptq"):
+        if uni in rows:
+            u = 100 * (rows[uni]["wikipedia"]["ppl"] / p0 - 1)
+            out.append(
+                f"- uniform {rows[uni]['label']}: {u:+.1f}%; FMPQ W4AxKV4's increase is "
+                f"{ours / u:.4f} of it (goal: < 0.5) -> "
+                + ("meets" if ours < 0.5 * u else "misses")
+                + "."
+            )
+    for w in ("w4a16_rtn", "w4a16_gptq"):
+        if w in rows:
+            u = 100 * (rows[w]["wikipedia"]["ppl"] / p0 - 1)
+            out.append(f"- for scale, {rows[w]['label']} alone (float activations): {u:+.1f}%.")
+    return out
 
 
 def plot(res: dict, path: Path) -> None:
@@ -342,8 +449,12 @@ def plot(res: dict, path: Path) -> None:
     ax = axes[1]
     sweep = [a for a in res["ablations"] if a["ablation"] == "int8_budget"]
     if sweep:
-        ax.plot([100 * a["int8_fraction"] for a in sweep], [a["wikipedia"]["ppl"] for a in sweep],
-                "o-", label="FMPQ W4AxKV4, INT8 budget")
+        ax.plot(
+            [100 * a["int8_fraction"] for a in sweep],
+            [a["wikipedia"]["ppl"] for a in sweep],
+            "o-",
+            label="FMPQ W4AxKV4, INT8 budget",
+        )
         ax.set_xlabel("INT8 share of activation channels (%)")
         ax.set_ylabel("Wikipedia perplexity (ablation windows)")
         ax.set_title("INT8 budget sweep")
@@ -363,16 +474,30 @@ def parse_args(argv=None):
     p.add_argument("--ablation-windows", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--threshold", type=float, default=8.0)
-    p.add_argument("--int8-budget", type=float, default=None,
-                   help="FMPQ budget rule with this INT8 share (default: threshold rule)")
+    p.add_argument(
+        "--int8-budget",
+        type=float,
+        default=None,
+        help="FMPQ budget rule with this INT8 share (default: threshold rule)",
+    )
     p.add_argument("--w-group", type=int, default=None)
-    p.add_argument("--ablation-quantizer", default=None, choices=["rtn", "gptq", "lwc"],
-                   help="weight quantizer of the ablations (default: as the main FMPQ rows)")
+    p.add_argument(
+        "--ablation-quantizer",
+        default=None,
+        choices=["rtn", "gptq", "lwc"],
+        help="weight quantizer of the ablations (default: as the main FMPQ rows)",
+    )
     p.add_argument("--rows", nargs="*", default=None, help="subset of main rows")
     p.add_argument("--no-ablations", action="store_true")
     p.add_argument("--gguf", type=Path, default=None, help="model file (default: data root)")
     p.add_argument("--tokens", type=Path, default=None, help="token ids .npz (default: tokenize)")
     p.add_argument("--save-tokens", type=Path, default=None, help="write the token ids .npz")
+    p.add_argument(
+        "--from-json",
+        type=Path,
+        default=None,
+        help="only re-render the markdown and plot of an earlier accuracy.json",
+    )
     p.add_argument("--quick", action="store_true", help="tiny random model, seconds (tests)")
     p.add_argument("--out", type=Path, default=None, help="results folder")
     p.add_argument("--docs", type=Path, default=None, help="markdown copy (docs/accuracy.md)")
@@ -389,12 +514,16 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    res = run(args)
+    if args.from_json is not None:  # re-render markdown / plot from a finished run
+        res = json.loads(args.from_json.read_text())
+    else:
+        res = run(args)
     md = to_markdown(res)
     print(md)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "accuracy.json").write_text(json.dumps(res, indent=1))
+        if args.from_json is None:
+            (args.out / "accuracy.json").write_text(json.dumps(res, indent=1))
         (args.out / "accuracy.md").write_text(md)
         plot(res, args.out / "accuracy.png")
     if args.docs is not None:

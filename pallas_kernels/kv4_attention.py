@@ -48,9 +48,6 @@ from comet_jax.quant import pack, quantizers
 
 _MASK = -0.7 * float(np.finfo(np.float32).max)
 _MIN_ROWS = 16  # Triton's smallest dot M
-# Array sizes (bytes) whose element offsets Pallas-Triton computes in int32 although they can
-# exceed 2^31 (it switches to int64 only above 2^32 bytes).
-_OFFSET_HAZARD = (2**31, 2**32)
 
 
 class PagedKV(NamedTuple):
@@ -123,12 +120,12 @@ def _check_kv(kv: PagedKV) -> None:
         if any(getattr(kv, n) is not None for n in ("k_zero", "v_scale", "v_zero")):
             raise ValueError("kv scales/zeros must be all set (INT4) or all None (bf16)")
     for name, a in zip(PagedKV._fields, kv):
-        nbytes = 0 if a is None else a.size * a.dtype.itemsize
-        if _OFFSET_HAZARD[0] < nbytes <= _OFFSET_HAZARD[1]:
+        if a is not None and a.size > 2**31 and a.size * a.dtype.itemsize <= 2**32:
             raise ValueError(
-                f"kv.{name} is {nbytes} bytes: Pallas-Triton addresses arrays of up to 4 GiB with "
-                "signed 32-bit offsets, which wrap above 2 GiB; size the pool (num_pages) to "
-                "<= 2 GiB or > 4 GiB per array (KVCacheConfig.pages_for_budget does this)"
+                f"kv.{name} has {a.size} elements ({a.dtype}): Pallas-Triton uses signed 32-bit "
+                "element offsets for arrays of up to 4 GiB, which wrap past 2^31 elements; size "
+                "the pool (num_pages) so a uint8 array is <= 2 GiB or > 4 GiB "
+                "(KVCacheConfig.pages_for_budget does this)"
             )
     if kv.page_size < 16 or kv.page_size & (kv.page_size - 1):
         raise ValueError(f"page size {kv.page_size} must be a power of two >= 16")

@@ -24,8 +24,16 @@ from comet_jax.quant.recipe import PRESETS, QuantRecipe, preset
 from models.config import ModelConfig
 from models.llama import LlamaForCausalLM, init_params
 
-CFG = ModelConfig(vocab_size=128, hidden_size=128, intermediate_size=192, num_layers=2,
-                  num_heads=4, num_kv_heads=2, head_dim=32, rms_norm_eps=1e-5)
+CFG = ModelConfig(
+    vocab_size=128,
+    hidden_size=128,
+    intermediate_size=192,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=32,
+    rms_norm_eps=1e-5,
+)
 
 
 @pytest.fixture(scope="module")
@@ -68,17 +76,25 @@ def test_w8a8_logits_close(tiny):
 
 
 def test_fmpq_plan_respected(tiny):
-    recipe = preset("fmpq_w4ax", w_quantizer="rtn",
-                    fmpq=fmpq.FMPQConfig(block_size=64, rule="threshold", threshold=8.0))
+    recipe = preset(
+        "fmpq_w4ax",
+        w_quantizer="rtn",
+        fmpq=fmpq.FMPQConfig(block_size=64, rule="threshold", threshold=8.0),
+    )
     out, qp, plan, rep = _logits(recipe, tiny)
     stats = tiny[2]
     for row in rep.groups:
         i, g = row["layer"], row["group"]
-        expected = fmpq.plan_permutation(stats[(i, g)].absmax, recipe.fmpq,
-                                         mean_abs=stats[(i, g)].absmean)
+        expected = fmpq.plan_permutation(
+            stats[(i, g)].absmax, recipe.fmpq, mean_abs=stats[(i, g)].absmean
+        )
         assert row["k8"] == expected.k8
-        proj = {"attn_in": "q_proj", "o_in": "o_proj", "mlp_in": "gate_proj",
-                "down_in": "down_proj"}[g]
+        proj = {
+            "attn_in": "q_proj",
+            "o_in": "o_proj",
+            "mlp_in": "gate_proj",
+            "down_in": "down_proj",
+        }[g]
         be = plan.backend_for(i, proj)
         assert isinstance(be, W4AxLinear) and (be.k4, be.k8) == (expected.k4, expected.k8)
         if row["perm"] == "runtime":
@@ -100,8 +116,11 @@ def _float_with_folds(params, plan_down, fold_o, perm_o):
     for proj in ("gate_proj", "up_proj"):
         lp[proj] = {"kernel": fmpq.fold_out(lp[proj]["kernel"], plan_down)}
     lp["down_proj"] = {"kernel": fmpq.permute_in(lp["down_proj"]["kernel"], plan_down)}
-    for proj, rows in (("q_proj", fold_o.q_rows), ("k_proj", fold_o.k_rows),
-                       ("v_proj", fold_o.v_rows)):
+    for proj, rows in (
+        ("q_proj", fold_o.q_rows),
+        ("k_proj", fold_o.k_rows),
+        ("v_proj", fold_o.v_rows),
+    ):
         lp[proj] = {"kernel": lp[proj]["kernel"][rows]}
     lp["o_proj"] = {"kernel": fmpq.permute_in(lp["o_proj"]["kernel"], perm_o)}
     p["layers_0"] = lp
@@ -117,8 +136,9 @@ def test_folds_are_exact_in_float(tiny):
     sig = [rng.permutation(d), rng.permutation(d)]
     heads = [3, 2, 1, 0]  # new head h' takes old head heads[h'] (group of old head = h // rep)
     perm_o = np.concatenate([heads[h] * d + sig[heads[h] // rep] for h in range(4)])
-    fold = fmpq.attention_fold(perm_o, n_heads=CFG.num_heads, n_kv_heads=CFG.num_kv_heads,
-                               head_dim=d)
+    fold = fmpq.attention_fold(
+        perm_o, n_heads=CFG.num_heads, n_kv_heads=CFG.num_kv_heads, head_dim=d
+    )
     assert fold is not None
     p = _float_with_folds(params, perm_down, fold, perm_o)
     out, _ = LlamaForCausalLM(CFG).apply({"params": p}, toks[:1])
@@ -126,9 +146,13 @@ def test_folds_are_exact_in_float(tiny):
 
 
 def test_fold_status_and_identity_plans(tiny):
-    recipe = preset("fmpq_w4ax", w_quantizer="rtn", attn_out_foldable=True,
-                    fmpq=fmpq.FMPQConfig(block_size=32, rule="budget", int8_budget=0.25),
-                    tile=32)
+    recipe = preset(
+        "fmpq_w4ax",
+        w_quantizer="rtn",
+        attn_out_foldable=True,
+        fmpq=fmpq.FMPQConfig(block_size=32, rule="budget", int8_budget=0.25),
+        tile=32,
+    )
     _, qp, plan, rep = _logits(recipe, tiny)
     status = {(r["layer"], r["group"]): r["perm"] for r in rep.groups}
     assert status[(0, "down_in")] == "folded" and "perm" not in qp["layers_0"].get("down_in", {})

@@ -138,11 +138,15 @@ def test_bad_inputs_raise():
 
 
 def test_pool_size_in_32bit_offset_hazard_is_rejected():
-    big = jax.ShapeDtypeStruct((1, 10_000, 8, 128, 128), jnp.bfloat16)  # 2.6 GB
+    pages = 40_000  # k, v: [1, P, 8, 128, 64] uint8 = 2.6e9 elements, under 4 GiB
+    packed = jax.ShapeDtypeStruct((1, pages, 8, 128, 64), jnp.uint8)
+    meta = jax.ShapeDtypeStruct((1, pages, 8, 1, 128), jnp.float16)
     q = jnp.zeros((1, 8, 128), jnp.bfloat16)
-    with pytest.raises(ValueError, match="kv.k is"):
-        attn.paged_decode_attention(q, attn.PagedKV(big, big), np.zeros((1, 1), np.int32), [1])
+    kv = attn.PagedKV(packed, packed, meta, meta, meta, meta)
+    with pytest.raises(ValueError, match="kv.k has"):
+        attn.paged_decode_attention(q, kv, np.zeros((1, 1), np.int32), np.ones(1, np.int32))
     cfg = kc.KVCacheConfig(32, 8, 128, 16, 1)
-    per_array = lambda p: 32 * 8 * 16 * 64 * p  # noqa: E731
-    pages = cfg.pages_for_budget(int(2.5 * 2**31 * cfg.bytes_per_token * 16 / (per_array(1) * 2)))
-    assert not 2**31 < per_array(pages) <= 2**32
+    per_page = 32 * 8 * 16 * 64  # packed k elements per page (all layers)
+    budget = int(1.25 * 2**31 / per_page) * cfg.bytes_per_token * 16  # lands in the window
+    assert not 2**31 < cfg.pages_for_budget(budget) * per_page <= 2**32
+    assert cfg.pages_for_budget(budget) * per_page <= 2**31

@@ -14,8 +14,16 @@ from comet_jax.quant.recipe import preset
 from models.config import ModelConfig
 from models.llama import LlamaForCausalLM, init_params
 
-CFG = ModelConfig(vocab_size=96, hidden_size=128, intermediate_size=128, num_layers=2,
-                  num_heads=2, num_kv_heads=1, head_dim=64, rms_norm_eps=1e-5)
+CFG = ModelConfig(
+    vocab_size=96,
+    hidden_size=128,
+    intermediate_size=128,
+    num_layers=2,
+    num_heads=2,
+    num_kv_heads=1,
+    head_dim=64,
+    rms_norm_eps=1e-5,
+)
 
 
 @pytest.mark.parametrize("name", ["fmpq_w4axkv4", "w8a8"])
@@ -23,8 +31,9 @@ def test_roundtrip(tmp_path, name):
     params = init_params(LlamaForCausalLM(CFG), jax.random.key(1))
     toks = np.random.default_rng(0).integers(0, CFG.vocab_size, (2, 32)).astype(np.int32)
     stats = collect_stats(CFG, params, toks, progress=False)
-    recipe = preset(name, w_quantizer="rtn",
-                    fmpq=FMPQConfig(block_size=64, rule="budget", int8_budget=0.5))
+    recipe = preset(
+        name, w_quantizer="rtn", fmpq=FMPQConfig(block_size=64, rule="budget", int8_budget=0.5)
+    )
     qp, plan, rep = quantize_model(CFG, params, recipe, stats, progress=False)
     out = save_quantized(tmp_path / "q", CFG, recipe, qp, plan, rep)
     with pytest.raises(ValueError, match="not empty"):

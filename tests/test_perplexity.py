@@ -13,8 +13,16 @@ from comet_jax.eval.perplexity import perplexity, window_nll
 from models.config import ModelConfig
 from models.llama import LlamaForCausalLM, init_params
 
-CFG = ModelConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_layers=1,
-                  num_heads=2, num_kv_heads=1, head_dim=32, rms_norm_eps=1e-5)
+CFG = ModelConfig(
+    vocab_size=64,
+    hidden_size=64,
+    intermediate_size=128,
+    num_layers=1,
+    num_heads=2,
+    num_kv_heads=1,
+    head_dim=32,
+    rms_norm_eps=1e-5,
+)
 
 
 def test_window_nll_matches_numpy():
@@ -48,3 +56,33 @@ def test_perplexity_rejects_bad_windows():
         perplexity(model, {}, np.zeros((4,), np.int32))
     with pytest.raises(ValueError, match="batch_size"):
         perplexity(model, {}, np.zeros((2, 4), np.int32), batch_size=0)
+
+
+@pytest.mark.slow
+def test_accuracy_table_quick(tmp_path):
+    """The experiment script end to end on a tiny random model (--quick, ~1 min on 2 cores)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+    import accuracy_table
+
+    res = accuracy_table.main(
+        [
+            "--quick",
+            "--rows",
+            "bf16",
+            "w4a4_rtn",
+            "fmpq_w4axkv4",
+            "--int8-budget",
+            "0.25",
+            "--ablation-quantizer",
+            "rtn",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    assert {r["name"] for r in res["rows"]} == {"bf16", "w4a4_rtn", "fmpq_w4axkv4"}
+    assert (tmp_path / "accuracy.json").is_file() and (tmp_path / "accuracy.png").is_file()
+    assert all(math.isfinite(r["wikipedia"]["ppl"]) for r in res["rows"])
+    assert any(a["ablation"] == "int8_budget" for a in res["ablations"])

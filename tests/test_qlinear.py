@@ -75,11 +75,15 @@ def test_w4ax_sim_equals_kernel_references(m, k4, k8, n, w_group, bias, permute)
 
     # And the semantics: the same as a float matmul of the dequantized operands.
     xn = np.asarray(rms_norm(x, norm_w, EPS))[:, np.asarray(perm)]
-    x_hat = np.concatenate([
-        np.asarray(pack.unpack_int4(x4p, tile), np.float64) * np.asarray(xs)[:, :1]
-        if k4 else np.zeros((m, 0)),
-        np.asarray(x8, np.float64) * np.asarray(xs)[:, 1:],
-    ], axis=1)
+    x_hat = np.concatenate(
+        [
+            np.asarray(pack.unpack_int4(x4p, tile), np.float64) * np.asarray(xs)[:, :1]
+            if k4
+            else np.zeros((m, 0)),
+            np.asarray(x8, np.float64) * np.asarray(xs)[:, 1:],
+        ],
+        axis=1,
+    )
     q = np.asarray(pack.unpack_int4(wp["w_packed"], tile), np.float64)
     s = np.asarray(wp["w_scales"], np.float64)
     w_hat = q * (s[:, None] if w_group is None else np.repeat(s, w_group, axis=1))
@@ -161,8 +165,9 @@ def test_w4a16_matches_dequantized_weights(w_group):
     y = be.matmul(wp, be.prepare_input(None, x, None, eps=EPS))
     gran = "row" if w_group is None else "group"
     w_hat = quantizers.dequantize(wr.q, wr.scale, granularity=gran, group_size=w_group)
-    np.testing.assert_allclose(np.asarray(y), np.asarray(x) @ np.asarray(w_hat).T, rtol=1e-5,
-                               atol=1e-4)
+    np.testing.assert_allclose(
+        np.asarray(y), np.asarray(x) @ np.asarray(w_hat).T, rtol=1e-5, atol=1e-4
+    )
 
 
 def test_weight_init_shapes_and_validation():
@@ -191,9 +196,7 @@ def test_pallas_interpret_matches_sim_tiny():
     norm_w = jnp.asarray(rng.uniform(0.5, 1.5, k4 + k8), jnp.float32)
     out = {}
     for mode, interp in (("sim", False), ("pallas", True)):
-        be = W4AxLinear(k4=k4, k8=k8, block=64, tile=64, permute=True, mode=mode,
-                        interpret=interp)
-        out[mode] = np.asarray(be.matmul(wp, be.prepare_input({"perm": perm}, x, norm_w,
-                                                              eps=EPS)))
+        be = W4AxLinear(k4=k4, k8=k8, block=64, tile=64, permute=True, mode=mode, interpret=interp)
+        out[mode] = np.asarray(be.matmul(wp, be.prepare_input({"perm": perm}, x, norm_w, eps=EPS)))
     # Same integers; the kernel's f32 epilogue may order the two segment terms differently.
     np.testing.assert_allclose(out["pallas"], out["sim"], rtol=1e-6, atol=1e-6)

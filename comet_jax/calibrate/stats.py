@@ -47,7 +47,9 @@ class GroupStats:
         """(absmax, absmean) of the plain or the rotated input."""
         if rotated:
             if self.rot_absmax is None:
-                raise ValueError("rotated statistics were not collected (collect with rotated=True)")
+                raise ValueError(
+                    "rotated statistics were not collected (collect with rotated=True)"
+                )
             return self.rot_absmax, self.rot_absmean
         return self.absmax, self.absmean
 
@@ -101,9 +103,7 @@ def _stats_fn(config, hessian: bool, rotated: bool):
         _, state = model.apply({"params": params}, tokens, mutable=["intermediates"])
         inter = state["intermediates"]
         return {
-            (i, g): inter[f"layers_{i}"][g][0]
-            for i in range(config.num_layers)
-            for g in GROUPS
+            (i, g): inter[f"layers_{i}"][g][0] for i in range(config.num_layers) for g in GROUPS
         }
 
     return run

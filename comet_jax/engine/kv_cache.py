@@ -74,17 +74,12 @@ class KVCacheConfig:
     def pages_for_budget(self, budget_bytes: int) -> int:
         """How many pages (per layer) fit in ``budget_bytes`` of device memory.
 
-        Avoids pools whose largest array (k or v) lands in (2 GiB, 4 GiB]: Pallas-Triton
+        Avoids INT4 pools whose packed k/v (uint8) hold (2^31, 2^32] elements: Pallas-Triton
         addresses those with wrapping 32-bit offsets (the kernels reject them).
         """
         pages = int(budget_bytes // (self.bytes_per_token * self.page_size))
-        per_page = (
-            self.num_layers
-            * self.num_kv_heads
-            * self.page_size
-            * (self.head_dim // 2 if self.quantized else self.head_dim * 2)
-        )
-        if 2**31 < pages * per_page <= 2**32:
+        per_page = self.num_layers * self.num_kv_heads * self.page_size * self.head_dim // 2
+        if self.quantized and 2**31 < pages * per_page <= 2**32:
             pages = 2**31 // per_page
         return pages
 

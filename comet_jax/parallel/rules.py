@@ -86,7 +86,8 @@ def _row_leaf(name: str, ndim: int, on: bool, axis: str) -> P:
     )
 
 
-def _proj_on(proj: str, flags: dict[str, bool]) -> bool:
+def proj_is_split(proj: str, flags: dict[str, bool]) -> bool:
+    """Whether projection `proj` is sharded under `shard_flags` (else replicated)."""
     if proj in ("q_proj", "o_proj"):
         return flags["heads"]
     if proj in ("k_proj", "v_proj"):
@@ -125,9 +126,9 @@ def param_specs(params: Any, config, tp: int, axis: str = TP_AXIS) -> Any:
             return P()
         name = keys[-1]
         if part in COLUMN:
-            return _column_leaf(name, ndim, _proj_on(part, flags), axis)
+            return _column_leaf(name, ndim, proj_is_split(part, flags), axis)
         if part in ROW:
-            return _row_leaf(name, ndim, _proj_on(part, flags), axis)
+            return _row_leaf(name, ndim, proj_is_split(part, flags), axis)
         if part in COLUMN_GROUPS:
             return P()
         if part in ROW_GROUPS:

@@ -63,7 +63,19 @@ class ColumnParallelLinear:
         return self.inner.group_init(spec, param_dtype)
 
     def prepare_input(self, group_params, x, norm_weight, *, eps):
-        return self.inner.prepare_input(group_params, x, norm_weight, eps=eps)
+        # Replicated in, replicated out: every device quantizes the whole input itself (the
+        # fused Pallas kernel is a custom call that XLA's partitioner cannot split).
+        template = []
+
+        def local(gp, x, nw):
+            arrays, rebuild = split_static(self.inner.prepare_input(gp, x, nw, eps=eps))
+            template.append(rebuild)
+            return arrays
+
+        arrays = jax.shard_map(local, mesh=self.mesh, in_specs=P(), out_specs=P(), check_vma=False)(
+            group_params, x, norm_weight
+        )
+        return template[0](arrays)
 
     def matmul(self, weight_params, prepared):
         arrays, rebuild = split_static(prepared)
@@ -148,9 +160,11 @@ def shard_plan(plan, config, mesh: Mesh, axis: str = TP_AXIS) -> LinearPlan:
     for i in range(config.num_layers):
         for g in GROUPS:
             projs = PROJECTIONS_OF[g]
-            wrap = d > 1 and all(rules._proj_on(p, flags) for p in projs)
+            wrap = d > 1 and all(rules.proj_is_split(p, flags) for p in projs)
             for p in projs:
                 b = plan.backend_for(i, p)
+                if isinstance(b, ColumnParallelLinear):  # re-target an already sharded plan
+                    b = b.inner
                 if isinstance(b, ChunkedW4AxLinear):
                     b = dataclasses.replace(b, mesh=mesh if d > 1 else None, axis=axis)
                 elif wrap and p in rules.COLUMN and isinstance(b, INTEGER_BACKENDS):
@@ -165,6 +179,8 @@ def shard_model(model, mesh: Mesh, axis: str = TP_AXIS):
     cfg = model.config
     linear = shard_plan(model.linear, cfg, mesh, axis)
     attention = model.attention
+    if isinstance(attention, ShardedAttention):  # re-target an already sharded model
+        attention = attention.inner
     if attention is None:
         attention = DenseAttention(sliding_window=cfg.sliding_window)
     flags = rules.shard_flags(cfg, d)

@@ -56,15 +56,15 @@ def attention_for(config, recipe: QuantRecipe):
     """The attention callable of a recipe: dense, with KV4 fake quantization when kv4."""
     kv = KV4Transform(recipe.kv_group) if recipe.kv4 else None
     if kv is not None and config.head_dim % recipe.kv_group:
-        raise ValueError(
-            f"kv_group={recipe.kv_group} must divide head_dim={config.head_dim}"
-        )
+        raise ValueError(f"kv_group={recipe.kv_group} must divide head_dim={config.head_dim}")
     return DenseAttention(sliding_window=config.sliding_window, kv_transform=kv)
 
 
 def quantized_model(config, recipe: QuantRecipe, plan: LinearPlan, dtype=jnp.float32):
     """The Flax model that runs `quantize_model`'s params (projection plan + KV4 attention)."""
-    return LlamaForCausalLM(config, linear=plan, attention=attention_for(config, recipe), dtype=dtype)
+    return LlamaForCausalLM(
+        config, linear=plan, attention=attention_for(config, recipe), dtype=dtype
+    )
 
 
 @dataclasses.dataclass
@@ -128,8 +128,12 @@ def _group_plan(recipe: QuantRecipe, config, stats, layer: int, group: str, k: i
     absmax, absmean = stats[(layer, group)].channel_stats(rotated=recipe.rotation)
     if group == "o_in" and recipe.attn_out_foldable and not recipe.rotation:
         return fmpq.plan_attention_out(
-            absmax, recipe.fmpq, n_heads=config.num_heads, n_kv_heads=config.num_kv_heads,
-            head_dim=config.head_dim, mean_abs=absmean,
+            absmax,
+            recipe.fmpq,
+            n_heads=config.num_heads,
+            n_kv_heads=config.num_kv_heads,
+            head_dim=config.head_dim,
+            mean_abs=absmean,
         )
     return fmpq.plan_permutation(absmax, recipe.fmpq, mean_abs=absmean)
 
@@ -151,8 +155,13 @@ def _quantize_weight(recipe: QuantRecipe, w, h):
         )
     if recipe.w_quantizer == "gptq":
         r = gptq.gptq_quantize(
-            w, h, bits=bits, group_size=recipe.w_group, percdamp=recipe.gptq_percdamp,
-            act_order=recipe.gptq_act_order, clip_ratio=recipe.w_clip,
+            w,
+            h,
+            bits=bits,
+            group_size=recipe.w_group,
+            percdamp=recipe.gptq_percdamp,
+            act_order=recipe.gptq_act_order,
+            clip_ratio=recipe.w_clip,
         )
         return r.q, r.scales
     from comet_jax.quant import lwc
@@ -170,8 +179,16 @@ def _cached_quantize(recipe: QuantRecipe, w, h, cache: dict | None):
     d.update(np.asarray(w, np.float32).tobytes())
     if h is not None and recipe.w_quantizer != "rtn":
         d.update(np.asarray(h, np.float32).tobytes())
-    keys = ("w_bits", "w_quantizer", "w_group", "w_clip", "gptq_percdamp", "gptq_act_order",
-            "lwc_steps", "lwc_lr")
+    keys = (
+        "w_bits",
+        "w_quantizer",
+        "w_group",
+        "w_clip",
+        "gptq_percdamp",
+        "gptq_act_order",
+        "lwc_steps",
+        "lwc_lr",
+    )
     d.update(repr([getattr(recipe, k) for k in keys]).encode())
     key = d.hexdigest()
     if key not in cache:
@@ -217,9 +234,12 @@ def quantize_model(
         lp = params[f"layers_{i}"]
         specs = layer_specs(config, i)
         w = {p: np.asarray(lp[p]["kernel"], np.float32) for p in PROJECTIONS_OF_ALL}
-        b = {p: np.asarray(lp[p]["bias"], np.float32) for p in PROJECTIONS_OF_ALL if "bias" in lp[p]}
-        plans = {g: _group_plan(recipe, config, calib_stats, i, g, specs[g].in_features)
-                 for g in GROUPS}
+        b = {
+            p: np.asarray(lp[p]["bias"], np.float32) for p in PROJECTIONS_OF_ALL if "bias" in lp[p]
+        }
+        plans = {
+            g: _group_plan(recipe, config, calib_stats, i, g, specs[g].in_features) for g in GROUPS
+        }
         runtime_perm = {g: False for g in GROUPS}
         status = {}
         for g, plan in plans.items():
@@ -231,14 +251,25 @@ def quantize_model(
                     if p in b:
                         b[p] = np.asarray(fmpq.fold_out(b[p], plan))
                 status[g] = "folded"
-            elif recipe.fold and not recipe.rotation and g == "o_in" and (
-                fold := fmpq.attention_fold(
-                    plan, n_heads=config.num_heads, n_kv_heads=config.num_kv_heads,
-                    head_dim=config.head_dim,
+            elif (
+                recipe.fold
+                and not recipe.rotation
+                and g == "o_in"
+                and (
+                    fold := fmpq.attention_fold(
+                        plan,
+                        n_heads=config.num_heads,
+                        n_kv_heads=config.num_kv_heads,
+                        head_dim=config.head_dim,
+                    )
                 )
-            ) is not None:
-                for p, r in (("q_proj", fold.q_rows), ("k_proj", fold.k_rows),
-                             ("v_proj", fold.v_rows)):
+                is not None
+            ):
+                for p, r in (
+                    ("q_proj", fold.q_rows),
+                    ("k_proj", fold.k_rows),
+                    ("v_proj", fold.v_rows),
+                ):
                     w[p] = w[p][r]
                     if p in b:
                         b[p] = b[p][r]
@@ -280,10 +311,16 @@ def quantize_model(
                 overrides[(i, p)] = backend
             k = specs[g].in_features
             k8 = 0 if plan is None else plan.k8
-            rows.append({
-                "layer": i, "group": g, "k": k, "k8": int(k8),
-                "int8_fraction": k8 / k, "perm": status[g],
-            })
+            rows.append(
+                {
+                    "layer": i,
+                    "group": g,
+                    "k": k,
+                    "k8": int(k8),
+                    "int8_fraction": k8 / k,
+                    "perm": status[g],
+                }
+            )
         layer_q["input_norm"] = lp["input_norm"]
         layer_q["post_attn_norm"] = lp["post_attn_norm"]
         qparams[f"layers_{i}"] = jax.device_get(layer_q)
@@ -298,10 +335,17 @@ def _backend(recipe: QuantRecipe, plan, runtime_perm: bool, mode: str, interpret
     if recipe.w_bits == 8:
         return W8A8Linear(act_clip=recipe.act_clip, mode=mode, interpret=interpret)
     if plan is None:
-        return W4A16Linear(tile=recipe.tile, w_group=recipe.w_group, mode=mode,
-                           interpret=interpret)
+        return W4A16Linear(tile=recipe.tile, w_group=recipe.w_group, mode=mode, interpret=interpret)
     return W4AxLinear(
-        k4=plan.k4, k8=plan.k8, block=plan.block_size, tile=recipe.tile, w_group=recipe.w_group,
-        act_granularity=recipe.act_granularity, act_clip=recipe.act_clip, permute=runtime_perm,
-        rotate=recipe.rotation, mode=mode, interpret=interpret,
+        k4=plan.k4,
+        k8=plan.k8,
+        block=plan.block_size,
+        tile=recipe.tile,
+        w_group=recipe.w_group,
+        act_granularity=recipe.act_granularity,
+        act_clip=recipe.act_clip,
+        permute=runtime_perm,
+        rotate=recipe.rotation,
+        mode=mode,
+        interpret=interpret,
     )

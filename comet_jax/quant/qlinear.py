@@ -59,9 +59,7 @@ def _flatten(x):
 
 def int_dot(a, b):
     """a: [M, K] int8, b: [N, K] int8 -> [M, N] int32 (exact integer products)."""
-    return jax.lax.dot_general(
-        a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32
-    )
+    return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
 
 
 def chunked_epilogue(x_q, x_scales, w_q, w_scales, chunks):
@@ -207,7 +205,10 @@ class W4A16Linear:
         x = prepared
         w = dequantize_weight(weight_params, self.tile, self.w_group)
         y = jnp.einsum(
-            "...k,nk->...n", x.astype(jnp.float32), w, precision="highest",
+            "...k,nk->...n",
+            x.astype(jnp.float32),
+            w,
+            precision="highest",
             preferred_element_type=jnp.float32,
         )
         if "bias" in weight_params:
@@ -336,7 +337,10 @@ class W4AxLinear:
         k = x2.shape[-1]
         perm = group_params["perm"] if self.permute else jnp.arange(k, dtype=jnp.int32)
         kwargs = dict(
-            norm_weight=norm_weight, eps=eps, clip4=self.act_clip, clip8=self.act_clip,
+            norm_weight=norm_weight,
+            eps=eps,
+            clip4=self.act_clip,
+            clip8=self.act_clip,
             tile_k=self.tile,
         )
         if self.mode == "pallas":

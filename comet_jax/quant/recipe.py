@@ -105,11 +105,11 @@ class QuantRecipe:
         if self.w_bits == 8 and self.act == "none":
             raise ValueError("w_bits=8 with float activations is not a supported format")
         if self.fmpq.block_size % self.tile:
-            raise ValueError(
-                f"tile={self.tile} must divide fmpq.block_size={self.fmpq.block_size}"
-            )
+            raise ValueError(f"tile={self.tile} must divide fmpq.block_size={self.fmpq.block_size}")
         if self.w_group is not None and (self.w_group <= 0 or self.w_group % self.tile):
-            raise ValueError(f"w_group={self.w_group} must be a positive multiple of tile={self.tile}")
+            raise ValueError(
+                f"w_group={self.w_group} must be a positive multiple of tile={self.tile}"
+            )
         if self.kv_group not in KV_GROUPS:
             raise ValueError(f"kv_group={self.kv_group} must be one of {KV_GROUPS}")
         for name in ("w_clip", "act_clip"):
