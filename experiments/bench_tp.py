@@ -171,20 +171,26 @@ def main(argv=None):
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run: tiny shapes, 8 CPU devices")
     ap.add_argument("--tp", type=int, default=2)
     ap.add_argument("--layers", type=int, default=None, help="override num_layers (memory)")
-    ap.add_argument("--batch", default="1,16,64")
+    ap.add_argument("--batch", default=None, help="decode batch sizes (default 1,16,64; tiny 1,4)")
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--page-size", type=int, default=64)
     ap.add_argument("--int8-frac", type=float, default=0.25)
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--no-plain", action="store_true", help="skip the tp1_plain baseline")
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="also write a jax.profiler trace of 5 tpd decode steps per batch (TensorBoard / "
+        "Perfetto: the all-reduce kernels, e.g. ncclDevKernel_AllReduce, give the exact time)",
+    )
     ap.add_argument("--out", default=os.environ.get("OUT", "experiments/results"))
     args = ap.parse_args(argv)
 
     gpu = jax.default_backend() == "gpu"
+    args.batch = args.batch or ("1,4" if args.tiny else "1,16,64")
     if args.tiny:
         args.model, args.context, args.iters, args.warmup = "tiny", 40, 3, 1
-        args.batch = "1,4"
         args.page_size = 16
     shape = dict(SHAPES[args.model])
     if args.layers:
@@ -256,6 +262,9 @@ def main(argv=None):
                     model, mesh, cfg, b, args.context, args.page_size, kv_group
                 )
                 s = time_fn(run, args.warmup, args.iters)
+                if args.profile and n_dev > 1:
+                    with jax.profiler.trace(str(pathlib.Path(args.out) / f"trace_b{b}")):
+                        time_fn(run, 0, 5)
                 row[f"{name}_ms"] = 1e3 * s
                 row[f"{name}_tok_s"] = b / s
                 del params, state

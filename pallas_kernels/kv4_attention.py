@@ -505,7 +505,8 @@ def paged_decode_attention(
     """One new token per sequence attends to its cached tokens (its own K/V already written).
 
     Args:
-      q: ``[B, Hq, D]`` (bf16 recommended; the K dot runs in q's dtype).
+      q: ``[B, Hq, D]`` float; the INT4 path feeds it to the dots as bf16 (bf16 pages: q's
+        dtype).
       kv: :class:`PagedKV` arrays of the whole cache (all layers).
       page_table: ``[B, max_pages] int32``; entries past ``ceil(seq_len/page)`` are ignored.
       seq_lens: ``[B] int32`` tokens in the cache per sequence; 0 gives a zero output row.
@@ -527,6 +528,7 @@ def paged_decode_attention(
     _check_kv(kv)
     q, hg = _check_q(q, kv, 3, "[B, Hq, D]")
     batch, hq, d = q.shape
+    page_table = jnp.asarray(page_table)
     _check_tables(kv, page_table, seq_lens, layer, batch)
     max_pages = page_table.shape[1]
     if num_splits is None:
@@ -598,6 +600,7 @@ def paged_prefill_attention(
     q_lens = jnp.asarray(q_lens)
     if q_lens.shape != (batch,) or q_lens.dtype != jnp.int32:
         raise ValueError(f"q_lens must be int32 [B={batch}], got {q_lens.dtype} {q_lens.shape}")
+    page_table = jnp.asarray(page_table)
     _check_tables(kv, page_table, seq_lens, layer, batch, q_lens, t)
     hg_pad = 1 << (hg - 1).bit_length()
     if block_q is None:

@@ -354,6 +354,42 @@ def test_bf16_and_engine_step_on_mesh():
             _in_subprocess(f"_equality_body(**{kwargs!r})")
 
 
+def _runner_body(tp=2):
+    """`ModelRunner(..., mesh=...)` (the engine's runner) vs the single-device runner."""
+    from comet_jax.engine.runner import ModelRunner, PagedAttention
+
+    if jax.device_count() < tp:
+        raise RuntimeError(f"{_NO_DEVICES}: {jax.devices()}")
+    cfg, cases, prompt, pages = _setup()
+    for name, model, p, kv_dtype, _ in cases[:2]:
+        paged = model.clone(attention=PagedAttention("reference"))
+        ccfg = _cache_config(cfg, kv_dtype)
+        tokens = []
+        for mesh in (None, mesh_lib.make_mesh(tp)):
+            r = ModelRunner(paged, p, ccfg, mesh=mesh)
+            tokens.append(
+                _generate(
+                    lambda _p, _c, inp, r=r: (r.run(inp), None), None, None, prompt, pages, 3
+                )[1]
+            )
+        np.testing.assert_array_equal(tokens[1], tokens[0], err_msg=f"{name} runner tp={tp}")
+        print(f"{name}: ModelRunner tp={tp} tokens equal")
+
+
+@pytest.mark.slow
+def test_model_runner_mesh_option():
+    import inspect
+
+    from comet_jax.engine.runner import ModelRunner
+
+    if "mesh" not in inspect.signature(ModelRunner).parameters:
+        pytest.skip("comet_jax.engine.runner.ModelRunner has no mesh option yet")
+    if jax.device_count() >= N_DEVICES:
+        _runner_body()
+    else:
+        _in_subprocess("_runner_body()")
+
+
 @pytest.mark.slow
 def test_pallas_kernels_on_mesh():
     """Pallas W4Ax GEMM / act-quant / paged KV4 attention (interpret mode) under shard_map."""

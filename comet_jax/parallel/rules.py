@@ -11,21 +11,23 @@ Megatron-style layout on a 1-D mesh axis ``tp`` of size d (HF ``[N, K]`` weight 
 | | ``w_scales [N]`` / ``[N, K/g]``, ``bias [N]`` | ``P(tp)`` / ``P(tp, None)`` |
 | o_proj, down_proj (row) | ``kernel``, ``w_packed``, ``w_q`` | ``P(None, tp)`` |
 | | ``w_scales [N]``, ``bias [N]`` | ``P()`` (bias added once, after the all-reduce) |
-| | ``w_scales [N, K/g]`` | ``P(None, tp)`` (groups never straddle a shard) |
+| | ``w_scales [N, K/g]`` | ``P(None, tp)`` when ``d`` divides ``K/g``, else ``P()`` |
 | attn_in / mlp_in group | ``perm [K]`` | ``P()`` (input replicated) |
-| o_in / down_in group | ``perm [C, Kc]`` (chunked, `tp_quant`) | ``P(tp, None)`` |
+| o_in / down_in group | ``perm [C, Kc]`` (chunked, `tp_quant`) | ``P(tp, None)`` (d divides C) |
 | | ``perm [K]`` (whole-K runtime perm) | ``P()`` (XLA gathers the input: avoid) |
 
 KV cache (`comet_jax.engine.kv_cache.PagedKVCache`): ``k, v [L, P, Hkv, page, X]`` and the
 KV4 scales/zeros ``[L, P, Hkv, D/g, page]`` are sharded by KV head, ``P(None, None, tp)``.
 
 Divisibility: q/o need ``num_heads % d == 0``, gate/up/down ``intermediate_size % d == 0``,
-vocab-parallel ``vocab_size % d == 0`` (else embedding / lm_head are replicated).
+vocab-parallel ``vocab_size % d == 0``; a family that does not divide is replicated (correct,
+not split).
 
 KV-head rule for ``d > num_kv_heads`` (or ``num_kv_heads % d != 0``): k_proj, v_proj and the
 KV cache are REPLICATED (every device computes and stores all KV heads; the q heads and o_proj
 stay sharded). This is always correct and keeps one code path; it costs KV-cache memory
-(the cache is not split) and the k/v projection FLOPs are not split. LLaMA-3-70B (8 KV heads)
+(the cache is not split), the k/v projection FLOPs are not split, and attention is left to
+XLA's partitioner (no `shard_map`), which runs a Pallas attention kernel replicated. LLaMA-3-70B (8 KV heads)
 shards them up to 8-way, so the fallback only matters beyond 8 GPUs or for tiny models.
 """
 
@@ -72,13 +74,13 @@ def _column_leaf(name: str, ndim: int, on: bool, axis: str) -> P:
     )
 
 
-def _row_leaf(name: str, ndim: int, on: bool, axis: str) -> P:
+def _row_leaf(name: str, shape: tuple, on: bool, axis: str, tp: int) -> P:
     if not on:
         return P()
     if name in ("kernel", "w_packed", "w_q"):
         return P(None, axis)
-    if name == "w_scales":
-        return P(None, axis) if ndim == 2 else P()
+    if name == "w_scales":  # [N] shared by all shards; [N, K/g] split only at shard borders
+        return P(None, axis) if len(shape) == 2 and shape[1] % tp == 0 else P()
     if name == "bias":
         return P()
     raise ValueError(
@@ -111,7 +113,8 @@ def param_specs(params: Any, config, tp: int, axis: str = TP_AXIS) -> Any:
 
     def spec(path, leaf) -> P:
         keys = [getattr(k, "key", getattr(k, "name", None)) for k in path]
-        ndim = len(getattr(leaf, "shape", ()))
+        shape = tuple(getattr(leaf, "shape", ()))
+        ndim = len(shape)
         top = keys[0]
         if top == "embed_tokens":
             return P(axis, None) if flags["vocab"] else P()
@@ -128,12 +131,13 @@ def param_specs(params: Any, config, tp: int, axis: str = TP_AXIS) -> Any:
         if part in COLUMN:
             return _column_leaf(name, ndim, proj_is_split(part, flags), axis)
         if part in ROW:
-            return _row_leaf(name, ndim, proj_is_split(part, flags), axis)
+            return _row_leaf(name, shape, proj_is_split(part, flags), axis, tp)
         if part in COLUMN_GROUPS:
             return P()
         if part in ROW_GROUPS:
             on = flags["heads"] if part == "o_in" else flags["ffn"]
-            return P(axis, None) if (on and name == "perm" and ndim == 2) else P()
+            chunked = name == "perm" and ndim == 2 and shape[0] % tp == 0
+            return P(axis, None) if (on and chunked) else P()
         raise ValueError(f"param {'/'.join(map(str, keys))}: no sharding rule")
 
     return jax.tree_util.tree_map_with_path(spec, params)
