@@ -187,13 +187,16 @@ def cmd_generate(args) -> int:
     if not prompts:
         raise SystemExit("generate: give at least one prompt (positional or --prompt_file)")
     n = args.max_batch or len(prompts)
+    # Limits: command-line flags, else the gin-bound (or default) EngineConfig values.
+    base = _engine_config(args, build)
+    prefill_seqs = min(n, base.max_prefill_seqs)
     # Few step shapes: generation is one batch, so compile only the buckets it can use.
     extra = dict(
         max_batch=n,
-        max_prefill_seqs=min(n, args.max_prefill_seqs or 1),
+        max_prefill_seqs=prefill_seqs,
         decode_buckets=(bucket_for(n, _pow2_buckets(n), "batch"),),
-        prefill_batch_buckets=(min(n, args.max_prefill_seqs or 1),),
-        chunk_buckets=(args.max_tokens_per_step or 256,),
+        prefill_batch_buckets=(prefill_seqs,),
+        chunk_buckets=(base.max_tokens_per_step,),
     )
     engine, lm = _build_engine(args, build, **extra)
     tok = lm.tokenizer

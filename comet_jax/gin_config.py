@@ -22,13 +22,14 @@ import gin
 
 # "module:Class" for every configurable dataclass or function. Registered lazily so that
 # importing this module stays cheap.
+# Only classes that a gin-driven code path actually builds are listed: the model config comes
+# from the checkpoint, the KV cache config is derived by the engine, and kernel schedules come
+# from the per-shape tuning table.
 CONFIGURABLES: tuple[str, ...] = (
-    "models.config:ModelConfig",
     "comet_jax.quant.fmpq:FMPQConfig",
     "comet_jax.quant.recipe:QuantRecipe",
-    "comet_jax.engine.kv_cache:KVCacheConfig",
     "comet_jax.engine.config:EngineConfig",
-    "pallas_kernels.w4ax_matmul:GemmConfig",
+    "comet_jax.eval.tasks:PerplexityConfig",
 )
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "experiments" / "configs"
@@ -65,6 +66,8 @@ def parse(gin_files: Sequence[str | Path] = (), bindings: Sequence[str] = ()) ->
     """Parses config files and bindings on top of a clean gin state."""
     register_all()
     gin.clear_config()
+    if str(CONFIG_DIR) not in gin.config._LOCATION_PREFIXES:  # lets configs `include` each other
+        gin.add_config_file_search_path(str(CONFIG_DIR))
     files = [str(resolve_file(f)) for f in gin_files]
     gin.parse_config_files_and_bindings(files, list(bindings), finalize_config=False)
 

@@ -295,17 +295,7 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    if args.compile_cache:
-        jax.config.update("jax_compilation_cache_dir", args.compile_cache)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-    model_config = preset_config(args.preset)
-    results = []
-    for precision in args.precisions.split(","):
-        print(f"== {args.preset} {precision}", file=sys.stderr, flush=True)
-        results.append(bench_precision(args, model_config, precision))
-    print_table(results)
+def _write_record(args, results) -> None:
     record = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
         "device": str(jax.devices()[0].device_kind),
@@ -317,6 +307,20 @@ def main(argv=None) -> int:
     }
     with open(args.out, "w") as f:
         json.dump(record, f, indent=1, default=str)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.compile_cache:
+        jax.config.update("jax_compilation_cache_dir", args.compile_cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    model_config = preset_config(args.preset)
+    results = []
+    for precision in args.precisions.split(","):
+        print(f"== {args.preset} {precision}", file=sys.stderr, flush=True)
+        results.append(bench_precision(args, model_config, precision))
+        _write_record(args, results)  # after each precision: a cut-off run keeps what it measured
+    print_table(results)
     print(f"wrote {args.out}", file=sys.stderr)
     return 0
 
