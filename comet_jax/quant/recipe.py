@@ -73,7 +73,9 @@ class QuantRecipe:
     act: str = "none"
     act_granularity: str = "segment"
     act_clip: float = 1.0
-    fmpq: FMPQConfig = FMPQConfig(block_size=64, rule="threshold", threshold=8.0)
+    # 25% of the blocks INT8: on SmolLM2 the threshold rule (8 x median) marks only ~4% of the
+    # channels and leaves perplexity in the thousands (docs/accuracy.md, INT8-budget ablation).
+    fmpq: FMPQConfig = FMPQConfig(block_size=64, rule="budget", int8_budget=0.25)
     tile: int = 64
     kv4: bool = False
     kv_group: int = 64
