@@ -19,12 +19,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import pickle
 import sys
 import time
 from pathlib import Path
 
-QUANT_META = "comet_quant.json"
 ENGINE_FLAGS = (
     "max_batch",
     "max_tokens_per_step",
@@ -95,7 +93,9 @@ def load_model(
         from comet_jax.data import text
 
         path = text.default_gguf_path()
-    if (path / QUANT_META).is_file():
+    from comet_jax.checkpoint import orbax_io
+
+    if orbax_io.is_quantized_dir(path):
         return _load_quantized(path)
     from comet_jax.checkpoint.hf import params_from_hf_tensors
     from comet_jax.tokenizer import Tokenizer
@@ -118,39 +118,15 @@ def load_model(
     )
 
 
-def _save_quantized(out: Path, source: str, config, recipe, plan, qparams, report) -> None:
-    import orbax.checkpoint as ocp
-
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt = ocp.StandardCheckpointer()
-    ckpt.save((out / "params").resolve(), qparams, force=True)
-    ckpt.wait_until_finished()
-    (out / "plan.pkl").write_bytes(pickle.dumps(plan))
-    meta = {
-        "source": source,
-        "model_config": dataclasses.asdict(config),
-        "recipe": json.loads(recipe.to_json()),
-        "report": report.to_dict(),
-    }
-    (out / QUANT_META).write_text(json.dumps(meta, indent=1, default=str))
-
-
 def _load_quantized(path: Path) -> LoadedModel:
-    import orbax.checkpoint as ocp
+    from comet_jax.checkpoint import orbax_io
 
-    from models.config import ModelConfig
-
-    meta = json.loads((path / QUANT_META).read_text())
-    mc = dict(meta["model_config"])
-    if mc.get("rope_scaling") is not None:
-        mc["rope_scaling"] = tuple(tuple(p) for p in mc["rope_scaling"])
-    config = ModelConfig(**mc)
-    params = ocp.StandardCheckpointer().restore((path / "params").resolve())
-    plan = pickle.loads((path / "plan.pkl").read_bytes())
-    loaded = load_model(meta["source"]) if meta["source"] != "smollm2" else None
+    config, recipe, params, plan, _ = orbax_io.load_quantized(path)
+    source = orbax_io.read_meta(path).get("source")
+    loaded = load_model(source) if source not in (None, "smollm2") else None
     tokenizer = loaded.tokenizer if loaded else _default_tokenizer()
-    kv = "int4" if meta["recipe"].get("kv4") else "bf16"
-    return LoadedModel(config, params, tokenizer, f"{path.name}", linear=plan, kv_dtype=kv)
+    kv = "int4" if recipe.kv4 else "bf16"
+    return LoadedModel(config, params, tokenizer, path.name, linear=plan, kv_dtype=kv)
 
 
 def _default_tokenizer():
@@ -302,7 +278,11 @@ def cmd_quantize(args) -> int:
             lm.config, lm.params, windows, hessian=recipe.needs_hessian, rotated=recipe.rotation
         )
     qparams, plan, report = quantize_model(lm.config, lm.params, recipe, stats)
-    _save_quantized(Path(args.out), args.model, lm.config, recipe, plan, qparams, report)
+    from comet_jax.checkpoint import orbax_io
+
+    orbax_io.save_quantized(
+        args.out, lm.config, recipe, qparams, plan, report, force=True, source=args.model
+    )
     print(f"wrote {args.out} ({recipe.name})", file=sys.stderr)
     return 0
 

@@ -105,7 +105,8 @@ def test_quantize_then_generate_from_checkpoint(tmp_path, capsys):
     assert (
         cli.main(["quantize", "--model", "random:tiny", "--recipe", "w8a8", "--out", str(out)]) == 0
     )
-    meta = json.loads((out / cli.QUANT_META).read_text())
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["source"] == "random:tiny"
     assert meta["recipe"]["name"] == "w8a8"
     assert (
         cli.main(

@@ -96,8 +96,13 @@ def save_quantized(
     report=None,
     *,
     force: bool = False,
+    source: str | None = None,
 ) -> Path:
-    """Writes `path/params` (orbax) and `path/meta.json`. Returns the directory."""
+    """Writes `path/params` (orbax) and `path/meta.json`. Returns the directory.
+
+    source: where the float model came from (e.g. ``"smollm2"`` or a checkpoint path), kept so
+    that loaders can find the matching tokenizer.
+    """
     path = Path(path).absolute()
     if path.exists() and any(path.iterdir()) and not force:
         raise ValueError(f"path={str(path)!r} exists and is not empty; pass force=True")
@@ -108,12 +113,29 @@ def save_quantized(
         "recipe": json.loads(recipe.to_json()),
         "plan": plan_to_json(plan),
         "report": None if report is None else report.to_dict(),
+        "source": source,
     }
     ckpt = ocp.StandardCheckpointer()
     ckpt.save(path / "params", jax.device_get(qparams), force=force)
     ckpt.wait_until_finished()
     (path / "meta.json").write_text(json.dumps(meta, indent=1))
     return path
+
+
+def is_quantized_dir(path: str | os.PathLike) -> bool:
+    """True when `path` holds a model written by `save_quantized`."""
+    return (Path(path) / "meta.json").is_file() and (Path(path) / "params").is_dir()
+
+
+def read_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """The `meta.json` of a saved quantized model (format-checked)."""
+    meta_file = Path(path) / "meta.json"
+    if not meta_file.is_file():
+        raise ValueError(f"path={str(path)!r} has no meta.json: not a saved quantized model")
+    meta = json.loads(meta_file.read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"meta.json format={meta.get('format')!r}; expected {FORMAT}")
+    return meta
 
 
 def load_quantized(
@@ -125,12 +147,7 @@ def load_quantized(
     Returns (config, recipe, qparams, plan, report dict or None).
     """
     path = Path(path).absolute()
-    meta_file = path / "meta.json"
-    if not meta_file.is_file():
-        raise ValueError(f"path={str(path)!r} has no meta.json: not a saved quantized model")
-    meta = json.loads(meta_file.read_text())
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"meta.json format={meta.get('format')!r}; expected {FORMAT}")
+    meta = read_meta(path)
     config = config_from_json(meta["config"])
     recipe = QuantRecipe.from_json(meta["recipe"])
     plan = plan_from_json(meta["plan"], mode, interpret)

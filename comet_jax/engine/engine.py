@@ -35,6 +35,7 @@ from comet_jax.engine.allocator import (
     BlockAllocator,
     CapacityPlan,
     free_device_memory,
+    pages_for,
     plan_num_pages,
 )
 from comet_jax.engine.config import EngineConfig, bucket_for
@@ -170,6 +171,10 @@ class LLMEngine:
             cache_config=cache_config,
         )
         if config.num_pages is None:
+            # Never more pages than the scheduler can ever hold (every running sequence at
+            # max_model_len): a bigger pool only costs memory (on CPU, "free memory" is host RAM).
+            usable = config.max_batch * pages_for(config.max_model_len, config.page_size) + 1
+            plan = dataclasses.replace(plan, num_pages=min(plan.num_pages, usable))
             cache_config = dataclasses.replace(cache_config, num_pages=plan.num_pages)
         else:
             plan = dataclasses.replace(plan, num_pages=config.num_pages)
