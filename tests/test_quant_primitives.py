@@ -218,7 +218,8 @@ def test_qtensor_sharded_across_devices():
     n = len(jax.devices())
     if n < 2:
         pytest.skip("needs >= 2 devices (tests/conftest.py forces 8 host devices)")
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     mesh = Mesh(np.array(jax.devices()[:2]), ("tp",))
     x = jnp.asarray(np.random.default_rng(3).standard_normal((64, 256)), jnp.float32)
