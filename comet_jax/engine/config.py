@@ -66,6 +66,8 @@ class EngineConfig:
         'pallas' | 'reference'.
       interpret: run Pallas kernels in interpret mode (CPU; slow, for testing kernels).
       aot_compile: compile every bucket at start-up (else on first use).
+      tp: tensor-parallel degree: the steps run on a mesh of the first `tp` devices with
+        params and KV pages sharded (comet_jax/parallel); 1 = one device.
       seed: default sampling seed of requests that give none.
     """
 
@@ -88,8 +90,11 @@ class EngineConfig:
     interpret: bool = False
     aot_compile: bool = True
     seed: int = 0
+    tp: int = 1
 
     def __post_init__(self):
+        if not isinstance(self.tp, int) or self.tp < 1:
+            raise ValueError(f"tp={self.tp!r} must be a positive int")
         for name in (
             "max_batch",
             "max_tokens_per_step",

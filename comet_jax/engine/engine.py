@@ -178,7 +178,14 @@ class LLMEngine:
             cache_config = dataclasses.replace(cache_config, num_pages=plan.num_pages)
         else:
             plan = dataclasses.replace(plan, num_pages=config.num_pages)
-        runner = ModelRunner(model, params, cache_config)
+        mesh = None
+        if config.tp > 1:
+            from comet_jax.parallel.mesh import make_mesh
+
+            if jax.device_count() < config.tp:
+                raise ValueError(f"tp={config.tp} needs {config.tp} devices, found {jax.device_count()}")
+            mesh = make_mesh(config.tp)
+        runner = ModelRunner(model, params, cache_config, mesh=mesh)
         return cls(config, runner, tokenizer=tokenizer, capacity=plan, progress=progress)
 
     # -- compilation -----------------------------------------------------------------------------

@@ -221,15 +221,27 @@ class ModelRunner:
     steady-state serving never recompiles.
     """
 
-    def __init__(self, model, params, cache_config: kv_cache.KVCacheConfig):
+    def __init__(self, model, params, cache_config: kv_cache.KVCacheConfig, mesh=None):
+        # mesh: a `comet_jax.parallel.make_mesh(tp)` mesh runs the steps tensor-parallel
+        # (params and KV cache sharded, see comet_jax/parallel); None: one device.
+        self.mesh = mesh
+        if mesh is not None:
+            from comet_jax.parallel import sharded_runner as sr
+
+            model = sr.shard_model(model, mesh)
+            params = sr.shard_params(params, model.config, mesh)
         self.model = model
         self.params = params
         self.cache_config = cache_config
         self.num_pages = cache_config.num_pages
-        # init_cache shares one zeros buffer between k and v (and the four scale arrays); the
-        # step donates the cache, and a buffer cannot be donated twice: give each leaf its own.
-        self.cache = jax.tree.map(jnp.copy, kv_cache.init_cache(cache_config))
-        self._jit = jax.jit(make_step_fn(model), donate_argnums=(1,))
+        if mesh is None:
+            # init_cache shares one zeros buffer between k and v (and the four scale arrays);
+            # the step donates the cache, and a buffer cannot be donated twice: copy each leaf.
+            self.cache = jax.tree.map(jnp.copy, kv_cache.init_cache(cache_config))
+            self._jit = jax.jit(make_step_fn(model), donate_argnums=(1,))
+        else:
+            self.cache = sr.init_sharded_cache(cache_config, mesh)  # distinct buffers
+            self._jit = sr.jit_step(make_step_fn(model), mesh, params, self.cache, model.config)
         self._compiled: dict[tuple[int, int, int], Any] = {}
         self.allow_lazy = True
 
