@@ -48,7 +48,12 @@ import numpy as np  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from comet_jax.engine import kv_cache  # noqa: E402
-from comet_jax.engine.runner import PagedAttention, StepInputs, make_step_fn  # noqa: E402
+from comet_jax.engine.runner import (  # noqa: E402
+    MODEL_PRESETS,
+    PagedAttention,
+    StepInputs,
+    make_step_fn,
+)
 from comet_jax.parallel import make_mesh  # noqa: E402
 from comet_jax.parallel import sharded_runner as sr  # noqa: E402
 from comet_jax.parallel.tp_quant import ChunkedW4AxLinear  # noqa: E402
@@ -56,18 +61,7 @@ from comet_jax.quant.qlinear import W4AxLinear  # noqa: E402
 from models import LinearPlan, LlamaForCausalLM, ModelConfig, layer_specs  # noqa: E402
 
 SHAPES = {
-    "llama3-70b": dict(
-        vocab_size=128256,
-        hidden_size=8192,
-        intermediate_size=28672,
-        num_layers=80,
-        num_heads=64,
-        num_kv_heads=8,
-        head_dim=128,
-        rope_theta=500000.0,
-        rms_norm_eps=1e-5,
-        max_position_embeddings=8192,
-    ),
+    "llama3-70b": MODEL_PRESETS["llama3-70b"],
     "tiny": dict(
         vocab_size=256,
         hidden_size=128,
