@@ -28,7 +28,6 @@ operands are unpacked this way) is exact and is folded into the output scale.
 from __future__ import annotations
 
 import jax.numpy as jnp
-import numpy as np
 
 DEFAULT_TILE = 128
 
@@ -115,7 +114,3 @@ def unpack_uint4(packed, tile: int = DEFAULT_TILE):
     q = jnp.stack([b & jnp.uint8(0xF), jnp.right_shift(b, jnp.uint8(4))], axis=-2)
     return q.reshape(*packed.shape[:-1], k)
 
-
-def pack_int4_numpy(q: np.ndarray, tile: int = DEFAULT_TILE) -> np.ndarray:
-    """NumPy twin of :func:`pack_int4` for offline checkpoint conversion (no device)."""
-    return np.asarray(pack_int4(np.asarray(q), tile))
