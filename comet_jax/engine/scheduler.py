@@ -107,15 +107,6 @@ class StepPlan:
     def empty(self) -> bool:
         return not self.decode and not self.prefill
 
-    def token_slice(self, start: int, end: int) -> list[int]:
-        """tokens[start:end] without building the whole list (a decode row needs one id)."""
-        n = len(self.prompt_ids)
-        if start >= n:
-            return self.output_ids[start - n : end - n]
-        if end <= n:
-            return self.prompt_ids[start:end]
-        return self.prompt_ids[start:] + self.output_ids[: end - n]
-
     @property
     def num_tokens(self) -> int:
         return sum(c.length for c in self.decode) + sum(c.length for c in self.prefill)
