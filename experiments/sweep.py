@@ -24,10 +24,15 @@ def main(argv=None) -> int:
     p.add_argument("--task", required=True, help="'module:function' returning a dict of metrics")
     p.add_argument("--gin_file", action="append", default=[], help="gin file or config name")
     p.add_argument("--gin_param", action="append", default=[], help="binding for every point")
-    p.add_argument("--grid", action="append", default=[],
-                   help="'Configurable.param=v1,v2,...' (repeat for a cartesian product)")
-    p.add_argument("--point", action="append", default=[],
-                   help="an explicit point: bindings separated by ';'")
+    p.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        help="'Configurable.param=v1,v2,...' (repeat for a cartesian product)",
+    )
+    p.add_argument(
+        "--point", action="append", default=[], help="an explicit point: bindings separated by ';'"
+    )
     p.add_argument("--out", required=True, help="results file (JSON lines, appended)")
     p.add_argument("--metrics", default=None, help="comma-separated metrics for the table")
     p.add_argument("--dry_run", action="store_true", help="list the points and exit")

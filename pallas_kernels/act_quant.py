@@ -22,9 +22,13 @@ segments, so the simulated path equals the kernel path. For that:
   approximate) and round-half-to-even ``cvt.rni.f32.f32`` (inline PTX on the GPU; ``jnp`` ops when
   interpreting, where XLA would fold the usual ``(y + 1.5*2^23) - 1.5*2^23`` trick away).
 
-One program per token row: pass 1 gathers the permuted chunks and reduces ``amax`` per
-segment, pass 2 re-gathers (L1/L2 hits), quantizes and stores; the INT4 tile ``t`` is
-gathered as its two halves, which become the low / high nibbles of the packed bytes.
+One pass over X: a program owns ``bm`` whole token rows (1 for decode, so M programs run
+side by side); it gathers every permuted chunk of a segment into registers at once (the
+chunks are unrolled statically, so their loads are in flight together), reduces the row
+amax, then quantizes and stores from registers. The gather order is precomputed
+(:func:`kernel_order`) so that the low-nibble and high-nibble halves of each packed INT4 tile
+are gathered as two contiguous runs of the output. (The first version looped over 64-channel
+chunks with two passes, one program per row: 140 us at M=16, K=4096 on the H100.)
 """
 
 from __future__ import annotations
@@ -152,108 +156,157 @@ def _round_even(y, interpret):
     return r
 
 
+def _pow2_chunk(n: int, cap: int) -> int:
+    """Largest power of two <= ``cap`` dividing ``n`` (``n`` a multiple of 32)."""
+    c = cap
+    while n % c:
+        c //= 2
+    return c
+
+
 def _kernel(
     x_ref,
-    perm_ref,
+    idx_ref,
     w_ref,
     inv_ref,
     *out_refs,
     k4,
     k8,
-    chunk,
-    tile_k,
+    cw4,
+    cw8,
     clip4,
     clip8,
     has_norm,
     interpret,
 ):
+    """One program quantizes ``bm`` whole rows in a single pass over HBM.
+
+    ``idx_ref`` / ``w_ref`` are in *kernel order*: ``[0, K4/2)`` the channels that become low
+    nibbles of the packed INT4 bytes, ``[K4/2, K4)`` the high nibbles, ``[K4, K)`` the INT8
+    segment. Every chunk of a segment is gathered once (statically unrolled, so the loads
+    are independent and in flight together), kept in registers for the row amax, then
+    quantized and stored.
+    """
     out_refs = list(out_refs)
     x4_ref = out_refs.pop(0) if k4 else None
     x8_ref = out_refs.pop(0) if k8 else None
     s_ref = out_refs[0]
-    inv = inv_ref[...] if has_norm else None
+    bm = x_ref.shape[0]
+    rows = jax.lax.broadcasted_iota(jnp.int32, (bm, 1), 0)
+    inv = inv_ref[...].reshape(bm, 1) if has_norm else None
 
-    def gather(start):
-        idx = perm_ref[pl.ds(start, chunk)]
-        v = x_ref[idx].astype(jnp.float32)
+    def gather(start, width):
+        idx = idx_ref[pl.ds(start, width)]
+        v = x_ref[rows, idx.reshape(1, width)].astype(jnp.float32)  # [bm, width]
         if has_norm:
-            v = (v * inv) * w_ref[pl.ds(start, chunk)]
+            v = (v * inv) * w_ref[pl.ds(start, width)].reshape(1, width)
         return v
 
-    def amax(lo, n_chunks):
-        def body(i, a):
-            return jnp.maximum(a, jnp.max(jnp.abs(gather(lo + i * chunk))))
-
-        return jax.lax.fori_loop(0, n_chunks, body, jnp.float32(0.0))
+    def row_amax(chunks):
+        a = jnp.max(jnp.abs(chunks[0]), axis=1, keepdims=True)
+        for c in chunks[1:]:
+            a = jnp.maximum(a, jnp.max(jnp.abs(c), axis=1, keepdims=True))
+        return a  # [bm, 1]
 
     def scale_of(a, clip, qmax):
-        # XLA folds the library's ``(amax * clip) / qmax`` into ``amax * c`` with the
-        # constant ``c`` rounded once to f32 (exact for clip == 1; for clip < 1 the folding
-        # order, hence the last bit of ``c``, depends on the surrounding graph; see
-        # docs/kernels_gemm.md).
+        # The library's ``amax * f32(clip / qmax)`` (XLA folds the constant the same way).
         c = np.float32(clip / qmax)
         return jnp.where(a * jnp.float32(clip) > 0, a * c, jnp.float32(1.0))
 
     def quant(v, s, qmax):
-        # XLA rewrites ``x / broadcast(s)`` into ``x * broadcast(1 / s)``: same here.
-        # Vectors, not scalars: inline asm needs IR values (a scalar literal is not one).
-        inv = _div_rn(
-            jnp.full(v.shape, 1.0, jnp.float32), jnp.full(v.shape, s, jnp.float32), interpret
-        )
-        y = _round_even(v * inv, interpret)
+        # ``x * (1 / s)`` as XLA rewrites the library's division; IEEE ``div.rn`` for 1 / s.
+        # Vectors, not scalars: inline asm needs IR values.
+        one = jnp.full(v.shape, 1.0, jnp.float32)
+        inv_s = _div_rn(one, jnp.broadcast_to(s, v.shape), interpret)
+        y = _round_even(v * inv_s, interpret)
         return jnp.clip(y, -qmax - 1.0, qmax).astype(jnp.int32)
 
-    s4 = s8 = jnp.float32(1.0)
+    ones = jnp.full((bm, 1), 1.0, jnp.float32)
+    s4 = s8 = ones
     if k4:
-        s4 = scale_of(amax(0, k4 // chunk), clip4, 7.0)
-        half = tile_k // 2
-
-        def body4(t, c):
-            lo = quant(gather(t * tile_k), s4, 7.0)
-            hi = quant(gather(t * tile_k + half), s4, 7.0)
-            x4_ref[pl.ds(t * half, half)] = ((lo & 0xF) | (hi << 4)).astype(jnp.int8)
-            return c
-
-        jax.lax.fori_loop(0, k4 // tile_k, body4, 0)
+        h = k4 // 2
+        starts = range(0, h, cw4)
+        lo = [gather(c, cw4) for c in starts]
+        hi = [gather(h + c, cw4) for c in starts]
+        s4 = scale_of(row_amax(lo + hi), clip4, 7.0)
+        for c, a, b in zip(starts, lo, hi):
+            qa, qb = quant(a, s4, 7.0), quant(b, s4, 7.0)
+            x4_ref[:, pl.ds(c, cw4)] = ((qa & 0xF) | (qb << 4)).astype(jnp.int8)
     if k8:
-        s8 = scale_of(amax(k4, k8 // chunk), clip8, 127.0)
-
-        def body8(i, c):
-            x8_ref[pl.ds(i * chunk, chunk)] = quant(gather(k4 + i * chunk), s8, 127.0).astype(
-                jnp.int8
-            )
-            return c
-
-        jax.lax.fori_loop(0, k8 // chunk, body8, 0)
-    lane = jax.lax.broadcasted_iota(jnp.int32, (2,), 0)
+        starts8 = range(0, k8, cw8)
+        v8 = [gather(k4 + c, cw8) for c in starts8]
+        s8 = scale_of(row_amax(v8), clip8, 127.0)
+        for c, v in zip(starts8, v8):
+            x8_ref[:, pl.ds(c, cw8)] = quant(v, s8, 127.0).astype(jnp.int8)
+    lane = jax.lax.broadcasted_iota(jnp.int32, (bm, 2), 1)
     s_ref[...] = jnp.where(lane == 0, s4, s8)
 
 
+def kernel_order(perm, k4: int, tile_k: int):
+    """``perm`` ([K] int32, FMPQ order) rearranged into the kernel's gather order.
+
+    Packed INT4 byte ``p`` (tile ``t = p // (tile_k/2)``, lane ``j``) holds permuted channels
+    ``t*tile_k + j`` (low nibble) and ``t*tile_k + tile_k/2 + j`` (high nibble); the kernel
+    gathers all low-nibble channels, then all high-nibble channels, then the INT8 segment.
+    Returns ``[K]`` positions into ``perm`` (numpy, static).
+    """
+    k = perm.shape[0]
+    h = tile_k // 2
+    p = np.arange(k4 // 2)
+    lo = (p // h) * tile_k + p % h
+    return np.concatenate([lo, lo + h, np.arange(k4, k)]).astype(np.int32)
+
+
+def default_rows_per_program(m: int, k: int) -> int:
+    """Rows per program: 1 for decode (more programs), up to 4 when M is large and K small."""
+    if m < 256:
+        return 1
+    return max(1, min(4, 8192 // k))
+
+
+def default_num_warps(bm: int, k: int) -> int:
+    """Warps so that a program's ``bm * K`` values take <= ~64 registers a thread."""
+    w = 4
+    while w < 16 and bm * k > 64 * 32 * w:
+        w *= 2
+    return w
+
+
 @functools.partial(
-    jax.jit, static_argnames=("k4", "eps", "clip4", "clip8", "tile_k", "interpret", "num_warps")
+    jax.jit,
+    static_argnames=("k4", "eps", "clip4", "clip8", "tile_k", "interpret", "num_warps", "bm"),
 )
-def _act_quant_call(x, perm, norm_weight, *, k4, eps, clip4, clip8, tile_k, interpret, num_warps):
+def _act_quant_call(
+    x, perm, norm_weight, *, k4, eps, clip4, clip8, tile_k, interpret, num_warps, bm
+):
     m, k = x.shape
     k8 = k - k4
     has_norm = norm_weight is not None
-    w_perm = norm_weight.astype(jnp.float32)[perm] if has_norm else jnp.ones((k,), jnp.float32)
+    order = jnp.asarray(kernel_order(perm, k4, tile_k))
+    idx = perm[order]
+    w_k = norm_weight.astype(jnp.float32)[idx] if has_norm else jnp.ones((k,), jnp.float32)
     inv = rms_inv(x, eps) if has_norm else jnp.ones((m,), jnp.float32)
-    chunk = tile_k // 2  # gathers of half a tile: the INT4 pass needs exactly these halves
+    mp = -(-m // bm) * bm
+    if mp != m:
+        x = jnp.pad(x, ((0, mp - m), (0, 0)))
+        inv = jnp.pad(inv, (0, mp - m), constant_values=1.0)
+    cw4 = _pow2_chunk(k4 // 2, 512) if k4 else 0
+    cw8 = _pow2_chunk(k8, 512) if k8 else 0
     out_shape, out_specs = [], []
     if k4:
-        out_shape.append(jax.ShapeDtypeStruct((m, k4 // 2), jnp.int8))
-        out_specs.append(pl.BlockSpec((None, k4 // 2), lambda i: (i, 0)))
+        out_shape.append(jax.ShapeDtypeStruct((mp, k4 // 2), jnp.int8))
+        out_specs.append(pl.BlockSpec((bm, k4 // 2), lambda i: (i, 0)))
     if k8:
-        out_shape.append(jax.ShapeDtypeStruct((m, k8), jnp.int8))
-        out_specs.append(pl.BlockSpec((None, k8), lambda i: (i, 0)))
-    out_shape.append(jax.ShapeDtypeStruct((m, 2), jnp.float32))
-    out_specs.append(pl.BlockSpec((None, 2), lambda i: (i, 0)))
+        out_shape.append(jax.ShapeDtypeStruct((mp, k8), jnp.int8))
+        out_specs.append(pl.BlockSpec((bm, k8), lambda i: (i, 0)))
+    out_shape.append(jax.ShapeDtypeStruct((mp, 2), jnp.float32))
+    out_specs.append(pl.BlockSpec((bm, 2), lambda i: (i, 0)))
     kernel = functools.partial(
         _kernel,
         k4=k4,
         k8=k8,
-        chunk=chunk,
-        tile_k=tile_k,
+        cw4=cw4,
+        cw8=cw8,
         clip4=clip4,
         clip8=clip8,
         has_norm=has_norm,
@@ -262,19 +315,19 @@ def _act_quant_call(x, perm, norm_weight, *, k4, eps, clip4, clip8, tile_k, inte
     outs = pl.pallas_call(
         kernel,
         out_shape=out_shape,
-        grid=(m,),
+        grid=(mp // bm,),
         in_specs=[
-            pl.BlockSpec((None, k), lambda i: (i, 0)),
+            pl.BlockSpec((bm, k), lambda i: (i, 0)),
             pl.BlockSpec((k,), lambda i: (0,)),
             pl.BlockSpec((k,), lambda i: (0,)),
-            pl.BlockSpec((None,), lambda i: (i,)),
+            pl.BlockSpec((bm,), lambda i: (i,)),
         ],
         out_specs=out_specs,
         interpret=interpret,
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
         name="act_quant",
-    )(x, perm, w_perm, inv)
-    outs = list(outs)
+    )(x, idx, w_k, inv)
+    outs = [o[:m] for o in outs]
     x4 = outs.pop(0) if k4 else jnp.zeros((m, 0), jnp.int8)
     x8 = outs.pop(0) if k8 else jnp.zeros((m, 0), jnp.int8)
     return x4, x8, outs[0]
@@ -291,13 +344,20 @@ def act_quant(
     clip8: float = 1.0,
     tile_k: int = DEFAULT_TILE_K,
     interpret: bool = False,
-    num_warps: int = 4,
+    num_warps: int | None = None,
+    rows_per_program: int | None = None,
 ):
     """Fused RMSNorm -> permute -> per-token INT4/INT8 quantize -> pack (module docstring).
 
-    Returns ``(x4_packed [M, K4/2] int8, x8 [M, K-K4] int8, x_scales [M, 2] f32)``.
+    ``rows_per_program`` / ``num_warps``: the launch (None: :func:`default_rows_per_program`,
+    :func:`default_num_warps`). Returns
+    ``(x4_packed [M, K4/2] int8, x8 [M, K-K4] int8, x_scales [M, 2] f32)``.
     """
-    validate_args(x, perm, k4, norm_weight, clip4, clip8, tile_k)
+    m, k = validate_args(x, perm, k4, norm_weight, clip4, clip8, tile_k)
+    bm = rows_per_program or default_rows_per_program(m, k)
+    if bm < 1 or bm & (bm - 1):
+        raise ValueError(f"rows_per_program={bm} must be a power of two >= 1")
+    num_warps = num_warps or default_num_warps(bm, k)
     return _act_quant_call(
         x,
         perm,
@@ -309,7 +369,14 @@ def act_quant(
         tile_k=tile_k,
         interpret=interpret,
         num_warps=num_warps,
+        bm=bm,
     )
 
 
-__all__ = ["act_quant", "act_quant_reference", "rms_inv", "validate_args"]
+__all__ = [
+    "act_quant",
+    "act_quant_reference",
+    "kernel_order",
+    "rms_inv",
+    "validate_args",
+]

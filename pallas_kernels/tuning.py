@@ -9,8 +9,8 @@ heuristic :func:`default_config`. Regenerate on a GPU with
 
     PYTHONPATH=. python -m pallas_kernels.tuning --regenerate [--quick]
 
-which times the candidate configs of :func:`candidates` on random data (median of
-L2-rotating repeats) and rewrites the JSON.
+which times the candidate configs of :func:`candidates` on random data (device time,
+:mod:`pallas_kernels.timing`, L2-rotating repeats) and rewrites the JSON.
 """
 
 from __future__ import annotations
@@ -35,6 +35,13 @@ MODEL_SHAPES = {
     "llama3-8b": [(12288, 4096), (6144, 4096), (4096, 4096), (4096, 14336), (14336, 4096)],
     "llama3-70b": [(24576, 8192), (10240, 8192), (8192, 8192), (8192, 28672), (28672, 8192)],
     "llama2-7b": [(12288, 4096), (4096, 4096), (4096, 11008), (11008, 4096)],
+}
+
+# (N, K) of the separate projections the engine runs (q, k/v, o, gate/up, down): what
+# `--regenerate --shapes <key>` tunes for serving.
+ENGINE_SHAPES = {
+    "llama3-8b": [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)],
+    "llama3-70b": [(8192, 8192), (1024, 8192), (28672, 8192), (8192, 28672)],
 }
 
 
@@ -121,7 +128,8 @@ def get_config(m: int, n: int, k: int, k8: int = 0, *, tile_k: int = DEFAULT_TIL
 
 
 def candidates(m: int, n: int, k: int, *, tile_k: int = DEFAULT_TILE_K, quick: bool = False):
-    """Configs swept by --regenerate for one shape (the heuristic's choice first)."""
+    """Configs swept first by --regenerate for one shape (the heuristic's choice first);
+    :func:`neighbours` of the best one are tried next."""
     base = default_config(m, n, k, tile_k=tile_k)
     out = [base]
     n_k_tiles = k // tile_k
@@ -152,32 +160,51 @@ def candidates(m: int, n: int, k: int, *, tile_k: int = DEFAULT_TILE_K, quick: b
             out.append(GemmConfig(bm, bn, 1, warps, stages, False, 8))
         out.append(GemmConfig(128, 128, 1, 8, 3, True, 8))
         out.append(GemmConfig(128, 128, 1, 8, 3, False, 1))
+    if m > 16:
+        out.append(GemmConfig(backend="xla_int8"))
+    uniq = _valid_unique(out, n, k, tile_k)
+    if quick:
+        return uniq[:6] + [c for c in uniq[6:] if c.backend != "pallas"]
+    return uniq
+
+
+def _valid_unique(configs, n, k, tile_k):
     seen, uniq = set(), []
-    for c in out:
-        if c not in seen and n % min(c.block_n, n) == 0:
-            seen.add(c)
-            uniq.append(c)
-    return uniq[:6] if quick else uniq
+    for c in configs:
+        if c in seen or n % min(c.block_n, n):
+            continue
+        if c.backend == "pallas" and (k // tile_k) // max(1, c.split_k) < 1:
+            continue
+        seen.add(c)
+        uniq.append(c)
+    return uniq
 
 
-def time_fn(fn, arg_sets, *, reps: int = 20, warmup: int = 2) -> float:
-    """Median seconds of one call of ``fn(*args)``; cycles through ``arg_sets`` (a list of
-    argument tuples) in one jitted dispatch so that the weights rotate out of L2."""
-    import jax
+def neighbours(cfg: GemmConfig, n: int, k: int, *, tile_k: int = DEFAULT_TILE_K):
+    """One-field changes of a Pallas config: k_unroll, num_stages, block_n, split_k, warps."""
+    if cfg.backend != "pallas":
+        return []
+    d = cfg.to_dict()
+    out = []
+    for u in (1, 2, 4):
+        out.append({**d, "k_unroll": u})
+    for st in (3, 4, 5, 6):
+        out.append({**d, "num_stages": st})
+    for bn in (64, 128, 256):
+        out.append({**d, "block_n": bn, "num_warps": 8 if bn * cfg.block_m >= 256 * 64 else 4})
+    for sk in (cfg.split_k // 2, cfg.split_k * 2):
+        if sk >= 1:
+            out.append({**d, "split_k": sk})
+    out.append({**d, "num_warps": 8 if cfg.num_warps == 4 else 4})
+    return [c for c in _valid_unique([GemmConfig(**x) for x in out], n, k, tile_k) if c != cfg]
 
-    @jax.jit
-    def many(sets):
-        return [fn(*a) for a in sets]
 
-    for _ in range(warmup):
-        jax.block_until_ready(many(arg_sets))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(many(arg_sets))
-        times.append((time.perf_counter() - t0) / len(arg_sets))
-    times.sort()
-    return times[len(times) // 2]
+def time_fn(fn, arg_sets, *, reps: int = 7) -> float:
+    """Median device seconds of one call of ``fn(*args)``, rotating over ``arg_sets``
+    (:func:`pallas_kernels.timing.device_time`: dispatch overhead cancelled)."""
+    from pallas_kernels.timing import device_time
+
+    return device_time(fn, arg_sets, reps=reps)
 
 
 def random_operands(
@@ -210,13 +237,39 @@ def int8_fraction_k8(k: int, frac: float, block: int = 128) -> int:
     return int(round(frac * k / block)) * block
 
 
-def sweep(
-    shapes, m_values, fracs, *, quick=False, log=print, deadline=None, interpret=False
-) -> dict:
-    """Times the candidates of every (M, N, K, frac); returns table entries (best config)."""
-    import jax
-
+def _time_configs(cfgs, sets, label, state, *, log, interpret):
+    """Times each untried config; ``state`` = {"tried": set, "best": (s, cfg) | None}."""
     from pallas_kernels.w4ax_matmul import w4ax_matmul
+
+    for cfg in cfgs:
+        if cfg in state["tried"]:
+            continue
+        state["tried"].add(cfg)
+        f = functools.partial(w4ax_matmul, config=cfg, interpret=interpret)
+        try:
+            t = time_fn(f, sets)
+        except Exception as e:  # noqa: BLE001 - a config may not compile
+            log(f"  {label} {cfg}: failed {type(e).__name__}: {e}"[:300])
+            continue
+        log(f"  {label} {cfg}: {t * 1e6:.1f} us")
+        if state["best"] is None or t < state["best"][0]:
+            state["best"] = (t, cfg)
+
+
+def sweep(
+    shapes,
+    m_values,
+    fracs,
+    *,
+    quick=False,
+    refine=True,
+    log=print,
+    deadline=None,
+    interpret=False,
+) -> dict:
+    """Times the candidates of every (M, N, K, frac), then (``refine``) the one-field
+    :func:`neighbours` of the best; returns table entries (best config, its time)."""
+    import jax
 
     entries, key = {}, jax.random.PRNGKey(0)
     for n, k in shapes:
@@ -230,21 +283,15 @@ def sweep(
                 sets = [
                     random_operands(jax.random.fold_in(key, i), m, n, k, k8) for i in range(reps)
                 ]
-                best = None
-                for cfg in candidates(m, n, k, quick=quick):
-                    f = functools.partial(w4ax_matmul, config=cfg, interpret=interpret)
-                    try:
-                        t = time_fn(f, sets, reps=10)
-                    except Exception as e:  # noqa: BLE001 - a config may not compile
-                        log(f"  {m}x{n}x{k} f={frac} {cfg}: failed {type(e).__name__}: {e}"[:300])
-                        continue
-                    log(f"  {m}x{n}x{k} f={frac} {cfg}: {t * 1e6:.1f} us")
-                    if best is None or t < best[0]:
-                        best = (t, cfg)
-                if best is not None:
-                    entries[table_key(m, n, k, k8)] = dict(
-                        best[1].to_dict(), us=round(best[0] * 1e6, 2)
-                    )
+                label = f"{m}x{n}x{k} f={frac}"
+                state = {"tried": set(), "best": None}
+                kw = dict(log=log, interpret=interpret)
+                _time_configs(candidates(m, n, k, quick=quick), sets, label, state, **kw)
+                if refine and state["best"] is not None:
+                    _time_configs(neighbours(state["best"][1], n, k), sets, label, state, **kw)
+                if state["best"] is not None:
+                    t, cfg = state["best"]
+                    entries[table_key(m, n, k, k8)] = dict(cfg.to_dict(), us=round(t * 1e6, 2))
     return entries
 
 

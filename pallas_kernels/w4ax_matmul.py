@@ -33,6 +33,10 @@ Kernel design (Hopper, Triton):
   (a piece may straddle the INT4/INT8 boundary); partial f32 results ``[S, M, N]`` are
   reduced by XLA. With ``split_k == 1`` the kernel writes ``out_dtype`` directly.
 * ``group_m``: grouped ordering of output tiles over the 1-D grid (L2 reuse in prefill).
+* ``backend="xla_int8"`` (a tuning-table choice, per-channel scales only): for large M the
+  GEMM is compute-bound and the in-loop weight unpack costs the kernel more than an XLA pass
+  that unpacks the INT4 weights and activations to int8 and runs XLA's int8 ``[N, K]`` GEMM
+  per segment; the int32 sums are the same, so is the epilogue.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ from jax.experimental.pallas import triton as plgpu
 from comet_jax.quant.pack import unpack_int4
 
 DEFAULT_TILE_K = 128
+BACKENDS = ("pallas", "xla_int8")
 _DOT_LAST = (((1,), (1,)), ((), ()))
 
 
@@ -63,6 +68,14 @@ class GemmConfig:
     swap_ab: bool = False
     group_m: int = 8
     k_unroll: int = 1  # K tiles per pipelined loop step (more bytes in flight per stage)
+    # "pallas": the kernel below. "xla_int8": unpack INT4 weights/activations to int8 with
+    # XLA, then XLA's int8 GEMM ([N, K], cuBLAS IMMA) per segment and the same epilogue:
+    # for large M, where the GEMM is compute-bound and the kernel's in-loop unpack loses.
+    backend: str = "pallas"
+
+    def __post_init__(self):
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend={self.backend!r} must be one of {BACKENDS}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -221,14 +234,14 @@ def _kernel(
     refs = list(refs)
     x4_ref = refs.pop(0) if has_x4 else None
     x8_ref = refs.pop(0) if has_x8 else None
-    s4_ref, s8_ref, w_ref, ws_ref = refs[:4]
-    refs = refs[4:]
+    xs_ref, w_ref, ws_ref = refs[:3]
+    refs = refs[3:]
     bias_ref = refs.pop(0) if has_bias else None
     out_refs = refs
 
     h = tile_k // 2
     bn = w_ref.shape[0]
-    bm = s4_ref.shape[0]
+    bm = xs_ref.shape[0]
     acc_shape = (bn, bm) if swap_ab else (bm, bn)
     n_tiles = t4 + t8
     lo = pl.program_id(1) * tiles_per_split
@@ -295,8 +308,10 @@ def _kernel(
         return
 
     # Epilogue: fold the x16 (INT8 segment) and x256 (INT4 segment) unpack factors.
-    s4 = s4_ref[...] * (1.0 / 256.0)
-    s8 = s8_ref[...] * (1.0 / 16.0)
+    xs = xs_ref[...]  # [bm, 2]: (INT4 scale, INT8 scale) per token
+    col = jax.lax.broadcasted_iota(jnp.int32, (bm, 2), 1)
+    s4 = jnp.sum(jnp.where(col == 0, xs, 0.0), axis=1) * (1.0 / 256.0)
+    s8 = jnp.sum(jnp.where(col == 1, xs, 0.0), axis=1) * (1.0 / 16.0)
     if swap_ab:
         s4, s8 = s4.reshape(1, bm), s8.reshape(1, bm)
     else:
@@ -383,10 +398,9 @@ def _w4ax_call(
     if has_x8:
         args.append(x8)
         in_specs.append(pl.BlockSpec((bm, k8), lambda p, s: (m_map(p, s), 0)))
-    args += [x_scales[:, 0], x_scales[:, 1], w_packed]
+    args += [x_scales, w_packed]  # scales whole: no slicing kernels before the call
     in_specs += [
-        pl.BlockSpec((bm,), lambda p, s: (m_map(p, s),)),
-        pl.BlockSpec((bm,), lambda p, s: (m_map(p, s),)),
+        pl.BlockSpec((bm, 2), lambda p, s: (m_map(p, s), 0)),
         pl.BlockSpec((bn, (k4 + k8) // 2), lambda p, s: (n_map(p, s), 0)),
     ]
     if n_groups:
@@ -444,6 +458,34 @@ def _w4ax_call(
     return out[:m]
 
 
+@functools.partial(jax.jit, static_argnames=("tile_k", "out_dtype", "raw"))
+def _xla_int8_call(x4_packed, x8, x_scales, w_packed, w_scales, bias, *, tile_k, out_dtype, raw):
+    """The ``xla_int8`` backend: exact int32 segment sums from XLA int8 GEMMs, same epilogue.
+
+    Only per-channel weight scales (group scales use the kernel).
+    """
+    acc4, acc8 = w4ax_accumulators_reference(x4_packed, x8, w_packed, tile_k=tile_k)
+    if raw:  # the kernel's raw units: x256 (INT4 segment) and x16 (INT8 segment)
+        return acc4 * 256, acc8 * 16
+    y = (
+        x_scales[:, 0:1] * acc4.astype(jnp.float32) + x_scales[:, 1:2] * acc8.astype(jnp.float32)
+    ) * w_scales[None, :]
+    if bias is not None:
+        y = y + bias.astype(jnp.float32)[None, :]
+    return y.astype(out_dtype)
+
+
+def _dispatch(x4_packed, x8, x_scales, w_packed, w_scales, bias, *, cfg, raw, **kw):
+    if cfg.backend == "xla_int8":
+        if w_scales.ndim != 1:
+            raise ValueError("backend='xla_int8' takes per-channel w_scales [N] only")
+        return _xla_int8_call(
+            x4_packed, x8, x_scales, w_packed, w_scales, bias,
+            tile_k=kw["tile_k"], out_dtype=kw["out_dtype"], raw=raw,
+        )  # fmt: skip
+    return _w4ax_call(x4_packed, x8, x_scales, w_packed, w_scales, bias, config=cfg, raw=raw, **kw)
+
+
 def _resolve_config(config, m, n, k4, k8, tile_k):
     if config is not None:
         if not isinstance(config, GemmConfig):
@@ -470,18 +512,20 @@ def w4ax_matmul(
     """W4Ax GEMM ``[M, N]`` (module docstring). ``config=None`` takes the tuning table."""
     m, n, k4, k8, _ = validate_args(x4_packed, x8, x_scales, w_packed, w_scales, bias, tile_k)
     cfg = _resolve_config(config, m, n, k4, k8, tile_k)
-    return _w4ax_call(
+    if cfg.backend == "xla_int8" and w_scales.ndim != 1:
+        cfg = dataclasses.replace(cfg, backend="pallas")  # groups: the kernel's epilogue
+    return _dispatch(
         x4_packed,
         x8,
         x_scales,
         w_packed,
         w_scales,
         bias,
+        cfg=cfg,
+        raw=False,
         tile_k=tile_k,
         out_dtype=jnp.dtype(out_dtype),
         interpret=interpret,
-        config=cfg,
-        raw=False,
     )
 
 
@@ -503,18 +547,18 @@ def w4ax_accumulators(
     dummy_ws = jnp.ones((n,), jnp.float32)
     _, _, k4, k8, _ = validate_args(x4_packed, x8, dummy_scales, w_packed, dummy_ws, None, tile_k)
     cfg = _resolve_config(config, m, n, k4, k8, tile_k)
-    acc4_16, acc8_16 = _w4ax_call(
+    acc4_16, acc8_16 = _dispatch(
         x4_packed,
         x8,
         dummy_scales,
         w_packed,
         dummy_ws,
         None,
+        cfg=cfg,
+        raw=True,
         tile_k=tile_k,
         out_dtype=jnp.dtype(jnp.float32),
         interpret=interpret,
-        config=cfg,
-        raw=True,
     )
     return jnp.right_shift(acc4_16, 8), jnp.right_shift(acc8_16, 4)
 

@@ -95,3 +95,35 @@ def test_bad_inputs(kwargs, match):
         act_quant(
             args.pop("x"), args.pop("perm"), args.pop("k4"), tile_k=TILE, interpret=True, **args
         )
+
+
+@pytest.mark.parametrize("m,bm", [(5, 2), (9, 4), (4, 4)])
+def test_rows_per_program_bit_exact(m, bm):
+    """Several rows a program (M padded to a multiple of bm, padding dropped): same bytes."""
+    k, k4 = 512, 384  # INT4 segment 3 tiles of 128: chunk widths not the whole segment
+    x, perm, w = _inputs(m, k, jnp.bfloat16, seed=m * 7 + bm)
+    got = act_quant(x, perm, k4, norm_weight=w, tile_k=128, interpret=True, rows_per_program=bm)
+    want = act_quant_reference(x, perm, k4, norm_weight=w, tile_k=128)
+    for g, r in zip(got, want):
+        assert g.shape == r.shape
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(r))
+
+
+def test_rows_per_program_must_be_pow2():
+    x, perm, _ = _inputs(2, 256, jnp.float32, seed=0)
+    with pytest.raises(ValueError, match="rows_per_program=3"):
+        act_quant(x, perm, 128, tile_k=TILE, interpret=True, rows_per_program=3)
+
+
+def test_kernel_order_matches_packing():
+    """Gathering in kernel order and packing low/high halves gives pack_int4's bytes."""
+    from comet_jax.quant.pack import pack_int4
+    from pallas_kernels.act_quant import kernel_order
+
+    k, k4, tile = 384, 256, 64
+    order = kernel_order(np.arange(k), k4, tile)
+    assert sorted(order.tolist()) == list(range(k))
+    q = np.random.default_rng(0).integers(-8, 8, size=(3, k4)).astype(np.int8)
+    lo, hi = q[:, order[: k4 // 2]], q[:, order[k4 // 2 : k4]]
+    packed = ((lo & 0xF) | (hi << 4)).astype(np.int8)
+    np.testing.assert_array_equal(packed, np.asarray(pack_int4(jnp.asarray(q), tile)))

@@ -119,3 +119,35 @@ def test_bad_bias_and_tile():
     with pytest.raises(ValueError, match="K4 \\+ K8 must be > 0"):
         z = jnp.zeros((4, 0), jnp.int8)
         w4ax_matmul(z, z, args[2], args[3][:, :0], args[4], tile_k=TILE, interpret=True)
+
+
+XLA_INT8 = GemmConfig(backend="xla_int8")
+
+
+@pytest.mark.parametrize("k8", [0, 128, 256])
+def test_xla_int8_backend_matches_reference(k8):
+    """The large-M backend: same int32 sums, same epilogue (rel. error < 1e-2 in bf16)."""
+    m, n, k = 7, 96, 256
+    key = jax.random.PRNGKey(k8 + 5)
+    ops = random_operands(key, m, n, k, k8, tile_k=TILE)
+    bias = jax.random.normal(jax.random.fold_in(key, 1), (n,)) * 0.05
+    acc = w4ax_accumulators(ops[0], ops[1], ops[3], tile_k=TILE, config=XLA_INT8)
+    ref = w4ax_accumulators_reference(ops[0], ops[1], ops[3], tile_k=TILE)
+    for a, r in zip(acc, ref):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(r))
+    y = w4ax_matmul(*ops, bias, tile_k=TILE, config=XLA_INT8, out_dtype=jnp.float32)
+    yr = w4ax_matmul_reference(*ops, bias, tile_k=TILE, out_dtype=jnp.float32)
+    assert _rel(y, yr) < 1e-6
+
+
+def test_xla_int8_backend_with_groups_uses_the_kernel():
+    """Group scales are not an xla_int8 epilogue: the call runs the kernel instead."""
+    ops = random_operands(jax.random.PRNGKey(3), 4, 64, 256, 128, tile_k=TILE, group_size=128)
+    y = w4ax_matmul(*ops, tile_k=TILE, config=XLA_INT8, interpret=True, out_dtype=jnp.float32)
+    yr = w4ax_matmul_reference(*ops, tile_k=TILE, out_dtype=jnp.float32)
+    assert _rel(y, yr) < 1e-6
+
+
+def test_unknown_backend_rejected():
+    with pytest.raises(ValueError, match="backend='cublas'"):
+        GemmConfig(backend="cublas")
