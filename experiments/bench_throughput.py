@@ -121,6 +121,85 @@ def run_workload(engine: LLMEngine, n: int, prompt_len: int, out_len: int, seed:
     }
 
 
+# Kernel-name fragments -> category of the step-time breakdown (first match wins).
+KERNEL_CATEGORIES = (
+    ("w4ax", "W4Ax GEMM (Pallas)"),
+    ("act_quant", "activation quantization (Pallas)"),
+    ("paged_attention", "paged attention (Pallas)"),
+    ("gemm", "cuBLAS GEMM"),
+    ("xmma", "cuBLAS GEMM"),
+    ("cutlass", "cuBLAS GEMM"),
+    ("memcpy", "copies"),
+    ("memset", "copies"),
+    ("copy", "copies"),
+    ("scatter", "XLA scatter (KV write)"),
+    ("gather", "XLA gather"),
+    ("reduce", "XLA reductions"),
+    ("fusion", "XLA fusions (other)"),
+)
+
+
+def kernel_category(name: str) -> str:
+    low = name.lower()
+    for frag, cat in KERNEL_CATEGORIES:
+        if frag in low:
+            return cat
+    return "other"
+
+
+def profile_decode(engine: LLMEngine, batch: int, steps: int, prompt_len: int = 128) -> dict:
+    """Device time of steady-state decode steps at `batch`, by kernel, from a profiler trace.
+
+    Submits `batch` requests, runs until every prompt is prefilled, traces `steps` decode
+    steps, then aborts the requests (pages freed). On a machine without a GPU the trace has
+    no device kernels and only the wall time is reported.
+    """
+    import glob
+    import tempfile
+
+    from pallas_kernels.timing import gpu_kernel_ns
+
+    vocab = engine.runner.model.config.vocab_size
+    rng = np.random.default_rng(7)
+    params = SamplingParams(max_tokens=steps + 8, temperature=0.0, ignore_eos=True)
+    prompt_len = min(prompt_len, engine.config.max_model_len - steps - 9)
+    ids = [
+        engine.add_request(None, rng.integers(0, vocab, prompt_len).tolist(), params)
+        for _ in range(batch)
+    ]
+    sched = engine.scheduler
+    while sched.waiting or any(s.num_computed < s.num_tokens - 1 for s in sched.running):
+        engine.step()
+    engine.step()  # one warm decode step outside the trace
+    running = len(sched.running)
+    with tempfile.TemporaryDirectory() as d:
+        jax.profiler.start_trace(d)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        wall = time.perf_counter() - t0
+        jax.profiler.stop_trace()
+        paths = glob.glob(f"{d}/**/*.xplane.pb", recursive=True)
+        total, count, _, per = gpu_kernel_ns(paths[0], by_name=True) if paths else (0, 0, [], {})
+    for rid in ids:
+        engine.abort(rid)
+    cats: dict[str, float] = {}
+    for name, ns in per.items():
+        cat = kernel_category(name)
+        cats[cat] = cats.get(cat, 0.0) + ns / steps / 1e3
+    top = sorted(per.items(), key=lambda kv: -kv[1])[:25]
+    return {
+        "batch": batch,
+        "steps": steps,
+        "running": running,
+        "step_wall_ms": 1e3 * wall / steps,
+        "step_kernel_ms": total / steps / 1e6,
+        "kernels_per_step": count / steps,
+        "by_category_us": dict(sorted(cats.items(), key=lambda kv: -kv[1])),
+        "top_kernels_us": [(name, ns / steps / 1e3) for name, ns in top],
+    }
+
+
 def bench_precision(args, model_config, precision: str) -> dict:
     mode = "pallas" if args.kernels == "pallas" else "sim"
     linear = precision_plan(model_config, precision, mode=mode, interpret=args.interpret)
@@ -174,6 +253,9 @@ def bench_precision(args, model_config, precision: str) -> dict:
         r = run_workload(engine, b, fin, fout, seed=100 + b)
         r["peak_mem_gib"] = (device_memory()[2] or 0) / 2**30
         row["fixed_batch"].append(r)
+    if args.profile_batch:
+        row["decode_profile"] = profile_decode(engine, args.profile_batch, args.profile_steps)
+        print(json.dumps(row["decode_profile"], indent=1), file=sys.stderr, flush=True)
     assert engine.allocator.num_used == 0
     row["status"] = "ok"
     del engine, params
@@ -281,6 +363,13 @@ def parse_args(argv=None):
         default=None,
         help="persistent XLA compilation cache directory (re-runs skip compiles)",
     )
+    p.add_argument(
+        "--profile-batch",
+        type=int,
+        default=0,
+        help="also trace steady decode steps at this batch: device time by kernel (0: off)",
+    )
+    p.add_argument("--profile-steps", type=int, default=8)
     p.add_argument("--out", default="bench_throughput.json")
     args = p.parse_args(argv)
     if args.tiny:

@@ -1,0 +1,25 @@
+"""The GEMM benchmark's smoke mode (tiny shapes, interpret mode on the CPU): the checks it
+runs on the device pass here, and every stage writes its rows."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import pathlib
+
+_PATH = pathlib.Path(__file__).parents[1] / "experiments" / "bench_gemm.py"
+
+
+def test_smoke_run(tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_gemm", _PATH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--smoke", "--check", "--timing-study", "--act-quant", "--out", str(tmp_path)])
+    [path] = tmp_path.glob("gemm_*.json")
+    res = json.loads(path.read_text())
+    assert res["check_ok"] is True
+    assert all(r["ok"] for r in res["check"]) and len(res["check"]) == 3
+    [aq] = res["act_quant"]
+    assert aq["default_mismatch"] == [0, 0, 0]
+    [ts] = res["timing_study"]
+    assert ts["ours_device_us"] > 0 and ts["bf16_device_us"] > 0

@@ -1,0 +1,49 @@
+"""The throughput benchmark's CPU smoke run, and its decode-step profile (no GPU here: the
+trace has no device kernels, so the profile must say so with zeros rather than invent any)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import pathlib
+
+import pytest
+
+_PATH = pathlib.Path(__file__).parents[1] / "experiments" / "bench_throughput.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_throughput", _PATH)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize(
+    "name,cat",
+    [
+        ("w4ax_k4_3072_k8_1024", "W4Ax GEMM (Pallas)"),
+        ("act_quant", "activation quantization (Pallas)"),
+        ("kv4_paged_attention", "paged attention (Pallas)"),
+        ("sm90_xmma_gemm_bf16bf16_bf16f32", "cuBLAS GEMM"),
+        ("loop_add_fusion_3", "XLA fusions (other)"),
+        ("something_else", "other"),
+    ],
+)
+def test_kernel_category(bench, name, cat):
+    assert bench.kernel_category(name) == cat
+
+
+def test_tiny_run_with_decode_profile(bench, tmp_path):
+    out = tmp_path / "r.json"
+    argv = ["--tiny", "--precisions", "bf16", "--quiet", "--out", str(out)]
+    argv += ["--profile-batch", "4", "--profile-steps", "2"]
+    assert bench.main(argv) == 0
+    row = json.loads(out.read_text())["results"][0]
+    assert row["status"] == "ok"  # the script asserts no KV page leaked, profile included
+    prof = row["decode_profile"]
+    assert prof["running"] == 4 and prof["steps"] == 2 and prof["step_wall_ms"] > 0
+    assert prof["step_kernel_ms"] == 0.0 and prof["top_kernels_us"] == []  # CPU: no GPU plane
+    tput = row["max_throughput"][0]
+    assert tput["output_tokens"] == tput["requests"] * tput["output_len"]
