@@ -90,8 +90,14 @@ def expand(spec: SweepSpec) -> list[tuple[str, ...]]:
 
 
 def point_key(spec: SweepSpec, bindings: Sequence[str]) -> str:
-    blob = json.dumps([spec.task, list(spec.gin_files), list(bindings),
-                       sorted((k, repr(v)) for k, v in spec.task_kwargs)])
+    blob = json.dumps(
+        [
+            spec.task,
+            list(spec.gin_files),
+            list(bindings),
+            sorted((k, repr(v)) for k, v in spec.task_kwargs),
+        ]
+    )
     return hashlib.sha1(blob.encode()).hexdigest()
 
 
@@ -159,8 +165,13 @@ def run_sweep(
         bar.set_postfix_str("; ".join(b.split(".")[-1] for b in bindings)[:60])
         gin.clear_config()
         gin_config.parse(spec.gin_files, bindings)  # bad bindings fail here, before compute
-        row = {"key": key, "task": spec.task, "gin_files": list(spec.gin_files),
-               "bindings": list(bindings), "env": env}
+        row = {
+            "key": key,
+            "task": spec.task,
+            "gin_files": list(spec.gin_files),
+            "bindings": list(bindings),
+            "env": env,
+        }
         t0 = time.perf_counter()
         try:
             row["result"] = fn(**dict(spec.task_kwargs))
@@ -192,8 +203,9 @@ def summary_table(rows: Iterable[dict], metrics: Sequence[str] | None = None) ->
     if not rows:
         return "(no finished points)"
     all_b = [dict(_split_binding(b) for b in r["bindings"]) for r in rows]
-    varying = [k for k in dict.fromkeys(k for b in all_b for k in b)
-               if len({b.get(k) for b in all_b}) > 1]
+    varying = [
+        k for k in dict.fromkeys(k for b in all_b for k in b) if len({b.get(k) for b in all_b}) > 1
+    ]
     if metrics is None:
         metrics = [k for k, v in rows[0]["result"].items() if isinstance(v, int | float)][:4]
     head = [k.split(".")[-1] for k in varying] + list(metrics) + ["s"]

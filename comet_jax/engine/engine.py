@@ -183,7 +183,9 @@ class LLMEngine:
             from comet_jax.parallel.mesh import make_mesh
 
             if jax.device_count() < config.tp:
-                raise ValueError(f"tp={config.tp} needs {config.tp} devices, found {jax.device_count()}")
+                raise ValueError(
+                    f"tp={config.tp} needs {config.tp} devices, found {jax.device_count()}"
+                )
             mesh = make_mesh(config.tp)
         runner = ModelRunner(model, params, cache_config, mesh=mesh)
         return cls(config, runner, tokenizer=tokenizer, capacity=plan, progress=progress)

@@ -113,4 +113,3 @@ def unpack_uint4(packed, tile: int = DEFAULT_TILE):
     b = packed.reshape(*packed.shape[:-1], k // tile, tile // 2)
     q = jnp.stack([b & jnp.uint8(0xF), jnp.right_shift(b, jnp.uint8(4))], axis=-2)
     return q.reshape(*packed.shape[:-1], k)
-

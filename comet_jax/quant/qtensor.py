@@ -57,16 +57,27 @@ class QuantizedTensor:
         if packed and bits != 4:
             raise ValueError(f"packed=True needs bits=4, got bits={bits}")
         res = quantizers.quantize(
-            x, bits=bits, symmetric=symmetric, granularity=granularity,
-            group_size=group_size, clip_ratio=clip_ratio,
+            x,
+            bits=bits,
+            symmetric=symmetric,
+            granularity=granularity,
+            group_size=group_size,
+            clip_ratio=clip_ratio,
         )
         values = res.q
         if packed:
             values = pack.pack_int4(values, tile) if symmetric else pack.pack_uint4(values, tile)
         return cls(
-            values=values, scales=res.scale, zeros=res.zero, bits=bits, symmetric=symmetric,
-            granularity=granularity, group_size=group_size,
-            layout="int4_pack" if packed else "int8", tile=tile, shape=tuple(jnp.shape(x)),
+            values=values,
+            scales=res.scale,
+            zeros=res.zero,
+            bits=bits,
+            symmetric=symmetric,
+            granularity=granularity,
+            group_size=group_size,
+            layout="int4_pack" if packed else "int8",
+            tile=tile,
+            shape=tuple(jnp.shape(x)),
         )
 
     def __post_init__(self):
@@ -92,8 +103,12 @@ class QuantizedTensor:
                 f"symmetric={self.symmetric} but zeros is {'missing' if self.zeros is None else 'set'}"
             )
         return quantizers.dequantize(
-            self.int_values(), self.scales, self.zeros, granularity=self.granularity,
-            group_size=self.group_size, dtype=dtype,
+            self.int_values(),
+            self.scales,
+            self.zeros,
+            granularity=self.granularity,
+            group_size=self.group_size,
+            dtype=dtype,
         )
 
     @property

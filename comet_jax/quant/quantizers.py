@@ -54,7 +54,9 @@ def validate_args(
         raise ValueError(f"clip_ratio={clip_ratio} must be in (0, 1]")
     if granularity == "group":
         if group_size is None or group_size <= 0:
-            raise ValueError(f"group_size={group_size} must be a positive int for granularity='group'")
+            raise ValueError(
+                f"group_size={group_size} must be a positive int for granularity='group'"
+            )
         if not shape or shape[-1] % group_size:
             k = shape[-1] if shape else None
             raise ValueError(f"group_size={group_size} must divide the last axis (K={k})")
@@ -162,6 +164,10 @@ def fake_quantize(x, **kwargs):
     gran = kwargs.get("granularity", "row")
     res = quantize(x, **kwargs)
     return dequantize(
-        res.q, res.scale, res.zero, granularity=gran, group_size=kwargs.get("group_size"),
+        res.q,
+        res.scale,
+        res.zero,
+        granularity=gran,
+        group_size=kwargs.get("group_size"),
         dtype=jnp.asarray(x).dtype,
     )
