@@ -201,7 +201,7 @@ def neighbours(cfg: GemmConfig, n: int, k: int, *, tile_k: int = DEFAULT_TILE_K)
 
 def time_fn(fn, arg_sets, *, reps: int = 7) -> float:
     """Median device seconds of one call of ``fn(*args)``, rotating over ``arg_sets``
-    (:func:`pallas_kernels.timing.device_time`: dispatch overhead cancelled)."""
+    (:func:`pallas_kernels.timing.device_time`: kernel time from a profiler trace)."""
     from pallas_kernels.timing import device_time
 
     return device_time(fn, arg_sets, reps=reps)

@@ -33,10 +33,10 @@ Kernel design (Hopper, Triton):
   (a piece may straddle the INT4/INT8 boundary); partial f32 results ``[S, M, N]`` are
   reduced by XLA. With ``split_k == 1`` the kernel writes ``out_dtype`` directly.
 * ``group_m``: grouped ordering of output tiles over the 1-D grid (L2 reuse in prefill).
-* ``backend="xla_int8"`` (a tuning-table choice, per-channel scales only): for large M the
-  GEMM is compute-bound and the in-loop weight unpack costs the kernel more than an XLA pass
-  that unpacks the INT4 weights and activations to int8 and runs XLA's int8 ``[N, K]`` GEMM
-  per segment; the int32 sums are the same, so is the epilogue.
+* ``backend="xla_int8"`` (a tuning candidate, per-channel scales only): XLA unpacks the INT4
+  weights and activations to int8 and runs its int8 ``[N, K]`` GEMM per segment; same int32
+  sums, same epilogue. Meant for compute-bound prefill, where the kernel's in-loop unpack
+  costs MMA rate; on the H100 it lost to the kernel at every M measured (<= 1024).
 """
 
 from __future__ import annotations
@@ -69,8 +69,7 @@ class GemmConfig:
     group_m: int = 8
     k_unroll: int = 1  # K tiles per pipelined loop step (more bytes in flight per stage)
     # "pallas": the kernel below. "xla_int8": unpack INT4 weights/activations to int8 with
-    # XLA, then XLA's int8 GEMM ([N, K], cuBLAS IMMA) per segment and the same epilogue:
-    # for large M, where the GEMM is compute-bound and the kernel's in-loop unpack loses.
+    # XLA, then XLA's int8 GEMM ([N, K]) per segment and the same epilogue (module docstring).
     backend: str = "pallas"
 
     def __post_init__(self):
