@@ -126,6 +126,13 @@ def _load_quantized(path: Path) -> LoadedModel:
     loaded = load_model(source) if source not in (None, "smollm2") else None
     tokenizer = loaded.tokenizer if loaded else _default_tokenizer()
     kv = "int4" if recipe.kv4 else "bf16"
+    if recipe.kv_recent_window:
+        print(
+            f"note: recipe {recipe.name!r} has kv_recent_window={recipe.kv_recent_window}, an "
+            "accuracy-simulation option; the paged KV4 cache and the eval command read every "
+            "token from KV4",
+            file=sys.stderr,
+        )
     return LoadedModel(config, params, tokenizer, path.name, linear=plan, kv_dtype=kv)
 
 

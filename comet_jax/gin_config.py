@@ -76,7 +76,9 @@ def build(cls, **overrides):
     """An instance of ``cls`` with the parsed gin bindings applied (``overrides`` win)."""
     reg = register_all()
     if cls not in reg:
-        raise ValueError(f"{cls.__name__} is not a registered configurable; add it to CONFIGURABLES")
+        raise ValueError(
+            f"{cls.__name__} is not a registered configurable; add it to CONFIGURABLES"
+        )
     return reg[cls](**overrides)
 
 

@@ -12,7 +12,8 @@ calibration windows, checked). Windows are fixed, non-overlapping, `--context` t
 
 Every quantized row runs the simulated integer path (`comet_jax.quant.qlinear`, mode "sim"),
 which computes what the W4Ax kernels compute. FMPQ uses 64-channel blocks (d_model 576 = 9 x
-64; 128-channel blocks would need padding, which is not implemented), INT4 packing tile 64.
+64), INT4 packing tile 64; the block-size ablation adds 128-channel blocks with K padded by zero
+channels where 128 does not divide it (576 -> 640, `FMPQConfig.pad_k`).
 
 Writes experiments/results/accuracy.json, experiments/results/accuracy.md,
 experiments/results/accuracy.png and docs/accuracy.md (not with --quick unless --out is given).
@@ -75,12 +76,31 @@ def main_recipes(base_kw: dict) -> dict[str, QuantRecipe]:
     return out
 
 
+def block_sizes(dims: tuple[int, ...]) -> list[int]:
+    """Block sizes of the ablation: 64 and 192 where they divide every width, 128 always."""
+    return [b for b in (64, 128, 192) if b == 128 or all(k % b == 0 for k in dims)]
+
+
+def block_size_row(base: QuantRecipe, bs: int, dims: tuple[int, ...]):
+    """("block_size", label, recipe, None); padded (label "128 (padded 576->640)") when bs
+    does not divide every input width."""
+    ragged = sorted({k for k in dims if k % bs})
+    cfg = dataclasses.replace(base.fmpq, block_size=bs, pad_k=bool(ragged))
+    label = str(bs)
+    name = f"block_{bs}"
+    if ragged:
+        pads = ", ".join(f"{k}->{-(-k // bs) * bs}" for k in ragged)
+        label, name = f"{bs} (padded {pads})", f"block_{bs}_padded"
+    return ("block_size", label, dataclasses.replace(base, name=name, fmpq=cfg), None)
+
+
 def ablation_recipes(
     base: QuantRecipe, calib_sizes, dims: tuple[int, ...]
 ) -> list[tuple[str, str, QuantRecipe, int | None]]:
     """(ablation, label, recipe, calibration windows or None=all) around `base` (FMPQ W4AxKV4).
 
-    dims: the input widths K of the model (block sizes must divide all of them).
+    dims: the input widths K of the model. Block sizes that do not divide all of them run
+    with zero padding (`FMPQConfig.pad_k`); 128 (the paper's) always runs.
     """
     rows = []
     rows.append(("float", "f32", PRESETS["bf16"], None))
@@ -95,11 +115,8 @@ def ablation_recipes(
                 None,
             )
         )
-    for bs in [b for b in (64, 128, 192) if all(k % b == 0 for k in dims)]:
-        cfg = dataclasses.replace(base.fmpq, block_size=bs)
-        rows.append(
-            ("block_size", str(bs), dataclasses.replace(base, name=f"block_{bs}", fmpq=cfg), None)
-        )
+    for bs in block_sizes(dims):
+        rows.append(block_size_row(base, bs, dims))
     for gran in ("segment", "block"):
         rows.append(
             (
@@ -171,7 +188,12 @@ def evaluate(config, qparams, recipe, plan, evals, batch_size):
         r = perplexity(
             model, qparams, windows, batch_size=batch_size, desc=f"{recipe.name}/{corpus}"
         )
-        out[corpus] = {"ppl": r.ppl, "tokens": r.n_tokens, "seconds": r.seconds}
+        out[corpus] = {
+            "ppl": r.ppl,
+            "tokens": r.n_tokens,
+            "seconds": r.seconds,
+            "per_window_nll": list(r.per_window),  # mean NLL per window (paired comparisons)
+        }
     return out
 
 

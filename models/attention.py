@@ -16,6 +16,9 @@ and it is returned unchanged. Keys at invalid positions are masked out; outputs 
 query positions are finite but meaningless. Causality is by index in T, so right padding and
 left padding both work (give RoPE the true positions). `kv_transform` lets accuracy studies
 simulate a quantized cache: `(k, v, layer_idx) -> (k, v)` applied before attention.
+`kv_recent_window = W > 0` simulates a cache that keeps its newest W tokens untransformed: query
+t reads keys/values at indices s > t - W (itself and the W-1 before it) as computed and older
+ones through `kv_transform`, so each key is read in two formats depending on the query.
 
 `CachedDenseAttention` + `DenseKVCache` is the float reference for incremental decoding: the
 state is a contiguous per-layer cache that each layer writes its new K/V into.
@@ -43,11 +46,16 @@ def dense_attention(
     causal: bool = True,
     sliding_window: int | None = None,
     precision: str | None = "highest",
+    recent_kv: tuple[jax.Array, jax.Array] | None = None,
+    recent_window: int = 0,
 ) -> jax.Array:
     """Causal grouped-query attention reference, softmax in f32.
 
     q: [B, T, Hq, D]; k, v: [B, S, Hkv, D] with S == T (query t sits at key index t);
     key_valid: [B, S] bool or None. Returns [B, T, Hq, D] in q.dtype.
+    recent_kv, recent_window: a second (k, v) pair, same shapes, read instead of k, v for the
+    keys s > t - recent_window of query t (the query and the recent_window - 1 keys before it,
+    by index; causal only). recent_window = 0 ignores recent_kv.
     """
     b, t, hq, _ = q.shape
     s, hkv = k.shape[1], k.shape[2]
@@ -65,33 +73,62 @@ def dense_attention(
         mask &= allowed[None]
     if key_valid is not None:
         mask &= key_valid[:, None, :]
-    return masked_attention(q, k, v, mask, precision=precision)
+    if not recent_window:
+        return masked_attention(q, k, v, mask, precision=precision)
+    if recent_window < 0 or not causal or recent_kv is None:
+        raise ValueError(
+            f"recent_window={recent_window} needs causal=True and recent_kv=(k, v), and must "
+            "be >= 0"
+        )
+    recent = jnp.arange(s)[None, :] > jnp.arange(t)[:, None] - recent_window  # [T, S]
+    return masked_attention(q, k, v, mask, precision=precision, recent=(recent[None], *recent_kv))
 
 
 def masked_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, precision: str | None = "highest"
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array,
+    *,
+    precision: str | None = "highest",
+    recent: tuple[jax.Array, jax.Array, jax.Array] | None = None,
 ) -> jax.Array:
     """q: [B, T, Hq, D]; k, v: [B, S, Hkv, D]; mask: [B, T, S] bool -> [B, T, Hq, D] q.dtype.
 
     Scores and softmax in f32 (scale D^-0.5); probabilities cast to v.dtype for the PV product.
+    recent: optional (select [B or 1, T, S] bool, k2, v2 [B, S, Hkv, D]): where select[b, t, s]
+    holds, query t scores key s against k2 and takes its value from v2 (one softmax over both).
     """
     b, t, hq, d = q.shape
     hkv = k.shape[2]
     g = hq // hkv
     qg = q.reshape(b, t, hkv, g, d)
-    scores = jnp.einsum(
-        "bthgd,bshd->bhgts", qg, k, precision=precision, preferred_element_type=jnp.float32
-    )
+
+    def qk(keys):
+        return jnp.einsum(
+            "bthgd,bshd->bhgts", qg, keys, precision=precision, preferred_element_type=jnp.float32
+        )
+
+    def pv(p, vals):
+        return jnp.einsum(
+            "bhgts,bshd->bthgd",
+            p.astype(vals.dtype),
+            vals,
+            precision=precision,
+            preferred_element_type=jnp.float32,
+        )
+
+    scores = qk(k)
+    if recent is not None:
+        sel = recent[0][:, None, None]  # [B|1, 1, 1, T, S]
+        scores = jnp.where(sel, qk(recent[1]), scores)
     scores = scores * (d**-0.5)
     scores = jnp.where(mask[:, None, None], scores, _MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum(
-        "bhgts,bshd->bthgd",
-        probs.astype(v.dtype),
-        v,
-        precision=precision,
-        preferred_element_type=jnp.float32,
-    )
+    if recent is None:
+        out = pv(probs, v)
+    else:
+        out = pv(jnp.where(sel, 0.0, probs), v) + pv(jnp.where(sel, probs, 0.0), recent[2])
     return out.reshape(b, t, hq, d).astype(q.dtype)
 
 
@@ -112,14 +149,29 @@ def key_valid_from_state(state: Any, batch: int, length: int) -> jax.Array | Non
 
 @dataclasses.dataclass(frozen=True)
 class DenseAttention:
-    """Full causal attention over the current tokens; state = None | lengths | valid mask."""
+    """Full causal attention over the current tokens; state = None | lengths | valid mask.
+
+    kv_recent_window: W > 0 (needs kv_transform) reads the keys/values within W of each query
+    untransformed and older ones transformed (module docstring); 0 transforms every key.
+    """
 
     sliding_window: int | None = None
     kv_transform: Callable[[jax.Array, jax.Array, int], tuple[jax.Array, jax.Array]] | None = None
     precision: str | None = "highest"
+    kv_recent_window: int = 0
+
+    def __post_init__(self):
+        w = self.kv_recent_window
+        if isinstance(w, bool) or not isinstance(w, int) or w < 0:
+            raise ValueError(f"kv_recent_window={w!r} must be an int >= 0")
+        if w and self.kv_transform is None:
+            raise ValueError(f"kv_recent_window={w} needs a kv_transform (nothing to keep out of)")
 
     def __call__(self, q, k, v, layer_idx, cache_state):
+        recent_kv = None
         if self.kv_transform is not None:
+            if self.kv_recent_window:
+                recent_kv = (k, v)
             k, v = self.kv_transform(k, v, layer_idx)
         key_valid = key_valid_from_state(cache_state, q.shape[0], q.shape[1])
         out = dense_attention(
@@ -129,6 +181,8 @@ class DenseAttention:
             key_valid=key_valid,
             sliding_window=self.sliding_window,
             precision=self.precision,
+            recent_kv=recent_kv,
+            recent_window=self.kv_recent_window if recent_kv is not None else 0,
         )
         return out, cache_state
 

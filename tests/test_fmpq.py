@@ -4,6 +4,8 @@ Float comparisons use f64 numpy (exact up to ~1e-12) or f32 jnp with rtol 1e-5: 
 changes only the summation order.
 """
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -235,3 +237,133 @@ def test_attention_fold_rejects_free_perm_and_runtime_fallback():
     np.testing.assert_allclose(y, attn @ wo.T, rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="n_heads"):
         fmpq.attention_fold(perm, n_heads=3, n_kv_heads=2, head_dim=16)
+
+
+# ---- K padded to whole blocks (FMPQConfig.pad_k) -------------------------------------------
+
+
+def _padded_invariants(plan, k_in, block):
+    """Zeros first (perm[:pad] == arange(pad)), in INT4, and perm a permutation of Kp."""
+    kp = -(-k_in // block) * block
+    assert (plan.k, plan.pad, plan.k_in) == (kp, kp - k_in, k_in)
+    assert _is_perm(plan.perm, kp) and plan.perm.dtype == np.int32
+    assert np.array_equal(plan.perm[: plan.pad], np.arange(plan.pad))
+    assert plan.k4 >= plan.pad and np.all(plan.perm[plan.k4 :] >= plan.pad)  # never INT8
+    assert np.array_equal(plan.real_perm, plan.perm[plan.pad :] - plan.pad)
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        FMPQConfig(block_size=128, rule="budget", int8_budget=0.25, pad_k=True),
+        FMPQConfig(block_size=128, rule="threshold", threshold=8.0, pad_k=True),
+        FMPQConfig(block_size=128, rule="threshold", pad_k=True, segment_order="original"),
+        FMPQConfig(block_size=128, rule="budget", int8_budget=1.0, pad_k=True),
+        FMPQConfig(block_size=128, rule="budget", int8_blocks=5, pad_k=True),  # capped at 4
+    ],
+)
+def test_padded_plan_576_to_640(cfg):
+    rng = np.random.default_rng(20)
+    outl = [3, 100, 575]
+    max_abs = _stats(rng, 576, outl)
+    plan = fmpq.plan_permutation(max_abs, cfg)
+    _padded_invariants(plan, 576, 128)
+    assert plan.n_blocks == 5 and plan.n_int8_blocks <= 4  # floor(576 / 128)
+    if plan.n_int8_blocks:
+        assert {c + 64 for c in outl} <= set(plan.perm[plan.k4 :].tolist())
+    # The same channels and order as the unpadded plan of a block that divides 576 when the
+    # INT8 channel counts agree (the ranking does not depend on the block size).
+    if cfg.rule == "budget" and cfg.int8_budget == 0.25 and cfg.int8_blocks is None:
+        assert plan.n_int8_blocks == 1  # floor(0.25 * 4.5 + 0.5): real blocks, not 5
+        ref = fmpq.plan_permutation(max_abs, dataclasses.replace(cfg, block_size=64))
+        assert ref.k8 == plan.k8 == 128
+        np.testing.assert_array_equal(plan.real_perm, ref.perm)
+        assert fmpq.int8_fraction(plan) == fmpq.int8_fraction(ref) == 128 / 576
+
+
+def test_padded_threshold_median_ignores_zeros_and_cap():
+    rng = np.random.default_rng(21)
+    max_abs = _stats(rng, 200, [7])
+    cfg = FMPQConfig(block_size=128, threshold=8.0, pad_k=True)
+    plan = fmpq.plan_permutation(max_abs, cfg)
+    # Median over the 200 real channels (~1.5): only channel 7 is an outlier.
+    assert plan.n_int8_blocks == 1 and 7 + plan.pad in plan.perm[plan.k4 :]
+    # Every channel an outlier: 2 blocks wanted, capped at floor(200 / 128) = 1.
+    every = fmpq.plan_permutation(np.ones(200), dataclasses.replace(cfg, threshold=0.5))
+    assert every.n_int8_blocks == 1
+    _padded_invariants(every, 200, 128)
+    # A multiple of the block is not padded at all.
+    assert fmpq.plan_permutation(_stats(rng, 1536, [9]), cfg).pad == 0
+    with pytest.raises(ValueError, match=r"K=576 .*pad_k=True"):
+        fmpq.plan_permutation(np.ones(576), FMPQConfig(block_size=128))
+
+
+def test_padded_identity_plans():
+    p4 = FMPQPlan.identity(576, 128, 0, pad_k=True)
+    assert (p4.k, p4.pad, p4.k4) == (640, 64, 640)
+    p8 = FMPQPlan.identity(576, 128, 5, pad_k=True)  # uniform INT8: no INT4 segment at all
+    assert p8.k4 == 0 and p8.pad == 64
+    with pytest.raises(ValueError, match="n_int8_blocks"):
+        FMPQPlan.identity(576, 128, 6, pad_k=True)
+    with pytest.raises(ValueError, match="pad_k"):
+        FMPQPlan.identity(576, 128)
+
+
+def test_padded_permutes_are_zero_channels_and_exact():
+    rng = np.random.default_rng(22)
+    k = 576
+    x, w = rng.standard_normal((5, k)), rng.standard_normal((6, k))
+    plan = fmpq.plan_permutation(np.abs(x).max(0), FMPQConfig(128, rule="budget", pad_k=True))
+    xp, wp = fmpq.permute_activation(x, plan), fmpq.permute_in(w, plan)
+    assert xp.shape == (5, 640) and wp.shape == (6, 640)
+    zeros = plan.perm < plan.pad
+    assert np.all(xp[:, zeros] == 0) and np.all(wp[:, zeros] == 0)
+    np.testing.assert_array_equal(xp[:, ~zeros], x[:, plan.real_perm])
+    np.testing.assert_allclose(xp @ wp.T, x @ w.T, rtol=1e-12, atol=1e-12)
+    # jnp operands pad the same way (under jit too).
+    yj = jax.jit(fmpq.permute_activation)(x.astype(np.float32), plan)
+    np.testing.assert_array_equal(np.asarray(yj), xp.astype(np.float32))
+    # Hessian: zero coupling, mean(diag) on the padded diagonal, real block = permuted H.
+    h = x.T @ x
+    hp = fmpq.permute_hessian(h, plan)
+    real = np.nonzero(~zeros)[0]
+    np.testing.assert_allclose(hp[np.ix_(real, real)], h[np.ix_(plan.real_perm, plan.real_perm)])
+    pads = np.nonzero(zeros)[0]
+    np.testing.assert_allclose(np.diag(hp)[pads], np.mean(np.diag(h)))
+    off = hp[pads].copy()
+    off[np.arange(len(pads)), pads] = 0
+    assert np.all(off == 0)
+    assert np.mean(np.diag(hp)) == pytest.approx(np.mean(np.diag(h)), rel=1e-12)
+    hj = fmpq.permute_hessian(jax.numpy.asarray(h, np.float32), plan)
+    np.testing.assert_allclose(np.asarray(hj), hp, rtol=1e-6)
+
+
+def test_padded_folds_use_real_perm():
+    rng = np.random.default_rng(23)
+    d, f = 32, 320  # down_proj input 320 = 2.5 x 128
+    x = rng.standard_normal((4, d))
+    wg, wu, wd = (rng.standard_normal(s) for s in ((f, d), (f, d), (d, f)))
+    h = _silu(x @ wg.T) * (x @ wu.T)
+    plan = fmpq.plan_permutation(np.abs(h).max(0), FMPQConfig(128, rule="budget", pad_k=True))
+    assert plan.pad == 64
+    h2 = _silu(x @ fmpq.fold_out(wg, plan).T) * (x @ fmpq.fold_out(wu, plan).T)  # [4, 320]
+    # The consumer only prepends the zeros: equal to the gathered padded activation.
+    np.testing.assert_allclose(fmpq.pad_channels(h2, plan.pad), fmpq.permute_activation(h, plan))
+    y = h @ wd.T
+    np.testing.assert_allclose(
+        fmpq.pad_channels(h2, plan.pad) @ fmpq.permute_in(wd, plan).T, y, rtol=1e-10, atol=1e-10
+    )
+    # Attention: a padded head-structured plan still folds (o_in of 9 heads x 64 = 576).
+    n_heads, n_kv, hd = 9, 3, 64
+    max_abs = _stats(rng, n_heads * hd, [5, 300])
+    cfg = FMPQConfig(block_size=128, rule="threshold", pad_k=True)
+    pa = fmpq.plan_attention_out(max_abs, cfg, n_heads=n_heads, n_kv_heads=n_kv, head_dim=hd)
+    _padded_invariants(pa, 576, 128)
+    assert {5 + 64, 300 + 64} <= set(pa.perm[pa.k4 :].tolist())
+    fold = fmpq.attention_fold(pa, n_heads=n_heads, n_kv_heads=n_kv, head_dim=hd)
+    assert fold is not None
+    # A padded plan whose zeros are not first cannot fold.
+    bad = FMPQPlan(np.roll(pa.perm, 1), pa.n_int8_blocks, 128, 640, 64)
+    assert bad.real_perm is None
+    with pytest.raises(ValueError, match="cannot be folded"):
+        fmpq.fold_out(wg, bad)

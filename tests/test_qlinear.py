@@ -200,3 +200,178 @@ def test_pallas_interpret_matches_sim_tiny():
         out[mode] = np.asarray(be.matmul(wp, be.prepare_input({"perm": perm}, x, norm_w, eps=EPS)))
     # Same integers; the kernel's f32 epilogue may order the two segment terms differently.
     np.testing.assert_allclose(out["pallas"], out["sim"], rtol=1e-6, atol=1e-6)
+
+
+# ---- K padded to whole blocks: 576 = 4.5 x 128 -> 640 (FMPQConfig.pad_k) -------------------
+
+
+def _padded_pair(rng, n, w_group, bias, permute):
+    """A padded block-128 backend and its unpadded reference (block 64, the same channels in
+    the same order and precision), with weights quantized in each layout."""
+    from comet_jax.quant import fmpq
+
+    k, block, tile = 576, 128, 64
+    x = _x(rng, (5, k), outliers=(3, 17, 400))
+    cfg = fmpq.FMPQConfig(block_size=block, rule="budget", int8_budget=0.25, pad_k=True)
+    if permute:
+        plan = fmpq.plan_permutation(np.abs(np.asarray(x)).max(0), cfg)
+    else:  # uniform-style identity plan: only the zeros in front
+        plan = fmpq.FMPQPlan.identity(k, block, 1, pad_k=True)
+    assert (plan.k, plan.pad, plan.k8) == (640, 64, 128)
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    gran = "row" if w_group is None else "group"
+
+    def wparams(w_layout):
+        r = quantizers.quantize(jnp.asarray(w_layout), bits=4, granularity=gran, group_size=w_group)
+        p = {"w_packed": pack.pack_int4(r.q, tile), "w_scales": r.scale}
+        if bias:
+            p["bias"] = jnp.asarray(np.arange(n, dtype=np.float32) / n)
+        return p, r
+
+    kw = dict(tile=tile, w_group=w_group, permute=permute)
+    padded = W4AxLinear(k4=plan.k4, k8=plan.k8, block=block, pad=plan.pad, **kw)
+    ref = W4AxLinear(k4=plan.k4 - plan.pad, k8=plan.k8, block=64, **kw)
+    wp_pad, r_pad = wparams(fmpq.permute_in(w, plan))
+    wp_ref, r_ref = wparams(w[:, plan.real_perm])
+    gp_pad = {"perm": jnp.asarray(plan.perm)} if permute else None
+    gp_ref = {"perm": jnp.asarray(plan.real_perm)} if permute else None
+    return x, plan, (padded, wp_pad, r_pad, gp_pad), (ref, wp_ref, r_ref, gp_ref)
+
+
+@pytest.mark.parametrize(
+    "w_group,bias,permute,norm",
+    [
+        (None, False, True, True),
+        (None, True, True, False),
+        (64, False, True, True),  # weight groups: the zeros fill one group (scale 1, q 0)
+        (None, False, False, True),  # identity plan: the backend only prepends the zeros
+    ],
+)
+def test_w4ax_padded_equals_unpadded_reference(w_group, bias, permute, norm):
+    rng = np.random.default_rng(30)
+    n = 48
+    x, plan, (be, wp, r_pad, gp), (be_ref, wp_ref, r_ref, gp_ref) = _padded_pair(
+        rng, n, w_group, bias, permute
+    )
+    norm_w = jnp.asarray(rng.uniform(0.5, 1.5, 576), jnp.float32) if norm else None
+    # Padded weights: zero columns where the zeros sit, no scale changed by them.
+    zeros = np.asarray(plan.perm) < plan.pad
+    q_pad = np.asarray(r_pad.q)
+    assert np.all(q_pad[:, zeros] == 0)
+    np.testing.assert_array_equal(q_pad[:, ~zeros], np.asarray(r_ref.q))
+    s_pad = np.asarray(r_pad.scale)
+    if w_group is None:
+        np.testing.assert_array_equal(s_pad, np.asarray(r_ref.scale))
+    else:  # the first group holds the 64 zeros (quantizers' scale 1 for an all-zero group)
+        assert np.all(s_pad[:, 0] == 1.0)
+        np.testing.assert_array_equal(s_pad[:, 1:], np.asarray(r_ref.scale))
+
+    def run(b, g, w):
+        return jax.jit(lambda x: (p := b.prepare_input(g, x, norm_w, eps=EPS), b.matmul(w, p)))(x)
+
+    (prep, y), (prep_ref, y_ref) = run(be, gp, wp), run(be_ref, gp_ref, wp_ref)
+    # Activations: zeros in the first INT4 block, everything else and both scales identical.
+    q4 = np.asarray(pack.unpack_int4(prep.x4_packed, 64))
+    q4_ref = np.asarray(pack.unpack_int4(prep_ref.x4_packed, 64))
+    assert q4.shape == (5, plan.k4) and np.all(q4[:, : plan.pad] == 0)
+    np.testing.assert_array_equal(q4[:, plan.pad :], q4_ref)
+    np.testing.assert_array_equal(np.asarray(prep.x8), np.asarray(prep_ref.x8))
+    np.testing.assert_array_equal(np.asarray(prep.x_scales), np.asarray(prep_ref.x_scales))
+    # Output: the same integer accumulators and scales. Per-channel weight scales: the same
+    # two-term f32 epilogue, up to the FMA contraction XLA may pick per graph (<= 2 ulp, as
+    # above). Weight groups: one f32 term per group, 10 vs 9 of them (the zeros' term is 0)
+    # summed in another order, so f32 rounding of the row's terms (1e-6 of max |y|).
+    # (The zeros fill a whole packing tile here, so the kernel quantizes only the real
+    # channels: the activation operands above are bit-identical by construction.)
+    y, y_ref = np.asarray(y), np.asarray(y_ref)
+    atol = 0.0 if w_group is None else 1e-6 * np.abs(y_ref).max()
+    np.testing.assert_allclose(y, y_ref, rtol=2.5e-7, atol=atol)
+
+
+@pytest.mark.parametrize("norm", [False, True])
+def test_w4ax_padded_general_path_all_int8(norm):
+    """Zeros not in whole INT4 tiles (here: no INT4 segment, uniform W4A8 with 128-blocks):
+    the input is normalized, zero-padded and gathered, then quantized."""
+    rng = np.random.default_rng(33)
+    k, n = 576, 32
+    x = _x(rng, (4, k))
+    norm_w = jnp.asarray(rng.uniform(0.5, 1.5, k), jnp.float32) if norm else None
+    wp_ref, r = _weights(rng, n, k, 64)
+    q_pad = jnp.concatenate([jnp.zeros((n, 64), jnp.int8), r.q], axis=1)
+    wp = {"w_packed": pack.pack_int4(q_pad, 64), "w_scales": r.scale}
+    be = W4AxLinear(k4=0, k8=640, block=128, tile=64, pad=64)
+    ref = W4AxLinear(k4=0, k8=576, block=64, tile=64)
+    prep, prep_ref = (b.prepare_input(None, x, norm_w, eps=EPS) for b in (be, ref))
+    x8, x8_ref = np.asarray(prep.x8), np.asarray(prep_ref.x8)
+    assert x8.shape == (4, 640) and np.all(x8[:, :64] == 0)
+    y, y_ref = be.matmul(wp, prep), ref.matmul(wp_ref, prep_ref)
+    if not norm:  # no float step before quantization: bit for bit
+        np.testing.assert_array_equal(x8[:, 64:], x8_ref)
+        np.testing.assert_array_equal(np.asarray(prep.x_scales), np.asarray(prep_ref.x_scales))
+        np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), rtol=2.5e-7)
+    else:  # RMSNorm outside the fused reference: the normalized values may move by an ulp
+        np.testing.assert_allclose(
+            np.asarray(prep.x_scales), np.asarray(prep_ref.x_scales), rtol=1e-6
+        )
+        assert np.abs(x8[:, 64:].astype(int) - x8_ref).max() <= 1
+        np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), rtol=1e-3, atol=1e-3)
+
+
+def test_w4ax_padded_block_granularity_scales_ignore_zeros():
+    rng = np.random.default_rng(31)
+    x, plan, (be, wp, _, gp), _ = _padded_pair(rng, 16, None, False, True)
+    be = W4AxLinear(
+        k4=be.k4, k8=be.k8, block=128, tile=64, permute=True, pad=plan.pad, act_granularity="block"
+    )
+    prep = be.prepare_input(gp, x, None, eps=EPS)
+    assert prep.x_q.shape == (5, 640) and prep.x_scales.shape == (5, 5)
+    zeros = np.asarray(plan.perm) < plan.pad
+    assert np.all(np.asarray(prep.x_q)[:, zeros] == 0)
+    # The first block: 64 zeros + 64 real channels; its scale is theirs alone.
+    real0 = np.asarray(x)[:, plan.real_perm[:64]]
+    s0 = quantizers.quantize(jnp.asarray(real0), bits=4, granularity="row").scale
+    np.testing.assert_array_equal(np.asarray(prep.x_scales[:, 0]), np.asarray(s0))
+    y = be.matmul(wp, prep)
+    assert y.shape == (5, 16) and np.isfinite(np.asarray(y)).all()
+
+
+def test_w4ax_padded_shapes_and_validation():
+    be = W4AxLinear(k4=512, k8=128, block=128, tile=64, w_group=64, permute=True, pad=64)
+    assert (be.in_features, be.padded_features) == (576, 640)
+    p = be.weight_init(ProjSpec(0, "q_proj", 576, 32, False), jnp.float32)(jax.random.key(0))
+    assert p["w_packed"].shape == (32, 320) and p["w_scales"].shape == (32, 10)
+    from models.projection import GroupSpec
+
+    g = be.group_init(GroupSpec(0, "attn_in", 576, True, ()), jnp.float32)(jax.random.key(0))
+    assert g["perm"].shape == (640,)
+    with pytest.raises(ValueError, match=r"k4\+k8-pad=576"):
+        be.weight_init(ProjSpec(0, "q_proj", 640, 32, False), jnp.float32)
+    with pytest.raises(ValueError, match="pad=640"):
+        W4AxLinear(k4=512, k8=128, block=128, tile=64, pad=640)
+    with pytest.raises(ValueError, match="K=640"):
+        be.prepare_input({"perm": jnp.arange(640)}, jnp.ones((2, 640)), None, eps=EPS)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("general", [False, True])
+def test_pallas_interpret_padded_matches_sim(general):
+    """Zeros in a whole INT4 tile (real channels quantized, zero bytes prepended) and the
+    general path (all-INT8 layout: normalize, pad, gather): kernel == simulation."""
+    rng = np.random.default_rng(32)
+    x, plan, (be, wp, _, gp), _ = _padded_pair(rng, 16, None, False, True)
+    k4, k8 = (0, 640) if general else (be.k4, be.k8)
+    norm_w = jnp.asarray(rng.uniform(0.5, 1.5, 576), jnp.float32)
+    out = {}
+    for mode, interp in (("sim", False), ("pallas", True)):
+        b = W4AxLinear(
+            k4=k4,
+            k8=k8,
+            block=128,
+            tile=64,
+            permute=True,
+            pad=plan.pad,
+            mode=mode,
+            interpret=interp,
+        )
+        out[mode] = np.asarray(b.matmul(wp, b.prepare_input(gp, x, norm_w, eps=EPS)))
+    np.testing.assert_allclose(out["pallas"], out["sim"], rtol=1e-6, atol=1e-6)

@@ -9,9 +9,12 @@ Layout of a saved model directory:
                   "plan": {"default": backend, "overrides": [[[layer, name], backend], ...]},
                   "report": QuantReport.to_dict() or null}
                  backend = {"type": "W4AxLinear", "fields": {...}}: the static part of every
-                 projection (INT4/INT8 split k4/k8, block, tile, weight groups, flags). The
+                 projection (INT4/INT8 split k4/k8, block, tile, weight groups, flags, and
+                 ``pad``: zero channels prepended when K is padded to whole FMPQ blocks; then
+                 ``w_packed``, ``w_scales`` groups and ``perm`` cover the padded K). The
                  FMPQ block map is k4/k8 per input group (INT8 blocks are the last k8 channels)
                  and the permutation is the ``perm`` leaf (or folded into the weights).
+                 Checkpoints written before ``pad`` existed load with pad = 0.
 
 Loading rebuilds the LinearPlan from JSON, derives the expected param shapes from it
 (`models.llama.abstract_params`) and restores the arrays against that target, so a checkpoint

@@ -68,6 +68,12 @@ class ChunkedW4AxLinear(W4AxLinear):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.pad:
+            raise ValueError(
+                f"ChunkedW4AxLinear: pad={self.pad} is not supported (zero-padded FMPQ blocks, "
+                "FMPQConfig.pad_k, are not split into tensor-parallel chunks); use a block size "
+                "that divides the chunk width"
+            )
         if not isinstance(self.n_chunks, int) or self.n_chunks < 1:
             raise ValueError(f"n_chunks={self.n_chunks!r} must be a positive int")
         if self.rotate:
@@ -313,7 +319,7 @@ def check_tp_shapes(config, n_chunks: int, block: int, tile: int, w_group: int |
             raise ValueError(
                 f"{name}={k} / n_chunks={n_chunks} = {k / n_chunks:g} channels per chunk must be "
                 f"a multiple of the FMPQ block {block}, the tile {tile} and the weight group "
-                f"{w_group}"
+                f"{w_group} (FMPQConfig.pad_k does not pad tensor-parallel chunks)"
             )
 
 

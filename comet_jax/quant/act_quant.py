@@ -140,7 +140,8 @@ def _quantize(x_perm, *, k4, granularity, block_size, clip_ratio4, clip_ratio8):
 
 
 def quantize_activation_plan(x, plan: FMPQPlan, **kwargs) -> ActQuantResult:
-    """Permutes ``x: [..., K]`` (original channel order) by ``plan`` and quantizes it.
+    """Permutes ``x: [..., K]`` (original channel order) by ``plan`` and quantizes it (a
+    padded plan first prepends its zero channels: the result is ``plan.k`` wide).
 
     kwargs are those of :func:`quantize_activation` except k4 and block_size (from the plan).
     """
@@ -153,7 +154,8 @@ def fake_quantize_activation(x, plan: FMPQPlan, *, unpermute: bool = False, **kw
     """``[..., K]`` float: the dequantized activations, in the permuted layout by default.
 
     With ``unpermute=True`` the result is returned in the original channel order (for
-    simulating a float model whose weights are not permuted).
+    simulating a float model whose weights are not permuted), without a padded plan's zero
+    channels.
     """
     x_hat = quantize_activation_plan(x, plan, **kwargs).x_hat
-    return x_hat[..., plan.inv_perm] if unpermute else x_hat
+    return x_hat[..., plan.inv_perm][..., plan.pad :] if unpermute else x_hat

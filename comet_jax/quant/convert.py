@@ -16,7 +16,15 @@ Per decoder layer:
 3. Weights: rotate columns (W @ H), permute columns (W[:, perm]), quantize (RTN, GPTQ with the
    Hessian permuted the same way, or LWC), pack INT4 along K with `pack.pack_int4(q, tile)`.
 
-The report lists, per (layer, group), K, the INT8 channels, the INT8 fraction and whether the
+Padding (``recipe.fmpq.pad_k``, e.g. 128-channel blocks on SmolLM2's 576-wide inputs): a plan
+whose input width K is not a multiple of the block covers ``Kp`` channels, ``Kp - K`` zeros
+first (`comet_jax.quant.fmpq`). Weights get zero columns there (`fmpq.permute_in`), Hessians
+a decoupled diagonal (`fmpq.permute_hessian`), folds use the plan's real-channel permutation
+(the zeros are prepended at run time by the backend, ``W4AxLinear.pad``), so folding and
+weight quantization work as without padding.
+
+The report lists, per (layer, group), K (the layer's real input width), ``k_pad`` (K with the
+zero padding), the INT8 channels, the INT8 fraction (of the real channels) and whether the
 permutation was folded, gathered at run time or is the identity.
 """
 
@@ -53,11 +61,16 @@ class KV4Transform:
 
 
 def attention_for(config, recipe: QuantRecipe):
-    """The attention callable of a recipe: dense, with KV4 fake quantization when kv4."""
+    """The attention callable of a recipe: dense, with KV4 fake quantization when kv4 (the
+    most recent `recipe.kv_recent_window` positions of each query left in float)."""
     kv = KV4Transform(recipe.kv_group) if recipe.kv4 else None
     if kv is not None and config.head_dim % recipe.kv_group:
         raise ValueError(f"kv_group={recipe.kv_group} must divide head_dim={config.head_dim}")
-    return DenseAttention(sliding_window=config.sliding_window, kv_transform=kv)
+    return DenseAttention(
+        sliding_window=config.sliding_window,
+        kv_transform=kv,
+        kv_recent_window=recipe.kv_recent_window if kv is not None else 0,
+    )
 
 
 def quantized_model(config, recipe: QuantRecipe, plan: LinearPlan, dtype=jnp.float32):
@@ -111,18 +124,20 @@ def _rotate_hessian(h):
 
 def _group_plan(recipe: QuantRecipe, config, stats, layer: int, group: str, k: int):
     """The FMPQ plan of one input group, or None for float activations."""
-    block = recipe.fmpq.block_size
+    block, pad_k = recipe.fmpq.block_size, recipe.fmpq.pad_k
     if recipe.act == "none":
         return None
-    if k % block:
+    if k % block and not pad_k:
         raise ValueError(
             f"layer {layer} group {group!r}: K={k} must be a multiple of the FMPQ block size "
-            f"{block} (use block_size=64 for d_model=576)"
+            f"{block}: pad it with zero channels (FMPQConfig(pad_k=True)) or use a block that "
+            "divides K (block_size=64 for d_model=576)"
         )
     if recipe.act == "uniform4":
-        return fmpq.FMPQPlan.identity(k, block, 0)
+        return fmpq.FMPQPlan.identity(k, block, 0, pad_k=pad_k)
     if recipe.act == "uniform8":
-        return fmpq.FMPQPlan.identity(k, block, k // block)
+        kp, _ = fmpq.padded_k(k, block, pad_k)
+        return fmpq.FMPQPlan.identity(k, block, kp // block, pad_k=pad_k)
     if stats is None:
         raise ValueError(f"recipe {recipe.name!r} (act='fmpq') needs calibration statistics")
     absmax, absmean = stats[(layer, group)].channel_stats(rotated=recipe.rotation)
@@ -289,7 +304,7 @@ def quantize_model(
                     if recipe.rotation:
                         hess = _rotate_hessian(hess)
                     if plan is not None:
-                        hess = fmpq.permute_hessian(hess, np.asarray(plan.perm))
+                        hess = fmpq.permute_hessian(hess, plan)
             backend = _backend(recipe, plan, runtime_perm[g], mode, interpret)
             if runtime_perm[g]:
                 layer_q[g] = {"perm": jnp.asarray(plan.perm, jnp.int32)}
@@ -298,7 +313,7 @@ def quantize_model(
                 if recipe.rotation:
                     wp = _rotate_cols(wp)
                 if plan is not None:
-                    wp = fmpq.permute_in(wp, np.asarray(plan.perm))
+                    wp = fmpq.permute_in(wp, plan)
                 q, scales = _cached_quantize(recipe, wp, hess, weight_cache)
                 entry = {"w_scales": jnp.asarray(scales, jnp.float32)}
                 if recipe.w_bits == 4:
@@ -316,6 +331,7 @@ def quantize_model(
                     "layer": i,
                     "group": g,
                     "k": k,
+                    "k_pad": k if plan is None else plan.k,
                     "k8": int(k8),
                     "int8_fraction": k8 / k,
                     "perm": status[g],
@@ -336,6 +352,10 @@ def _backend(recipe: QuantRecipe, plan, runtime_perm: bool, mode: str, interpret
         return W8A8Linear(act_clip=recipe.act_clip, mode=mode, interpret=interpret)
     if plan is None:
         return W4A16Linear(tile=recipe.tile, w_group=recipe.w_group, mode=mode, interpret=interpret)
+    if plan.pad and plan.real_perm is None:  # W4AxLinear relies on the zeros coming first
+        raise ValueError(
+            f"padded FMPQ plan with {plan.pad} zero channels not first in its permutation"
+        )
     return W4AxLinear(
         k4=plan.k4,
         k8=plan.k8,
@@ -346,6 +366,7 @@ def _backend(recipe: QuantRecipe, plan, runtime_perm: bool, mode: str, interpret
         act_clip=recipe.act_clip,
         permute=runtime_perm,
         rotate=recipe.rotation,
+        pad=plan.pad,
         mode=mode,
         interpret=interpret,
     )

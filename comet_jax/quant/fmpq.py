@@ -29,6 +29,23 @@ Block count rules (``FMPQConfig.rule``):
   Both are then clamped to ``[min_int8_blocks, max_int8_blocks or n_blocks]``. With the budget
   rule "outlier" means nothing and the top ``K8`` channels by score are INT8.
 
+Padding K to whole blocks (``FMPQConfig.pad_k``): when the layer's input width K is not a
+multiple of ``block_size`` (SmolLM2: 576 = 4.5 x 128), the plan covers ``Kp = ceil(K / B) * B``
+channels. The ``pad = Kp - K`` extra channels are zeros PREPENDED to the input:
+``x_pad = [0 ... 0, x]`` (padded channel j < pad is a zero, channel j >= pad is old channel
+``j - pad``); ``perm`` indexes ``x_pad``. Every plan built here puts the zeros first:
+``perm[:pad] == arange(pad)`` (score -inf, never an outlier), and caps the INT8 segment at
+``floor(K / B)`` blocks, so the zeros always sit in the first INT4 block and never take INT8
+budget. They are exact no-ops: a zero changes no per-token absmax (activation scales), its
+weight column is zero (no per-row / per-group max changes either; a weight group of zeros gets
+the quantizers' scale 1 and q = 0) and it adds 0 to every integer accumulator. The budget rule
+counts the layer's real blocks ``K / B`` (4.5 for 576 / 128), not the padded ones.
+:func:`permute_in`, :func:`permute_activation` and :func:`permute_hessian` accept unpadded
+``[.., K]`` operands with a padded plan and pad them; :func:`fold_out` and
+:func:`attention_fold` fold ``perm[pad:] - pad`` (the permutation of the real channels): the
+producer then emits the real channels already permuted and the consumer only prepends the
+zeros, so padding never blocks a fold.
+
 Folding the permutation into the producing layer (no run-time gather):
   * MLP: ``down_proj`` input channel c is ``act(gate[c]) * up[c]``, elementwise in c, so any
     permutation folds: ``fold_out(w_gate, perm)``, ``fold_out(w_up, perm)`` and
@@ -51,6 +68,7 @@ import dataclasses
 from typing import Literal, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 __all__ = [
@@ -59,6 +77,8 @@ __all__ = [
     "plan_permutation",
     "plan_attention_out",
     "int8_fraction",
+    "padded_k",
+    "pad_channels",
     "permute_in",
     "permute_activation",
     "permute_hessian",
@@ -83,6 +103,8 @@ class FMPQConfig:
     order_by: the score used when no explicit score is passed: ``"max"`` (max |x|, default)
       or ``"mean"`` (mean |x|; needs mean_abs).
     segment_order: ``"score"`` (sort inside both segments) or ``"original"``.
+    pad_k: when K is not a multiple of block_size, pad it up with zero channels (module
+      docstring) instead of raising; e.g. block_size=128 on d_model 576 plans 640 channels.
     """
 
     block_size: int = 128
@@ -94,6 +116,7 @@ class FMPQConfig:
     max_int8_blocks: int | None = None
     order_by: Literal["max", "mean"] = "max"
     segment_order: Literal["score", "original"] = "score"
+    pad_k: bool = False
 
     def __post_init__(self):
         if self.block_size <= 0 or self.block_size % 2:
@@ -124,16 +147,25 @@ class FMPQConfig:
 class FMPQPlan:
     """The permutation and block map of one layer input (a pytree; ``perm`` is the leaf).
 
-    perm: ``[K] int32``; new position i takes old channel ``perm[i]``.
+    perm: ``[K] int32``; new position i takes old channel ``perm[i]`` (of the padded input
+      when ``pad > 0``).
     n_int8_blocks: the LAST ``n_int8_blocks`` blocks are INT8, the others INT4.
     block_size: channels per block.
-    k: number of input channels (a multiple of block_size).
+    k: number of planned channels, padding included (a multiple of block_size).
+    pad: zero channels prepended to the layer input (module docstring); the layer itself has
+      ``k_in = k - pad`` input channels.
     """
 
     perm: np.ndarray
     n_int8_blocks: int = dataclasses.field(metadata=dict(static=True))
     block_size: int = dataclasses.field(metadata=dict(static=True))
     k: int = dataclasses.field(metadata=dict(static=True))
+    pad: int = dataclasses.field(default=0, metadata=dict(static=True))
+
+    @property
+    def k_in(self) -> int:
+        """Input channels of the layer (without the padding)."""
+        return self.k - self.pad
 
     @property
     def n_blocks(self) -> int:
@@ -161,19 +193,59 @@ class FMPQPlan:
         """``[n_blocks] bool`` block map, True for INT8 blocks (always a suffix)."""
         return np.arange(self.n_blocks) >= self.n_blocks - self.n_int8_blocks
 
+    @property
+    def real_perm(self) -> np.ndarray | None:
+        """``[k_in]``: the permutation of the real channels, ``perm[pad:] - pad``, when the
+        zeros sit first (``perm[:pad] == arange(pad)``, every plan built here); else None.
+        For ``pad == 0`` this is ``perm``. Folds use it."""
+        perm = np.asarray(self.perm)
+        if not np.array_equal(perm[: self.pad], np.arange(self.pad)):
+            return None
+        return (perm[self.pad :] - self.pad).astype(np.int32)
+
     @classmethod
-    def identity(cls, k: int, block_size: int = 128, n_int8_blocks: int = 0) -> FMPQPlan:
-        """No permutation (uniform W4A4 when n_int8_blocks=0, W4A8 when all blocks)."""
+    def identity(
+        cls, k: int, block_size: int = 128, n_int8_blocks: int = 0, *, pad_k: bool = False
+    ) -> FMPQPlan:
+        """No permutation (uniform W4A4 when n_int8_blocks=0, W4A8 when all blocks).
+
+        ``k`` is the layer's input width; with ``pad_k`` it is padded to whole blocks (zeros
+        first). ``n_int8_blocks`` counts padded blocks: all of them (uniform W4A8) puts the
+        zeros in the INT8 segment too, where, with no INT4 segment at all, they cost no budget.
+        """
+        kp, pad = padded_k(k, block_size, pad_k)
+        if not 0 <= n_int8_blocks <= kp // block_size:
+            raise ValueError(f"n_int8_blocks={n_int8_blocks} must be in [0, {kp // block_size}]")
+        return cls(np.arange(kp, dtype=np.int32), n_int8_blocks, block_size, kp, pad)
+
+
+def padded_k(k: int, block_size: int, pad_k: bool) -> tuple[int, int]:
+    """``(Kp, pad)``: K rounded up to whole blocks when ``pad_k`` (else K, checked)."""
+    if k <= 0:
+        raise ValueError(f"K={k} must be positive")
+    if not pad_k or k % block_size == 0:
         _check_k(k, block_size)
-        if not 0 <= n_int8_blocks <= k // block_size:
-            raise ValueError(f"n_int8_blocks={n_int8_blocks} must be in [0, {k // block_size}]")
-        return cls(np.arange(k, dtype=np.int32), n_int8_blocks, block_size, k)
+        return k, 0
+    kp = -(-k // block_size) * block_size
+    return kp, kp - k
+
+
+def pad_channels(a, pad: int, axis: int = -1):
+    """Prepends ``pad`` zero channels along ``axis`` (NumPy in, NumPy out; else jnp)."""
+    if pad == 0:
+        return a
+    widths = [(0, 0)] * a.ndim
+    widths[axis] = (pad, 0)
+    if isinstance(a, np.ndarray):
+        return np.pad(a, widths)
+    return jnp.pad(a, widths)
 
 
 def _check_k(k: int, block_size: int) -> None:
     if k <= 0 or k % block_size:
         raise ValueError(
-            f"K={k} must be a positive multiple of the {block_size}-channel block size"
+            f"K={k} must be a positive multiple of the {block_size}-channel block size "
+            "(or pad it with zero channels: FMPQConfig(pad_k=True))"
         )
 
 
@@ -188,22 +260,25 @@ def _stats(name, a, k=None) -> np.ndarray:
     return a
 
 
-def _n_int8_blocks(cfg: FMPQConfig, n_outliers: int, n_blocks: int) -> int:
+def _n_int8_blocks(cfg: FMPQConfig, n_outliers: int, k_in: int) -> int:
+    """INT8 block count for a layer of ``k_in`` real channels (``k_in / block`` blocks, a
+    fraction when padded). Capped at ``floor(k_in / block)``: padded zeros never go INT8."""
     if cfg.rule == "threshold":
         n8 = -(-n_outliers // cfg.block_size)
     elif cfg.int8_blocks is not None:
         n8 = cfg.int8_blocks
     else:
-        n8 = int(np.floor(cfg.int8_budget * n_blocks + 0.5))
-    hi = n_blocks if cfg.max_int8_blocks is None else min(cfg.max_int8_blocks, n_blocks)
+        n8 = int(np.floor(cfg.int8_budget * (k_in / cfg.block_size) + 0.5))
+    n_real = k_in // cfg.block_size
+    hi = n_real if cfg.max_int8_blocks is None else min(cfg.max_int8_blocks, n_real)
     return int(min(max(n8, cfg.min_int8_blocks), hi))
 
 
 def _rank_key(max_abs, mean_abs, score, cfg):
-    """Returns (is_outlier [K] bool, score [K] f64) after validation."""
+    """Returns (is_outlier [K] bool, score [K] f64) after validation (K unpadded)."""
     max_abs = _stats("max_abs", max_abs)
     k = max_abs.shape[0]
-    _check_k(k, cfg.block_size)
+    padded_k(k, cfg.block_size, cfg.pad_k)  # validates K
     if score is None:
         if cfg.order_by == "mean":
             if mean_abs is None:
@@ -236,14 +311,18 @@ def plan_permutation(
       An :class:`FMPQPlan` (INT4 blocks first, INT8 blocks last; module docstring).
     """
     is_outlier, score = _rank_key(max_abs, mean_abs, score, config)
-    k = score.shape[0]
-    n8 = _n_int8_blocks(config, int(is_outlier.sum()), k // config.block_size)
+    k_in = score.shape[0]
+    k, pad = padded_k(k_in, config.block_size, config.pad_k)
+    n8 = _n_int8_blocks(config, int(is_outlier.sum()), k_in)
+    # Padded zeros: channels 0..pad-1 of x_pad, ranked below every real channel.
+    score = np.concatenate([np.full(pad, -np.inf), score])
+    is_outlier = np.concatenate([np.zeros(pad, bool), is_outlier])
     # lexsort: last key is primary; stable, so ties keep the original channel order.
     order = np.lexsort((score, is_outlier))
     k8 = n8 * config.block_size
     if config.segment_order == "original":
         order = np.concatenate([np.sort(order[: k - k8]), np.sort(order[k - k8 :])])
-    return FMPQPlan(order.astype(np.int32), n8, config.block_size, k)
+    return FMPQPlan(order.astype(np.int32), n8, config.block_size, k, pad)
 
 
 def plan_attention_out(
@@ -265,6 +344,9 @@ def plan_attention_out(
     folding requires): the heaviest heads end up last. The INT8 segment is then the smallest
     block suffix that holds every outlier (threshold rule) or the budget (budget rule).
 
+    With ``config.pad_k`` and K not a multiple of the block, the zero channels go first and
+    the head-structured order after them: the plan still folds (:func:`attention_fold`).
+
     Coarser than the free sort: whole heads move, so with head_dim = block_size a block is a
     head and the INT8 count is the number of heads holding an outlier. Compare
     :func:`int8_fraction` against :func:`plan_permutation` and fall back to the free plan with
@@ -278,6 +360,7 @@ def plan_attention_out(
     k = score.shape[0]
     if k != n_heads * head_dim:
         raise ValueError(f"K={k} must equal n_heads * head_dim = {n_heads} * {head_dim}")
+    kp, pad = padded_k(k, config.block_size, config.pad_k)
     rank = np.empty(k, np.int64)
     rank[np.lexsort((score, is_outlier))] = np.arange(k)
     n_rep = n_heads // n_kv_heads
@@ -288,21 +371,23 @@ def plan_attention_out(
         dim_order = np.argsort(r[j].max(axis=0), kind="stable")
         for i in np.argsort(r[j].max(axis=1), kind="stable"):
             perm.append((j * n_rep + i) * head_dim + dim_order)
-    perm = np.concatenate(perm).astype(np.int32)
-    n_blocks = k // config.block_size
+    # Padding: the zeros go first, the folded head order after them (still foldable).
+    perm = np.concatenate([np.arange(pad), pad + np.concatenate(perm)]).astype(np.int32)
+    n_blocks, n_real = kp // config.block_size, k // config.block_size
     if config.rule == "threshold":
-        pos = np.nonzero(is_outlier[perm])[0]
+        pos = np.nonzero(np.concatenate([np.zeros(pad, bool), is_outlier])[perm])[0]
         n8 = 0 if pos.size == 0 else n_blocks - int(pos[0]) // config.block_size
-        hi = n_blocks if config.max_int8_blocks is None else min(config.max_int8_blocks, n_blocks)
+        hi = n_real if config.max_int8_blocks is None else min(config.max_int8_blocks, n_real)
         n8 = min(max(n8, config.min_int8_blocks), hi)
     else:
-        n8 = _n_int8_blocks(config, 0, n_blocks)
-    return FMPQPlan(perm, int(n8), config.block_size, k)
+        n8 = _n_int8_blocks(config, 0, k)
+    return FMPQPlan(perm, int(n8), config.block_size, kp, pad)
 
 
 def int8_fraction(plan: FMPQPlan) -> float:
-    """Fraction of the layer's blocks (== of its input channels) that are INT8."""
-    return plan.n_int8_blocks / plan.n_blocks
+    """Fraction of the layer's real input channels that are INT8 (== of its blocks when
+    unpadded; padded zeros are never INT8 in a plan built here)."""
+    return plan.k8 / plan.k_in
 
 
 def _perm_arg(perm_or_plan, k: int, what: str) -> np.ndarray:
@@ -314,28 +399,71 @@ def _perm_arg(perm_or_plan, k: int, what: str) -> np.ndarray:
     return perm
 
 
+def _pad_for(a, plan, axis: int):
+    """Pads an unpadded operand (``a.shape[axis] == plan.k_in``) of a padded plan."""
+    if isinstance(plan, FMPQPlan) and plan.pad and a.shape[axis] == plan.k_in:
+        return pad_channels(a, plan.pad, axis)
+    return a
+
+
 def permute_in(w, plan: FMPQPlan | np.ndarray):
-    """Permutes weight input columns: ``w: [N, K] -> w[:, perm]`` (any array type)."""
+    """Permutes weight input columns: ``w: [N, K] -> w[:, perm]`` (any array type).
+
+    With a padded plan, ``w: [N, k_in]`` first gets ``pad`` zero columns in front."""
+    w = _pad_for(w, plan, -1)
     return w[:, _perm_arg(plan, w.shape[-1], "permute_in")]
 
 
 def permute_activation(x, plan: FMPQPlan | np.ndarray):
-    """Run-time permutation of activations: ``x: [..., K] -> x[..., perm]``."""
+    """Run-time permutation of activations: ``x: [..., K] -> x[..., perm]`` (``[..., k_in]``
+    inputs of a padded plan get their zero channels first)."""
+    x = _pad_for(x, plan, -1)
     return x[..., _perm_arg(plan, x.shape[-1], "permute_activation")]
 
 
 def permute_hessian(h, plan: FMPQPlan | np.ndarray):
-    """``H = X^T X: [K, K]`` in the permuted layout: ``H[perm][:, perm]`` (for GPTQ/LWC)."""
+    """``H = X^T X: [K, K]`` in the permuted layout: ``H[perm][:, perm]`` (for GPTQ/LWC).
+
+    With a padded plan, an unpadded ``[k_in, k_in]`` H is padded first: zero rows/columns
+    (the zero channels correlate with nothing) and ``mean(diag(H))`` on their diagonal, so the
+    padded channels are neither dead nor coupled to the real ones and GPTQ's damping
+    ``percdamp * mean(diag(H))`` keeps its unpadded value (up to f32 rounding of the mean).
+    Their weights are zero, so they have no rounding error to propagate either.
+    """
+    if isinstance(plan, FMPQPlan) and plan.pad and h.shape[-1] == plan.k_in:
+        fill = h.diagonal().mean()
+        h = pad_channels(pad_channels(h, plan.pad, 0), plan.pad, 1)
+        idx = np.arange(plan.pad)
+        if isinstance(h, np.ndarray):
+            h = h.copy()
+            h[idx, idx] = fill
+        else:
+            h = h.at[idx, idx].set(fill)
     perm = _perm_arg(plan, h.shape[-1], "permute_hessian")
     return h[perm][:, perm]
+
+
+def _fold_perm(perm_or_plan, what: str):
+    """The permutation a producer folds: a padded plan's ``real_perm``."""
+    if isinstance(perm_or_plan, FMPQPlan) and perm_or_plan.pad:
+        real = perm_or_plan.real_perm
+        if real is None:
+            raise ValueError(
+                f"{what}: the padded plan does not put its {perm_or_plan.pad} zero channels "
+                "first (perm[:pad] != arange(pad)), so it cannot be folded"
+            )
+        return real
+    return perm_or_plan
 
 
 def fold_out(w, perm: FMPQPlan | np.ndarray):
     """Permutes OUTPUT rows of a producing layer: ``w: [N, K] (or bias [N]) -> w[perm]``.
 
-    The layer then emits its outputs already in the consumer's permuted input order.
+    The layer then emits its outputs already in the consumer's permuted input order. With a
+    padded plan (K = ``k_in`` rows) the rows follow ``plan.real_perm``: the consumer prepends
+    the zero channels itself.
     """
-    return w[_perm_arg(perm, w.shape[0], "fold_out")]
+    return w[_perm_arg(_fold_perm(perm, "fold_out"), w.shape[0], "fold_out")]
 
 
 class AttentionFold(NamedTuple):
@@ -368,13 +496,15 @@ def attention_fold(
     ``v_rows`` and ``permute_in(w_o, perm)``; attention then outputs the permuted channels.
     When this returns None the plan does not fold: keep the weights unpermuted except
     ``permute_in(w_o, perm)`` and permute the o_proj input at run time (the activation
-    quantize step gathers ``x[..., perm]``).
+    quantize step gathers ``x[..., perm]``). A padded plan is decomposed through its
+    ``real_perm`` (the consumer prepends the zero channels).
     """
     if n_heads <= 0 or n_kv_heads <= 0 or n_heads % n_kv_heads:
         raise ValueError(
             f"n_heads={n_heads} must be a positive multiple of n_kv_heads={n_kv_heads}"
         )
     d = head_dim
+    perm = _fold_perm(perm, "attention_fold")
     perm = np.asarray(_perm_arg(perm, n_heads * d, "attention_fold")).reshape(n_heads, d)
     n_rep = n_heads // n_kv_heads
     pi = perm[:, 0] // d  # old head of each new head

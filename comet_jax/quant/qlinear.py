@@ -20,6 +20,11 @@ Backends and their parameter pytrees (HF ``[N, K]`` layout, K contiguous):
 | `W4A16Linear` | ``w_packed: [N, K/2] int8``, ``w_scales: [N]`` or ``[N, K/g] f32`` | -- | sim only |
 | `W4AxLinear` | ``w_packed``, ``w_scales`` as above | ``perm: [K] int32`` if `permute` | W4Ax |
 
+`W4AxLinear` with ``pad > 0`` (FMPQ blocks over a K that is not a multiple of the block,
+`comet_jax.quant.fmpq`): ``pad`` zero channels are prepended to the normalized (and rotated)
+input before the permutation, and every K above is the padded ``k4 + k8``; the layer's input
+is ``k4 + k8 - pad`` wide. The weights carry zero columns there.
+
 ``bias: [N] f32`` is added when the projection has one. `W4AxLinear` covers uniform W4A4
 (``k8=0``), W4A8 (``k4=0``) and FMPQ W4Ax (INT4 channels first, INT8 channels last, as laid out
 by the group's permutation). Activations are quantized per token, symmetric, with one scale per
@@ -83,9 +88,13 @@ def _add_bias_cast(y, weight_params, dtype, lead):
     return y.reshape(*lead, y.shape[-1]).astype(dtype)
 
 
-def _weight_init(spec: ProjSpec, tile: int, w_group: int | None, packed: bool = True):
-    """Shape-correct random init (only used for shapes; real values come from convert)."""
-    n, k = spec.out_features, spec.in_features
+def _weight_init(
+    spec: ProjSpec, tile: int, w_group: int | None, packed: bool = True, k: int | None = None
+):
+    """Shape-correct random init (only used for shapes; real values come from convert).
+
+    k: the stored K when it differs from ``spec.in_features`` (zero-padded W4Ax inputs)."""
+    n, k = spec.out_features, spec.in_features if k is None else k
     if packed and k % tile:
         raise ValueError(f"{spec.name}: K={k} must be a multiple of the packing tile={tile}")
     if w_group is not None and k % w_group:
@@ -237,7 +246,8 @@ class W4AxLinear:
     """FMPQ W4Ax: INT4 weights, INT4 (first k4 channels) / INT8 (last k8) activations.
 
     Attributes:
-      k4, k8: INT4 / INT8 input channels after the group's permutation (multiples of `block`).
+      k4, k8: INT4 / INT8 input channels after the group's permutation (multiples of `block`),
+        padding included.
       block: FMPQ block size along K (64 or 128).
       tile: INT4 packing tile of the weights (the kernel's K tile; divides `block`).
       w_group: None = per-output-channel weight scales, else the weight group size along K.
@@ -247,6 +257,15 @@ class W4AxLinear:
         permutation is folded into the producing weights or is the identity).
       rotate: apply the online Hadamard rotation (``comet_jax.quant.hadamard``) before the
         permutation; the weights were rotated offline to match.
+      pad: zero channels prepended to the (normalized, rotated) input before the permutation,
+        so that ``k4 + k8`` covers whole blocks when the layer's K does not (module docstring;
+        ``fmpq.FMPQPlan.pad``). The layer's input width is ``k4 + k8 - pad``. When the zeros
+        fill whole packing tiles of the INT4 segment (``pad % tile == 0`` and ``pad <= k4``:
+        any K that is a multiple of the tile, except all-INT8 layouts) the runtime ``perm``
+        must keep them first (``perm[:pad] == arange(pad)``, as every `fmpq` plan does): the
+        kernel then quantizes only the real channels (``perm[pad:] - pad``, RMSNorm still
+        fused) and ``pad / 2`` zero bytes are prepended to the packed INT4 operand. Otherwise
+        the input is normalized, zero-padded and gathered by the full ``perm``.
       mode, interpret: see the module docstring.
     """
 
@@ -259,6 +278,7 @@ class W4AxLinear:
     act_clip: float = 1.0
     permute: bool = False
     rotate: bool = False
+    pad: int = 0
     mode: str = "sim"
     interpret: bool = False
 
@@ -283,34 +303,57 @@ class W4AxLinear:
             )
         if not 0.0 < self.act_clip <= 1.0:
             raise ValueError(f"act_clip={self.act_clip} must be in (0, 1]")
+        if not 0 <= self.pad < self.k4 + self.k8:
+            raise ValueError(
+                f"pad={self.pad} zero channels must be in [0, k4+k8={self.k4 + self.k8})"
+            )
+
+    @property
+    def padded_features(self) -> int:
+        """K as stored and computed: ``k4 + k8``, padding included."""
+        return self.k4 + self.k8
 
     @property
     def in_features(self) -> int:
-        return self.k4 + self.k8
+        """The layer's input width (without the zero padding)."""
+        return self.k4 + self.k8 - self.pad
 
     def _check_k(self, k: int, what: str) -> None:
         if k != self.in_features:
+            if self.pad:
+                raise ValueError(
+                    f"{what}: K={k} but the backend takes k4+k8-pad={self.in_features} input "
+                    f"channels (k4={self.k4}, k8={self.k8}, pad={self.pad} zero channels)"
+                )
             raise ValueError(f"{what}: K={k} but the backend has k4+k8={self.in_features}")
 
     def weight_init(self, spec: ProjSpec, param_dtype):
         self._check_k(spec.in_features, spec.name)
-        return _weight_init(spec, self.tile, self.w_group)
+        return _weight_init(spec, self.tile, self.w_group, k=spec.in_features + self.pad)
 
     def group_init(self, spec: GroupSpec, param_dtype):
         self._check_k(spec.in_features, spec.name)
         if not self.permute:
             return None
-        k = spec.in_features
+        k = self.padded_features
         return lambda rng: {"perm": jnp.arange(k, dtype=jnp.int32)}
 
+    def _pad(self, x):
+        """Prepends the ``pad`` zero channels (a no-op when pad == 0)."""
+        if not self.pad:
+            return x
+        return jnp.concatenate([jnp.zeros((*x.shape[:-1], self.pad), x.dtype), x], axis=-1)
+
     def _transform(self, group_params, x, norm_weight, eps):
-        """RMSNorm -> rotation -> permutation (float), as the fused quantize kernel does."""
+        """RMSNorm -> rotation -> zero padding -> permutation (float), as the fused quantize
+        kernel does."""
         if norm_weight is not None:
             x = rms_norm(x, norm_weight, eps)
         if self.rotate:
             from comet_jax.quant import hadamard
 
             x = hadamard.hadamard_transform(x).astype(x.dtype)
+        x = self._pad(x)
         if self.permute:
             x = jnp.take(x, group_params["perm"], axis=-1)
         return x
@@ -334,8 +377,29 @@ class W4AxLinear:
                 x2 = rms_norm(x2, norm_weight, eps)
                 norm_weight = None
             x2 = hadamard.hadamard_transform(x2).astype(x2.dtype)
-        k = x2.shape[-1]
-        perm = group_params["perm"] if self.permute else jnp.arange(k, dtype=jnp.int32)
+        k4 = self.k4
+        zero_bytes = 0
+        if self.pad and self._zeros_packed_first:
+            # The zeros are the first pad channels of the INT4 segment: quantize the real
+            # channels alone (their permutation is perm[pad:] - pad; RMSNorm stays fused) and
+            # prepend the zeros' packed bytes. Same integers and scales as unpadded, bit for bit.
+            k4, zero_bytes = k4 - self.pad, self.pad // 2
+            real = jnp.arange(x2.shape[-1], dtype=jnp.int32)
+            if self.permute:
+                real = group_params["perm"][self.pad :] - self.pad
+            perm = real
+        else:
+            if self.pad:
+                # General case: the kernel's RMSNorm statistic would average over the zeros:
+                # normalize the unpadded rows here with the kernel's f32 expression
+                # ((x * rms_inv) * w, act_quant._normalize), pad, then quantize those values.
+                if norm_weight is not None:
+                    inv = aq.rms_inv(x2, eps)[:, None]
+                    x2 = (x2.astype(jnp.float32) * inv) * norm_weight.astype(jnp.float32)[None, :]
+                    norm_weight = None
+                x2 = self._pad(x2)
+            k = x2.shape[-1]
+            perm = group_params["perm"] if self.permute else jnp.arange(k, dtype=jnp.int32)
         kwargs = dict(
             norm_weight=norm_weight,
             eps=eps,
@@ -344,14 +408,23 @@ class W4AxLinear:
             tile_k=self.tile,
         )
         if self.mode == "pallas":
-            out = aq.act_quant(x2, perm, self.k4, interpret=self.interpret, **kwargs)
+            out = aq.act_quant(x2, perm, k4, interpret=self.interpret, **kwargs)
         else:
-            out = aq.act_quant_reference(x2, perm, self.k4, **kwargs)
+            out = aq.act_quant_reference(x2, perm, k4, **kwargs)
+        if zero_bytes:
+            x4 = out[0]
+            x4 = jnp.concatenate([jnp.zeros((x4.shape[0], zero_bytes), x4.dtype), x4], axis=-1)
+            out = (x4, *out[1:])
         return PreparedKernel(*out, jnp.dtype(x.dtype), tuple(lead))
+
+    @property
+    def _zeros_packed_first(self) -> bool:
+        """The pad zeros fill whole packing tiles at the start of the INT4 segment."""
+        return 0 < self.pad <= self.k4 and self.pad % self.tile == 0
 
     def chunks(self) -> tuple[tuple[int, int, int, int], ...]:
         """Static K chunks (lo, hi, x-scale column, w-scale column) of the epilogue."""
-        k, k4 = self.in_features, self.k4
+        k, k4 = self.padded_features, self.k4
         if self.act_granularity == "segment" and self.w_group is None:
             segs = ((0, k4, 0), (k4, k, 1))  # x_scales columns: (s4, s8)
             return tuple((lo, hi, col, 0) for lo, hi, col in segs if hi > lo)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 from typing import Any
 
 from comet_jax.quant.fmpq import FMPQConfig
@@ -55,6 +56,12 @@ class QuantRecipe:
       tile: INT4 packing tile (the kernel's K tile); must divide fmpq.block_size.
       kv4: simulate the INT4 KV cache (asymmetric, per token per head, groups of `kv_group`).
       kv_group: KV4 group size along head_dim.
+      kv_recent_window: simulation only. For a query at position t, the keys and values at
+        positions > t - kv_recent_window (the query itself and the W-1 tokens before it) stay
+        unquantized; older ones go through KV4, as a paged cache with a float window over its
+        most recent tokens would read them. 0 = every position KV4. Needs kv4. The serving
+        engine's paged cache and kernels do not implement it (docs/accuracy.md, "KV4 recent
+        bf16 window").
       rotation: online Hadamard rotation of every linear input (QuaRot-style), weights rotated
         offline to match.
       fold: fold permutations into producing weights where the math allows (down_proj input
@@ -79,6 +86,7 @@ class QuantRecipe:
     tile: int = 64
     kv4: bool = False
     kv_group: int = 64
+    kv_recent_window: int = 0
     rotation: bool = False
     fold: bool = True
     attn_out_foldable: bool = False
@@ -114,6 +122,15 @@ class QuantRecipe:
             )
         if self.kv_group not in KV_GROUPS:
             raise ValueError(f"kv_group={self.kv_group} must be one of {KV_GROUPS}")
+        w = self.kv_recent_window
+        if isinstance(w, bool) or not isinstance(w, numbers.Integral) or w < 0:
+            raise ValueError(f"kv_recent_window={w!r} must be an int >= 0 (0 = off)")
+        object.__setattr__(self, "kv_recent_window", int(w))  # numpy ints -> int (JSON)
+        if w and not self.kv4:
+            raise ValueError(
+                f"kv_recent_window={w} needs kv4=True (a float window of a float cache is "
+                "the float cache)"
+            )
         for name in ("w_clip", "act_clip"):
             v = getattr(self, name)
             if not 0.0 < v <= 1.0:
