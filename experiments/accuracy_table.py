@@ -197,26 +197,33 @@ def evaluate(config, qparams, recipe, plan, evals, batch_size):
     return out
 
 
+def tiny_model_and_text(austen_len: int, wiki_len: int):
+    """The --quick stand-in for the default model and text: a 2-layer random LLaMA and
+    random token streams of the given lengths (CPU smoke runs of the scripts)."""
+    from models.config import ModelConfig
+    from models.llama import LlamaForCausalLM, init_params
+
+    config = ModelConfig(
+        vocab_size=512,
+        hidden_size=128,
+        intermediate_size=384,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=64,
+        rms_norm_eps=1e-5,
+    )
+    params = init_params(LlamaForCausalLM(config), jax.random.key(0))
+    rng = np.random.RandomState(0)
+    austen = rng.randint(0, 512, austen_len).astype(np.int32)
+    wiki = rng.randint(0, 512, wiki_len).astype(np.int32)
+    return config, params, austen, wiki
+
+
 def run(args) -> dict:
     t_start = time.perf_counter()
     if args.quick:
-        from models.config import ModelConfig
-        from models.llama import LlamaForCausalLM, init_params
-
-        config = ModelConfig(
-            vocab_size=512,
-            hidden_size=128,
-            intermediate_size=384,
-            num_layers=2,
-            num_heads=4,
-            num_kv_heads=2,
-            head_dim=64,
-            rms_norm_eps=1e-5,
-        )
-        params = init_params(LlamaForCausalLM(config), jax.random.key(0))
-        rng = np.random.RandomState(0)
-        austen = rng.randint(0, 512, 64 * 40).astype(np.int32)
-        wiki = rng.randint(0, 512, 64 * 8).astype(np.int32)
+        config, params, austen, wiki = tiny_model_and_text(64 * 40, 64 * 8)
         model_name = "tiny random LLaMA (--quick)"
     else:
         config, params, austen, wiki = load_model_and_text(args.gguf, args.tokens)

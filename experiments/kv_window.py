@@ -94,23 +94,7 @@ def kv_cost(config, kv_group: int, windows, contexts=(1024, 2048)) -> dict:
 def run(args) -> dict:
     t_start = time.perf_counter()
     if args.quick:
-        from models.config import ModelConfig
-        from models.llama import LlamaForCausalLM, init_params
-
-        config = ModelConfig(
-            vocab_size=512,
-            hidden_size=128,
-            intermediate_size=384,
-            num_layers=2,
-            num_heads=4,
-            num_kv_heads=2,
-            head_dim=64,
-            rms_norm_eps=1e-5,
-        )
-        params = init_params(LlamaForCausalLM(config), jax.random.key(0))
-        rng = np.random.RandomState(0)
-        austen = rng.randint(0, 512, 64 * 8).astype(np.int32)
-        wiki = rng.randint(0, 512, 64 * 2).astype(np.int32)
+        config, params, austen, wiki = at.tiny_model_and_text(64 * 8, 64 * 2)
         model_name = "tiny random LLaMA (--quick)"
     else:
         config, params, austen, wiki = at.load_model_and_text(args.gguf, args.tokens)
