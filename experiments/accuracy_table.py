@@ -25,7 +25,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -42,6 +41,7 @@ from comet_jax.eval.perplexity import perplexity  # noqa: E402
 from comet_jax.quant.convert import quantize_model, quantized_model  # noqa: E402
 from comet_jax.quant.fmpq import FMPQConfig  # noqa: E402
 from comet_jax.quant.recipe import PRESETS, QuantRecipe  # noqa: E402
+from comet_jax.sweep import environment  # noqa: E402
 
 MAIN_ROWS = (
     ("bf16", "float (f32)"),
@@ -330,12 +330,7 @@ def run(args) -> dict:
         "rows": rows,
         "ablations": ablations,
         "comet_llama2_7b": COMET_L2_7B,
-        "platform": {
-            "jax": jax.__version__,
-            "backend": jax.default_backend(),
-            "device": str(jax.devices()[0]),
-            "python": platform.python_version(),
-        },
+        "platform": environment(),
         "seconds": time.perf_counter() - t_start,
     }
 

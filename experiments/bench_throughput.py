@@ -154,10 +154,7 @@ def profile_decode(engine: LLMEngine, batch: int, steps: int, prompt_len: int = 
     steps, then aborts the requests (pages freed). On a machine without a GPU the trace has
     no device kernels and only the wall time is reported.
     """
-    import glob
-    import tempfile
-
-    from pallas_kernels.timing import gpu_kernel_ns
+    from pallas_kernels.timing import traced_kernels
 
     vocab = engine.runner.model.config.vocab_size
     rng = np.random.default_rng(7)
@@ -172,15 +169,16 @@ def profile_decode(engine: LLMEngine, batch: int, steps: int, prompt_len: int = 
         engine.step()
     engine.step()  # one warm decode step outside the trace
     running = len(sched.running)
-    with tempfile.TemporaryDirectory() as d:
-        jax.profiler.start_trace(d)
+    walls = []
+
+    def run():  # wall time of the steps alone, not of starting and stopping the trace
         t0 = time.perf_counter()
         for _ in range(steps):
             engine.step()
-        wall = time.perf_counter() - t0
-        jax.profiler.stop_trace()
-        paths = glob.glob(f"{d}/**/*.xplane.pb", recursive=True)
-        total, count, _, per = gpu_kernel_ns(paths[0], by_name=True) if paths else (0, 0, [], {})
+        walls.append(time.perf_counter() - t0)
+
+    total, count, _, per = traced_kernels(run)
+    wall = walls[0]
     for rid in ids:
         engine.abort(rid)
     cats: dict[str, float] = {}

@@ -20,12 +20,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import platform
 import sys
 import time
 from pathlib import Path
-
-import jax
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -34,6 +31,7 @@ if str(ROOT) not in sys.path:
 from comet_jax.calibrate import collect_stats  # noqa: E402
 from comet_jax.quant.convert import quantize_model  # noqa: E402
 from comet_jax.quant.fmpq import FMPQConfig  # noqa: E402
+from comet_jax.sweep import environment  # noqa: E402
 from experiments.accuracy_table import (  # noqa: E402
     block_size_row,
     evaluate,
@@ -113,11 +111,7 @@ def main(argv=None) -> dict:
         "kv": "KV4, groups of 64",
         "int8_budget": args.int8_budget,
         "rows": rows,
-        "platform": {
-            "jax": jax.__version__,
-            "backend": jax.default_backend(),
-            "python": platform.python_version(),
-        },
+        "platform": environment(),
         "seconds": time.perf_counter() - t_start,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

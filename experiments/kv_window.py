@@ -28,12 +28,10 @@ import dataclasses
 import json
 import math
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 
-import jax
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,6 +46,7 @@ from comet_jax.quant import kv_quant  # noqa: E402
 from comet_jax.quant.convert import quantize_model  # noqa: E402
 from comet_jax.quant.fmpq import FMPQConfig  # noqa: E402
 from comet_jax.quant.recipe import QuantRecipe  # noqa: E402
+from comet_jax.sweep import environment  # noqa: E402
 
 
 def recipes(quantizer: str, kv_group: int, windows) -> list[tuple[str, str, QuantRecipe]]:
@@ -152,12 +151,7 @@ def run(args) -> dict:
         "windows": list(args.windows),
         "rows": rows,
         "kv_bytes": kv_cost(config, args.kv_group, args.windows),
-        "platform": {
-            "jax": jax.__version__,
-            "backend": jax.default_backend(),
-            "device": str(jax.devices()[0]),
-            "python": platform.python_version(),
-        },
+        "platform": environment(),
         "code": code_state(),
         "seconds": time.perf_counter() - t_start,
     }

@@ -113,20 +113,29 @@ class _ProfilerError(RuntimeError):
     pass
 
 
-def _profiled(many, arg_sets, reps, info):
+def traced_kernels(run) -> tuple:
+    """Runs ``run()`` under ``jax.profiler``; returns ``gpu_kernel_ns(..., by_name=True)`` of
+    the trace, ``(0, 0, [], {})`` when the profiler wrote none."""
     import jax
 
     with tempfile.TemporaryDirectory() as d:
         jax.profiler.start_trace(d)
         try:
-            for _ in range(reps):
-                jax.block_until_ready(many(arg_sets))
+            run()
         finally:
             jax.profiler.stop_trace()
         paths = glob.glob(f"{d}/**/*.xplane.pb", recursive=True)
-        if not paths:
-            raise _ProfilerError("jax.profiler wrote no .xplane.pb trace")
-        total, count, names, per_kernel = gpu_kernel_ns(paths[0], by_name=True)
+        return gpu_kernel_ns(paths[0], by_name=True) if paths else (0, 0, [], {})
+
+
+def _profiled(many, arg_sets, reps, info):
+    import jax
+
+    def run():
+        for _ in range(reps):
+            jax.block_until_ready(many(arg_sets))
+
+    total, count, names, per_kernel = traced_kernels(run)
     if count == 0:
         raise _ProfilerError(f"no GPU kernels found in the trace (lines: {names})")
     calls = reps * len(arg_sets)
@@ -140,4 +149,4 @@ def _profiled(many, arg_sets, reps, info):
     return total * 1e-9 / calls
 
 
-__all__ = ["device_time", "dispatch_time", "gpu_kernel_ns"]
+__all__ = ["device_time", "dispatch_time", "gpu_kernel_ns", "traced_kernels"]

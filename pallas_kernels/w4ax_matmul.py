@@ -475,9 +475,8 @@ def _xla_int8_call(x4_packed, x8, x_scales, w_packed, w_scales, bias, *, tile_k,
 
 
 def _dispatch(x4_packed, x8, x_scales, w_packed, w_scales, bias, *, cfg, raw, **kw):
-    if cfg.backend == "xla_int8":
-        if w_scales.ndim != 1:
-            raise ValueError("backend='xla_int8' takes per-channel w_scales [N] only")
+    # Group scales are not an xla_int8 epilogue: those calls run the kernel.
+    if cfg.backend == "xla_int8" and w_scales.ndim == 1:
         return _xla_int8_call(
             x4_packed, x8, x_scales, w_packed, w_scales, bias,
             tile_k=kw["tile_k"], out_dtype=kw["out_dtype"], raw=raw,
@@ -511,8 +510,6 @@ def w4ax_matmul(
     """W4Ax GEMM ``[M, N]`` (module docstring). ``config=None`` takes the tuning table."""
     m, n, k4, k8, _ = validate_args(x4_packed, x8, x_scales, w_packed, w_scales, bias, tile_k)
     cfg = _resolve_config(config, m, n, k4, k8, tile_k)
-    if cfg.backend == "xla_int8" and w_scales.ndim != 1:
-        cfg = dataclasses.replace(cfg, backend="pallas")  # groups: the kernel's epilogue
     return _dispatch(
         x4_packed,
         x8,

@@ -28,6 +28,16 @@ CFG = ModelConfig(
 )
 
 
+def assert_trees_equal(a, b):
+    """Same structure, dtypes and values, leaf by leaf (exact: a roundtrip copies bytes)."""
+    la, ta = jax.tree_util.tree_flatten(a)
+    lb, tb = jax.tree_util.tree_flatten(b)
+    assert ta == tb
+    for x, y in zip(la, lb):
+        assert x.dtype == y.dtype
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
 @pytest.mark.parametrize("name", ["fmpq_w4axkv4", "w8a8"])
 def test_roundtrip(tmp_path, name):
     params = init_params(LlamaForCausalLM(CFG), jax.random.key(1))
@@ -44,12 +54,7 @@ def test_roundtrip(tmp_path, name):
     cfg2, recipe2, qp2, plan2, rep2 = load_quantized(out)
     assert cfg2 == CFG and recipe2 == recipe and plan2 == plan
     assert rep2["int8_fraction"] == pytest.approx(rep.int8_fraction)
-    a, ta = jax.tree_util.tree_flatten(qp)
-    b, tb = jax.tree_util.tree_flatten(qp2)
-    assert ta == tb
-    for x, y in zip(a, b):
-        assert x.dtype == y.dtype
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert_trees_equal(qp, qp2)
     if name == "fmpq_w4axkv4":  # the runtime permutations and packed weights travel
         assert qp2["layers_0"]["attn_in"]["perm"].dtype == np.int32
         assert qp2["layers_0"]["q_proj"]["w_packed"].dtype == np.int8
@@ -90,12 +95,7 @@ def test_roundtrip_padded_128_blocks(tmp_path):
     assert cfg2 == CFG_PAD and recipe2 == recipe and recipe2.fmpq.pad_k and plan2 == plan
     assert plan2.backend_for(0, "q_proj").pad == 64
     assert [g["k_pad"] for g in rep2["groups"][:4]] == [256, 256, 256, 256]
-    a, ta = jax.tree_util.tree_flatten(qp)
-    b, tb = jax.tree_util.tree_flatten(qp2)
-    assert ta == tb
-    for x, y in zip(a, b):
-        assert x.dtype == y.dtype
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert_trees_equal(qp, qp2)
     y1, _ = quantized_model(CFG_PAD, recipe, plan).apply({"params": qp}, toks[:1])
     y2, _ = quantized_model(cfg2, recipe2, plan2).apply({"params": qp2}, toks[:1])
     np.testing.assert_array_equal(np.asarray(y1), np.asarray(y2))
