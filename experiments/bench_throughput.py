@@ -22,8 +22,10 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import platform
 import sys
+import tempfile
 import time
 
 import jax
@@ -89,6 +91,7 @@ def run_workload(engine: LLMEngine, n: int, prompt_len: int, out_len: int, seed:
             done[out.request_id] = now
 
     st0 = dataclasses.replace(engine.stats)
+    preempt0 = engine.scheduler.num_preemptions  # the engine's counter spans all workloads
     t0 = time.perf_counter()
     for _ in range(n):
         engine.add_request(None, rng.integers(0, vocab, prompt_len).tolist(), params, on_output)
@@ -117,7 +120,7 @@ def run_workload(engine: LLMEngine, n: int, prompt_len: int, out_len: int, seed:
         "host_s": host,
         "device_s": dev,
         "engine_overhead": host / max(host + dev, 1e-9),
-        "preemptions": engine.scheduler.num_preemptions,
+        "preemptions": engine.scheduler.num_preemptions - preempt0,
     }
 
 
@@ -147,19 +150,24 @@ def kernel_category(name: str) -> str:
     return "other"
 
 
-def profile_decode(engine: LLMEngine, batch: int, steps: int, prompt_len: int = 128) -> dict:
+def profile_decode(
+    engine: LLMEngine, batch: int, steps: int, prompt_len: int = 128, keep: str | None = None
+) -> dict:
     """Device time of steady-state decode steps at `batch`, by kernel, from a profiler trace.
 
     Submits `batch` requests, runs until every prompt is prefilled, traces `steps` decode
-    steps, then aborts the requests (pages freed). On a machine without a GPU the trace has
-    no device kernels and only the wall time is reported.
+    steps, then aborts the requests (pages freed). Besides kernel time it reports where the
+    step's wall time goes: the host's dispatch of the compiled step (`runner.run` until it
+    returns), and the trace's timeline (GPU span, busy, idle gaps, longest host events).
+    `keep`: also write the trace there. On a machine without a GPU the trace has no device
+    kernels and only the host side is reported.
     """
-    from pallas_kernels.timing import traced_kernels
+    from pallas_kernels.timing import timeline, traced_kernels
 
     vocab = engine.runner.model.config.vocab_size
     rng = np.random.default_rng(7)
-    params = SamplingParams(max_tokens=steps + 8, temperature=0.0, ignore_eos=True)
-    prompt_len = min(prompt_len, engine.config.max_model_len - steps - 9)
+    params = SamplingParams(max_tokens=2 * steps + 8, temperature=0.0, ignore_eos=True)
+    prompt_len = min(prompt_len, engine.config.max_model_len - 2 * steps - 9)
     ids = [
         engine.add_request(None, rng.integers(0, vocab, prompt_len).tolist(), params)
         for _ in range(batch)
@@ -169,7 +177,18 @@ def profile_decode(engine: LLMEngine, batch: int, steps: int, prompt_len: int = 
         engine.step()
     engine.step()  # one warm decode step outside the trace
     running = len(sched.running)
-    walls = []
+    t0 = time.perf_counter()
+    for _ in range(steps):  # the same steps untraced: the profiler slows every launch
+        engine.step()
+    untraced = (time.perf_counter() - t0) / steps
+    walls, dispatch = [], []
+    runner_run = engine.runner.run
+
+    def timed_run(inp, prev=None):
+        t0 = time.perf_counter()
+        out = runner_run(inp, prev)
+        dispatch.append(time.perf_counter() - t0)
+        return out
 
     def run():  # wall time of the steps alone, not of starting and stopping the trace
         t0 = time.perf_counter()
@@ -177,7 +196,14 @@ def profile_decode(engine: LLMEngine, batch: int, steps: int, prompt_len: int = 
             engine.step()
         walls.append(time.perf_counter() - t0)
 
-    total, count, _, per = traced_kernels(run)
+    engine.runner.run = timed_run
+    with tempfile.TemporaryDirectory() as d:
+        path = keep or os.path.join(d, "decode.xplane.pb")
+        try:
+            total, count, _, per = traced_kernels(run, keep=path)
+        finally:
+            del engine.runner.run  # back to the class method
+        tl = timeline(path) if os.path.exists(path) else {}
     wall = walls[0]
     for rid in ids:
         engine.abort(rid)
@@ -191,14 +217,18 @@ def profile_decode(engine: LLMEngine, batch: int, steps: int, prompt_len: int = 
         "steps": steps,
         "running": running,
         "step_wall_ms": 1e3 * wall / steps,
+        "step_wall_untraced_ms": 1e3 * untraced,
         "step_kernel_ms": total / steps / 1e6,
+        "step_dispatch_ms": 1e3 * sum(dispatch) / steps,
         "kernels_per_step": count / steps,
+        "timeline": tl,
         "by_category_us": dict(sorted(cats.items(), key=lambda kv: -kv[1])),
         "top_kernels_us": [(name, ns / steps / 1e3) for name, ns in top],
     }
 
 
-def bench_precision(args, model_config, precision: str) -> dict:
+def bench_precision(args, model_config, precision: str) -> list[dict]:
+    """Builds the engine for `precision`; returns one result row per scheduling mode."""
     mode = "pallas" if args.kernels == "pallas" else "sim"
     linear = precision_plan(model_config, precision, mode=mode, interpret=args.interpret)
     dtype = jnp.float32 if args.float32 else jnp.bfloat16
@@ -208,7 +238,7 @@ def bench_precision(args, model_config, precision: str) -> dict:
     row = {"precision": precision, "weight_gib": weight_bytes / 2**30}
     if limit is not None and weight_bytes > 0.95 * limit:
         row["status"] = f"does not fit: weights {weight_bytes / 2**30:.1f} GiB > device"
-        return row
+        return [row]
     t0 = time.perf_counter()
     params = random_params(model)
     jax.block_until_ready(params)
@@ -232,12 +262,27 @@ def bench_precision(args, model_config, precision: str) -> dict:
         + (args.max_batch,),
         prefill_batch_buckets=tuple(args.prefill_batch_buckets),
         chunk_buckets=tuple(args.chunk_buckets),
+        cuda_graphs=args.cuda_graphs,
     )
-    engine = LLMEngine.build(model_config, params, cfg, linear=linear, progress=not args.quiet)
-    row["compile_s"] = engine.compile_time_s
-    row["kv_pages"] = engine.allocator.capacity
-    row["kv_tokens"] = engine.allocator.capacity * cfg.page_size
-    row["capacity"] = engine.capacity.describe() if engine.capacity else None
+    built = LLMEngine.build(model_config, params, cfg, linear=linear, progress=not args.quiet)
+    row["compile_s"] = built.compile_time_s
+    row["kv_pages"] = built.allocator.capacity
+    row["kv_tokens"] = built.allocator.capacity * cfg.page_size
+    row["capacity"] = built.capacity.describe() if built.capacity else None
+    rows = []
+    for mode in args.modes:  # one compiled runner, an engine per scheduling mode
+        engine = LLMEngine(
+            dataclasses.replace(cfg, async_scheduling=mode == "async"),
+            built.runner,
+            capacity=built.capacity,
+            progress=False,
+        )
+        rows.append(_bench_engine(args, engine, dict(row, mode=mode)))
+    del built, engine, params
+    return rows
+
+
+def _bench_engine(args, engine: LLMEngine, row: dict) -> dict:
     row["max_throughput"] = []
     for i, (pin, pout) in enumerate(args.workloads):
         r = run_workload(engine, args.requests, pin, pout, seed=i)
@@ -252,39 +297,46 @@ def bench_precision(args, model_config, precision: str) -> dict:
         r["peak_mem_gib"] = (device_memory()[2] or 0) / 2**30
         row["fixed_batch"].append(r)
     if args.profile_batch:
-        row["decode_profile"] = profile_decode(engine, args.profile_batch, args.profile_steps)
+        tag = f"{row['precision']}_{row['mode']}"
+        keep = f"{os.path.splitext(args.out)[0]}_{tag}_decode.xplane.pb"
+        row["decode_profile"] = profile_decode(
+            engine, args.profile_batch, args.profile_steps, keep=keep if args.keep_trace else None
+        )
         print(json.dumps(row["decode_profile"], indent=1), file=sys.stderr, flush=True)
     assert engine.allocator.num_used == 0
     row["status"] = "ok"
-    del engine, params
     return row
 
 
 def print_table(results: list[dict]) -> None:
-    def key(r):
-        return r["requests"], r["input_len"], r["output_len"]
+    """One line per (precision, mode, run); "vs bf16" compares with bf16 in the same mode."""
+
+    def key(row, r):
+        return row.get("mode"), r["requests"], r["input_len"], r["output_len"]
 
     base = {
-        key(r): r["output_tok_per_s"]
+        key(row, r): r["output_tok_per_s"]
         for row in results
         if row["precision"] == "bf16" and row.get("status") == "ok"
         for r in row["max_throughput"] + row["fixed_batch"]
     }
     print(
-        f"\n{'precision':10} {'run':5} {'workload':>10} {'req':>5} {'batch':>5} {'out tok/s':>10} "
+        f"\n{'precision':16} {'run':5} {'workload':>10} {'req':>5} {'batch':>5} {'out tok/s':>10} "
         f"{'vs bf16':>8} {'TPOT ms':>8} {'overhead':>8} {'mem GiB':>8}"
     )
     for row in results:
+        label = f"{row['precision']}/{row.get('mode', '-')}"
         if row.get("status") != "ok":
-            print(f"{row['precision']:10} {row.get('status')}")
+            print(f"{label:16} {row.get('status')}")
             continue
         for run, r in [("max", r) for r in row["max_throughput"]] + [
             ("fixed", r) for r in row["fixed_batch"]
         ]:
-            rel = r["output_tok_per_s"] / base[key(r)] if key(r) in base else float("nan")
+            k = key(row, r)
+            rel = r["output_tok_per_s"] / base[k] if k in base else float("nan")
             tpot = f"{r['tpot_ms']:.2f}" if r["tpot_ms"] is not None else "-"
             print(
-                f"{row['precision']:10} {run:5} {r['input_len']:>5}/{r['output_len']:<4} "
+                f"{label:16} {run:5} {r['input_len']:>5}/{r['output_len']:<4} "
                 f"{r['requests']:>5} {r['batch_reached']:>5} {r['output_tok_per_s']:>10.1f} "
                 f"{rel:>8.2f} {tpot:>8} {r['engine_overhead']:>8.1%} "
                 f"{r['peak_mem_gib']:>8.2f}"
@@ -357,6 +409,19 @@ def parse_args(argv=None):
     p.add_argument("--float32", action="store_true", help="float32 compute (CPU)")
     p.add_argument("--quiet", action="store_true")
     p.add_argument(
+        "--no-cuda-graphs",
+        dest="cuda_graphs",
+        action="store_false",
+        help="XLA command buffers off (EngineConfig.cuda_graphs; on by default)",
+    )
+    p.add_argument(
+        "--modes",
+        type=lambda t: t.split(","),
+        default=["async"],
+        help="scheduling modes to run on each compiled engine: sync,async (async dispatches "
+        "step N+1 before reading step N's tokens, EngineConfig.async_scheduling)",
+    )
+    p.add_argument(
         "--compile-cache",
         default=None,
         help="persistent XLA compilation cache directory (re-runs skip compiles)",
@@ -368,6 +433,11 @@ def parse_args(argv=None):
         help="also trace steady decode steps at this batch: device time by kernel (0: off)",
     )
     p.add_argument("--profile-steps", type=int, default=8)
+    p.add_argument(
+        "--keep-trace",
+        action="store_true",
+        help="write the decode profile's trace beside --out (<out>_<precision>_decode.xplane.pb)",
+    )
     p.add_argument("--out", default="bench_throughput.json")
     args = p.parse_args(argv)
     if args.tiny:
@@ -405,7 +475,7 @@ def main(argv=None) -> int:
     results = []
     for precision in args.precisions.split(","):
         print(f"== {args.preset} {precision}", file=sys.stderr, flush=True)
-        results.append(bench_precision(args, model_config, precision))
+        results.extend(bench_precision(args, model_config, precision))
         _write_record(args, results)  # after each precision: a cut-off run keeps what it measured
     print_table(results)
     print(f"wrote {args.out}", file=sys.stderr)

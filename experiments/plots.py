@@ -255,8 +255,14 @@ def throughput(json_path: Path | None, out: Path) -> Path:
     ok = [r for r in d.get("results", []) if r.get("status") == "ok"]
     if not ok:
         raise Missing(f"{path.name} has no successful precision rows: {THR_PRODUCER}")
-    precs = [r["precision"] for r in ok]
-    base = next((r for r in ok if r["precision"] == "bf16"), None)
+    modes = {r.get("mode") for r in ok}
+
+    def label(r):  # rows are per (precision, scheduling mode) since the mode comparison
+        return f"{r['precision']}/{r['mode']}" if len(modes) > 1 else r["precision"]
+
+    precs = [label(r) for r in ok]
+    bases = {r.get("mode"): r for r in ok if r["precision"] == "bf16"}
+    base = next(iter(bases.values()), None)
     plt = _plt()
     fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(13, 4.5))
     wl = [(w["input_len"], w["output_len"]) for w in ok[0]["max_throughput"]]
@@ -265,17 +271,18 @@ def throughput(json_path: Path | None, out: Path) -> Path:
         tps = {
             (w["input_len"], w["output_len"]): w["output_tok_per_s"] for w in r["max_throughput"]
         }
+        mine = bases.get(r.get("mode"))
         ref = (
             {
                 (w["input_len"], w["output_len"]): w["output_tok_per_s"]
-                for w in base["max_throughput"]
+                for w in mine["max_throughput"]
             }
-            if base
+            if mine
             else None
         )
         vals = [tps.get(k, float("nan")) / (ref[k] if ref else 1.0) for k in wl]
         xs = [i + (j - (len(ok) - 1) / 2) * width for i in range(len(wl))]
-        bars = ax0.bar(xs, vals, width, label=r["precision"])
+        bars = ax0.bar(xs, vals, width, label=label(r))
         for bar, k in zip(bars, wl):
             if k in tps:
                 ax0.text(
@@ -292,7 +299,7 @@ def throughput(json_path: Path | None, out: Path) -> Path:
                 [w["requests"] for w in fb],
                 [w["output_tok_per_s"] for w in fb],
                 "-o",
-                label=r["precision"],
+                label=label(r),
             )
     ax0.set_xticks(range(len(wl)))
     ax0.set_xticklabels([f"{i}/{o}" for i, o in wl])

@@ -68,17 +68,9 @@ def gpu_kernel_ns(xplane_path: str, *, by_name: bool = False) -> tuple:
     from jax.profiler import ProfileData
 
     data = ProfileData.from_file(xplane_path)
-    lines = [
-        (f"{plane.name}/{line.name}", line)
-        for plane in data.planes
-        if plane.name.startswith("/device:GPU")
-        for line in plane.lines
-    ]
     # Raw stream lines hold the kernels; derived lines ("XLA Ops", "XLA Modules", "Steps")
     # repeat them and would double count.
-    streams = [(n, ln) for n, ln in lines if ln.name.startswith("Stream")]
-    if not streams:
-        streams = [(n, ln) for n, ln in lines if ln.name not in _DERIVED_LINES]
+    streams = _stream_lines(data)
     total, count, per = 0, 0, {}
     for _, line in streams:
         for ev in line.events:
@@ -113,9 +105,73 @@ class _ProfilerError(RuntimeError):
     pass
 
 
-def traced_kernels(run) -> tuple:
+def _stream_lines(data) -> list:
+    """``[(plane/line name, line)]`` of the GPU lines that hold kernels."""
+    lines = [
+        (f"{plane.name}/{line.name}", line)
+        for plane in data.planes
+        if plane.name.startswith("/device:GPU")
+        for line in plane.lines
+    ]
+    streams = [(n, ln) for n, ln in lines if ln.name.startswith("Stream")]
+    return streams or [(n, ln) for n, ln in lines if ln.name not in _DERIVED_LINES]
+
+
+def timeline(xplane_path: str, *, top: int = 12, min_gap_us: float = 5.0) -> dict:
+    """Where the GPU is idle in a trace: the span from the first kernel's start to the last
+    one's end, the busy time (union of kernel intervals over all streams), the idle gaps of
+    at least ``min_gap_us`` (count, sum, the ``top`` longest with the kernels around them),
+    and the host events with the largest total duration (name -> [count, total us])."""
+    from jax.profiler import ProfileData
+
+    data = ProfileData.from_file(xplane_path)
+    ivs = sorted(
+        (int(ev.start_ns), int(ev.start_ns + ev.duration_ns), ev.name)
+        for _, line in _stream_lines(data)
+        for ev in line.events
+    )
+    out: dict = {"kernels": len(ivs)}
+    if ivs:
+        busy, gaps = 0, []
+        cur_s, cur_e, cur_name = ivs[0]
+        for s, e, name in ivs[1:]:
+            if s > cur_e:
+                busy += cur_e - cur_s
+                if s - cur_e >= min_gap_us * 1e3:
+                    gaps.append(((s - cur_e) / 1e3, cur_name, name))
+                cur_s = s
+            if e > cur_e:
+                cur_e, cur_name = e, name
+        busy += cur_e - cur_s
+        span = max(e for _, e, _ in ivs) - ivs[0][0]
+        gaps.sort(key=lambda g: -g[0])
+        out.update(
+            span_us=span / 1e3,
+            busy_us=busy / 1e3,
+            idle_us=(span - busy) / 1e3,
+            gaps=len(gaps),
+            gap_sum_us=sum(g[0] for g in gaps),
+            top_gaps=[[round(g, 1), a, b] for g, a, b in gaps[:top]],
+        )
+    host: dict[str, list] = {}
+    for plane in data.planes:
+        if plane.name != "/host:CPU":
+            continue
+        for line in plane.lines:
+            for ev in line.events:
+                h = host.setdefault(ev.name, [0, 0.0])
+                h[0] += 1
+                h[1] += ev.duration_ns / 1e3
+    out["host_top_us"] = dict(sorted(host.items(), key=lambda kv: -kv[1][1])[: 3 * top])
+    return out
+
+
+def traced_kernels(run, *, keep: str | None = None) -> tuple:
     """Runs ``run()`` under ``jax.profiler``; returns ``gpu_kernel_ns(..., by_name=True)`` of
-    the trace, ``(0, 0, [], {})`` when the profiler wrote none."""
+    the trace, ``(0, 0, [], {})`` when the profiler wrote none. ``keep``: also copy the
+    trace's ``.xplane.pb`` to this path (for :func:`timeline` or TensorBoard)."""
+    import shutil
+
     import jax
 
     with tempfile.TemporaryDirectory() as d:
@@ -125,6 +181,8 @@ def traced_kernels(run) -> tuple:
         finally:
             jax.profiler.stop_trace()
         paths = glob.glob(f"{d}/**/*.xplane.pb", recursive=True)
+        if paths and keep:
+            shutil.copyfile(paths[0], keep)
         return gpu_kernel_ns(paths[0], by_name=True) if paths else (0, 0, [], {})
 
 

@@ -38,12 +38,31 @@ def test_kernel_category(bench, name, cat):
 def test_tiny_run_with_decode_profile(bench, tmp_path):
     out = tmp_path / "r.json"
     argv = ["--tiny", "--precisions", "bf16", "--quiet", "--out", str(out)]
-    argv += ["--profile-batch", "4", "--profile-steps", "2"]
+    argv += [
+        "--profile-batch",
+        "4",
+        "--profile-steps",
+        "2",
+        "--keep-trace",
+        "--modes",
+        "sync,async",
+    ]
     assert bench.main(argv) == 0
-    row = json.loads(out.read_text())["results"][0]
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["precision"], r["mode"]) for r in rows] == [("bf16", "sync"), ("bf16", "async")]
+    assert (
+        rows[1]["max_throughput"][0]["output_tokens"]
+        == rows[0]["max_throughput"][0]["output_tokens"]
+    )
+    row = rows[0]
     assert row["status"] == "ok"  # the script asserts no KV page leaked, profile included
     prof = row["decode_profile"]
     assert prof["running"] == 4 and prof["steps"] == 2 and prof["step_wall_ms"] > 0
     assert prof["step_kernel_ms"] == 0.0 and prof["top_kernels_us"] == []  # CPU: no GPU plane
+    assert 0 < prof["step_dispatch_ms"] <= prof["step_wall_ms"]
+    assert prof["step_wall_untraced_ms"] > 0
+    assert prof["timeline"]["kernels"] == 0 and "span_us" not in prof["timeline"]
+    assert any("step" in name for name in prof["timeline"]["host_top_us"])
+    assert (tmp_path / "r_bf16_async_decode.xplane.pb").stat().st_size > 0
     tput = row["max_throughput"][0]
     assert tput["output_tokens"] == tput["requests"] * tput["output_len"]

@@ -29,6 +29,7 @@ CFG = EngineConfig(
     chunk_buckets=(32,),
     compute_dtype="float32",
     kernels="reference",
+    async_scheduling=False,  # the `engine` fixture runs both modes
 )
 GREEDY = SamplingParams(max_tokens=6, temperature=0.0)
 
@@ -40,8 +41,18 @@ def model():
 
 
 @pytest.fixture(scope="module")
-def engine(model):
+def sync_engine(model):
     return LLMEngine.build(*model, CFG, progress=False)
+
+
+@pytest.fixture(scope="module", params=["sync", "async"])
+def engine(request, sync_engine):
+    """Both scheduling modes, one compiled runner (the async engine dispatches step N+1
+    before reading step N's tokens)."""
+    if request.param == "sync":
+        return sync_engine
+    cfg = dataclasses.replace(CFG, async_scheduling=True)
+    return LLMEngine(cfg, sync_engine.runner, progress=False)
 
 
 def prompts(seed, lengths, vocab=320):
@@ -85,7 +96,9 @@ def test_preemption_gives_the_same_tokens(engine):
     params = SamplingParams(max_tokens=20, temperature=0.0)
     want = engine.generate(ps, params)
     # 8 usable pages = 128 tokens for a load that needs ~420: preemption must kick in.
-    small = LLMEngine(dataclasses.replace(CFG, num_pages=9), engine.runner, progress=False)
+    small = LLMEngine(
+        dataclasses.replace(engine.config, num_pages=9), engine.runner, progress=False
+    )
     got = small.generate(ps, params)
     assert small.scheduler.num_preemptions > 0
     assert [g["token_ids"] for g in got] == [w["token_ids"] for w in want]
@@ -116,6 +129,82 @@ def test_no_recompilation_after_warmup(engine):
         engine.runner.run(
             __import__("comet_jax.engine.runner", fromlist=["x"]).StepInputs.zeros(3, 1, 8)
         )
+
+
+def test_sampler_variant_chosen_on_host(engine):
+    """Greedy-only batches run the sampler without the top-k/top-p filter, batches with a
+    filtering request the one with it (no device-side branch in either executable)."""
+    runner = engine.runner
+    calls = {False: 0, True: 0}
+    originals = dict(runner._compiled_samplers)
+    for (b, f), fn in originals.items():
+        runner._compiled_samplers[b, f] = lambda *a, fn=fn, f=f: (
+            calls.__setitem__(f, calls[f] + 1) or fn(*a)
+        )
+    try:
+        engine.generate(prompts(8, [5, 7]), GREEDY)
+        assert calls[False] > 0 and calls[True] == 0
+        engine.generate(prompts(8, [5]), SamplingParams(max_tokens=3, temperature=1, top_k=4))
+        assert calls[True] > 0
+    finally:
+        runner._compiled_samplers.update(originals)
+    hlo = runner._compiled[4, 1, CFG.max_pages_per_seq].as_text()
+    assert "conditional" not in hlo  # the model executable has no host-synchronising branch
+
+
+def test_cuda_graphs_option():
+    from comet_jax.engine.runner import _compiler_options
+
+    assert _compiler_options(False) == {"xla_gpu_enable_command_buffer": ""}
+    assert _compiler_options(True) == {}
+    with pytest.raises(ValueError, match="cuda_graphs"):
+        dataclasses.replace(CFG, cuda_graphs="yes")
+
+
+def test_async_mode_same_streams_under_pressure(sync_engine):
+    """A mixed load (greedy and seeded top-k/top-p, stop tokens, max_tokens 1..12, a pool
+    small enough to preempt, one abort mid-way) gives identical per-request token streams,
+    finish reasons and zero leaked pages in both scheduling modes."""
+    ps = prompts(11, [3, 30, 1, 25, 40, 12, 35, 9])
+    full = sync_engine.generate(ps[:1], SamplingParams(max_tokens=8, temperature=0))[0]
+    sps = [
+        SamplingParams(max_tokens=8, temperature=0, stop_token_ids=(full["token_ids"][2],)),
+        SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=5),
+        SamplingParams(max_tokens=1, temperature=0),
+        SamplingParams(max_tokens=10, temperature=0.7, top_k=5, seed=6),
+        SamplingParams(max_tokens=12, temperature=0),
+        SamplingParams(max_tokens=2, temperature=1.0, seed=7),
+        SamplingParams(max_tokens=11, temperature=0),
+        SamplingParams(max_tokens=12, temperature=0),
+    ]
+
+    def run(async_scheduling):
+        cfg = dataclasses.replace(CFG, num_pages=12, async_scheduling=async_scheduling)
+        eng = LLMEngine(cfg, sync_engine.runner, progress=False)
+        events = {}
+        ids = [
+            eng.add_request(f"r{i}", p, sp, lambda o: events.setdefault(o.request_id, []).append(o))
+            for i, (p, sp) in enumerate(zip(ps, sps))
+        ]
+        steps = 0
+        while eng.has_unfinished():
+            eng.step()
+            steps += 1
+            if steps == 6:
+                assert eng.abort(ids[7])
+        assert eng.allocator.num_used == 0 and eng.scheduler.num_preemptions > 0
+        out = {}
+        for rid, evs in events.items():
+            toks = [t for e in evs for t in e.new_token_ids]
+            assert all(t >= 0 for t in toks)  # no PENDING placeholder ever leaves the engine
+            assert evs[-1].num_output_tokens == len(toks)
+            out[rid] = (toks, evs[-1].finish_reason)
+        return out
+
+    sync, async_ = run(False), run(True)
+    assert async_ == sync
+    assert sync["r0"] == (full["token_ids"][:2], "stop")
+    assert len(sync["r2"][0]) == 1 and sync["r7"][1] == "abort"
 
 
 def test_abort_frees_pages_at_once(engine):

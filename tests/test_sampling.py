@@ -10,6 +10,7 @@ from comet_jax.engine.sampling import (
     SamplingParams,
     TextStream,
     _filter_top_k_top_p,
+    needs_filter,
     sample_tokens,
 )
 
@@ -41,6 +42,30 @@ def test_filter_matches_sort_reference():
     for i in range(B):
         want = reference_support(logits[i], int(top_k[i]), float(top_p[i]))
         np.testing.assert_array_equal(got[i], want, err_msg=f"row {i}")
+
+
+def test_host_chosen_filter_matches_device_choice():
+    """The engine picks `filtered` on the host; each static choice equals lax.cond's."""
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(B, V)).astype(np.float32)
+    temp = np.linspace(0.5, 1.5, B).astype(np.float32)
+    seeds, counters = np.arange(B, dtype=np.int32), np.full(B, 2, np.int32)
+    static = {f: jax.jit(lambda *a, f=f: sample_tokens(*a, filtered=f)) for f in (False, True)}
+    off_k, off_p = np.zeros(B, np.int32), np.ones(B, np.float32)
+    on_k = off_k.copy()
+    on_k[2] = 3
+    on_p = off_p.copy()
+    on_p[5] = 0.5
+    for top_k, top_p, want in [(off_k, off_p, False), (on_k, off_p, True), (off_k, on_p, True)]:
+        assert needs_filter(top_k, top_p) is want
+        args = (logits, temp, top_k, top_p, seeds, counters)
+        device = np.asarray(sample(*args))
+        np.testing.assert_array_equal(np.asarray(static[want](*args)), device)
+        # The filter leaves rows with top_k 0 / top_p 1 unchanged: True is always correct.
+        np.testing.assert_array_equal(np.asarray(static[True](*args)), device)
+    # With a filtering row present, skipping the filter would be wrong for that row.
+    args = (logits, temp, on_k, off_p, seeds, counters)
+    assert reference_support(logits[2], 3, 1.0)[int(np.asarray(static[True](*args))[2])]
 
 
 def test_greedy_seeded_and_batch_independent():

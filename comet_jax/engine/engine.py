@@ -49,7 +49,7 @@ from comet_jax.engine.runner import (
     with_kernel_mode,
 )
 from comet_jax.engine.sampling import SamplingParams, TextStream
-from comet_jax.engine.scheduler import Chunk, FinishReason, Scheduler
+from comet_jax.engine.scheduler import PENDING, Chunk, FinishReason, Scheduler
 from comet_jax.engine.scheduler import Sequence as Seq
 
 
@@ -117,6 +117,10 @@ class LLMEngine:
         self._requests: dict[str, _Request] = {}
         self._lock = threading.RLock()
         self._ids = itertools.count()
+        # Asynchronous mode: the dispatched step whose tokens are not processed yet, as
+        # (committed rows per call, (decode tokens, prefill tokens) device arrays).
+        self._inflight: tuple | None = None
+        self._inflight_slots: dict[int, int] = {}
         self.compile_time_s = 0.0
         if config.aot_compile:
             self.compile_all(progress=progress)
@@ -187,7 +191,14 @@ class LLMEngine:
                     f"tp={config.tp} needs {config.tp} devices, found {jax.device_count()}"
                 )
             mesh = make_mesh(config.tp)
-        runner = ModelRunner(model, params, cache_config, mesh=mesh)
+        runner = ModelRunner(
+            model,
+            params,
+            cache_config,
+            mesh=mesh,
+            cuda_graphs=config.cuda_graphs,
+            out_size=max(config.decode_bucket_list[-1], config.prefill_batch_bucket_list[-1]),
+        )
         return cls(config, runner, tokenizer=tokenizer, capacity=plan, progress=progress)
 
     # -- compilation -----------------------------------------------------------------------------
@@ -283,7 +294,13 @@ class LLMEngine:
         inp = StepInputs.zeros(batch, length, pages)
         for i, c in enumerate(chunks):
             seq = c.seq
-            inp.tokens[i, : c.length] = seq.token_slice(c.start, c.start + c.length)
+            ids = seq.token_slice(c.start, c.start + c.length)
+            if ids[-1] == PENDING:  # sampled by the step in flight: read on the device
+                if c.length != 1 or id(seq) not in self._inflight_slots:
+                    raise RuntimeError(f"{seq.request_id}: pending token cannot be supplied")
+                inp.src[i] = self._inflight_slots[id(seq)]
+                ids = [0]
+            inp.tokens[i, : c.length] = ids
             inp.start[i] = c.start
             inp.num_valid[i] = c.length
             inp.page_table[i, : len(seq.pages)] = seq.pages
@@ -295,13 +312,20 @@ class LLMEngine:
         return inp
 
     def step(self) -> list[RequestOutput]:
-        """Runs one engine step; returns the outputs it produced (also sent to callbacks)."""
+        """Runs one engine step; returns the outputs it produced (also sent to callbacks).
+
+        Synchronous mode: schedule, dispatch, wait for the sampled tokens, process them. With
+        `config.async_scheduling`, the tokens processed are those of the previous step: this
+        step is scheduled and dispatched first (its decode rows read the in-flight tokens on
+        the device), so the host's scheduling, input building and output handling overlap
+        the device's work instead of leaving it idle between steps. The token streams are the
+        same in both modes; a request that stops at a token also occupies a row of the next
+        step, whose output is dropped.
+        """
         cfg = self.config
         t0 = time.perf_counter()
         with self._lock:
             plan = self.scheduler.schedule()
-            if plan.empty:
-                return []
             calls = []
             if plan.decode:
                 calls.append((plan.decode, self._inputs(plan.decode, cfg.decode_bucket_list, 1)))
@@ -314,19 +338,38 @@ class LLMEngine:
                         self._inputs(plan.prefill, cfg.prefill_batch_bucket_list, length),
                     )
                 )
+            # Commit at dispatch: outputs get PENDING placeholders, resolved below.
+            committed = [[(c, self.scheduler.commit(c)) for c in chunks] for chunks, _ in calls]
+        if not calls and self._inflight is None:
+            return []
         t1 = time.perf_counter()
-        pending = [(chunks, self.runner.run(inp)) for chunks, inp in calls]
-        results = [(chunks, np.asarray(toks)) for chunks, toks in pending]
+        prev = self._inflight[1] if self._inflight is not None else None
+        tokens = [self.runner.run(inp, prev) for _, inp in calls]
+        dispatched = (committed, self._pad_calls(tokens)) if calls else None
+        if cfg.async_scheduling:
+            done, self._inflight = self._inflight, dispatched
+        else:
+            done = dispatched
+        self._inflight_slots = self._slots(self._inflight)
+        results = []
+        if done is not None:
+            results = [(rows, np.asarray(t)) for rows, t in zip(*done) if rows]
         t2 = time.perf_counter()
         outputs = []
         with self._lock:
-            for chunks, toks in results:
-                for c, tok in zip(chunks, toks[: len(chunks)]):
-                    if not self.scheduler.complete(c, int(tok)):
+            for rows, toks in results:
+                for (c, index), tok in zip(rows, toks):
+                    seq = c.seq
+                    if index is None:
+                        if not seq.finished:
+                            self.stats.processed_tokens += c.length
+                        continue
+                    if not self.scheduler.resolve(seq, index, int(tok)):
                         continue
                     self.stats.processed_tokens += c.length
-                    if c.samples:
-                        outputs.append(self._after_token(self._requests[c.seq.request_id]))
+                    req = self._requests.get(seq.request_id)
+                    if req is not None:
+                        outputs.append(self._after_token(req, index))
             st = self.stats
             st.steps += 1
             st.decode_calls += bool(plan.decode)
@@ -335,32 +378,57 @@ class LLMEngine:
             st.device_time_s += t2 - t1
         return outputs
 
-    def _after_token(self, req: _Request) -> RequestOutput:
-        """Stop checks after a sampled token; emits the delta."""
+    def _pad_calls(self, tokens: list) -> tuple:
+        """The step's sampler outputs as (decode, prefill) slots for the next step's `prev`."""
+        tokens = list(tokens) + [self.runner.no_tokens] * (2 - len(tokens))
+        return tuple(tokens)
+
+    def _slots(self, inflight) -> dict[int, int]:
+        """id(seq) -> index into concat(prev_a, prev_b) of its in-flight sampled token."""
+        if inflight is None:
+            return {}
+        committed, _ = inflight
+        width = self.runner.token_slots(1)
+        return {
+            id(c.seq): k * width + i
+            for k, rows in enumerate(committed)
+            for i, (c, index) in enumerate(rows)
+            if index is not None
+        }
+
+    def _after_token(self, req: _Request, index: int) -> RequestOutput:
+        """Stop checks after the sampled token at output `index` (tokens after it may still be
+        PENDING); emits the delta."""
         seq = req.seq
         self.stats.generated_tokens += 1
-        token = seq.output_ids[-1]
+        token = seq.output_ids[index]
+        done = index + 1
         reason = None
         if token in req.stop_ids:
-            seq.output_ids.pop()  # the stop token is not part of the completion
+            done = index  # the stop token is not part of the completion
             reason = FinishReason.STOP
-        elif len(seq.output_ids) >= seq.params.max_tokens:
+        elif done >= seq.params.max_tokens:
             reason = FinishReason.LENGTH
-        elif seq.num_tokens >= self.config.max_model_len:
+        elif len(seq.prompt_ids) + done >= self.config.max_model_len:
             reason = FinishReason.LENGTH
         delta = ""
         if req.text is not None:
-            delta = req.text.push(seq.output_ids, final=reason is not None)
+            delta = req.text.push(seq.output_ids[:done], final=reason is not None)
             if req.text.stopped:
                 reason = FinishReason.STOP
         if reason is not None:
+            del seq.output_ids[done:]  # the stop token and any PENDING after it
             self.scheduler.finish(seq, reason)
             self.stats.requests_finished += 1
-        return self._emit(req, seq.output_ids[req.sent :], delta)
+        return self._emit(req, seq.output_ids[req.sent : done], delta, sent=done)
 
-    def _emit(self, req: _Request, new_ids: list[int], text: str) -> RequestOutput:
+    def _emit(
+        self, req: _Request, new_ids: list[int], text: str, sent: int | None = None
+    ) -> RequestOutput:
         seq = req.seq
-        req.sent = len(seq.output_ids)
+        if seq.finished:  # aborted or stopped: nothing PENDING remains
+            seq.output_ids[:] = [t for t in seq.output_ids if t != PENDING]
+        req.sent = len(seq.output_ids) if sent is None else min(sent, len(seq.output_ids))
         out = RequestOutput(
             request_id=seq.request_id,
             new_token_ids=tuple(new_ids),
@@ -368,7 +436,7 @@ class LLMEngine:
             finished=seq.finished,
             finish_reason=seq.finish_reason.value if seq.finish_reason else None,
             num_prompt_tokens=len(seq.prompt_ids),
-            num_output_tokens=len(seq.output_ids),
+            num_output_tokens=req.sent,
         )
         if seq.finished:
             del self._requests[seq.request_id]

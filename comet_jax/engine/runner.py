@@ -11,6 +11,17 @@ One step function serves decode and prefill: it takes a padded batch of token sl
 writes the rows' K/V into the cache, attends over each row's pages, and samples one token per
 row from the logits of its last valid token. Only [B] int32 leaves the device.
 
+It runs as two executables: the model (tokens, positions, page table -> last-position logits
+[B, V] f32, cache updated in place) and the sampler (logits + sampling arrays -> tokens). The
+host chooses the sampler variant (with or without the top-k/top-p filter) from the batch's
+parameters: a device-side choice (`lax.cond`) made the host wait for the whole model to run
+before it could go on, on every step (measured on an H100: 7-8 ms of an 18 ms decode step).
+With XLA command buffers (CUDA graphs, `cuda_graphs`), launching the step's 500-1000-node
+graph takes the host 2.5-4.5 ms; without them the one-by-one launches take longer than the
+kernels run. Either way the launch only stops idling the GPU when it overlaps the previous
+step, which is what the engine's asynchronous scheduling does (the previous step's sampled
+tokens are read on the device: `ModelInputs.src`).
+
 The model sees attention through `PagedAttention` (the models/attention.py protocol): its
 cache state is a `PagedState` holding the whole `kv_cache.PagedKVCache` (all layers) plus the
 batch's page table; each layer writes its slice and attends with `kv_cache.paged_attention`
@@ -21,6 +32,7 @@ or interpret mode on CPU).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -28,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from comet_jax.engine import kv_cache
-from comet_jax.engine.sampling import sample_tokens
+from comet_jax.engine.sampling import needs_filter, sample_tokens
 
 
 class PagedState(NamedTuple):
@@ -90,6 +102,24 @@ class PagedAttention:
         return out.astype(q.dtype), state._replace(cache=cache)
 
 
+class ModelInputs(NamedTuple):
+    """The model executable's share of `StepInputs`, plus the previous step's sampled tokens.
+
+    A decode row whose input token was sampled by the step still in flight (asynchronous
+    scheduling) names it in `src`: tokens[i, 0] is replaced on the device by
+    concat(prev_a, prev_b)[src[i]] when src[i] >= 0. prev_a, prev_b: [S] int32, the padded
+    outputs of the previous step's two sampler calls (decode, prefill).
+    """
+
+    tokens: Any  # [B, T] int32
+    start: Any  # [B] int32
+    num_valid: Any  # [B] int32
+    page_table: Any  # [B, P] int32
+    src: Any  # [B] int32, -1: the host's token
+    prev_a: Any  # [S] int32
+    prev_b: Any  # [S] int32
+
+
 class StepInputs(NamedTuple):
     """Host-built (numpy) inputs of one step; see the module docstring for shapes."""
 
@@ -102,6 +132,7 @@ class StepInputs(NamedTuple):
     top_p: np.ndarray
     seeds: np.ndarray
     counters: np.ndarray
+    src: np.ndarray
 
     @staticmethod
     def zeros(batch: int, length: int, pages: int) -> StepInputs:
@@ -116,29 +147,64 @@ class StepInputs(NamedTuple):
             top_p=np.ones(batch, np.float32),
             seeds=i32(batch),
             counters=i32(batch),
+            src=np.full(batch, -1, np.int32),
         )
 
     def abstract(self) -> StepInputs:
         return StepInputs(*(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in self))
 
+    def model_inputs(self, prev_a, prev_b) -> ModelInputs:
+        return ModelInputs(
+            self.tokens, self.start, self.num_valid, self.page_table, self.src, prev_a, prev_b
+        )
 
-def make_step_fn(model):
-    """The pure step: (params, cache, StepInputs) -> (next_tokens [B] int32, cache)."""
+    def sampling_inputs(self) -> tuple:
+        return self.temperature, self.top_k, self.top_p, self.seeds, self.counters
 
-    def step(params, cache, inp: StepInputs):
+
+def make_logits_fn(model):
+    """The model executable: (params, cache, ModelInputs) -> (logits [B, V] f32 at each row's
+    last valid token, cache)."""
+
+    def logits_step(params, cache, inp: ModelInputs):
         t = inp.tokens.shape[1]
+        prev = jnp.concatenate([inp.prev_a, inp.prev_b])
+        first = jnp.where(inp.src >= 0, prev[jnp.clip(inp.src, 0, prev.shape[0] - 1)], 0)
+        tokens = inp.tokens.at[:, 0].set(jnp.where(inp.src >= 0, first, inp.tokens[:, 0]))
         positions = inp.start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
         state = PagedState(cache, inp.page_table, inp.start, inp.num_valid)
         last = jnp.maximum(inp.num_valid - 1, 0)
         logits, state = model.apply(
-            {"params": params}, inp.tokens, positions, cache=state, logits_at=last
+            {"params": params}, tokens, positions, cache=state, logits_at=last
         )
-        next_tokens = sample_tokens(
-            logits[:, 0], inp.temperature, inp.top_k, inp.top_p, inp.seeds, inp.counters
-        )
-        return next_tokens, state.cache
+        return logits[:, 0].astype(jnp.float32), state.cache
+
+    return logits_step
+
+
+def make_step_fn(model, filtered: bool | None = None):
+    """One function for the whole step: (params, cache, StepInputs) -> (next_tokens [B] int32,
+    cache). The engine runs the two halves as separate executables (module docstring); this
+    fused form serves tests and benchmarks that want a single jitted step."""
+    logits_step = make_logits_fn(model)
+
+    def step(params, cache, inp: StepInputs):
+        none = jnp.zeros((1,), jnp.int32)
+        logits, cache = logits_step(params, cache, inp.model_inputs(none, none))
+        return sample_tokens(logits, *inp.sampling_inputs(), filtered=filtered), cache
 
     return step
+
+
+def _padded_sample(logits, *sampling, size: int, filtered: bool) -> jax.Array:
+    tokens = sample_tokens(logits, *sampling, filtered=filtered)
+    return jnp.pad(tokens, (0, max(size - tokens.shape[0], 0)))
+
+
+def _compiler_options(cuda_graphs: bool) -> dict:
+    # XLA's default enables command buffers for fusions, cuBLAS and custom calls; an empty
+    # list turns them off (kernels are launched one by one). Ignored on CPU.
+    return {} if cuda_graphs else {"xla_gpu_enable_command_buffer": ""}
 
 
 def resolve_kernels(kernels: str, interpret: bool) -> tuple[str, str]:
@@ -221,10 +287,25 @@ class ModelRunner:
     steady-state serving never recompiles.
     """
 
-    def __init__(self, model, params, cache_config: kv_cache.KVCacheConfig, mesh=None):
+    def __init__(
+        self,
+        model,
+        params,
+        cache_config: kv_cache.KVCacheConfig,
+        mesh=None,
+        *,
+        cuda_graphs: bool = False,
+        out_size: int = 0,
+    ):
         # mesh: a `comet_jax.parallel.make_mesh(tp)` mesh runs the steps tensor-parallel
         # (params and KV cache sharded, see comet_jax/parallel); None: one device.
+        # cuda_graphs: let XLA run the executables as CUDA graphs (module docstring).
+        # out_size: the samplers pad their [B] tokens to [max(B, out_size)] (one shape for the
+        # next step's `prev_a`/`prev_b` whatever the bucket); the engine passes its largest
+        # batch bucket.
         self.mesh = mesh
+        self.compiler_options = _compiler_options(cuda_graphs)
+        self.out_size = out_size
         if mesh is not None:
             from comet_jax.parallel import sharded_runner as sr
 
@@ -238,33 +319,73 @@ class ModelRunner:
             # init_cache shares one zeros buffer between k and v (and the four scale arrays);
             # the step donates the cache, and a buffer cannot be donated twice: copy each leaf.
             self.cache = jax.tree.map(jnp.copy, kv_cache.init_cache(cache_config))
-            self._jit = jax.jit(make_step_fn(model), donate_argnums=(1,))
+            self._jit = jax.jit(make_logits_fn(model), donate_argnums=(1,))
+            jit_sampler = jax.jit
         else:
             self.cache = sr.init_sharded_cache(cache_config, mesh)  # distinct buffers
-            self._jit = sr.jit_step(make_step_fn(model), mesh, params, self.cache, model.config)
+            self._jit = sr.jit_step(make_logits_fn(model), mesh, params, self.cache, model.config)
+            jit_sampler = sr.jit_replicated(mesh)
+        self._samplers = {
+            f: jit_sampler(functools.partial(_padded_sample, size=out_size, filtered=f))
+            for f in (False, True)
+        }
         self._compiled: dict[tuple[int, int, int], Any] = {}
+        self._compiled_samplers: dict[tuple[int, bool], Any] = {}
         self.allow_lazy = True
+        self.no_tokens = self._replicated(np.zeros(self.token_slots(1), np.int32))
+
+    def token_slots(self, batch: int) -> int:
+        """Length of a sampler's output for a batch of `batch` rows."""
+        return max(batch, self.out_size)
+
+    def _replicated(self, x: np.ndarray) -> jax.Array:
+        if self.mesh is None:
+            return jax.device_put(x)
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        return jax.device_put(x, NamedSharding(self.mesh, PartitionSpec()))
 
     @property
     def num_compilations(self) -> int:
         return len(self._compiled)
 
     def compile(self, batch: int, length: int, pages: int) -> None:
+        """Compiles the model executable for this shape and both samplers for `batch`."""
         key = (batch, length, pages)
-        if key in self._compiled:
-            return
-        abstract = StepInputs.zeros(batch, length, pages).abstract()
-        self._compiled[key] = self._jit.lower(self.params, self.cache, abstract).compile()
+        if key not in self._compiled:
+            abstract = StepInputs.zeros(batch, length, pages).abstract()
+            prev = jax.ShapeDtypeStruct((self.token_slots(1),), jnp.int32)
+            lowered = self._jit.lower(self.params, self.cache, abstract.model_inputs(prev, prev))
+            self._compiled[key] = lowered.compile(compiler_options=self.compiler_options)
+        vocab = self.model.config.vocab_size
+        for f in (False, True):
+            if (batch, f) in self._compiled_samplers:
+                continue
+            args = (jax.ShapeDtypeStruct((batch, vocab), jnp.float32),)
+            args += StepInputs.zeros(batch, 1, 1).abstract().sampling_inputs()
+            lowered = self._samplers[f].lower(*args)
+            self._compiled_samplers[batch, f] = lowered.compile(
+                compiler_options=self.compiler_options
+            )
 
-    def run(self, inp: StepInputs) -> jax.Array:
-        """Dispatches one step; returns next_tokens [B] int32 (a device array, not waited on)."""
+    def run(self, inp: StepInputs, prev: tuple | None = None) -> jax.Array:
+        """Dispatches one step; returns next_tokens [token_slots(B)] int32 (a device array, not
+        waited on; rows past B are padding). prev: the (decode, prefill) token arrays of the
+        step in flight that `inp.src` points into (None: src must be all -1)."""
         key = (*inp.tokens.shape, inp.page_table.shape[1])
+        filtered = needs_filter(inp.top_k, inp.top_p)
         if key not in self._compiled:
             if not self.allow_lazy:
                 raise RuntimeError(f"step shape {key} was not compiled at start-up")
             self.compile(*key)
-        next_tokens, self.cache = self._compiled[key](self.params, self.cache, inp)
-        return next_tokens
+        if prev is None:
+            if (inp.src >= 0).any():
+                raise ValueError("inp.src points into a previous step's tokens but prev is None")
+            prev = (self.no_tokens, self.no_tokens)
+        model_inputs = inp.model_inputs(*prev)
+        logits, self.cache = self._compiled[key](self.params, self.cache, model_inputs)
+        sampler = self._compiled_samplers[key[0], filtered]
+        return sampler(logits, *inp.sampling_inputs())
 
 
 # Random-weight model shapes for tests and benchmarks (name -> ModelConfig kwargs).

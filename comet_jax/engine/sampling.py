@@ -1,7 +1,8 @@
 """Token sampling: per-request parameters, the batched on-device sampler, and stop handling.
 
-`sample_tokens` runs inside the jitted step on the last-position logits of each row, so only
-B int32 token ids leave the device per step. Each row has its own temperature, top-k, top-p
+`sample_tokens` runs on the device over the last-position logits of each row (in the engine,
+as a small jitted function after the model's step), so only B int32 token ids leave the
+device per step. Each row has its own temperature, top-k, top-p
 and seed; the random key of a row is determined by (seed, counter) with counter = the
 index of the token being generated, so a request's samples do not depend on which other
 requests share its batch (and a recomputed request after preemption draws the same tokens).
@@ -19,6 +20,7 @@ from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +101,11 @@ def _filter_top_k_top_p(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array) -
     return jnp.where(scaled >= t_p[:, None], scaled, neg_inf)
 
 
+def needs_filter(top_k, top_p) -> bool:
+    """Host-side: whether any row of a batch uses top-k or top-p (numpy [B] arrays)."""
+    return bool(np.any(np.asarray(top_k) > 0) or np.any(np.asarray(top_p) < 1.0))
+
+
 def sample_tokens(
     logits: jax.Array,
     temperature: jax.Array,
@@ -106,21 +113,34 @@ def sample_tokens(
     top_p: jax.Array,
     seeds: jax.Array,
     counters: jax.Array,
+    *,
+    filtered: bool | None = None,
 ) -> jax.Array:
     """Samples one token per row.
 
     logits: [B, V] f32; temperature, top_p: [B] f32; top_k, seeds, counters: [B] int32.
-    Returns [B] int32. Rows with temperature 0 are greedy. The top-k/top-p filter runs only
-    when some row uses it.
+    Returns [B] int32. Rows with temperature 0 are greedy.
+    filtered: whether the top-k/top-p filter runs. None decides on the device (`lax.cond`
+    over "some row uses it"); on a GPU that copies the predicate to the host and blocks the
+    host until every kernel before it has run, so the engine decides on the host instead
+    (`needs_filter`) and passes True/False (static: one compiled sampler each). A row with
+    top_k 0 and top_p 1 is unchanged by the filter, so True is always correct, only slower.
     """
     logits = logits.astype(jnp.float32)
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     t = jnp.where(temperature > 0, temperature, 1.0)
     scaled = logits / t[:, None]
-    needs_filter = jnp.any((top_k > 0) | (top_p < 1.0))
-    scaled = jax.lax.cond(
-        needs_filter, _filter_top_k_top_p, lambda s, k, p: s, scaled, top_k, top_p
-    )
+    if filtered is None:
+        scaled = jax.lax.cond(
+            jnp.any((top_k > 0) | (top_p < 1.0)),
+            _filter_top_k_top_p,
+            lambda s, k, p: s,
+            scaled,
+            top_k,
+            top_p,
+        )
+    elif filtered:
+        scaled = _filter_top_k_top_p(scaled, top_k, top_p)
     u = _uniform_noise(seeds, counters, scaled.shape[-1])
     drawn = jnp.argmax(scaled - jnp.log(-jnp.log(u)), axis=-1).astype(jnp.int32)  # Gumbel-max
     return jnp.where(temperature > 0, drawn, greedy)

@@ -14,6 +14,9 @@ row). When a slice ends at the last token, the step samples the next token from 
      free pages for their first chunk remain. Admission never preempts.
 A preempted sequence later re-prefills prompt + generated tokens and continues; its sampler
 counter is the number of generated tokens, so it draws exactly what it would have drawn.
+
+A dispatched chunk is `commit`ted at once (its tokens count as computed, a sampled token is a
+`PENDING` placeholder until `resolve`), so the next step can be scheduled while this one runs.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ import time
 from comet_jax.engine.allocator import BlockAllocator, pages_for
 from comet_jax.engine.config import EngineConfig
 from comet_jax.engine.sampling import SamplingParams
+
+PENDING = -1  # output id of a dispatched step whose sampled token is not back yet
 
 
 class Status(enum.Enum):
@@ -176,6 +181,14 @@ class Scheduler:
         plan.preempted.append(seq)
 
     # -- one step ----------------------------------------------------------------------------------
+    def _length_done(self, seq: Sequence) -> bool:
+        """Whether seq has all the tokens it may have (max_tokens or max_model_len), counting
+        PENDING ones: only then can a running sequence be in this state (asynchronous mode)."""
+        return (
+            len(seq.output_ids) >= seq.params.max_tokens
+            or seq.num_tokens >= self.config.max_model_len
+        )
+
     def schedule(self) -> StepPlan:
         cfg = self.config
         plan = StepPlan()
@@ -183,6 +196,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if self._length_done(seq):
+                i += 1  # its last token is in flight; it finishes when that token is back
+                continue
             length = min(seq.remaining, budget)
             if length > 1 and len(plan.prefill) >= cfg.max_prefill_seqs:
                 i += 1
@@ -207,6 +223,8 @@ class Scheduler:
             self.waiting and not plan.preempted and len(self.running) < cfg.max_batch and budget > 0
         ):
             seq = self.waiting[0]
+            if seq.output_ids[-1:] == [PENDING]:
+                break  # preempted while its last token was in flight: back next step
             length = min(seq.remaining, budget)
             if length > 1 and len(plan.prefill) >= cfg.max_prefill_seqs:
                 break
@@ -220,15 +238,41 @@ class Scheduler:
             budget -= length
         return plan
 
-    def complete(self, chunk: Chunk, token: int | None) -> bool:
-        """Records that `chunk` ran (`token`: the sampled id when chunk.samples).
+    def commit(self, chunk: Chunk) -> int | None:
+        """Records that `chunk` was dispatched: its tokens count as computed, and when it
+        samples, a `PENDING` placeholder is appended to the outputs. Returns the placeholder's
+        index in `seq.output_ids` (None when the chunk does not sample); `resolve` fills it.
 
-        Returns False (and changes nothing) when the sequence was aborted meanwhile.
+        Committing at dispatch lets the next step be scheduled before this one's tokens are
+        back (the engine's asynchronous mode): a decode row whose last token is still PENDING
+        reads it on the device from the step that samples it.
         """
+        seq = chunk.seq
+        if seq.num_computed != chunk.start:
+            raise RuntimeError(f"{seq.request_id}: chunk at {chunk.start} is stale")
+        seq.num_computed += chunk.length
+        if not chunk.samples:
+            return None
+        seq.output_ids.append(PENDING)
+        return len(seq.output_ids) - 1
+
+    @staticmethod
+    def resolve(seq: Sequence, index: int, token: int) -> bool:
+        """Fills the placeholder at `index`; False (nothing changed) when the sequence finished
+        meanwhile (aborted, or stopped at an earlier token) and the placeholder is gone."""
+        if seq.finished or index >= len(seq.output_ids) or seq.output_ids[index] != PENDING:
+            return False
+        seq.output_ids[index] = int(token)
+        return True
+
+    def complete(self, chunk: Chunk, token: int | None) -> bool:
+        """`commit` and `resolve` at once (a step whose tokens are back before the next one is
+        scheduled). Returns False (and changes nothing) when the sequence was aborted or
+        preempted meanwhile."""
         seq = chunk.seq
         if seq.finished or seq.num_computed != chunk.start:
             return False
-        seq.num_computed += chunk.length
-        if chunk.samples:
-            seq.output_ids.append(int(token))
+        index = self.commit(chunk)
+        if index is not None:
+            self.resolve(seq, index, token)
         return True

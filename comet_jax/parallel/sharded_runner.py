@@ -230,10 +230,10 @@ def init_sharded_params(model, mesh: Mesh, rng, axis: str = TP_AXIS):
 
 
 def jit_step(step_fn, mesh: Mesh, params, cache, config, axis: str = TP_AXIS, donate=True):
-    """`jax.jit(step_fn)` for ``step_fn(params, cache, inputs) -> (tokens, cache)`` on `mesh`.
+    """`jax.jit(step_fn)` for ``step_fn(params, cache, inputs) -> (out, cache)`` on `mesh`.
 
     Params and cache keep their `rules` shardings in and out; step inputs (host numpy) and
-    the sampled tokens are replicated.
+    `out` (sampled tokens, or the engine's last-position logits) are replicated.
     """
     rep = NamedSharding(mesh, P())
     c_sh = cache_shardings(cache, mesh, axis)
@@ -243,6 +243,17 @@ def jit_step(step_fn, mesh: Mesh, params, cache, config, axis: str = TP_AXIS, do
         out_shardings=(rep, c_sh),
         donate_argnums=(1,) if donate else (),
     )
+
+
+def jit_replicated(mesh: Mesh):
+    """``jax.jit`` with every input and output replicated on `mesh` (e.g. the sampler over
+    replicated logits and host sampling arrays)."""
+    rep = NamedSharding(mesh, P())
+
+    def jit(fn):
+        return jax.jit(fn, in_shardings=rep, out_shardings=rep)
+
+    return jit
 
 
 def jit_forward(model, mesh: Mesh, params, axis: str = TP_AXIS, **apply_kwargs):
