@@ -3,9 +3,11 @@ finite metrics, reuses calibration statistics across points, and honours its bin
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import gin
+import numpy as np
 import pytest
 
 from comet_jax import gin_config, sweep
@@ -71,3 +73,24 @@ def test_bad_task_config_names_the_field():
     gin_config.parse([], ["PerplexityConfig.model = 'nope.bin'"])
     with pytest.raises(ValueError, match="nope.bin"):
         tasks.perplexity()
+
+
+def test_mixed_calibration_windows_are_disjoint_from_evaluation():
+    ctx = 4
+    austen = np.arange(100, 140, dtype=np.int32)  # 10 windows
+    wiki = np.arange(0, 30, dtype=np.int32)  # 7 windows of 4 (tail of 2 dropped)
+    cfg = tasks.PerplexityConfig(context=ctx, calib_windows=5, max_windows=4, calib_corpus="mixed")
+    w = tasks.calibration_windows(cfg, austen, wiki)
+    # 3 Austen windows (the first), then the last 2 of Wikipedia's 7 windows.
+    np.testing.assert_array_equal(w[:3].ravel(), austen[:12])
+    np.testing.assert_array_equal(w[3:].ravel(), wiki[20:28])
+    evaluated = set(wiki[: 4 * ctx].tolist())
+    assert not evaluated & set(w[3:].ravel().tolist())
+    plain = dataclasses.replace(cfg, calib_corpus="austen")
+    np.testing.assert_array_equal(
+        tasks.calibration_windows(plain, austen, wiki).ravel(), austen[:20]
+    )
+    with pytest.raises(ValueError, match="exceed the 7 windows"):
+        tasks.calibration_windows(dataclasses.replace(cfg, max_windows=6), austen, wiki)
+    with pytest.raises(ValueError, match="calib_corpus='books'"):
+        tasks.PerplexityConfig(calib_corpus="books")

@@ -9,7 +9,8 @@ parsed the point's files and bindings. Tasks read their configuration only throu
         --gin_file ablate_int8_budget --grid "FMPQConfig.int8_budget=0.0,0.12,0.25" \
         --out experiments/results/sweep_int8_budget.jsonl
 
-Data: calibration on the FIRST ``calib_windows`` windows of the Austen corpus, evaluation on
+Data: calibration on the FIRST ``calib_windows`` windows of the Austen corpus (or, with
+``calib_corpus="mixed"``, half of them from the END of the Wikipedia corpus), evaluation on
 the first ``max_windows`` windows of the Wikipedia corpus (``comet_jax.data.text``), fixed
 non-overlapping windows of ``context`` tokens, the same split as ``experiments/accuracy_table``.
 ``model="random:PRESET"`` (e.g. ``random:tiny``) runs a random-weight model on random tokens:
@@ -40,7 +41,10 @@ class PerplexityConfig:
 
     model: ``"smollm2"`` (the prepared GGUF), a ``.gguf`` path, or ``"random:PRESET"``.
     context: window length in tokens (perplexity and calibration).
-    calib_windows: Austen windows of calibration (the first ones).
+    calib_windows: calibration windows.
+    calib_corpus: where they come from: "austen" (the first Austen windows; the default) or
+      "mixed" (the first half, rounded up, from Austen and the rest from the LAST Wikipedia
+      windows, disjoint from the evaluated first ones; checked).
     max_windows: Wikipedia windows evaluated (the first ones).
     batch_size: windows per forward pass.
     seed: random weights / tokens of ``random:`` models.
@@ -50,6 +54,7 @@ class PerplexityConfig:
     model: str = "smollm2"
     context: int = 2048
     calib_windows: int = 32
+    calib_corpus: str = "austen"
     max_windows: int = 16
     batch_size: int = 1
     seed: int = 0
@@ -62,6 +67,40 @@ class PerplexityConfig:
                 raise ValueError(f"PerplexityConfig.{name}={v!r} must be a positive int")
         if self.context < 2:
             raise ValueError(f"PerplexityConfig.context={self.context} must be >= 2")
+        if self.calib_corpus not in CALIB_CORPORA:
+            raise ValueError(
+                f"PerplexityConfig.calib_corpus={self.calib_corpus!r}: expected one of "
+                f"{CALIB_CORPORA}"
+            )
+
+
+CALIB_CORPORA = ("austen", "mixed")
+
+
+def calibration_windows(cfg: PerplexityConfig, austen, wiki) -> np.ndarray:
+    """``[calib_windows, context] int32`` calibration windows of ``cfg.calib_corpus``.
+
+    "mixed" takes its Wikipedia share from the end of the corpus and raises when it would
+    overlap the ``max_windows`` evaluated windows at the start.
+    """
+    from comet_jax.data import text
+
+    if cfg.calib_corpus == "austen":
+        return text.token_windows(austen, cfg.context, cfg.calib_windows)
+    n_wiki = cfg.calib_windows // 2
+    n_austen = cfg.calib_windows - n_wiki
+    parts = [text.token_windows(austen, cfg.context, n_austen)]
+    if n_wiki:
+        total = len(wiki) // cfg.context
+        if cfg.max_windows + n_wiki > total:
+            raise ValueError(
+                f"calib_corpus='mixed': {n_wiki} Wikipedia calibration windows + "
+                f"{cfg.max_windows} evaluation windows exceed the {total} windows of "
+                f"{cfg.context} tokens in the corpus"
+            )
+        tail = np.asarray(wiki)[(total - n_wiki) * cfg.context : total * cfg.context]
+        parts.append(text.token_windows(tail, cfg.context, n_wiki))
+    return np.concatenate(parts)
 
 
 def _register() -> None:
@@ -136,14 +175,13 @@ def _load(cfg: PerplexityConfig):
     return _MODELS[key]
 
 
-def _stats(cfg: PerplexityConfig, recipe: QuantRecipe, config, params, austen):
+def _stats(cfg: PerplexityConfig, recipe: QuantRecipe, config, params, austen, wiki):
     """Calibration statistics, reused across points; recollected only when a point needs the
     Hessian or the rotated statistics and the cached entry lacks them."""
     from comet_jax.calibrate import collect_stats
-    from comet_jax.data import text
 
     need_h, need_rot = recipe.needs_hessian, recipe.rotation
-    key = (cfg.model, cfg.seed, cfg.context, cfg.calib_windows)
+    key = (cfg.model, cfg.seed, cfg.context, cfg.calib_windows, cfg.calib_corpus)
     cached = _STATS.get(key)
     if cached is not None:
         g = next(iter(cached.groups.values()))
@@ -151,7 +189,7 @@ def _stats(cfg: PerplexityConfig, recipe: QuantRecipe, config, params, austen):
         if (has_h or not need_h) and (has_rot or not need_rot):
             return cached, 0.0, True
         need_h, need_rot = need_h or has_h, need_rot or has_rot
-    windows = text.token_windows(austen, cfg.context, cfg.calib_windows)
+    windows = calibration_windows(cfg, austen, wiki)
     t0 = time.perf_counter()
     stats = collect_stats(
         config,
@@ -175,7 +213,7 @@ def _prepare():
     config, params, austen, wiki = _load(cfg)
     stats, calib_s, cached = None, 0.0, None
     if recipe.act == "fmpq" or recipe.needs_hessian:
-        stats, calib_s, cached = _stats(cfg, recipe, config, params, austen)
+        stats, calib_s, cached = _stats(cfg, recipe, config, params, austen, wiki)
     t0 = time.perf_counter()
     wcache = _WEIGHTS.setdefault((cfg.model, cfg.seed), {})
     qparams, plan, report = quantize_model(
@@ -231,6 +269,7 @@ def perplexity() -> dict:
         "n_windows": res.n_windows,
         "context": res.window,
         "calib_windows": cfg.calib_windows,
+        "calib_corpus": cfg.calib_corpus,
         **_recipe_fields(recipe, report),
         **timings,
         "eval_seconds": res.seconds,
