@@ -8,7 +8,10 @@
 
 One `step()`: schedule (scheduler.py) -> build padded numpy inputs for the decode rows
 ([B, 1], B a decode bucket) and the prefill chunks ([Bp, C] buckets) -> dispatch both jitted
-calls -> read back [B] sampled ids -> append tokens, check stops, emit outputs. At start-up
+calls -> read back [B] sampled ids -> append tokens, check stops, emit outputs. With
+`EngineConfig.async_scheduling` (the default) the ids read back are the previous step's:
+each step is dispatched before its predecessor's tokens reach the host (decode rows take
+their input token on the device), so host work overlaps the GPU's (`step`). At start-up
 every bucket is compiled ahead of time (progress bar, `compile_time_s`); afterwards the
 runner refuses unknown shapes, so steady-state serving cannot recompile.
 

@@ -17,8 +17,8 @@ host chooses the sampler variant (with or without the top-k/top-p filter) from t
 parameters: a device-side choice (`lax.cond`) made the host wait for the whole model to run
 before it could go on, on every step (measured on an H100: 7-8 ms of an 18 ms decode step).
 With XLA command buffers (CUDA graphs, `cuda_graphs`), launching the step's 500-1000-node
-graph takes the host 2.5-4.5 ms; without them the one-by-one launches take longer than the
-kernels run. Either way the launch only stops idling the GPU when it overlaps the previous
+graph takes the host 2.5-4.5 ms; without them the one-by-one launches of the ~980-kernel
+W4AxKV4 step take longer than its kernels run. Either way the launch only stops idling the GPU when it overlaps the previous
 step, which is what the engine's asynchronous scheduling does (the previous step's sampled
 tokens are read on the device: `ModelInputs.src`).
 
@@ -294,7 +294,7 @@ class ModelRunner:
         cache_config: kv_cache.KVCacheConfig,
         mesh=None,
         *,
-        cuda_graphs: bool = False,
+        cuda_graphs: bool = True,
         out_size: int = 0,
     ):
         # mesh: a `comet_jax.parallel.make_mesh(tp)` mesh runs the steps tensor-parallel
