@@ -131,6 +131,7 @@ KERNEL_CATEGORIES = (
     ("paged_attention", "paged attention (Pallas)"),
     ("gemm", "cuBLAS GEMM"),
     ("xmma", "cuBLAS GEMM"),
+    ("nvjet", "cuBLAS GEMM"),  # cuBLAS's Hopper kernels (nvjet_sm90_...)
     ("cutlass", "cuBLAS GEMM"),
     ("memcpy", "copies"),
     ("memset", "copies"),

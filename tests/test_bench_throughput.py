@@ -28,6 +28,7 @@ def bench():
         ("kv4_paged_attention", "paged attention (Pallas)"),
         ("sm90_xmma_gemm_bf16bf16_bf16f32", "cuBLAS GEMM"),
         ("loop_add_fusion_3", "XLA fusions (other)"),
+        ("nvjet_sm90_tss_176x64_64x7_4x1_v_bz_TNN", "cuBLAS GEMM"),
         ("something_else", "other"),
     ],
 )
