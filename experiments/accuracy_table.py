@@ -55,7 +55,10 @@ MAIN_ROWS = (
     ("fmpq_w4axkv4", "FMPQ W4AxKV4"),
     ("rot_w4a4kv4", "rotation + W4A4KV4"),
     ("rot_fmpq_w4axkv4", "rotation + FMPQ W4AxKV4"),
+    ("fmpq_w4axkv4_lwc", "FMPQ W4AxKV4, LWC weights"),
+    ("rot_fmpq_w4axkv4_lwc", "rotation + FMPQ W4AxKV4, LWC weights"),
 )
+_LWC = "_lwc"  # row = the preset without the suffix, weights by learned clipping (optax)
 # COMET's closest published model (LLaMA-2-7B, WikiText-2, 2048 context).
 COMET_L2_7B = {"fp16_measured": 5.47, "fp16_paper_row": 5.12, "w4axkv4": 5.73, "w4a4": 14.26}
 
@@ -65,6 +68,8 @@ def main_recipes(base_kw: dict) -> dict[str, QuantRecipe]:
     for name, _ in MAIN_ROWS:
         if name == "w4a4_gptq":
             r = dataclasses.replace(PRESETS["w4a4_rtn"], name=name, w_quantizer="gptq")
+        elif name.endswith(_LWC):
+            r = dataclasses.replace(PRESETS[name[: -len(_LWC)]], name=name, w_quantizer="lwc")
         else:
             r = PRESETS[name]
         if not r.is_float:

@@ -86,3 +86,19 @@ def test_accuracy_table_quick(tmp_path):
     assert (tmp_path / "accuracy.json").is_file() and (tmp_path / "accuracy.png").is_file()
     assert all(math.isfinite(r["wikipedia"]["ppl"]) for r in res["rows"])
     assert any(a["ablation"] == "int8_budget" for a in res["ablations"])
+
+
+def test_accuracy_table_lwc_rows_are_their_presets_with_lwc_weights():
+    import dataclasses
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+    import accuracy_table
+
+    recipes = accuracy_table.main_recipes({"w_group": 64})
+    for name in ("fmpq_w4axkv4", "rot_fmpq_w4axkv4"):
+        lwc = recipes[f"{name}_lwc"]
+        assert lwc.w_quantizer == "lwc" and lwc.w_group == 64
+        same = dataclasses.replace(lwc, name=name, w_quantizer=recipes[name].w_quantizer)
+        assert same == recipes[name]
