@@ -140,3 +140,40 @@ def test_token_slice_equals_list_slice():
     for a in range(9):
         for b in range(a, 9):
             assert seq.token_slice(a, b) == seq.tokens[a:b]
+
+
+def test_commit_ahead_with_pending_tokens():
+    """Asynchronous mode's bookkeeping: a dispatched sampling chunk leaves a PENDING output;
+    the next schedule runs the sequence as a decode row; a sequence whose PENDING token is its
+    last allowed one is not scheduled again; resolve fills placeholders only while they exist."""
+    from comet_jax.engine.scheduler import PENDING
+
+    cfg = EngineConfig(
+        max_batch=4, max_tokens_per_step=32, max_prefill_seqs=2, max_model_len=64, page_size=16
+    )
+    sched = Scheduler(cfg, BlockAllocator(16))
+    a = Sequence("a", [1, 2, 3], SamplingParams(max_tokens=2))
+    b = Sequence("b", [4, 5], SamplingParams(max_tokens=1))
+    sched.add(a)
+    sched.add(b)
+    plan1 = sched.schedule()
+    idx1 = {c.seq.request_id: sched.commit(c) for c in plan1.prefill}
+    assert a.output_ids == [PENDING] and b.output_ids == [PENDING] and a.remaining == 1
+    plan2 = sched.schedule()  # before plan1's tokens are back
+    assert [c.seq for c in plan2.decode] == [a]  # b: its one allowed token is in flight
+    assert plan2.decode[0].start == 3 and not plan2.prefill
+    idx2 = sched.commit(plan2.decode[0])
+    assert a.output_ids == [PENDING, PENDING]
+    assert sched.resolve(a, idx1["a"], 7) and sched.resolve(b, idx1["b"], 8)
+    sched.finish(b, FinishReason.LENGTH)
+    assert not sched.resolve(b, idx1["b"], 9)  # finished: nothing to fill
+    assert sched.resolve(a, idx2, 6) and a.output_ids == [7, 6]
+    assert not sched.resolve(a, idx2, 5)  # already filled
+    with pytest.raises(RuntimeError, match="stale"):
+        sched.commit(plan2.decode[0])
+    # A sequence preempted while its last token is PENDING is not re-admitted until resolved.
+    c = Sequence("c", [1], SamplingParams(max_tokens=4))
+    c.output_ids = [3, PENDING]
+    sched.waiting.appendleft(c)
+    assert c not in [ch.seq for ch in sched.schedule().prefill]
+    assert sched.waiting[0] is c
