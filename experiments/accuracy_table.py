@@ -15,8 +15,9 @@ which computes what the W4Ax kernels compute. FMPQ uses 64-channel blocks (d_mod
 64), INT4 packing tile 64; the block-size ablation adds 128-channel blocks with K padded by zero
 channels where 128 does not divide it (576 -> 640, `FMPQConfig.pad_k`).
 
-Writes experiments/results/accuracy.json, experiments/results/accuracy.md,
-experiments/results/accuracy.png and docs/accuracy.md (not with --quick unless --out is given).
+Writes accuracy.json, accuracy.md and accuracy.png to --out (default experiments/results/),
+and docs/accuracy.md only on a full default run (no --rows, no --out, no --quick) or when
+--docs names it.
 """
 
 from __future__ import annotations
@@ -536,9 +537,12 @@ def parse_args(argv=None):
     if args.quick:
         args.context, args.calib_windows, args.calib_sizes = 64, 4, [2]
         args.eval_windows, args.austen_eval_windows, args.ablation_windows = 2, 2, 2
+    # docs/accuracy.md is (re)written only by a full default run: a --rows subset or another
+    # --out folder is a side experiment and must not replace the committed table.
+    full_default = args.out is None and args.rows is None and not args.quick
     if args.out is None and not args.quick:
         args.out = ROOT / "experiments" / "results"
-    if args.docs is None and not args.quick:
+    if args.docs is None and full_default:
         args.docs = ROOT / "docs" / "accuracy.md"
     return args
 

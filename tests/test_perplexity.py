@@ -102,3 +102,16 @@ def test_accuracy_table_lwc_rows_are_their_presets_with_lwc_weights():
         assert lwc.w_quantizer == "lwc" and lwc.w_group == 64
         same = dataclasses.replace(lwc, name=name, w_quantizer=recipes[name].w_quantizer)
         assert same == recipes[name]
+
+
+def test_accuracy_table_side_runs_leave_docs_alone():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+    import accuracy_table
+
+    assert accuracy_table.parse_args([]).docs.name == "accuracy.md"
+    assert accuracy_table.parse_args(["--rows", "bf16"]).docs is None
+    assert accuracy_table.parse_args(["--out", "/tmp/x"]).docs is None
+    assert accuracy_table.parse_args(["--quick"]).docs is None
