@@ -184,6 +184,17 @@ def split_windows(austen, wiki, context, n_calib, n_eval, n_austen_eval):
     return calib, wiki_w, held
 
 
+def calibration_record(calib, seconds: float) -> dict:
+    """The results' "calibration" entry for windows `calib` [n, context] collected in
+    `seconds` (shared by the experiment scripts built on this one)."""
+    return {
+        "corpus": "austen (first windows)",
+        "windows": len(calib),
+        "tokens": int(calib.size),
+        "seconds": seconds,
+    }
+
+
 def evaluate(config, qparams, recipe, plan, evals, batch_size):
     model = quantized_model(config, recipe, plan)
     qparams = jax.device_put(qparams)
@@ -319,12 +330,7 @@ def run(args) -> dict:
         "model": model_name,
         "config": dataclasses.asdict(config),
         "context": args.context,
-        "calibration": {
-            "corpus": "austen (first windows)",
-            "windows": len(calib),
-            "tokens": int(calib.size),
-            "seconds": calib_seconds,
-        },
+        "calibration": calibration_record(calib, calib_seconds),
         "evaluation": {
             k: {"windows": len(v), "tokens_predicted": int(len(v) * (args.context - 1))}
             for k, v in evals.items()

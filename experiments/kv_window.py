@@ -134,12 +134,7 @@ def run(args) -> dict:
         "model": model_name,
         "config": dataclasses.asdict(config),
         "context": args.context,
-        "calibration": {
-            "corpus": "austen (first windows)",
-            "windows": len(calib),
-            "tokens": int(calib.size),
-            "seconds": calib_seconds,
-        },
+        "calibration": at.calibration_record(calib, calib_seconds),
         "evaluation": {
             "corpus": "wikipedia (first windows)",
             "windows": len(wiki_w),
