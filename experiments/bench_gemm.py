@@ -458,6 +458,91 @@ def sweep(results, deadline, quick, models=None, fracs_arg=None):
                 )
 
 
+LARGE_M_VARIANTS = (  # (label, GemmConfig fields) against the tuned config, M >= 256
+    # Run 6 (2026-11-25): pre-w 64x128 4 warps won at M >= 1024; 128-wide tiles with two int32
+    # accumulators spill at 4 warps (128x128: 2.5-3x slower), xla_int8 and 256-wide tiles lose.
+    ("pre-w 64x128 w4 s4", dict(block_m=64, block_n=128, num_warps=4, num_stages=4, pre_unpack="w")),
+    ("pre-wx 64x128 w4 s4", dict(block_m=64, block_n=128, num_warps=4, num_stages=4, pre_unpack="wx")),
+    ("pre-wx 64x128 w4 s3", dict(block_m=64, block_n=128, num_warps=4, num_stages=3, pre_unpack="wx")),
+    ("pre-wx 64x128 w4 s5", dict(block_m=64, block_n=128, num_warps=4, num_stages=5, pre_unpack="wx")),
+    ("pre-wx 64x128 w4 s4 u2", dict(block_m=64, block_n=128, num_warps=4, num_stages=4, k_unroll=2, pre_unpack="wx")),
+    ("pre-wx 128x64 w4 s4", dict(block_m=128, block_n=64, num_warps=4, num_stages=4, pre_unpack="wx")),
+    ("pre-wx 64x256 w8 s3", dict(block_m=64, block_n=256, num_warps=8, num_stages=3, pre_unpack="wx")),
+    ("pre-wx 128x128 w8 s4", dict(block_m=128, block_n=128, num_warps=8, num_stages=4, pre_unpack="wx")),
+    ("pre-wx 64x128 w4 s4 g1", dict(block_m=64, block_n=128, num_warps=4, num_stages=4, group_m=1, pre_unpack="wx")),
+    ("swap_ab 128x128 w8 s3", dict(block_m=128, block_n=128, num_warps=8, num_stages=3, swap_ab=True)),
+)  # fmt: skip
+
+
+def large_m_study(results, deadline, ms=(256, 1024, 4096), update_table=True):
+    """Compute-bound M: the tuned kernel against weights unpacked by XLA before the kernel
+    (``pre_unpack``), swap_ab and the xla_int8 backend, baselines in the same run; the exact
+    int32 sums of every variant checked on the device first. The fastest variant per shape
+    becomes the tuning-table entry (``update_table``)."""
+    rows = results.setdefault("large_m", [])
+    shapes = tuning.ENGINE_SHAPES["llama3-8b"]
+    if SMOKE:
+        shapes, ms = [(64, 256)], (40,)
+    variants = [(lbl, GemmConfig(**kw)) for lbl, kw in LARGE_M_VARIANTS]
+    if SMOKE:
+        variants = [(lbl, dataclasses_replace(c, block_m=16, block_n=32)) for lbl, c in variants]
+    # Exactness on the device (random, non-zero operands, M not a multiple of the tile).
+    m, (n, k) = (40, shapes[0]) if SMOKE else (300, shapes[0])
+    k8 = tuning.int8_fraction_k8(k, 0.25)
+    ops = tuning.random_operands(jax.random.PRNGKey(21), m, n, k, k8)
+    ref = [np.asarray(a) for a in w4ax_accumulators_reference(ops[0], ops[1], ops[3])]
+    for lbl, cfg in variants:
+        got = w4ax_accumulators(ops[0], ops[1], ops[3], config=cfg, interpret=SMOKE)
+        exact = all(np.array_equal(np.asarray(g), r) for g, r in zip(got, ref))
+        results.setdefault("large_m_exact", {})[lbl] = exact
+        log(f"large_m exact int32 {lbl}: {exact}")
+    entries = {}
+    for n, k in shapes:
+        for m in ms:
+            if time.time() > deadline:
+                log("large_m: deadline reached")
+                break
+            k8 = tuning.int8_fraction_k8(k, 0.25)
+            sets = _ours_sets(m, n, k, k8, n_copies(n * k // 2, m))
+            row = dict(m=m, n=n, k=k, k8=k8)
+            row["bf16_us"] = time_bf16(m, n, k) * 1e6
+            row["int8_us"] = time_int8(m, n, k) * 1e6
+            tuned = tuning.get_config(m, n, k, k8)
+            row["tuned_config"] = tuned.to_dict()
+            row["tuned_us"] = time_ours(m, n, k, k8, tuned, sets=sets) * 1e6
+            best = (row["tuned_us"], "tuned", tuned)
+            for lbl, cfg in variants:
+                if n % cfg.block_n and cfg.backend == "pallas":
+                    continue
+                try:
+                    t = time_ours(m, n, k, k8, cfg, sets=sets) * 1e6
+                except Exception as e:  # noqa: BLE001 - a config may not compile
+                    row[f"{lbl}_error"] = f"{type(e).__name__}: {e!s:.200}"
+                    continue
+                row[f"{lbl}_us"] = t
+                exact = results.get("large_m_exact", {}).get(lbl, False)
+                if t < best[0] and exact:
+                    best = (t, lbl, cfg)
+            row["best"], row["best_us"] = best[1], best[0]
+            row["best_vs_bf16"] = row["bf16_us"] / best[0]
+            row["best_vs_int8"] = row["int8_us"] / best[0]
+            row["tuned_vs_bf16"] = row["bf16_us"] / row["tuned_us"]
+            rows.append(row)
+            log(f"large_m {json.dumps(row, default=str)}")
+            if best[1] != "tuned":
+                entries[tuning.table_key(m, n, k, k8)] = dict(
+                    best[2].to_dict(), us=round(best[0], 2)
+                )
+    results["large_m_entries"] = entries
+    if update_table and entries and not SMOKE:
+        tuning.write_table(entries, results["meta"])
+    return entries
+
+
+def dataclasses_replace(cfg, **kw):
+    return GemmConfig(**{**cfg.to_dict(), **kw})
+
+
 def unroll_study(results, deadline):
     """k_unroll (K tiles per pipelined step) against the current configs, baselines alongside."""
     rows = results.setdefault("unroll", [])
@@ -623,6 +708,11 @@ def main(argv=None):
     ap.add_argument("--ablate", action="store_true")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--unroll", action="store_true", help="k_unroll study")
+    ap.add_argument(
+        "--large-m",
+        action="store_true",
+        help="M >= 256 variants (pre_unpack, swap_ab, xla_int8); best ones into the table",
+    )
     ap.add_argument("--timing-study", action="store_true", help="old vs device timing")
     ap.add_argument("--act-quant", action="store_true", help="act_quant kernel vs XLA")
     ap.add_argument("--tune-shapes", default="", help="tuning.ENGINE_SHAPES key for --tune")
@@ -700,6 +790,11 @@ def main(argv=None):
             save()
         if args.unroll:
             unroll_study(results, deadline)
+            save()
+        if args.large_m:
+            large_m_study(results, deadline)
+            if not SMOKE:
+                (out / "tuning_table.json").write_text(tuning.TABLE_PATH.read_text())
             save()
         if args.sweep:
             sweep(

@@ -78,7 +78,17 @@ def device_memory():
     return stats.get("bytes_limit"), stats.get("bytes_in_use"), stats.get("peak_bytes_in_use")
 
 
-def run_workload(engine: LLMEngine, n: int, prompt_len: int, out_len: int, seed: int) -> dict:
+def run_workload(
+    engine: LLMEngine,
+    n: int,
+    prompt_len: int,
+    out_len: int,
+    seed: int,
+    trace: tuple[int, int] | None = None,
+    keep: str | None = None,
+) -> dict:
+    """One max-throughput or fixed-batch run. ``trace=(start, steps)``: trace steps
+    ``[start, start + steps)`` of this run (:func:`trace_window`; result under "trace")."""
     rng = np.random.default_rng(seed)
     vocab = engine.runner.model.config.vocab_size
     params = SamplingParams(max_tokens=out_len, temperature=0.0, ignore_eos=True)
@@ -95,9 +105,14 @@ def run_workload(engine: LLMEngine, n: int, prompt_len: int, out_len: int, seed:
     t0 = time.perf_counter()
     for _ in range(n):
         engine.add_request(None, rng.integers(0, vocab, prompt_len).tolist(), params, on_output)
-    batch_reached, decode_steps = 0, 0
+    batch_reached, decode_steps, step_i, window = 0, 0, 0, None
     while engine.has_unfinished():
+        if trace is not None and step_i == trace[0]:
+            window = trace_window(engine, trace[1], keep=keep)
+            step_i += trace[1]
+            continue
         engine.step()
+        step_i += 1
         batch_reached = max(batch_reached, len(engine.scheduler.running))
     wall = time.perf_counter() - t0
     st = engine.stats
@@ -121,6 +136,7 @@ def run_workload(engine: LLMEngine, n: int, prompt_len: int, out_len: int, seed:
         "device_s": dev,
         "engine_overhead": host / max(host + dev, 1e-9),
         "preemptions": engine.scheduler.num_preemptions - preempt0,
+        **({"trace": window} if trace is not None else {}),
     }
 
 
@@ -151,6 +167,57 @@ def kernel_category(name: str) -> str:
     return "other"
 
 
+def kernel_breakdown(per: dict, steps: int, top: int = 25) -> dict:
+    """Per-step device us by category and the ``top`` kernels, from ``{name: total ns}``."""
+    cats: dict[str, float] = {}
+    for name, ns in per.items():
+        cat = kernel_category(name)
+        cats[cat] = cats.get(cat, 0.0) + ns / steps / 1e3
+    best = sorted(per.items(), key=lambda kv: -kv[1])[:top]
+    return {
+        "by_category_us": dict(sorted(cats.items(), key=lambda kv: -kv[1])),
+        "top_kernels_us": [(name, ns / steps / 1e3) for name, ns in best],
+    }
+
+
+def trace_window(engine: LLMEngine, steps: int, keep: str | None = None) -> dict:
+    """Traces the engine's next ``steps`` steps as they come (whatever mix of decode rows and
+    prefill chunks the scheduler makes): wall and kernel time per step, the step's mix
+    (running sequences, tokens through the model), kernel time by category, the timeline."""
+    from pallas_kernels.timing import timeline, traced_kernels
+
+    st0 = dataclasses.replace(engine.stats)
+    running, walls = [], []
+
+    def run():
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            if not engine.has_unfinished():
+                break
+            engine.step()
+            running.append(len(engine.scheduler.running))
+        walls.append(time.perf_counter() - t0)
+
+    with tempfile.TemporaryDirectory() as d:
+        path = keep or os.path.join(d, "window.xplane.pb")
+        total, count, _, per = traced_kernels(run, keep=path)
+        tl = timeline(path) if os.path.exists(path) else {}
+    done = max(1, len(running))
+    st = engine.stats
+    return {
+        "steps": len(running),
+        "mean_running": float(np.mean(running)) if running else 0.0,
+        "tokens_per_step": (st.processed_tokens - st0.processed_tokens) / done,
+        "prefill_calls": st.prefill_calls - st0.prefill_calls,
+        "decode_calls": st.decode_calls - st0.decode_calls,
+        "step_wall_ms": 1e3 * walls[0] / done,
+        "step_kernel_ms": total / done / 1e6,
+        "kernels_per_step": count / done,
+        "timeline": {k: v for k, v in tl.items() if k != "host_top_us"},
+        **kernel_breakdown(per, done),
+    }
+
+
 def profile_decode(
     engine: LLMEngine, batch: int, steps: int, prompt_len: int = 128, keep: str | None = None
 ) -> dict:
@@ -167,8 +234,13 @@ def profile_decode(
 
     vocab = engine.runner.model.config.vocab_size
     rng = np.random.default_rng(7)
-    params = SamplingParams(max_tokens=2 * steps + 8, temperature=0.0, ignore_eos=True)
-    prompt_len = min(prompt_len, engine.config.max_model_len - 2 * steps - 9)
+    cfg = engine.config
+    # Long enough that the first requests are still running when the last prompt is in:
+    # prefilling `batch` prompts takes up to batch * prompt_len / (budget - batch) steps.
+    fill = -(-batch * prompt_len // max(1, cfg.max_tokens_per_step - batch)) + 16
+    prompt_len = min(prompt_len, cfg.max_model_len - 2 * steps - 9)
+    max_new = min(2 * steps + 8 + fill, cfg.max_model_len - prompt_len - 1)
+    params = SamplingParams(max_tokens=max_new, temperature=0.0, ignore_eos=True)
     ids = [
         engine.add_request(None, rng.integers(0, vocab, prompt_len).tolist(), params)
         for _ in range(batch)
@@ -208,11 +280,6 @@ def profile_decode(
     wall = walls[0]
     for rid in ids:
         engine.abort(rid)
-    cats: dict[str, float] = {}
-    for name, ns in per.items():
-        cat = kernel_category(name)
-        cats[cat] = cats.get(cat, 0.0) + ns / steps / 1e3
-    top = sorted(per.items(), key=lambda kv: -kv[1])[:25]
     return {
         "batch": batch,
         "steps": steps,
@@ -223,8 +290,7 @@ def profile_decode(
         "step_dispatch_ms": 1e3 * sum(dispatch) / steps,
         "kernels_per_step": count / steps,
         "timeline": tl,
-        "by_category_us": dict(sorted(cats.items(), key=lambda kv: -kv[1])),
-        "top_kernels_us": [(name, ns / steps / 1e3) for name, ns in top],
+        **kernel_breakdown(per, steps),
     }
 
 
@@ -264,6 +330,7 @@ def bench_precision(args, model_config, precision: str) -> list[dict]:
         prefill_batch_buckets=tuple(args.prefill_batch_buckets),
         chunk_buckets=tuple(args.chunk_buckets),
         cuda_graphs=args.cuda_graphs,
+        pack_prefill=args.pack_prefill,
     )
     built = LLMEngine.build(model_config, params, cfg, linear=linear, progress=not args.quiet)
     row["compile_s"] = built.compile_time_s
@@ -286,9 +353,17 @@ def bench_precision(args, model_config, precision: str) -> list[dict]:
 def _bench_engine(args, engine: LLMEngine, row: dict) -> dict:
     row["max_throughput"] = []
     for i, (pin, pout) in enumerate(args.workloads):
-        r = run_workload(engine, args.requests, pin, pout, seed=i)
+        trace = tuple(args.trace_window) if args.trace_window and i == 0 else None
+        keep = f"{os.path.splitext(args.out)[0]}_{row['precision']}_window.xplane.pb"
+        r = run_workload(
+            engine, args.requests, pin, pout, seed=i, trace=trace,
+            keep=keep if args.keep_trace else None,
+        )  # fmt: skip
+        if trace is not None:
+            print(json.dumps(r["trace"], indent=1), file=sys.stderr, flush=True)
         r["peak_mem_gib"] = (device_memory()[2] or 0) / 2**30
         row["max_throughput"].append(r)
+        _progress(row["precision"], "max_throughput", r)
     row["fixed_batch"] = []
     fin, fout = args.fixed_workload
     for b in args.fixed_batches:
@@ -297,6 +372,7 @@ def _bench_engine(args, engine: LLMEngine, row: dict) -> dict:
         r = run_workload(engine, b, fin, fout, seed=100 + b)
         r["peak_mem_gib"] = (device_memory()[2] or 0) / 2**30
         row["fixed_batch"].append(r)
+        _progress(row["precision"], "fixed_batch", r)
     if args.profile_batch:
         tag = f"{row['precision']}_{row['mode']}"
         keep = f"{os.path.splitext(args.out)[0]}_{tag}_decode.xplane.pb"
@@ -307,6 +383,12 @@ def _bench_engine(args, engine: LLMEngine, row: dict) -> dict:
     assert engine.allocator.num_used == 0
     row["status"] = "ok"
     return row
+
+
+def _progress(precision: str, run: str, r: dict) -> None:
+    """One line per finished workload on stderr (a run cut off later still shows it)."""
+    brief = {k: v for k, v in r.items() if k != "trace"}
+    print(f"{precision} {run} {json.dumps(brief, default=str)}", file=sys.stderr, flush=True)
 
 
 def print_table(results: list[dict]) -> None:
@@ -416,6 +498,12 @@ def parse_args(argv=None):
         help="XLA command buffers off (EngineConfig.cuda_graphs; on by default)",
     )
     p.add_argument(
+        "--no-pack-prefill",
+        dest="pack_prefill",
+        action="store_false",
+        help="run multi-sequence prefill calls on their padded grid (EngineConfig.pack_prefill)",
+    )
+    p.add_argument(
         "--modes",
         type=lambda t: t.split(","),
         default=["async"],
@@ -434,6 +522,14 @@ def parse_args(argv=None):
         help="also trace steady decode steps at this batch: device time by kernel (0: off)",
     )
     p.add_argument("--profile-steps", type=int, default=8)
+    p.add_argument(
+        "--trace-window",
+        type=_ints,
+        default=None,
+        metavar="START,STEPS",
+        help="trace steps START..START+STEPS of the first max-throughput workload (the real "
+        "mix of decode rows and prefill chunks): kernel time by category, timeline",
+    )
     p.add_argument(
         "--keep-trace",
         action="store_true",

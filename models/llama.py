@@ -18,6 +18,16 @@ float input (after its RMSNorm, i.e. the x each projection multiplies) is sown:
 Groups: "attn_in", "o_in" [B, T, Hq*D], "mlp_in", "down_in" [B, T, I]. With
 `capture_transform=f` the sown value is `f(layer_idx, group_name, x)` instead (e.g. per-channel
 absmax or X^T X, to avoid keeping activations). Padding positions are not masked out.
+
+Packed tokens (`packing=`, serving): a prefill call holds several sequences' chunks in a
+[B, T] grid padded to its buckets; with ``packing=(pack, unpack)`` every token-wise op
+(embedding, projections, MLP, norms, residual) runs on the ``Tp`` real tokens only, and
+attention alone sees the [B, T] layout:
+
+    pack:   [Tp] int32, flat index into B*T of packed row r (rows past the real tokens: any)
+    unpack: [B, T] int32, packed row of each grid position (padding positions: any row)
+
+See :func:`packing_from_lengths`. The logits are those of the unpacked call at the rows kept.
 """
 
 from __future__ import annotations
@@ -79,6 +89,22 @@ def layer_specs(config: ModelConfig, layer: int) -> dict[str, GroupSpec]:
     return specs
 
 
+def packing_from_lengths(num_valid, t: int, size: int) -> tuple[jax.Array, jax.Array]:
+    """``(pack [size], unpack [B, t])`` for rows holding ``num_valid[b]`` leading real tokens.
+
+    ``size`` must be >= sum(num_valid) (checked by the caller on the host: inside jit the
+    tokens past ``size`` would be dropped). Padded pack rows repeat flat index 0.
+    """
+    num_valid = jnp.asarray(num_valid, jnp.int32)
+    b = num_valid.shape[0]
+    valid = (jnp.arange(t, dtype=jnp.int32)[None, :] < num_valid[:, None]).reshape(-1)
+    row = jnp.cumsum(valid.astype(jnp.int32)) - 1  # packed row of each real token
+    flat = jnp.arange(b * t, dtype=jnp.int32)
+    pack = jnp.zeros((size,), jnp.int32).at[jnp.where(valid, row, size)].set(flat, mode="drop")
+    unpack = jnp.where(valid, row, 0).reshape(b, t)
+    return pack, unpack
+
+
 def _ones_init(shape, dtype):
     return lambda rng: jnp.ones(shape, dtype)
 
@@ -129,7 +155,7 @@ class DecoderLayer(nn.Module):
         return out
 
     @nn.compact
-    def __call__(self, x, cos, sin, cache_state):
+    def __call__(self, x, cos, sin, cache_state, packing=None):
         cfg = self.config
         specs = layer_specs(cfg, self.layer_idx)
         b, t, _ = x.shape
@@ -141,7 +167,12 @@ class DecoderLayer(nn.Module):
         k = qkv["k_proj"].reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
         v = qkv["v_proj"].reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if packing is not None:  # x is [1, Tp, H]: attention runs on the [B, T] grid
+            pack, unpack = packing
+            q, k, v = (a[0][unpack] for a in (q, k, v))  # [B, T, heads, D]
         attn, cache_state = self.attention(q, k, v, self.layer_idx, cache_state)
+        if packing is not None:
+            attn = attn.reshape(-1, *attn.shape[2:])[pack][None]
         attn = attn.reshape(b, t, cfg.q_size).astype(self.dtype)
         x = x + self._group(specs["o_in"], attn, None)["o_proj"]
 
@@ -177,11 +208,12 @@ class LlamaForCausalLM(nn.Module):
     capture_transform: Callable | None = None
 
     @nn.compact
-    def __call__(self, tokens, positions=None, cache=None, *, logits_at=None):
+    def __call__(self, tokens, positions=None, cache=None, *, logits_at=None, packing=None):
         """tokens, positions: [B, T] int32 (positions default arange(T)); cache: attention state.
 
         logits_at: optional [B] int32 index into T; then only those rows go through the final
         norm and lm_head and logits are [B, 1, V] (prefill wants only the last token).
+        packing: optional ``(pack [Tp], unpack [B, T])`` (module docstring); needs logits_at.
         Returns (logits f32, new cache state).
         """
         cfg = self.config
@@ -205,7 +237,15 @@ class LlamaForCausalLM(nn.Module):
                 self.param_dtype
             ),
         )
-        x = jnp.take(embedding, tokens, axis=0).astype(self.dtype)  # [B, T, H]
+        if packing is not None:
+            if logits_at is None:
+                raise ValueError("packing needs logits_at (the packed call returns one row each)")
+            pack, unpack = packing
+            if unpack.shape != (b, t):
+                raise ValueError(f"unpack of shape {unpack.shape}; expected {(b, t)}")
+            tokens = tokens.reshape(-1)[pack][None]  # [1, Tp]
+            positions = positions.reshape(-1)[pack][None]
+        x = jnp.take(embedding, tokens, axis=0).astype(self.dtype)  # [B, T, H] or [1, Tp, H]
         cos, sin = rope_cos_sin(positions, config_inv_freq(cfg))
         for i in range(cfg.num_layers):
             x, cache = DecoderLayer(
@@ -217,9 +257,12 @@ class LlamaForCausalLM(nn.Module):
                 param_dtype=self.param_dtype,
                 capture_transform=self.capture_transform,
                 name=f"layers_{i}",
-            )(x, cos, sin, cache)
+            )(x, cos, sin, cache, packing)
 
-        if logits_at is not None:
+        if packing is not None:
+            rows = jnp.take_along_axis(packing[1], jnp.asarray(logits_at)[:, None], axis=1)
+            x = x[0][rows]  # [B, 1, H]
+        elif logits_at is not None:
             x = jnp.take_along_axis(x, jnp.asarray(logits_at)[:, None, None], axis=1)
         final_norm = self.param("final_norm", _ones_init((cfg.hidden_size,), self.param_dtype))
         x = rms_norm(x, final_norm, cfg.rms_norm_eps)

@@ -109,8 +109,18 @@ def default_config(m: int, n: int, k: int, k8: int = 0, *, tile_k: int = DEFAULT
             swap_ab=False,
             group_m=8,
         )
+    # Compute-bound: weights and INT4 activations unpacked by XLA before the kernel (the
+    # loop then feeds the MMA straight from shared memory); 64x128 tiles keep both int32
+    # accumulators in registers at 4 warps (run 7, docs/kernels_gemm.md).
     return GemmConfig(
-        block_m=128, block_n=128, split_k=1, num_warps=8, num_stages=3, swap_ab=False, group_m=8
+        block_m=64,
+        block_n=128,
+        split_k=1,
+        num_warps=4,
+        num_stages=4,
+        swap_ab=False,
+        group_m=8,
+        pre_unpack="wx",
     )
 
 
@@ -160,6 +170,8 @@ def candidates(m: int, n: int, k: int, *, tile_k: int = DEFAULT_TILE_K, quick: b
             out.append(GemmConfig(bm, bn, 1, warps, stages, False, 8))
         out.append(GemmConfig(128, 128, 1, 8, 3, True, 8))
         out.append(GemmConfig(128, 128, 1, 8, 3, False, 1))
+        for bm, bn, warps, stages in ((64, 128, 4, 3), (128, 128, 8, 4), (128, 64, 4, 4)):
+            out.append(GemmConfig(bm, bn, 1, warps, stages, False, 8, pre_unpack="wx"))
     if m > 16:
         out.append(GemmConfig(backend="xla_int8"))
     uniq = _valid_unique(out, n, k, tile_k)

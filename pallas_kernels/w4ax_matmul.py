@@ -33,6 +33,12 @@ Kernel design (Hopper, Triton):
   (a piece may straddle the INT4/INT8 boundary); partial f32 results ``[S, M, N]`` are
   reduced by XLA. With ``split_k == 1`` the kernel writes ``out_dtype`` directly.
 * ``group_m``: grouped ordering of output tiles over the 1-D grid (L2 reuse in prefill).
+* ``pre_unpack`` ("w" or "wx"; prefill): XLA unpacks the packed weights (and with "wx" the
+  INT4 activations) once per call into x16 int8 ``[N, K]`` (same half-split tile order), so the
+  kernel's loop has no unpack: the weight tile goes from shared memory straight to the MMA
+  instead of registers -> shared memory every K step. Costs 1.5 extra bytes per weight of HBM
+  traffic (read 0.5, write 1, read 1 instead of 0.5): pays only where the GEMM is
+  compute-bound (large M).
 * ``backend="xla_int8"`` (a tuning candidate, per-channel scales only): XLA unpacks the INT4
   weights and activations to int8 and runs its int8 ``[N, K]`` GEMM per segment; same int32
   sums, same epilogue. Meant for compute-bound prefill, where the kernel's in-loop unpack
@@ -49,10 +55,11 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from comet_jax.quant.pack import unpack_int4
+from comet_jax.quant.pack import unpack_int4, unpack_int4_x16
 
 DEFAULT_TILE_K = 128
 BACKENDS = ("pallas", "xla_int8")
+PRE_UNPACK = ("", "w", "wx")
 _DOT_LAST = (((1,), (1,)), ((), ()))
 
 
@@ -68,6 +75,9 @@ class GemmConfig:
     swap_ab: bool = False
     group_m: int = 8
     k_unroll: int = 1  # K tiles per pipelined loop step (more bytes in flight per stage)
+    # "": unpack in the kernel loop; "w": weights unpacked by XLA before the kernel; "wx": the
+    # INT4 activations too (module docstring).
+    pre_unpack: str = ""
     # "pallas": the kernel below. "xla_int8": unpack INT4 weights/activations to int8 with
     # XLA, then XLA's int8 GEMM ([N, K]) per segment and the same epilogue (module docstring).
     backend: str = "pallas"
@@ -75,6 +85,8 @@ class GemmConfig:
     def __post_init__(self):
         if self.backend not in BACKENDS:
             raise ValueError(f"backend={self.backend!r} must be one of {BACKENDS}")
+        if self.pre_unpack not in PRE_UNPACK:
+            raise ValueError(f"pre_unpack={self.pre_unpack!r} must be one of {PRE_UNPACK}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -229,6 +241,8 @@ def _kernel(
     has_x8,
     has_bias,
     k_unroll,
+    w_unpacked,
+    x4_unpacked,
 ):
     refs = list(refs)
     x4_ref = refs.pop(0) if has_x4 else None
@@ -247,9 +261,14 @@ def _kernel(
     hi = jnp.minimum(lo + tiles_per_split, n_tiles)
     grouped = group_tiles > 0 and not raw
 
-    def tile_dot(xlo, xhi, wb):
-        wlo = jnp.left_shift(wb, jnp.int8(4))  # 16 * low nibble
-        whi = wb & jnp.int8(-16)  # 16 * high nibble
+    def tile_dot(xlo, xhi, t):
+        if w_unpacked:  # x16 int8, tile t = [16 * low nibbles | 16 * high nibbles]
+            wlo = w_ref[:, pl.ds(t * tile_k, h)]
+            whi = w_ref[:, pl.ds(t * tile_k + h, h)]
+        else:
+            wb = w_ref[:, pl.ds(t * h, h)]
+            wlo = jnp.left_shift(wb, jnp.int8(4))  # 16 * low nibble
+            whi = wb & jnp.int8(-16)  # 16 * high nibble
         if swap_ab:
             d = jax.lax.dot_general(wlo, xlo, _DOT_LAST, preferred_element_type=jnp.int32)
             return d + jax.lax.dot_general(whi, xhi, _DOT_LAST, preferred_element_type=jnp.int32)
@@ -265,17 +284,28 @@ def _kernel(
 
     acc_dtype = jnp.float32 if grouped else jnp.int32
 
+    def full_tile_dot(x, t):
+        # Both operands unpacked in the same tile order: one dot over the whole K tile.
+        w = w_ref[:, pl.ds(t * tile_k, tile_k)]
+        if swap_ab:
+            return jax.lax.dot_general(w, x, _DOT_LAST, preferred_element_type=jnp.int32)
+        return jax.lax.dot_general(x, w, _DOT_LAST, preferred_element_type=jnp.int32)
+
     def body4(t, acc):
+        if x4_unpacked:
+            return accumulate(acc, t, full_tile_dot(x4_ref[:, pl.ds(t * tile_k, tile_k)], t))
         xb = x4_ref[:, pl.ds(t * h, h)]
         xlo = jnp.left_shift(xb, jnp.int8(4))
         xhi = xb & jnp.int8(-16)
-        return accumulate(acc, t, tile_dot(xlo, xhi, w_ref[:, pl.ds(t * h, h)]))
+        return accumulate(acc, t, tile_dot(xlo, xhi, t))
 
     def body8(t, acc):
         t8_ = t - t4
+        if w_unpacked:
+            return accumulate(acc, t, full_tile_dot(x8_ref[:, pl.ds(t8_ * tile_k, tile_k)], t))
         xlo = x8_ref[:, pl.ds(t8_ * tile_k, h)]
         xhi = x8_ref[:, pl.ds(t8_ * tile_k + h, h)]
-        return accumulate(acc, t, tile_dot(xlo, xhi, w_ref[:, pl.ds(t * h, h)]))
+        return accumulate(acc, t, tile_dot(xlo, xhi, t))
 
     def seg_loop(start, stop, body, acc):
         # `k_unroll` tiles per pipelined step, then the remainder one tile at a time.
@@ -323,6 +353,13 @@ def _kernel(
         b = bias_ref[...].astype(jnp.float32)
         y = y + (b.reshape(bn, 1) if swap_ab else b.reshape(1, bn))
     store(out_refs[0], y)
+
+
+def unpack_int4_x16_tiles(packed, tile_k: int = DEFAULT_TILE_K):
+    """``[R, K/2]`` packed int8 -> ``[R, K]`` int8 holding 16 * value, each ``tile_k`` tile
+    laid out as [16 * low nibbles | 16 * high nibbles]: the kernel's unpack, done by XLA."""
+    lo16, hi16 = unpack_int4_x16(packed, tile_k)  # [R, K/tile, tile/2] each
+    return jnp.concatenate([lo16, hi16], axis=-1).reshape(packed.shape[0], -1)
 
 
 def _pick_block_n(n: int, want: int) -> int:
@@ -389,18 +426,22 @@ def _w4ax_call(
 
     write_partial = raw or splits > 1
     has_x4, has_x8 = k4 > 0, k8 > 0
+    w_unpacked = config.pre_unpack in ("w", "wx")
+    x4_unpacked = config.pre_unpack == "wx" and has_x4
+    x4_arg = unpack_int4_x16_tiles(x4_packed, tile_k) if x4_unpacked else x4_packed
+    w_arg = unpack_int4_x16_tiles(w_packed, tile_k) if w_unpacked else w_packed
     has_bias = bias is not None and not write_partial  # else added after the split reduction
     args, in_specs = [], []
     if has_x4:
-        args.append(x4_packed)
-        in_specs.append(pl.BlockSpec((bm, k4 // 2), lambda p, s: (m_map(p, s), 0)))
+        args.append(x4_arg)
+        in_specs.append(pl.BlockSpec((bm, x4_arg.shape[1]), lambda p, s: (m_map(p, s), 0)))
     if has_x8:
         args.append(x8)
         in_specs.append(pl.BlockSpec((bm, k8), lambda p, s: (m_map(p, s), 0)))
-    args += [x_scales, w_packed]  # scales whole: no slicing kernels before the call
+    args += [x_scales, w_arg]  # scales whole: no slicing kernels before the call
     in_specs += [
         pl.BlockSpec((bm, 2), lambda p, s: (m_map(p, s), 0)),
-        pl.BlockSpec((bn, (k4 + k8) // 2), lambda p, s: (n_map(p, s), 0)),
+        pl.BlockSpec((bn, w_arg.shape[1]), lambda p, s: (n_map(p, s), 0)),
     ]
     if n_groups:
         args.append(w_scales.T)  # [G, N]: one contiguous row per group
@@ -434,6 +475,8 @@ def _w4ax_call(
         has_x8=has_x8,
         has_bias=has_bias,
         k_unroll=max(1, config.k_unroll),
+        w_unpacked=w_unpacked,
+        x4_unpacked=x4_unpacked,
     )
     out = pl.pallas_call(
         kernel,

@@ -23,3 +23,18 @@ def test_smoke_run(tmp_path):
     assert aq["default_mismatch"] == [0, 0, 0]
     [ts] = res["timing_study"]
     assert ts["ours_device_us"] > 0 and ts["bf16_device_us"] > 0
+
+
+def test_smoke_large_m_study(tmp_path):
+    """Every large-M variant is exact in int32 (interpret mode) and gets timed."""
+    spec = importlib.util.spec_from_file_location("bench_gemm", _PATH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--smoke", "--large-m", "--out", str(tmp_path)])
+    [path] = tmp_path.glob("gemm_*.json")
+    res = json.loads(path.read_text())
+    assert res["large_m_exact"] and all(res["large_m_exact"].values())
+    [row] = res["large_m"]
+    assert row["tuned_us"] > 0 and row["bf16_us"] > 0 and row["int8_us"] > 0
+    timed = [k for k in row if k.endswith("_us") and k.startswith(("pre-", "swap", "xla"))]
+    assert len(timed) == len(bench.LARGE_M_VARIANTS)

@@ -67,3 +67,19 @@ def test_tiny_run_with_decode_profile(bench, tmp_path):
     assert (tmp_path / "r_bf16_async_decode.xplane.pb").stat().st_size > 0
     tput = row["max_throughput"][0]
     assert tput["output_tokens"] == tput["requests"] * tput["output_len"]
+
+
+def test_trace_window_of_a_workload(bench, tmp_path):
+    """--trace-window traces steps of the real workload; the run still completes in full."""
+    out = tmp_path / "w.json"
+    argv = ["--tiny", "--precisions", "bf16", "--quiet", "--out", str(out)]
+    argv += ["--trace-window", "2,3", "--fixed-batches", "4"]
+    assert bench.main(argv) == 0
+    [row] = json.loads(out.read_text())["results"]
+    first, second = row["max_throughput"]
+    win = first["trace"]
+    assert win["steps"] == 3 and win["step_wall_ms"] > 0 and win["tokens_per_step"] > 0
+    assert win["prefill_calls"] + win["decode_calls"] >= 3
+    assert win["step_kernel_ms"] == 0.0 and win["by_category_us"] == {}  # CPU: no GPU plane
+    assert "trace" not in second
+    assert first["output_tokens"] == first["requests"] * first["output_len"]

@@ -105,6 +105,25 @@ def test_preemption_gives_the_same_tokens(engine):
     assert small.allocator.num_used == 0
 
 
+def test_packed_prefill_same_tokens_as_padded_grid(model, sync_engine):
+    """CFG's two-sequence prefill calls ([2, 32] grid, 32-token budget) run packed; turning
+    packing off gives the same streams; an over-full call is refused on the host."""
+    from comet_jax.engine.runner import StepInputs, packs
+
+    assert packs(2, 32, CFG.max_tokens_per_step) and sync_engine.runner.pack_tokens == 32
+    ps = prompts(5, [13, 19, 30, 7, 25])
+    want = sync_engine.generate(ps, GREEDY)
+    cfg = dataclasses.replace(CFG, pack_prefill=False)
+    padded = LLMEngine.build(*model, cfg, progress=False)
+    assert padded.runner.pack_tokens == 0
+    got = padded.generate(ps, GREEDY)
+    assert [g["token_ids"] for g in got] == [w["token_ids"] for w in want]
+    inp = StepInputs.zeros(2, 32, 8)
+    inp.num_valid[:] = [20, 20]
+    with pytest.raises(ValueError, match="40 tokens, more than the 32 packed rows"):
+        sync_engine.runner.run(inp)
+
+
 def test_no_recompilation_after_warmup(engine):
     compiles = count_backend_compiles()
     before = engine.runner.num_compilations

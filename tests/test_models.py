@@ -229,6 +229,30 @@ def test_jit_static_model_and_logits_at():
     assert np.all(np.isfinite(np.asarray(logits)))
 
 
+def test_packed_tokens_give_the_same_logits():
+    """packing=(pack, unpack): token-wise ops on the real tokens only, same last-row logits
+    (ragged rows, a length-1 row, padded pack rows)."""
+    from models.llama import packing_from_lengths
+
+    model = LlamaForCausalLM(TINY)
+    params = _random_params(model)
+    tokens = _tokens(3, 8)
+    lens = jnp.array([5, 1, 8], jnp.int32)
+    pack, unpack = packing_from_lengths(lens, 8, 16)
+    assert pack.shape == (16,) and unpack.shape == (3, 8)
+    np.testing.assert_array_equal(np.asarray(pack[:14]), [0, 1, 2, 3, 4, 8, *range(16, 24)])
+    np.testing.assert_array_equal(np.asarray(unpack[2]), np.arange(6, 14))
+    at = lens - 1
+    want = model.apply({"params": params}, tokens, logits_at=at)[0]
+    got = model.apply({"params": params}, tokens, logits_at=at, packing=(pack, unpack))[0]
+    assert got.shape == want.shape == (3, 1, 96)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+    with pytest.raises(ValueError, match="packing needs logits_at"):
+        model.apply({"params": params}, tokens, packing=(pack, unpack))
+    with pytest.raises(ValueError, match="unpack of shape"):
+        model.apply({"params": params}, tokens, logits_at=at, packing=(pack, unpack[:2]))
+
+
 @dataclasses.dataclass(frozen=True)
 class ScaledLinear:
     """Test backend with group params: x' = norm(x) * s (group), y = x' @ (W / s).T.

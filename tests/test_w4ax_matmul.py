@@ -29,6 +29,9 @@ DECODE = GemmConfig(
 PREFILL = GemmConfig(
     block_m=32, block_n=32, split_k=1, num_warps=4, num_stages=2, swap_ab=False, group_m=2
 )
+# Weights (and INT4 activations) unpacked to x16 int8 by XLA before the kernel.
+PRE_W = GemmConfig(block_m=32, block_n=32, split_k=2, swap_ab=False, group_m=2, pre_unpack="w")
+PRE_WX = GemmConfig(block_m=32, block_n=32, split_k=1, swap_ab=False, group_m=2, pre_unpack="wx")
 
 
 def _rel(a, b):
@@ -44,6 +47,10 @@ def _rel(a, b):
         (40, 96, 256, 128, PREFILL, None, True),  # M not a multiple of the tile, 50%
         (33, 64, 256, 256, PREFILL, 128, False),  # W4A8 (100% INT8), group scales
         (3, 64, 384, 128, DECODE, 64, True),  # group scales with split-K across segments
+        (40, 96, 256, 64, PRE_WX, None, True),  # pre-unpacked weights and activations
+        (33, 64, 384, 128, PRE_W, 64, False),  # pre-unpacked weights, groups, split-K
+        (17, 32, 256, 0, PRE_WX, None, False),  # pre-unpacked, W4A4
+        (9, 32, 256, 256, PRE_WX, None, True),  # pre-unpacked, W4A8 (no INT4 segment)
     ],
 )
 def test_kernel_matches_reference(m, n, k, k8, cfg, group, use_bias):
@@ -82,6 +89,8 @@ def test_heuristic_paths():
     assert default_config(1, 4096, 4096).swap_ab  # decode: weights as the MMA's A operand
     assert default_config(16, 4096, 4096).split_k > 1
     assert not default_config(4096, 4096, 4096).swap_ab
+    assert default_config(4096, 4096, 4096).pre_unpack == "wx"  # compute-bound: XLA unpacks
+    assert default_config(64, 4096, 4096).pre_unpack == ""  # decode: bytes, unpack in-kernel
     assert get_config(3, 14336, 4096, 1024).block_m >= 16
 
 
@@ -151,3 +160,18 @@ def test_xla_int8_backend_with_groups_uses_the_kernel():
 def test_unknown_backend_rejected():
     with pytest.raises(ValueError, match="backend='cublas'"):
         GemmConfig(backend="cublas")
+    with pytest.raises(ValueError, match="pre_unpack='x'"):
+        GemmConfig(pre_unpack="x")
+
+
+def test_pre_unpacked_tiles_match_reference_unpack():
+    """XLA's x16 unpack keeps the half-split tile order the kernel reads."""
+    from comet_jax.quant.pack import unpack_int4
+    from pallas_kernels.w4ax_matmul import unpack_int4_x16_tiles
+
+    packed = random_operands(jax.random.PRNGKey(5), 2, 32, 256, 0, tile_k=TILE)[3]
+    x16 = unpack_int4_x16_tiles(packed, TILE)
+    assert x16.shape == (32, 256) and x16.dtype == jnp.int8
+    np.testing.assert_array_equal(
+        np.asarray(x16, np.int32), 16 * np.asarray(unpack_int4(packed, TILE), np.int32)
+    )

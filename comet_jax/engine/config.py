@@ -75,6 +75,9 @@ class EngineConfig:
         decode steps for bf16 and W4AxKV4.
       async_scheduling: schedule and dispatch step N+1 before step N's tokens are back, so
         host work overlaps device work (LLMEngine.step); same tokens as synchronous mode.
+      pack_prefill: a prefill call with several sequences runs its embedding, projections and
+        MLP on the step's real tokens packed into `max_tokens_per_step` rows, not on its padded
+        [batch bucket, chunk bucket] grid (attention still sees the grid); same logits.
     """
 
     max_batch: int = 16
@@ -99,9 +102,10 @@ class EngineConfig:
     tp: int = 1
     cuda_graphs: bool = True
     async_scheduling: bool = True
+    pack_prefill: bool = True
 
     def __post_init__(self):
-        for name in ("cuda_graphs", "async_scheduling", "aot_compile", "interpret"):
+        for name in ("cuda_graphs", "async_scheduling", "aot_compile", "interpret", "pack_prefill"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be a bool")
         if not isinstance(self.tp, int) or self.tp < 1:

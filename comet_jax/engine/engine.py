@@ -201,6 +201,7 @@ class LLMEngine:
             mesh=mesh,
             cuda_graphs=config.cuda_graphs,
             out_size=max(config.decode_bucket_list[-1], config.prefill_batch_bucket_list[-1]),
+            pack_tokens=config.max_tokens_per_step if config.pack_prefill else 0,
         )
         return cls(config, runner, tokenizer=tokenizer, capacity=plan, progress=progress)
 

@@ -41,6 +41,7 @@ import numpy as np
 
 from comet_jax.engine import kv_cache
 from comet_jax.engine.sampling import needs_filter, sample_tokens
+from models.llama import packing_from_lengths
 
 
 class PagedState(NamedTuple):
@@ -162,12 +163,26 @@ class StepInputs(NamedTuple):
         return self.temperature, self.top_k, self.top_p, self.seeds, self.counters
 
 
-def make_logits_fn(model):
+def packs(batch: int, length: int, pack_tokens: int) -> bool:
+    """Whether a [batch, length] call runs its token-wise ops on ``pack_tokens`` packed rows
+    (a multi-sequence prefill call whose grid is larger than the step's token budget)."""
+    return pack_tokens > 0 and batch > 1 and length > 1 and batch * length > pack_tokens
+
+
+def make_logits_fn(model, pack_tokens: int = 0):
     """The model executable: (params, cache, ModelInputs) -> (logits [B, V] f32 at each row's
-    last valid token, cache)."""
+    last valid token, cache).
+
+    pack_tokens > 0: a prefill call whose [B, T] grid exceeds it runs embedding, projections
+    and MLP on ``pack_tokens`` packed rows (the real tokens; `models.llama` "Packed tokens"),
+    so the GEMMs do not multiply the grid's padding. The caller guarantees
+    sum(num_valid) <= pack_tokens (`ModelRunner.run` checks it)."""
 
     def logits_step(params, cache, inp: ModelInputs):
-        t = inp.tokens.shape[1]
+        b, t = inp.tokens.shape
+        packing = None
+        if packs(b, t, pack_tokens):
+            packing = packing_from_lengths(inp.num_valid, t, pack_tokens)
         prev = jnp.concatenate([inp.prev_a, inp.prev_b])
         first = jnp.where(inp.src >= 0, prev[jnp.clip(inp.src, 0, prev.shape[0] - 1)], 0)
         tokens = inp.tokens.at[:, 0].set(jnp.where(inp.src >= 0, first, inp.tokens[:, 0]))
@@ -175,7 +190,7 @@ def make_logits_fn(model):
         state = PagedState(cache, inp.page_table, inp.start, inp.num_valid)
         last = jnp.maximum(inp.num_valid - 1, 0)
         logits, state = model.apply(
-            {"params": params}, tokens, positions, cache=state, logits_at=last
+            {"params": params}, tokens, positions, cache=state, logits_at=last, packing=packing
         )
         return logits[:, 0].astype(jnp.float32), state.cache
 
@@ -296,6 +311,7 @@ class ModelRunner:
         *,
         cuda_graphs: bool = True,
         out_size: int = 0,
+        pack_tokens: int = 0,
     ):
         # mesh: a `comet_jax.parallel.make_mesh(tp)` mesh runs the steps tensor-parallel
         # (params and KV cache sharded, see comet_jax/parallel); None: one device.
@@ -303,7 +319,10 @@ class ModelRunner:
         # out_size: the samplers pad their [B] tokens to [max(B, out_size)] (one shape for the
         # next step's `prev_a`/`prev_b` whatever the bucket); the engine passes its largest
         # batch bucket.
+        # pack_tokens: token budget of a step; multi-sequence prefill calls run their GEMMs
+        # on that many packed rows instead of the padded grid (make_logits_fn). 0: off.
         self.mesh = mesh
+        self.pack_tokens = pack_tokens
         self.compiler_options = _compiler_options(cuda_graphs)
         self.out_size = out_size
         if mesh is not None:
@@ -319,11 +338,13 @@ class ModelRunner:
             # init_cache shares one zeros buffer between k and v (and the four scale arrays);
             # the step donates the cache, and a buffer cannot be donated twice: copy each leaf.
             self.cache = jax.tree.map(jnp.copy, kv_cache.init_cache(cache_config))
-            self._jit = jax.jit(make_logits_fn(model), donate_argnums=(1,))
+            self._jit = jax.jit(make_logits_fn(model, pack_tokens), donate_argnums=(1,))
             jit_sampler = jax.jit
         else:
             self.cache = sr.init_sharded_cache(cache_config, mesh)  # distinct buffers
-            self._jit = sr.jit_step(make_logits_fn(model), mesh, params, self.cache, model.config)
+            self._jit = sr.jit_step(
+                make_logits_fn(model, pack_tokens), mesh, params, self.cache, model.config
+            )
             jit_sampler = sr.jit_replicated(mesh)
         self._samplers = {
             f: jit_sampler(functools.partial(_padded_sample, size=out_size, filtered=f))
@@ -373,6 +394,13 @@ class ModelRunner:
         waited on; rows past B are padding). prev: the (decode, prefill) token arrays of the
         step in flight that `inp.src` points into (None: src must be all -1)."""
         key = (*inp.tokens.shape, inp.page_table.shape[1])
+        if packs(*inp.tokens.shape, self.pack_tokens):
+            total = int(inp.num_valid.sum())
+            if total > self.pack_tokens:
+                raise ValueError(
+                    f"prefill call holds {total} tokens, more than the {self.pack_tokens} "
+                    "packed rows it runs on (pack_tokens = the step's token budget)"
+                )
         filtered = needs_filter(inp.top_k, inp.top_p)
         if key not in self._compiled:
             if not self.allow_lazy:
