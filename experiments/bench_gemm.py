@@ -476,33 +476,66 @@ LARGE_M_VARIANTS = (  # (label, GemmConfig fields) against the tuned config, M >
 
 def large_m_study(results, deadline, ms=(256, 1024, 4096), update_table=True):
     """Compute-bound M: the tuned kernel against weights unpacked by XLA before the kernel
-    (``pre_unpack``), swap_ab and the xla_int8 backend, baselines in the same run; the exact
-    int32 sums of every variant checked on the device first. The fastest variant per shape
-    becomes the tuning-table entry (``update_table``)."""
-    rows = results.setdefault("large_m", [])
+    (``pre_unpack``), swap_ab and the xla_int8 backend (:func:`variant_study`)."""
+    fixed = [(lbl, GemmConfig(**kw)) for lbl, kw in LARGE_M_VARIANTS]
+    return variant_study(results, deadline, "large_m", ms, lambda m, tuned: fixed, update_table)
+
+
+def pre_x_variants(m, tuned):
+    """The tuned config with the INT4 activations unpacked by XLA (``pre_unpack="x"``), and
+    at M = 256 Y^T tiles (weights as the register operand) over pre-unpacked activations."""
+    out = [("tuned +x", dataclasses_replace(tuned, pre_unpack="x"))]
+    if m >= 256:
+        for bn, bm, warps, stages in ((128, 128, 8, 3), (64, 128, 4, 4), (128, 64, 4, 4)):
+            cfg = GemmConfig(bm, bn, 1, warps, stages, True, 8, pre_unpack="x")
+            out.append((f"swap {bn}x{bm} w{warps} s{stages} +x", cfg))
+        cfg = GemmConfig(64, 128, 2, 4, 4, True, 8, pre_unpack="x")
+        out.append(("swap 128x64 w4 s4 split2 +x", cfg))
+    return out
+
+
+def pre_x_study(results, deadline, ms=(1, 16, 64, 256), update_table=True):
+    """Decode M: the INT4 activations unpacked by XLA before the kernel (:func:`variant_study`)."""
+    return variant_study(results, deadline, "pre_x", ms, pre_x_variants, update_table)
+
+
+def variant_study(results, deadline, key, ms, variants_of, update_table=True):
+    """The tuned config against ``variants_of(m, tuned)`` on the LLaMA-3-8B engine shapes at
+    25% INT8, baselines (XLA bf16, XLA int8) in the same run; every variant's int32 sums are
+    checked exact on the device first (random non-zero operands, M not a multiple of the
+    tile). The fastest exact variant per shape becomes its tuning-table entry."""
+    rows = results.setdefault(key, [])
     shapes = tuning.ENGINE_SHAPES["llama3-8b"]
     if SMOKE:
         shapes, ms = [(64, 256)], (40,)
-    variants = [(lbl, GemmConfig(**kw)) for lbl, kw in LARGE_M_VARIANTS]
-    if SMOKE:
-        variants = [(lbl, dataclasses_replace(c, block_m=16, block_n=32)) for lbl, c in variants]
-    # Exactness on the device (random, non-zero operands, M not a multiple of the tile).
-    m, (n, k) = (40, shapes[0]) if SMOKE else (300, shapes[0])
-    k8 = tuning.int8_fraction_k8(k, 0.25)
-    ops = tuning.random_operands(jax.random.PRNGKey(21), m, n, k, k8)
-    ref = [np.asarray(a) for a in w4ax_accumulators_reference(ops[0], ops[1], ops[3])]
-    for lbl, cfg in variants:
-        got = w4ax_accumulators(ops[0], ops[1], ops[3], config=cfg, interpret=SMOKE)
-        exact = all(np.array_equal(np.asarray(g), r) for g, r in zip(got, ref))
-        results.setdefault("large_m_exact", {})[lbl] = exact
-        log(f"large_m exact int32 {lbl}: {exact}")
+
+    def variants(m, tuned):
+        vs = variants_of(m, tuned)
+        if SMOKE:
+            vs = [(lbl, dataclasses_replace(c, block_m=16, block_n=32)) for lbl, c in vs]
+        return vs
+
+    exact_of = results.setdefault(f"{key}_exact", {})
     entries = {}
     for n, k in shapes:
         for m in ms:
             if time.time() > deadline:
-                log("large_m: deadline reached")
+                log(f"{key}: deadline reached")
                 break
             k8 = tuning.int8_fraction_k8(k, 0.25)
+            tuned = tuning.get_config(m, n, k, k8)
+            vs = [(lbl, c) for lbl, c in variants(m, tuned) if not n % min(c.block_n, n)]
+            # Exactness on the device for each distinct config (M = m + 3: a partial tile).
+            ops = tuning.random_operands(jax.random.PRNGKey(21), m + 3, n, k, k8)
+            ref = [np.asarray(a) for a in w4ax_accumulators_reference(ops[0], ops[1], ops[3])]
+            for lbl, cfg in vs:
+                try:
+                    got = w4ax_accumulators(ops[0], ops[1], ops[3], config=cfg, interpret=SMOKE)
+                    ok = all(np.array_equal(np.asarray(g), r) for g, r in zip(got, ref))
+                except Exception as e:  # noqa: BLE001 - a config may not compile
+                    ok = False
+                    log(f"{key} {lbl} failed: {type(e).__name__}: {e!s:.200}")
+                exact_of[f"{lbl} {m}x{n}x{k}"] = ok
             sets = _ours_sets(m, n, k, k8, n_copies(n * k // 2, m))
             row = dict(m=m, n=n, k=k, k8=k8)
             row["bf16_us"] = time_bf16(m, n, k) * 1e6
@@ -511,29 +544,27 @@ def large_m_study(results, deadline, ms=(256, 1024, 4096), update_table=True):
             row["tuned_config"] = tuned.to_dict()
             row["tuned_us"] = time_ours(m, n, k, k8, tuned, sets=sets) * 1e6
             best = (row["tuned_us"], "tuned", tuned)
-            for lbl, cfg in variants:
-                if n % cfg.block_n and cfg.backend == "pallas":
-                    continue
+            for lbl, cfg in vs:
                 try:
                     t = time_ours(m, n, k, k8, cfg, sets=sets) * 1e6
                 except Exception as e:  # noqa: BLE001 - a config may not compile
                     row[f"{lbl}_error"] = f"{type(e).__name__}: {e!s:.200}"
                     continue
                 row[f"{lbl}_us"] = t
-                exact = results.get("large_m_exact", {}).get(lbl, False)
-                if t < best[0] and exact:
+                if t < best[0] and exact_of.get(f"{lbl} {m}x{n}x{k}", False):
                     best = (t, lbl, cfg)
             row["best"], row["best_us"] = best[1], best[0]
+            row["variant_configs"] = {lbl: c.to_dict() for lbl, c in vs}
             row["best_vs_bf16"] = row["bf16_us"] / best[0]
             row["best_vs_int8"] = row["int8_us"] / best[0]
             row["tuned_vs_bf16"] = row["bf16_us"] / row["tuned_us"]
             rows.append(row)
-            log(f"large_m {json.dumps(row, default=str)}")
+            log(f"{key} {json.dumps(row, default=str)}")
             if best[1] != "tuned":
                 entries[tuning.table_key(m, n, k, k8)] = dict(
                     best[2].to_dict(), us=round(best[0], 2)
                 )
-    results["large_m_entries"] = entries
+    results[f"{key}_entries"] = entries
     if update_table and entries and not SMOKE:
         tuning.write_table(entries, results["meta"])
     return entries
@@ -709,6 +740,11 @@ def main(argv=None):
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--unroll", action="store_true", help="k_unroll study")
     ap.add_argument(
+        "--pre-x",
+        action="store_true",
+        help="M <= 256: INT4 activations unpacked before the kernel; best ones into the table",
+    )
+    ap.add_argument(
         "--large-m",
         action="store_true",
         help="M >= 256 variants (pre_unpack, swap_ab, xla_int8); best ones into the table",
@@ -790,6 +826,11 @@ def main(argv=None):
             save()
         if args.unroll:
             unroll_study(results, deadline)
+            save()
+        if args.pre_x:
+            pre_x_study(results, deadline)
+            if not SMOKE:
+                (out / "tuning_table.json").write_text(tuning.TABLE_PATH.read_text())
             save()
         if args.large_m:
             large_m_study(results, deadline)

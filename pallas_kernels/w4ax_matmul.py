@@ -38,7 +38,9 @@ Kernel design (Hopper, Triton):
   kernel's loop has no unpack: the weight tile goes from shared memory straight to the MMA
   instead of registers -> shared memory every K step. Costs 1.5 extra bytes per weight of HBM
   traffic (read 0.5, write 1, read 1 instead of 0.5): pays only where the GEMM is
-  compute-bound (large M).
+  compute-bound (large M). ``pre_unpack="x"`` unpacks only the INT4 activations (M x K4
+  bytes, cheap at any M): with ``swap_ab`` the weights are the MMA's register operand and the
+  activations then reach it from shared memory without a register round trip.
 * ``backend="xla_int8"`` (a tuning candidate, per-channel scales only): XLA unpacks the INT4
   weights and activations to int8 and runs its int8 ``[N, K]`` GEMM per segment; same int32
   sums, same epilogue. Meant for compute-bound prefill, where the kernel's in-loop unpack
@@ -59,7 +61,7 @@ from comet_jax.quant.pack import unpack_int4, unpack_int4_x16
 
 DEFAULT_TILE_K = 128
 BACKENDS = ("pallas", "xla_int8")
-PRE_UNPACK = ("", "w", "wx")
+PRE_UNPACK = ("", "w", "x", "wx")
 _DOT_LAST = (((1,), (1,)), ((), ()))
 
 
@@ -75,8 +77,8 @@ class GemmConfig:
     swap_ab: bool = False
     group_m: int = 8
     k_unroll: int = 1  # K tiles per pipelined loop step (more bytes in flight per stage)
-    # "": unpack in the kernel loop; "w": weights unpacked by XLA before the kernel; "wx": the
-    # INT4 activations too (module docstring).
+    # "": unpack in the kernel loop; "w": weights unpacked by XLA before the kernel; "x": the
+    # INT4 activations only; "wx": both (module docstring).
     pre_unpack: str = ""
     # "pallas": the kernel below. "xla_int8": unpack INT4 weights/activations to int8 with
     # XLA, then XLA's int8 GEMM ([N, K]) per segment and the same epilogue (module docstring).
@@ -292,8 +294,12 @@ def _kernel(
         return jax.lax.dot_general(x, w, _DOT_LAST, preferred_element_type=jnp.int32)
 
     def body4(t, acc):
-        if x4_unpacked:
+        if x4_unpacked and w_unpacked:
             return accumulate(acc, t, full_tile_dot(x4_ref[:, pl.ds(t * tile_k, tile_k)], t))
+        if x4_unpacked:  # x16 int8 tiles [16 * low | 16 * high], as the weights' halves
+            xlo = x4_ref[:, pl.ds(t * tile_k, h)]
+            xhi = x4_ref[:, pl.ds(t * tile_k + h, h)]
+            return accumulate(acc, t, tile_dot(xlo, xhi, t))
         xb = x4_ref[:, pl.ds(t * h, h)]
         xlo = jnp.left_shift(xb, jnp.int8(4))
         xhi = xb & jnp.int8(-16)
@@ -427,7 +433,7 @@ def _w4ax_call(
     write_partial = raw or splits > 1
     has_x4, has_x8 = k4 > 0, k8 > 0
     w_unpacked = config.pre_unpack in ("w", "wx")
-    x4_unpacked = config.pre_unpack == "wx" and has_x4
+    x4_unpacked = config.pre_unpack in ("x", "wx") and has_x4
     x4_arg = unpack_int4_x16_tiles(x4_packed, tile_k) if x4_unpacked else x4_packed
     w_arg = unpack_int4_x16_tiles(w_packed, tile_k) if w_unpacked else w_packed
     has_bias = bias is not None and not write_partial  # else added after the split reduction

@@ -1,5 +1,7 @@
 """Block allocator and KV capacity planning (pure Python, exact)."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -81,3 +83,27 @@ def test_capacity_plan_kv4_holds_about_3_8x_more_tokens():
         plan_num_pages(free_bytes=1 << 30, fraction=0.0, cache_config=cfg)
     with pytest.raises(ValueError, match="at least 2"):
         plan_num_pages(free_bytes=1 << 20, fraction=1.0, cache_config=cfg)
+
+
+def test_capacity_plan_avoids_pools_triton_cannot_address():
+    """LLaMA-3-70B KV4 pages of 64 tokens: 1537 pages (the engine's cap for 64 sequences of
+    1536 tokens) put 4.03e9 uint8 elements in k, which Pallas-Triton's 32-bit offsets wrap;
+    the plan (and the engine's cap) step down."""
+    cfg = KVCacheConfig(
+        num_layers=80,
+        num_kv_heads=8,
+        head_dim=128,
+        page_size=64,
+        num_pages=1,
+        group_size=128,
+        dtype="int4",
+    )
+    per_page = 80 * 8 * 64 * 64
+    budget = 1537 * 64 * cfg.bytes_per_token
+    plan = plan_num_pages(free_bytes=budget, fraction=1.0, cache_config=cfg)
+    assert plan.num_pages * per_page <= 2**31
+    assert cfg.triton_safe_pages(1537) == 2**31 // per_page
+    assert cfg.triton_safe_pages(1700) == 1700  # > 2^32 elements: 64-bit offsets, fine
+    assert cfg.triton_safe_pages(800) == 800  # <= 2^31
+    bf16 = dataclasses.replace(cfg, dtype="bf16")
+    assert bf16.triton_safe_pages(1537) == 1537

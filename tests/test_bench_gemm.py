@@ -38,3 +38,17 @@ def test_smoke_large_m_study(tmp_path):
     assert row["tuned_us"] > 0 and row["bf16_us"] > 0 and row["int8_us"] > 0
     timed = [k for k in row if k.endswith("_us") and k.startswith(("pre-", "swap", "xla"))]
     assert len(timed) == len(bench.LARGE_M_VARIANTS)
+
+
+def test_smoke_pre_x_study(tmp_path):
+    """The decode-M study: tuned config with pre-unpacked INT4 activations, exact and timed."""
+    spec = importlib.util.spec_from_file_location("bench_gemm", _PATH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--smoke", "--pre-x", "--out", str(tmp_path)])
+    [path] = tmp_path.glob("gemm_*.json")
+    res = json.loads(path.read_text())
+    assert res["pre_x_exact"] and all(res["pre_x_exact"].values())
+    [row] = res["pre_x"]
+    assert row["tuned_us"] > 0 and row["tuned +x_us"] > 0
+    assert row["variant_configs"]["tuned +x"]["pre_unpack"] == "x"

@@ -386,3 +386,18 @@ def test_engine_tensor_parallel_matches_single_device(model, engine, tp):
 def test_engine_tp_validation():
     with pytest.raises(ValueError, match="tp=0"):
         dataclasses.replace(CFG, tp=0)
+
+
+def test_precision_plan_block_follows_the_layer_widths():
+    """Random-weight W4AxKV4 plans take COMET's 128-channel blocks (the K tile the GEMM tuning
+    table is keyed on) where every layer input allows it, else 64."""
+    from models.projection import as_plan
+
+    def blocks(name):
+        plan = as_plan(precision_plan(preset_config(name), "w4axkv4"))
+        return {plan.backend_for(0, p).block for p in ("q_proj", "o_proj", "up_proj", "down_proj")}
+
+    assert blocks("llama3-8b") == {128}
+    assert blocks("tiny") == {64}  # hidden size 64
+    plan = as_plan(precision_plan(preset_config("llama3-8b"), "w4axkv4", block=64))
+    assert plan.backend_for(0, "q_proj").block == 64

@@ -32,6 +32,7 @@ PREFILL = GemmConfig(
 # Weights (and INT4 activations) unpacked to x16 int8 by XLA before the kernel.
 PRE_W = GemmConfig(block_m=32, block_n=32, split_k=2, swap_ab=False, group_m=2, pre_unpack="w")
 PRE_WX = GemmConfig(block_m=32, block_n=32, split_k=1, swap_ab=False, group_m=2, pre_unpack="wx")
+PRE_X = GemmConfig(block_m=16, block_n=32, split_k=3, swap_ab=True, group_m=1, pre_unpack="x")
 
 
 def _rel(a, b):
@@ -51,6 +52,8 @@ def _rel(a, b):
         (33, 64, 384, 128, PRE_W, 64, False),  # pre-unpacked weights, groups, split-K
         (17, 32, 256, 0, PRE_WX, None, False),  # pre-unpacked, W4A4
         (9, 32, 256, 256, PRE_WX, None, True),  # pre-unpacked, W4A8 (no INT4 segment)
+        (3, 96, 384, 128, PRE_X, None, True),  # pre-unpacked activations, swap_ab, split-K
+        (20, 64, 256, 64, PRE_X, 128, False),  # pre-unpacked activations, group scales
     ],
 )
 def test_kernel_matches_reference(m, n, k, k8, cfg, group, use_bias):
@@ -91,6 +94,10 @@ def test_heuristic_paths():
     assert not default_config(4096, 4096, 4096).swap_ab
     assert default_config(4096, 4096, 4096).pre_unpack == "wx"  # compute-bound: XLA unpacks
     assert default_config(64, 4096, 4096).pre_unpack == ""  # decode: bytes, unpack in-kernel
+    from pallas_kernels.tuning import candidates
+
+    for m in (16, 256, 1024):  # --regenerate tries pre-unpacked variants at every M
+        assert any(c.pre_unpack for c in candidates(m, 4096, 4096))
     assert get_config(3, 14336, 4096, 1024).block_m >= 16
 
 
@@ -160,8 +167,8 @@ def test_xla_int8_backend_with_groups_uses_the_kernel():
 def test_unknown_backend_rejected():
     with pytest.raises(ValueError, match="backend='cublas'"):
         GemmConfig(backend="cublas")
-    with pytest.raises(ValueError, match="pre_unpack='x'"):
-        GemmConfig(pre_unpack="x")
+    with pytest.raises(ValueError, match="pre_unpack='xw'"):
+        GemmConfig(pre_unpack="xw")
 
 
 def test_pre_unpacked_tiles_match_reference_unpack():

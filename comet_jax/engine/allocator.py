@@ -131,7 +131,7 @@ def plan_num_pages(
         d: dataclasses.replace(cache_config, dtype=d).bytes_per_token for d in ("bf16", "int4")
     }
     bpt = cache_config.bytes_per_token
-    num_pages = budget // (bpt * page)
+    num_pages = cache_config.pages_for_budget(budget)
     if num_pages < 2:
         raise ValueError(
             f"{budget} bytes hold {num_pages} KV pages of {page} tokens at {bpt} B/token; "

@@ -181,7 +181,8 @@ class LLMEngine:
             # Never more pages than the scheduler can ever hold (every running sequence at
             # max_model_len): a bigger pool only costs memory (on CPU, "free memory" is host RAM).
             usable = config.max_batch * pages_for(config.max_model_len, config.page_size) + 1
-            plan = dataclasses.replace(plan, num_pages=min(plan.num_pages, usable))
+            pages = cache_config.triton_safe_pages(min(plan.num_pages, usable))
+            plan = dataclasses.replace(plan, num_pages=pages)
             cache_config = dataclasses.replace(cache_config, num_pages=plan.num_pages)
         else:
             plan = dataclasses.replace(plan, num_pages=config.num_pages)

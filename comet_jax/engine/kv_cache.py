@@ -77,7 +77,11 @@ class KVCacheConfig:
         Avoids INT4 pools whose packed k/v (uint8) hold (2^31, 2^32] elements: Pallas-Triton
         addresses those with wrapping 32-bit offsets (the kernels reject them).
         """
-        pages = int(budget_bytes // (self.bytes_per_token * self.page_size))
+        return self.triton_safe_pages(int(budget_bytes // (self.bytes_per_token * self.page_size)))
+
+    def triton_safe_pages(self, pages: int) -> int:
+        """``pages``, lowered where needed so an INT4 pool's packed k/v (uint8) do not hold
+        (2^31, 2^32] elements (see :meth:`pages_for_budget`)."""
         per_page = self.num_layers * self.num_kv_heads * self.page_size * self.head_dim // 2
         if self.quantized and 2**31 < pages * per_page <= 2**32:
             pages = 2**31 // per_page

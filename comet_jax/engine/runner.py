@@ -238,16 +238,22 @@ def precision_plan(
     mode: str = "sim",
     interpret: bool = False,
     int8_fraction: float = 0.25,
-    block: int = 64,
+    block: int | None = None,
 ):
     """Projection backends of a precision preset for random weights (benchmarks, tests).
 
     'bf16': float weights; 'w8a8', 'w4a16': one backend everywhere; 'w4axkv4': FMPQ W4Ax with
     `int8_fraction` of each input group's channels in INT8 blocks (the paper's worst case is
     25%). Quantized checkpoints bring their own plan (`comet_jax.quant.convert`).
+    block: FMPQ block = the kernels' K tile; None: 128 (COMET's block, the tile the GEMM
+    tuning table holds) where every layer input's width is a multiple of 128, else 64.
     """
     from models.llama import layer_specs
     from models.projection import GROUPS, FloatLinear, LinearPlan
+
+    if block is None:
+        widths = [spec.in_features for spec in layer_specs(model_config, 0).values()]
+        block = 128 if all(k % 128 == 0 for k in widths) else 64
 
     if precision == "bf16":
         return FloatLinear(precision=None)
