@@ -570,6 +570,33 @@ def variant_study(results, deadline, key, ms, variants_of, update_table=True):
     return entries
 
 
+def unpack_study(results):
+    """The XLA weight unpack of ``pre_unpack``: byte-wise vs 32-bit-word form (device time,
+    bytes equal on the device), and the tuned M = 1024 GEMM that includes it."""
+    from pallas_kernels.w4ax_matmul import unpack_int4_x16_tiles
+
+    rows = results.setdefault("unpack", [])
+    shapes = [(64, 256)] if SMOKE else [(14336, 4096), (4096, 14336), (4096, 4096)]
+    for n, k in shapes:
+        sets = _ours_sets(1, n, k, 0, n_copies(n * k // 2, 1))
+        w_sets = [(s[3],) for s in sets]
+        row = dict(n=n, k=k)
+        a = unpack_int4_x16_tiles(w_sets[0][0])
+        b = unpack_int4_x16_tiles(w_sets[0][0], words=False)
+        row["equal"] = bool(jnp.all(a == b))
+        for name, words in (("bytes", False), ("words", True)):
+            f = functools.partial(unpack_int4_x16_tiles, words=words)
+            t = timing.device_time(f, w_sets)
+            row[f"{name}_us"] = t * 1e6
+            row[f"{name}_tbps"] = 1.5 * n * k / t / 1e12  # K/2 read + K written per row
+        m = 40 if SMOKE else 1024
+        k8 = tuning.int8_fraction_k8(k, 0.25)
+        row["gemm_m"], row["gemm_config"] = m, tuning.get_config(m, n, k, k8).to_dict()
+        row["gemm_us"] = time_ours(m, n, k, k8) * 1e6
+        rows.append(row)
+        log(f"unpack {json.dumps(row)}")
+
+
 def dataclasses_replace(cfg, **kw):
     return GemmConfig(**{**cfg.to_dict(), **kw})
 
@@ -739,6 +766,7 @@ def main(argv=None):
     ap.add_argument("--ablate", action="store_true")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--unroll", action="store_true", help="k_unroll study")
+    ap.add_argument("--unpack", action="store_true", help="XLA weight unpack: bytes vs words")
     ap.add_argument(
         "--pre-x",
         action="store_true",
@@ -826,6 +854,9 @@ def main(argv=None):
             save()
         if args.unroll:
             unroll_study(results, deadline)
+            save()
+        if args.unpack:
+            unpack_study(results)
             save()
         if args.pre_x:
             pre_x_study(results, deadline)

@@ -52,3 +52,13 @@ def test_smoke_pre_x_study(tmp_path):
     [row] = res["pre_x"]
     assert row["tuned_us"] > 0 and row["tuned +x_us"] > 0
     assert row["variant_configs"]["tuned +x"]["pre_unpack"] == "x"
+
+
+def test_smoke_unpack_study(tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_gemm", _PATH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--smoke", "--unpack", "--out", str(tmp_path)])
+    [path] = tmp_path.glob("gemm_*.json")
+    [row] = json.loads(path.read_text())["unpack"]
+    assert row["equal"] and row["bytes_us"] > 0 and row["words_us"] > 0 and row["gemm_us"] > 0

@@ -182,3 +182,10 @@ def test_pre_unpacked_tiles_match_reference_unpack():
     np.testing.assert_array_equal(
         np.asarray(x16, np.int32), 16 * np.asarray(unpack_int4(packed, TILE), np.int32)
     )
+    for tile in (32, 64, 128):  # the 32-bit-word form writes the same bytes
+        words = unpack_int4_x16_tiles(packed, tile, words=True)
+        np.testing.assert_array_equal(
+            np.asarray(words), np.asarray(unpack_int4_x16_tiles(packed, tile))
+        )
+    with pytest.raises(ValueError, match="multiple of tile_k=96"):
+        unpack_int4_x16_tiles(packed, 96, words=True)
