@@ -13,6 +13,7 @@ decode shapes are not served from L2. Writes ``gemm_<date>.json`` and ``gemm_<da
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import math
@@ -484,7 +485,7 @@ def large_m_study(results, deadline, ms=(256, 1024, 4096), update_table=True):
 def pre_x_variants(m, tuned):
     """The tuned config with the INT4 activations unpacked by XLA (``pre_unpack="x"``), and
     at M = 256 Y^T tiles (weights as the register operand) over pre-unpacked activations."""
-    out = [("tuned +x", dataclasses_replace(tuned, pre_unpack="x"))]
+    out = [("tuned +x", dataclasses.replace(tuned, pre_unpack="x"))]
     if m >= 256:
         for bn, bm, warps, stages in ((128, 128, 8, 3), (64, 128, 4, 4), (128, 64, 4, 4)):
             cfg = GemmConfig(bm, bn, 1, warps, stages, True, 8, pre_unpack="x")
@@ -512,7 +513,7 @@ def variant_study(results, deadline, key, ms, variants_of, update_table=True):
     def variants(m, tuned):
         vs = variants_of(m, tuned)
         if SMOKE:
-            vs = [(lbl, dataclasses_replace(c, block_m=16, block_n=32)) for lbl, c in vs]
+            vs = [(lbl, dataclasses.replace(c, block_m=16, block_n=32)) for lbl, c in vs]
         return vs
 
     exact_of = results.setdefault(f"{key}_exact", {})
@@ -540,7 +541,6 @@ def variant_study(results, deadline, key, ms, variants_of, update_table=True):
             row = dict(m=m, n=n, k=k, k8=k8)
             row["bf16_us"] = time_bf16(m, n, k) * 1e6
             row["int8_us"] = time_int8(m, n, k) * 1e6
-            tuned = tuning.get_config(m, n, k, k8)
             row["tuned_config"] = tuned.to_dict()
             row["tuned_us"] = time_ours(m, n, k, k8, tuned, sets=sets) * 1e6
             best = (row["tuned_us"], "tuned", tuned)
@@ -581,7 +581,7 @@ def unpack_study(results):
         sets = _ours_sets(1, n, k, 0, n_copies(n * k // 2, 1))
         w_sets = [(s[3],) for s in sets]
         row = dict(n=n, k=k)
-        a = unpack_int4_x16_tiles(w_sets[0][0])
+        a = unpack_int4_x16_tiles(w_sets[0][0], words=True)
         b = unpack_int4_x16_tiles(w_sets[0][0], words=False)
         row["equal"] = bool(jnp.all(a == b))
         for name, words in (("bytes", False), ("words", True)):
@@ -595,10 +595,6 @@ def unpack_study(results):
         row["gemm_us"] = time_ours(m, n, k, k8) * 1e6
         rows.append(row)
         log(f"unpack {json.dumps(row)}")
-
-
-def dataclasses_replace(cfg, **kw):
-    return GemmConfig(**{**cfg.to_dict(), **kw})
 
 
 def unroll_study(results, deadline):
@@ -860,14 +856,12 @@ def main(argv=None):
             save()
         if args.pre_x:
             pre_x_study(results, deadline)
-            if not SMOKE:
-                (out / "tuning_table.json").write_text(tuning.TABLE_PATH.read_text())
             save()
         if args.large_m:
             large_m_study(results, deadline)
-            if not SMOKE:
-                (out / "tuning_table.json").write_text(tuning.TABLE_PATH.read_text())
             save()
+        if (args.pre_x or args.large_m) and not SMOKE:  # the table those studies updated
+            (out / "tuning_table.json").write_text(tuning.TABLE_PATH.read_text())
         if args.sweep:
             sweep(
                 results,

@@ -10,13 +10,18 @@ import pathlib
 _PATH = pathlib.Path(__file__).parents[1] / "experiments" / "bench_gemm.py"
 
 
-def test_smoke_run(tmp_path):
+def _smoke(tmp_path, *stages):
+    """Runs the script's smoke mode with `stages`; returns (module, results JSON)."""
     spec = importlib.util.spec_from_file_location("bench_gemm", _PATH)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    bench.main(["--smoke", "--check", "--timing-study", "--act-quant", "--out", str(tmp_path)])
+    bench.main(["--smoke", *stages, "--out", str(tmp_path)])
     [path] = tmp_path.glob("gemm_*.json")
-    res = json.loads(path.read_text())
+    return bench, json.loads(path.read_text())
+
+
+def test_smoke_run(tmp_path):
+    _, res = _smoke(tmp_path, "--check", "--timing-study", "--act-quant")
     assert res["check_ok"] is True
     assert all(r["ok"] for r in res["check"]) and len(res["check"]) == 3
     [aq] = res["act_quant"]
@@ -27,12 +32,7 @@ def test_smoke_run(tmp_path):
 
 def test_smoke_large_m_study(tmp_path):
     """Every large-M variant is exact in int32 (interpret mode) and gets timed."""
-    spec = importlib.util.spec_from_file_location("bench_gemm", _PATH)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    bench.main(["--smoke", "--large-m", "--out", str(tmp_path)])
-    [path] = tmp_path.glob("gemm_*.json")
-    res = json.loads(path.read_text())
+    bench, res = _smoke(tmp_path, "--large-m")
     assert res["large_m_exact"] and all(res["large_m_exact"].values())
     [row] = res["large_m"]
     assert row["tuned_us"] > 0 and row["bf16_us"] > 0 and row["int8_us"] > 0
@@ -42,12 +42,7 @@ def test_smoke_large_m_study(tmp_path):
 
 def test_smoke_pre_x_study(tmp_path):
     """The decode-M study: tuned config with pre-unpacked INT4 activations, exact and timed."""
-    spec = importlib.util.spec_from_file_location("bench_gemm", _PATH)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    bench.main(["--smoke", "--pre-x", "--out", str(tmp_path)])
-    [path] = tmp_path.glob("gemm_*.json")
-    res = json.loads(path.read_text())
+    _, res = _smoke(tmp_path, "--pre-x")
     assert res["pre_x_exact"] and all(res["pre_x_exact"].values())
     [row] = res["pre_x"]
     assert row["tuned_us"] > 0 and row["tuned +x_us"] > 0
@@ -55,10 +50,6 @@ def test_smoke_pre_x_study(tmp_path):
 
 
 def test_smoke_unpack_study(tmp_path):
-    spec = importlib.util.spec_from_file_location("bench_gemm", _PATH)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    bench.main(["--smoke", "--unpack", "--out", str(tmp_path)])
-    [path] = tmp_path.glob("gemm_*.json")
-    [row] = json.loads(path.read_text())["unpack"]
+    _, res = _smoke(tmp_path, "--unpack")
+    [row] = res["unpack"]
     assert row["equal"] and row["bytes_us"] > 0 and row["words_us"] > 0 and row["gemm_us"] > 0
