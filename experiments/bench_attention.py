@@ -176,6 +176,12 @@ def correctness():
             prefill_vs_ref=rel(outp, refp),
             finite=bool(jnp.isfinite(out).all() & jnp.isfinite(outp).all()),
         )
+        for order in A.ORDERS[1:]:  # transposed operand orders, block_k gather, on the device
+            kw = dict(order=order, block_k=2 * page)
+            o = A.paged_decode_attention(q, cache.pages(), pt, lens, num_splits=3, **kw)
+            op = A.paged_prefill_attention(qp, cache.pages(), pt, lens, ql, **kw)
+            row[f"decode_{order}_vs_ref"] = rel(o, ref)
+            row[f"prefill_{order}_vs_ref"] = rel(op, refp)
         RESULTS["correctness"].append(row)
         log("correct", row)
     save()
@@ -199,12 +205,17 @@ TUNING_GRID = (
     + [dict(page=128, num_splits=n) for n in (2, 4)]
     + [dict(page=128, unpack="convert")]
     + [dict(page=128, group=g) for g in (64, 32)]
+    + [dict(page=p, order=o) for p in (64, 128) for o in ("kq", "kqv")]
+    + [dict(page=p, block_k=256, order="kq") for p in (16, 64, 128)]
 )
 PREFILL_VARIANTS = [
     dict(page=128, num_warps=8),
     dict(page=64, num_warps=8),
     dict(page=16, num_warps=8),
     dict(page=128, num_warps=4, num_stages=3),
+    dict(page=128, num_warps=8, block_q=64),
+    dict(page=128, num_warps=8, order="kq"),
+    dict(page=128, num_warps=4, order="kq"),
 ]
 
 
@@ -304,7 +315,7 @@ def prefill(key, quick):
             for var in PREFILL_VARIANTS:
                 var = dict(var)
                 page = var.pop("page")
-                tag = f"{name}_p{page}_w{var['num_warps']}_s{var.get('num_stages', 2)}"
+                tag = "_".join([name, f"p{page}"] + [f"{k}{v}" for k, v in sorted(var.items())])
                 try:
                     kv, tables = make_paged(key, b, s, page, 128, quantized, 1)
                     fn = jax.jit(functools.partial(A.paged_prefill_attention, **var))

@@ -629,41 +629,6 @@ def unroll_study(results, deadline):
         log(f"unroll {json.dumps(row)}")
 
 
-def ptx_probe(results, out):
-    """Compiles a decode and a prefill config with XLA dumps on; counts MMA instructions."""
-    import glob
-    import re
-
-    probes = [("decode", 16, 4096, 4096, 1024), ("prefill", 4096, 4096, 4096, 1024)]
-    for name, m, n, k, k8 in probes:
-        ops = _ours_sets(m, n, k, k8, 1)[0]
-        jax.block_until_ready(w4ax_matmul(*ops))
-        log(f"ptx probe {name}: {tuning.get_config(m, n, k, k8)}")
-    pats = {
-        "wgmma_s8": r"wgmma\.mma_async\S*\.s8",
-        "wgmma_any": r"wgmma\.mma_async",
-        "mma_sync_s8": r"mma\.sync\S*\.s8",
-        "mma_sync_any": r"mma\.sync",
-        "div_rn": r"div\.rn\.f32",
-        "cvt_rni": r"cvt\.rni",
-    }
-    found = {}
-    files = glob.glob("/tmp/xla_dump/*") + glob.glob("/tmp/mlir_dump*.txt")
-    log(f"{len(files)} dump files")
-    for path in files:
-        try:
-            txt = open(path, errors="replace").read()
-        except OSError:
-            continue
-        if "mma" not in txt:
-            continue
-        found[os.path.basename(path)] = {k: len(re.findall(v, txt)) for k, v in pats.items()}
-        if "w4ax" in txt and "mma" in txt:
-            (out / "w4ax_kernel_dump.txt").write_text(txt[:15_000_000])
-    results["ptx"] = found
-    log(f"ptx: {json.dumps(found, indent=1)}")
-
-
 def geomean(v):
     v = [x for x in v if x > 0]
     return float(np.exp(np.mean(np.log(v)))) if v else float("nan")
@@ -780,7 +745,6 @@ def main(argv=None):
     ap.add_argument("--models", default="", help="comma list of tuning.MODEL_SHAPES keys")
     ap.add_argument("--fracs", default="", help="comma list of INT8 fractions")
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--ptx", action="store_true", help="dump PTX of two configs (alone)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, interpret mode (CPU)")
     ap.add_argument("--budget-s", type=float, default=540.0, help="stop timing after this")
     ap.add_argument("--tune-share", type=float, default=0.5, help="share of budget for --tune")
@@ -788,10 +752,6 @@ def main(argv=None):
     args = ap.parse_args(argv)
     global SMOKE
     SMOKE = args.smoke
-    if args.ptx:  # before the backend starts
-        os.environ["XLA_FLAGS"] = (
-            "--xla_dump_to=/tmp/xla_dump --xla_gpu_dump_llvmir " + os.environ.get("XLA_FLAGS", "")
-        )
     t_start = time.time()
     deadline = t_start + args.budget_s
     out = pathlib.Path(args.out)
@@ -805,7 +765,7 @@ def main(argv=None):
         sweep=[],
         ablation=[],
     )
-    stem = out / (f"ptx_{date}" if args.ptx else f"gemm_{date}")
+    stem = out / f"gemm_{date}"
 
     def save():
         stem.with_suffix(".json").write_text(json.dumps(results, indent=1, default=str))
@@ -813,10 +773,6 @@ def main(argv=None):
 
     log(results["meta"])
     try:
-        if args.ptx:
-            ptx_probe(results, out)
-            save()
-            return
         results["copy_tbps"] = time_copy(1 << 20 if SMOKE else 1 << 30) / 1e12
         log(f"copy bandwidth {results['copy_tbps']:.2f} TB/s")
         if args.check:

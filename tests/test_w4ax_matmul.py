@@ -177,15 +177,15 @@ def test_pre_unpacked_tiles_match_reference_unpack():
     from pallas_kernels.w4ax_matmul import unpack_int4_x16_tiles
 
     packed = random_operands(jax.random.PRNGKey(5), 2, 32, 256, 0, tile_k=TILE)[3]
-    x16 = unpack_int4_x16_tiles(packed, TILE)
+    x16 = unpack_int4_x16_tiles(packed, TILE, words=False)
     assert x16.shape == (32, 256) and x16.dtype == jnp.int8
     np.testing.assert_array_equal(
         np.asarray(x16, np.int32), 16 * np.asarray(unpack_int4(packed, TILE), np.int32)
     )
-    for tile in (32, 64, 128):  # the 32-bit-word form writes the same bytes
-        words = unpack_int4_x16_tiles(packed, tile, words=True)
+    for tile in (32, 64, 128):  # the 32-bit-word form (the default) writes the same bytes
+        words = unpack_int4_x16_tiles(packed, tile)
         np.testing.assert_array_equal(
-            np.asarray(words), np.asarray(unpack_int4_x16_tiles(packed, tile))
+            np.asarray(words), np.asarray(unpack_int4_x16_tiles(packed, tile, words=False))
         )
     with pytest.raises(ValueError, match="multiple of tile_k=96"):
         unpack_int4_x16_tiles(packed, 96, words=True)
