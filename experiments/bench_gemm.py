@@ -399,7 +399,7 @@ def ablate(results, deadline):
 # ------------------------------------------------------------------------------------------
 
 
-def sweep(results, deadline, quick, models=None, fracs_arg=None):
+def sweep(results, deadline, quick, models=None, fracs_arg=None, ms=None):
     shapes = []
     for name, lst in tuning.MODEL_SHAPES.items():
         if models and name not in models:
@@ -407,7 +407,7 @@ def sweep(results, deadline, quick, models=None, fracs_arg=None):
         for s in lst:
             if s not in shapes:
                 shapes.append(s)
-    ms = (1, 16, 64, 256, 4096) if quick else M_VALUES
+    ms = ms or ((1, 16, 64, 256, 4096) if quick else M_VALUES)
     if SMOKE:
         shapes, ms = [(128, 256)], (1, 100)
     rows = results["sweep"]
@@ -475,11 +475,13 @@ LARGE_M_VARIANTS = (  # (label, GemmConfig fields) against the tuned config, M >
 )  # fmt: skip
 
 
-def large_m_study(results, deadline, ms=(256, 1024, 4096), update_table=True):
+def large_m_study(results, deadline, ms=(256, 1024, 4096), update_table=True, shapes="llama3-8b"):
     """Compute-bound M: the tuned kernel against weights unpacked by XLA before the kernel
     (``pre_unpack``), swap_ab and the xla_int8 backend (:func:`variant_study`)."""
     fixed = [(lbl, GemmConfig(**kw)) for lbl, kw in LARGE_M_VARIANTS]
-    return variant_study(results, deadline, "large_m", ms, lambda m, tuned: fixed, update_table)
+    return variant_study(
+        results, deadline, "large_m", ms, lambda m, tuned: fixed, update_table, shapes
+    )
 
 
 def pre_x_variants(m, tuned):
@@ -495,18 +497,20 @@ def pre_x_variants(m, tuned):
     return out
 
 
-def pre_x_study(results, deadline, ms=(1, 16, 64, 256), update_table=True):
+def pre_x_study(results, deadline, ms=(1, 16, 64, 256), update_table=True, shapes="llama3-8b"):
     """Decode M: the INT4 activations unpacked by XLA before the kernel (:func:`variant_study`)."""
-    return variant_study(results, deadline, "pre_x", ms, pre_x_variants, update_table)
+    return variant_study(results, deadline, "pre_x", ms, pre_x_variants, update_table, shapes)
 
 
-def variant_study(results, deadline, key, ms, variants_of, update_table=True):
-    """The tuned config against ``variants_of(m, tuned)`` on the LLaMA-3-8B engine shapes at
-    25% INT8, baselines (XLA bf16, XLA int8) in the same run; every variant's int32 sums are
+def variant_study(
+    results, deadline, key, ms, variants_of, update_table=True, shapes_name="llama3-8b"
+):
+    """The tuned config against ``variants_of(m, tuned)`` on the engine shapes of
+    ``shapes_name`` (``tuning.ENGINE_SHAPES``) at 25% INT8, baselines (XLA bf16, XLA int8) in the same run; every variant's int32 sums are
     checked exact on the device first (random non-zero operands, M not a multiple of the
     tile). The fastest exact variant per shape becomes its tuning-table entry."""
     rows = results.setdefault(key, [])
-    shapes = tuning.ENGINE_SHAPES["llama3-8b"]
+    shapes = tuning.ENGINE_SHAPES[shapes_name]
     if SMOKE:
         shapes, ms = [(64, 256)], (40,)
 
@@ -742,6 +746,14 @@ def main(argv=None):
     ap.add_argument("--act-quant", action="store_true", help="act_quant kernel vs XLA")
     ap.add_argument("--tune-shapes", default="", help="tuning.ENGINE_SHAPES key for --tune")
     ap.add_argument("--tune-ms", default="", help="comma list of M for --tune")
+    ap.add_argument(
+        "--study-shapes",
+        default="llama3-8b",
+        choices=sorted(tuning.ENGINE_SHAPES),
+        help="tuning.ENGINE_SHAPES key for --pre-x / --large-m",
+    )
+    ap.add_argument("--study-ms", default="", help="comma list of M for --pre-x / --large-m")
+    ap.add_argument("--sweep-ms", default="", help="comma list of M for --sweep")
     ap.add_argument("--models", default="", help="comma list of tuning.MODEL_SHAPES keys")
     ap.add_argument("--fracs", default="", help="comma list of INT8 fractions")
     ap.add_argument("--quick", action="store_true")
@@ -810,11 +822,13 @@ def main(argv=None):
         if args.unpack:
             unpack_study(results)
             save()
+        study = dict(shapes=args.study_shapes)
+        study_ms = tuple(int(x) for x in args.study_ms.split(",") if x)
         if args.pre_x:
-            pre_x_study(results, deadline)
+            pre_x_study(results, deadline, **study, **(dict(ms=study_ms) if study_ms else {}))
             save()
         if args.large_m:
-            large_m_study(results, deadline)
+            large_m_study(results, deadline, **study, **(dict(ms=study_ms) if study_ms else {}))
             save()
         if (args.pre_x or args.large_m) and not SMOKE:  # the table those studies updated
             (out / "tuning_table.json").write_text(tuning.TABLE_PATH.read_text())
@@ -825,6 +839,7 @@ def main(argv=None):
                 args.quick,
                 models=[x for x in args.models.split(",") if x] or None,
                 fracs_arg=tuple(float(x) for x in args.fracs.split(",") if x) or None,
+                ms=tuple(int(x) for x in args.sweep_ms.split(",") if x) or None,
             )
     except Exception:  # noqa: BLE001 - keep what was measured
         traceback.print_exc()

@@ -427,7 +427,7 @@ def print_table(results: list[dict]) -> None:
 
 
 def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",")]
+    return [int(x) for x in text.split(",") if x]
 
 
 def _pairs(text: str) -> list[tuple[int, int]]:

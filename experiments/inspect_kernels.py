@@ -1,16 +1,21 @@
-"""Which instructions do our Pallas-Triton kernels compile to? (GPU)
+"""Which instructions do our Pallas-Triton kernels compile to? (GPU machine, or CPU for IR)
 
-On jax 0.11 a Pallas-Triton kernel reaches XLA as Triton IR in a custom call; XLA compiles it
-with the rest of the module to PTX. With ``--xla_dump_to`` XLA writes that PTX, so this script
-compiles each probe (the W4Ax GEMM at decode, M = 256 and prefill sizes with its tuned configs,
-and the KV4 decode/prefill attention kernels) with dumps on, cuts the Pallas kernels'
-``.entry`` functions out of the new PTX files, assembles them with ``ptxas`` and disassembles
-them with ``cuobjdump``/``nvdisasm`` where the machine has them (PATH, the CUDA wheels, or the
-``triton`` wheel's bundled tools), and counts the MMA, shared-memory and unpack instructions.
+jax 0.11 hands a Pallas-Triton kernel to XLA as Triton IR inside a custom call and XLA
+compiles it internally; its dumps hold neither the kernel's PTX nor its LLVM IR (checked on
+the H100 machine, 2026-11-26). So this script captures the Triton IR (TTIR) that Pallas
+lowers each probe to (the W4Ax GEMM at decode, M = 256 and prefill sizes with their tuned
+configs; the KV4 decode and prefill attention), compiles that same TTIR with the ``triton``
+package where one is installed (the GPU machine has triton 3.6 beside torch) with the kernel's
+num_warps / num_stages for sm_90a, and disassembles the cubin with the wheel's ``cuobjdump``.
+It counts MMA kinds (wgmma = warpgroup MMA, HGMMA/IGMMA in SASS; mma.sync = warp MMA,
+HMMA/IMMA), shared-memory traffic and unpack instructions. Caveat: the triton package's
+pipeline is not byte-identical to the one inside XLA, so the counts show what Triton makes of
+this IR, not a dump of the binary that ran.
 
     python experiments/inspect_kernels.py [--out DIR] [--only PREFIX,...]
 
-Writes ``DIR/kernels_isa.json``, ``DIR/kernels_isa.md`` and ``DIR/isa/<probe>_<kernel>.{ptx,sass}``.
+Writes ``DIR/kernels_isa.json``, ``DIR/kernels_isa.md`` and
+``DIR/isa/<probe>.{ttir,ttgir,ptx,sass}``.
 """
 
 from __future__ import annotations
@@ -78,168 +83,217 @@ def _tool(name: str) -> str | None:
     return None
 
 
-def disassemble(ptx: str, arch: str) -> tuple[str | None, str]:
-    """SASS text of ``ptx`` (or None) and a line saying which tools ran or were missing."""
-    ptxas = _tool("ptxas")
-    dis = _tool("cuobjdump") or _tool("nvdisasm")
-    if not ptxas or not dis:
-        return None, f"ptxas={ptxas} disassembler={dis}: no SASS"
+TTGIR_PATTERNS = {
+    "warp_group_dot": r"\bttng\.warp_group_dot\b",
+    "dot": r"\btt\.dot\b",
+    "mma_v3_layouts": r"nvidia_mma<\{versionMajor = 3",
+    "mma_v2_layouts": r"nvidia_mma<\{versionMajor = 2",
+    "local_alloc": r"\bttg\.local_alloc\b",
+    "convert_layout": r"\bttg\.convert_layout\b",
+}
+
+
+def count_ttgir(ttgir: str) -> dict:
+    return {k: len(re.findall(p, ttgir)) for k, p in TTGIR_PATTERNS.items()}
+
+
+class TtirCapture:
+    """Context manager: the Triton IR text of every Pallas kernel lowered inside it."""
+
+    def __init__(self):
+        self.modules: list[tuple[str, str]] = []  # (kernel name, TTIR text)
+
+    def __enter__(self):
+        from jax._src.pallas.triton import pallas_call_registration as reg
+
+        self._lowering, self._orig = reg.lowering, reg.lowering.lower_jaxpr_to_triton_module
+
+        def wrapped(*args, **kwargs):
+            res = self._orig(*args, **kwargs)
+            text = res.module.operation.get_asm()
+            name = re.search(r"tt\.func public @([\w$.]+)", text)
+            self.modules.append((name.group(1) if name else "kernel", text))
+            return res
+
+        self._lowering.lower_jaxpr_to_triton_module = wrapped
+        return self
+
+    def __exit__(self, *exc):
+        self._lowering.lower_jaxpr_to_triton_module = self._orig
+
+
+def compile_ttir(ttir: str, num_warps: int, num_stages: int, arch: str) -> dict:
+    """``{"ttgir", "ptx", "cubin"}`` from the triton package, or ``{"error": ...}``."""
+    try:
+        import triton
+        from triton.backends.compiler import GPUTarget
+    except ImportError as e:
+        return dict(error=f"no triton package: {e}")
+    cc = int(re.sub(r"\D", "", arch))
     with tempfile.TemporaryDirectory() as tmp:
-        src, cubin = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
-        pathlib.Path(src).write_text(ptx)
-        r = subprocess.run(
-            [ptxas, f"-arch={arch}", src, "-o", cubin], capture_output=True, text=True
+        src = os.path.join(tmp, "kernel.ttir")
+        pathlib.Path(src).write_text(ttir)
+        try:
+            k = triton.compile(
+                src,
+                target=GPUTarget("cuda", cc, 32),
+                options=dict(num_warps=num_warps, num_stages=num_stages),
+            )
+        except Exception as e:  # noqa: BLE001 - the dialects of two Triton builds may differ
+            return dict(error=f"triton {triton.__version__}: {type(e).__name__}: {e!s:.400}")
+        return dict(
+            ttgir=k.asm.get("ttgir", ""), ptx=k.asm.get("ptx", ""), cubin=k.asm.get("cubin")
         )
+
+
+def disassemble_cubin(cubin: bytes) -> tuple[str | None, str]:
+    dis = _tool("cuobjdump")
+    if not dis:
+        return None, "no cuobjdump"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        pathlib.Path(path).write_bytes(cubin)
+        r = subprocess.run([dis, "-sass", path], capture_output=True, text=True)
         if r.returncode:
-            return None, f"ptxas failed: {r.stderr[:300]}"
-        cmd = [dis, "-sass", cubin] if dis.endswith("cuobjdump") else [dis, cubin]
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        if r.returncode:
-            return None, f"{os.path.basename(dis)} failed: {r.stderr[:300]}"
-        return r.stdout, f"{os.path.basename(ptxas)} + {os.path.basename(dis)}"
+            return None, f"cuobjdump failed: {r.stderr[:300]}"
+        return r.stdout, dis
 
 
-PALLAS_KERNEL = re.compile(r"w4ax_k4_|kv4_paged_attention|bf16_paged_attention|act_quant")
-
-
-def ptx_entries(ptx: str) -> dict[str, str]:
-    """``{entry name: PTX module header + that entry}`` for every kernel in a module's PTX."""
-    starts = list(re.finditer(r"^[ \t]*(?:\.visible\s+)?\.entry\s+([\w$.]+)", ptx, re.M))
-    if not starts:
-        return {}
-    header = ptx[: starts[0].start()]
-    out = {}
-    for i, m in enumerate(starts):
-        end = starts[i + 1].start() if i + 1 < len(starts) else len(ptx)
-        out[m.group(1)] = header + ptx[m.start() : end]
-    return out
-
-
-def pallas_kernels_in(dump_dir: str, seen: set) -> dict[str, str]:
-    """Pallas kernels' PTX in the dump files written since the last call (``seen`` updated)."""
-    out = {}
-    for path in sorted(glob.glob(os.path.join(dump_dir, "*.ptx"))):
-        if path in seen:
-            continue
-        seen.add(path)
-        for name, text in ptx_entries(pathlib.Path(path).read_text(errors="replace")).items():
-            if PALLAS_KERNEL.search(name):
-                out[name] = text
-    return out
-
-
-def gemm_probes():
-    """(name, fn, args) for the W4Ax GEMM with the configs the engine uses."""
+def gemm_probes(small: bool = False):
+    """(name, fn, args, num_warps, num_stages, config) for the W4Ax GEMM as the engine runs it."""
     import jax
 
     from pallas_kernels import tuning
     from pallas_kernels.w4ax_matmul import w4ax_matmul
 
+    shapes = (
+        [(16, 256, 512)] if small else [(16, 14336, 4096), (256, 4096, 4096), (4096, 4096, 4096)]
+    )
     out = []
-    for m, n, k in ((16, 14336, 4096), (256, 4096, 4096), (4096, 4096, 4096)):
+    for m, n, k in shapes:
         k8 = tuning.int8_fraction_k8(k, 0.25)
         cfg = tuning.get_config(m, n, k, k8)
         ops = tuning.random_operands(jax.random.PRNGKey(m), m, n, k, k8)
         fn = functools.partial(w4ax_matmul, config=cfg)
-        out.append((f"w4ax_m{m}_{n}x{k}", fn, ops, cfg.to_dict()))
+        name = f"w4ax_m{m}_{n}x{k}"
+        out.append((name, fn, ops, cfg.num_warps, cfg.num_stages, cfg.to_dict()))
     return out
 
 
-def attention_probes():
-    """(name, fn, args) for KV4 decode (each operand order) and prefill attention."""
+def attention_probes(small: bool = False):
+    """(name, fn, args, num_warps, num_stages, config) for KV4 decode and prefill attention."""
     import jax
     import jax.numpy as jnp
 
     from comet_jax.engine import kv_cache as kc
     from pallas_kernels import kv4_attention as A
 
-    cfg = kc.KVCacheConfig(1, 8, 128, 128, 256, 128, "int4")
+    pages = 8 if small else 64
+    cfg = kc.KVCacheConfig(1, 8, 128, 128, pages, 128, "int4")
     kv = kc.init_cache(cfg).pages()
-    table = jnp.arange(64, dtype=jnp.int32).reshape(4, 16)
-    lens = jnp.full((4,), 2000, jnp.int32)
+    table = jnp.arange(pages, dtype=jnp.int32).reshape(4, pages // 4)
+    lens = jnp.full((4,), pages // 4 * 128 - 5, jnp.int32)
     q = jax.random.normal(jax.random.PRNGKey(0), (4, 32, 128), jnp.bfloat16)
     qp = jax.random.normal(jax.random.PRNGKey(1), (4, 64, 32, 128), jnp.bfloat16)
-    out = []
-    for order in A.ORDERS:
-        fn = functools.partial(A.paged_decode_attention, order=order)
-        out.append((f"kv4_decode_{order}", fn, (q, kv, table, lens), dict(order=order)))
-    for order in ("qk", "kq"):
-        fn = functools.partial(A.paged_prefill_attention, order=order, num_warps=8)
-        args = (qp, kv, table, lens, jnp.full((4,), 64, jnp.int32))
-        out.append((f"kv4_prefill_{order}", fn, args, dict(order=order, num_warps=8)))
+    fn = functools.partial(A.paged_decode_attention)
+    out = [("kv4_decode", fn, (q, kv, table, lens), 4, 2, dict(page=128, block_k=128))]
+    fn = functools.partial(A.paged_prefill_attention, num_warps=8)
+    args = (qp, kv, table, lens, jnp.full((4,), 64, jnp.int32))
+    out.append(("kv4_prefill", fn, args, 8, 2, dict(page=128, num_warps=8)))
     return out
 
 
 def markdown(rows) -> str:
     lines = [
-        "| probe | kernels | PTX wgmma (A in regs) | PTX mma.sync | ldmatrix | st.shared | "
-        "SASS HGMMA/IGMMA | SASS HMMA/IMMA | MMA kinds |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| probe | kernel | warp_group_dot / tt.dot (TTGIR) | PTX wgmma (A in regs) | "
+        "PTX mma.sync | ldmatrix | st.shared | SASS HGMMA/IGMMA | SASS HMMA/IMMA | MMA kinds |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         for k in r.get("kernels", []):
-            p, s = k["ptx"], k.get("sass") or {}
+            if "compile_error" in k:
+                lines.append(f"| {r['name']} | {k['entry'][:40]} | {k['compile_error'][:120]} "
+                             "| | | | | | | |")  # fmt: skip
+                continue
+            p, s, g = k["ptx"], k.get("sass") or {}, k["ttgir"]
             kinds = ", ".join(s.get("mma_kinds") or p["mma_kinds"])
             lines.append(
-                f"| {r['name']} | {k['entry'][:40]} | {p['wgmma']} ({p['wgmma_a_regs']}) | {p['mma_sync']} | "
-                f"{p['ldmatrix']} | {p['st_shared']} | {s.get('HGMMA', '-')}/{s.get('IGMMA', '-')}"
-                f" | {s.get('HMMA', '-')}/{s.get('IMMA', '-')} | {kinds} |"
+                f"| {r['name']} | {k['entry'][:40]} | {g['warp_group_dot']} / {g['dot']} | "
+                f"{p['wgmma']} ({p['wgmma_a_regs']}) | {p['mma_sync']} | {p['ldmatrix']} | "
+                f"{p['st_shared']} | {s.get('HGMMA', '-')}/{s.get('IGMMA', '-')} | "
+                f"{s.get('HMMA', '-')}/{s.get('IMMA', '-')} | {kinds} |"
             )
         if "error" in r:
-            lines.append(f"| {r['name']} | error: {r['error'][:120]} | | | | | | | |")
+            lines.append(f"| {r['name']} | error: {r['error'][:120]} | | | | | | | | |")
     return "\n".join(lines) + "\n"
+
+
+def inspect(probes, out: pathlib.Path, arch: str) -> list[dict]:
+    """Captures, compiles and counts each probe's kernels; writes the IR files under out/isa."""
+    import jax
+
+    rows = []
+    for name, fn, ops, warps, stages, cfg in probes:
+        row = dict(name=name, config=cfg, num_warps=warps, num_stages=stages, kernels=[])
+        try:
+            with TtirCapture() as cap:
+                jax.jit(fn).trace(*ops).lower(lowering_platforms=("cuda",))
+            if not cap.modules:
+                raise RuntimeError("no Pallas kernel was lowered")
+            for kname, ttir in cap.modules:
+                stem = out / "isa" / f"{name}_{kname}"[:120]
+                stem.with_suffix(".ttir").write_text(ttir)
+                kern = dict(entry=kname)
+                comp = compile_ttir(ttir, warps, stages, arch)
+                if "error" in comp:
+                    kern["compile_error"] = comp["error"]
+                else:
+                    stem.with_suffix(".ttgir").write_text(comp["ttgir"])
+                    stem.with_suffix(".ptx").write_text(comp["ptx"])
+                    kern["ttgir"], kern["ptx"] = count_ttgir(comp["ttgir"]), count_ptx(comp["ptx"])
+                    sass, how = disassemble_cubin(comp["cubin"]) if comp["cubin"] else (None, "-")
+                    kern["sass_tool"] = how
+                    if sass is not None:
+                        stem.with_suffix(".sass").write_text(sass)
+                        kern["sass"] = count_sass(sass)
+                row["kernels"].append(kern)
+        except Exception as e:  # noqa: BLE001 - report and go on to the next probe
+            row["error"] = f"{type(e).__name__}: {e!s:.300}"
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "experiments/results"))
     ap.add_argument("--only", default="", help="comma list of probe-name prefixes")
+    ap.add_argument("--small", action="store_true", help="small shapes (CPU: IR only)")
     args = ap.parse_args(argv)
-    if "jax" in sys.modules:
-        raise RuntimeError("run as a script: XLA's dump flags must be set before jax starts")
-    dump_dir = tempfile.mkdtemp(prefix="xla_dump_")
-    os.environ["XLA_FLAGS"] = f"--xla_dump_to={dump_dir} " + os.environ.get("XLA_FLAGS", "")
     import jax
 
     out = pathlib.Path(args.out)
     (out / "isa").mkdir(parents=True, exist_ok=True)
     dev = jax.devices()[0]
-    arch = "sm_" + str(getattr(dev, "compute_capability", "9.0")).replace(".", "")
-    arch += "a" if arch == "sm_90" else ""
+    cc = str(getattr(dev, "compute_capability", "9.0"))
+    arch = "sm_" + cc.replace(".", "") + ("a" if cc == "9.0" else "")
     meta = dict(
         date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         device=dev.device_kind,
         jax=jax.__version__,
         arch=arch,
     )
+    try:
+        import triton
+
+        meta["triton"] = triton.__version__
+    except ImportError:
+        meta["triton"] = None
     print(meta, flush=True)
-    rows = []
-    seen: set = set()
     only = [p for p in args.only.split(",") if p]
-    for name, fn, ops, cfg in gemm_probes() + attention_probes():
-        if only and not any(name.startswith(p) for p in only):
-            continue
-        row = dict(name=name, config=cfg)
-        try:
-            jax.jit(fn).lower(*ops).compile()
-            kernels = pallas_kernels_in(dump_dir, seen)
-            if not kernels:
-                raise RuntimeError(f"no Pallas kernel in the new PTX dumps of {dump_dir}")
-            row["kernels"] = []
-            for kname, ptx in kernels.items():
-                stem = f"{name}_{kname}"[:120]
-                (out / "isa" / f"{stem}.ptx").write_text(ptx)
-                kern = dict(entry=kname, ptx=count_ptx(ptx))
-                sass, how = disassemble(ptx, arch)
-                kern["sass_tool"] = how
-                if sass is not None:
-                    (out / "isa" / f"{stem}.sass").write_text(sass)
-                    kern["sass"] = count_sass(sass)
-                row["kernels"].append(kern)
-        except Exception as e:  # noqa: BLE001 - report and go on to the next probe
-            row["error"] = f"{type(e).__name__}: {e!s:.300}"
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+    probes = gemm_probes(args.small) + attention_probes(args.small)
+    probes = [p for p in probes if not only or any(p[0].startswith(o) for o in only)]
+    rows = inspect(probes, out, arch)
     (out / "kernels_isa.json").write_text(json.dumps(dict(meta=meta, probes=rows), indent=1))
     text = markdown(rows)
     (out / "kernels_isa.md").write_text(f"# Kernel ISA ({meta})\n\n" + text)

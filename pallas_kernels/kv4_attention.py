@@ -234,7 +234,6 @@ def _kernel(
     num_splits: int,
     sm_scale: float,
     fast_unpack: bool,
-    order: str,
 ):
     if quantized:
         ks_ref, kz_ref, vs_ref, vz_ref, *outs = rest
@@ -266,26 +265,13 @@ def _kernel(
     blk_lo = split * blocks_per_split
     blk_hi = jnp.minimum(n_blocks, blk_lo + blocks_per_split)
 
-    # Operand order (see ORDERS): "qk" computes logits as [rows, keys] = q K^T; "kq" as
-    # [keys, rows] = K q^T so the unpacked K tile is the dot's first operand; "kqv" also
-    # accumulates the output transposed, [half, rows] = V^T p^T.
-    kt = order in ("kq", "kqv")
-    vt = order == "kqv"
-    key_axis = 0 if kt else 1
-
-    def per_key(x):  # [block_k] -> broadcast along the key axis of the logits
-        return x[:, None] if kt else x[None, :]
-
-    def per_row(x):  # [block_rows] -> broadcast along the row axis of the logits
-        return x[None, :] if kt else x[:, None]
-
     # q pieces: group j -> (first half, second half) of its channels, matching the nibbles.
     q_pieces, q_sums = [], []
     cdt = jnp.bfloat16 if quantized else q_ref.dtype
     for j in range(n_groups):
         lo = q_ref[:, pl.ds(j * group, half)].astype(cdt)
         hi = q_ref[:, pl.ds(j * group + half, half)].astype(cdt)
-        q_pieces.append((lo.T, hi.T) if kt else (lo, hi))
+        q_pieces.append((lo, hi))
         # Sums of the rounded q the dot sees, so the zero-point term cancels exactly.
         q_sums.append(
             jnp.sum(lo.astype(jnp.float32), axis=1) + jnp.sum(hi.astype(jnp.float32), axis=1)
@@ -305,66 +291,53 @@ def _kernel(
         hi = load(ref, pg, slice(None), pl.ds(j * group + half, half))
         return lo.astype(dtype), hi.astype(dtype)
 
-    def qk(k_half, q_piece):
-        if kt:  # [block_k, g/2] @ [g/2, rows]
-            return jnp.dot(k_half, q_piece, preferred_element_type=jnp.float32)
-        return jnp.dot(q_piece, k_half.T, preferred_element_type=jnp.float32)
-
-    def pv(ps, v_half):
-        if vt:  # [g/2, block_k] @ [block_k, rows]
-            return jnp.dot(v_half.T, ps, preferred_element_type=jnp.float32)
-        return jnp.dot(ps.T if kt else ps, v_half, preferred_element_type=jnp.float32)
-
     def body(blk, carry):
         accs, m_prev, l_prev = carry
         if pages_per_block == 1:
             pg = page_table_ref[b, blk]
         else:  # a gather of whole pages: [pages_per_block] physical page ids
             pg = page_table_ref[b, pl.ds(blk * pages_per_block, pages_per_block)]
-        logits = jnp.zeros((block_k, block_rows) if kt else (block_rows, block_k), jnp.float32)
+        logits = jnp.zeros((block_rows, block_k), jnp.float32)
         for j in range(n_groups):
             k_lo, k_hi = halves(k_ref, pg, j, cdt)
-            raw = qk(k_lo, q_pieces[j][0]) + qk(k_hi, q_pieces[j][1])
+            raw = jnp.dot(q_pieces[j][0], k_lo.T, preferred_element_type=jnp.float32)
+            raw += jnp.dot(q_pieces[j][1], k_hi.T, preferred_element_type=jnp.float32)
             if quantized:
-                s = per_key(load(ks_ref, pg, j, slice(None)).astype(jnp.float32))
-                z = per_key(load(kz_ref, pg, j, slice(None)).astype(jnp.float32) + _NIBBLE_BIAS)
-                raw = s * (raw - z * per_row(q_sums[j]))
+                s = load(ks_ref, pg, j, slice(None)).astype(jnp.float32)[None, :]
+                z = load(kz_ref, pg, j, slice(None)).astype(jnp.float32)[None, :] + _NIBBLE_BIAS
+                raw = s * (raw - z * q_sums[j][:, None])
             logits += raw
         logits *= sm_scale
-        key_pos = per_key(blk * block_k + jnp.arange(block_k, dtype=jnp.int32))
-        valid = (key_pos <= per_row(row_pos)) & (key_pos < seq_len)
+        key_pos = blk * block_k + jnp.arange(block_k, dtype=jnp.int32)
+        valid = (key_pos[None, :] <= row_pos[:, None]) & (key_pos[None, :] < seq_len)
         logits = jnp.where(valid, logits, _MASK)
-        m_next = jnp.maximum(m_prev, jnp.max(logits, axis=key_axis))
+        m_next = jnp.maximum(m_prev, jnp.max(logits, axis=1))
         corr = jnp.exp(m_prev - m_next)
-        probs = jnp.where(valid, jnp.exp(logits - per_row(m_next)), 0.0)
-        l_next = l_prev * corr + jnp.sum(probs, axis=key_axis)
-        acc_corr = corr[None, :] if vt else corr[:, None]
+        probs = jnp.where(valid, jnp.exp(logits - m_next[:, None]), 0.0)
+        l_next = l_prev * corr + jnp.sum(probs, axis=1)
         new_accs = []
         for j in range(n_groups):
             if quantized:
-                s = per_key(load(vs_ref, pg, j, slice(None)).astype(jnp.float32))
-                z = per_key(load(vz_ref, pg, j, slice(None)).astype(jnp.float32) + _NIBBLE_BIAS)
+                s = load(vs_ref, pg, j, slice(None)).astype(jnp.float32)[None, :]
+                z = load(vz_ref, pg, j, slice(None)).astype(jnp.float32)[None, :] + _NIBBLE_BIAS
                 ps = (probs * s).astype(jnp.bfloat16)
                 v_lo, v_hi = halves(v_ref, pg, j, jnp.bfloat16)
                 # Same rounded ps in the dot and in the correction: the bias cancels exactly.
-                zc = jnp.sum(ps.astype(jnp.float32) * z, axis=key_axis)
-                zc = zc[None, :] if vt else zc[:, None]
+                zc = jnp.sum(ps.astype(jnp.float32) * z, axis=1)[:, None]
             else:
                 ps = probs.astype(v_ref.dtype)
                 v_lo, v_hi = halves(v_ref, pg, j, v_ref.dtype)
                 zc = 0.0
             for acc, v_half in zip(accs[2 * j : 2 * j + 2], (v_lo, v_hi)):
-                new_accs.append(acc * acc_corr + (pv(ps, v_half) - zc))
+                pv = jnp.dot(ps, v_half, preferred_element_type=jnp.float32)
+                new_accs.append(acc * corr[:, None] + (pv - zc))
         return tuple(new_accs), m_next, l_next
 
-    acc_shape = (half, block_rows) if vt else (block_rows, half)
-    accs0 = tuple(jnp.zeros(acc_shape, jnp.float32) for _ in range(2 * n_groups))
+    accs0 = tuple(jnp.zeros((block_rows, half), jnp.float32) for _ in range(2 * n_groups))
     m0 = jnp.full((block_rows,), _MASK, jnp.float32)
     l0 = jnp.zeros((block_rows,), jnp.float32)
     accs, m_i, l_i = jax.lax.fori_loop(blk_lo, blk_hi, body, (accs0, m0, l0))
     l_i = jnp.where(row_valid, l_i, 0.0)
-    if vt:
-        accs = tuple(acc.T for acc in accs)
 
     if num_splits == 1:
         inv = jnp.where(l_i > 0, 1.0 / jnp.where(l_i > 0, l_i, 1.0), 0.0)[:, None]
@@ -397,7 +370,6 @@ def _attend(
     num_stages: int,
     interpret: bool,
     unpack: str,
-    order: str = "qk",
 ):
     """Launches the kernel over grid (B, Hkv, R / block_rows, num_splits); merges splits."""
     batch, hkv, rows, head_dim = q_rows.shape
@@ -421,7 +393,6 @@ def _attend(
         num_splits=num_splits,
         sm_scale=sm_scale,
         fast_unpack=_fast_unpack(unpack, interpret),
-        order=_check_order(order),
     )
     whole = pl.no_block_spec  # the kernel gets the whole array and indexes it itself
     in_specs = [whole] * 5 + [
@@ -478,15 +449,6 @@ def _fast_unpack(unpack: str, interpret: bool) -> bool:
     if unpack == "asm" and interpret:
         raise ValueError("unpack='asm' (inline PTX) cannot run with interpret=True")
     return unpack == "asm" or (unpack == "auto" and not interpret)
-
-
-ORDERS = ("qk", "kq", "kqv")
-
-
-def _check_order(order: str) -> str:
-    if order not in ORDERS:
-        raise ValueError(f"order={order!r} must be one of {ORDERS}")
-    return order
 
 
 def _check_q(q, kv: PagedKV, ndim: int, what: str):
@@ -548,7 +510,6 @@ def paged_decode_attention(
     num_stages: int = 2,
     interpret: bool = False,
     unpack: str = "auto",
-    order: str = "qk",
 ):
     """One new token per sequence attends to its cached tokens (its own K/V already written).
 
@@ -565,9 +526,6 @@ def paged_decode_attention(
         large with small pages. Default :func:`default_decode_block_k`.
       unpack: INT4 nibble -> bf16 path: "asm" (inline PTX prmt/lop3, GPU), "convert" (integer
         to float conversions), "auto" (asm unless interpret).
-      order: dot operand order. "qk": logits ``[rows, keys] = q K^T``, output ``p V``. "kq":
-        logits ``[keys, rows] = K q^T``, so the unpacked K tile is the first (register) operand.
-        "kqv": as "kq", and the output accumulates as ``V^T p^T``. Same math in every order.
 
     Returns:
       ``[B, Hq, D]`` in q's dtype.
@@ -609,7 +567,6 @@ def paged_decode_attention(
         num_stages=num_stages,
         interpret=interpret,
         unpack=unpack,
-        order=order,
     )
     return _from_rows(out, 1, hg, hg_pad)[:, 0]
 
@@ -629,7 +586,6 @@ def paged_prefill_attention(
     num_stages: int = 2,
     interpret: bool = False,
     unpack: str = "auto",
-    order: str = "qk",
 ):
     """Causal attention of a chunk of new tokens against the cache (chunk already written).
 
@@ -641,7 +597,6 @@ def paged_prefill_attention(
       q_lens: ``[B] int32`` valid chunk tokens (default T); rows ``i >= q_lens[b]`` return 0.
       block_q: chunk tokens per program (default: 128 rows / GQA group, at least 1).
       block_k: keys per loop step, as in :func:`paged_decode_attention`.
-      order: dot operand order, as in :func:`paged_decode_attention`.
 
     Returns:
       ``[B, T, Hq, D]`` in q's dtype.
@@ -681,7 +636,6 @@ def paged_prefill_attention(
         num_stages=num_stages,
         interpret=interpret,
         unpack=unpack,
-        order=order,
     )
     return _from_rows(out, t, hg, hg_pad)
 

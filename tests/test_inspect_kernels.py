@@ -55,28 +55,50 @@ def test_count_sass():
     ]
 
 
+TTGIR = """
+%1 = ttng.warp_group_dot %a, %b, %c : !ttg.memdesc<64x128xi8, #shared> * !ttg.memdesc<128x128xi8, #shared1> -> tensor<64x128xi32, #mma>
+#mma = #ttg.nvidia_mma<{versionMajor = 3, versionMinor = 0, warpsPerCTA = [4, 1]}>
+%2 = ttg.local_alloc %x : (tensor<64x128xi8, #blocked>) -> !ttg.memdesc<64x128xi8, #shared>
+"""
+
+
 def test_markdown_lists_each_kernel_and_errors():
-    kern = dict(entry="w4ax_k4_3072_k8_1024", ptx=ik.count_ptx(PTX), sass=ik.count_sass(SASS))
-    text = ik.markdown([dict(name="p", kernels=[kern]), dict(name="q", error="RuntimeError: x")])
-    assert "| p | w4ax_k4_3072_k8_1024 | 2 (1) | 1 |" in text
+    kern = dict(
+        entry="w4ax_k4_3072_k8_1024",
+        ttgir=ik.count_ttgir(TTGIR),
+        ptx=ik.count_ptx(PTX),
+        sass=ik.count_sass(SASS),
+    )
+    bad = dict(entry="kv4_paged_attention", compile_error="no triton package")
+    rows = [dict(name="p", kernels=[kern, bad]), dict(name="q", error="RuntimeError: x")]
+    text = ik.markdown(rows)
+    assert "| p | w4ax_k4_3072_k8_1024 | 1 / 0 | 2 (1) | 1 |" in text
     assert "HGMMA.64x16x16.F32.BF16" in text
+    assert "| p | kv4_paged_attention | no triton package |" in text
     assert "| q | error: RuntimeError: x" in text
 
 
-def test_pallas_kernels_are_cut_out_of_module_ptx(tmp_path):
-    """A dumped module holds XLA fusions and the Pallas kernels; only new files count."""
-    header = ".version 8.4\n.target sm_90a\n.address_size 64\n\n"
-    body = lambda name, op: f".visible .entry {name}(\n.param .u64 p0\n)\n{{\n{op};\nret;\n}}\n"  # noqa: E731
-    module = header + body("loop_add_fusion", "add.f32 %f1, %f2, %f3")
-    module += body("w4ax_k4_3072_k8_1024", "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 x")
-    module += body("kv4_paged_attention", "prmt.b32 %r1, %r2, 0, 16704")
-    (tmp_path / "module_0001.jit_f.ptx").write_text(module)
-    entries = ik.ptx_entries(module)
-    assert list(entries) == ["loop_add_fusion", "w4ax_k4_3072_k8_1024", "kv4_paged_attention"]
-    assert all(e.startswith(header) for e in entries.values())
-    seen = set()
-    got = ik.pallas_kernels_in(str(tmp_path), seen)
-    assert list(got) == ["w4ax_k4_3072_k8_1024", "kv4_paged_attention"]
-    assert ik.count_ptx(got["w4ax_k4_3072_k8_1024"])["mma_sync"] == 1
-    assert "add.f32" not in got["kv4_paged_attention"]
-    assert ik.pallas_kernels_in(str(tmp_path), seen) == {}  # already seen
+def test_count_ttgir():
+    c = ik.count_ttgir(TTGIR)
+    assert (c["warp_group_dot"], c["dot"], c["mma_v3_layouts"], c["mma_v2_layouts"]) == (1, 0, 1, 0)
+    assert c["local_alloc"] == 1
+
+
+def test_inspect_captures_each_kernels_triton_ir(tmp_path, monkeypatch):
+    """On the CPU: Pallas lowers the probes to Triton IR; the compile step is faked here (the
+    real one needs the triton package of the GPU machine) to check what gets written."""
+    fake = dict(ttgir=TTGIR, ptx=PTX, cubin=None)
+    monkeypatch.setattr(ik, "compile_ttir", lambda ttir, w, s, arch: fake)
+    (tmp_path / "isa").mkdir()
+    probes = ik.gemm_probes(small=True) + ik.attention_probes(small=True)
+    rows = ik.inspect(probes, tmp_path, "sm_90a")
+    assert [r["name"] for r in rows] == ["w4ax_m16_256x512", "kv4_decode", "kv4_prefill"]
+    assert all("error" not in r and len(r["kernels"]) == 1 for r in rows)
+    assert rows[0]["kernels"][0]["entry"].startswith("w4ax_k4_")
+    assert rows[1]["kernels"][0]["entry"] == "kv4_paged_attention"
+    assert rows[0]["num_warps"] == rows[0]["config"]["num_warps"]
+    ttir = (tmp_path / "isa" / "w4ax_m16_256x512_w4ax_k4_384_k8_128.ttir").read_text()
+    assert "tt.func public @w4ax_k4_384_k8_128" in ttir and "tt.dot" in ttir
+    attn_ir = (tmp_path / "isa" / "kv4_decode_kv4_paged_attention.ttir").read_text()
+    assert "prmt.b32" in attn_ir  # the inline-PTX nibble unpack is in the kernel's IR
+    assert rows[0]["kernels"][0]["ptx"]["wgmma"] == 2

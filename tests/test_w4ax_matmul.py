@@ -94,6 +94,9 @@ def test_heuristic_paths():
     assert not default_config(4096, 4096, 4096).swap_ab
     assert default_config(4096, 4096, 4096).pre_unpack == "wx"  # compute-bound: XLA unpacks
     assert default_config(64, 4096, 4096).pre_unpack == ""  # decode: bytes, unpack in-kernel
+    mid = default_config(256, 8192, 8192)  # Y^T tiles over pre-unpacked INT4 activations
+    assert mid.swap_ab and mid.pre_unpack == "x" and mid.split_k == 1
+    assert default_config(256, 1024, 8192).pre_unpack == ""
     from pallas_kernels.tuning import candidates
 
     for m in (16, 256, 1024):  # --regenerate tries pre-unpacked variants at every M
