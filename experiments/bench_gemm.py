@@ -506,9 +506,10 @@ def variant_study(
     results, deadline, key, ms, variants_of, update_table=True, shapes_name="llama3-8b"
 ):
     """The tuned config against ``variants_of(m, tuned)`` on the engine shapes of
-    ``shapes_name`` (``tuning.ENGINE_SHAPES``) at 25% INT8, baselines (XLA bf16, XLA int8) in the same run; every variant's int32 sums are
-    checked exact on the device first (random non-zero operands, M not a multiple of the
-    tile). The fastest exact variant per shape becomes its tuning-table entry."""
+    ``shapes_name`` (``tuning.ENGINE_SHAPES``) at 25% INT8, baselines (XLA bf16, XLA int8)
+    in the same run; every variant's int32 sums are checked exact on the device first (random
+    non-zero operands, M not a multiple of the tile). The fastest exact variant per shape
+    becomes its tuning-table entry."""
     rows = results.setdefault(key, [])
     shapes = tuning.ENGINE_SHAPES[shapes_name]
     if SMOKE:

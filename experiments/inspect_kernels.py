@@ -6,7 +6,8 @@ the H100 machine, 2026-11-26). So this script captures the Triton IR (TTIR) that
 lowers each probe to (the W4Ax GEMM at decode, M = 256 and prefill sizes with their tuned
 configs; the KV4 decode and prefill attention), compiles that same TTIR with the ``triton``
 package where one is installed (the GPU machine has triton 3.6 beside torch) with the kernel's
-num_warps / num_stages for sm_90a, and disassembles the cubin with the wheel's ``cuobjdump``.
+num_warps / num_stages for sm_90a, and disassembles the cubin with ``cuobjdump`` (PATH, the
+CUDA wheels, or the copy bundled with the triton wheel).
 It counts MMA kinds (wgmma = warpgroup MMA, HGMMA/IGMMA in SASS; mma.sync = warp MMA,
 HMMA/IMMA), shared-memory traffic and unpack instructions. Caveat: the triton package's
 pipeline is not byte-identical to the one inside XLA, so the counts show what Triton makes of
@@ -71,7 +72,7 @@ def count_sass(sass: str) -> dict:
 
 
 def _tool(name: str) -> str | None:
-    """ptxas / cuobjdump / nvdisasm: PATH first, then the CUDA wheels next to jax."""
+    """A CUDA tool (cuobjdump): PATH first, then the CUDA wheels, then the triton wheel's copy."""
     found = shutil.which(name)
     if found:
         return found
@@ -147,6 +148,7 @@ def compile_ttir(ttir: str, num_warps: int, num_stages: int, arch: str) -> dict:
 
 
 def disassemble_cubin(cubin: bytes) -> tuple[str | None, str]:
+    """(SASS text or None, the tool used or why there is none)."""
     dis = _tool("cuobjdump")
     if not dis:
         return None, "no cuobjdump"

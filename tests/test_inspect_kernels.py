@@ -1,5 +1,6 @@
-"""The ISA counters of experiments/inspect_kernels.py on hand-written PTX/SASS lines (the
-capture itself needs a GPU: jax only hands Triton IR to the PTX compiler there)."""
+"""experiments/inspect_kernels.py on the CPU: its counters on hand-written PTX / SASS / TTGIR
+lines, and the Triton-IR capture of real probes (compiling that IR needs the triton package of
+the GPU machine, so the compile step is faked in the last test)."""
 
 import importlib.util
 import pathlib
