@@ -181,6 +181,11 @@ def correctness():
         op = A.paged_prefill_attention(qp, cache.pages(), pt, lens, ql, block_k=2 * page)
         row["decode_gather2_vs_ref"] = rel(o, ref)
         row["prefill_gather2_vs_ref"] = rel(op, refp)
+        if dtype == "int4":  # int8 logits
+            o = A.paged_decode_attention(q, cache.pages(), pt, lens, num_splits=3, qk_int8=True)
+            op = A.paged_prefill_attention(qp, cache.pages(), pt, lens, ql, qk_int8=True)
+            row["decode_qk_int8_vs_ref"] = rel(o, ref)
+            row["prefill_qk_int8_vs_ref"] = rel(op, refp)
         RESULTS["correctness"].append(row)
         log("correct", row)
     save()
@@ -204,6 +209,8 @@ TUNING_GRID = (
     + [dict(page=128, num_splits=n) for n in (2, 4)]
     + [dict(page=128, unpack="convert")]
     + [dict(page=128, group=g) for g in (64, 32)]
+    + [dict(page=p, qk_int8=True) for p in (64, 128)]
+    + [dict(page=16, block_k=256, qk_int8=True)]
 )
 PREFILL_VARIANTS = [
     dict(page=128, num_warps=8),
@@ -211,6 +218,8 @@ PREFILL_VARIANTS = [
     dict(page=16, num_warps=8),
     dict(page=128, num_warps=4, num_stages=3),
     dict(page=128, num_warps=8, block_q=64),
+    dict(page=128, num_warps=8, qk_int8=True),
+    dict(page=64, num_warps=8, qk_int8=True),
 ]
 
 

@@ -197,11 +197,14 @@ def attention_probes(small: bool = False):
     lens = jnp.full((4,), pages // 4 * 128 - 5, jnp.int32)
     q = jax.random.normal(jax.random.PRNGKey(0), (4, 32, 128), jnp.bfloat16)
     qp = jax.random.normal(jax.random.PRNGKey(1), (4, 64, 32, 128), jnp.bfloat16)
-    fn = functools.partial(A.paged_decode_attention)
-    out = [("kv4_decode", fn, (q, kv, table, lens), 4, 2, dict(page=128, block_k=128))]
-    fn = functools.partial(A.paged_prefill_attention, num_warps=8)
-    args = (qp, kv, table, lens, jnp.full((4,), 64, jnp.int32))
-    out.append(("kv4_prefill", fn, args, 8, 2, dict(page=128, num_warps=8)))
+    out = []
+    for tag, kw in (("", {}), ("_qk_int8", dict(qk_int8=True))):
+        fn = functools.partial(A.paged_decode_attention, **kw)
+        cfg = dict(page=128, block_k=128, **kw)
+        out.append((f"kv4_decode{tag}", fn, (q, kv, table, lens), 4, 2, cfg))
+        fn = functools.partial(A.paged_prefill_attention, num_warps=8, **kw)
+        args = (qp, kv, table, lens, jnp.full((4,), 64, jnp.int32))
+        out.append((f"kv4_prefill{tag}", fn, args, 8, 2, dict(page=128, num_warps=8, **kw)))
     return out
 
 

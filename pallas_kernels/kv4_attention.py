@@ -214,6 +214,11 @@ def _unpack_biased(byte, *, fast: bool):
     return lo.astype(jnp.bfloat16), hi.astype(jnp.bfloat16)
 
 
+def _round_to_int8(y):
+    """Round half away from zero to int8 (|y| <= 127): Pallas-Triton has no ``round``."""
+    return jnp.where(y >= 0, y + 0.5, y - 0.5).astype(jnp.int32).astype(jnp.int8)
+
+
 def _kernel(
     # inputs
     layer_ref,  # [1] int32
@@ -234,6 +239,7 @@ def _kernel(
     num_splits: int,
     sm_scale: float,
     fast_unpack: bool,
+    qk_int8: bool = False,
 ):
     if quantized:
         ks_ref, kz_ref, vs_ref, vz_ref, *outs = rest
@@ -266,11 +272,19 @@ def _kernel(
     blk_hi = jnp.minimum(n_blocks, blk_lo + blocks_per_split)
 
     # q pieces: group j -> (first half, second half) of its channels, matching the nibbles.
-    q_pieces, q_sums = [], []
+    q_pieces, q_sums, q_scales = [], [], []
     cdt = jnp.bfloat16 if quantized else q_ref.dtype
     for j in range(n_groups):
-        lo = q_ref[:, pl.ds(j * group, half)].astype(cdt)
-        hi = q_ref[:, pl.ds(j * group + half, half)].astype(cdt)
+        if qk_int8:  # symmetric INT8 per row and group; the dots run int8 x nibble -> int32
+            lo = q_ref[:, pl.ds(j * group, half)].astype(jnp.float32)
+            hi = q_ref[:, pl.ds(j * group + half, half)].astype(jnp.float32)
+            amax = jnp.maximum(jnp.max(jnp.abs(lo), axis=1), jnp.max(jnp.abs(hi), axis=1))
+            sq = jnp.where(amax > 0, amax / 127.0, 1.0)
+            lo, hi = (_round_to_int8(x / sq[:, None]) for x in (lo, hi))
+            q_scales.append(sq)
+        else:
+            lo = q_ref[:, pl.ds(j * group, half)].astype(cdt)
+            hi = q_ref[:, pl.ds(j * group + half, half)].astype(cdt)
         q_pieces.append((lo, hi))
         # Sums of the rounded q the dot sees, so the zero-point term cancels exactly.
         q_sums.append(
@@ -299,6 +313,18 @@ def _kernel(
             pg = page_table_ref[b, pl.ds(blk * pages_per_block, pages_per_block)]
         logits = jnp.zeros((block_rows, block_k), jnp.float32)
         for j in range(n_groups):
+            if qk_int8:  # nibbles as int8 0..15: a mask and a shift, no float conversion
+                byte = load(k_ref, pg, slice(None), pl.ds(j * half, half))
+                k_lo = (byte & jnp.uint8(0xF)).astype(jnp.int8)
+                k_hi = (byte >> jnp.uint8(4)).astype(jnp.int8)
+                raw = jnp.dot(q_pieces[j][0], k_lo.T, preferred_element_type=jnp.int32)
+                raw += jnp.dot(q_pieces[j][1], k_hi.T, preferred_element_type=jnp.int32)
+                s = load(ks_ref, pg, j, slice(None)).astype(jnp.float32)[None, :]
+                z = load(kz_ref, pg, j, slice(None)).astype(jnp.float32)[None, :]
+                logits += (s * q_scales[j][:, None]) * (
+                    raw.astype(jnp.float32) - z * q_sums[j][:, None]
+                )
+                continue
             k_lo, k_hi = halves(k_ref, pg, j, cdt)
             raw = jnp.dot(q_pieces[j][0], k_lo.T, preferred_element_type=jnp.float32)
             raw += jnp.dot(q_pieces[j][1], k_hi.T, preferred_element_type=jnp.float32)
@@ -370,6 +396,7 @@ def _attend(
     num_stages: int,
     interpret: bool,
     unpack: str,
+    qk_int8: bool = False,
 ):
     """Launches the kernel over grid (B, Hkv, R / block_rows, num_splits); merges splits."""
     batch, hkv, rows, head_dim = q_rows.shape
@@ -393,6 +420,7 @@ def _attend(
         num_splits=num_splits,
         sm_scale=sm_scale,
         fast_unpack=_fast_unpack(unpack, interpret),
+        qk_int8=qk_int8,
     )
     whole = pl.no_block_spec  # the kernel gets the whole array and indexes it itself
     in_specs = [whole] * 5 + [
@@ -449,6 +477,12 @@ def _fast_unpack(unpack: str, interpret: bool) -> bool:
     if unpack == "asm" and interpret:
         raise ValueError("unpack='asm' (inline PTX) cannot run with interpret=True")
     return unpack == "asm" or (unpack == "auto" and not interpret)
+
+
+def _check_qk_int8(qk_int8: bool, kv: PagedKV) -> bool:
+    if qk_int8 and not kv.quantized:
+        raise ValueError("qk_int8=True needs an INT4 cache (bf16 pages have no nibbles)")
+    return bool(qk_int8)
 
 
 def _check_q(q, kv: PagedKV, ndim: int, what: str):
@@ -510,6 +544,7 @@ def paged_decode_attention(
     num_stages: int = 2,
     interpret: bool = False,
     unpack: str = "auto",
+    qk_int8: bool = False,
 ):
     """One new token per sequence attends to its cached tokens (its own K/V already written).
 
@@ -526,6 +561,10 @@ def paged_decode_attention(
         large with small pages. Default :func:`default_decode_block_k`.
       unpack: INT4 nibble -> bf16 path: "asm" (inline PTX prmt/lop3, GPU), "convert" (integer
         to float conversions), "auto" (asm unless interpret).
+      qk_int8: compute the logits on int8 tensor cores: q rounded to INT8 per row and group
+        (symmetric), K nibbles used as int8 0..15 (a mask and a shift, no float conversion),
+        exact int32 sums, scales and zero points applied per key. Adds q's rounding (about
+        1/254 of the group's max |q|) to the logits; V is unchanged. INT4 caches only.
 
     Returns:
       ``[B, Hq, D]`` in q's dtype.
@@ -567,6 +606,7 @@ def paged_decode_attention(
         num_stages=num_stages,
         interpret=interpret,
         unpack=unpack,
+        qk_int8=_check_qk_int8(qk_int8, kv),
     )
     return _from_rows(out, 1, hg, hg_pad)[:, 0]
 
@@ -586,6 +626,7 @@ def paged_prefill_attention(
     num_stages: int = 2,
     interpret: bool = False,
     unpack: str = "auto",
+    qk_int8: bool = False,
 ):
     """Causal attention of a chunk of new tokens against the cache (chunk already written).
 
@@ -597,6 +638,7 @@ def paged_prefill_attention(
       q_lens: ``[B] int32`` valid chunk tokens (default T); rows ``i >= q_lens[b]`` return 0.
       block_q: chunk tokens per program (default: 128 rows / GQA group, at least 1).
       block_k: keys per loop step, as in :func:`paged_decode_attention`.
+      qk_int8: int8 logits, as in :func:`paged_decode_attention`.
 
     Returns:
       ``[B, T, Hq, D]`` in q's dtype.
@@ -636,6 +678,7 @@ def paged_prefill_attention(
         num_stages=num_stages,
         interpret=interpret,
         unpack=unpack,
+        qk_int8=_check_qk_int8(qk_int8, kv),
     )
     return _from_rows(out, t, hg, hg_pad)
 
