@@ -318,6 +318,8 @@ def prefill(key, quick):
             best = None
             for var in PREFILL_VARIANTS:
                 var = dict(var)
+                if var.get("qk_int8") and not quantized:
+                    continue  # int8 logits need INT4 pages
                 page = var.pop("page")
                 tag = "_".join([name, f"p{page}"] + [f"{k}{v}" for k, v in sorted(var.items())])
                 try:
