@@ -482,6 +482,9 @@ def _fast_unpack(unpack: str, interpret: bool) -> bool:
 def _check_qk_int8(qk_int8: bool, kv: PagedKV) -> bool:
     if qk_int8 and not kv.quantized:
         raise ValueError("qk_int8=True needs an INT4 cache (bf16 pages have no nibbles)")
+    if qk_int8 and kv.group_size < 64:
+        # Each dot contracts half a group; int8 tensor-core MMAs take K in steps of 32.
+        raise ValueError(f"qk_int8=True needs groups of >= 64 channels, got {kv.group_size}")
     return bool(qk_int8)
 
 
@@ -564,7 +567,8 @@ def paged_decode_attention(
       qk_int8: compute the logits on int8 tensor cores: q rounded to INT8 per row and group
         (symmetric), K nibbles used as int8 0..15 (a mask and a shift, no float conversion),
         exact int32 sums, scales and zero points applied per key. Adds q's rounding (about
-        1/254 of the group's max |q|) to the logits; V is unchanged. INT4 caches only.
+        1/254 of the group's max |q|) to the logits; V is unchanged. INT4 caches with groups
+        of >= 64 channels only.
 
     Returns:
       ``[B, Hq, D]`` in q's dtype.
