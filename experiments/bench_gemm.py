@@ -475,12 +475,14 @@ LARGE_M_VARIANTS = (  # (label, GemmConfig fields) against the tuned config, M >
 )  # fmt: skip
 
 
-def large_m_study(results, deadline, ms=(256, 1024, 4096), update_table=True, shapes="llama3-8b"):
-    """Compute-bound M: the tuned kernel against weights unpacked by XLA before the kernel
-    (``pre_unpack``), swap_ab and the xla_int8 backend (:func:`variant_study`)."""
+def large_m_study(results, deadline, ms=None, update_table=True, shapes_name="llama3-8b"):
+    """Compute-bound M (default 256, 1024, 4096): the tuned kernel against weights unpacked by
+    XLA before the kernel (``pre_unpack``), swap_ab and the xla_int8 backend
+    (:func:`variant_study`)."""
     fixed = [(lbl, GemmConfig(**kw)) for lbl, kw in LARGE_M_VARIANTS]
+    ms = ms or (256, 1024, 4096)
     return variant_study(
-        results, deadline, "large_m", ms, lambda m, tuned: fixed, update_table, shapes
+        results, deadline, "large_m", ms, lambda m, tuned: fixed, update_table, shapes_name
     )
 
 
@@ -497,9 +499,11 @@ def pre_x_variants(m, tuned):
     return out
 
 
-def pre_x_study(results, deadline, ms=(1, 16, 64, 256), update_table=True, shapes="llama3-8b"):
-    """Decode M: the INT4 activations unpacked by XLA before the kernel (:func:`variant_study`)."""
-    return variant_study(results, deadline, "pre_x", ms, pre_x_variants, update_table, shapes)
+def pre_x_study(results, deadline, ms=None, update_table=True, shapes_name="llama3-8b"):
+    """Decode M (default 1, 16, 64, 256): the INT4 activations unpacked by XLA before the
+    kernel (:func:`variant_study`)."""
+    ms = ms or (1, 16, 64, 256)
+    return variant_study(results, deadline, "pre_x", ms, pre_x_variants, update_table, shapes_name)
 
 
 def variant_study(
@@ -634,6 +638,11 @@ def unroll_study(results, deadline):
         log(f"unroll {json.dumps(row)}")
 
 
+def _csv(cast):
+    """argparse type: a comma list -> tuple of ``cast`` values (empty text -> ())."""
+    return lambda text: tuple(cast(x) for x in text.split(",") if x)
+
+
 def geomean(v):
     v = [x for x in v if x > 0]
     return float(np.exp(np.mean(np.log(v)))) if v else float("nan")
@@ -746,17 +755,19 @@ def main(argv=None):
     ap.add_argument("--timing-study", action="store_true", help="old vs device timing")
     ap.add_argument("--act-quant", action="store_true", help="act_quant kernel vs XLA")
     ap.add_argument("--tune-shapes", default="", help="tuning.ENGINE_SHAPES key for --tune")
-    ap.add_argument("--tune-ms", default="", help="comma list of M for --tune")
+    ap.add_argument("--tune-ms", type=_csv(int), default=(), help="comma list of M for --tune")
     ap.add_argument(
         "--study-shapes",
         default="llama3-8b",
         choices=sorted(tuning.ENGINE_SHAPES),
         help="tuning.ENGINE_SHAPES key for --pre-x / --large-m",
     )
-    ap.add_argument("--study-ms", default="", help="comma list of M for --pre-x / --large-m")
-    ap.add_argument("--sweep-ms", default="", help="comma list of M for --sweep")
+    ap.add_argument(
+        "--study-ms", type=_csv(int), default=(), help="comma list of M for --pre-x / --large-m"
+    )
+    ap.add_argument("--sweep-ms", type=_csv(int), default=(), help="comma list of M for --sweep")
     ap.add_argument("--models", default="", help="comma list of tuning.MODEL_SHAPES keys")
-    ap.add_argument("--fracs", default="", help="comma list of INT8 fractions")
+    ap.add_argument("--fracs", type=_csv(float), default=(), help="comma list of INT8 fractions")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, interpret mode (CPU)")
     ap.add_argument("--budget-s", type=float, default=540.0, help="stop timing after this")
@@ -807,7 +818,7 @@ def main(argv=None):
                 args.quick,
                 min(deadline, time.time() + args.tune_share * args.budget_s),
                 args.tune_shapes,
-                tuple(int(x) for x in args.tune_ms.split(",") if x),
+                args.tune_ms,
             )
             tuning.write_table(entries, results["meta"], out / "tuning_entries.json", merge=False)
             if not SMOKE:  # this run's later stages use the new table
@@ -823,13 +834,12 @@ def main(argv=None):
         if args.unpack:
             unpack_study(results)
             save()
-        study = dict(shapes=args.study_shapes)
-        study_ms = tuple(int(x) for x in args.study_ms.split(",") if x)
+        study = dict(ms=args.study_ms, shapes_name=args.study_shapes)
         if args.pre_x:
-            pre_x_study(results, deadline, **study, **(dict(ms=study_ms) if study_ms else {}))
+            pre_x_study(results, deadline, **study)
             save()
         if args.large_m:
-            large_m_study(results, deadline, **study, **(dict(ms=study_ms) if study_ms else {}))
+            large_m_study(results, deadline, **study)
             save()
         if (args.pre_x or args.large_m) and not SMOKE:  # the table those studies updated
             (out / "tuning_table.json").write_text(tuning.TABLE_PATH.read_text())
@@ -839,8 +849,8 @@ def main(argv=None):
                 deadline,
                 args.quick,
                 models=[x for x in args.models.split(",") if x] or None,
-                fracs_arg=tuple(float(x) for x in args.fracs.split(",") if x) or None,
-                ms=tuple(int(x) for x in args.sweep_ms.split(",") if x) or None,
+                fracs_arg=args.fracs or None,
+                ms=args.sweep_ms or None,
             )
     except Exception:  # noqa: BLE001 - keep what was measured
         traceback.print_exc()

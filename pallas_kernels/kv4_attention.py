@@ -275,16 +275,16 @@ def _kernel(
     q_pieces, q_sums, q_scales = [], [], []
     cdt = jnp.bfloat16 if quantized else q_ref.dtype
     for j in range(n_groups):
+        lo = q_ref[:, pl.ds(j * group, half)]
+        hi = q_ref[:, pl.ds(j * group + half, half)]
         if qk_int8:  # symmetric INT8 per row and group; the dots run int8 x nibble -> int32
-            lo = q_ref[:, pl.ds(j * group, half)].astype(jnp.float32)
-            hi = q_ref[:, pl.ds(j * group + half, half)].astype(jnp.float32)
+            lo, hi = lo.astype(jnp.float32), hi.astype(jnp.float32)
             amax = jnp.maximum(jnp.max(jnp.abs(lo), axis=1), jnp.max(jnp.abs(hi), axis=1))
             sq = jnp.where(amax > 0, amax / 127.0, 1.0)
             lo, hi = (_round_to_int8(x / sq[:, None]) for x in (lo, hi))
-            q_scales.append(sq)
+            q_scales.append(sq[:, None])
         else:
-            lo = q_ref[:, pl.ds(j * group, half)].astype(cdt)
-            hi = q_ref[:, pl.ds(j * group + half, half)].astype(cdt)
+            lo, hi = lo.astype(cdt), hi.astype(cdt)
         q_pieces.append((lo, hi))
         # Sums of the rounded q the dot sees, so the zero-point term cancels exactly.
         q_sums.append(
@@ -317,20 +317,18 @@ def _kernel(
                 byte = load(k_ref, pg, slice(None), pl.ds(j * half, half))
                 k_lo = (byte & jnp.uint8(0xF)).astype(jnp.int8)
                 k_hi = (byte >> jnp.uint8(4)).astype(jnp.int8)
-                raw = jnp.dot(q_pieces[j][0], k_lo.T, preferred_element_type=jnp.int32)
-                raw += jnp.dot(q_pieces[j][1], k_hi.T, preferred_element_type=jnp.int32)
-                s = load(ks_ref, pg, j, slice(None)).astype(jnp.float32)[None, :]
-                z = load(kz_ref, pg, j, slice(None)).astype(jnp.float32)[None, :]
-                logits += (s * q_scales[j][:, None]) * (
-                    raw.astype(jnp.float32) - z * q_sums[j][:, None]
-                )
-                continue
-            k_lo, k_hi = halves(k_ref, pg, j, cdt)
-            raw = jnp.dot(q_pieces[j][0], k_lo.T, preferred_element_type=jnp.float32)
-            raw += jnp.dot(q_pieces[j][1], k_hi.T, preferred_element_type=jnp.float32)
+                acc_t, bias = jnp.int32, 0.0
+            else:  # INT4 as 128 + nibble in bf16 (bias folded into the zero point), or bf16
+                k_lo, k_hi = halves(k_ref, pg, j, cdt)
+                acc_t, bias = jnp.float32, _NIBBLE_BIAS
+            raw = jnp.dot(q_pieces[j][0], k_lo.T, preferred_element_type=acc_t)
+            raw += jnp.dot(q_pieces[j][1], k_hi.T, preferred_element_type=acc_t)
+            raw = raw.astype(jnp.float32)
             if quantized:
                 s = load(ks_ref, pg, j, slice(None)).astype(jnp.float32)[None, :]
-                z = load(kz_ref, pg, j, slice(None)).astype(jnp.float32)[None, :] + _NIBBLE_BIAS
+                z = load(kz_ref, pg, j, slice(None)).astype(jnp.float32)[None, :] + bias
+                if qk_int8:
+                    s = s * q_scales[j]
                 raw = s * (raw - z * q_sums[j][:, None])
             logits += raw
         logits *= sm_scale
