@@ -638,6 +638,81 @@ def unroll_study(results, deadline):
         log(f"unroll {json.dumps(row)}")
 
 
+def _a16_sets(m, n, k, reps, group=None, seed=11):
+    key = jax.random.PRNGKey(seed)
+    x = jax.random.normal(key, (m, k), jnp.bfloat16)
+    sets = []
+    for i in range(reps):
+        kq, ks = jax.random.split(jax.random.fold_in(key, i))
+        w_packed = jax.random.randint(kq, (n, k // 2), -128, 128, jnp.int32).astype(jnp.int8)
+        shape = (n,) if group is None else (n, k // group)
+        sets.append((x, w_packed, jax.random.uniform(ks, shape, jnp.float32, 0.005, 0.02)))
+    return sets
+
+
+def a16_candidates(m, n, k):
+    """The W4A16 heuristic first, then its neighbours (tile shapes, split-K, operand order,
+    XLA-unpacked weights)."""
+    base = tuning.a16_config(m, n, k)
+    rep = functools.partial(dataclasses.replace, base)
+    if m <= 64:
+        out = [base, rep(block_n=128), rep(num_stages=3)]
+        out += [rep(split_k=s) for s in (max(1, base.split_k // 2), 2 * base.split_k)]
+    else:
+        out = [
+            base,
+            rep(block_n=64, num_warps=4, num_stages=4),
+            rep(block_m=64, block_n=128, num_warps=4, num_stages=4),
+            GemmConfig(128, 128, 1, 8, 3, False, 8),
+            GemmConfig(128, 128, 1, 8, 3, False, 8, pre_unpack="w"),
+            rep(pre_unpack="w"),
+        ]
+    return list(dict.fromkeys(out))
+
+
+def a16_study(results, deadline, ms=None, shapes_name="llama3-8b"):
+    """W4A16 GEMM (`w4a16_matmul`) vs XLA bf16 and our W4Ax at 25% INT8, per engine shape
+    and M: candidate schedules timed, the best kept; device correctness vs the reference."""
+    from pallas_kernels.w4ax_matmul import w4a16_matmul, w4a16_matmul_reference
+
+    rows = results.setdefault("a16", [])
+    shapes = tuning.ENGINE_SHAPES[shapes_name]
+    ms = ms or (1, 16, 64, 256, 1024, 4096)
+    if SMOKE:
+        shapes, ms = [(64, 256)], (1, 40)
+    for n, k in shapes:
+        x, w_packed, w_scales = _a16_sets(64, n, k, 1, group=128)[0]
+        got = w4a16_matmul(x, w_packed, w_scales, out_dtype=jnp.float32, interpret=SMOKE)
+        ref = w4a16_matmul_reference(x, w_packed, w_scales, out_dtype=jnp.float32)
+        err = rel_err(got, ref)
+        log(f"a16 check {n}x{k} group 128: rel err {err:.2e}")
+        for m in ms:
+            if time.time() > deadline:
+                log("a16: deadline reached")
+                return
+            sets = _a16_sets(m, n, k, n_copies(n * k // 2, m))
+            k8 = tuning.int8_fraction_k8(k, 0.25)
+            row = dict(m=m, n=n, k=k, check_rel_err=err, configs=[])
+            row["bf16_us"] = time_bf16(m, n, k) * 1e6
+            row["w4ax_us"] = time_ours(m, n, k, k8) * 1e6
+            for cfg in a16_candidates(m, n, k):
+                f = functools.partial(w4a16_matmul, config=cfg, interpret=SMOKE)
+                try:
+                    us = tuning.time_fn(f, sets) * 1e6
+                except Exception as e:  # noqa: BLE001 - a config that fails to compile
+                    log(f"a16 {m}x{n}x{k} {cfg}: failed {e!s:.200}")
+                    continue
+                row["configs"].append(dict(config=cfg.to_dict(), us=us))
+            if row["configs"]:
+                row["default_us"] = row["configs"][0]["us"]
+                best = min(row["configs"], key=lambda c: c["us"])
+                row["best_us"], row["best_config"] = best["us"], best["config"]
+                row["default_vs_bf16"] = row["bf16_us"] / row["default_us"]
+                row["best_vs_bf16"] = row["bf16_us"] / row["best_us"]
+            rows.append(row)
+            log(f"a16 {json.dumps(row)}")
+
+
 def _csv(cast):
     """argparse type: a comma list -> tuple of ``cast`` values (empty text -> ())."""
     return lambda text: tuple(cast(x) for x in text.split(",") if x)
@@ -731,6 +806,29 @@ def markdown(results) -> str:
                 f"| {x['ours_device_us']:.1f} | {x['bf16_dispatch_us']:.1f} "
                 f"| {x['bf16_device_us']:.1f} |"
             )
+    if results.get("a16"):
+        out += [
+            "",
+            "## W4A16 GEMM vs XLA bf16 and W4Ax (25% INT8), device us",
+            "",
+            "| M | N | K | W4A16 default | best | best config | bf16 | W4Ax | default vs bf16 "
+            "| best vs bf16 |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for x in results["a16"]:
+            if "best_us" not in x:
+                continue
+            c = x["best_config"]
+            brief = (
+                f"{c['block_m']}x{c['block_n']} s{c['split_k']} w{c['num_warps']} "
+                f"st{c['num_stages']}{' swap' if c['swap_ab'] else ''}"
+                f"{' pre-' + c['pre_unpack'] if c['pre_unpack'] else ''}"
+            )
+            out.append(
+                f"| {x['m']} | {x['n']} | {x['k']} | {x['default_us']:.1f} | {x['best_us']:.1f} "
+                f"| {brief} | {x['bf16_us']:.1f} | {x['w4ax_us']:.1f} "
+                f"| {x['default_vs_bf16']:.2f} | {x['best_vs_bf16']:.2f} |"
+            )
     return "\n".join(out) + "\n"
 
 
@@ -742,6 +840,7 @@ def main(argv=None):
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--unroll", action="store_true", help="k_unroll study")
     ap.add_argument("--unpack", action="store_true", help="XLA weight unpack: bytes vs words")
+    ap.add_argument("--a16", action="store_true", help="W4A16 GEMM vs bf16, schedules")
     ap.add_argument(
         "--pre-x",
         action="store_true",
@@ -760,10 +859,13 @@ def main(argv=None):
         "--study-shapes",
         default="llama3-8b",
         choices=sorted(tuning.ENGINE_SHAPES),
-        help="tuning.ENGINE_SHAPES key for --pre-x / --large-m",
+        help="tuning.ENGINE_SHAPES key for --pre-x / --large-m / --a16",
     )
     ap.add_argument(
-        "--study-ms", type=_csv(int), default=(), help="comma list of M for --pre-x / --large-m"
+        "--study-ms",
+        type=_csv(int),
+        default=(),
+        help="comma list of M for --pre-x / --large-m / --a16",
     )
     ap.add_argument("--sweep-ms", type=_csv(int), default=(), help="comma list of M for --sweep")
     ap.add_argument("--models", default="", help="comma list of tuning.MODEL_SHAPES keys")
@@ -833,6 +935,9 @@ def main(argv=None):
             save()
         if args.unpack:
             unpack_study(results)
+            save()
+        if args.a16:
+            a16_study(results, deadline, ms=args.study_ms, shapes_name=args.study_shapes)
             save()
         study = dict(ms=args.study_ms, shapes_name=args.study_shapes)
         if args.pre_x:

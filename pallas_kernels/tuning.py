@@ -138,6 +138,23 @@ def default_config(m: int, n: int, k: int, k8: int = 0, *, tile_k: int = DEFAULT
     )
 
 
+def a16_config(m: int, n: int, k: int, *, tile_k: int = DEFAULT_TILE_K) -> GemmConfig:
+    """Schedule of the W4A16 GEMM (`w4ax_matmul.w4a16_matmul`; no table): always Y^T tiles,
+    so the weights, converted to bf16 in registers, are the MMA's register operand and never
+    go back to shared memory. Decode tiles as the W4Ax heuristic; 128 x 128 tiles above
+    M = 64. On the 8B engine shapes (H100, 2026-11-26, `bench_gemm.py --a16`) this was the
+    best candidate or within 6% of it at every M in 1..1024; at M = 4096 XLA-unpacked
+    weights without Y^T tiles were 1-8% faster."""
+    n_k_tiles = max(1, k // tile_k)
+    if m <= 64:  # decode: weight-bandwidth bound, split-K for programs in flight
+        bm, bn = max(16, 1 << (max(1, m) - 1).bit_length()), 64
+        split = _split_for(n // bn, n_k_tiles)
+        return GemmConfig(bm, bn, split, num_warps=4, num_stages=4, swap_ab=True, group_m=1)
+    bm, bn = 128, 128
+    split = _split_for(math.ceil(m / bm) * (n // bn), n_k_tiles, waves=0.9)
+    return GemmConfig(bm, bn, split, num_warps=8, num_stages=3, swap_ab=True, group_m=8)
+
+
 def get_config(m: int, n: int, k: int, k8: int = 0, *, tile_k: int = DEFAULT_TILE_K):
     """Tuned config for the shape, else the heuristic (module docstring)."""
     table = load_table()

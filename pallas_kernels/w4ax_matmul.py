@@ -45,6 +45,9 @@ Kernel design (Hopper, Triton):
   weights and activations to int8 and runs its int8 ``[N, K]`` GEMM per segment; same int32
   sums, same epilogue. Meant for compute-bound prefill, where the kernel's in-loop unpack
   costs MMA rate; on the H100 it lost to the kernel at every M measured (<= 1024).
+* W4A16 (`w4a16_matmul`): the same kernel with one float segment, ``x: [M, K]`` bf16 in
+  place of ``x8``; the x16 weight halves are converted to bf16 in registers (exact) and meet
+  x on the bf16 MMA with f32 accumulation; x_scales are ones, the 1/16 stays in the epilogue.
 """
 
 from __future__ import annotations
@@ -245,6 +248,7 @@ def _kernel(
     k_unroll,
     w_unpacked,
     x4_unpacked,
+    x_float,
 ):
     refs = list(refs)
     x4_ref = refs.pop(0) if has_x4 else None
@@ -263,6 +267,15 @@ def _kernel(
     hi = jnp.minimum(lo + tiles_per_split, n_tiles)
     grouped = group_tiles > 0 and not raw
 
+    # W4A16 (`x_float`): the x16 weight halves are exact in bf16 (multiples of 16 in
+    # [-128, 112]); they meet the float activations on the bf16 MMA, f32 accumulation.
+    dot_type = jnp.float32 if x_float else jnp.int32
+
+    def dot(a, b):
+        if x_float:
+            a, b = a.astype(jnp.bfloat16), b.astype(jnp.bfloat16)
+        return jax.lax.dot_general(a, b, _DOT_LAST, preferred_element_type=dot_type)
+
     def tile_dot(xlo, xhi, t):
         if w_unpacked:  # x16 int8, tile t = [16 * low nibbles | 16 * high nibbles]
             wlo = w_ref[:, pl.ds(t * tile_k, h)]
@@ -272,10 +285,8 @@ def _kernel(
             wlo = jnp.left_shift(wb, jnp.int8(4))  # 16 * low nibble
             whi = wb & jnp.int8(-16)  # 16 * high nibble
         if swap_ab:
-            d = jax.lax.dot_general(wlo, xlo, _DOT_LAST, preferred_element_type=jnp.int32)
-            return d + jax.lax.dot_general(whi, xhi, _DOT_LAST, preferred_element_type=jnp.int32)
-        d = jax.lax.dot_general(xlo, wlo, _DOT_LAST, preferred_element_type=jnp.int32)
-        return d + jax.lax.dot_general(xhi, whi, _DOT_LAST, preferred_element_type=jnp.int32)
+            return dot(wlo, xlo) + dot(whi, xhi)
+        return dot(xlo, wlo) + dot(xhi, whi)
 
     def accumulate(acc, t, d):
         if not grouped:
@@ -284,14 +295,12 @@ def _kernel(
         gs = gs.reshape(bn, 1) if swap_ab else gs
         return acc + d.astype(jnp.float32) * gs
 
-    acc_dtype = jnp.float32 if grouped else jnp.int32
+    acc_dtype = jnp.float32 if grouped or x_float else jnp.int32
 
     def full_tile_dot(x, t):
         # Both operands unpacked in the same tile order: one dot over the whole K tile.
         w = w_ref[:, pl.ds(t * tile_k, tile_k)]
-        if swap_ab:
-            return jax.lax.dot_general(w, x, _DOT_LAST, preferred_element_type=jnp.int32)
-        return jax.lax.dot_general(x, w, _DOT_LAST, preferred_element_type=jnp.int32)
+        return dot(w, x) if swap_ab else dot(x, w)
 
     def body4(t, acc):
         if x4_unpacked and w_unpacked:
@@ -453,6 +462,7 @@ def _w4ax_call(
 
     write_partial = raw or splits > 1
     has_x4, has_x8 = k4 > 0, k8 > 0
+    x_float = jnp.issubdtype(x8.dtype, jnp.floating)  # W4A16: x8 holds float activations
     w_unpacked = config.pre_unpack in ("w", "wx")
     x4_unpacked = config.pre_unpack in ("x", "wx") and has_x4
     x4_arg = unpack_int4_x16_tiles(x4_packed, tile_k) if x4_unpacked else x4_packed
@@ -504,6 +514,7 @@ def _w4ax_call(
         k_unroll=max(1, config.k_unroll),
         w_unpacked=w_unpacked,
         x4_unpacked=x4_unpacked,
+        x_float=x_float,
     )
     out = pl.pallas_call(
         kernel,
@@ -515,7 +526,7 @@ def _w4ax_call(
         compiler_params=plgpu.CompilerParams(
             num_warps=config.num_warps, num_stages=config.num_stages
         ),
-        name=f"w4ax_k4_{k4}_k8_{k8}",
+        name=f"w4a16_k_{k8}" if x_float else f"w4ax_k4_{k4}_k8_{k8}",
     )(*args)
     if raw:
         return tuple(o.sum(axis=0)[:m] for o in out)
@@ -629,6 +640,90 @@ def w4ax_accumulators(
     return jnp.right_shift(acc4_16, 8), jnp.right_shift(acc8_16, 4)
 
 
+# --------------------------------------------------------------------------------------------
+# W4A16: INT4 weights x float activations, the same kernel on the bf16 MMA
+# --------------------------------------------------------------------------------------------
+
+
+def validate_a16_args(x, w_packed, w_scales, bias, tile_k) -> tuple:
+    """Checks W4A16 operands (``x: [M, K]`` float); returns ``(M, N, K, n_groups)``."""
+    if x.ndim != 2 or not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"x must be a 2-D float array [M, K], got {x.dtype} {tuple(x.shape)}")
+    m, k = x.shape
+    ones = jax.ShapeDtypeStruct((m, 2), jnp.float32)
+    shapes = (jax.ShapeDtypeStruct((m, 0), jnp.int8), jax.ShapeDtypeStruct((m, k), jnp.int8))
+    _, n, _, _, n_groups = validate_args(*shapes, ones, w_packed, w_scales, bias, tile_k)
+    return m, n, k, n_groups
+
+
+def w4a16_matmul_reference(
+    x, w_packed, w_scales, bias=None, *, tile_k=DEFAULT_TILE_K, out_dtype=jnp.bfloat16
+):
+    """``Y[M, N] = bf16(x) @ (q * s)^T + bias`` in f32: x rounded to bf16 as the MMA sees it,
+    the INT4 weights ``q`` times their per-channel ``[N]`` or per-group ``[N, K/g]`` scales."""
+    validate_a16_args(x, w_packed, w_scales, bias, tile_k)
+    w = unpack_int4(w_packed, tile_k).astype(jnp.float32)  # [N, K]
+    if w_scales.ndim == 1:
+        w = w * w_scales[:, None]
+    else:
+        w = w * jnp.repeat(w_scales, w.shape[1] // w_scales.shape[1], axis=1)
+    xb = x.astype(jnp.bfloat16).astype(jnp.float32)
+    y = jax.lax.dot_general(
+        xb, w, _DOT_LAST, precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32
+    )
+    if bias is not None:
+        y = y + bias.astype(jnp.float32)[None, :]
+    return y.astype(out_dtype)
+
+
+def w4a16_matmul(
+    x,
+    w_packed,
+    w_scales,
+    bias=None,
+    *,
+    tile_k: int = DEFAULT_TILE_K,
+    out_dtype=jnp.bfloat16,
+    interpret: bool = False,
+    config: GemmConfig | None = None,
+):
+    """W4A16 GEMM ``[M, N]``: the W4Ax kernel with one float segment (``x: [M, K]``, cast to
+    bf16) and the x16 INT4 weight halves converted to bf16 in registers; f32 accumulation,
+    the factor 16 folded into the epilogue. ``config=None``: `tuning.a16_config`.
+    ``pre_unpack="w"`` is allowed (x16 int8 weights from XLA); "x"/"wx" and ``xla_int8``
+    have nothing to act on here and are refused.
+
+    Measured on H100 (docs/kernels_gemm.md, "W4A16"): 1.0-2.5x XLA bf16 at M <= 64,
+    0.4-0.9x at M >= 256 (the in-loop int8 -> bf16 conversion of every weight, once per M
+    tile, costs MMA rate). XLA's own dequantize + bf16 GEMM was no faster there (83 vs
+    54 us at M = 512, 107 vs 109 us at M = 1024, 4096 x 4096), so there is no XLA backend."""
+    m, n, k, _ = validate_a16_args(x, w_packed, w_scales, bias, tile_k)
+    if config is None:
+        from pallas_kernels import tuning  # local import: tuning imports this module
+
+        config = tuning.a16_config(m, n, k, tile_k=tile_k)
+    if not isinstance(config, GemmConfig):
+        raise ValueError(f"config must be a GemmConfig or None, got {type(config).__name__}")
+    if config.backend != "pallas" or config.pre_unpack not in ("", "w"):
+        raise ValueError(
+            f"W4A16 runs the Pallas kernel with pre_unpack '' or 'w', got backend="
+            f"{config.backend!r}, pre_unpack={config.pre_unpack!r}"
+        )
+    return _w4ax_call(
+        jnp.zeros((m, 0), jnp.int8),
+        x.astype(jnp.bfloat16),
+        jnp.ones((m, 2), jnp.float32),  # the epilogue's segment scales: 1 (x is not scaled)
+        w_packed,
+        w_scales,
+        bias,
+        tile_k=tile_k,
+        out_dtype=jnp.dtype(out_dtype),
+        interpret=interpret,
+        config=config,
+        raw=False,
+    )
+
+
 def dequantized_matmul(x4_packed, x8, x_scales, w_packed, w_scales, *, tile_k=DEFAULT_TILE_K):
     """Float check: dequantize both operands and multiply in f32 (``[M, N]`` f32)."""
     k4 = 2 * x4_packed.shape[1]
@@ -654,4 +749,6 @@ __all__ = [
     "w4ax_accumulators_reference",
     "w4ax_matmul",
     "w4ax_matmul_reference",
+    "w4a16_matmul",
+    "w4a16_matmul_reference",
 ]

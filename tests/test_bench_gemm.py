@@ -53,3 +53,15 @@ def test_smoke_unpack_study(tmp_path):
     _, res = _smoke(tmp_path, "--unpack")
     [row] = res["unpack"]
     assert row["equal"] and row["bytes_us"] > 0 and row["words_us"] > 0 and row["gemm_us"] > 0
+
+
+def test_smoke_a16_study(tmp_path):
+    """W4A16: the device check agrees with the reference; every candidate schedule is timed."""
+    bench, res = _smoke(tmp_path, "--a16")
+    rows = res["a16"]
+    assert [r["m"] for r in rows] == [1, 40]
+    for r in rows:
+        assert r["check_rel_err"] < 1e-5
+        assert r["bf16_us"] > 0 and r["w4ax_us"] > 0 and r["best_us"] <= r["default_us"]
+        assert len(r["configs"]) == len(bench.a16_candidates(r["m"], r["n"], r["k"]))
+    assert "W4A16 GEMM" in (tmp_path / f"gemm_{res['meta']['date']}.md").read_text()

@@ -170,6 +170,25 @@ def test_w4a16_matches_dequantized_weights(w_group):
     )
 
 
+@pytest.mark.parametrize("w_group", [None, 64])
+def test_w4a16_pallas_interpret_matches_dequantized_weights(w_group):
+    # The kernel rounds activations to bf16 (the MMA's input); weights x16 are exact in bf16
+    # and sums are f32: only summation order differs from the f64 product (tolerance 1e-5).
+    rng = np.random.default_rng(6)
+    be = W4A16Linear(tile=64, w_group=w_group, mode="pallas", interpret=True)
+    wp, wr = _weights(rng, 16, 128, 64, w_group)
+    x = _x(rng, (2, 3, 128))
+    y = be.matmul(wp, be.prepare_input(None, x, None, eps=EPS))
+    assert y.shape == (2, 3, 16) and y.dtype == x.dtype
+    gran = "row" if w_group is None else "group"
+    w_hat = quantizers.dequantize(wr.q, wr.scale, granularity=gran, group_size=w_group)
+    xb = np.asarray(x.astype(jnp.bfloat16).astype(jnp.float32), np.float64)
+    want = xb @ np.asarray(w_hat, np.float64).T
+    if "bias" in wp:
+        want = want + np.asarray(wp["bias"], np.float64)
+    np.testing.assert_allclose(np.asarray(y), want, rtol=1e-5, atol=1e-4)
+
+
 def test_weight_init_shapes_and_validation():
     be = W4AxLinear(k4=64, k8=64, block=64, tile=64, w_group=64)
     spec = ProjSpec(0, "q_proj", 128, 32, True)
@@ -181,7 +200,9 @@ def test_weight_init_shapes_and_validation():
     with pytest.raises(ValueError, match="mode"):
         W4AxLinear(k4=64, k8=64, mode="cuda")
     with pytest.raises(ValueError, match="no kernel"):
-        W4A16Linear(mode="pallas")
+        W8A8Linear(mode="pallas")
+    with pytest.raises(ValueError, match="multiple of tile"):
+        W4A16Linear(tile=64, w_group=96, mode="pallas")
     with pytest.raises(ValueError, match="K=256"):
         be.weight_init(ProjSpec(0, "q_proj", 256, 32, False), jnp.float32)
 

@@ -259,11 +259,11 @@ def precision_plan(
         return FloatLinear(precision=None)
     from comet_jax.quant import qlinear
 
-    sim = dict(mode="sim")  # W8A8 / W4A16 have no Pallas kernel
-    if precision == "w8a8":
-        return qlinear.W8A8Linear(**sim)
+    if precision == "w8a8":  # no Pallas kernel: XLA's int8 GEMM
+        return qlinear.W8A8Linear(mode="sim")
+    interpret = interpret and mode == "pallas"  # the simulation has nothing to interpret
     if precision == "w4a16":
-        return qlinear.W4A16Linear(tile=block, **sim)
+        return qlinear.W4A16Linear(tile=block, mode=mode, interpret=interpret)
     if precision != "w4axkv4":
         raise ValueError(f"precision={precision!r}; expected bf16|w8a8|w4a16|w4axkv4")
     overrides = {}

@@ -10,14 +10,16 @@ quantization) and per projection `matmul`. Each integer backend has two modes:
   or an activation block). This is what the W4Ax kernel computes; the tests check it bit for
   bit against the kernel references.
 - ``mode="pallas"``: the Pallas kernels (`pallas_kernels.act_quant` and
-  `pallas_kernels.w4ax_matmul`); ``interpret=True`` runs them on CPU.
+  `pallas_kernels.w4ax_matmul`; W4A16 has no activation quantization and is not bit-exact
+  to its simulation: the kernel rounds activations to bf16); ``interpret=True`` runs them on
+  CPU.
 
 Backends and their parameter pytrees (HF ``[N, K]`` layout, K contiguous):
 
 | backend | weight params | group params | kernel |
 |---|---|---|---|
 | `W8A8Linear` | ``w_q: [N, K] int8``, ``w_scales: [N] f32`` | -- | sim only |
-| `W4A16Linear` | ``w_packed: [N, K/2] int8``, ``w_scales: [N]`` or ``[N, K/g] f32`` | -- | sim only |
+| `W4A16Linear` | ``w_packed: [N, K/2] int8``, ``w_scales: [N]`` or ``[N, K/g] f32`` | -- | W4A16 (the W4Ax kernel, bf16 MMA) |
 | `W4AxLinear` | ``w_packed``, ``w_scales`` as above | ``perm: [K] int32`` if `permute` | W4Ax |
 
 `W4AxLinear` with ``pad > 0`` (FMPQ blocks over a K that is not a multiple of the block,
@@ -191,7 +193,13 @@ def dequantize_weight(weight_params, tile: int, w_group: int | None):
 
 @dataclasses.dataclass(frozen=True)
 class W4A16Linear:
-    """INT4 weights (per channel or per group, RTN/GPTQ/LWC values), float activations."""
+    """INT4 weights (per channel or per group, RTN/GPTQ/LWC values), float activations.
+
+    ``mode="sim"``: dequantize to f32 and multiply in f32. ``mode="pallas"``: the W4A16 GEMM
+    (`pallas_kernels.w4ax_matmul.w4a16_matmul`: activations rounded to bf16, weights unpacked
+    in registers, bf16 MMA with f32 accumulation); the weight group must then be a multiple
+    of `tile`.
+    """
 
     tile: int = 64
     w_group: int | None = None
@@ -199,7 +207,12 @@ class W4A16Linear:
     interpret: bool = False
 
     def __post_init__(self):
-        _check_mode(self.mode, self.interpret, False, "W4A16Linear")
+        _check_mode(self.mode, self.interpret, True, "W4A16Linear")
+        if self.mode == "pallas" and self.w_group is not None and self.w_group % self.tile:
+            raise ValueError(
+                f"W4A16Linear: w_group={self.w_group} must be a multiple of tile={self.tile} "
+                "for the kernel (mode='pallas')"
+            )
 
     def weight_init(self, spec, param_dtype):
         return _weight_init(spec, self.tile, self.w_group)
@@ -212,6 +225,20 @@ class W4A16Linear:
 
     def matmul(self, weight_params, prepared):
         x = prepared
+        if self.mode == "pallas":
+            from pallas_kernels import w4ax_matmul as wk
+
+            x2, lead = _flatten(x)
+            y = wk.w4a16_matmul(
+                x2,
+                weight_params["w_packed"],
+                weight_params["w_scales"],
+                weight_params.get("bias"),
+                tile_k=self.tile,
+                out_dtype=x.dtype,
+                interpret=self.interpret,
+            )
+            return y.reshape(*lead, y.shape[-1])
         w = dequantize_weight(weight_params, self.tile, self.w_group)
         y = jnp.einsum(
             "...k,nk->...n",
