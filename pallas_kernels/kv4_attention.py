@@ -305,7 +305,7 @@ def _kernel(
         hi = load(ref, pg, slice(None), pl.ds(j * group + half, half))
         return lo.astype(dtype), hi.astype(dtype)
 
-    def body(blk, carry):
+    def body(blk, carry, masked=True):
         accs, m_prev, l_prev = carry
         if pages_per_block == 1:
             pg = page_table_ref[b, blk]
@@ -332,12 +332,15 @@ def _kernel(
                 raw = s * (raw - z * q_sums[j][:, None])
             logits += raw
         logits *= sm_scale
-        key_pos = blk * block_k + jnp.arange(block_k, dtype=jnp.int32)
-        valid = (key_pos[None, :] <= row_pos[:, None]) & (key_pos[None, :] < seq_len)
-        logits = jnp.where(valid, logits, _MASK)
+        if masked:
+            key_pos = blk * block_k + jnp.arange(block_k, dtype=jnp.int32)
+            valid = (key_pos[None, :] <= row_pos[:, None]) & (key_pos[None, :] < seq_len)
+            logits = jnp.where(valid, logits, _MASK)
         m_next = jnp.maximum(m_prev, jnp.max(logits, axis=1))
         corr = jnp.exp(m_prev - m_next)
-        probs = jnp.where(valid, jnp.exp(logits - m_next[:, None]), 0.0)
+        probs = jnp.exp(logits - m_next[:, None])
+        if masked:
+            probs = jnp.where(valid, probs, 0.0)
         l_next = l_prev * corr + jnp.sum(probs, axis=1)
         new_accs = []
         for j in range(n_groups):
@@ -360,7 +363,14 @@ def _kernel(
     accs0 = tuple(jnp.zeros((block_rows, half), jnp.float32) for _ in range(2 * n_groups))
     m0 = jnp.full((block_rows,), _MASK, jnp.float32)
     l0 = jnp.zeros((block_rows,), jnp.float32)
-    accs, m_i, l_i = jax.lax.fori_loop(blk_lo, blk_hi, body, (accs0, m0, l0))
+    # Blocks whose keys every row of the tile sees (before the tile's first query position
+    # and inside the sequence) skip the causal/length mask; the rest (the diagonal band, the
+    # last partial block) keep it. Padded rows are zeroed below through row_valid.
+    n_full = jnp.minimum(seq_len, q_start + first_token + 1) // block_k
+    full_hi = jnp.clip(n_full, blk_lo, blk_hi)
+    carry = (accs0, m0, l0)
+    carry = jax.lax.fori_loop(blk_lo, full_hi, functools.partial(body, masked=False), carry)
+    accs, m_i, l_i = jax.lax.fori_loop(full_hi, blk_hi, body, carry)
     l_i = jnp.where(row_valid, l_i, 0.0)
 
     if num_splits == 1:
