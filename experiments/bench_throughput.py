@@ -5,8 +5,12 @@ For each precision, with random weights in the true shapes of a model preset:
     once; the scheduler runs as many concurrently as memory (KV pages) and --max-batch allow;
   * fixed batches 4..256 (exactly B requests of --fixed-workload);
 reporting output tokens/s, total tokens/s, time per output token (TPOT), peak device memory,
-the batch reached, compile time, and engine overhead = host time between device steps /
-step time. bf16 is the baseline of the same engine, measured in the same run.
+the batch reached, compile time, and the host share = host time (scheduling, input building,
+output handling) / (host + device wait) time. With asynchronous scheduling that host work
+overlaps the device, so the host share is an upper bound on idle GPU time; the direct measure
+is `--profile-batch B`: ``host_gap_share`` = (untraced step wall time - the step's GPU kernel
+time) / wall time, 0 when the host never holds the GPU up. bf16 is the baseline of the same
+engine, measured in the same run.
 
     python experiments/bench_throughput.py --preset llama3-8b              # GPU
     python experiments/bench_throughput.py --preset llama3-70b --precisions w4axkv4,bf16
@@ -287,6 +291,8 @@ def profile_decode(
         "step_wall_ms": 1e3 * wall / steps,
         "step_wall_untraced_ms": 1e3 * untraced,
         "step_kernel_ms": total / steps / 1e6,
+        # Idle GPU time the host causes between steps (0 when the step is kernel-bound).
+        "host_gap_share": max(0.0, untraced - total / steps / 1e9) / max(untraced, 1e-12),
         "step_dispatch_ms": 1e3 * sum(dispatch) / steps,
         "kernels_per_step": count / steps,
         "timeline": tl,
@@ -405,7 +411,7 @@ def print_table(results: list[dict]) -> None:
     }
     print(
         f"\n{'precision':16} {'run':5} {'workload':>10} {'req':>5} {'batch':>5} {'out tok/s':>10} "
-        f"{'vs bf16':>8} {'TPOT ms':>8} {'overhead':>8} {'mem GiB':>8}"
+        f"{'vs bf16':>8} {'TPOT ms':>8} {'host':>8} {'mem GiB':>8}"
     )
     for row in results:
         label = f"{row['precision']}/{row.get('mode', '-')}"

@@ -62,6 +62,7 @@ def test_tiny_run_with_decode_profile(bench, tmp_path):
     assert prof["step_kernel_ms"] == 0.0 and prof["top_kernels_us"] == []  # CPU: no GPU plane
     assert 0 < prof["step_dispatch_ms"] <= prof["step_wall_ms"]
     assert prof["step_wall_untraced_ms"] > 0
+    assert prof["host_gap_share"] == 1.0  # no GPU kernels on the CPU: the step is all host
     assert prof["timeline"]["kernels"] == 0 and "span_us" not in prof["timeline"]
     assert any("step" in name for name in prof["timeline"]["host_top_us"])
     assert (tmp_path / "r_bf16_async_decode.xplane.pb").stat().st_size > 0
