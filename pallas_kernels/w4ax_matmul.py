@@ -172,6 +172,13 @@ def validate_args(x4_packed, x8, x_scales, w_packed, w_scales, bias, tile_k) -> 
 # --------------------------------------------------------------------------------------------
 
 
+def _add_bias_cast(y, bias, out_dtype):
+    """f32 ``y: [M, N]`` (+ ``bias: [N]``) -> out_dtype."""
+    if bias is not None:
+        y = y + bias.astype(jnp.float32)[None, :]
+    return y.astype(out_dtype)
+
+
 def w4ax_accumulators_reference(x4_packed, x8, w_packed, *, tile_k: int = DEFAULT_TILE_K):
     """Exact integer sums ``(acc4, acc8)``, each ``[M, N] int32`` (true units, no x16)."""
     k4 = 2 * x4_packed.shape[1]
@@ -223,9 +230,7 @@ def w4ax_matmul_reference(
             )
             s = s4 if lo < k4 else s8
             y = y + s * (acc.astype(jnp.float32) * w_scales[None, :, lo // g])
-    if bias is not None:
-        y = y + bias.astype(jnp.float32)[None, :]
-    return y.astype(out_dtype)
+    return _add_bias_cast(y, bias, out_dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -532,9 +537,7 @@ def _w4ax_call(
         return tuple(o.sum(axis=0)[:m] for o in out)
     if write_partial:
         y = out.sum(axis=0)[:m]
-        if bias is not None:
-            y = y + bias.astype(jnp.float32)[None, :]
-        return y.astype(out_dtype)
+        return _add_bias_cast(y, bias, out_dtype)
     return out[:m]
 
 
@@ -550,9 +553,7 @@ def _xla_int8_call(x4_packed, x8, x_scales, w_packed, w_scales, bias, *, tile_k,
     y = (
         x_scales[:, 0:1] * acc4.astype(jnp.float32) + x_scales[:, 1:2] * acc8.astype(jnp.float32)
     ) * w_scales[None, :]
-    if bias is not None:
-        y = y + bias.astype(jnp.float32)[None, :]
-    return y.astype(out_dtype)
+    return _add_bias_cast(y, bias, out_dtype)
 
 
 def _dispatch(x4_packed, x8, x_scales, w_packed, w_scales, bias, *, cfg, raw, **kw):
@@ -662,18 +663,12 @@ def w4a16_matmul_reference(
     """``Y[M, N] = bf16(x) @ (q * s)^T + bias`` in f32: x rounded to bf16 as the MMA sees it,
     the INT4 weights ``q`` times their per-channel ``[N]`` or per-group ``[N, K/g]`` scales."""
     validate_a16_args(x, w_packed, w_scales, bias, tile_k)
-    w = unpack_int4(w_packed, tile_k).astype(jnp.float32)  # [N, K]
-    if w_scales.ndim == 1:
-        w = w * w_scales[:, None]
-    else:
-        w = w * jnp.repeat(w_scales, w.shape[1] // w_scales.shape[1], axis=1)
+    w = _dequantized_weights(w_packed, w_scales, tile_k)
     xb = x.astype(jnp.bfloat16).astype(jnp.float32)
     y = jax.lax.dot_general(
         xb, w, _DOT_LAST, precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32
     )
-    if bias is not None:
-        y = y + bias.astype(jnp.float32)[None, :]
-    return y.astype(out_dtype)
+    return _add_bias_cast(y, bias, out_dtype)
 
 
 def w4a16_matmul(
@@ -724,14 +719,19 @@ def w4a16_matmul(
     )
 
 
+def _dequantized_weights(w_packed, w_scales, tile_k):
+    """``[N, K]`` f32 = INT4 values x their per-channel ``[N]`` or per-group ``[N, K/g]``
+    scales."""
+    w = unpack_int4(w_packed, tile_k).astype(jnp.float32)
+    if w_scales.ndim == 1:
+        return w * w_scales[:, None]
+    return w * jnp.repeat(w_scales, w.shape[1] // w_scales.shape[1], axis=1)
+
+
 def dequantized_matmul(x4_packed, x8, x_scales, w_packed, w_scales, *, tile_k=DEFAULT_TILE_K):
     """Float check: dequantize both operands and multiply in f32 (``[M, N]`` f32)."""
     k4 = 2 * x4_packed.shape[1]
-    w = unpack_int4(w_packed, tile_k).astype(jnp.float32)
-    if w_scales.ndim == 1:
-        w = w * w_scales[:, None]
-    else:
-        w = w * jnp.repeat(w_scales, w.shape[1] // w_scales.shape[1], axis=1)
+    w = _dequantized_weights(w_packed, w_scales, tile_k)
     parts = []
     if k4:
         parts.append(unpack_int4(x4_packed, tile_k).astype(jnp.float32) * x_scales[:, 0:1])
