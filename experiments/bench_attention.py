@@ -181,6 +181,9 @@ def correctness():
         op = A.paged_prefill_attention(qp, cache.pages(), pt, lens, ql, block_k=2 * page)
         row["decode_gather2_vs_ref"] = rel(o, ref)
         row["prefill_gather2_vs_ref"] = rel(op, refp)
+        if dtype == "int4":  # prefill on pages dequantized once (dequantize=True)
+            op = A.paged_prefill_attention(qp, cache.pages(), pt, lens, ql, dequantize=True)
+            row["prefill_dequantized_vs_ref"] = rel(op, refp)
         if dtype == "int4" and g >= 64:  # int8 logits (groups of >= 64 channels)
             o = A.paged_decode_attention(q, cache.pages(), pt, lens, num_splits=3, qk_int8=True)
             op = A.paged_prefill_attention(qp, cache.pages(), pt, lens, ql, qk_int8=True)
@@ -220,6 +223,8 @@ PREFILL_VARIANTS = [
     dict(page=128, num_warps=8, block_q=64),
     dict(page=128, num_warps=8, qk_int8=True),
     dict(page=64, num_warps=8, qk_int8=True),
+    dict(page=128, num_warps=8, dequantize=True),
+    dict(page=64, num_warps=8, dequantize=True),
 ]
 
 
@@ -318,8 +323,8 @@ def prefill(key, quick):
             best = None
             for var in PREFILL_VARIANTS:
                 var = dict(var)
-                if var.get("qk_int8") and not quantized:
-                    continue  # int8 logits need INT4 pages
+                if (var.get("qk_int8") or var.get("dequantize")) and not quantized:
+                    continue  # int8 logits and the dequantized pool need INT4 pages
                 page = var.pop("page")
                 tag = "_".join([name, f"p{page}"] + [f"{k}{v}" for k, v in sorted(var.items())])
                 try:

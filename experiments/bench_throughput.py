@@ -337,6 +337,7 @@ def bench_precision(args, model_config, precision: str) -> list[dict]:
         chunk_buckets=tuple(args.chunk_buckets),
         cuda_graphs=args.cuda_graphs,
         pack_prefill=args.pack_prefill,
+        prefill_dequantize=args.prefill_dequantize,
     )
     built = LLMEngine.build(model_config, params, cfg, linear=linear, progress=not args.quiet)
     row["compile_s"] = built.compile_time_s
@@ -508,6 +509,11 @@ def parse_args(argv=None):
         dest="pack_prefill",
         action="store_false",
         help="run multi-sequence prefill calls on their padded grid (EngineConfig.pack_prefill)",
+    )
+    p.add_argument(
+        "--prefill-dequantize",
+        action="store_true",
+        help="INT4 prefill over pages dequantized once (EngineConfig.prefill_dequantize)",
     )
     p.add_argument(
         "--modes",

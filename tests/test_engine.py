@@ -340,9 +340,11 @@ def test_real_smollm2_end_to_end_matches_dense(smollm2_float, smollm2_tokenizer)
 
 
 @pytest.mark.slow
-def test_pallas_kv4_kernels_in_interpret_mode_match_reference(model):
+@pytest.mark.parametrize("prefill_dequantize", [False, True])
+def test_pallas_kv4_kernels_in_interpret_mode_match_reference(model, prefill_dequantize):
     """The GPU path (Pallas paged decode/prefill kernels over the INT4 cache), run in
-    interpret mode, gives the jnp-reference engine's greedy tokens.
+    interpret mode, gives the jnp-reference engine's greedy tokens; with
+    `prefill_dequantize` prefill attends over its pages dequantized once into bf16.
 
     The kernel rounds p * scale to f16 before the V dot (documented in kv4_attention.py), so
     it is not bit-equal to the reference; a random tiny model has near-flat logits (top-2
@@ -353,9 +355,11 @@ def test_pallas_kv4_kernels_in_interpret_mode_match_reference(model):
     ec = dataclasses.replace(CFG, kv_dtype="int4", num_pages=24)
     sp = SamplingParams(max_tokens=6, temperature=0)
     want = LLMEngine.build(*model, ec, progress=False).generate(ps, sp)
-    pallas = LLMEngine.build(
-        *model, dataclasses.replace(ec, kernels="pallas", interpret=True), progress=False
+    pec = dataclasses.replace(
+        ec, kernels="pallas", interpret=True, prefill_dequantize=prefill_dequantize
     )
+    pallas = LLMEngine.build(*model, pec, progress=False)
+    assert pallas.runner.model.attention.prefill_dequantize is prefill_dequantize
     got = [g["token_ids"] for g in pallas.generate(ps, sp)]
     want = [w["token_ids"] for w in want]
     assert [g[:3] for g in got] == [w[:3] for w in want]

@@ -99,6 +99,44 @@ def test_prefill_matches_reference(dtype, hg, d, page, group):
     assert _rel(ref, full) < (QUANT_BUDGET if dtype == "int4" else 1e-6)
 
 
+@pytest.mark.parametrize("hg,d,page,group", [(4, 128, 16, 64), (8, 64, 32, 32)])
+def test_prefill_on_a_dequantized_pool_matches_reference(hg, d, page, group):
+    """dequantize=True: the named pages dequantized once into a bf16 pool, then the bf16-page
+    kernel. Extra error beyond the bf16 path: the bf16 rounding of the dequantized K/V
+    (2^-9 relative per element); bound 1e-2 as for the other paths. Same zero rows."""
+    lens = np.array([1, 2 * page + 3, 3 * page], np.int32)
+    t = 2 * page + 3
+    q_lens = np.array([1, t, page + 1], np.int32)
+    cache, table, _, _, rng = _filled_cache("int4", hg, d, page, group, lens, 3, seed=hg + page)
+    kv = cache.pages()
+    q = jnp.asarray(rng.standard_normal((3, t, 2 * hg, d)), jnp.bfloat16)
+    kernel = _jit(attn.paged_prefill_attention, layer=1, block_q=4, dequantize=True, interpret=True)
+    out = kernel(q, kv, table, lens, q_lens)
+    ref = _jit(attn.paged_prefill_attention_reference, layer=1)(q, kv, table, lens, q_lens)
+    assert out.shape == q.shape and _rel(out, ref) < 1e-2
+    assert not np.asarray(out[0, 1:]).any()
+    pool, ptab = attn.dequantized_pool(kv, table, layer=1)
+    assert pool.k.shape == (1, table.size, kv.k.shape[2], page, d) and not pool.quantized
+    dense_k, _ = attn.gather_kv(kv, table, layer=1, dtype=jnp.bfloat16)
+    np.testing.assert_array_equal(
+        np.asarray(attn.gather_kv(pool, ptab, layer=0, dtype=jnp.bfloat16)[0]), np.asarray(dense_k)
+    )
+
+
+def test_dequantized_pool_needs_int4_and_excludes_int8_logits():
+    lens = np.array([5], np.int32)
+    for dtype, kw, match in (
+        ("bf16", {}, "INT4 cache"),
+        ("int4", {"qk_int8": True}, "exclude each other"),
+    ):
+        cache, table, _, _, rng = _filled_cache(dtype, 2, 64, 16, 64, lens, 1, seed=4)
+        q = jnp.asarray(rng.standard_normal((1, 5, 4, 64)), jnp.bfloat16)
+        with pytest.raises(ValueError, match=match):
+            attn.paged_prefill_attention(
+                q, cache.pages(), table, lens, dequantize=True, interpret=True, **kw
+            )
+
+
 @pytest.mark.parametrize("hg,d,group", [(4, 128, 128), (8, 64, 64), (1, 128, 64)])
 def test_int8_logits_match_reference(hg, d, group):
     """qk_int8: q rounded to INT8 per row and group, int8 x nibble dots. Its only error beyond

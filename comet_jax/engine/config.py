@@ -78,6 +78,11 @@ class EngineConfig:
       pack_prefill: a prefill call with several sequences runs its embedding, projections and
         MLP on the step's real tokens packed into `max_tokens_per_step` rows, not on its padded
         [batch bucket, chunk bucket] grid (attention still sees the grid); same logits.
+      prefill_dequantize: INT4 cache with Pallas kernels: prefill attention dequantizes the
+        pages of the call once into bf16 and runs the bf16-page kernel
+        (`kv4_attention.paged_prefill_attention(dequantize=True)`) instead of unpacking each
+        page once per row tile. Off by default until timed in serving; same values up to the
+        bf16 rounding of K/V.
     """
 
     max_batch: int = 16
@@ -103,9 +108,11 @@ class EngineConfig:
     cuda_graphs: bool = True
     async_scheduling: bool = True
     pack_prefill: bool = True
+    prefill_dequantize: bool = False
 
     def __post_init__(self):
-        for name in ("cuda_graphs", "async_scheduling", "aot_compile", "interpret", "pack_prefill"):
+        bools = ("cuda_graphs", "async_scheduling", "aot_compile", "interpret", "pack_prefill")
+        for name in bools + ("prefill_dequantize",):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be a bool")
         if not isinstance(self.tp, int) or self.tp < 1:

@@ -159,7 +159,7 @@ class LLMEngine:
         model = LlamaForCausalLM(
             model_config,
             linear=linear,
-            attention=PagedAttention(attn_backend, config.interpret),
+            attention=PagedAttention(attn_backend, config.interpret, config.prefill_dequantize),
             dtype=dtype,
             param_dtype=dtype,
         )

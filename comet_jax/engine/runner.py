@@ -58,10 +58,13 @@ class PagedAttention:
     """models.attention protocol over the paged cache: write this step's K/V, then attend.
 
     backend: "pallas" (kernels; `interpret` runs them on CPU) or "reference" (jnp).
+    prefill_dequantize: with "pallas" and an INT4 cache, prefill attends over its pages
+      dequantized once into bf16 (EngineConfig.prefill_dequantize).
     """
 
     backend: str = "reference"
     interpret: bool = False
+    prefill_dequantize: bool = False
 
     def __call__(self, q, k, v, layer_idx, state: PagedState):
         t = q.shape[1]
@@ -99,8 +102,15 @@ class PagedAttention:
                 mode="prefill",
                 q_lens=state.num_valid,
                 **common,
+                **self._prefill_kwargs(state.cache),
             )
         return out.astype(q.dtype), state._replace(cache=cache)
+
+    def _prefill_kwargs(self, cache) -> dict:
+        quantized = cache.config.quantized
+        if self.prefill_dequantize and self.backend == "pallas" and quantized:
+            return {"dequantize": True}
+        return {}
 
 
 class ModelInputs(NamedTuple):
