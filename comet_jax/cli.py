@@ -34,6 +34,7 @@ ENGINE_FLAGS = (
     "precision",
     "kv_dtype",
     "kv_group",
+    "kv_recent_window",
     "compute_dtype",
     "kernels",
     "interpret",
@@ -70,6 +71,7 @@ class LoadedModel:
     name: str
     linear: object = None  # LinearPlan of a quantized checkpoint (None: from precision)
     kv_dtype: str | None = None
+    kv_recent_window: int = 0  # a quantized checkpoint's recipe value (served by the engine)
 
 
 def load_model(
@@ -126,14 +128,15 @@ def _load_quantized(path: Path) -> LoadedModel:
     loaded = load_model(source) if source not in (None, "smollm2") else None
     tokenizer = loaded.tokenizer if loaded else _default_tokenizer()
     kv = "int4" if recipe.kv4 else "bf16"
-    if recipe.kv_recent_window:
-        print(
-            f"note: recipe {recipe.name!r} has kv_recent_window={recipe.kv_recent_window}, an "
-            "accuracy-simulation option; the paged KV4 cache and the eval command read every "
-            "token from KV4",
-            file=sys.stderr,
-        )
-    return LoadedModel(config, params, tokenizer, path.name, linear=plan, kv_dtype=kv)
+    return LoadedModel(
+        config,
+        params,
+        tokenizer,
+        path.name,
+        linear=plan,
+        kv_dtype=kv,
+        kv_recent_window=recipe.kv_recent_window if recipe.kv4 else 0,
+    )
 
 
 def _default_tokenizer():
@@ -151,6 +154,8 @@ def _build_engine(args, build, **extra):
     lm = load_model(args.model, precision=cfg.precision, dtype=cfg.compute_dtype, seed=cfg.seed)
     if lm.kv_dtype is not None and cfg.kv_dtype is None:
         cfg = dataclasses.replace(cfg, kv_dtype=lm.kv_dtype)
+    if lm.kv_recent_window and not cfg.kv_recent_window:  # the recipe's float window
+        cfg = dataclasses.replace(cfg, kv_recent_window=lm.kv_recent_window)
     print(f"loaded {lm.name} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     engine = LLMEngine.build(lm.config, lm.params, cfg, tokenizer=lm.tokenizer, linear=lm.linear)
     if engine.capacity is not None:
@@ -351,6 +356,12 @@ def _common(p: argparse.ArgumentParser, engine: bool = True) -> None:
     )
     g.add_argument("--kv_dtype", choices=("bf16", "int4"), help="KV cache format override")
     g.add_argument("--kv_group", type=int, help="KV4 group size along head_dim")
+    g.add_argument(
+        "--kv_recent_window",
+        type=int,
+        help="keep each sequence's newest W tokens' K/V unquantized beside the INT4 pages "
+        "(default: the quantized checkpoint's recipe value, else 0 = off)",
+    )
     g.add_argument(
         "--compute_dtype",
         choices=("bfloat16", "float32"),

@@ -338,6 +338,7 @@ def bench_precision(args, model_config, precision: str) -> list[dict]:
         cuda_graphs=args.cuda_graphs,
         pack_prefill=args.pack_prefill,
         prefill_dequantize=args.prefill_dequantize,
+        kv_recent_window=args.kv_recent_window if precision == "w4axkv4" else 0,
     )
     built = LLMEngine.build(model_config, params, cfg, linear=linear, progress=not args.quiet)
     row["compile_s"] = built.compile_time_s
@@ -509,6 +510,12 @@ def parse_args(argv=None):
         dest="pack_prefill",
         action="store_false",
         help="run multi-sequence prefill calls on their padded grid (EngineConfig.pack_prefill)",
+    )
+    p.add_argument(
+        "--kv-recent-window",
+        type=int,
+        default=0,
+        help="W4AxKV4: keep the newest W tokens' K/V in bf16 (EngineConfig.kv_recent_window)",
     )
     p.add_argument(
         "--prefill-dequantize",

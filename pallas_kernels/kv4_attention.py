@@ -240,6 +240,8 @@ def _kernel(
     sm_scale: float,
     fast_unpack: bool,
     qk_int8: bool = False,
+    causal_shift: int = 0,
+    partials: bool = False,
 ):
     if quantized:
         ks_ref, kz_ref, vs_ref, vz_ref, *outs = rest
@@ -260,12 +262,15 @@ def _kernel(
     row = qt * block_rows + jnp.arange(block_rows, dtype=jnp.int32)
     token = row // hg_pad
     row_valid = (row % hg_pad < hg) & (token < q_len)
-    row_pos = q_start + token  # [BM] absolute position of each query row
+    # [BM] the last key position each query row sees: its own position, minus
+    # `causal_shift` when the newest keys are attended elsewhere (the bf16 recent window).
+    row_pos = q_start + token - causal_shift
 
     # Last key this tile can see (causal), then the split's slice of the needed pages.
     first_token = qt * block_rows // hg_pad
     last_token = jnp.minimum(q_len, (qt + 1) * block_rows // hg_pad) - 1
-    kv_end = jnp.where(first_token < q_len, jnp.minimum(seq_len, q_start + last_token + 1), 0)
+    last_key = q_start + last_token + 1 - causal_shift
+    kv_end = jnp.where(first_token < q_len, jnp.clip(last_key, 0, seq_len), 0)
     block_k = pages_per_block * page  # keys per loop step
     n_blocks = (kv_end + block_k - 1) // block_k
     blk_lo = split * blocks_per_split
@@ -366,14 +371,14 @@ def _kernel(
     # Blocks whose keys every row of the tile sees (before the tile's first query position
     # and inside the sequence) skip the causal/length mask; the rest (the diagonal band, the
     # last partial block) keep it. Padded rows are zeroed below through row_valid.
-    n_full = jnp.minimum(seq_len, q_start + first_token + 1) // block_k
+    n_full = jnp.clip(q_start + first_token + 1 - causal_shift, 0, seq_len) // block_k
     full_hi = jnp.clip(n_full, blk_lo, blk_hi)
     carry = (accs0, m0, l0)
     carry = jax.lax.fori_loop(blk_lo, full_hi, functools.partial(body, masked=False), carry)
     accs, m_i, l_i = jax.lax.fori_loop(full_hi, blk_hi, body, carry)
     l_i = jnp.where(row_valid, l_i, 0.0)
 
-    if num_splits == 1:
+    if not partials:
         inv = jnp.where(l_i > 0, 1.0 / jnp.where(l_i > 0, l_i, 1.0), 0.0)[:, None]
         for c, acc in enumerate(accs):
             o_ref[:, pl.ds(c * half, half)] = (acc * inv).astype(o_ref.dtype)
@@ -405,8 +410,13 @@ def _attend(
     interpret: bool,
     unpack: str,
     qk_int8: bool = False,
+    causal_shift: int = 0,
+    return_lse: bool = False,
 ):
-    """Launches the kernel over grid (B, Hkv, R / block_rows, num_splits); merges splits."""
+    """Launches the kernel over grid (B, Hkv, R / block_rows, num_splits); merges splits.
+
+    Returns ``o [B, Hkv, R, D]`` (q's dtype), or with ``return_lse`` ``(o, lse [B, Hkv, R]
+    f32)``, lse = log of the softmax denominator (-inf for rows that see no key)."""
     batch, hkv, rows, head_dim = q_rows.shape
     max_pages = page_table.shape[1]
     if block_k % kv.page_size or block_k & (block_k - 1):
@@ -429,6 +439,8 @@ def _attend(
         sm_scale=sm_scale,
         fast_unpack=_fast_unpack(unpack, interpret),
         qk_int8=qk_int8,
+        causal_shift=causal_shift,
+        partials=num_splits > 1 or return_lse,
     )
     whole = pl.no_block_spec  # the kernel gets the whole array and indexes it itself
     in_specs = [whole] * 5 + [
@@ -443,7 +455,7 @@ def _attend(
         (None, None, None, block_rows, head_dim), lambda b, h, t, s: (b, h, s, t, 0)
     )
     ml_spec = pl.BlockSpec((None, None, None, block_rows), lambda b, h, t, s: (b, h, s, t))
-    if num_splits == 1:
+    if num_splits == 1 and not return_lse:
         out_shape = [jax.ShapeDtypeStruct((batch, hkv, 1, rows, head_dim), q_rows.dtype)]
         out_specs = [o_spec]
     else:
@@ -468,7 +480,7 @@ def _attend(
         interpret=interpret,
         name="kv4_paged_attention" if kv.quantized else "bf16_paged_attention",
     )(*inputs)
-    if num_splits == 1:
+    if num_splits == 1 and not return_lse:
         return outs[0][:, :, 0]
     o, m, l_ = outs
     m_max = jnp.max(m, axis=2, keepdims=True)
@@ -476,7 +488,11 @@ def _attend(
     l_sum = jnp.sum(w * l_, axis=2)
     o_sum = jnp.sum(w[..., None] * o, axis=2)
     inv = jnp.where(l_sum > 0, 1.0 / jnp.where(l_sum > 0, l_sum, 1.0), 0.0)
-    return (o_sum * inv[..., None]).astype(q_rows.dtype)
+    out = (o_sum * inv[..., None]).astype(q_rows.dtype)
+    if not return_lse:
+        return out
+    lse = jnp.where(l_sum > 0, m_max[:, :, 0] + jnp.log(jnp.where(l_sum > 0, l_sum, 1.0)), -jnp.inf)
+    return out, lse
 
 
 def _fast_unpack(unpack: str, interpret: bool) -> bool:
@@ -541,6 +557,17 @@ def _from_rows(o, t: int, hg: int, hg_pad: int):
     return o.transpose(0, 2, 1, 3, 4).reshape(batch, t, hkv * hg, d)
 
 
+def _lse_from_rows(lse, t: int, hg: int, hg_pad: int):
+    """[B, Hkv, R] -> [B, T, Hq]."""
+    return _from_rows(lse[..., None], t, hg, hg_pad)[..., 0]
+
+
+def _check_shift(causal_shift) -> int:
+    if not isinstance(causal_shift, int) or causal_shift < 0:
+        raise ValueError(f"causal_shift={causal_shift!r} must be an int >= 0")
+    return causal_shift
+
+
 def paged_decode_attention(
     q,
     kv: PagedKV,
@@ -556,6 +583,8 @@ def paged_decode_attention(
     interpret: bool = False,
     unpack: str = "auto",
     qk_int8: bool = False,
+    causal_shift: int = 0,
+    return_lse: bool = False,
 ):
     """One new token per sequence attends to its cached tokens (its own K/V already written).
 
@@ -577,9 +606,13 @@ def paged_decode_attention(
         exact int32 sums, scales and zero points applied per key. Adds q's rounding (about
         1/254 of the group's max |q|) to the logits; V is unchanged. INT4 caches with groups
         of >= 64 channels only.
+      causal_shift: attend only to keys at positions <= the query's own minus this (the
+        newest ones are attended elsewhere: the bf16 recent window, `comet_jax.engine`).
+      return_lse: also return the log-sum-exp of the scaled logits per row, ``[B, Hq]`` f32
+        (-inf where no key is visible), for merging with attention over other keys.
 
     Returns:
-      ``[B, Hq, D]`` in q's dtype.
+      ``[B, Hq, D]`` in q's dtype (and the lse with ``return_lse``).
 
     Checks shapes and dtypes always; page-table entries, lengths and layer only when they are
     concrete (outside jit).
@@ -619,7 +652,12 @@ def paged_decode_attention(
         interpret=interpret,
         unpack=unpack,
         qk_int8=_check_qk_int8(qk_int8, kv),
+        causal_shift=_check_shift(causal_shift),
+        return_lse=return_lse,
     )
+    if return_lse:
+        out, lse = out
+        return _from_rows(out, 1, hg, hg_pad)[:, 0], _lse_from_rows(lse, 1, hg, hg_pad)[:, 0]
     return _from_rows(out, 1, hg, hg_pad)[:, 0]
 
 
@@ -640,6 +678,8 @@ def paged_prefill_attention(
     unpack: str = "auto",
     qk_int8: bool = False,
     dequantize: bool = False,
+    causal_shift: int = 0,
+    return_lse: bool = False,
 ):
     """Causal attention of a chunk of new tokens against the cache (chunk already written).
 
@@ -658,9 +698,10 @@ def paged_prefill_attention(
         ``T * Hq / Hkv / 128`` row tiles. For long chunks, where prefill is compute-bound;
         costs one extra pass that writes 4x the INT4 bytes. Same values up to the bf16
         rounding of the dequantized K/V.
+      causal_shift, return_lse: as in :func:`paged_decode_attention` (lse ``[B, T, Hq]``).
 
     Returns:
-      ``[B, T, Hq, D]`` in q's dtype.
+      ``[B, T, Hq, D]`` in q's dtype (and the lse with ``return_lse``).
     """
     _check_kv(kv)
     q, hg = _check_q(q, kv, 4, "[B, T, Hq, D]")
@@ -706,7 +747,12 @@ def paged_prefill_attention(
         interpret=interpret,
         unpack=unpack,
         qk_int8=_check_qk_int8(qk_int8, kv),
+        causal_shift=_check_shift(causal_shift),
+        return_lse=return_lse,
     )
+    if return_lse:
+        out, lse = out
+        return _from_rows(out, t, hg, hg_pad), _lse_from_rows(lse, t, hg, hg_pad)
     return _from_rows(out, t, hg, hg_pad)
 
 
@@ -757,11 +803,14 @@ def dequantized_pool(kv: PagedKV, page_table, layer=0, dtype=jnp.bfloat16):
     return pool, jnp.arange(batch * max_pages, dtype=jnp.int32).reshape(batch, max_pages)
 
 
-def dense_attention_reference(q, k, v, seq_lens, q_lens=None, sm_scale=None):
+def dense_attention_reference(
+    q, k, v, seq_lens, q_lens=None, sm_scale=None, *, causal_shift=0, return_lse=False
+):
     """Causal attention of ``q [B, T, Hq, D]`` on dense ``k, v [B, S, Hkv, D]`` in f32.
 
     Query token ``i`` sits at ``seq_lens - q_lens + i`` and sees keys at positions <= its own
-    and < seq_lens; rows ``i >= q_lens`` and sequences with no visible key give 0.
+    minus ``causal_shift`` and < seq_lens; rows ``i >= q_lens`` and sequences with no visible
+    key give 0. ``return_lse``: also the rows' log-sum-exp ``[B, T, Hq]`` (-inf: no key).
     """
     batch, t, hq, d = q.shape
     hg = hq // k.shape[2]
@@ -773,7 +822,9 @@ def dense_attention_reference(q, k, v, seq_lens, q_lens=None, sm_scale=None):
     logits = jnp.einsum("bthd,bshd->bhts", q.astype(jnp.float32), k) * sm_scale
     pos = (seq_lens - q_lens)[:, None] + jnp.arange(t)  # [B, T]
     key = jnp.arange(k.shape[1])
-    mask = (key[None, None, :] <= pos[:, :, None]) & (key[None, None, :] < seq_lens[:, None, None])
+    mask = (key[None, None, :] <= pos[:, :, None] - causal_shift) & (
+        key[None, None, :] < seq_lens[:, None, None]
+    )
     mask &= (jnp.arange(t)[None, :] < q_lens[:, None])[:, :, None]
     mask = mask[:, None]  # [B, 1, T, S]
     logits = jnp.where(mask, logits, -jnp.inf)
@@ -781,22 +832,42 @@ def dense_attention_reference(q, k, v, seq_lens, q_lens=None, sm_scale=None):
     p = jnp.where(mask, jnp.exp(logits - jnp.where(jnp.isfinite(m), m, 0.0)), 0.0)
     denom = jnp.sum(p, axis=-1, keepdims=True)
     p = p / jnp.where(denom > 0, denom, 1.0)
-    return jnp.einsum("bhts,bshd->bthd", p, v)
+    out = jnp.einsum("bhts,bshd->bthd", p, v)
+    if not return_lse:
+        return out
+    lse = jnp.where(denom > 0, m + jnp.log(jnp.where(denom > 0, denom, 1.0)), -jnp.inf)
+    return out, lse[..., 0].transpose(0, 2, 1)  # [B, H, T, 1] -> [B, T, H]
 
 
 def paged_prefill_attention_reference(
-    q, kv: PagedKV, page_table, seq_lens, q_lens=None, *, layer=0, sm_scale=None
+    q,
+    kv: PagedKV,
+    page_table,
+    seq_lens,
+    q_lens=None,
+    *,
+    layer=0,
+    sm_scale=None,
+    causal_shift=0,
+    return_lse=False,
 ):
     """Semantics of :func:`paged_prefill_attention` (f32 output)."""
     k, v = gather_kv(kv, page_table, layer)
-    return dense_attention_reference(q, k, v, seq_lens, q_lens, sm_scale)
+    return dense_attention_reference(
+        q, k, v, seq_lens, q_lens, sm_scale, causal_shift=causal_shift, return_lse=return_lse
+    )
 
 
 def paged_decode_attention_reference(
-    q, kv: PagedKV, page_table, seq_lens, *, layer=0, sm_scale=None
-):
+    q, kv: PagedKV, page_table, seq_lens, *, layer=0, sm_scale=None, causal_shift=0,
+    return_lse=False,
+):  # fmt: skip
     """Semantics of :func:`paged_decode_attention` (f32 output)."""
     ones = jnp.ones_like(jnp.asarray(seq_lens))
-    return paged_prefill_attention_reference(
-        q[:, None], kv, page_table, seq_lens, ones, layer=layer, sm_scale=sm_scale
-    )[:, 0]
+    out = paged_prefill_attention_reference(
+        q[:, None], kv, page_table, seq_lens, ones, layer=layer, sm_scale=sm_scale,
+        causal_shift=causal_shift, return_lse=return_lse,
+    )  # fmt: skip
+    if return_lse:
+        return out[0][:, 0], out[1][:, 0]
+    return out[:, 0]

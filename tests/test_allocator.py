@@ -85,6 +85,21 @@ def test_capacity_plan_kv4_holds_about_3_8x_more_tokens():
         plan_num_pages(free_bytes=1 << 20, fraction=1.0, cache_config=cfg)
 
 
+def test_capacity_plan_reserves_the_recent_window_rings():
+    # 8B shapes, W = 16 for 256 sequences in bf16: 32 x 2 x 256 x 16 x 8 x 128 x 2 B = 512 MiB
+    # off the budget before pages; the per-token figures are the pages' alone.
+    cfg = KVCacheConfig(32, 8, 128, 16, 1, 128, "int4")
+    win = dataclasses.replace(cfg, recent_window=16, window_slots=256)
+    assert win.window_bytes == 512 << 20
+    plain = plan_num_pages(free_bytes=40 << 30, fraction=0.5, cache_config=cfg)
+    plan = plan_num_pages(free_bytes=40 << 30, fraction=0.5, cache_config=win)
+    assert plan.num_pages == ((20 << 30) - (512 << 20)) // (34816 * 16) < plain.num_pages
+    assert plan.bytes_per_token == plain.bytes_per_token
+    assert plan.tokens_bf16 < plain.tokens_bf16
+    assert "512.0 MiB reserved for the 16-token float recent window" in plan.describe()
+    assert "recent window" not in plain.describe()
+
+
 def test_capacity_plan_avoids_pools_triton_cannot_address():
     """LLaMA-3-70B KV4 pages of 64 tokens: 1537 pages (the engine's cap for 64 sequences of
     1536 tokens) put 4.03e9 uint8 elements in k, which Pallas-Triton's 32-bit offsets wrap;

@@ -127,6 +127,22 @@ def test_quantize_then_generate_from_checkpoint(tmp_path, capsys):
     assert "### a b" in capsys.readouterr().out
 
 
+def test_recipe_recent_window_reaches_the_engine(tmp_path, capsys):
+    """A checkpoint whose recipe keeps a float KV window (gin-built recipe: float weights,
+    KV4, kv_recent_window=4) is served with that window by the paged INT4 cache."""
+    out = tmp_path / "w"
+    params = ["QuantRecipe.name='kv4win'", "QuantRecipe.kv4=True"]
+    params += ["QuantRecipe.kv_group=64", "QuantRecipe.kv_recent_window=4"]
+    argv = ["quantize", "--model", "random:tiny", "--out", str(out)]
+    assert cli.main(argv + [a for p in params for a in ("--gin_param", p)]) == 0
+    lm = cli.load_model(str(out))
+    assert (lm.kv_dtype, lm.kv_recent_window) == ("int4", 4)
+    gen = ["generate", "--model", str(out), "Hi there", "--max_tokens", "3", "--ignore_eos"]
+    assert cli.main(gen + TINY_ENGINE + ["--kv_group", "64"]) == 0
+    err = capsys.readouterr().err
+    assert "4-token float recent window" in err and "3 tokens in" in err
+
+
 def test_bench_tiny_writes_json(tmp_path):
     path = tmp_path / "bench.json"
     assert (

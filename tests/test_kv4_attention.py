@@ -99,6 +99,38 @@ def test_prefill_matches_reference(dtype, hg, d, page, group):
     assert _rel(ref, full) < (QUANT_BUDGET if dtype == "int4" else 1e-6)
 
 
+@pytest.mark.parametrize("dtype,shift", [("int4", 1), ("int4", 16), ("bf16", 5)])
+def test_causal_shift_and_lse_match_reference(dtype, shift):
+    """causal_shift = W (keys <= position - W: the recent window's INT4 part) and the rows'
+    log-sum-exp: outputs < 1e-2 as above; lse within 1e-4 absolute (f32 softmax sums; the
+    logits see bf16 q); the same rows see no key (-inf) in kernel and reference."""
+    page, hg, d, group = 16, 4, 64, 64
+    lens = np.array([1, 2 * page + 3, 3 * page, 5], np.int32)
+    cache, table, _, _, rng = _filled_cache(dtype, hg, d, page, group, lens, 3, seed=shift)
+    kv = cache.pages()
+    q = jnp.asarray(rng.standard_normal((4, 2 * hg, d)), jnp.bfloat16)
+    kw = dict(layer=1, causal_shift=shift, return_lse=True)
+    o, lse = _jit(attn.paged_decode_attention, num_splits=2, interpret=True, **kw)(
+        q, kv, table, lens
+    )
+    ro, rlse = _jit(attn.paged_decode_attention_reference, **kw)(q, kv, table, lens)
+    t = 2 * page + 3
+    q_lens = np.array([1, t, page + 1, 5], np.int32)
+    qp = jnp.asarray(rng.standard_normal((4, t, 2 * hg, d)), jnp.bfloat16)
+    po, plse = _jit(attn.paged_prefill_attention, block_q=4, interpret=True, **kw)(
+        qp, kv, table, lens, q_lens
+    )
+    rpo, rplse = _jit(attn.paged_prefill_attention_reference, **kw)(qp, kv, table, lens, q_lens)
+    for got, want, gl, wl in ((o, ro, lse, rlse), (po, rpo, plse, rplse)):
+        assert _rel(got, want) < 1e-2
+        gl, wl = np.asarray(gl), np.asarray(wl)
+        seen = np.isfinite(wl)
+        assert (np.isfinite(gl) == seen).all() and not seen.all() and seen.any()
+        np.testing.assert_allclose(gl[seen], wl[seen], atol=1e-4)
+    with pytest.raises(ValueError, match="causal_shift"):
+        attn.paged_decode_attention(q, kv, table, lens, causal_shift=-1, interpret=True)
+
+
 @pytest.mark.parametrize("hg,d,page,group", [(4, 128, 16, 64), (8, 64, 32, 32)])
 def test_prefill_on_a_dequantized_pool_matches_reference(hg, d, page, group):
     """dequantize=True: the named pages dequantized once into a bf16 pool, then the bf16-page

@@ -102,6 +102,8 @@ class CapacityPlan:
     num_pages: int  # including the scratch page
     tokens_bf16: int  # tokens that would fit with a bf16 cache in the same budget
     tokens_int4: int  # ... with an INT4 cache
+    window_bytes: int = 0  # recent-window rings reserved out of the budget
+    recent_window: int = 0
 
     @property
     def tokens(self) -> int:
@@ -113,6 +115,12 @@ class CapacityPlan:
             f"({self.bytes_per_token} B/token, {self.fraction:.0%} of "
             f"{self.free_bytes / 2**30:.2f} GiB free); same budget holds {self.tokens_bf16} "
             f"tokens in bf16 vs {self.tokens_int4} in KV4"
+            + (
+                f"; {self.window_bytes / 2**20:.1f} MiB reserved for the {self.recent_window}-token "
+                "float recent window"
+                if self.window_bytes
+                else ""
+            )
         )
 
 
@@ -125,10 +133,12 @@ def plan_num_pages(
     """
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"fraction={fraction!r} must be in (0, 1]")
-    budget = int(free_bytes * fraction)
+    # The recent-window rings (fixed per running sequence) come out of the budget first.
+    budget = int(free_bytes * fraction) - cache_config.window_bytes
     page = cache_config.page_size
     per_tok = {
-        d: dataclasses.replace(cache_config, dtype=d).bytes_per_token for d in ("bf16", "int4")
+        d: dataclasses.replace(cache_config, dtype=d, recent_window=0).bytes_per_token
+        for d in ("bf16", "int4")
     }
     bpt = cache_config.bytes_per_token
     num_pages = cache_config.pages_for_budget(budget)
@@ -145,4 +155,6 @@ def plan_num_pages(
         num_pages=int(num_pages),
         tokens_bf16=budget // per_tok["bf16"] // page * page,
         tokens_int4=budget // per_tok["int4"] // page * page,
+        window_bytes=cache_config.window_bytes,
+        recent_window=cache_config.recent_window,
     )

@@ -83,6 +83,11 @@ class EngineConfig:
         (`kv4_attention.paged_prefill_attention(dequantize=True)`) instead of unpacking each
         page once per row tile. Off by default until timed in serving; same values up to the
         bf16 rounding of K/V.
+      kv_recent_window: W > 0 keeps each running sequence's newest W tokens' K/V unquantized
+        (compute dtype) beside the INT4 pages and attends to them in float
+        (`comet_jax.engine.recent_window`; the serving form of
+        `QuantRecipe.kv_recent_window`, docs/accuracy.md). INT4 cache only; the rings
+        (max_batch x W tokens per layer) are reserved before the page pool is planned.
     """
 
     max_batch: int = 16
@@ -109,6 +114,7 @@ class EngineConfig:
     async_scheduling: bool = True
     pack_prefill: bool = True
     prefill_dequantize: bool = False
+    kv_recent_window: int = 0
 
     def __post_init__(self):
         bools = ("cuda_graphs", "async_scheduling", "aot_compile", "interpret", "pack_prefill")
@@ -142,6 +148,14 @@ class EngineConfig:
             raise ValueError(f"kernels={self.kernels!r}; expected auto|pallas|reference")
         if self.compute_dtype not in ("bfloat16", "float32"):
             raise ValueError(f"compute_dtype={self.compute_dtype!r}; expected bfloat16|float32")
+        w = self.kv_recent_window
+        if isinstance(w, bool) or not isinstance(w, int) or w < 0:
+            raise ValueError(f"kv_recent_window={w!r} must be an int >= 0 (0 = off)")
+        if w and self.resolved_kv_dtype != "int4":
+            raise ValueError(
+                f"kv_recent_window={w} needs the INT4 KV cache (kv_dtype is "
+                f"{self.resolved_kv_dtype!r})"
+            )
         if self.max_prefill_seqs > self.max_batch:
             raise ValueError(
                 f"max_prefill_seqs={self.max_prefill_seqs} must be <= max_batch={self.max_batch}"

@@ -171,6 +171,9 @@ class LLMEngine:
             num_pages=config.num_pages or 2,
             group_size=config.kv_group,
             dtype=config.resolved_kv_dtype,
+            recent_window=config.kv_recent_window,
+            window_slots=config.max_batch if config.kv_recent_window else 0,
+            window_dtype=config.compute_dtype,
         )
         plan = plan_num_pages(
             free_bytes=free_device_memory(),
@@ -309,6 +312,7 @@ class LLMEngine:
             inp.start[i] = c.start
             inp.num_valid[i] = c.length
             inp.page_table[i, : len(seq.pages)] = seq.pages
+            inp.window_slot[i] = seq.window_slot
             inp.temperature[i] = seq.params.temperature
             inp.top_k[i] = seq.params.top_k
             inp.top_p[i] = seq.params.top_p

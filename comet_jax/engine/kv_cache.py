@@ -5,6 +5,12 @@ Layout (stacked over layers; see ``pallas_kernels/kv4_attention.py`` for why hea
     dtype="int4":  k, v                 [L, P, Hkv, page, D/2] uint8  (kv_quant format, tile = group)
                    k_scale/k_zero/v_*   [L, P, Hkv, D/group, page] f16
     dtype="bf16":  k, v                 [L, P, Hkv, page, D]   bf16   (scales/zeros None)
+    recent window: ring_k, ring_v       [L, S, Hkv, W, D]      window_dtype (int4 only; else None)
+
+The optional bf16 recent window (``recent_window = W > 0``, `comet_jax.engine.recent_window`)
+keeps each running sequence's newest W tokens' K/V unquantized in a ring of ``S`` slots (one
+per running sequence, assigned by the scheduler; token at position p in ring row p % W),
+besides their INT4 copies in the pages.
 
 A token's *slot* is ``physical_page * page_size + offset``. Writes take a flat slot per new
 token (``-1`` = padding, skipped), so one fixed-shape jitted write serves prefill (many tokens
@@ -43,6 +49,9 @@ class KVCacheConfig:
     num_pages: int = 1024
     group_size: int = 128
     dtype: CacheDtype = "int4"
+    recent_window: int = 0
+    window_slots: int = 0
+    window_dtype: str = "bfloat16"
 
     def __post_init__(self):
         for name in ("num_layers", "num_kv_heads", "num_pages"):
@@ -61,10 +70,27 @@ class KVCacheConfig:
                 f"group_size={self.group_size} must be one of {kv_quant.GROUP_SIZES} "
                 f"and divide head_dim={self.head_dim}"
             )
+        w = self.recent_window
+        if not isinstance(w, int) or w < 0:
+            raise ValueError(f"recent_window={w!r} must be an int >= 0 (0 = off)")
+        if w and (self.dtype != "int4" or self.window_slots < 1):
+            raise ValueError(
+                f"recent_window={w} needs dtype='int4' (got {self.dtype!r}) and "
+                f"window_slots >= 1 (got {self.window_slots})"
+            )
+        if self.window_dtype not in ("bfloat16", "float32"):
+            raise ValueError(f"window_dtype={self.window_dtype!r} must be bfloat16 or float32")
 
     @property
     def quantized(self) -> bool:
         return self.dtype == "int4"
+
+    @property
+    def window_bytes(self) -> int:
+        """Bytes of the recent-window rings (K and V, all layers and slots); 0 when off."""
+        item = jnp.dtype(self.window_dtype).itemsize
+        per_slot = self.recent_window * self.num_kv_heads * self.head_dim * item
+        return self.num_layers * 2 * self.window_slots * per_slot
 
     @property
     def bytes_per_token(self) -> int:
@@ -107,6 +133,8 @@ class PagedKVCache:
     v_scale: jax.Array | None
     v_zero: jax.Array | None
     config: KVCacheConfig = dataclasses.field(metadata=dict(static=True))
+    ring_k: jax.Array | None = None
+    ring_v: jax.Array | None = None
 
     def pages(self) -> attn.PagedKV:
         """The arrays as the attention kernels take them."""
@@ -128,7 +156,12 @@ def init_cache(cfg: KVCacheConfig) -> PagedKVCache:
     meta = functools.partial(
         jnp.zeros, (*lead, cfg.head_dim // cfg.group_size, cfg.page_size), kv_quant.SCALE_DTYPE
     )
-    return PagedKVCache(packed(), packed(), meta(), meta(), meta(), meta(), cfg)
+    rings = (None, None)
+    if cfg.recent_window:
+        shape = (cfg.num_layers, cfg.window_slots, cfg.num_kv_heads, cfg.recent_window)
+        ring = functools.partial(jnp.zeros, (*shape, cfg.head_dim), cfg.window_dtype)
+        rings = (ring(), ring())
+    return PagedKVCache(packed(), packed(), meta(), meta(), meta(), meta(), cfg, *rings)
 
 
 def _check_new(name: str, x, cfg: KVCacheConfig, n: int):
@@ -216,6 +249,7 @@ def paged_attention(
     q_lens=None,
     backend: Literal["pallas", "reference"] = "pallas",
     interpret: bool = False,
+    window_slots=None,
     **kernel_kwargs,
 ):
     """Writes the new tokens' K/V into the cache, then attends over the cache.
@@ -224,6 +258,8 @@ def paged_attention(
     prefill: q ``[B, T, Hq, D]``, k_new/v_new ``[B, T, Hkv, D]``, slot_mapping ``[B, T]``,
              q_lens ``[B]`` valid chunk tokens (default T).
     seq_lens: ``[B] int32`` tokens per sequence *after* this write.
+    window_slots: ``[B] int32`` ring slots of the rows (-1: padding); required when the cache
+      has a recent window (`comet_jax.engine.recent_window`: the newest W keys unquantized).
 
     Returns ``(out, cache)``: ``out`` shaped like q (q's dtype; the reference returns f32).
     """
@@ -232,6 +268,22 @@ def paged_attention(
     if backend not in ("pallas", "reference"):
         raise ValueError(f"backend={backend!r} must be 'pallas' or 'reference'")
     cache = write_kv(cache, layer, k_new, v_new, slot_mapping)
+    if cache.config.recent_window:
+        from comet_jax.engine import recent_window
+
+        if window_slots is None:
+            raise ValueError("this cache has a recent window: pass window_slots [B] int32")
+        if mode == "decode":
+            q, k_new, v_new = q[:, None], k_new[:, None], v_new[:, None]
+            q_lens = jnp.ones_like(jnp.asarray(seq_lens))
+        elif q_lens is None:
+            q_lens = jnp.full((q.shape[0],), q.shape[1], jnp.int32)
+        out, cache = recent_window.windowed_attention(
+            q, k_new, v_new, cache, layer, page_table, seq_lens, q_lens, window_slots,
+            backend=backend, interpret=interpret, **kernel_kwargs,
+        )  # fmt: skip
+        out = out[:, 0] if mode == "decode" else out
+        return out.astype(q.dtype), cache
     pages = cache.pages()
     if mode == "decode":
         if backend == "reference":

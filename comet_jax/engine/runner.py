@@ -51,6 +51,7 @@ class PagedState(NamedTuple):
     page_table: jax.Array  # [B, P] int32
     start: jax.Array  # [B] int32
     num_valid: jax.Array  # [B] int32
+    window_slot: Any = None  # [B] int32 recent-window ring slots (-1: padding row)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +76,8 @@ class PagedAttention:
         slots = kv_cache.slot_mapping_from_positions(state.page_table, positions, page_size, valid)
         seq_lens = state.start + state.num_valid
         common = dict(backend=self.backend, interpret=self.interpret)
+        if state.cache.config.recent_window:
+            common["window_slots"] = state.window_slot
         if t == 1:
             out, cache = kv_cache.paged_attention(
                 q[:, 0],
@@ -129,6 +132,7 @@ class ModelInputs(NamedTuple):
     src: Any  # [B] int32, -1: the host's token
     prev_a: Any  # [S] int32
     prev_b: Any  # [S] int32
+    window_slot: Any  # [B] int32 recent-window ring slot (-1: padding row)
 
 
 class StepInputs(NamedTuple):
@@ -144,6 +148,7 @@ class StepInputs(NamedTuple):
     seeds: np.ndarray
     counters: np.ndarray
     src: np.ndarray
+    window_slot: np.ndarray
 
     @staticmethod
     def zeros(batch: int, length: int, pages: int) -> StepInputs:
@@ -159,6 +164,7 @@ class StepInputs(NamedTuple):
             seeds=i32(batch),
             counters=i32(batch),
             src=np.full(batch, -1, np.int32),
+            window_slot=np.full(batch, -1, np.int32),
         )
 
     def abstract(self) -> StepInputs:
@@ -166,7 +172,14 @@ class StepInputs(NamedTuple):
 
     def model_inputs(self, prev_a, prev_b) -> ModelInputs:
         return ModelInputs(
-            self.tokens, self.start, self.num_valid, self.page_table, self.src, prev_a, prev_b
+            self.tokens,
+            self.start,
+            self.num_valid,
+            self.page_table,
+            self.src,
+            prev_a,
+            prev_b,
+            self.window_slot,
         )
 
     def sampling_inputs(self) -> tuple:
@@ -197,7 +210,7 @@ def make_logits_fn(model, pack_tokens: int = 0):
         first = jnp.where(inp.src >= 0, prev[jnp.clip(inp.src, 0, prev.shape[0] - 1)], 0)
         tokens = inp.tokens.at[:, 0].set(jnp.where(inp.src >= 0, first, inp.tokens[:, 0]))
         positions = inp.start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
-        state = PagedState(cache, inp.page_table, inp.start, inp.num_valid)
+        state = PagedState(cache, inp.page_table, inp.start, inp.num_valid, inp.window_slot)
         last = jnp.maximum(inp.num_valid - 1, 0)
         logits, state = model.apply(
             {"params": params}, tokens, positions, cache=state, logits_at=last, packing=packing

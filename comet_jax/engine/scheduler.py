@@ -60,6 +60,7 @@ class Sequence:
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
     seed: int = 0
+    window_slot: int = -1  # ring slot of the KV recent window while running (-1: none)
 
     @property
     def tokens(self) -> list[int]:
@@ -129,6 +130,9 @@ class Scheduler:
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        # One recent-window ring slot per running sequence (`kv_cache` rings; unused when
+        # the cache has no window): taken on admission, returned with the pages.
+        self._free_window_slots = list(range(config.max_batch - 1, -1, -1))
 
     # -- queue management ----------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -159,6 +163,9 @@ class Scheduler:
     def _release(self, seq: Sequence) -> None:
         self.allocator.free(seq.pages, seq)
         seq.pages = []
+        if seq.window_slot >= 0:
+            self._free_window_slots.append(seq.window_slot)
+            seq.window_slot = -1
 
     def _grow(self, seq: Sequence, num_tokens: int) -> bool:
         """Makes seq own pages for its first `num_tokens` tokens; False if not enough free."""
@@ -232,6 +239,7 @@ class Scheduler:
                 break
             self.waiting.popleft()
             seq.status = Status.RUNNING
+            seq.window_slot = self._free_window_slots.pop()
             self.running.append(seq)
             chunk = _chunk(seq, length)
             (plan.prefill if length > 1 else plan.decode).append(chunk)

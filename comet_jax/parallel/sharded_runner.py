@@ -125,7 +125,8 @@ class ShardedAttention:
             cache = state.cache
             global_cfg = cache.config
             local_cfg = dataclasses.replace(global_cfg, num_kv_heads=global_cfg.num_kv_heads // d)
-            state_spec = paged_cls(rules.cache_specs(cache, d, ax), P(), P(), P())
+            slot_spec = None if state.window_slot is None else P()
+            state_spec = paged_cls(rules.cache_specs(cache, d, ax), P(), P(), P(), slot_spec)
 
             def local(q, k, v, st):
                 st = st._replace(cache=dataclasses.replace(st.cache, config=local_cfg))

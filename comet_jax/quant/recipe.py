@@ -56,12 +56,12 @@ class QuantRecipe:
       tile: INT4 packing tile (the kernel's K tile); must divide fmpq.block_size.
       kv4: simulate the INT4 KV cache (asymmetric, per token per head, groups of `kv_group`).
       kv_group: KV4 group size along head_dim.
-      kv_recent_window: simulation only. For a query at position t, the keys and values at
-        positions > t - kv_recent_window (the query itself and the W-1 tokens before it) stay
-        unquantized; older ones go through KV4, as a paged cache with a float window over its
-        most recent tokens would read them. 0 = every position KV4. Needs kv4. The serving
-        engine's paged cache and kernels do not implement it (docs/accuracy.md, "KV4 recent
-        bf16 window").
+      kv_recent_window: for a query at position t, the keys and values at positions
+        > t - kv_recent_window (the query itself and the W-1 tokens before it) stay
+        unquantized; older ones go through KV4. 0 = every position KV4. Needs kv4. The
+        serving engine delivers the same semantics (`EngineConfig.kv_recent_window`, which a
+        quantized checkpoint's recipe sets: `comet_jax.engine.recent_window`; docs/accuracy.md,
+        "KV4 recent bf16 window").
       rotation: online Hadamard rotation of every linear input (QuaRot-style), weights rotated
         offline to match.
       fold: fold permutations into producing weights where the math allows (down_proj input

@@ -1,0 +1,163 @@
+"""The bf16 recent window of the INT4 paged cache: the newest W tokens attended unquantized.
+
+Semantics (the same as the simulation `QuantRecipe.kv_recent_window` / `models.attention`,
+whose accuracy docs/accuracy.md measures): a query at position p reads the keys and values at
+positions in ``(p - W, p]`` unquantized and the older ones (``<= p - W``) from the INT4 pages.
+
+Storage (`comet_jax.engine.kv_cache`): every token still goes into its INT4 page; in addition
+the newest W tokens of each running sequence sit in a ring ``[L, S, Hkv, W, D]`` (S slots, one
+per running sequence, assigned by the scheduler; position p in ring row ``p % W``).
+
+One attention call (a decode step, T = 1, or a prefill chunk of T tokens starting at
+``start = seq_len - q_len``):
+
+1. the INT4 part: the paged kernels with ``causal_shift = W`` (keys ``<= p - W``), returning
+   the rows' log-sum-exp;
+2. the float band: per query, its W band keys are the ring's W - 1 tokens before the chunk
+   (read before this call writes the ring) followed by the chunk's own K/V, as computed:
+   ``ext = [ring(start - W + 1 .. start - 1) | chunk(start .. start + T - 1)]`` and query t
+   takes ``ext[t : t + W]``; W shifted slices, no [T, W] gather;
+3. the two softmaxes merged by their log-sum-exps;
+4. the chunk's tokens among its sequence's newest W written into the ring.
+
+Arrays: q ``[B, T, Hq, D]``, k_new/v_new ``[B, T, Hkv, D]``, slots ``[B] int32`` (-1: padded
+row), seq_lens ``[B]`` (after the chunk), q_lens ``[B]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax.numpy as jnp
+
+from pallas_kernels import kv4_attention as attn
+
+
+def band_kv(ring, layer, slots, start, new, window: int):
+    """``ext [B, W - 1 + T, Hkv, D]`` (ring tokens before the chunk, then the chunk) and their
+    positions ``[B, W - 1 + T]`` (negative: before the sequence, masked)."""
+    b, t = new.shape[:2]
+    prior_pos = start[:, None] - window + 1 + jnp.arange(window - 1, dtype=jnp.int32)  # [B, W-1]
+    rows = jnp.take(ring[layer], jnp.clip(slots, 0, ring.shape[1] - 1), axis=0)  # [B,Hkv,W,D]
+    prior = jnp.take_along_axis(rows, jnp.mod(prior_pos, window)[:, None, :, None], axis=2)
+    prior = prior.transpose(0, 2, 1, 3).astype(new.dtype)  # [B, W-1, Hkv, D]
+    ext = jnp.concatenate([prior, new], axis=1)
+    pos = jnp.concatenate([prior_pos, start[:, None] + jnp.arange(t, dtype=jnp.int32)], axis=1)
+    return ext, pos
+
+
+def band_attention(q, k_ext, v_ext, ext_pos, seq_lens, window: int, sm_scale: float):
+    """Attention of ``q [B, T, Hq, D]`` over its band: query t reads ``ext[t : t + W]``.
+
+    Returns ``(o [B, T, Hq, D] f32, lse [B, T, Hq] f32)`` (lse -inf where nothing is visible).
+    """
+    b, t, hq, d = q.shape
+    hkv = k_ext.shape[2]
+    qg = q.astype(jnp.float32).reshape(b, t, hkv, hq // hkv, d)
+    logits, valid = [], []
+    for j in range(window):
+        kj = k_ext[:, j : j + t].astype(jnp.float32)
+        logits.append(jnp.einsum("btkgd,btkd->btkg", qg, kj) * sm_scale)
+        pj = ext_pos[:, j : j + t]
+        valid.append((pj >= 0) & (pj < seq_lens[:, None]))
+    logits = jnp.stack(logits, axis=-1)  # [B, T, Hkv, hg, W]
+    valid = jnp.stack(valid, axis=-1)[:, :, None, None, :]  # [B, T, 1, 1, W]
+    logits = jnp.where(valid, logits, -jnp.inf)
+    m = jnp.max(logits, axis=-1, keepdims=True)
+    p = jnp.where(valid, jnp.exp(logits - jnp.where(jnp.isfinite(m), m, 0.0)), 0.0)
+    denom = jnp.sum(p, axis=-1)
+    p = p / jnp.where(denom > 0, denom, 1.0)[..., None]
+    o = jnp.zeros(qg.shape, jnp.float32)
+    for j in range(window):
+        o = o + p[..., j, None] * v_ext[:, j : j + t, :, None, :].astype(jnp.float32)
+    safe = jnp.where(denom > 0, denom, 1.0)
+    lse = jnp.where(denom > 0, m[..., 0] + jnp.log(safe), -jnp.inf)
+    return o.reshape(b, t, hq, d), lse.reshape(b, t, hq)
+
+
+def merge(o1, lse1, o2, lse2):
+    """Softmax over the union of two disjoint key sets from the parts' normalized outputs
+    ``[..., D]`` and log-sum-exps ``[...]``; rows that see no key in either give 0."""
+    m = jnp.maximum(lse1, lse2)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    w1 = jnp.where(jnp.isfinite(lse1), jnp.exp(lse1 - m), 0.0)
+    w2 = jnp.where(jnp.isfinite(lse2), jnp.exp(lse2 - m), 0.0)
+    total = w1 + w2
+    inv = jnp.where(total > 0, 1.0 / jnp.where(total > 0, total, 1.0), 0.0)
+    return (o1.astype(jnp.float32) * (w1 * inv)[..., None]) + (
+        o2.astype(jnp.float32) * (w2 * inv)[..., None]
+    )
+
+
+def ring_write(cache, layer, k_new, v_new, slots, start, q_lens, seq_lens):
+    """Writes each chunk token whose position is among its sequence's newest W into ring row
+    ``position % W`` of its slot (the others, padding and slot -1 are dropped)."""
+    cfg = cache.config
+    w = cfg.recent_window
+    b, t = k_new.shape[:2]
+    pos = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]  # [B, T]
+    keep = (jnp.arange(t)[None, :] < q_lens[:, None]) & (pos >= seq_lens[:, None] - w)
+    keep &= (slots >= 0)[:, None]
+    slot = jnp.where(keep, slots[:, None], cfg.window_slots).reshape(-1)  # out of range: drop
+    row = jnp.mod(pos, w).reshape(-1)
+    layer = jnp.asarray(layer, jnp.int32)
+
+    def put(ring, vals):  # ring [L, S, Hkv, W, D] <- vals [B*T, Hkv, D]
+        vals = vals.reshape(b * t, *vals.shape[2:]).astype(ring.dtype)
+        return ring.at[layer, slot, :, row, :].set(vals, mode="drop")
+
+    return put(cache.ring_k, k_new), put(cache.ring_v, v_new)
+
+
+def windowed_attention(
+    q,
+    k_new,
+    v_new,
+    cache,
+    layer,
+    page_table,
+    seq_lens,
+    q_lens,
+    slots,
+    *,
+    backend: str = "pallas",
+    interpret: bool = False,
+    sm_scale: float | None = None,
+    **kernel_kwargs,
+):
+    """Attention with the recent window over a cache whose chunk is already in its pages
+    (module docstring). Returns ``(out [B, T, Hq, D] f32, cache with the ring updated)``."""
+    w = cache.config.recent_window
+    b, t, hq, d = q.shape
+    sm_scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
+    seq_lens = jnp.asarray(seq_lens, jnp.int32)
+    q_lens = jnp.asarray(q_lens, jnp.int32)
+    start = seq_lens - q_lens
+    pages = cache.pages()
+    common = dict(layer=layer, sm_scale=sm_scale, causal_shift=w, return_lse=True)
+    if t == 1 and backend == "reference":
+        o1, lse1 = attn.paged_decode_attention_reference(
+            q[:, 0], pages, page_table, seq_lens, **common
+        )
+        o1, lse1 = o1[:, None], lse1[:, None]
+    elif t == 1:
+        o1, lse1 = attn.paged_decode_attention(
+            q[:, 0], pages, page_table, seq_lens, interpret=interpret, **common, **kernel_kwargs
+        )
+        o1, lse1 = o1[:, None], lse1[:, None]
+    elif backend == "reference":
+        o1, lse1 = attn.paged_prefill_attention_reference(
+            q, pages, page_table, seq_lens, q_lens, **common
+        )
+    else:
+        o1, lse1 = attn.paged_prefill_attention(
+            q, pages, page_table, seq_lens, q_lens, interpret=interpret, **common, **kernel_kwargs
+        )
+    k_ext, ext_pos = band_kv(cache.ring_k, layer, slots, start, k_new, w)
+    v_ext, _ = band_kv(cache.ring_v, layer, slots, start, v_new, w)
+    o2, lse2 = band_attention(q, k_ext, v_ext, ext_pos, seq_lens, w, sm_scale)
+    out = merge(o1, lse1, o2, lse2)
+    out = jnp.where((jnp.arange(t)[None, :] < q_lens[:, None])[:, :, None, None], out, 0.0)
+    ring_k, ring_v = ring_write(cache, layer, k_new, v_new, slots, start, q_lens, seq_lens)
+    return out, dataclasses.replace(cache, ring_k=ring_k, ring_v=ring_v)
