@@ -37,7 +37,7 @@ from pallas_kernels import kv4_attention as attn
 def band_kv(ring, layer, slots, start, new, window: int):
     """``ext [B, W - 1 + T, Hkv, D]`` (ring tokens before the chunk, then the chunk) and their
     positions ``[B, W - 1 + T]`` (negative: before the sequence, masked)."""
-    b, t = new.shape[:2]
+    t = new.shape[1]
     prior_pos = start[:, None] - window + 1 + jnp.arange(window - 1, dtype=jnp.int32)  # [B, W-1]
     rows = jnp.take(ring[layer], jnp.clip(slots, 0, ring.shape[1] - 1), axis=0)  # [B,Hkv,W,D]
     prior = jnp.take_along_axis(rows, jnp.mod(prior_pos, window)[:, None, :, None], axis=2)
