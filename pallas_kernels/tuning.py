@@ -81,23 +81,24 @@ def _split_for(
     return split
 
 
+def _decode_config(m: int, n: int, n_k_tiles: int) -> GemmConfig:
+    """Decode (M <= 64): weight-bandwidth bound. Y^T tiles (weights as the MMA's A operand),
+    the token dimension padded to >= 16, split-K for enough programs in flight."""
+    bm, bn = max(16, 1 << (max(1, m) - 1).bit_length()), 64
+    split = _split_for(n // bn, n_k_tiles)
+    return GemmConfig(bm, bn, split, num_warps=4, num_stages=4, swap_ab=True, group_m=1)
+
+
+def _split_128(m: int, n: int, n_k_tiles: int) -> int:
+    """Split-K of 128 x 128 output tiles: ~0.9 waves of programs."""
+    return _split_for(math.ceil(m / 128) * (n // 128), n_k_tiles, waves=0.9)
+
+
 def default_config(m: int, n: int, k: int, k8: int = 0, *, tile_k: int = DEFAULT_TILE_K):
     """Heuristic for shapes absent from the table."""
     n_k_tiles = max(1, k // tile_k)
     if m <= 64:
-        # Decode: weight-bandwidth bound. Y^T tiles (weights as the MMA's A operand), the
-        # token dimension padded to >= 16, split-K for enough programs in flight.
-        bm = max(16, 1 << (max(1, m) - 1).bit_length())
-        bn = 64
-        return GemmConfig(
-            block_m=bm,
-            block_n=bn,
-            split_k=_split_for(n // bn, n_k_tiles),
-            num_warps=4,
-            num_stages=4,
-            swap_ab=True,
-            group_m=1,
-        )
+        return _decode_config(m, n, n_k_tiles)
     if m <= 256 and n >= 4096:
         # Y^T tiles over INT4 activations unpacked by XLA: the tuned winner at M = 256 on 6
         # of the 7 engine shapes with N >= 4096 (8B and 70B, 2026-11-25/26, H100).
@@ -112,17 +113,7 @@ def default_config(m: int, n: int, k: int, k8: int = 0, *, tile_k: int = DEFAULT
             pre_unpack="x",
         )
     if m <= 256:
-        bm, bn = 128, 128
-        tiles = math.ceil(m / bm) * (n // bn)
-        return GemmConfig(
-            block_m=bm,
-            block_n=bn,
-            split_k=_split_for(tiles, n_k_tiles, waves=0.9),
-            num_warps=8,
-            num_stages=4,
-            swap_ab=False,
-            group_m=8,
-        )
+        return GemmConfig(128, 128, _split_128(m, n, n_k_tiles), 8, 4, False, group_m=8)
     # Compute-bound: weights and INT4 activations unpacked by XLA before the kernel (the
     # loop then feeds the MMA straight from shared memory); 64x128 tiles keep both int32
     # accumulators in registers at 4 warps (run 7, docs/kernels_gemm.md).
@@ -146,13 +137,9 @@ def a16_config(m: int, n: int, k: int, *, tile_k: int = DEFAULT_TILE_K) -> GemmC
     best candidate or within 6% of it at every M in 1..1024; at M = 4096 XLA-unpacked
     weights without Y^T tiles were 1-8% faster."""
     n_k_tiles = max(1, k // tile_k)
-    if m <= 64:  # decode: weight-bandwidth bound, split-K for programs in flight
-        bm, bn = max(16, 1 << (max(1, m) - 1).bit_length()), 64
-        split = _split_for(n // bn, n_k_tiles)
-        return GemmConfig(bm, bn, split, num_warps=4, num_stages=4, swap_ab=True, group_m=1)
-    bm, bn = 128, 128
-    split = _split_for(math.ceil(m / bm) * (n // bn), n_k_tiles, waves=0.9)
-    return GemmConfig(bm, bn, split, num_warps=8, num_stages=3, swap_ab=True, group_m=8)
+    if m <= 64:
+        return _decode_config(m, n, n_k_tiles)
+    return GemmConfig(128, 128, _split_128(m, n, n_k_tiles), 8, 3, True, group_m=8)
 
 
 def get_config(m: int, n: int, k: int, k8: int = 0, *, tile_k: int = DEFAULT_TILE_K):

@@ -284,27 +284,34 @@ def paged_attention(
         )  # fmt: skip
         out = out[:, 0] if mode == "decode" else out
         return out.astype(q.dtype), cache
-    pages = cache.pages()
+    out = attend_pages(
+        q, cache.pages(), layer, page_table, seq_lens, q_lens,
+        mode=mode, backend=backend, interpret=interpret, kernel_kwargs=kernel_kwargs,
+    )  # fmt: skip
+    return out, cache
+
+
+def attend_pages(
+    q, pages, layer, page_table, seq_lens, q_lens=None, *, mode, backend, interpret,
+    kernel_kwargs=None, **semantics,
+):  # fmt: skip
+    """Attention over pages that already hold the new tokens: the Pallas kernels or their
+    references. decode: q ``[B, Hq, D]``; prefill: q ``[B, T, Hq, D]`` with ``q_lens``.
+    ``semantics`` (sm_scale, causal_shift, return_lse) go to both backends, ``kernel_kwargs``
+    (schedules, dequantize, ...) to the kernels only."""
+    kernel_kwargs = {"interpret": interpret, **(kernel_kwargs or {}), **semantics}
     if mode == "decode":
         if backend == "reference":
-            out = attn.paged_decode_attention_reference(q, pages, page_table, seq_lens, layer=layer)
-        else:
-            out = attn.paged_decode_attention(
-                q, pages, page_table, seq_lens, layer=layer, interpret=interpret, **kernel_kwargs
+            return attn.paged_decode_attention_reference(
+                q, pages, page_table, seq_lens, layer=layer, **semantics
             )
-    elif backend == "reference":
-        out = attn.paged_prefill_attention_reference(
-            q, pages, page_table, seq_lens, q_lens, layer=layer
+        return attn.paged_decode_attention(
+            q, pages, page_table, seq_lens, layer=layer, **kernel_kwargs
         )
-    else:
-        out = attn.paged_prefill_attention(
-            q,
-            pages,
-            page_table,
-            seq_lens,
-            q_lens,
-            layer=layer,
-            interpret=interpret,
-            **kernel_kwargs,
+    if backend == "reference":
+        return attn.paged_prefill_attention_reference(
+            q, pages, page_table, seq_lens, q_lens, layer=layer, **semantics
         )
-    return out, cache
+    return attn.paged_prefill_attention(
+        q, pages, page_table, seq_lens, q_lens, layer=layer, **kernel_kwargs
+    )

@@ -31,20 +31,26 @@ import math
 
 import jax.numpy as jnp
 
-from pallas_kernels import kv4_attention as attn
+from comet_jax.engine import kv_cache
 
 
-def band_kv(ring, layer, slots, start, new, window: int):
-    """``ext [B, W - 1 + T, Hkv, D]`` (ring tokens before the chunk, then the chunk) and their
-    positions ``[B, W - 1 + T]`` (negative: before the sequence, masked)."""
-    t = new.shape[1]
+def band_kv(cache, layer, slots, start, k_new, v_new):
+    """``(k_ext, v_ext)``, each ``[B, W - 1 + T, Hkv, D]`` (the ring's tokens before the chunk,
+    then the chunk), and their positions ``[B, W - 1 + T]`` (negative: before the sequence,
+    masked)."""
+    window = cache.config.recent_window
+    t = k_new.shape[1]
     prior_pos = start[:, None] - window + 1 + jnp.arange(window - 1, dtype=jnp.int32)  # [B, W-1]
-    rows = jnp.take(ring[layer], jnp.clip(slots, 0, ring.shape[1] - 1), axis=0)  # [B,Hkv,W,D]
-    prior = jnp.take_along_axis(rows, jnp.mod(prior_pos, window)[:, None, :, None], axis=2)
-    prior = prior.transpose(0, 2, 1, 3).astype(new.dtype)  # [B, W-1, Hkv, D]
-    ext = jnp.concatenate([prior, new], axis=1)
+    slot = jnp.clip(slots, 0, cache.config.window_slots - 1)
+    row = jnp.mod(prior_pos, window)[:, None, :, None]
+
+    def ext(ring, new):
+        rows = jnp.take(ring[layer], slot, axis=0)  # [B, Hkv, W, D]
+        prior = jnp.take_along_axis(rows, row, axis=2).transpose(0, 2, 1, 3)  # [B, W-1, Hkv, D]
+        return jnp.concatenate([prior.astype(new.dtype), new], axis=1)
+
     pos = jnp.concatenate([prior_pos, start[:, None] + jnp.arange(t, dtype=jnp.int32)], axis=1)
-    return ext, pos
+    return ext(cache.ring_k, k_new), ext(cache.ring_v, v_new), pos
 
 
 def band_attention(q, k_ext, v_ext, ext_pos, seq_lens, window: int, sm_scale: float):
@@ -134,28 +140,15 @@ def windowed_attention(
     seq_lens = jnp.asarray(seq_lens, jnp.int32)
     q_lens = jnp.asarray(q_lens, jnp.int32)
     start = seq_lens - q_lens
-    pages = cache.pages()
-    common = dict(layer=layer, sm_scale=sm_scale, causal_shift=w, return_lse=True)
-    if t == 1 and backend == "reference":
-        o1, lse1 = attn.paged_decode_attention_reference(
-            q[:, 0], pages, page_table, seq_lens, **common
-        )
+    decode = t == 1  # one token per row: the flash-decoding kernel
+    o1, lse1 = kv_cache.attend_pages(
+        q[:, 0] if decode else q, cache.pages(), layer, page_table, seq_lens, q_lens,
+        mode="decode" if decode else "prefill", backend=backend, interpret=interpret,
+        kernel_kwargs=kernel_kwargs, sm_scale=sm_scale, causal_shift=w, return_lse=True,
+    )  # fmt: skip
+    if decode:
         o1, lse1 = o1[:, None], lse1[:, None]
-    elif t == 1:
-        o1, lse1 = attn.paged_decode_attention(
-            q[:, 0], pages, page_table, seq_lens, interpret=interpret, **common, **kernel_kwargs
-        )
-        o1, lse1 = o1[:, None], lse1[:, None]
-    elif backend == "reference":
-        o1, lse1 = attn.paged_prefill_attention_reference(
-            q, pages, page_table, seq_lens, q_lens, **common
-        )
-    else:
-        o1, lse1 = attn.paged_prefill_attention(
-            q, pages, page_table, seq_lens, q_lens, interpret=interpret, **common, **kernel_kwargs
-        )
-    k_ext, ext_pos = band_kv(cache.ring_k, layer, slots, start, k_new, w)
-    v_ext, _ = band_kv(cache.ring_v, layer, slots, start, v_new, w)
+    k_ext, v_ext, ext_pos = band_kv(cache, layer, slots, start, k_new, v_new)
     o2, lse2 = band_attention(q, k_ext, v_ext, ext_pos, seq_lens, w, sm_scale)
     out = merge(o1, lse1, o2, lse2)
     out = jnp.where((jnp.arange(t)[None, :] < q_lens[:, None])[:, :, None, None], out, 0.0)
