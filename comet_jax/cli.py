@@ -35,6 +35,7 @@ ENGINE_FLAGS = (
     "kv_dtype",
     "kv_group",
     "kv_recent_window",
+    "prefill_dequantize",
     "compute_dtype",
     "kernels",
     "interpret",
@@ -361,6 +362,13 @@ def _common(p: argparse.ArgumentParser, engine: bool = True) -> None:
         type=int,
         help="keep each sequence's newest W tokens' K/V unquantized beside the INT4 pages "
         "(default: the quantized checkpoint's recipe value, else 0 = off)",
+    )
+    g.add_argument(
+        "--prefill_dequantize",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="INT4 cache, Pallas kernels: prefill attention dequantizes the call's pages once "
+        "into bf16 (default on; --no-prefill_dequantize unpacks each page in the kernel)",
     )
     g.add_argument(
         "--compute_dtype",

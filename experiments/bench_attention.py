@@ -35,7 +35,13 @@ from pallas_kernels import kv4_attention as A
 HQ, HKV, D = 32, 8, 128
 OUT = os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results")
 FOCUS = "--focus" in sys.argv
-NAME = "bench_attention_focus" if FOCUS else "bench_attention"
+NAME = (
+    "bench_attention_focus"
+    if FOCUS
+    else "bench_attention_warps"
+    if "--warps-study" in sys.argv
+    else "bench_attention"
+)
 PREFILL_SHAPES = [(1, 2048, 0), (1, 8192, 0), (8, 1024, 0), (4, 512, 4096)]  # (B, T, prefix)
 WRITE_SIZES = (64, 8192)  # tokens per write call (decode batch, prefill chunk)
 RESULTS: dict = {
@@ -45,6 +51,8 @@ RESULTS: dict = {
     "decode": [],
     "prefill": [],
     "write": [],
+    "warps": [],
+    "prefill_warps": [],
 }
 
 
@@ -228,9 +236,19 @@ PREFILL_VARIANTS = [
 ]
 
 
+# --focus: the default page-128 path and its schedule knobs (stages, warps, splits) only.
+FOCUS_GRID = (
+    [dict(page=128), dict(page=16, block_k=256)]
+    + [dict(page=128, num_stages=n) for n in (3, 4)]
+    + [dict(page=128, num_warps=2)]
+    + [dict(page=128, num_splits=n) for n in (1, 8, 16)]
+)
+FOCUS_PREFILL = [v for v in PREFILL_VARIANTS if not v.get("qk_int8")]
+
+
 def tuning(key):
     b, s = 64, 4096
-    grid = TUNING_GRID
+    grid = FOCUS_GRID if FOCUS else TUNING_GRID
     best = None
     for cfg in grid:
         cfg = dict(cfg)
@@ -248,6 +266,47 @@ def tuning(key):
             best = (t, page, cfg)
     save()
     return best
+
+
+WARPS_STUDY = dict(batches=(16, 64, 256), seqs=(1024, 4096, 16384), warps=(1, 2, 4))
+
+
+def warps_study(key):
+    """Decode time by num_warps over B x S at page 128 (and page 64 at B=64, S=4096)."""
+    points = [
+        (b, s, 128, w)
+        for b in WARPS_STUDY["batches"]
+        for s in WARPS_STUDY["seqs"]
+        for w in WARPS_STUDY["warps"]
+    ]
+    points += [(64, 4096, 64, w) for w in WARPS_STUDY["warps"]]
+    for b, s, page, w in points:
+        row = dict(B=b, S=s, page=page, num_warps=w)
+        try:
+            t, nb = decode_point(b, s, page, 128, True, key, num_warps=w)
+            row.update(us=t * 1e6, gbps=nb / t / 1e9)
+        except Exception as e:
+            row["error"] = repr(e)[:300]
+        RESULTS["warps"].append(row)
+        log("warps", row)
+    q_key = jax.random.fold_in(key, 7)
+    for b, t, prefix in ((1, 2048, 0), (8, 1024, 0), (4, 512, 4096)):
+        q = jax.random.normal(q_key, (b, t, HQ, D), jnp.bfloat16)
+        lens = jnp.full((b,), prefix + t, jnp.int32)
+        kv, tables = make_paged(key, b, prefix + t, 128, 128, True, 1)
+        for deq in (False, True):
+            for w in (4, 8):
+                row = dict(prefill=f"B={b} T={t} prefix={prefix}", dequantize=deq, num_warps=w)
+                fn = jax.jit(
+                    functools.partial(A.paged_prefill_attention, dequantize=deq, num_warps=w)
+                )
+                try:
+                    row["us"] = bench(fn, [(q, kv, tables[0], lens)]) * 1e6
+                except Exception as e:
+                    row["error"] = repr(e)[:300]
+                RESULTS["prefill_warps"].append(row)
+                log("prefill warps", row)
+    save()
 
 
 def decode_sweep(key, page, kw, quick):
@@ -321,7 +380,7 @@ def prefill(key, quick):
         for quantized in (True, False):
             name = "kv4" if quantized else "bf16paged"
             best = None
-            for var in PREFILL_VARIANTS:
+            for var in FOCUS_PREFILL if FOCUS else PREFILL_VARIANTS:
                 var = dict(var)
                 if (var.get("qk_int8") or var.get("dequantize")) and not quantized:
                     continue  # int8 logits and the dequantized pool need INT4 pages
@@ -415,6 +474,17 @@ def markdown():
             f"| {r['B']} | {r['T']} | {r['prefix']} | {f(r, 'kv4_us', '{:.0f}')} | {f(r, 'bf16paged_us', '{:.0f}')} "
             f"| {f(r, 'mha_us', '{:.0f}')} | {f(r, 'kv4_over_mha', '{:.2f}')} | {f(r, 'kv4_tflops', '{:.0f}')} |"
         )
+    if RESULTS["warps"]:
+        lines += ["", "## Decode by num_warps", "", "| B | S | page | warps | us | GB/s |"]
+        lines += ["|---|---|---|---|---|---|"]
+        for r in RESULTS["warps"]:
+            lines.append(
+                f"| {r['B']} | {r['S']} | {r['page']} | {r['num_warps']} "
+                f"| {f(r, 'us', '{:.1f}')} | {f(r, 'gbps')} |"
+            )
+    if RESULTS["prefill_warps"]:
+        lines += ["", "## Prefill (INT4, page 128) by num_warps", ""]
+        lines += [f"- {r}" for r in RESULTS["prefill_warps"]]
     lines += ["", "## Cache write (quantize + scatter)", ""]
     lines += [f"- {r['what']}: {r['us']:.1f} us" for r in RESULTS["write"]]
     lines += ["", "## GPU correctness (relative L2 error)", ""]
@@ -429,11 +499,18 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="one decode point, one prefill shape")
     ap.add_argument("--skip", default="", help="comma list of sections to skip")
-    ap.add_argument("--focus", action="store_true", help="tuning + B=64,S=4096 + 2 prefill shapes")
+    ap.add_argument(
+        "--warps-study", action="store_true", help="only decode time by num_warps over B x S"
+    )
+    ap.add_argument(
+        "--focus",
+        action="store_true",
+        help="schedule knobs at B=64,S=4096 + the prefill shapes, no int8 logits",
+    )
     args = ap.parse_args()
     if args.focus:
         global PREFILL_SHAPES
-        PREFILL_SHAPES = [(1, 8192, 0), (4, 512, 4096)]
+        PREFILL_SHAPES = [(1, 2048, 0), (1, 8192, 0), (8, 1024, 0), (4, 512, 4096)]
         args.skip += ",writes"
     skip = set(filter(None, args.skip.split(",")))
     dev = jax.devices()[0]
@@ -446,6 +523,10 @@ def main():
     log(RESULTS["meta"])
     key = jax.random.key(0)
     t0 = time.time()
+    if args.warps_study:
+        warps_study(key)
+        print(markdown())
+        return
     sections = [("correctness", correctness), ("tuning", None), ("writes", lambda: writes(key))]
     best = None
     for name, fn in sections:

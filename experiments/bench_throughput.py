@@ -519,8 +519,10 @@ def parse_args(argv=None):
     )
     p.add_argument(
         "--prefill-dequantize",
-        action="store_true",
-        help="INT4 prefill over pages dequantized once (EngineConfig.prefill_dequantize)",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="INT4 prefill over pages dequantized once (EngineConfig.prefill_dequantize; on "
+        "by default, --no-prefill-dequantize unpacks each page in the kernel)",
     )
     p.add_argument(
         "--modes",

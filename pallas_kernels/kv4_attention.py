@@ -534,6 +534,32 @@ def default_decode_block_k(page: int) -> int:
     return page if page >= 64 else 256
 
 
+def default_decode_warps(
+    batch: int, hkv: int, max_blocks: int, block_k: int, quantized: bool = True
+) -> int:
+    """Warps per decode program: 2 for an INT4 cache when the grid is large and steps are 128+
+    keys, else 4 (bf16 pages: 4, the setting they were measured with).
+
+    H100, INT4 g=128, page 128 (2026-11-26, `bench_attention.py --warps-study`), us for
+    1 / 2 / 4 warps: B=64 S=4096 259 / 165 / 174; B=64 S=16384 993 / 602 / 643; B=256
+    S=1024 211 / 177 / 186; B=256 S=16384 2541 / 2338 / 2497; but B=64 S=1024 78 / 65 / 56,
+    B=16 S=4096 96 / 108 / 70, B=16 S=16384 335 / 201 / 196, and page 64 (B=64 S=4096)
+    221 / 248 / 206: there 4 warps win.
+    """
+    many = batch * hkv >= 512 and batch * hkv * max_blocks >= 16384
+    return 2 if quantized and many and block_k >= 128 else 4
+
+
+def default_prefill_warps(block_rows: int) -> int:
+    """Warps per prefill program: 8 for tiles of 128+ rows, else 4.
+
+    H100, INT4 page 128, 128-row tiles (2026-11-26), 4 vs 8 warps: B=1 T=2048 380 vs 251 us,
+    B=8 T=1024 1078 vs 550, 4 x 512 after 4096 cached 1007 vs 775 (dequantized pages: 332 vs
+    184, 770 vs 458, 1075 vs 615).
+    """
+    return 8 if block_rows >= 128 else 4
+
+
 def _default_splits(batch: int, hkv: int, max_blocks: int) -> int:
     """Enough programs to fill ~2 waves of an H100 (132 SMs), at least 2 key blocks per split."""
     want = -(-264 // (batch * hkv))
@@ -578,7 +604,7 @@ def paged_decode_attention(
     sm_scale: float | None = None,
     num_splits: int | None = None,
     block_k: int | None = None,
-    num_warps: int = 4,
+    num_warps: int | None = None,
     num_stages: int = 2,
     interpret: bool = False,
     unpack: str = "auto",
@@ -596,6 +622,7 @@ def paged_decode_attention(
       seq_lens: ``[B] int32`` tokens in the cache per sequence; 0 gives a zero output row.
       layer: int or traced int32 scalar, the layer to read.
       num_splits: flash-decoding splits of the page range (default: fill ~2 waves of 132 SMs).
+      num_warps: default :func:`default_decode_warps` (2 or 4, measured on the H100).
       block_k: keys per loop step, a power-of-two multiple of the page size; more than one
         page gathers ``block_k / page`` pages per step through the page table so the dots stay
         large with small pages. Default :func:`default_decode_block_k`.
@@ -624,9 +651,11 @@ def paged_decode_attention(
     _check_tables(kv, page_table, seq_lens, layer, batch)
     max_pages = page_table.shape[1]
     block_k = block_k or default_decode_block_k(kv.page_size)
+    blocks = -(-max_pages // max(1, block_k // kv.page_size))
     if num_splits is None:
-        blocks = -(-max_pages // max(1, block_k // kv.page_size))
         num_splits = _default_splits(batch, kv.k.shape[2], blocks)
+    if num_warps is None:
+        num_warps = default_decode_warps(batch, kv.k.shape[2], blocks, block_k, kv.quantized)
     if not 1 <= num_splits <= max_pages:
         raise ValueError(f"num_splits={num_splits} must be in [1, max_pages={max_pages}]")
     hg_pad = 1 << (hg - 1).bit_length()
@@ -672,7 +701,7 @@ def paged_prefill_attention(
     sm_scale: float | None = None,
     block_q: int | None = None,
     block_k: int | None = None,
-    num_warps: int = 4,
+    num_warps: int | None = None,
     num_stages: int = 2,
     interpret: bool = False,
     unpack: str = "auto",
@@ -690,6 +719,7 @@ def paged_prefill_attention(
       seq_lens: ``[B] int32`` cached tokens including the chunk.
       q_lens: ``[B] int32`` valid chunk tokens (default T); rows ``i >= q_lens[b]`` return 0.
       block_q: chunk tokens per program (default: 128 rows / GQA group, at least 1).
+      num_warps: default :func:`default_prefill_warps` (8 for 128-row tiles).
       block_k: keys per loop step, as in :func:`paged_decode_attention`.
       qk_int8: int8 logits, as in :func:`paged_decode_attention`.
       dequantize: INT4 cache only. Dequantize the pages the table names once (XLA, into a
@@ -719,6 +749,8 @@ def paged_prefill_attention(
     block_rows = max(_MIN_ROWS, block_q * hg_pad)
     if block_rows & (block_rows - 1):
         raise ValueError(f"block_q={block_q} x padded GQA group {hg_pad} must be a power of two")
+    if num_warps is None:
+        num_warps = default_prefill_warps(block_rows)
     seq_lens = jnp.asarray(seq_lens)
     if dequantize:
         if not kv.quantized:

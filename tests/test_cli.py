@@ -72,6 +72,17 @@ def test_gin_bindings_apply_and_flags_win():
     assert cfg.max_model_len == 96 and cfg.max_batch == 3
 
 
+def test_prefill_dequantize_flag():
+    parse = cli.build_parser().parse_args
+    for argv, want in (
+        ([], True),
+        (["--no-prefill_dequantize"], False),
+        (["--prefill_dequantize"], True),
+    ):
+        args = parse(["generate", "x", *argv])
+        assert cli._engine_config(args, cli._configure(args)).prefill_dequantize is want, argv
+
+
 def test_bad_gin_binding_fails_before_compute():
     args = cli.build_parser().parse_args(
         ["generate", "x", "--gin_param", "EngineConfig.no_such_field = 1"]

@@ -485,3 +485,31 @@ def test_precision_plan_block_follows_the_layer_widths():
     assert blocks("tiny") == {64}  # hidden size 64
     plan = as_plan(precision_plan(preset_config("llama3-8b"), "w4axkv4", block=64))
     assert plan.backend_for(0, "q_proj").block == 64
+
+
+_HLO_DTYPES = {"uint8": "u8", "int8": "s8", "float16": "f16", "bfloat16": "bf16", "float32": "f32"}
+
+
+@pytest.mark.parametrize(
+    "cache", [dict(), dict(kv_dtype="int4", kv_group=64), dict(kv_dtype="int4", kv_group=64,
+                                                               kv_recent_window=4)],
+    ids=["bf16", "int4", "int4_window"],
+)  # fmt: skip
+def test_compiled_steps_update_the_cache_in_place(model, cache):
+    """No compiled step (prefill and decode buckets) copies a whole cache array: the pages,
+    scales and the recent window's rings are donated and updated in place, layer after layer.
+    (A copy of the rings in every layer was found this way, docs/benchmarks.md 2026-11-26.)"""
+    ec = dataclasses.replace(CFG, num_pages=24, **cache)
+    runner = LLMEngine.build(*model, ec, progress=False).runner
+    leaves = jax.tree_util.tree_leaves(runner.cache)
+    shapes = {f"{_HLO_DTYPES[str(x.dtype)]}[{','.join(map(str, x.shape))}]" for x in leaves}
+    assert runner.num_compilations >= 2  # a decode and a prefill shape at least
+    for key, compiled in runner._compiled.items():
+        text = compiled.as_text()
+        assert any(s in text for s in shapes), key  # the check looks at the right shapes
+        copies = [
+            ln.strip()[:160]
+            for ln in text.splitlines()
+            if " copy(" in ln and any(s in ln.split("=", 1)[1][:48] for s in shapes)
+        ]
+        assert not copies, (key, copies[:3])

@@ -256,3 +256,17 @@ def test_pool_size_in_32bit_offset_hazard_is_rejected():
 def test_default_decode_block_k_gathers_small_pages():
     """Measured on H100: one page per step from page 64 up; 256 gathered keys below."""
     assert [attn.default_decode_block_k(p) for p in (16, 32, 64, 128)] == [256, 256, 64, 128]
+
+
+def test_default_warps_follow_the_h100_measurements():
+    """The schedule defaults reproduce the best of 1 / 2 / 4 (decode) and 4 / 8 (prefill) warps
+    measured on the H100 (docs/benchmarks.md, 2026-11-26), LLaMA-3-8B heads (Hkv = 8)."""
+    dw = attn.default_decode_warps
+    # page 128 (block_k 128), blocks = S / 128
+    assert dw(64, 8, 4096 // 128, 128) == 2 and dw(64, 8, 16384 // 128, 128) == 2
+    assert dw(256, 8, 1024 // 128, 128) == 2 and dw(256, 8, 16384 // 128, 128) == 2
+    assert dw(64, 8, 1024 // 128, 128) == 4 and dw(16, 8, 4096 // 128, 128) == 4
+    assert dw(16, 8, 16384 // 128, 128) == 4
+    assert dw(64, 8, 4096 // 64, 64) == 4  # page 64: 4 warps won
+    assert dw(64, 8, 4096 // 128, 128, quantized=False) == 4  # bf16 pages: as measured before
+    assert attn.default_prefill_warps(128) == 8 and attn.default_prefill_warps(16) == 4

@@ -35,9 +35,10 @@ from comet_jax.engine import kv_cache
 
 
 def band_kv(cache, layer, slots, start, k_new, v_new):
-    """``(k_ext, v_ext)``, each ``[B, W - 1 + T, Hkv, D]`` (the ring's tokens before the chunk,
-    then the chunk), and their positions ``[B, W - 1 + T]`` (negative: before the sequence,
-    masked)."""
+    """``(k_ext, v_ext, pos, rows)``: ``k_ext, v_ext [B, W - 1 + T, Hkv, D]`` (the ring's
+    tokens before the chunk, then the chunk), their positions ``pos [B, W - 1 + T]``
+    (negative: before the sequence, masked), and ``rows = (k_rows, v_rows)``, each
+    ``[B, Hkv, W, D]``: the slots' whole rings as read (for :func:`ring_write`)."""
     window = cache.config.recent_window
     t = k_new.shape[1]
     prior_pos = start[:, None] - window + 1 + jnp.arange(window - 1, dtype=jnp.int32)  # [B, W-1]
@@ -47,10 +48,11 @@ def band_kv(cache, layer, slots, start, k_new, v_new):
     def ext(ring, new):
         rows = jnp.take(ring[layer], slot, axis=0)  # [B, Hkv, W, D]
         prior = jnp.take_along_axis(rows, row, axis=2).transpose(0, 2, 1, 3)  # [B, W-1, Hkv, D]
-        return jnp.concatenate([prior.astype(new.dtype), new], axis=1)
+        return jnp.concatenate([prior.astype(new.dtype), new], axis=1), rows
 
     pos = jnp.concatenate([prior_pos, start[:, None] + jnp.arange(t, dtype=jnp.int32)], axis=1)
-    return ext(cache.ring_k, k_new), ext(cache.ring_v, v_new), pos
+    (k_ext, k_rows), (v_ext, v_rows) = ext(cache.ring_k, k_new), ext(cache.ring_v, v_new)
+    return k_ext, v_ext, pos, (k_rows, v_rows)
 
 
 def band_attention(q, k_ext, v_ext, ext_pos, seq_lens, window: int, sm_scale: float):
@@ -96,9 +98,16 @@ def merge(o1, lse1, o2, lse2):
     )
 
 
-def ring_write(cache, layer, k_new, v_new, slots, start, q_lens, seq_lens):
+def ring_write(cache, layer, k_new, v_new, slots, start, q_lens, seq_lens, rows):
     """Writes each chunk token whose position is among its sequence's newest W into ring row
-    ``position % W`` of its slot (the others, padding and slot -1 are dropped)."""
+    ``position % W`` of its slot (the others, padding and slot -1 are dropped).
+
+    ``rows`` are :func:`band_kv`'s ``(k_rows, v_rows)``, this layer's rings as read before the
+    write. The written values are ``where(keep, new, old)`` with ``old`` taken from them:
+    the same values (dropped tokens are never written), but the scatter now depends on the
+    read, so XLA orders the read first and updates the ring in place. Without that edge the
+    read and the scatter were unordered and XLA copied both whole rings ``[L, S, Hkv, W, D]``
+    in every layer (seen in the compiled HLO; tests/test_recent_window.py checks it)."""
     cfg = cache.config
     w = cfg.recent_window
     b, t = k_new.shape[:2]
@@ -109,11 +118,16 @@ def ring_write(cache, layer, k_new, v_new, slots, start, q_lens, seq_lens):
     row = jnp.mod(pos, w).reshape(-1)
     layer = jnp.asarray(layer, jnp.int32)
 
-    def put(ring, vals):  # ring [L, S, Hkv, W, D] <- vals [B*T, Hkv, D]
-        vals = vals.reshape(b * t, *vals.shape[2:]).astype(ring.dtype)
+    keep_rows = keep.reshape(-1)[:, None, None]
+    row_idx = jnp.mod(pos, w)[:, None, :, None]  # [B, 1, T, 1]
+
+    def put(ring, vals, read):  # ring [L, S, Hkv, W, D] <- vals [B*T, Hkv, D]
+        old = jnp.take_along_axis(read, row_idx, axis=2).transpose(0, 2, 1, 3)  # [B, T, Hkv, D]
+        vals = jnp.where(keep_rows, vals.reshape(b * t, *vals.shape[2:]).astype(ring.dtype),
+                         old.reshape(b * t, *old.shape[2:]).astype(ring.dtype))  # fmt: skip
         return ring.at[layer, slot, :, row, :].set(vals, mode="drop")
 
-    return put(cache.ring_k, k_new), put(cache.ring_v, v_new)
+    return put(cache.ring_k, k_new, rows[0]), put(cache.ring_v, v_new, rows[1])
 
 
 def windowed_attention(
@@ -148,9 +162,9 @@ def windowed_attention(
     )  # fmt: skip
     if decode:
         o1, lse1 = o1[:, None], lse1[:, None]
-    k_ext, v_ext, ext_pos = band_kv(cache, layer, slots, start, k_new, v_new)
+    k_ext, v_ext, ext_pos, rows = band_kv(cache, layer, slots, start, k_new, v_new)
     o2, lse2 = band_attention(q, k_ext, v_ext, ext_pos, seq_lens, w, sm_scale)
     out = merge(o1, lse1, o2, lse2)
     out = jnp.where((jnp.arange(t)[None, :] < q_lens[:, None])[:, :, None, None], out, 0.0)
-    ring_k, ring_v = ring_write(cache, layer, k_new, v_new, slots, start, q_lens, seq_lens)
+    ring_k, ring_v = ring_write(cache, layer, k_new, v_new, slots, start, q_lens, seq_lens, rows)
     return out, dataclasses.replace(cache, ring_k=ring_k, ring_v=ring_v)

@@ -65,7 +65,7 @@ class PagedAttention:
 
     backend: str = "reference"
     interpret: bool = False
-    prefill_dequantize: bool = False
+    prefill_dequantize: bool = True
 
     def __call__(self, q, k, v, layer_idx, state: PagedState):
         t = q.shape[1]
