@@ -36,6 +36,7 @@ ENGINE_FLAGS = (
     "kv_group",
     "kv_recent_window",
     "prefill_dequantize",
+    "kv_write_kernel",
     "compute_dtype",
     "kernels",
     "interpret",
@@ -369,6 +370,13 @@ def _common(p: argparse.ArgumentParser, engine: bool = True) -> None:
         default=None,
         help="INT4 cache, Pallas kernels: prefill attention dequantizes the call's pages once "
         "into bf16 (default on; --no-prefill_dequantize unpacks each page in the kernel)",
+    )
+    g.add_argument(
+        "--kv_write_kernel",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="INT4 cache, Pallas kernels: quantize and store new K/V with one Pallas kernel "
+        "per layer instead of XLA quantize + scatters (default off: not yet timed on a GPU)",
     )
     g.add_argument(
         "--compute_dtype",

@@ -419,26 +419,38 @@ def prefill(key, quick):
 
 
 def _write_step(fn, state, k, slots):
-    state[0] = fn(state[0], 0, k, k, slots)  # donated: an in-place scatter, as in the engine
+    state[0] = fn(state[0], 0, k, k, slots)  # donated: an in-place update, as in the engine
     return state[0].k
 
 
 def writes(key):
+    """Cache write of N tokens into a donated pool: XLA (quantize + six scatters) vs the Pallas
+    kernel (pallas_kernels/kv4_write.py); the kernel's bytes are checked against XLA's first."""
     from comet_jax.engine import kv_cache as kc
 
     for n_tokens in WRITE_SIZES:
-        label = f"{n_tokens} tokens"
         cfg = kc.KVCacheConfig(1, HKV, D, 64, 4096, 128, "int4")
-        cache = kc.init_cache(cfg)
         k = jax.random.normal(key, (n_tokens, HKV, D), jnp.bfloat16)
         slots = jnp.asarray(
             np.random.default_rng(0).permutation(4096 * 64)[:n_tokens].astype(np.int32)
         )
-        fn = jax.jit(kc.write_kv, donate_argnums=0)
-        step = functools.partial(_write_step, fn, [cache], k, slots)
-        t = bench(step, [()])
-        RESULTS["write"].append(dict(what=label, us=t * 1e6))
-        log("write", label, f"{t * 1e6:.1f} us")
+        row = dict(what=f"{n_tokens} tokens")
+        xla_out = kc.write_kv(kc.init_cache(cfg), 0, k, k, slots)
+        for name, kernel in (("xla", False), ("kernel", True)):
+            fn = jax.jit(functools.partial(kc.write_kv, kernel=kernel), donate_argnums=0)
+            try:
+                if kernel:
+                    got = fn(kc.init_cache(cfg), 0, k, k, slots)
+                    row["kernel_equal"] = all(
+                        bool(jnp.array_equal(a, b))
+                        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(xla_out))
+                    )
+                step = functools.partial(_write_step, fn, [kc.init_cache(cfg)], k, slots)
+                row[name + "_us"] = bench(step, [()]) * 1e6
+            except Exception as e:
+                row[name + "_error"] = repr(e)[:300]
+        RESULTS["write"].append(row)
+        log("write", row)
     save()
 
 
@@ -486,7 +498,7 @@ def markdown():
         lines += ["", "## Prefill (INT4, page 128) by num_warps", ""]
         lines += [f"- {r}" for r in RESULTS["prefill_warps"]]
     lines += ["", "## Cache write (quantize + scatter)", ""]
-    lines += [f"- {r['what']}: {r['us']:.1f} us" for r in RESULTS["write"]]
+    lines += [f"- {r}" for r in RESULTS["write"]]
     lines += ["", "## GPU correctness (relative L2 error)", ""]
     lines += [f"- {r}" for r in RESULTS["correctness"]]
     text = "\n".join(lines) + "\n"

@@ -338,6 +338,7 @@ def bench_precision(args, model_config, precision: str) -> list[dict]:
         cuda_graphs=args.cuda_graphs,
         pack_prefill=args.pack_prefill,
         prefill_dequantize=args.prefill_dequantize,
+        kv_write_kernel=args.kv_write_kernel,
         kv_recent_window=args.kv_recent_window if precision == "w4axkv4" else 0,
     )
     built = LLMEngine.build(model_config, params, cfg, linear=linear, progress=not args.quiet)
@@ -523,6 +524,11 @@ def parse_args(argv=None):
         default=True,
         help="INT4 prefill over pages dequantized once (EngineConfig.prefill_dequantize; on "
         "by default, --no-prefill-dequantize unpacks each page in the kernel)",
+    )
+    p.add_argument(
+        "--kv-write-kernel",
+        action="store_true",
+        help="INT4: quantize + store new K/V with the Pallas kernel (EngineConfig.kv_write_kernel)",
     )
     p.add_argument(
         "--modes",

@@ -394,11 +394,14 @@ def test_kv_recent_window_validation():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("prefill_dequantize", [False, True])
-def test_pallas_kv4_kernels_in_interpret_mode_match_reference(model, prefill_dequantize):
+@pytest.mark.parametrize("prefill_dequantize,kv_write_kernel", [(False, True), (True, False)])
+def test_pallas_kv4_kernels_in_interpret_mode_match_reference(
+    model, prefill_dequantize, kv_write_kernel
+):
     """The GPU path (Pallas paged decode/prefill kernels over the INT4 cache), run in
     interpret mode, gives the jnp-reference engine's greedy tokens; with
-    `prefill_dequantize` prefill attends over its pages dequantized once into bf16.
+    `prefill_dequantize` prefill attends over its pages dequantized once into bf16, with
+    `kv_write_kernel` the Pallas kernel quantizes and stores new K/V.
 
     The kernel rounds p * scale to f16 before the V dot (documented in kv4_attention.py), so
     it is not bit-equal to the reference; a random tiny model has near-flat logits (top-2
@@ -410,10 +413,15 @@ def test_pallas_kv4_kernels_in_interpret_mode_match_reference(model, prefill_deq
     sp = SamplingParams(max_tokens=6, temperature=0)
     want = LLMEngine.build(*model, ec, progress=False).generate(ps, sp)
     pec = dataclasses.replace(
-        ec, kernels="pallas", interpret=True, prefill_dequantize=prefill_dequantize
+        ec,
+        kernels="pallas",
+        interpret=True,
+        prefill_dequantize=prefill_dequantize,
+        kv_write_kernel=kv_write_kernel,
     )
     pallas = LLMEngine.build(*model, pec, progress=False)
     assert pallas.runner.model.attention.prefill_dequantize is prefill_dequantize
+    assert pallas.runner.model.attention.kv_write_kernel is kv_write_kernel
     got = [g["token_ids"] for g in pallas.generate(ps, sp)]
     want = [w["token_ids"] for w in want]
     assert [g[:3] for g in got] == [w[:3] for w in want]

@@ -87,6 +87,10 @@ class EngineConfig:
         the call's pages for one layer at a time (prefill batch x page-table width x page x
         Hkv x D x 4 bytes, e.g. 134 MB for 4 x 8192 tokens of LLaMA-3-8B), taken from the
         memory the KV pool leaves free.
+      kv_write_kernel: INT4 cache with Pallas kernels: each layer's new K/V are quantized and
+        stored into their pages by one Pallas kernel (`pallas_kernels.kv4_write`, the same
+        bytes) instead of XLA's quantize + six scatters. Off by default: tested on the CPU
+        (interpret mode, bit-exact), not yet timed on a GPU.
       kv_recent_window: W > 0 keeps each running sequence's newest W tokens' K/V unquantized
         (compute dtype) beside the INT4 pages and attends to them in float
         (`comet_jax.engine.recent_window`; the serving form of
@@ -118,11 +122,12 @@ class EngineConfig:
     async_scheduling: bool = True
     pack_prefill: bool = True
     prefill_dequantize: bool = True
+    kv_write_kernel: bool = False
     kv_recent_window: int = 0
 
     def __post_init__(self):
         bools = ("cuda_graphs", "async_scheduling", "aot_compile", "interpret", "pack_prefill")
-        for name in bools + ("prefill_dequantize",):
+        for name in bools + ("prefill_dequantize", "kv_write_kernel"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be a bool")
         if not isinstance(self.tp, int) or self.tp < 1:

@@ -159,7 +159,9 @@ class LLMEngine:
         model = LlamaForCausalLM(
             model_config,
             linear=linear,
-            attention=PagedAttention(attn_backend, config.interpret, config.prefill_dequantize),
+            attention=PagedAttention(
+                attn_backend, config.interpret, config.prefill_dequantize, config.kv_write_kernel
+            ),
             dtype=dtype,
             param_dtype=dtype,
         )

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 
 from comet_jax.quant import kv_quant
 from pallas_kernels import kv4_attention as attn
+from pallas_kernels import kv4_write
 
 CacheDtype = Literal["int4", "bf16"]
 
@@ -172,13 +173,19 @@ def _check_new(name: str, x, cfg: KVCacheConfig, n: int):
     return x
 
 
-def write_kv(cache: PagedKVCache, layer, k_new, v_new, slot_mapping) -> PagedKVCache:
+def write_kv(
+    cache: PagedKVCache, layer, k_new, v_new, slot_mapping, *, kernel: bool = False,
+    interpret: bool = False,
+) -> PagedKVCache:  # fmt: skip
     """Quantizes (int4) and scatters new tokens' K/V of one layer into their slots.
 
     Args:
       layer: int or traced int32 scalar.
       k_new, v_new: ``[N, Hkv, D]`` float (K after RoPE), or ``[B, T, Hkv, D]`` (flattened).
       slot_mapping: ``[N]`` (or ``[B, T]``) int32 ``page * page_size + offset``; ``-1`` skips.
+      kernel: INT4 cache: quantize and store with the one Pallas kernel
+        (`pallas_kernels.kv4_write.kv4_write`, same bytes) instead of XLA's quantize + six
+        scatters (`kv4_write_reference`). `interpret` runs the kernel on the CPU.
 
     Returns the updated cache (donate the old one under jit for an in-place update).
     """
@@ -190,30 +197,22 @@ def write_kv(cache: PagedKVCache, layer, k_new, v_new, slot_mapping) -> PagedKVC
     k_new = _check_new("k_new", jnp.reshape(k_new, (-1, *jnp.shape(k_new)[-2:])), cfg, n)
     v_new = _check_new("v_new", jnp.reshape(v_new, (-1, *jnp.shape(v_new)[-2:])), cfg, n)
     slots = slot_mapping.reshape(n)
-    skip = slots < 0
-    # Out-of-range page index + mode="drop" turns padding tokens into no-ops.
-    page = jnp.where(skip, cfg.num_pages, slots // cfg.page_size)
-    off = jnp.where(skip, 0, slots % cfg.page_size)
-    layer = jnp.asarray(layer, jnp.int32)
-
-    def put(pool, vals, token_axis_last=False):
-        if token_axis_last:  # [L, P, Hkv, G, page] <- [N, Hkv, G]
-            return pool.at[layer, page, :, :, off].set(vals.astype(pool.dtype), mode="drop")
-        return pool.at[layer, page, :, off, :].set(vals.astype(pool.dtype), mode="drop")
-
     if not cfg.quantized:
+        skip = slots < 0
+        # Out-of-range page index + mode="drop" turns padding tokens into no-ops.
+        page = jnp.where(skip, cfg.num_pages, slots // cfg.page_size)
+        off = jnp.where(skip, 0, slots % cfg.page_size)
+        layer = jnp.asarray(layer, jnp.int32)
+
+        def put(pool, vals):
+            return pool.at[layer, page, :, off, :].set(vals.astype(pool.dtype), mode="drop")
+
         return dataclasses.replace(cache, k=put(cache.k, k_new), v=put(cache.v, v_new))
-    kq = kv_quant.quantize_kv(k_new, cfg.group_size)
-    vq = kv_quant.quantize_kv(v_new, cfg.group_size)
-    return dataclasses.replace(
-        cache,
-        k=put(cache.k, kq.packed),
-        v=put(cache.v, vq.packed),
-        k_scale=put(cache.k_scale, kq.scale, True),
-        k_zero=put(cache.k_zero, kq.zero, True),
-        v_scale=put(cache.v_scale, vq.scale, True),
-        v_zero=put(cache.v_zero, vq.zero, True),
-    )
+    if kernel:
+        pages = kv4_write.kv4_write(cache.pages(), layer, k_new, v_new, slots, interpret=interpret)
+    else:
+        pages = kv4_write.kv4_write_reference(cache.pages(), layer, k_new, v_new, slots)
+    return dataclasses.replace(cache, **pages._asdict())
 
 
 def slot_mapping_from_positions(page_table, positions, page_size: int, valid=None):
@@ -250,6 +249,7 @@ def paged_attention(
     backend: Literal["pallas", "reference"] = "pallas",
     interpret: bool = False,
     window_slots=None,
+    write_kernel: bool = False,
     **kernel_kwargs,
 ):
     """Writes the new tokens' K/V into the cache, then attends over the cache.
@@ -260,6 +260,7 @@ def paged_attention(
     seq_lens: ``[B] int32`` tokens per sequence *after* this write.
     window_slots: ``[B] int32`` ring slots of the rows (-1: padding); required when the cache
       has a recent window (`comet_jax.engine.recent_window`: the newest W keys unquantized).
+    write_kernel: INT4 cache: write with the Pallas quantize-and-store kernel (`write_kv`).
 
     Returns ``(out, cache)``: ``out`` shaped like q (q's dtype; the reference returns f32).
     """
@@ -267,7 +268,9 @@ def paged_attention(
         raise ValueError(f"mode={mode!r} must be 'decode' or 'prefill'")
     if backend not in ("pallas", "reference"):
         raise ValueError(f"backend={backend!r} must be 'pallas' or 'reference'")
-    cache = write_kv(cache, layer, k_new, v_new, slot_mapping)
+    cache = write_kv(
+        cache, layer, k_new, v_new, slot_mapping, kernel=write_kernel, interpret=interpret
+    )
     if cache.config.recent_window:
         from comet_jax.engine import recent_window
 

@@ -61,11 +61,14 @@ class PagedAttention:
     backend: "pallas" (kernels; `interpret` runs them on CPU) or "reference" (jnp).
     prefill_dequantize: with "pallas" and an INT4 cache, prefill attends over its pages
       dequantized once into bf16 (EngineConfig.prefill_dequantize).
+    kv_write_kernel: with "pallas" and an INT4 cache, new K/V are quantized and stored by the
+      Pallas write kernel (EngineConfig.kv_write_kernel).
     """
 
     backend: str = "reference"
     interpret: bool = False
     prefill_dequantize: bool = True
+    kv_write_kernel: bool = False
 
     def __call__(self, q, k, v, layer_idx, state: PagedState):
         t = q.shape[1]
@@ -75,7 +78,11 @@ class PagedAttention:
         page_size = state.cache.config.page_size
         slots = kv_cache.slot_mapping_from_positions(state.page_table, positions, page_size, valid)
         seq_lens = state.start + state.num_valid
-        common = dict(backend=self.backend, interpret=self.interpret)
+        common = dict(
+            backend=self.backend,
+            interpret=self.interpret,
+            write_kernel=self.kv_write_kernel and self.backend == "pallas",
+        )
         if state.cache.config.recent_window:
             common["window_slots"] = state.window_slot
         if t == 1:

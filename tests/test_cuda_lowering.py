@@ -1,0 +1,97 @@
+"""Every Pallas kernel lowers to a Triton call for CUDA, checked on the CPU.
+
+CI has no GPU, and interpret mode runs the kernels' jnp semantics, not their Triton lowering:
+a primitive that Pallas-Triton cannot lower (or a block shape it rejects) would only show up on
+the GPU machine. `jit(...).trace(...).lower(lowering_platforms=("cuda",))` runs the
+Pallas -> Triton-IR lowering on the CPU. Not covered: Triton's own compilation to PTX (it runs
+inside XLA's GPU compiler) and speed.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from comet_jax.engine import kv_cache as kc
+from pallas_kernels import act_quant as aq
+from pallas_kernels import kv4_attention as attn
+from pallas_kernels import kv4_write
+from pallas_kernels import w4ax_matmul as wm
+from pallas_kernels.tuning import GemmConfig
+
+S = jax.ShapeDtypeStruct
+
+
+def _lower_cuda(fn, *args) -> str:
+    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "triton" in text, "no Triton kernel call in the CUDA lowering"
+    return text
+
+
+def _gemm_args(m, n, k4, k8):
+    return (
+        S((m, k4 // 2), jnp.int8),
+        S((m, k8), jnp.int8),
+        S((m, 2), jnp.float32),
+        S((n, (k4 + k8) // 2), jnp.int8),
+        S((n,), jnp.float32),
+    )
+
+
+@pytest.mark.parametrize(
+    "m,config",
+    [
+        (16, None),  # decode heuristic (swap_ab, split-K)
+        (256, None),
+        (1024, None),  # prefill heuristic ("wx" pre-unpack)
+        (64, GemmConfig(block_m=64, block_n=128, num_warps=4)),
+    ],
+)
+def test_w4ax_gemm_lowers(m, config):
+    _lower_cuda(functools.partial(wm.w4ax_matmul, config=config), *_gemm_args(m, 256, 384, 128))
+
+
+def test_w4a16_gemm_lowers():
+    args = (S((64, 512), jnp.bfloat16), S((256, 256), jnp.int8), S((256,), jnp.float32))
+    _lower_cuda(wm.w4a16_matmul, *args)
+
+
+def test_act_quant_lowers():
+    perm = np.random.default_rng(0).permutation(512).astype(np.int32)
+    fn = functools.partial(aq.act_quant, perm=jnp.asarray(perm), k4=384)
+    _lower_cuda(
+        lambda x, w: fn(x, norm_weight=w), S((16, 512), jnp.bfloat16), S((512,), jnp.float32)
+    )
+
+
+def _pages(hkv, d, page, group, quantized=True):
+    cfg = kc.KVCacheConfig(2, hkv, d, page, 32, group, "int4" if quantized else "bf16")
+    return jax.tree.map(lambda x: S(x.shape, x.dtype), kc.init_cache(cfg).pages())
+
+
+@pytest.mark.parametrize("batch,max_pages,page", [(4, 8, 64), (64, 32, 128), (2, 8, 16)])
+def test_kv4_decode_attention_lowers(batch, max_pages, page):
+    """Covers both warps defaults (64 x 8 heads x 32 pages takes 2 warps) and gathered pages."""
+    kv = _pages(8, 128, page, 128)
+    args = (S((batch, 32, 128), jnp.bfloat16), kv, S((batch, max_pages), jnp.int32))
+    _lower_cuda(attn.paged_decode_attention, *args, S((batch,), jnp.int32))
+
+
+@pytest.mark.parametrize("dequantize", [False, True])
+def test_kv4_prefill_attention_lowers(dequantize):
+    kv = _pages(8, 128, 64, 128)
+    fn = functools.partial(attn.paged_prefill_attention, dequantize=dequantize)
+    args = (S((2, 256, 32, 128), jnp.bfloat16), kv, S((2, 8), jnp.int32), S((2,), jnp.int32))
+    _lower_cuda(fn, *args)
+
+
+@pytest.mark.parametrize("hkv,d,group", [(8, 128, 128), (3, 64, 64), (8, 128, 32)])
+def test_kv4_write_lowers_with_aliased_pools(hkv, d, group):
+    kv = _pages(hkv, d, 64, group)
+    args = (kv, S((5, hkv, d), jnp.bfloat16), S((5, hkv, d), jnp.bfloat16), S((5,), jnp.int32))
+    text = _lower_cuda(lambda kv, k, v, s: kv4_write.kv4_write(kv, 1, k, v, s), *args)
+    assert "output_operand_alias" in text  # the pool arrays are updated in place
