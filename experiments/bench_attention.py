@@ -497,7 +497,7 @@ def markdown():
     if RESULTS["prefill_warps"]:
         lines += ["", "## Prefill (INT4, page 128) by num_warps", ""]
         lines += [f"- {r}" for r in RESULTS["prefill_warps"]]
-    lines += ["", "## Cache write (quantize + scatter)", ""]
+    lines += ["", "## Cache write (XLA quantize + scatters vs the Pallas kernel)", ""]
     lines += [f"- {r}" for r in RESULTS["write"]]
     lines += ["", "## GPU correctness (relative L2 error)", ""]
     lines += [f"- {r}" for r in RESULTS["correctness"]]

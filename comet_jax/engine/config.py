@@ -86,7 +86,10 @@ class EngineConfig:
         1024/512. Same values up to the bf16 rounding of K/V. Costs a temporary bf16 copy of
         the call's pages for one layer at a time (prefill batch x page-table width x page x
         Hkv x D x 4 bytes, e.g. 134 MB for 4 x 8192 tokens of LLaMA-3-8B), taken from the
-        memory the KV pool leaves free.
+        memory the KV pool leaves free. The pass covers the whole page-table width whether the
+        pages are used or not, so with a long max_model_len and one page bucket, short prompts
+        pay for the full width: give `page_buckets`, or turn it off (the in-kernel unpack
+        reads only the pages in use).
       kv_write_kernel: INT4 cache with Pallas kernels: each layer's new K/V are quantized and
         stored into their pages by one Pallas kernel (`pallas_kernels.kv4_write`, the same
         bytes) instead of XLA's quantize + six scatters. Off by default: tested on the CPU

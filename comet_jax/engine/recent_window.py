@@ -115,11 +115,11 @@ def ring_write(cache, layer, k_new, v_new, slots, start, q_lens, seq_lens, rows)
     keep = (jnp.arange(t)[None, :] < q_lens[:, None]) & (pos >= seq_lens[:, None] - w)
     keep &= (slots >= 0)[:, None]
     slot = jnp.where(keep, slots[:, None], cfg.window_slots).reshape(-1)  # out of range: drop
-    row = jnp.mod(pos, w).reshape(-1)
+    ring_row = jnp.mod(pos, w)  # [B, T]
+    row = ring_row.reshape(-1)
     layer = jnp.asarray(layer, jnp.int32)
-
     keep_rows = keep.reshape(-1)[:, None, None]
-    row_idx = jnp.mod(pos, w)[:, None, :, None]  # [B, 1, T, 1]
+    row_idx = ring_row[:, None, :, None]  # [B, 1, T, 1]
 
     def put(ring, vals, read):  # ring [L, S, Hkv, W, D] <- vals [B*T, Hkv, D]
         old = jnp.take_along_axis(read, row_idx, axis=2).transpose(0, 2, 1, 3)  # [B, T, Hkv, D]
