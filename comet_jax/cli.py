@@ -149,8 +149,12 @@ def _default_tokenizer():
 
 
 def _build_engine(args, build, **extra):
+    from comet_jax.engine import compile_cache
     from comet_jax.engine.engine import LLMEngine
 
+    cache_dir = compile_cache.enable(getattr(args, "compile_cache", None))
+    if cache_dir is not None:
+        print(f"XLA compilation cache: {cache_dir}", file=sys.stderr)
     t0 = time.perf_counter()
     cfg = _engine_config(args, build, **extra)
     lm = load_model(args.model, precision=cfg.precision, dtype=cfg.compute_dtype, seed=cfg.seed)
@@ -339,6 +343,13 @@ def _common(p: argparse.ArgumentParser, engine: bool = True) -> None:
     if not engine:
         return
     g = p.add_argument_group("engine (EngineConfig; unset flags keep gin/default values)")
+    g.add_argument(
+        "--compile_cache",
+        metavar="DIR",
+        help="persistent XLA compilation cache: a restart with the same model and settings "
+        "loads the compiled steps instead of compiling them (default: $COMET_JAX_COMPILE_CACHE "
+        "or ~/.cache/comet_jax/xla; 'none' turns it off)",
+    )
     g.add_argument("--max_batch", type=int, help="most sequences running at once")
     g.add_argument(
         "--max_tokens_per_step",

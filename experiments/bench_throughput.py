@@ -593,8 +593,9 @@ def _write_record(args, results) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.compile_cache:
-        jax.config.update("jax_compilation_cache_dir", args.compile_cache)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+        from comet_jax.engine import compile_cache
+
+        compile_cache.enable(args.compile_cache, min_compile_secs=1.0)
     model_config = preset_config(args.preset)
     results = []
     for precision in args.precisions.split(","):

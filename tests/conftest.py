@@ -16,6 +16,9 @@ if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "
         os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The CLI turns on a persistent XLA compilation cache under ~/.cache by default; tests do not
+# write there (tests/test_compile_cache.py enables one in a temporary directory).
+os.environ["COMET_JAX_COMPILE_CACHE"] = "none"
 
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path
