@@ -2,9 +2,9 @@
 
 What it replaces (``kv4_write_reference``, the engine's path so far): XLA quantizes
 ``[N, Hkv, D]`` K and V (group min/max reductions, scale, zero point, rounding, nibble packing)
-and scatters six arrays (packed K and V, four f16 scale/zero arrays) into the pool, i.e. about
-ten kernels per layer. On the H100 the decode step at batch 64 spent 0.48 ms of 6.25 in these
-writes for 32 layers (docs/benchmarks.md, 2026-11-26).
+and scatters six arrays (packed K and V, four f16 scale/zero arrays) into the pool: six
+scatters plus the quantization's own kernels, per layer. On the H100 the decode step at batch
+64 spent 0.48 ms of 6.25 in these writes for 32 layers (docs/benchmarks.md, 2026-11-26).
 
 Kernel: grid ``(N, Hkv)``, one program per (token, KV head). It reads the token's ``[D]``
 K and V values, computes per group of ``g`` channels exactly the arithmetic of
