@@ -7,7 +7,7 @@ engine (same model shapes, precision, buckets, jax version and device) loads the
 from disk instead. The CLI turns it on by default (`--compile_cache DIR`, `none` to disable).
 
     from comet_jax.engine import compile_cache
-    compile_cache.enable()                      # ~/.cache/comet_jax/xla (or $COMET_JAX_COMPILE_CACHE)
+    compile_cache.enable()           # $COMET_JAX_COMPILE_CACHE, else ~/.cache/comet_jax/xla
     compile_cache.enable("/scratch/xla", min_compile_secs=0)
     compile_cache.disable()
 """
@@ -21,10 +21,8 @@ import jax
 from jax.experimental.compilation_cache import compilation_cache as _cc
 
 ENV_VAR = "COMET_JAX_COMPILE_CACHE"
-_OFF = ("", "none", "off")
-
-
 DEFAULT_DIR = "~/.cache/comet_jax/xla"
+_OFF = ("", "none", "off")
 
 
 def enable(path: str | os.PathLike | None = None, *, min_compile_secs: float = 0.5) -> Path | None:
