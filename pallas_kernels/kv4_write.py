@@ -41,41 +41,45 @@ from comet_jax.quant import kv_quant
 from pallas_kernels.act_quant import _div_rn, _round_even
 from pallas_kernels.kv4_attention import PagedKV, _check_kv, _layer_array
 
-_LEVELS = 15  # 4-bit unsigned
+_LEVELS = 2**kv_quant.KV_BITS - 1  # unsigned nibbles 0..15
 
 
 def _check_write(kv: PagedKV, k_new, v_new, slots):
     _check_kv(kv)
     if not kv.quantized:
         raise ValueError("kv4_write needs an INT4 cache (this one is bf16)")
-    n = slots.shape[0] if slots.ndim == 1 else -1
     if slots.dtype != jnp.int32 or slots.ndim != 1:
         raise ValueError(f"slots must be int32 [N], got {slots.dtype} {slots.shape}")
-    want = (n, kv.k.shape[2], kv.head_dim)
+    want = (slots.shape[0], kv.k.shape[2], kv.head_dim)
     for name, x in (("k_new", k_new), ("v_new", v_new)):
         if x.shape != want or not jnp.issubdtype(x.dtype, jnp.floating):
             raise ValueError(f"{name} must be float [N, Hkv, D] = {want}, got {x.dtype} {x.shape}")
 
 
-def kv4_write_reference(kv: PagedKV, layer, k_new, v_new, slots) -> PagedKV:
-    """XLA: :func:`kv_quant.quantize_kv` of ``[N, Hkv, D]`` K/V, then one scatter per array.
-
-    ``layer``: int or traced int32 scalar. Slots ``-1`` (and any out of range) are dropped.
-    """
-    slots = jnp.asarray(slots)
-    _check_write(kv, k_new, v_new, slots)
-    page_size, num_pages = kv.page_size, kv.k.shape[1]
+def token_scatter(layer, slots, page_size: int, num_pages: int):
+    """``put(pool, vals, token_axis_last=False)``: writes ``vals [N, Hkv, X]`` at the tokens'
+    slots of ``pool[layer]`` (``[L, P, Hkv, page, X]``, or ``[L, P, Hkv, X, page]`` with
+    ``token_axis_last``) by one XLA scatter. Slot ``-1`` becomes an out-of-range page index and
+    ``mode="drop"`` turns it into a no-op, as it does slots past the pool."""
     skip = slots < 0
-    # Out-of-range page index + mode="drop" turns skipped tokens into no-ops.
     page = jnp.where(skip, num_pages, slots // page_size)
     off = jnp.where(skip, 0, slots % page_size)
     layer = jnp.asarray(layer, jnp.int32)
 
     def put(pool, vals, token_axis_last=False):
-        if token_axis_last:  # [L, P, Hkv, G, page] <- [N, Hkv, G]
+        if token_axis_last:
             return pool.at[layer, page, :, :, off].set(vals.astype(pool.dtype), mode="drop")
         return pool.at[layer, page, :, off, :].set(vals.astype(pool.dtype), mode="drop")
 
+    return put
+
+
+def kv4_write_reference(kv: PagedKV, layer, k_new, v_new, slots) -> PagedKV:
+    """XLA: :func:`kv_quant.quantize_kv` of ``[N, Hkv, D]`` K/V, then one scatter per array
+    (:func:`token_scatter`). ``layer``: int or traced int32 scalar."""
+    slots = jnp.asarray(slots)
+    _check_write(kv, k_new, v_new, slots)
+    put = token_scatter(layer, slots, kv.page_size, kv.k.shape[1])
     g = kv.group_size
     kq = kv_quant.quantize_kv(k_new, g)
     vq = kv_quant.quantize_kv(v_new, g)

@@ -198,15 +198,7 @@ def write_kv(
     v_new = _check_new("v_new", jnp.reshape(v_new, (-1, *jnp.shape(v_new)[-2:])), cfg, n)
     slots = slot_mapping.reshape(n)
     if not cfg.quantized:
-        skip = slots < 0
-        # Out-of-range page index + mode="drop" turns padding tokens into no-ops.
-        page = jnp.where(skip, cfg.num_pages, slots // cfg.page_size)
-        off = jnp.where(skip, 0, slots % cfg.page_size)
-        layer = jnp.asarray(layer, jnp.int32)
-
-        def put(pool, vals):
-            return pool.at[layer, page, :, off, :].set(vals.astype(pool.dtype), mode="drop")
-
+        put = kv4_write.token_scatter(layer, slots, cfg.page_size, cfg.num_pages)
         return dataclasses.replace(cache, k=put(cache.k, k_new), v=put(cache.v, v_new))
     if kernel:
         pages = kv4_write.kv4_write(cache.pages(), layer, k_new, v_new, slots, interpret=interpret)
