@@ -387,7 +387,8 @@ def _common(p: argparse.ArgumentParser, engine: bool = True) -> None:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="INT4 cache, Pallas kernels: quantize and store new K/V with one Pallas kernel "
-        "per layer instead of XLA quantize + scatters (default off: not yet timed on a GPU)",
+        "per layer instead of XLA quantize + scatters (default on; "
+        "--no-kv_write_kernel uses XLA)",
     )
     g.add_argument(
         "--compute_dtype",

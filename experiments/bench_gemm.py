@@ -506,6 +506,48 @@ def pre_x_study(results, deadline, ms=None, update_table=True, shapes_name="llam
     return variant_study(results, deadline, "pre_x", ms, pre_x_variants, update_table, shapes_name)
 
 
+def one_acc_variants(m, tuned):
+    """One int32 accumulator per tile (``acc8_first``): the INT8 segment's partial waits in
+    bf16 registers, so 128 x 128 tiles fit 4 warps as in a plain int8 GEMM. Against the tuned
+    two-accumulator config at the same M."""
+    out = []
+    if not tuned.acc8_first:
+        out.append(("tuned +1acc", dataclasses.replace(tuned, acc8_first=True)))
+    for bm, bn, warps, stages in (
+        (128, 128, 4, 3),
+        (128, 128, 4, 4),
+        (128, 128, 8, 3),
+        (128, 256, 8, 3),
+    ):
+        cfg = GemmConfig(bm, bn, 1, warps, stages, False, 8, pre_unpack="wx", acc8_first=True)
+        out.append((f"1acc wx {bm}x{bn} w{warps} s{stages}", cfg))
+    if m <= 256:
+        for bn, bm, warps, stages in ((128, 128, 4, 4), (128, 128, 4, 3)):
+            cfg = GemmConfig(bm, bn, 1, warps, stages, True, 8, pre_unpack="x", acc8_first=True)
+            out.append((f"1acc swap {bn}x{bm} w{warps} s{stages} +x", cfg))
+    return out
+
+
+def one_acc_study(results, deadline, ms=None, update_table=True, shapes_name="llama3-8b"):
+    """M in 256, 1024, 4096 (default): one accumulator per tile (:func:`variant_study`)."""
+    ms = ms or (256, 1024, 4096)
+    return variant_study(
+        results, deadline, "one_acc", ms, one_acc_variants, update_table, shapes_name
+    )
+
+
+def _study_shapes(name: str) -> list[tuple[int, int]]:
+    """A ``tuning.ENGINE_SHAPES`` key, or an explicit ``NxK,NxK`` list."""
+    if name in tuning.ENGINE_SHAPES:
+        return tuning.ENGINE_SHAPES[name]
+    try:
+        return [tuple(int(v) for v in part.split("x")) for part in name.split(",")]
+    except ValueError:
+        raise SystemExit(
+            f"--study-shapes {name!r}: want one of {sorted(tuning.ENGINE_SHAPES)} or NxK,NxK"
+        ) from None
+
+
 def variant_study(
     results, deadline, key, ms, variants_of, update_table=True, shapes_name="llama3-8b"
 ):
@@ -515,7 +557,7 @@ def variant_study(
     non-zero operands, M not a multiple of the tile). The fastest exact variant per shape
     becomes its tuning-table entry."""
     rows = results.setdefault(key, [])
-    shapes = tuning.ENGINE_SHAPES[shapes_name]
+    shapes = _study_shapes(shapes_name)
     if SMOKE:
         shapes, ms = [(64, 256)], (40,)
 
@@ -526,6 +568,7 @@ def variant_study(
         return vs
 
     exact_of = results.setdefault(f"{key}_exact", {})
+    out_err_of = results.setdefault(f"{key}_out_rel_err", {})
     entries = {}
     for n, k in shapes:
         for m in ms:
@@ -546,6 +589,16 @@ def variant_study(
                     ok = False
                     log(f"{key} {lbl} failed: {type(e).__name__}: {e!s:.200}")
                 exact_of[f"{lbl} {m}x{n}x{k}"] = ok
+                if ok:  # and the epilogue's output (acc8_first rounds one term to bf16)
+                    try:
+                        y = w4ax_matmul(*ops, config=cfg, interpret=SMOKE)
+                        y_ref = w4ax_matmul_reference(*ops, out_dtype=jnp.float32)
+                        err = rel_err(np.asarray(y, np.float32), np.asarray(y_ref))
+                    except Exception as e:  # noqa: BLE001
+                        err = float("inf")
+                        log(f"{key} {lbl} output failed: {type(e).__name__}: {e!s:.200}")
+                    out_err_of[f"{lbl} {m}x{n}x{k}"] = err
+                    exact_of[f"{lbl} {m}x{n}x{k}"] = bool(err < 1e-2)
             sets = _ours_sets(m, n, k, k8, n_copies(n * k // 2, m))
             row = dict(m=m, n=n, k=k, k8=k8)
             row["bf16_us"] = time_bf16(m, n, k) * 1e6
@@ -676,7 +729,7 @@ def a16_study(results, deadline, ms=None, shapes_name="llama3-8b"):
     from pallas_kernels.w4ax_matmul import w4a16_matmul, w4a16_matmul_reference
 
     rows = results.setdefault("a16", [])
-    shapes = tuning.ENGINE_SHAPES[shapes_name]
+    shapes = _study_shapes(shapes_name)
     ms = ms or (1, 16, 64, 256, 1024, 4096)
     if SMOKE:
         shapes, ms = [(64, 256)], (1, 40)
@@ -829,6 +882,22 @@ def markdown(results) -> str:
                 f"| {brief} | {x['bf16_us']:.1f} | {x['w4ax_us']:.1f} "
                 f"| {x['default_vs_bf16']:.2f} | {x['best_vs_bf16']:.2f} |"
             )
+    for key in ("large_m", "pre_x", "one_acc"):
+        if not results.get(key):
+            continue
+        out += [
+            "",
+            f"## Variant study `{key}` (25% INT8), device us; best = fastest exact variant",
+            "",
+            "| M | N | K | tuned | best | best variant | bf16 | int8 | best vs bf16 | best vs int8 |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for x in results[key]:
+            out.append(
+                f"| {x['m']} | {x['n']} | {x['k']} | {x['tuned_us']:.1f} | {x['best_us']:.1f} "
+                f"| {x['best']} | {x['bf16_us']:.1f} | {x['int8_us']:.1f} "
+                f"| {x['best_vs_bf16']:.2f} | {x['best_vs_int8']:.2f} |"
+            )
     return "\n".join(out) + "\n"
 
 
@@ -851,6 +920,11 @@ def main(argv=None):
         action="store_true",
         help="M >= 256 variants (pre_unpack, swap_ab, xla_int8); best ones into the table",
     )
+    ap.add_argument(
+        "--one-acc",
+        action="store_true",
+        help="M >= 256: one int32 accumulator per tile (acc8_first); best ones into the table",
+    )
     ap.add_argument("--timing-study", action="store_true", help="old vs device timing")
     ap.add_argument("--act-quant", action="store_true", help="act_quant kernel vs XLA")
     ap.add_argument("--tune-shapes", default="", help="tuning.ENGINE_SHAPES key for --tune")
@@ -858,8 +932,8 @@ def main(argv=None):
     ap.add_argument(
         "--study-shapes",
         default="llama3-8b",
-        choices=sorted(tuning.ENGINE_SHAPES),
-        help="tuning.ENGINE_SHAPES key for --pre-x / --large-m / --a16",
+        help=f"shapes for --pre-x / --large-m / --one-acc / --a16: a tuning.ENGINE_SHAPES "
+        f"key ({', '.join(sorted(tuning.ENGINE_SHAPES))}) or NxK,NxK",
     )
     ap.add_argument(
         "--study-ms",
@@ -946,7 +1020,12 @@ def main(argv=None):
         if args.large_m:
             large_m_study(results, deadline, **study)
             save()
-        if (args.pre_x or args.large_m) and not SMOKE:  # the table those studies updated
+        if args.one_acc:
+            one_acc_study(results, deadline, **study)
+            save()
+        if (
+            args.pre_x or args.large_m or args.one_acc
+        ) and not SMOKE:  # the table those studies updated
             (out / "tuning_table.json").write_text(tuning.TABLE_PATH.read_text())
         if args.sweep:
             sweep(

@@ -527,8 +527,10 @@ def parse_args(argv=None):
     )
     p.add_argument(
         "--kv-write-kernel",
-        action="store_true",
-        help="INT4: quantize + store new K/V with the Pallas kernel (EngineConfig.kv_write_kernel)",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="INT4: quantize + store new K/V with the Pallas kernel (EngineConfig.kv_write_kernel;"
+        " on by default, --no-kv-write-kernel uses XLA's quantize + scatters)",
     )
     p.add_argument(
         "--modes",

@@ -45,6 +45,14 @@ Kernel design (Hopper, Triton):
   weights and activations to int8 and runs its int8 ``[N, K]`` GEMM per segment; same int32
   sums, same epilogue. Meant for compute-bound prefill, where the kernel's in-loop unpack
   costs MMA rate; on the H100 it lost to the kernel at every M measured (<= 1024).
+* ``acc8_first`` (an ablation, off): the INT8 segment's tiles first, then its partial
+  ``acc8 * s8 / 16`` rounded to bf16 (one extra bf16 rounding of that term, relative error
+  <= 2^-9 of it), and the one int32 accumulator, zeroed, takes the INT4 tiles: one
+  accumulator and half of one live instead of two. It tests whether the second accumulator
+  is what keeps 128 x 128 tiles at 4 warps (a plain int8 ``[N, K]`` GEMM's fastest tile) out
+  of reach. Measured on the H100 (2026-11-26, ``bench_gemm.py --one-acc``): it is not; those
+  tiles stay 1.3-2.5x slower than the tuned ones, and the tuned tiles gain nothing.
+  Per-channel weight scales only (group scales already accumulate in f32).
 * W4A16 (`w4a16_matmul`): the same kernel with one float segment, ``x: [M, K]`` bf16 in
   place of ``x8``; the x16 weight halves are converted to bf16 in registers (exact) and meet
   x on the bf16 MMA with f32 accumulation; x_scales are ones, the 1/16 stays in the epilogue.
@@ -86,6 +94,11 @@ class GemmConfig:
     # "pallas": the kernel below. "xla_int8": unpack INT4 weights/activations to int8 with
     # XLA, then XLA's int8 GEMM ([N, K]) per segment and the same epilogue (module docstring).
     backend: str = "pallas"
+    # One int32 accumulator per tile instead of two: the INT8 segment's loop runs first and
+    # its scaled partial waits in bf16 registers (half the space) while the same accumulator,
+    # zeroed, takes the INT4 segment. An ablation (no speed-up measured; module docstring).
+    # Per-channel weight scales only.
+    acc8_first: bool = False
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
@@ -254,6 +267,7 @@ def _kernel(
     w_unpacked,
     x4_unpacked,
     x_float,
+    acc8_first=False,
 ):
     refs = list(refs)
     x4_ref = refs.pop(0) if has_x4 else None
@@ -341,31 +355,47 @@ def _kernel(
         acc = jax.lax.fori_loop(0, n_steps, step, acc)
         return jax.lax.fori_loop(start + n_steps * k_unroll, stop, body, acc)
 
-    acc4 = jnp.zeros(acc_shape, acc_dtype)
-    acc8 = jnp.zeros(acc_shape, acc_dtype)
-    if has_x4:
-        acc4 = seg_loop(lo, jnp.minimum(hi, t4), body4, acc4)
-    if has_x8:
-        acc8 = seg_loop(jnp.maximum(lo, t4), hi, body8, acc8)
-
     def store(ref, v):
         ref[...] = (v.T if swap_ab else v).astype(ref.dtype)
 
-    if raw:
-        store(out_refs[0], acc4)
-        store(out_refs[1], acc8)
-        return
+    def token_scales():
+        # Fold the x16 (INT8 segment) and x256 (INT4 segment) unpack factors into the scales.
+        xs = xs_ref[...]  # [bm, 2]: (INT4 scale, INT8 scale) per token
+        col = jax.lax.broadcasted_iota(jnp.int32, (bm, 2), 1)
+        s4 = jnp.sum(jnp.where(col == 0, xs, 0.0), axis=1) * (1.0 / 256.0)
+        s8 = jnp.sum(jnp.where(col == 1, xs, 0.0), axis=1) * (1.0 / 16.0)
+        shape = (1, bm) if swap_ab else (bm, 1)
+        return s4.reshape(shape), s8.reshape(shape)
 
-    # Epilogue: fold the x16 (INT8 segment) and x256 (INT4 segment) unpack factors.
-    xs = xs_ref[...]  # [bm, 2]: (INT4 scale, INT8 scale) per token
-    col = jax.lax.broadcasted_iota(jnp.int32, (bm, 2), 1)
-    s4 = jnp.sum(jnp.where(col == 0, xs, 0.0), axis=1) * (1.0 / 256.0)
-    s8 = jnp.sum(jnp.where(col == 1, xs, 0.0), axis=1) * (1.0 / 16.0)
-    if swap_ab:
-        s4, s8 = s4.reshape(1, bm), s8.reshape(1, bm)
+    if acc8_first:  # one int32 accumulator: INT8 tiles, park them in bf16, then INT4 tiles
+        acc8 = jnp.zeros(acc_shape, acc_dtype)
+        if has_x8:
+            acc8 = seg_loop(jnp.maximum(lo, t4), hi, body8, acc8)
+        if raw:
+            store(out_refs[1], acc8)
+        else:
+            s4, s8 = token_scales()
+            part8 = (acc8.astype(jnp.float32) * s8).astype(jnp.bfloat16)
+        acc4 = jnp.zeros(acc_shape, acc_dtype)
+        if has_x4:
+            acc4 = seg_loop(lo, jnp.minimum(hi, t4), body4, acc4)
+        if raw:
+            store(out_refs[0], acc4)
+            return
+        y = acc4.astype(jnp.float32) * s4 + part8.astype(jnp.float32)
     else:
-        s4, s8 = s4.reshape(bm, 1), s8.reshape(bm, 1)
-    y = acc4.astype(jnp.float32) * s4 + acc8.astype(jnp.float32) * s8
+        acc4 = jnp.zeros(acc_shape, acc_dtype)
+        acc8 = jnp.zeros(acc_shape, acc_dtype)
+        if has_x4:
+            acc4 = seg_loop(lo, jnp.minimum(hi, t4), body4, acc4)
+        if has_x8:
+            acc8 = seg_loop(jnp.maximum(lo, t4), hi, body8, acc8)
+        if raw:
+            store(out_refs[0], acc4)
+            store(out_refs[1], acc8)
+            return
+        s4, s8 = token_scales()
+        y = acc4.astype(jnp.float32) * s4 + acc8.astype(jnp.float32) * s8
     if not grouped:
         ws = ws_ref[...]
         y = y * (ws.reshape(bn, 1) if swap_ab else ws.reshape(1, bn))
@@ -468,6 +498,12 @@ def _w4ax_call(
     write_partial = raw or splits > 1
     has_x4, has_x8 = k4 > 0, k8 > 0
     x_float = jnp.issubdtype(x8.dtype, jnp.floating)  # W4A16: x8 holds float activations
+    if config.acc8_first and (n_groups or x_float):
+        raise ValueError(
+            "GemmConfig.acc8_first needs per-channel weight scales and integer activations "
+            f"(got {'group scales' if n_groups else 'float activations (W4A16)'}): grouped "
+            "and W4A16 calls accumulate in f32 already"
+        )
     w_unpacked = config.pre_unpack in ("w", "wx")
     x4_unpacked = config.pre_unpack in ("x", "wx") and has_x4
     x4_arg = unpack_int4_x16_tiles(x4_packed, tile_k) if x4_unpacked else x4_packed
@@ -520,6 +556,7 @@ def _w4ax_call(
         w_unpacked=w_unpacked,
         x4_unpacked=x4_unpacked,
         x_float=x_float,
+        acc8_first=config.acc8_first,
     )
     out = pl.pallas_call(
         kernel,

@@ -7,6 +7,8 @@ land near 1e-7). Tiles are tiny (tile_k 64, blocks 16/32) so interpret mode stay
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,6 +18,7 @@ from pallas_kernels.tuning import default_config, get_config, random_operands
 from pallas_kernels.w4ax_matmul import (
     GemmConfig,
     dequantized_matmul,
+    w4a16_matmul,
     w4ax_accumulators,
     w4ax_accumulators_reference,
     w4ax_matmul,
@@ -33,6 +36,11 @@ PREFILL = GemmConfig(
 PRE_W = GemmConfig(block_m=32, block_n=32, split_k=2, swap_ab=False, group_m=2, pre_unpack="w")
 PRE_WX = GemmConfig(block_m=32, block_n=32, split_k=1, swap_ab=False, group_m=2, pre_unpack="wx")
 PRE_X = GemmConfig(block_m=16, block_n=32, split_k=3, swap_ab=True, group_m=1, pre_unpack="x")
+# One int32 accumulator: the INT8 segment first, its partial parked in bf16.
+ONE_ACC = GemmConfig(block_m=32, block_n=32, pre_unpack="wx", group_m=2, acc8_first=True)
+ONE_ACC_SWAP = GemmConfig(
+    block_m=16, block_n=32, split_k=3, swap_ab=True, group_m=1, pre_unpack="x", acc8_first=True
+)
 
 
 def _rel(a, b):
@@ -54,6 +62,11 @@ def _rel(a, b):
         (9, 32, 256, 256, PRE_WX, None, True),  # pre-unpacked, W4A8 (no INT4 segment)
         (3, 96, 384, 128, PRE_X, None, True),  # pre-unpacked activations, swap_ab, split-K
         (20, 64, 256, 64, PRE_X, 128, False),  # pre-unpacked activations, group scales
+        (40, 96, 256, 64, ONE_ACC, None, True),  # one accumulator, INT8 segment first
+        (17, 32, 256, 0, ONE_ACC, None, False),  # one accumulator, W4A4
+        (9, 32, 256, 256, ONE_ACC, None, True),  # one accumulator, W4A8
+        (3, 96, 384, 128, ONE_ACC_SWAP, None, True),  # swap_ab, split-K across segments
+        (24, 64, 384, 128, dataclasses.replace(ONE_ACC, pre_unpack=""), None, False),
     ],
 )
 def test_kernel_matches_reference(m, n, k, k8, cfg, group, use_bias):
@@ -77,6 +90,32 @@ def test_kernel_matches_reference(m, n, k, k8, cfg, group, use_bias):
         y_deq = y_deq + bias
     assert _rel(y.astype(jnp.float32), y_ref) < 1e-2
     assert _rel(y.astype(jnp.float32), y_deq) < 1e-2
+
+
+def test_acc8_first_rounds_only_the_int8_partial():
+    """acc8_first parks acc8 * s8 in bf16: with f32 output the only difference from the
+    two-accumulator kernel is that one rounding, <= 2^-9 of the INT8 term per element."""
+    m, n, k, k8 = 24, 64, 384, 128
+    ops = random_operands(jax.random.PRNGKey(11), m, n, k, k8, tile_k=TILE)
+    two = dataclasses.replace(ONE_ACC, acc8_first=False)
+    kw = dict(tile_k=TILE, interpret=True, out_dtype=jnp.float32)
+    y1 = np.asarray(w4ax_matmul(*ops, config=ONE_ACC, **kw), np.float64)
+    y2 = np.asarray(w4ax_matmul(*ops, config=two, **kw), np.float64)
+    acc8 = np.asarray(w4ax_accumulators_reference(ops[0], ops[1], ops[3], tile_k=TILE)[1])
+    term8 = np.abs(acc8 * np.asarray(ops[2])[:, 1:2] * np.asarray(ops[4])[None, :])
+    assert np.all(np.abs(y1 - y2) <= term8 * 2.0**-8 + 1e-6)
+    assert not np.array_equal(y1, y2)  # the rounding happened (random data)
+
+
+def test_acc8_first_rejects_group_scales_and_a16():
+    ops = random_operands(jax.random.PRNGKey(12), 4, 32, 256, 64, tile_k=TILE, group_size=128)
+    with pytest.raises(ValueError, match="acc8_first needs per-channel.*group scales"):
+        w4ax_matmul(*ops, tile_k=TILE, interpret=True, config=ONE_ACC)
+    x = jax.random.normal(jax.random.PRNGKey(13), (4, 256), jnp.bfloat16)
+    ops = random_operands(jax.random.PRNGKey(12), 4, 32, 256, 0, tile_k=TILE)
+    with pytest.raises(ValueError, match="acc8_first needs per-channel.*W4A16"):
+        cfg = dataclasses.replace(ONE_ACC, pre_unpack="")
+        w4a16_matmul(x, ops[3], ops[4], tile_k=TILE, interpret=True, config=cfg)
 
 
 def test_f32_output_and_default_config():

@@ -68,7 +68,7 @@ class PagedAttention:
     backend: str = "reference"
     interpret: bool = False
     prefill_dequantize: bool = True
-    kv_write_kernel: bool = False
+    kv_write_kernel: bool = True
 
     def __call__(self, q, k, v, layer_idx, state: PagedState):
         t = q.shape[1]
