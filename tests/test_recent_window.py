@@ -10,6 +10,8 @@ kernels in interpret mode < 1e-2 (bf16 dot operands, measured 0.7-1.8e-3).
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -166,3 +168,44 @@ def test_ring_is_updated_in_place_across_layers(mode):
     assert ring in text  # the check below looks at the right shape
     copies = [ln for ln in text.splitlines() if " copy(" in ln and ring in ln.split("=", 1)[1][:40]]
     assert not copies, copies[:2]
+
+
+def test_decode_band_masks_stale_rows_and_padded_rows():
+    """decode_band reads the slot's whole ring: rows holding positions before the sequence
+    (stale data of an earlier occupant) are masked; a padded row (slot -1) writes nothing and
+    sees no key. Reference: softmax over the positions (p - W, p] written by this sequence."""
+    w, hkv, hg, d = 8, 2, 2, 64
+    cfg = kc.KVCacheConfig(
+        1, hkv, d, 16, 4, 64, "int4", recent_window=w, window_slots=3, window_dtype="float32"
+    )
+    rng = np.random.default_rng(5)
+    stale = rng.standard_normal((1, 3, hkv, w, d)).astype(np.float32) * 100.0
+    cache = dataclasses.replace(
+        kc.init_cache(cfg), ring_k=jnp.asarray(stale), ring_v=jnp.asarray(stale)
+    )
+    hist = rng.standard_normal((2, 3, hkv, d)).astype(np.float32)  # K, V at positions 0..2
+    for p in range(2):  # this sequence's positions 0 and 1 go through decode steps in slot 1
+        _, _, rk, rv = rw.decode_band(
+            jnp.zeros((2, hkv * hg, d)), jnp.asarray(np.stack([hist[0, p]] * 2)),
+            jnp.asarray(np.stack([hist[1, p]] * 2)), cache, 0, jnp.array([1, -1]),
+            jnp.array([p + 1, 1]), 0.125,
+        )  # fmt: skip
+        cache = dataclasses.replace(cache, ring_k=rk, ring_v=rv)
+    q = rng.standard_normal((2, hkv * hg, d)).astype(np.float32)
+    o, lse, rk, _ = rw.decode_band(
+        jnp.asarray(q), jnp.asarray(np.stack([hist[0, 2]] * 2)),
+        jnp.asarray(np.stack([hist[1, 2]] * 2)), cache, 0, jnp.array([1, -1]),
+        jnp.array([3, 1]), 0.125,
+    )  # fmt: skip
+    qg = q[0].reshape(hkv, hg, d)
+    logits = np.einsum("kgd,pkd->kgp", qg, hist[0]) * 0.125  # keys 0..2 only
+    want = np.einsum(
+        "kgp,pkd->kgd", np.exp(logits) / np.exp(logits).sum(-1, keepdims=True), hist[1]
+    )
+    np.testing.assert_allclose(np.asarray(o[0]), want.reshape(hkv * hg, d), rtol=1e-5, atol=1e-5)
+    assert np.all(np.isneginf(np.asarray(lse[1]))) and not np.asarray(o[1]).any()
+    ring = np.asarray(rk)
+    np.testing.assert_array_equal(ring[0, [0, 2]], stale[0, [0, 2]])  # other slots untouched
+    np.testing.assert_array_equal(ring[0, 1][:, 3:], stale[0, 1][:, 3:])  # rows 3.. unwritten
+    for p in range(3):
+        np.testing.assert_array_equal(ring[0, 1][:, p], hist[0, p])

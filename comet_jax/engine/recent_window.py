@@ -20,6 +20,11 @@ One attention call (a decode step, T = 1, or a prefill chunk of T tokens startin
 3. the two softmaxes merged by their log-sum-exps;
 4. the chunk's tokens among its sequence's newest W written into the ring.
 
+A decode step (T = 1) takes a shorter route through the same semantics (:func:`decode_band`):
+write the new token into its ring row first, then attend over the slot's whole ring, which
+now holds exactly the positions ``(p - W, p]`` (rows of negative positions masked): two small
+batched dots instead of W shifted slices, and no copy of the ring rows into an extended band.
+
 Arrays: q ``[B, T, Hq, D]``, k_new/v_new ``[B, T, Hkv, D]``, slots ``[B] int32`` (-1: padded
 row), seq_lens ``[B]`` (after the chunk), q_lens ``[B]``.
 """
@@ -82,6 +87,46 @@ def band_attention(q, k_ext, v_ext, ext_pos, seq_lens, window: int, sm_scale: fl
         o = o + p[..., j, None] * v_ext[:, j : j + t, :, None, :].astype(jnp.float32)
     lse = jnp.where(denom > 0, m[..., 0] + jnp.log(safe), -jnp.inf)
     return o.reshape(b, t, hq, d), lse.reshape(b, t, hq)
+
+
+def decode_band(q, k_new, v_new, cache, layer, slots, seq_lens, sm_scale: float):
+    """The float band of a decode step: ``q [B, Hq, D]``, ``k_new, v_new [B, Hkv, D]`` (the
+    step's token at position ``p = seq_lens - 1``). Writes the token into ring row ``p % W``
+    of its slot (slot -1: padded row, not written), then attends over that slot's ring.
+
+    Returns ``(o [B, Hq, D] f32, lse [B, Hq] f32, ring_k, ring_v)`` (lse -inf where the row
+    sees no key). The read follows the write, so XLA updates the rings in place."""
+    cfg = cache.config
+    w = cfg.recent_window
+    b, hq, d = q.shape
+    hkv = k_new.shape[1]
+    pos = seq_lens - 1  # [B]
+    live = (slots >= 0) & (pos >= 0)
+    slot = jnp.where(live, slots, cfg.window_slots)  # out of range: the write is dropped
+    row = jnp.mod(pos, w)
+    layer = jnp.asarray(layer, jnp.int32)
+
+    def put(ring, new):
+        return ring.at[layer, slot, :, row, :].set(new.astype(ring.dtype), mode="drop")
+
+    ring_k, ring_v = put(cache.ring_k, k_new), put(cache.ring_v, v_new)
+    read = jnp.clip(slots, 0, cfg.window_slots - 1)
+    rows_k = jnp.take(ring_k[layer], read, axis=0)  # [B, Hkv, W, D]
+    rows_v = jnp.take(ring_v[layer], read, axis=0)
+    # Ring row r holds the newest position <= p congruent to r (mod W), if there is one.
+    r = jnp.arange(w, dtype=jnp.int32)[None, :]
+    row_pos = pos[:, None] - jnp.mod(pos[:, None] - r, w)  # [B, W]
+    valid = ((row_pos >= 0) & live[:, None])[:, None, None, :]  # [B, 1, 1, W]
+    qg = q.reshape(b, hkv, hq // hkv, d).astype(rows_k.dtype)
+    logits = jnp.einsum("bkgd,bkwd->bkgw", qg, rows_k, preferred_element_type=jnp.float32)
+    logits = jnp.where(valid, logits * sm_scale, -jnp.inf)
+    m = jnp.max(logits, axis=-1, keepdims=True)
+    p = jnp.where(valid, jnp.exp(logits - jnp.where(jnp.isfinite(m), m, 0.0)), 0.0)
+    denom = jnp.sum(p, axis=-1)
+    safe = jnp.where(denom > 0, denom, 1.0)
+    o = jnp.einsum("bkgw,bkwd->bkgd", p / safe[..., None], rows_v.astype(jnp.float32))
+    lse = jnp.where(denom > 0, m[..., 0] + jnp.log(safe), -jnp.inf)
+    return o.reshape(b, hq, d), lse.reshape(b, hq), ring_k, ring_v
 
 
 def merge(o1, lse1, o2, lse2):
@@ -161,7 +206,11 @@ def windowed_attention(
         kernel_kwargs=kernel_kwargs, sm_scale=sm_scale, causal_shift=w, return_lse=True,
     )  # fmt: skip
     if decode:
-        o1, lse1 = o1[:, None], lse1[:, None]
+        o2, lse2, ring_k, ring_v = decode_band(
+            q[:, 0], k_new[:, 0], v_new[:, 0], cache, layer, slots, seq_lens, sm_scale
+        )
+        out = merge(o1, lse1, o2, lse2)[:, None]
+        return out, dataclasses.replace(cache, ring_k=ring_k, ring_v=ring_v)
     k_ext, v_ext, ext_pos, rows = band_kv(cache, layer, slots, start, k_new, v_new)
     o2, lse2 = band_attention(q, k_ext, v_ext, ext_pos, seq_lens, w, sm_scale)
     out = merge(o1, lse1, o2, lse2)
