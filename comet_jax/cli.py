@@ -358,7 +358,12 @@ def _common(p: argparse.ArgumentParser, engine: bool = True) -> None:
     )
     g.add_argument("--max_prefill_seqs", type=int, help="prompts chunked in one step")
     g.add_argument("--max_model_len", type=int, help="longest prompt + completion in tokens")
-    g.add_argument("--page_size", type=int, help="tokens per KV page (16, 32, 64 or 128)")
+    g.add_argument(
+        "--page_size",
+        type=int,
+        help="tokens per KV page (16, 32, 64 or 128; default 128 with the Pallas kernels on a "
+        "GPU, else 16)",
+    )
     g.add_argument(
         "--num_pages", type=int, help="KV pool size in pages (default: plan from free memory)"
     )

@@ -345,6 +345,7 @@ def bench_precision(args, model_config, precision: str) -> list[dict]:
     row["compile_s"] = built.compile_time_s
     row["kv_pages"] = built.allocator.capacity
     row["kv_tokens"] = built.allocator.capacity * cfg.page_size
+    row["page_size"] = cfg.page_size  # resolved (the flag may be None: the engine's default)
     row["capacity"] = built.capacity.describe() if built.capacity else None
     rows = []
     for mode in args.modes:  # one compiled runner, an engine per scheduling mode
@@ -468,7 +469,12 @@ def parse_args(argv=None):
     p.add_argument("--max-batch", type=int, default=256)
     p.add_argument("--max-tokens-per-step", type=int, default=2048)
     p.add_argument("--max-prefill-seqs", type=int, default=4)
-    p.add_argument("--page-size", type=int, default=64)
+    p.add_argument(
+        "--page-size",
+        type=int,
+        default=None,
+        help="tokens per KV page (default: the engine's, 128 with the Pallas kernels on a GPU)",
+    )
     p.add_argument(
         "--page-buckets",
         type=_ints,

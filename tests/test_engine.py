@@ -533,3 +533,22 @@ def test_compiled_steps_update_the_cache_in_place(model, cache):
             if " copy(" in ln and any(s in ln.split("=", 1)[1][:48] for s in shapes)
         ]
         assert not copies, (key, copies[:3])
+
+
+def test_page_size_default_follows_the_kernels(monkeypatch):
+    """page_size=None resolves to 128 for the Pallas kernels on a GPU (measured fastest there)
+    and 16 elsewhere; an explicit value is kept."""
+    import jax
+
+    from comet_jax.engine.config import EngineConfig
+
+    assert EngineConfig().page_size == 16  # CPU
+    assert EngineConfig(kernels="pallas", interpret=True).page_size == 16
+    assert EngineConfig(page_size=64).page_size == 64
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert EngineConfig().page_size == 128
+    assert EngineConfig(kernels="pallas").page_size == 128
+    assert EngineConfig(kernels="reference").page_size == 16
+    assert dataclasses.replace(EngineConfig(), max_batch=4).page_size == 128
+    with pytest.raises(ValueError, match="page_size"):
+        EngineConfig(page_size=0)
