@@ -37,6 +37,7 @@ ENGINE_FLAGS = (
     "kv_recent_window",
     "prefill_dequantize",
     "kv_write_kernel",
+    "kv_window_kernel",
     "compute_dtype",
     "kernels",
     "interpret",
@@ -394,6 +395,13 @@ def _common(p: argparse.ArgumentParser, engine: bool = True) -> None:
         help="INT4 cache, Pallas kernels: quantize and store new K/V with one Pallas kernel "
         "per layer instead of XLA quantize + scatters (default on; "
         "--no-kv_write_kernel uses XLA)",
+    )
+    g.add_argument(
+        "--kv_window_kernel",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="recent window, Pallas kernels: decode attends the bf16 ring inside the decode "
+        "kernel (default off: not yet timed on a GPU)",
     )
     g.add_argument(
         "--compute_dtype",

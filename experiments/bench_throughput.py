@@ -339,6 +339,7 @@ def bench_precision(args, model_config, precision: str) -> list[dict]:
         pack_prefill=args.pack_prefill,
         prefill_dequantize=args.prefill_dequantize,
         kv_write_kernel=args.kv_write_kernel,
+        kv_window_kernel=args.kv_window_kernel,
         kv_recent_window=args.kv_recent_window if precision == "w4axkv4" else 0,
     )
     built = LLMEngine.build(model_config, params, cfg, linear=linear, progress=not args.quiet)
@@ -537,6 +538,12 @@ def parse_args(argv=None):
         default=True,
         help="INT4: quantize + store new K/V with the Pallas kernel (EngineConfig.kv_write_kernel;"
         " on by default, --no-kv-write-kernel uses XLA's quantize + scatters)",
+    )
+    p.add_argument(
+        "--kv-window-kernel",
+        action="store_true",
+        help="with --kv-recent-window: decode attends the ring inside the Pallas kernel "
+        "(EngineConfig.kv_window_kernel)",
     )
     p.add_argument(
         "--modes",

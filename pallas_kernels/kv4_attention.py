@@ -29,6 +29,12 @@ Decode splits the page range of a sequence over ``num_splits`` programs (flash-d
 merges their partial results with a log-sum-exp step; prefill gives each program a tile of
 ``block_q`` chunk tokens x the GQA group and walks the pages causally.
 
+Decode with the recent window's ring (``ring=``, ``[L, S, Hkv, W, D]`` float, the newest W
+tokens of each sequence unquantized): the pages are attended up to ``p - W``
+(``causal_shift = W``) and split 0 of each (sequence, KV head) takes the slot's W ring rows
+as one more key block (one dot for the logits, one per half for P V, positions from
+``p`` and the row index, rows before the sequence masked), inside the same online softmax.
+
 ``paged_*_reference`` functions are the documented semantics: gather pages, dequantize with
 :mod:`comet_jax.quant.quantizers`, masked softmax in f32.
 """
@@ -242,11 +248,14 @@ def _kernel(
     qk_int8: bool = False,
     causal_shift: int = 0,
     partials: bool = False,
+    ring: bool = False,
 ):
     if quantized:
         ks_ref, kz_ref, vs_ref, vz_ref, *outs = rest
     else:
         outs = list(rest)
+    if ring:  # the recent window's rings [L, S, Hkv, W, D] and each row's slot [B]
+        rk_ref, rv_ref, rs_ref, *outs = outs
     o_ref = outs[0]
     b, h, qt, split = (pl.program_id(i) for i in range(4))
     block_rows, head_dim = q_ref.shape
@@ -376,6 +385,32 @@ def _kernel(
     carry = (accs0, m0, l0)
     carry = jax.lax.fori_loop(blk_lo, full_hi, functools.partial(body, masked=False), carry)
     accs, m_i, l_i = jax.lax.fori_loop(full_hi, blk_hi, body, carry)
+    if ring:  # one more key block: the slot's ring, positions (p - W, p], in split 0 only
+        slot = rs_ref[b]
+        window = rk_ref.shape[3]
+        qpos = q_start + token  # [BM] the query rows' own positions
+        r = jnp.arange(window, dtype=jnp.int32)
+        # Ring row r holds the newest position <= p congruent to r mod W (W a power of two;
+        # p >= -1, so p - r + W >= 0).
+        rpos = qpos[:, None] - ((qpos[:, None] - r[None, :] + window) & (window - 1))
+        ok = (rpos >= 0) & row_valid[:, None] & (slot >= 0) & (split == 0)
+        slot = jnp.maximum(slot, 0)
+        rk = rk_ref[layer, slot, h, :, :]  # [W, D]
+        qf = q_ref[...].astype(rk.dtype)
+        logits = jnp.dot(qf, rk.T, preferred_element_type=jnp.float32) * sm_scale
+        logits = jnp.where(ok, logits, _MASK)
+        m_next = jnp.maximum(m_i, jnp.max(logits, axis=1))
+        corr = jnp.exp(m_i - m_next)
+        probs = jnp.where(ok, jnp.exp(logits - m_next[:, None]), 0.0)
+        l_i = l_i * corr + jnp.sum(probs, axis=1)
+        ps = probs.astype(rk.dtype)
+        accs = tuple(
+            acc * corr[:, None]
+            + jnp.dot(ps, rv_ref[layer, slot, h, :, pl.ds(c * half, half)],
+                      preferred_element_type=jnp.float32)
+            for c, acc in enumerate(accs)
+        )  # fmt: skip
+        m_i = m_next
     l_i = jnp.where(row_valid, l_i, 0.0)
 
     if not partials:
@@ -412,8 +447,10 @@ def _attend(
     qk_int8: bool = False,
     causal_shift: int = 0,
     return_lse: bool = False,
+    ring=None,
 ):
     """Launches the kernel over grid (B, Hkv, R / block_rows, num_splits); merges splits.
+    ``ring``: None or ``(ring_k, ring_v, ring_slots)``, attended as one more key block.
 
     Returns ``o [B, Hkv, R, D]`` (q's dtype), or with ``return_lse`` ``(o, lse [B, Hkv, R]
     f32)``, lse = log of the softmax denominator (-inf for rows that see no key)."""
@@ -441,6 +478,7 @@ def _attend(
         qk_int8=qk_int8,
         causal_shift=causal_shift,
         partials=num_splits > 1 or return_lse,
+        ring=ring is not None,
     )
     whole = pl.no_block_spec  # the kernel gets the whole array and indexes it itself
     in_specs = [whole] * 5 + [
@@ -451,6 +489,9 @@ def _attend(
     if kv.quantized:
         inputs += [kv.k_scale, kv.k_zero, kv.v_scale, kv.v_zero]
         in_specs += [whole] * 4
+    if ring is not None:
+        inputs += list(ring)
+        in_specs += [whole] * 3
     o_spec = pl.BlockSpec(
         (None, None, None, block_rows, head_dim), lambda b, h, t, s: (b, h, s, t, 0)
     )
@@ -611,6 +652,9 @@ def paged_decode_attention(
     qk_int8: bool = False,
     causal_shift: int = 0,
     return_lse: bool = False,
+    ring=None,
+    ring_slots=None,
+    ring_in_kernel: bool = True,
 ):
     """One new token per sequence attends to its cached tokens (its own K/V already written).
 
@@ -637,6 +681,15 @@ def paged_decode_attention(
         newest ones are attended elsewhere: the bf16 recent window, `comet_jax.engine`).
       return_lse: also return the log-sum-exp of the scaled logits per row, ``[B, Hq]`` f32
         (-inf where no key is visible), for merging with attention over other keys.
+      ring: the bf16 recent window, ``(ring_k, ring_v)`` each ``[L, S, Hkv, W, D]`` float,
+        with ``ring_slots [B] int32`` (-1: a padded row, no ring). Row b's query at position
+        ``p = seq_len - 1`` attends the INT4 pages up to ``p - W`` and, unquantized, ring
+        ``ring_slots[b]``, whose row ``r`` holds the newest position ``<= p`` congruent to
+        ``r`` mod W (the step's own token already written; rows of negative positions are
+        masked). ``causal_shift`` is then W.
+      ring_in_kernel: attend the ring inside the kernel as one more key block (W a power of
+        two >= 16); else, or for other W, the kernel returns its log-sum-exp and XLA attends
+        the ring (:func:`ring_attention_reference`) and merges the two.
 
     Returns:
       ``[B, Hq, D]`` in q's dtype (and the lse with ``return_lse``).
@@ -649,6 +702,17 @@ def paged_decode_attention(
     batch, hq, d = q.shape
     page_table = jnp.asarray(page_table)
     _check_tables(kv, page_table, seq_lens, layer, batch)
+    sm_scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)
+    in_kernel, xla_ring = None, None
+    if ring is not None:
+        ring_k, ring_v, ring_slots, window = _check_ring(ring, ring_slots, kv, batch)
+        if causal_shift not in (0, window):
+            raise ValueError(f"causal_shift={causal_shift} with a ring of W={window}: use 0 or W")
+        causal_shift = window
+        if ring_in_kernel and window >= _MIN_ROWS and not window & (window - 1):
+            in_kernel = (ring_k, ring_v, ring_slots)
+        else:
+            xla_ring = (ring_k, ring_v, ring_slots)
     max_pages = page_table.shape[1]
     block_k = block_k or default_decode_block_k(kv.page_size)
     blocks = -(-max_pages // max(1, block_k // kv.page_size))
@@ -675,19 +739,25 @@ def paged_decode_attention(
         block_rows=block_rows,
         block_k=block_k,
         num_splits=num_splits,
-        sm_scale=sm_scale if sm_scale is not None else 1.0 / math.sqrt(d),
+        sm_scale=sm_scale,
         num_warps=num_warps,
         num_stages=num_stages,
         interpret=interpret,
         unpack=unpack,
         qk_int8=_check_qk_int8(qk_int8, kv),
         causal_shift=_check_shift(causal_shift),
-        return_lse=return_lse,
+        return_lse=return_lse or xla_ring is not None,
+        ring=in_kernel,
     )
-    if return_lse:
-        out, lse = out
-        return _from_rows(out, 1, hg, hg_pad)[:, 0], _lse_from_rows(lse, 1, hg, hg_pad)[:, 0]
-    return _from_rows(out, 1, hg, hg_pad)[:, 0]
+    if not (return_lse or xla_ring is not None):
+        return _from_rows(out, 1, hg, hg_pad)[:, 0]
+    out, lse = out
+    out, lse = _from_rows(out, 1, hg, hg_pad)[:, 0], _lse_from_rows(lse, 1, hg, hg_pad)[:, 0]
+    if xla_ring is not None:
+        o2, lse2 = ring_attention_reference(q, *xla_ring, seq_lens, layer=layer, sm_scale=sm_scale)
+        out = merge_attention(out, lse, o2, lse2).astype(q.dtype)
+        lse = merge_lse(lse, lse2)
+    return (out, lse) if return_lse else out
 
 
 def paged_prefill_attention(
@@ -892,14 +962,104 @@ def paged_prefill_attention_reference(
 
 def paged_decode_attention_reference(
     q, kv: PagedKV, page_table, seq_lens, *, layer=0, sm_scale=None, causal_shift=0,
-    return_lse=False,
+    return_lse=False, ring=None, ring_slots=None,
 ):  # fmt: skip
     """Semantics of :func:`paged_decode_attention` (f32 output)."""
     ones = jnp.ones_like(jnp.asarray(seq_lens))
-    out = paged_prefill_attention_reference(
+    sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else sm_scale
+    if ring is not None:
+        ring_k, ring_v, ring_slots, window = _check_ring(ring, ring_slots, kv, q.shape[0])
+        causal_shift = window
+    out, lse = paged_prefill_attention_reference(
         q[:, None], kv, page_table, seq_lens, ones, layer=layer, sm_scale=sm_scale,
-        causal_shift=causal_shift, return_lse=return_lse,
+        causal_shift=causal_shift, return_lse=True,
     )  # fmt: skip
-    if return_lse:
-        return out[0][:, 0], out[1][:, 0]
-    return out[:, 0]
+    out, lse = out[:, 0], lse[:, 0]
+    if ring is not None:
+        o2, lse2 = ring_attention_reference(
+            q, ring_k, ring_v, ring_slots, seq_lens, layer=layer, sm_scale=sm_scale
+        )
+        out, lse = merge_attention(out, lse, o2, lse2), merge_lse(lse, lse2)
+    return (out, lse) if return_lse else out
+
+
+def _check_ring(ring, ring_slots, kv: PagedKV, batch: int):
+    """``(ring_k, ring_v, ring_slots, W)`` after checking them against the cache."""
+    if not isinstance(ring, (tuple, list)) or len(ring) != 2:
+        raise ValueError("ring must be a pair (ring_k, ring_v) of [L, S, Hkv, W, D] arrays")
+    ring_k, ring_v = (jnp.asarray(x) for x in ring)
+    layers, _, hkv, _, _ = kv.k.shape
+    if (
+        ring_k.ndim != 5
+        or ring_k.shape != ring_v.shape
+        or ring_k.shape[0] != layers
+        or ring_k.shape[2] != hkv
+        or ring_k.shape[4] != kv.head_dim
+        or not jnp.issubdtype(ring_k.dtype, jnp.floating)
+    ):
+        raise ValueError(
+            f"ring_k/ring_v must both be float [L={layers}, S, Hkv={hkv}, W, D={kv.head_dim}], "
+            f"got {ring_k.dtype} {ring_k.shape}, {ring_v.dtype} {ring_v.shape}"
+        )
+    if ring_slots is None:
+        raise ValueError("a ring needs ring_slots [B] int32 (-1: padded row)")
+    ring_slots = jnp.asarray(ring_slots)
+    if ring_slots.shape != (batch,) or ring_slots.dtype != jnp.int32:
+        raise ValueError(
+            f"ring_slots must be int32 [B={batch}], got {ring_slots.dtype} {ring_slots.shape}"
+        )
+    slots = _concrete(ring_slots)
+    if slots is not None and (
+        slots.max(initial=-1) >= ring_k.shape[1] or slots.min(initial=0) < -1
+    ):
+        raise ValueError(f"ring_slots={slots.tolist()} must be in [-1, S={ring_k.shape[1]})")
+    return ring_k, ring_v, ring_slots, ring_k.shape[3]
+
+
+def ring_attention_reference(q, ring_k, ring_v, ring_slots, seq_lens, *, layer=0, sm_scale=None):
+    """Decode attention of ``q [B, Hq, D]`` over each row's ring of unquantized keys only
+    (:func:`paged_decode_attention`'s ``ring``): row ``r`` of slot ``ring_slots[b]`` holds the
+    newest position ``<= seq_len - 1`` congruent to ``r`` mod W; negative positions and slot
+    -1 are masked. Returns ``(o [B, Hq, D] f32, lse [B, Hq] f32)``, lse -inf where no key."""
+    b, hq, d = q.shape
+    _, slots_n, hkv, w, _ = ring_k.shape
+    sm_scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
+    pos = jnp.asarray(seq_lens, jnp.int32) - 1
+    read = jnp.clip(ring_slots, 0, slots_n - 1)
+    rows_k = jnp.take(ring_k[layer], read, axis=0)  # [B, Hkv, W, D]
+    rows_v = jnp.take(ring_v[layer], read, axis=0)
+    r = jnp.arange(w, dtype=jnp.int32)[None, :]
+    row_pos = pos[:, None] - jnp.mod(pos[:, None] - r, w)  # [B, W]
+    valid = ((row_pos >= 0) & (ring_slots >= 0)[:, None])[:, None, None, :]  # [B, 1, 1, W]
+    qg = q.reshape(b, hkv, hq // hkv, d).astype(rows_k.dtype)
+    logits = jnp.einsum("bkgd,bkwd->bkgw", qg, rows_k, preferred_element_type=jnp.float32)
+    logits = jnp.where(valid, logits * sm_scale, -jnp.inf)
+    m = jnp.max(logits, axis=-1, keepdims=True)
+    p = jnp.where(valid, jnp.exp(logits - jnp.where(jnp.isfinite(m), m, 0.0)), 0.0)
+    denom = jnp.sum(p, axis=-1)
+    safe = jnp.where(denom > 0, denom, 1.0)
+    o = jnp.einsum("bkgw,bkwd->bkgd", p / safe[..., None], rows_v.astype(jnp.float32))
+    lse = jnp.where(denom > 0, m[..., 0] + jnp.log(safe), -jnp.inf)
+    return o.reshape(b, hq, d), lse.reshape(b, hq)
+
+
+def merge_attention(o1, lse1, o2, lse2):
+    """Softmax over the union of two disjoint key sets from the parts' normalized outputs
+    ``[..., D]`` and log-sum-exps ``[...]``; rows that see no key in either give 0 (f32)."""
+    m = jnp.maximum(lse1, lse2)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    w1 = jnp.where(jnp.isfinite(lse1), jnp.exp(lse1 - m), 0.0)
+    w2 = jnp.where(jnp.isfinite(lse2), jnp.exp(lse2 - m), 0.0)
+    total = w1 + w2
+    inv = jnp.where(total > 0, 1.0 / jnp.where(total > 0, total, 1.0), 0.0)
+    return (o1.astype(jnp.float32) * (w1 * inv)[..., None]) + (
+        o2.astype(jnp.float32) * (w2 * inv)[..., None]
+    )
+
+
+def merge_lse(lse1, lse2):
+    """log(exp(lse1) + exp(lse2)), -inf where both are."""
+    m = jnp.maximum(lse1, lse2)
+    safe = jnp.where(jnp.isfinite(m), m, 0.0)
+    total = jnp.exp(lse1 - safe) + jnp.exp(lse2 - safe)
+    return jnp.where(jnp.isfinite(m), safe + jnp.log(total), -jnp.inf)

@@ -83,6 +83,19 @@ def test_kv4_decode_attention_lowers(batch, max_pages, page):
     _lower_cuda(attn.paged_decode_attention, *args, S((batch,), jnp.int32))
 
 
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_kv4_decode_attention_with_ring_lowers(num_splits):
+    """The recent window's ring attended inside the decode kernel (bf16 [L, S, Hkv, 16, D])."""
+    kv = _pages(8, 128, 128, 128)
+    ring = S((2, 64, 8, 16, 128), jnp.bfloat16)
+    fn = functools.partial(attn.paged_decode_attention, num_splits=num_splits)
+    _lower_cuda(
+        lambda q, kv, t, s, rk, rv, rs: fn(q, kv, t, s, ring=(rk, rv), ring_slots=rs),
+        S((64, 32, 128), jnp.bfloat16), kv, S((64, 8), jnp.int32), S((64,), jnp.int32),
+        ring, ring, S((64,), jnp.int32),
+    )  # fmt: skip
+
+
 @pytest.mark.parametrize("dequantize", [False, True])
 def test_kv4_prefill_attention_lowers(dequantize):
     kv = _pages(8, 128, 64, 128)

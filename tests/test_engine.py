@@ -367,23 +367,36 @@ def test_kv_recent_window_serves_the_simulated_semantics(model, window):
 
 @pytest.mark.slow
 def test_kv_recent_window_pallas_interpret_and_tensor_parallel(model):
-    """The window on the GPU path (Pallas kernels with causal_shift + lse, interpret mode) and
-    on a 2-device mesh (rings sharded over KV heads) gives the reference engine's greedy
-    tokens (same tolerance scheme as the KV4 kernels above for Pallas; exact for TP)."""
+    """The window on the GPU path (Pallas kernels with causal_shift + lse, interpret mode;
+    W = 4 with the ring attended in XLA beside the decode kernel, W = 16 also with the ring
+    inside it, `kv_window_kernel`) and on a 2-device mesh (rings sharded over KV heads) gives
+    the reference engine's greedy tokens (same tolerance scheme as the KV4 kernels above for
+    Pallas; exact for TP)."""
     ps = prompts(12, [5, 40, 1, 17])
     sp = SamplingParams(max_tokens=6, temperature=0)
     ec = dataclasses.replace(CFG, kv_dtype="int4", kv_group=64, num_pages=24, kv_recent_window=4)
-    want = [w["token_ids"] for w in LLMEngine.build(*model, ec, progress=False).generate(ps, sp)]
-    pallas = LLMEngine.build(
-        *model, dataclasses.replace(ec, kernels="pallas", interpret=True), progress=False
-    )
-    got = [g["token_ids"] for g in pallas.generate(ps, sp)]
-    assert [g[:3] for g in got] == [w[:3] for w in want]
-    same = sum(a == b for g, w in zip(got, want) for a, b in zip(g, w))
-    assert same >= 0.75 * sum(len(w) for w in want)
+
+    def tokens(cfg):
+        engine = LLMEngine.build(*model, cfg, progress=False)
+        attention = engine.runner.model.attention
+        attention = getattr(attention, "inner", attention)  # TP: the sharded wrapper's inner
+        assert attention.window_kernel is cfg.kv_window_kernel
+        return [g["token_ids"] for g in engine.generate(ps, sp)]
+
+    want = tokens(ec)
+    refs = {4: want, 16: tokens(dataclasses.replace(ec, kv_recent_window=16))}
+    for window, window_kernel in ((4, False), (16, False), (16, True)):
+        ref = refs[window]
+        pec = dataclasses.replace(
+            ec, kernels="pallas", interpret=True, kv_recent_window=window,
+            kv_window_kernel=window_kernel,
+        )  # fmt: skip
+        got = tokens(pec)
+        assert [g[:3] for g in got] == [w[:3] for w in ref], (window, window_kernel)
+        same = sum(a == b for g, w in zip(got, ref) for a, b in zip(g, w))
+        assert same >= 0.75 * sum(len(w) for w in ref)
     if jax.device_count() >= 2:
-        sharded = LLMEngine.build(*model, dataclasses.replace(ec, tp=2), progress=False)
-        assert [g["token_ids"] for g in sharded.generate(ps, sp)] == want
+        assert tokens(dataclasses.replace(ec, tp=2)) == want
 
 
 def test_kv_recent_window_validation():

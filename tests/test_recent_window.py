@@ -22,7 +22,7 @@ from models.attention import masked_attention
 from pallas_kernels import kv4_attention as attn
 
 
-def _run(backend, window, chunks=((0, 20), (20, 13)), decodes=5, seed=0):
+def _run(backend, window, chunks=((0, 20), (20, 13)), decodes=5, seed=0, window_kernel=False):
     rng = np.random.default_rng(seed)
     b, s, page, hkv, hg, d = 2, 64, 16, 2, 2, 64
     cfg = kc.KVCacheConfig(
@@ -38,7 +38,7 @@ def _run(backend, window, chunks=((0, 20), (20, 13)), decodes=5, seed=0):
     outs = np.zeros_like(q)
     last = chunks[-1][0] + chunks[-1][1]
     steps = list(chunks) + [(last + i, 1) for i in range(decodes)]
-    kw = dict(backend=backend, interpret=True, window_slots=slots)
+    kw = dict(backend=backend, interpret=True, window_slots=slots, window_kernel=window_kernel)
     for start, t in steps:
         pos = np.broadcast_to(start + np.arange(t), (b, t))
         sl = kc.slot_mapping_from_positions(table, pos, page)
@@ -71,9 +71,10 @@ def test_reference_backend_is_the_simulated_semantics(window):
     assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1e-5
 
 
-@pytest.mark.parametrize("window", [4, 16])
-def test_pallas_kernels_in_interpret_mode(window):
-    got, ref, cache = _run("pallas", window)
+@pytest.mark.parametrize("window,window_kernel", [(4, False), (16, False), (16, True)])
+def test_pallas_kernels_in_interpret_mode(window, window_kernel):
+    """Decode attends the ring in XLA beside the kernel, or (window_kernel) inside it."""
+    got, ref, cache = _run("pallas", window, window_kernel=window_kernel)
     assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1e-2
     assert cache.ring_k.shape == (2, 3, 2, window, 64) and cache.ring_k.dtype == jnp.float32
 
@@ -104,10 +105,14 @@ def test_merge_of_two_key_sets_equals_one_softmax():
 
     o1, l1 = part(slice(0, 7))
     o2, l2 = part(slice(7, 12))
-    np.testing.assert_allclose(np.asarray(rw.merge(o1, l1, o2, l2)), want, rtol=1e-5, atol=1e-6)
+    merge = attn.merge_attention
+    np.testing.assert_allclose(np.asarray(merge(o1, l1, o2, l2)), want, rtol=1e-5, atol=1e-6)
     empty = np.full(5, -np.inf, np.float32)
-    np.testing.assert_allclose(np.asarray(rw.merge(o1, l1, o2 * 0, empty)), o1, rtol=1e-6)
-    assert not np.asarray(rw.merge(o1, empty, o2, empty)).any()  # no key at all: zeros
+    np.testing.assert_allclose(np.asarray(merge(o1, l1, o2 * 0, empty)), o1, rtol=1e-6)
+    assert not np.asarray(merge(o1, empty, o2, empty)).any()  # no key at all: zeros
+    lse = np.log(np.exp(logits).sum(1))
+    np.testing.assert_allclose(np.asarray(attn.merge_lse(l1, l2)), lse, rtol=1e-5)
+    assert np.all(np.isneginf(np.asarray(attn.merge_lse(empty, empty))))
 
 
 def test_validation():
@@ -170,42 +175,79 @@ def test_ring_is_updated_in_place_across_layers(mode):
     assert not copies, copies[:2]
 
 
-def test_decode_band_masks_stale_rows_and_padded_rows():
-    """decode_band reads the slot's whole ring: rows holding positions before the sequence
-    (stale data of an earlier occupant) are masked; a padded row (slot -1) writes nothing and
-    sees no key. Reference: softmax over the positions (p - W, p] written by this sequence."""
-    w, hkv, hg, d = 8, 2, 2, 64
+@pytest.mark.parametrize("path", ["reference", "xla", "kernel"])
+def test_decode_ring_masks_stale_rows_and_padded_rows(path):
+    """A decode step writes its token into the ring first, then attends the pages and the
+    slot's whole ring: rows holding positions before the sequence (stale data of an earlier
+    occupant) are masked, and a padded row (slot -1) writes nothing and sees no ring key.
+    Expected: one softmax over the INT4 keys <= p - W and the ring's positions (p - W, p]
+    written by this sequence. `path`: the jnp reference, the kernel with the ring attended
+    in XLA beside it, or the ring inside the kernel (interpret mode)."""
+    w, hkv, hg, d, page = 16, 2, 2, 64, 16
     cfg = kc.KVCacheConfig(
-        1, hkv, d, 16, 4, 64, "int4", recent_window=w, window_slots=3, window_dtype="float32"
+        1, hkv, d, page, 8, 64, "int4", recent_window=w, window_slots=3, window_dtype="float32"
     )
     rng = np.random.default_rng(5)
-    stale = rng.standard_normal((1, 3, hkv, w, d)).astype(np.float32) * 100.0
+    stale = rng.standard_normal((1, 3, hkv, w, d)).astype(np.float32) * 30.0
     cache = dataclasses.replace(
-        kc.init_cache(cfg), ring_k=jnp.asarray(stale), ring_v=jnp.asarray(stale)
+        kc.init_cache(cfg), ring_k=jnp.asarray(stale), ring_v=jnp.asarray(stale * 0.5)
     )
-    hist = rng.standard_normal((2, 3, hkv, d)).astype(np.float32)  # K, V at positions 0..2
-    for p in range(2):  # this sequence's positions 0 and 1 go through decode steps in slot 1
-        _, _, rk, rv = rw.decode_band(
-            jnp.zeros((2, hkv * hg, d)), jnp.asarray(np.stack([hist[0, p]] * 2)),
-            jnp.asarray(np.stack([hist[1, p]] * 2)), cache, 0, jnp.array([1, -1]),
-            jnp.array([p + 1, 1]), 0.125,
-        )  # fmt: skip
+    n = 21  # row 0 reaches position 20: INT4 keys 0..4 and ring positions 5..20
+    k = rng.standard_normal((n, hkv, d)).astype(np.float32)
+    v = rng.standard_normal((n, hkv, d)).astype(np.float32)
+    table = np.array([[1, 2], [3, 4]], np.int32)
+    slots = jnp.array([1, -1], jnp.int32)
+    for p in range(n):  # decode steps of row 0 in slot 1; row 1 is padding at position 0
+        seq = np.array([p + 1, 1], np.int32)
+        sm = kc.slot_mapping_from_positions(table, np.array([[p], [0]]), page)[:, 0]
+        kk, vv = jnp.asarray(np.stack([k[p], k[p]])), jnp.asarray(np.stack([v[p], v[p]]))
+        cache = kc.write_kv(cache, 0, kk, vv, sm)
+        rk, rv = rw.ring_put_decode(cache, 0, kk, vv, slots, seq)
         cache = dataclasses.replace(cache, ring_k=rk, ring_v=rv)
-    q = rng.standard_normal((2, hkv * hg, d)).astype(np.float32)
-    o, lse, rk, _ = rw.decode_band(
-        jnp.asarray(q), jnp.asarray(np.stack([hist[0, 2]] * 2)),
-        jnp.asarray(np.stack([hist[1, 2]] * 2)), cache, 0, jnp.array([1, -1]),
-        jnp.array([3, 1]), 0.125,
-    )  # fmt: skip
-    qg = q[0].reshape(hkv, hg, d)
-    logits = np.einsum("kgd,pkd->kgp", qg, hist[0]) * 0.125  # keys 0..2 only
-    want = np.einsum(
-        "kgp,pkd->kgd", np.exp(logits) / np.exp(logits).sum(-1, keepdims=True), hist[1]
-    )
-    np.testing.assert_allclose(np.asarray(o[0]), want.reshape(hkv * hg, d), rtol=1e-5, atol=1e-5)
-    assert np.all(np.isneginf(np.asarray(lse[1]))) and not np.asarray(o[1]).any()
-    ring = np.asarray(rk)
+    q = jnp.asarray(rng.standard_normal((2, hkv * hg, d)).astype(np.float32))
+    seq = jnp.array([n, 1], jnp.int32)
+    args = (q, cache.pages(), jnp.asarray(table), seq)
+    ring = dict(ring=(cache.ring_k, cache.ring_v), ring_slots=slots)
+    if path == "reference":
+        out = attn.paged_decode_attention_reference(*args, **ring)
+    else:
+        out = attn.paged_decode_attention(
+            *args, **ring, interpret=True, ring_in_kernel=path == "kernel"
+        )
+    kq, vq = (np.asarray(x)[0] for x in attn.gather_kv(cache.pages(), table[:1], 0))
+    keys = np.concatenate([kq[: n - w], k[n - w :]])  # INT4 up to p - W, then float
+    vals = np.concatenate([vq[: n - w], v[n - w :]])
+    qg = np.asarray(q[0]).reshape(hkv, hg, d)
+    logits = np.einsum("kgd,pkd->kgp", qg, keys) / np.sqrt(d)
+    prob = np.exp(logits - logits.max(-1, keepdims=True))
+    want = np.einsum("kgp,pkd->kgd", prob / prob.sum(-1, keepdims=True), vals)
+    got = np.asarray(out[0], np.float32).reshape(hkv, hg, d)
+    tol = 1e-5 if path == "reference" else 1e-2  # kernels: bf16 dot operands for INT4 pages
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < tol
+    # Row 1 (padding, slot -1, position 0): its INT4 key 0 is before p - W; no ring key.
+    assert not np.asarray(out[1], np.float32).any()
+    ring = np.asarray(cache.ring_k)
     np.testing.assert_array_equal(ring[0, [0, 2]], stale[0, [0, 2]])  # other slots untouched
-    np.testing.assert_array_equal(ring[0, 1][:, 3:], stale[0, 1][:, 3:])  # rows 3.. unwritten
-    for p in range(3):
-        np.testing.assert_array_equal(ring[0, 1][:, p], hist[0, p])
+    for p in range(n - w, n):
+        np.testing.assert_array_equal(ring[0, 1][:, p % w], k[p])
+
+
+def test_ring_argument_validation():
+    cfg = kc.KVCacheConfig(1, 2, 64, 16, 4, 64, "int4", recent_window=16, window_slots=2)
+    cache = kc.init_cache(cfg)
+    q = jnp.ones((1, 4, 64), jnp.float32)
+    args = (q, cache.pages(), np.ones((1, 1), np.int32), np.array([3], np.int32))
+    ring = (cache.ring_k, cache.ring_v)
+    slots = np.array([0], np.int32)
+    with pytest.raises(ValueError, match="ring_slots"):
+        attn.paged_decode_attention(*args, ring=ring, interpret=True)
+    with pytest.raises(ValueError, match=r"ring_slots=\[2\] must be in \[-1, S=2\)"):
+        attn.paged_decode_attention(*args, ring=ring, ring_slots=np.array([2], np.int32))
+    with pytest.raises(ValueError, match="ring_k/ring_v must both be float"):
+        attn.paged_decode_attention(
+            *args, ring=(cache.ring_k[:, :, :1], cache.ring_v), ring_slots=slots
+        )
+    with pytest.raises(ValueError, match="causal_shift=3 with a ring of W=16"):
+        attn.paged_decode_attention(*args, ring=ring, ring_slots=slots, causal_shift=3)
+    with pytest.raises(ValueError, match="pair"):
+        attn.paged_decode_attention_reference(*args, ring=cache.ring_k, ring_slots=slots)

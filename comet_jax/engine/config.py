@@ -116,6 +116,11 @@ class EngineConfig:
         (`comet_jax.engine.recent_window`; the serving form of
         `QuantRecipe.kv_recent_window`, docs/accuracy.md). INT4 cache only; the rings
         (max_batch x W tokens per layer) are reserved before the page pool is planned.
+      kv_window_kernel: with a recent window and the Pallas kernels, a decode step attends the
+        ring inside the decode kernel as one more key block (W a power of two >= 16; other W
+        use the XLA path) instead of XLA's dots and log-sum-exp merge beside it, which traced
+        at about 11 small kernels per layer on the H100. Off by default: tested on the CPU
+        (interpret mode), not yet timed on a GPU.
     """
 
     max_batch: int = 16
@@ -144,12 +149,13 @@ class EngineConfig:
     prefill_dequantize: bool = True
     kv_write_kernel: bool = True
     kv_recent_window: int = 0
+    kv_window_kernel: bool = False
 
     def __post_init__(self):
         if self.page_size is None:
             object.__setattr__(self, "page_size", default_page_size(self.kernels, self.interpret))
         bools = ("cuda_graphs", "async_scheduling", "aot_compile", "interpret", "pack_prefill")
-        for name in bools + ("prefill_dequantize", "kv_write_kernel"):
+        for name in bools + ("prefill_dequantize", "kv_write_kernel", "kv_window_kernel"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be a bool")
         if not isinstance(self.tp, int) or self.tp < 1:

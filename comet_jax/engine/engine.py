@@ -160,7 +160,11 @@ class LLMEngine:
             model_config,
             linear=linear,
             attention=PagedAttention(
-                attn_backend, config.interpret, config.prefill_dequantize, config.kv_write_kernel
+                attn_backend,
+                config.interpret,
+                config.prefill_dequantize,
+                config.kv_write_kernel,
+                config.kv_window_kernel,
             ),
             dtype=dtype,
             param_dtype=dtype,

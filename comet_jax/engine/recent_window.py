@@ -20,10 +20,12 @@ One attention call (a decode step, T = 1, or a prefill chunk of T tokens startin
 3. the two softmaxes merged by their log-sum-exps;
 4. the chunk's tokens among its sequence's newest W written into the ring.
 
-A decode step (T = 1) takes a shorter route through the same semantics (:func:`decode_band`):
-write the new token into its ring row first, then attend over the slot's whole ring, which
-now holds exactly the positions ``(p - W, p]`` (rows of negative positions masked): two small
-batched dots instead of W shifted slices, and no copy of the ring rows into an extended band.
+A decode step (T = 1) takes a shorter route through the same semantics: write the new token
+into its ring row first (:func:`ring_put_decode`), then attend the pages and the slot's whole
+ring, which now holds exactly the positions ``(p - W, p]`` (rows of negative positions
+masked), in one call (`paged_decode_attention(ring=...)`): with ``window_kernel`` the Pallas
+kernel takes the ring as one more key block, else XLA attends it with two batched dots and
+merges by log-sum-exp.
 
 Arrays: q ``[B, T, Hq, D]``, k_new/v_new ``[B, T, Hkv, D]``, slots ``[B] int32`` (-1: padded
 row), seq_lens ``[B]`` (after the chunk), q_lens ``[B]``.
@@ -37,6 +39,7 @@ import math
 import jax.numpy as jnp
 
 from comet_jax.engine import kv_cache
+from pallas_kernels import kv4_attention as attn
 
 
 def band_kv(cache, layer, slots, start, k_new, v_new):
@@ -89,58 +92,22 @@ def band_attention(q, k_ext, v_ext, ext_pos, seq_lens, window: int, sm_scale: fl
     return o.reshape(b, t, hq, d), lse.reshape(b, t, hq)
 
 
-def decode_band(q, k_new, v_new, cache, layer, slots, seq_lens, sm_scale: float):
-    """The float band of a decode step: ``q [B, Hq, D]``, ``k_new, v_new [B, Hkv, D]`` (the
-    step's token at position ``p = seq_lens - 1``). Writes the token into ring row ``p % W``
-    of its slot (slot -1: padded row, not written), then attends over that slot's ring.
-
-    Returns ``(o [B, Hq, D] f32, lse [B, Hq] f32, ring_k, ring_v)`` (lse -inf where the row
-    sees no key). The read follows the write, so XLA updates the rings in place."""
+def ring_put_decode(cache, layer, k_new, v_new, slots, seq_lens):
+    """A decode step's first half: the token ``k_new, v_new [B, Hkv, D]`` at position
+    ``p = seq_lens - 1`` goes into ring row ``p % W`` of its slot (slot -1: a padded row, not
+    written). Returns ``(ring_k, ring_v)``. The ring is read after this write (the kernels'
+    ``ring`` argument), so XLA updates it in place."""
     cfg = cache.config
-    w = cfg.recent_window
-    b, hq, d = q.shape
-    hkv = k_new.shape[1]
-    pos = seq_lens - 1  # [B]
+    pos = jnp.asarray(seq_lens, jnp.int32) - 1
     live = (slots >= 0) & (pos >= 0)
     slot = jnp.where(live, slots, cfg.window_slots)  # out of range: the write is dropped
-    row = jnp.mod(pos, w)
+    row = jnp.mod(pos, cfg.recent_window)
     layer = jnp.asarray(layer, jnp.int32)
 
     def put(ring, new):
         return ring.at[layer, slot, :, row, :].set(new.astype(ring.dtype), mode="drop")
 
-    ring_k, ring_v = put(cache.ring_k, k_new), put(cache.ring_v, v_new)
-    read = jnp.clip(slots, 0, cfg.window_slots - 1)
-    rows_k = jnp.take(ring_k[layer], read, axis=0)  # [B, Hkv, W, D]
-    rows_v = jnp.take(ring_v[layer], read, axis=0)
-    # Ring row r holds the newest position <= p congruent to r (mod W), if there is one.
-    r = jnp.arange(w, dtype=jnp.int32)[None, :]
-    row_pos = pos[:, None] - jnp.mod(pos[:, None] - r, w)  # [B, W]
-    valid = ((row_pos >= 0) & live[:, None])[:, None, None, :]  # [B, 1, 1, W]
-    qg = q.reshape(b, hkv, hq // hkv, d).astype(rows_k.dtype)
-    logits = jnp.einsum("bkgd,bkwd->bkgw", qg, rows_k, preferred_element_type=jnp.float32)
-    logits = jnp.where(valid, logits * sm_scale, -jnp.inf)
-    m = jnp.max(logits, axis=-1, keepdims=True)
-    p = jnp.where(valid, jnp.exp(logits - jnp.where(jnp.isfinite(m), m, 0.0)), 0.0)
-    denom = jnp.sum(p, axis=-1)
-    safe = jnp.where(denom > 0, denom, 1.0)
-    o = jnp.einsum("bkgw,bkwd->bkgd", p / safe[..., None], rows_v.astype(jnp.float32))
-    lse = jnp.where(denom > 0, m[..., 0] + jnp.log(safe), -jnp.inf)
-    return o.reshape(b, hq, d), lse.reshape(b, hq), ring_k, ring_v
-
-
-def merge(o1, lse1, o2, lse2):
-    """Softmax over the union of two disjoint key sets from the parts' normalized outputs
-    ``[..., D]`` and log-sum-exps ``[...]``; rows that see no key in either give 0."""
-    m = jnp.maximum(lse1, lse2)
-    m = jnp.where(jnp.isfinite(m), m, 0.0)
-    w1 = jnp.where(jnp.isfinite(lse1), jnp.exp(lse1 - m), 0.0)
-    w2 = jnp.where(jnp.isfinite(lse2), jnp.exp(lse2 - m), 0.0)
-    total = w1 + w2
-    inv = jnp.where(total > 0, 1.0 / jnp.where(total > 0, total, 1.0), 0.0)
-    return (o1.astype(jnp.float32) * (w1 * inv)[..., None]) + (
-        o2.astype(jnp.float32) * (w2 * inv)[..., None]
-    )
+    return put(cache.ring_k, k_new), put(cache.ring_v, v_new)
 
 
 def ring_write(cache, layer, k_new, v_new, slots, start, q_lens, seq_lens, rows):
@@ -189,31 +156,38 @@ def windowed_attention(
     backend: str = "pallas",
     interpret: bool = False,
     sm_scale: float | None = None,
+    window_kernel: bool = False,
     **kernel_kwargs,
 ):
     """Attention with the recent window over a cache whose chunk is already in its pages
-    (module docstring). Returns ``(out [B, T, Hq, D] f32, cache with the ring updated)``."""
+    (module docstring). ``window_kernel``: decode with the Pallas backend attends the ring
+    inside the kernel (W a power of two >= 16). Returns ``(out [B, T, Hq, D] f32, cache with
+    the ring updated)``."""
     w = cache.config.recent_window
     b, t, hq, d = q.shape
     sm_scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
     seq_lens = jnp.asarray(seq_lens, jnp.int32)
     q_lens = jnp.asarray(q_lens, jnp.int32)
     start = seq_lens - q_lens
-    decode = t == 1  # one token per row: the flash-decoding kernel
+    if t == 1:  # decode: write the ring, then pages + ring in one attention call
+        ring_k, ring_v = ring_put_decode(cache, layer, k_new[:, 0], v_new[:, 0], slots, seq_lens)
+        cache = dataclasses.replace(cache, ring_k=ring_k, ring_v=ring_v)
+        if backend == "pallas":
+            kernel_kwargs = {**kernel_kwargs, "ring_in_kernel": window_kernel}
+        out = kv_cache.attend_pages(
+            q[:, 0], cache.pages(), layer, page_table, seq_lens, q_lens, mode="decode",
+            backend=backend, interpret=interpret, kernel_kwargs=kernel_kwargs,
+            sm_scale=sm_scale, ring=(ring_k, ring_v), ring_slots=slots,
+        )  # fmt: skip
+        return out.astype(jnp.float32)[:, None], cache
     o1, lse1 = kv_cache.attend_pages(
-        q[:, 0] if decode else q, cache.pages(), layer, page_table, seq_lens, q_lens,
-        mode="decode" if decode else "prefill", backend=backend, interpret=interpret,
-        kernel_kwargs=kernel_kwargs, sm_scale=sm_scale, causal_shift=w, return_lse=True,
+        q, cache.pages(), layer, page_table, seq_lens, q_lens, mode="prefill",
+        backend=backend, interpret=interpret, kernel_kwargs=kernel_kwargs,
+        sm_scale=sm_scale, causal_shift=w, return_lse=True,
     )  # fmt: skip
-    if decode:
-        o2, lse2, ring_k, ring_v = decode_band(
-            q[:, 0], k_new[:, 0], v_new[:, 0], cache, layer, slots, seq_lens, sm_scale
-        )
-        out = merge(o1, lse1, o2, lse2)[:, None]
-        return out, dataclasses.replace(cache, ring_k=ring_k, ring_v=ring_v)
     k_ext, v_ext, ext_pos, rows = band_kv(cache, layer, slots, start, k_new, v_new)
     o2, lse2 = band_attention(q, k_ext, v_ext, ext_pos, seq_lens, w, sm_scale)
-    out = merge(o1, lse1, o2, lse2)
+    out = attn.merge_attention(o1, lse1, o2, lse2)
     out = jnp.where((jnp.arange(t)[None, :] < q_lens[:, None])[:, :, None, None], out, 0.0)
     ring_k, ring_v = ring_write(cache, layer, k_new, v_new, slots, start, q_lens, seq_lens, rows)
     return out, dataclasses.replace(cache, ring_k=ring_k, ring_v=ring_v)

@@ -63,12 +63,15 @@ class PagedAttention:
       dequantized once into bf16 (EngineConfig.prefill_dequantize).
     kv_write_kernel: with "pallas" and an INT4 cache, new K/V are quantized and stored by the
       Pallas write kernel (EngineConfig.kv_write_kernel).
+    window_kernel: with "pallas" and a recent window, decode attends the ring inside the
+      kernel (EngineConfig.kv_window_kernel).
     """
 
     backend: str = "reference"
     interpret: bool = False
     prefill_dequantize: bool = True
     kv_write_kernel: bool = True
+    window_kernel: bool = False
 
     def __call__(self, q, k, v, layer_idx, state: PagedState):
         t = q.shape[1]
@@ -85,6 +88,7 @@ class PagedAttention:
         )
         if state.cache.config.recent_window:
             common["window_slots"] = state.window_slot
+            common["window_kernel"] = self.window_kernel and self.backend == "pallas"
         if t == 1:
             out, cache = kv_cache.paged_attention(
                 q[:, 0],
