@@ -60,7 +60,7 @@ class EngineConfig:
         tokens); also the largest prefill chunk.
       max_prefill_seqs: most sequences whose prompt chunks run in one step.
       max_model_len: longest sequence (prompt + generated) the engine accepts.
-      page_size: tokens per KV page (a power of two >= 16). None (default): 128 when the
+      page_size: tokens per KV page (16, 32, 64 or 128). None (default): 128 when the
         engine will run the Pallas kernels on a GPU, else 16. On the H100 page 128 gave the
         fastest KV4 decode and prefill kernels (page 16: 1.4x slower decode even with 256 keys
         gathered per step) and 1-1.5% more serving throughput than page 64 for bf16 and
