@@ -508,8 +508,9 @@ def pre_x_study(results, deadline, ms=None, update_table=True, shapes_name="llam
 
 def one_acc_variants(m, tuned):
     """One int32 accumulator per tile (``acc8_first``): the INT8 segment's partial waits in
-    bf16 registers, so 128 x 128 tiles fit 4 warps as in a plain int8 GEMM. Against the tuned
-    two-accumulator config at the same M."""
+    bf16 registers. Tests whether 128 x 128 tiles at 4 warps (a plain int8 GEMM's best) then
+    win; against the tuned two-accumulator config at the same M. (H100, 2026-11-26: they do
+    not, docs/kernels_gemm.md.)"""
     out = []
     if not tuned.acc8_first:
         out.append(("tuned +1acc", dataclasses.replace(tuned, acc8_first=True)))

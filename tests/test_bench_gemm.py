@@ -49,6 +49,19 @@ def test_smoke_pre_x_study(tmp_path):
     assert row["variant_configs"]["tuned +x"]["pre_unpack"] == "x"
 
 
+def test_smoke_one_acc_study(tmp_path):
+    """One-accumulator variants: int32 sums exact, outputs within the bf16 bound, all timed,
+    the markdown lists the study."""
+    _, res = _smoke(tmp_path, "--one-acc")
+    assert res["one_acc_exact"] and all(res["one_acc_exact"].values())
+    assert all(0 < e < 1e-2 for e in res["one_acc_out_rel_err"].values())
+    [row] = res["one_acc"]
+    timed = [k for k in row if k.endswith("_us") and "1acc" in k]
+    assert len(timed) == len(row["variant_configs"]) and row["tuned_us"] > 0
+    assert all(c["acc8_first"] for c in row["variant_configs"].values())
+    assert "Variant study `one_acc`" in next(tmp_path.glob("gemm_*.md")).read_text()
+
+
 def test_smoke_unpack_study(tmp_path):
     _, res = _smoke(tmp_path, "--unpack")
     [row] = res["unpack"]
