@@ -225,6 +225,21 @@ def _round_to_int8(y):
     return jnp.where(y >= 0, y + 0.5, y - 0.5).astype(jnp.int32).astype(jnp.int8)
 
 
+def _online_softmax_step(logits, m_prev, l_prev, valid=None):
+    """One key block of the online (flash) softmax: scaled f32 ``logits [BM, K]``, the rows'
+    running max and denominator ``[BM]``; ``valid [BM, K]`` masks keys (None: all visible).
+    Returns ``(probs, corr, m_next, l_next)``: unnormalized block probabilities, the factor
+    that rescales the earlier accumulators, and the updated max and denominator."""
+    if valid is not None:
+        logits = jnp.where(valid, logits, _MASK)
+    m_next = jnp.maximum(m_prev, jnp.max(logits, axis=1))
+    corr = jnp.exp(m_prev - m_next)
+    probs = jnp.exp(logits - m_next[:, None])
+    if valid is not None:
+        probs = jnp.where(valid, probs, 0.0)
+    return probs, corr, m_next, l_prev * corr + jnp.sum(probs, axis=1)
+
+
 def _kernel(
     # inputs
     layer_ref,  # [1] int32
@@ -346,16 +361,11 @@ def _kernel(
                 raw = s * (raw - z * q_sums[j][:, None])
             logits += raw
         logits *= sm_scale
+        valid = None
         if masked:
             key_pos = blk * block_k + jnp.arange(block_k, dtype=jnp.int32)
             valid = (key_pos[None, :] <= row_pos[:, None]) & (key_pos[None, :] < seq_len)
-            logits = jnp.where(valid, logits, _MASK)
-        m_next = jnp.maximum(m_prev, jnp.max(logits, axis=1))
-        corr = jnp.exp(m_prev - m_next)
-        probs = jnp.exp(logits - m_next[:, None])
-        if masked:
-            probs = jnp.where(valid, probs, 0.0)
-        l_next = l_prev * corr + jnp.sum(probs, axis=1)
+        probs, corr, m_next, l_next = _online_softmax_step(logits, m_prev, l_prev, valid)
         new_accs = []
         for j in range(n_groups):
             if quantized:
@@ -398,11 +408,7 @@ def _kernel(
         rk = rk_ref[layer, slot, h, :, :]  # [W, D]
         qf = q_ref[...].astype(rk.dtype)
         logits = jnp.dot(qf, rk.T, preferred_element_type=jnp.float32) * sm_scale
-        logits = jnp.where(ok, logits, _MASK)
-        m_next = jnp.maximum(m_i, jnp.max(logits, axis=1))
-        corr = jnp.exp(m_i - m_next)
-        probs = jnp.where(ok, jnp.exp(logits - m_next[:, None]), 0.0)
-        l_i = l_i * corr + jnp.sum(probs, axis=1)
+        probs, corr, m_i, l_i = _online_softmax_step(logits, m_i, l_i, ok)
         ps = probs.astype(rk.dtype)
         accs = tuple(
             acc * corr[:, None]
@@ -410,7 +416,6 @@ def _kernel(
                       preferred_element_type=jnp.float32)
             for c, acc in enumerate(accs)
         )  # fmt: skip
-        m_i = m_next
     l_i = jnp.where(row_valid, l_i, 0.0)
 
     if not partials:
@@ -928,17 +933,26 @@ def dense_attention_reference(
         key[None, None, :] < seq_lens[:, None, None]
     )
     mask &= (jnp.arange(t)[None, :] < q_lens[:, None])[:, :, None]
-    mask = mask[:, None]  # [B, 1, T, S]
-    logits = jnp.where(mask, logits, -jnp.inf)
-    m = jnp.max(logits, axis=-1, keepdims=True)
-    p = jnp.where(mask, jnp.exp(logits - jnp.where(jnp.isfinite(m), m, 0.0)), 0.0)
-    denom = jnp.sum(p, axis=-1, keepdims=True)
-    p = p / jnp.where(denom > 0, denom, 1.0)
+    p, lse = masked_softmax(logits, mask[:, None])  # mask [B, 1, T, S]
     out = jnp.einsum("bhts,bshd->bthd", p, v)
     if not return_lse:
         return out
-    lse = jnp.where(denom > 0, m + jnp.log(jnp.where(denom > 0, denom, 1.0)), -jnp.inf)
-    return out, lse[..., 0].transpose(0, 2, 1)  # [B, H, T, 1] -> [B, T, H]
+    return out, lse.transpose(0, 2, 1)  # [B, H, T] -> [B, T, H]
+
+
+def masked_softmax(logits, valid):
+    """Softmax of f32 ``logits`` over the last axis, restricted to ``valid`` (broadcastable).
+
+    Returns ``(p, lse)``: ``p`` normalized (0 off ``valid``, all 0 on a row with no valid
+    entry) and the row log-sum-exp ``lse`` (shape ``logits.shape[:-1]``, -inf on such rows).
+    The references and the recent window's float band share it."""
+    logits = jnp.where(valid, logits, -jnp.inf)
+    m = jnp.max(logits, axis=-1, keepdims=True)
+    p = jnp.where(valid, jnp.exp(logits - jnp.where(jnp.isfinite(m), m, 0.0)), 0.0)
+    denom = jnp.sum(p, axis=-1)
+    safe = jnp.where(denom > 0, denom, 1.0)
+    lse = jnp.where(denom > 0, m[..., 0] + jnp.log(safe), -jnp.inf)
+    return p / safe[..., None], lse
 
 
 def paged_prefill_attention_reference(
@@ -1033,13 +1047,8 @@ def ring_attention_reference(q, ring_k, ring_v, ring_slots, seq_lens, *, layer=0
     valid = ((row_pos >= 0) & (ring_slots >= 0)[:, None])[:, None, None, :]  # [B, 1, 1, W]
     qg = q.reshape(b, hkv, hq // hkv, d).astype(rows_k.dtype)
     logits = jnp.einsum("bkgd,bkwd->bkgw", qg, rows_k, preferred_element_type=jnp.float32)
-    logits = jnp.where(valid, logits * sm_scale, -jnp.inf)
-    m = jnp.max(logits, axis=-1, keepdims=True)
-    p = jnp.where(valid, jnp.exp(logits - jnp.where(jnp.isfinite(m), m, 0.0)), 0.0)
-    denom = jnp.sum(p, axis=-1)
-    safe = jnp.where(denom > 0, denom, 1.0)
-    o = jnp.einsum("bkgw,bkwd->bkgd", p / safe[..., None], rows_v.astype(jnp.float32))
-    lse = jnp.where(denom > 0, m[..., 0] + jnp.log(safe), -jnp.inf)
+    p, lse = masked_softmax(logits * sm_scale, valid)
+    o = jnp.einsum("bkgw,bkwd->bkgd", p, rows_v.astype(jnp.float32))
     return o.reshape(b, hq, d), lse.reshape(b, hq)
 
 

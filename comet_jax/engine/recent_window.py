@@ -79,16 +79,10 @@ def band_attention(q, k_ext, v_ext, ext_pos, seq_lens, window: int, sm_scale: fl
         valid.append((pj >= 0) & (pj < seq_lens[:, None]))
     logits = jnp.stack(logits, axis=-1)  # [B, T, Hkv, hg, W]
     valid = jnp.stack(valid, axis=-1)[:, :, None, None, :]  # [B, T, 1, 1, W]
-    logits = jnp.where(valid, logits, -jnp.inf)
-    m = jnp.max(logits, axis=-1, keepdims=True)
-    p = jnp.where(valid, jnp.exp(logits - jnp.where(jnp.isfinite(m), m, 0.0)), 0.0)
-    denom = jnp.sum(p, axis=-1)
-    safe = jnp.where(denom > 0, denom, 1.0)
-    p = p / safe[..., None]
+    p, lse = attn.masked_softmax(logits, valid)
     o = jnp.zeros(qg.shape, jnp.float32)
     for j in range(window):
         o = o + p[..., j, None] * v_ext[:, j : j + t, :, None, :].astype(jnp.float32)
-    lse = jnp.where(denom > 0, m[..., 0] + jnp.log(safe), -jnp.inf)
     return o.reshape(b, t, hq, d), lse.reshape(b, t, hq)
 
 
