@@ -40,8 +40,6 @@ NAME = (
     if FOCUS
     else "bench_attention_warps"
     if "--warps-study" in sys.argv
-    else "bench_attention_unpack"
-    if "--unpack-study" in sys.argv
     else "bench_attention"
 )
 PREFILL_SHAPES = [(1, 2048, 0), (1, 8192, 0), (8, 1024, 0), (4, 512, 4096)]  # (B, T, prefix)
@@ -55,7 +53,6 @@ RESULTS: dict = {
     "write": [],
     "warps": [],
     "prefill_warps": [],
-    "unpack": [],
 }
 
 
@@ -195,11 +192,6 @@ def correctness():
         if dtype == "int4":  # prefill on pages dequantized once (dequantize=True)
             op = A.paged_prefill_attention(qp, cache.pages(), pt, lens, ql, dequantize=True)
             row["prefill_dequantized_vs_ref"] = rel(op, refp)
-        if dtype == "int4":  # f16 nibbles (lop3 PTX, permuted lanes)
-            o = A.paged_decode_attention(q, cache.pages(), pt, lens, num_splits=3, unpack="f16")
-            op = A.paged_prefill_attention(qp, cache.pages(), pt, lens, ql, unpack="f16")
-            row["decode_f16_vs_ref"] = rel(o, ref)
-            row["prefill_f16_vs_ref"] = rel(op, refp)
         if dtype == "int4" and g >= 64:  # int8 logits (groups of >= 64 channels)
             o = A.paged_decode_attention(q, cache.pages(), pt, lens, num_splits=3, qk_int8=True)
             op = A.paged_prefill_attention(qp, cache.pages(), pt, lens, ql, qk_int8=True)
@@ -314,65 +306,6 @@ def warps_study(key):
                     row["error"] = repr(e)[:300]
                 RESULTS["prefill_warps"].append(row)
                 log("prefill warps", row)
-    save()
-
-
-UNPACK_STUDY = dict(batches=(16, 64, 256), seqs=(1024, 4096, 16384))
-
-
-def unpack_study(key):
-    """bf16 nibbles (unpack="asm", the default) vs f16 nibbles (unpack="f16"): device
-    agreement at the benchmark's size, decode time over B x S (page 128, default warps, plus
-    2 / 4 warps at B=64, S=4096), the `gqa` anchor at B=64, S=4096, and in-kernel prefill."""
-    b, s = 64, 4096
-    kv, tables = make_paged(key, b, s, 128, 128, True, 1)
-    q = jax.random.normal(jax.random.fold_in(key, 1), (b, HQ, D), jnp.bfloat16)
-    lens = jax.random.randint(jax.random.fold_in(key, 2), (b,), 1, s + 1).astype(jnp.int32)
-    outs = {u: A.paged_decode_attention(q, kv, tables[0], lens, unpack=u) for u in ("asm", "f16")}
-    ref = A.paged_decode_attention_reference(q[:8], kv, tables[0][:8], lens[:8])
-    row = dict(
-        check="B=64 S<=4096 ragged, page 128",
-        f16_vs_asm=rel(outs["f16"], outs["asm"]),
-        asm_vs_ref_first8=rel(outs["asm"][:8], ref),
-        f16_vs_ref_first8=rel(outs["f16"][:8], ref),
-        finite=bool(jnp.isfinite(outs["f16"]).all()),
-    )
-    RESULTS["unpack"].append(row)
-    log("unpack check", row)
-    points = [(bb, ss, {}) for bb in UNPACK_STUDY["batches"] for ss in UNPACK_STUDY["seqs"]]
-    points += [(64, 4096, dict(num_warps=w)) for w in (2, 4)]
-    for bb, ss, extra in points:
-        row = dict(B=bb, S=ss, **extra)
-        for u in ("asm", "f16"):
-            try:
-                t, nb = decode_point(bb, ss, 128, 128, True, key, unpack=u, **extra)
-                row.update({f"{u}_us": t * 1e6, f"{u}_gbps": nb / t / 1e9})
-            except Exception as e:
-                row[u + "_error"] = repr(e)[:300]
-        if "asm_us" in row and "f16_us" in row:
-            row["f16_speedup"] = row["asm_us"] / row["f16_us"]
-        if bb == 64 and ss == 4096 and not extra:
-            row.update(dense_baselines(key, bb, ss, bb * ss * HKV * 2 * D * 2))
-            for u in ("asm", "f16"):
-                if "gqa_us" in row and u + "_us" in row:
-                    row[u + "_vs_gqa"] = row["gqa_us"] / row[u + "_us"]
-        RESULTS["unpack"].append(row)
-        log("unpack", row)
-        save()
-    q_key = jax.random.fold_in(key, 7)
-    for bb, t, prefix in ((1, 2048, 0), (8, 1024, 0), (4, 512, 4096)):
-        qp = jax.random.normal(q_key, (bb, t, HQ, D), jnp.bfloat16)
-        plens = jnp.full((bb,), prefix + t, jnp.int32)
-        pkv, ptables = make_paged(key, bb, prefix + t, 128, 128, True, 1)
-        row = dict(prefill=f"B={bb} T={t} prefix={prefix}")
-        for tag, kw in (("asm", {}), ("f16", dict(unpack="f16")), ("deq", dict(dequantize=True))):
-            fn = jax.jit(functools.partial(A.paged_prefill_attention, **kw))
-            try:
-                row[tag + "_us"] = bench(fn, [(qp, pkv, ptables[0], plens)]) * 1e6
-            except Exception as e:
-                row[tag + "_error"] = repr(e)[:300]
-        RESULTS["unpack"].append(row)
-        log("unpack prefill", row)
     save()
 
 
@@ -561,9 +494,6 @@ def markdown():
                 f"| {r['B']} | {r['S']} | {r['page']} | {r['num_warps']} "
                 f"| {f(r, 'us', '{:.1f}')} | {f(r, 'gbps')} |"
             )
-    if RESULTS["unpack"]:
-        lines += ["", "## Nibble unpack: bf16 (asm) vs f16", ""]
-        lines += [f"- {r}" for r in RESULTS["unpack"]]
     if RESULTS["prefill_warps"]:
         lines += ["", "## Prefill (INT4, page 128) by num_warps", ""]
         lines += [f"- {r}" for r in RESULTS["prefill_warps"]]
@@ -589,11 +519,6 @@ def main():
         action="store_true",
         help="schedule knobs at B=64,S=4096 + the prefill shapes, no int8 logits",
     )
-    ap.add_argument(
-        "--unpack-study",
-        action="store_true",
-        help="GPU correctness, then bf16 vs f16 nibbles (decode B x S, prefill), gqa anchor",
-    )
     args = ap.parse_args()
     if args.focus:
         global PREFILL_SHAPES
@@ -612,11 +537,6 @@ def main():
     t0 = time.time()
     if args.warps_study:
         warps_study(key)
-        print(markdown())
-        return
-    if args.unpack_study:
-        correctness()
-        unpack_study(key)
         print(markdown())
         return
     sections = [("correctness", correctness), ("tuning", None), ("writes", lambda: writes(key))]

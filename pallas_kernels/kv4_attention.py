@@ -201,58 +201,6 @@ lop3.b32 $1, t23, 0x000F000F, 0x43004300, 0xEA;
 _LO_ASM = _NIBBLE_ASM.replace("{shift}", "mov.b32 x, $2;")
 _HI_ASM = _NIBBLE_ASM.replace("{shift}", "shr.u32 x, $2, 4;")
 
-# unpack="f16": f16 0x6400 is 1024.0 with a mantissa step of 1, and its mantissa has room for
-# a nibble left in place at bits 4-7, so one lop3 per two values needs neither prmt nor the
-# high nibble's shift: 0x6400 | n == 1024 + n (low nibble), 0x6400 | (16 * n) == 1024 + 16 n
-# (high nibble, scaled back by 1/16 after the dot, in f32). The lop3 takes the nibbles of
-# bytes 0 and 2 of the word into one register and, after one shift by 8, those of bytes 1 and
-# 3: 3 instructions for 4 values (the bf16 path above: 4, and 5 for the high nibbles), in the
-# element order (byte 0, 2, 1, 3). The wrappers swap q's channels 1 and 2 of every 4 to match,
-# and swap the output's back (`_F16_CHANNELS`). The pack of 4 is 4 consecutive bytes of a row
-# when the loaded tile's layout holds >= 4 consecutive bytes per thread along the channels;
-# the GPU benchmark checks the result against the reference (`bench_attention.py`).
-_F16_BIAS_LO, _F16_BIAS_HI = 1024.0, 64.0  # the bias after the high half's 1/16
-_F16_ASM = """
-{
-.reg .b32 t;
-lop3.b32 $0, $2, MASK, 0x64006400, 0xEA;
-shr.u32 t, $2, 8;
-lop3.b32 $1, t, MASK, 0x64006400, 0xEA;
-}
-"""
-_F16_LO_ASM = _F16_ASM.replace("MASK", "0x000F000F")
-_F16_HI_ASM = _F16_ASM.replace("MASK", "0x00F000F0")
-
-
-def _f16_channels(n: int) -> np.ndarray:
-    """The lane order of ``unpack="f16"``: channels 1 and 2 of every 4 swapped (an involution)."""
-    if n % 4:
-        raise ValueError(f"unpack='f16' needs channel counts that are multiples of 4, got {n}")
-    return np.arange(n).reshape(-1, 4)[:, [0, 2, 1, 3]].reshape(-1)
-
-
-def _unpack_f16(byte, *, fast: bool):
-    """``[.., n] uint8 -> (lo, hi)`` f16 ``1024 + (byte & 15)``, ``1024 + 16 * (byte >> 4)``,
-    channels in the order of `_f16_channels` (the PTX lane order; emulated when not fast)."""
-    if fast:
-        from jax.experimental.pallas import triton as plgpu  # GPU-only
-
-        out = [jax.ShapeDtypeStruct(byte.shape, jnp.float16)]
-        (lo,) = plgpu.elementwise_inline_asm(
-            _F16_LO_ASM, args=[byte], constraints="=r,=r,r", pack=4, result_shape_dtypes=out
-        )
-        (hi,) = plgpu.elementwise_inline_asm(
-            _F16_HI_ASM, args=[byte], constraints="=r,=r,r", pack=4, result_shape_dtypes=out
-        )
-        return lo, hi
-    _f16_channels(byte.shape[-1])  # checks the width
-    quads = byte.reshape(*byte.shape[:-1], -1, 4)  # slices, not an index array: no constants
-    quads = jnp.stack([quads[..., i] for i in (0, 2, 1, 3)], axis=-1)
-    byte = quads.reshape(byte.shape)
-    lo = (byte & jnp.uint8(0xF)).astype(jnp.float32) + _F16_BIAS_LO
-    hi = (byte & jnp.uint8(0xF0)).astype(jnp.float32) + _F16_BIAS_LO
-    return lo.astype(jnp.float16), hi.astype(jnp.float16)
-
 
 def _unpack_biased(byte, *, fast: bool):
     """``[..] uint8 -> (lo, hi)`` bf16 holding ``128 + (byte & 15)`` and ``128 + (byte >> 4)``."""
@@ -312,7 +260,6 @@ def _kernel(
     num_splits: int,
     sm_scale: float,
     fast_unpack: bool,
-    f16: bool = False,
     qk_int8: bool = False,
     causal_shift: int = 0,
     partials: bool = False,
@@ -354,8 +301,8 @@ def _kernel(
     blk_hi = jnp.minimum(n_blocks, blk_lo + blocks_per_split)
 
     # q pieces: group j -> (first half, second half) of its channels, matching the nibbles.
-    q_pieces, q_sums, q_scales, q_bias = [], [], [], []
-    cdt = (jnp.float16 if f16 else jnp.bfloat16) if quantized else q_ref.dtype
+    q_pieces, q_sums, q_scales = [], [], []
+    cdt = jnp.bfloat16 if quantized else q_ref.dtype
     for j in range(n_groups):
         lo = q_ref[:, pl.ds(j * group, half)]
         hi = q_ref[:, pl.ds(j * group + half, half)]
@@ -369,10 +316,9 @@ def _kernel(
             lo, hi = lo.astype(cdt), hi.astype(cdt)
         q_pieces.append((lo, hi))
         # Sums of the rounded q the dot sees, so the zero-point term cancels exactly.
-        sum_lo, sum_hi = (jnp.sum(x.astype(jnp.float32), axis=1) for x in (lo, hi))
-        q_sums.append(sum_lo + sum_hi)
-        if f16:  # the dots' bias terms: 1024 per low nibble, 1024 / 16 per high nibble
-            q_bias.append(_F16_BIAS_LO * sum_lo + _F16_BIAS_HI * sum_hi)
+        q_sums.append(
+            jnp.sum(lo.astype(jnp.float32), axis=1) + jnp.sum(hi.astype(jnp.float32), axis=1)
+        )
 
     def load(ref, pg, *trail):
         """ref[layer, pages, h, *trail] with the block's pages merged into one token axis."""
@@ -383,8 +329,6 @@ def _kernel(
         """The [block_k, g/2] channel halves of group j; INT4 comes as 128 + nibble (exact)."""
         if quantized:
             byte = load(ref, pg, slice(None), pl.ds(j * half, half))  # [block_k, g/2] uint8
-            if f16:
-                return _unpack_f16(byte, fast=fast_unpack)
             return _unpack_biased(byte, fast=fast_unpack)
         lo = load(ref, pg, slice(None), pl.ds(j * group, half))
         hi = load(ref, pg, slice(None), pl.ds(j * group + half, half))
@@ -407,21 +351,14 @@ def _kernel(
                 k_lo, k_hi = halves(k_ref, pg, j, cdt)
                 acc_t, bias = jnp.float32, _NIBBLE_BIAS
             raw = jnp.dot(q_pieces[j][0], k_lo.T, preferred_element_type=acc_t)
-            raw_hi = jnp.dot(q_pieces[j][1], k_hi.T, preferred_element_type=acc_t)
+            raw += jnp.dot(q_pieces[j][1], k_hi.T, preferred_element_type=acc_t)
             raw = raw.astype(jnp.float32)
-            if f16:  # the high nibbles came as 1024 + 16 n
-                raw += raw_hi * (1.0 / 16.0)
-            else:
-                raw += raw_hi.astype(jnp.float32)
             if quantized:
                 s = load(ks_ref, pg, j, slice(None)).astype(jnp.float32)[None, :]
-                z = load(kz_ref, pg, j, slice(None)).astype(jnp.float32)[None, :]
+                z = load(kz_ref, pg, j, slice(None)).astype(jnp.float32)[None, :] + bias
                 if qk_int8:
                     s = s * q_scales[j]
-                if f16:
-                    raw = s * (raw - z * q_sums[j][:, None] - q_bias[j][:, None])
-                else:
-                    raw = s * (raw - (z + bias) * q_sums[j][:, None])
+                raw = s * (raw - z * q_sums[j][:, None])
             logits += raw
         logits *= sm_scale
         valid = None
@@ -431,37 +368,20 @@ def _kernel(
         probs, corr, m_next, l_next = _online_softmax_step(logits, m_prev, l_prev, valid)
         new_accs = []
         for j in range(n_groups):
-            scale_hi = 1.0
-            if quantized and f16:
-                s = load(vs_ref, pg, j, slice(None)).astype(jnp.float32)[None, :]
-                z = load(vz_ref, pg, j, slice(None)).astype(jnp.float32)[None, :]
-                ps = (probs * s).astype(jnp.float16)
-                v_lo, v_hi = halves(v_ref, pg, j, jnp.float16)
-                # Same rounded ps in the dots and the corrections: the biases cancel exactly.
-                psf = ps.astype(jnp.float32)
-                zs, p_sum = jnp.sum(psf * z, axis=1), jnp.sum(psf, axis=1)
-                zcs = (
-                    (zs + _F16_BIAS_LO * p_sum)[:, None],
-                    (zs + _F16_BIAS_HI * p_sum)[:, None],
-                )
-                scale_hi = 1.0 / 16.0  # the high nibbles came as 1024 + 16 n
-            elif quantized:
+            if quantized:
                 s = load(vs_ref, pg, j, slice(None)).astype(jnp.float32)[None, :]
                 z = load(vz_ref, pg, j, slice(None)).astype(jnp.float32)[None, :] + _NIBBLE_BIAS
                 ps = (probs * s).astype(jnp.bfloat16)
                 v_lo, v_hi = halves(v_ref, pg, j, jnp.bfloat16)
                 # Same rounded ps in the dot and in the correction: the bias cancels exactly.
                 zc = jnp.sum(ps.astype(jnp.float32) * z, axis=1)[:, None]
-                zcs = (zc, zc)
             else:
                 ps = probs.astype(v_ref.dtype)
                 v_lo, v_hi = halves(v_ref, pg, j, v_ref.dtype)
-                zcs = (0.0, 0.0)
-            for c, (acc, v_half) in enumerate(zip(accs[2 * j : 2 * j + 2], (v_lo, v_hi))):
+                zc = 0.0
+            for acc, v_half in zip(accs[2 * j : 2 * j + 2], (v_lo, v_hi)):
                 pv = jnp.dot(ps, v_half, preferred_element_type=jnp.float32)
-                if c == 1 and scale_hi != 1.0:
-                    pv = pv * scale_hi
-                new_accs.append(acc * corr[:, None] + (pv - zcs[c]))
+                new_accs.append(acc * corr[:, None] + (pv - zc))
         return tuple(new_accs), m_next, l_next
 
     accs0 = tuple(jnp.zeros((block_rows, half), jnp.float32) for _ in range(2 * n_groups))
@@ -541,12 +461,6 @@ def _attend(
     f32)``, lse = log of the softmax denominator (-inf for rows that see no key)."""
     batch, hkv, rows, head_dim = q_rows.shape
     max_pages = page_table.shape[1]
-    fast, f16 = _unpack_mode(
-        unpack, interpret, quantized=kv.quantized, qk_int8=qk_int8, ring=ring is not None
-    )
-    if f16:  # the kernel's nibble tiles come in `_f16_channels` order: q follows, o goes back
-        channels = _f16_channels(head_dim)
-        q_rows = q_rows[..., channels]
     if block_k % kv.page_size or block_k & (block_k - 1):
         raise ValueError(f"block_k={block_k} must be a power-of-two multiple of the page size")
     pages_per_block = block_k // kv.page_size
@@ -565,8 +479,7 @@ def _attend(
         blocks_per_split=-(-max_blocks // num_splits),
         num_splits=num_splits,
         sm_scale=sm_scale,
-        fast_unpack=fast,
-        f16=f16,
+        fast_unpack=_fast_unpack(unpack, interpret),
         qk_int8=qk_int8,
         causal_shift=causal_shift,
         partials=num_splits > 1 or return_lse,
@@ -614,7 +527,7 @@ def _attend(
         name="kv4_paged_attention" if kv.quantized else "bf16_paged_attention",
     )(*inputs)
     if num_splits == 1 and not return_lse:
-        return outs[0][:, :, 0][..., channels] if f16 else outs[0][:, :, 0]
+        return outs[0][:, :, 0]
     o, m, l_ = outs
     m_max = jnp.max(m, axis=2, keepdims=True)
     w = jnp.where(l_ > 0, jnp.exp(m - m_max), 0.0)  # [B, Hkv, S, R]
@@ -622,30 +535,18 @@ def _attend(
     o_sum = jnp.sum(w[..., None] * o, axis=2)
     inv = jnp.where(l_sum > 0, 1.0 / jnp.where(l_sum > 0, l_sum, 1.0), 0.0)
     out = (o_sum * inv[..., None]).astype(q_rows.dtype)
-    if f16:
-        out = out[..., channels]
     if not return_lse:
         return out
     lse = jnp.where(l_sum > 0, m_max[:, :, 0] + jnp.log(jnp.where(l_sum > 0, l_sum, 1.0)), -jnp.inf)
     return out, lse
 
 
-UNPACK_MODES = ("auto", "asm", "convert", "f16")
-
-
-def _unpack_mode(unpack: str, interpret: bool, *, quantized: bool, qk_int8: bool, ring: bool):
-    """``(fast, f16)``: inline PTX or jnp for the nibbles, and f16 (1024 + n) or bf16 (128 + n)."""
-    if unpack not in UNPACK_MODES:
-        raise ValueError(f"unpack={unpack!r} must be one of {UNPACK_MODES}")
+def _fast_unpack(unpack: str, interpret: bool) -> bool:
+    if unpack not in ("auto", "asm", "convert"):
+        raise ValueError(f"unpack={unpack!r} must be 'auto', 'asm' or 'convert'")
     if unpack == "asm" and interpret:
         raise ValueError("unpack='asm' (inline PTX) cannot run with interpret=True")
-    if unpack == "f16" and quantized:
-        if qk_int8:
-            raise ValueError("unpack='f16' and qk_int8=True exclude each other (K as int8)")
-        if ring:
-            raise ValueError("unpack='f16' does not take the recent window's ring in the kernel")
-        return not interpret, True  # interpret: the same arithmetic and lane order in jnp
-    return unpack == "asm" or (unpack in ("auto", "f16") and not interpret), False
+    return unpack == "asm" or (unpack == "auto" and not interpret)
 
 
 def _check_qk_int8(qk_int8: bool, kv: PagedKV) -> bool:

@@ -83,18 +83,6 @@ def test_kv4_decode_attention_lowers(batch, max_pages, page):
     _lower_cuda(attn.paged_decode_attention, *args, S((batch,), jnp.int32))
 
 
-@pytest.mark.parametrize("group", [128, 32])
-def test_kv4_attention_with_f16_nibbles_lowers(group):
-    """unpack="f16": the f16 lop3 inline PTX, decode (splits) and prefill."""
-    kv = _pages(8, 128, 128, group)
-    dec = functools.partial(attn.paged_decode_attention, unpack="f16")
-    args = (S((64, 32, 128), jnp.bfloat16), kv, S((64, 8), jnp.int32), S((64,), jnp.int32))
-    assert "lop3.b32" in _lower_cuda(dec, *args)
-    pre = functools.partial(attn.paged_prefill_attention, unpack="f16")
-    args = (S((2, 256, 32, 128), jnp.bfloat16), kv, S((2, 8), jnp.int32), S((2,), jnp.int32))
-    _lower_cuda(pre, *args)
-
-
 @pytest.mark.parametrize("num_splits", [1, 4])
 def test_kv4_decode_attention_with_ring_lowers(num_splits):
     """The recent window's ring attended inside the decode kernel (bf16 [L, S, Hkv, 16, D])."""

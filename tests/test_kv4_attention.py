@@ -191,69 +191,6 @@ def test_int8_logits_match_reference(hg, d, group):
     assert _rel(pre(qp, kv, table, lens, q_lens), refp) < 1e-2
 
 
-F16_CASES = [  # gqa, head_dim, page, group, num_splits, block_k
-    (4, 128, 16, 128, 3, None),
-    (8, 64, 32, 32, 2, 32),
-    (1, 128, 16, 64, 1, 16),
-]
-
-
-@pytest.mark.parametrize("hg,d,page,group,splits,block_k", F16_CASES)
-def test_f16_nibbles_match_reference(hg, d, page, group, splits, block_k):
-    """unpack="f16" (interpret mode runs the PTX's arithmetic and lane order in jnp): nibbles
-    as f16 1024 + n / 1024 + 16 n, channels 1 and 2 of every 4 swapped in q and back in o.
-    Its operands are f16 (q, softmax weights times V scales), finer than the bf16 path's; the
-    cost is the larger bias (1024) that the zero-point correction subtracts in f32. Bound 1e-2
-    as for the bf16 path; decode and prefill (with a cached prefix), lse included."""
-    lens = np.array([1, page - 1, 3 * page + 5, 4 * page], np.int32)
-    cache, table, _, _, rng = _filled_cache("int4", hg, d, page, group, lens, 4, seed=hg + group)
-    kv = cache.pages()
-    q = jnp.asarray(rng.standard_normal((4, 2 * hg, d)), jnp.bfloat16)
-    kw = dict(layer=1, return_lse=True)
-    dec = _jit(
-        attn.paged_decode_attention, num_splits=splits, block_k=block_k, unpack="f16",
-        interpret=True, **kw,
-    )  # fmt: skip
-    o, lse = dec(q, kv, table, lens)
-    ro, rlse = _jit(attn.paged_decode_attention_reference, **kw)(q, kv, table, lens)
-    assert o.dtype == q.dtype and _rel(o, ro) < 1e-2
-    np.testing.assert_allclose(np.asarray(lse), np.asarray(rlse), atol=1e-3)
-    bf16 = _jit(
-        attn.paged_decode_attention, layer=1, num_splits=splits, block_k=block_k, interpret=True
-    )
-    assert _rel(o, bf16(q, kv, table, lens)) < 1e-2
-    t = page + 3
-    q_lens = np.array([1, page - 1, t, 2], np.int32)
-    qp = jnp.asarray(rng.standard_normal((4, t, 2 * hg, d)), jnp.bfloat16)
-    pre = _jit(attn.paged_prefill_attention, layer=1, block_q=4, unpack="f16", interpret=True)
-    refp = _jit(attn.paged_prefill_attention_reference, layer=1)(qp, kv, table, lens, q_lens)
-    assert _rel(pre(qp, kv, table, lens, q_lens), refp) < 1e-2
-
-
-def test_f16_lane_order_is_the_ptx_byte_order():
-    """The emulated unpack gives, for bytes (b0, b1, b2, b3), the nibbles of (b0, b2, b1, b3):
-    the order of lop3 on the word and on the word >> 8 (two f16 lanes each)."""
-    byte = jnp.asarray(np.arange(8, dtype=np.uint8) * 17 + 3)  # distinct nibbles
-    lo, hi = attn._unpack_f16(byte, fast=False)
-    order = [0, 2, 1, 3, 4, 6, 5, 7]
-    b = np.asarray(byte)[order].astype(np.int32)
-    np.testing.assert_array_equal(np.asarray(lo, np.float32), 1024 + (b & 15))
-    np.testing.assert_array_equal(np.asarray(hi, np.float32), 1024 + 16 * (b >> 4))
-    perm = attn._f16_channels(8)
-    np.testing.assert_array_equal(perm[perm], np.arange(8))  # its own inverse
-
-
-def test_f16_nibbles_reject_what_they_cannot_do():
-    lens = np.array([5], np.int32)
-    cache, table, _, _, rng = _filled_cache("int4", 2, 64, 16, 64, lens, 1, seed=4)
-    q = jnp.asarray(rng.standard_normal((1, 4, 64)), jnp.bfloat16)
-    kv = cache.pages()
-    with pytest.raises(ValueError, match="qk_int8"):
-        attn.paged_decode_attention(q, kv, table, lens, unpack="f16", qk_int8=True, interpret=True)
-    with pytest.raises(ValueError, match="unpack="):
-        attn.paged_decode_attention(q, kv, table, lens, unpack="fp8", interpret=True)
-
-
 def test_int8_logits_need_an_int4_cache_with_wide_groups():
     lens = np.array([5], np.int32)
     for dtype, group, match in (("bf16", 64, "INT4 cache"), ("int4", 32, "groups of >= 64")):
