@@ -303,7 +303,7 @@ def _kernel(
     # q pieces: group j -> (first half, second half) of its channels, matching the nibbles.
     q_pieces, q_sums, q_scales = [], [], []
     cdt = jnp.bfloat16 if quantized else q_ref.dtype
-    for j in range(n_groups):
+    for j in range(n_groups if quantized else 0):
         lo = q_ref[:, pl.ds(j * group, half)]
         hi = q_ref[:, pl.ds(j * group + half, half)]
         if qk_int8:  # symmetric INT8 per row and group; the dots run int8 x nibble -> int32
@@ -319,20 +319,20 @@ def _kernel(
         q_sums.append(
             jnp.sum(lo.astype(jnp.float32), axis=1) + jnp.sum(hi.astype(jnp.float32), axis=1)
         )
+    # bf16 pages have no groups to split: one dot over all D channels for the logits, one
+    # accumulator [BM, D] for P V (wider MMAs than two half-width ones).
+    acc_width = half if quantized else head_dim
+    q_whole = None if quantized else q_ref[...].astype(cdt)
 
     def load(ref, pg, *trail):
         """ref[layer, pages, h, *trail] with the block's pages merged into one token axis."""
         x = ref[(layer, pg, h, *trail)]
         return x.reshape(block_k, *x.shape[2:]) if pages_per_block > 1 else x
 
-    def halves(ref, pg, j, dtype):
-        """The [block_k, g/2] channel halves of group j; INT4 comes as 128 + nibble (exact)."""
-        if quantized:
-            byte = load(ref, pg, slice(None), pl.ds(j * half, half))  # [block_k, g/2] uint8
-            return _unpack_biased(byte, fast=fast_unpack)
-        lo = load(ref, pg, slice(None), pl.ds(j * group, half))
-        hi = load(ref, pg, slice(None), pl.ds(j * group + half, half))
-        return lo.astype(dtype), hi.astype(dtype)
+    def halves(ref, pg, j):
+        """The [block_k, g/2] nibble halves of group j as bf16 128 + nibble (exact)."""
+        byte = load(ref, pg, slice(None), pl.ds(j * half, half))  # [block_k, g/2] uint8
+        return _unpack_biased(byte, fast=fast_unpack)
 
     def body(blk, carry, masked=True):
         accs, m_prev, l_prev = carry
@@ -340,25 +340,28 @@ def _kernel(
             pg = page_table_ref[b, blk]
         else:  # a gather of whole pages: [pages_per_block] physical page ids
             pg = page_table_ref[b, pl.ds(blk * pages_per_block, pages_per_block)]
-        logits = jnp.zeros((block_rows, block_k), jnp.float32)
-        for j in range(n_groups):
+        if quantized:
+            logits = jnp.zeros((block_rows, block_k), jnp.float32)
+        else:
+            k_all = load(k_ref, pg, slice(None), slice(None)).astype(cdt)  # [block_k, D]
+            logits = jnp.dot(q_whole, k_all.T, preferred_element_type=jnp.float32)
+        for j in range(n_groups if quantized else 0):  # INT4: per group, nibble halves
             if qk_int8:  # nibbles as int8 0..15: a mask and a shift, no float conversion
                 byte = load(k_ref, pg, slice(None), pl.ds(j * half, half))
                 k_lo = (byte & jnp.uint8(0xF)).astype(jnp.int8)
                 k_hi = (byte >> jnp.uint8(4)).astype(jnp.int8)
                 acc_t, bias = jnp.int32, 0.0
-            else:  # INT4 as 128 + nibble in bf16 (bias folded into the zero point), or bf16
-                k_lo, k_hi = halves(k_ref, pg, j, cdt)
+            else:  # INT4 as 128 + nibble in bf16 (bias folded into the zero point)
+                k_lo, k_hi = halves(k_ref, pg, j)
                 acc_t, bias = jnp.float32, _NIBBLE_BIAS
             raw = jnp.dot(q_pieces[j][0], k_lo.T, preferred_element_type=acc_t)
             raw += jnp.dot(q_pieces[j][1], k_hi.T, preferred_element_type=acc_t)
             raw = raw.astype(jnp.float32)
-            if quantized:
-                s = load(ks_ref, pg, j, slice(None)).astype(jnp.float32)[None, :]
-                z = load(kz_ref, pg, j, slice(None)).astype(jnp.float32)[None, :] + bias
-                if qk_int8:
-                    s = s * q_scales[j]
-                raw = s * (raw - z * q_sums[j][:, None])
+            s = load(ks_ref, pg, j, slice(None)).astype(jnp.float32)[None, :]
+            z = load(kz_ref, pg, j, slice(None)).astype(jnp.float32)[None, :] + bias
+            if qk_int8:
+                s = s * q_scales[j]
+            raw = s * (raw - z * q_sums[j][:, None])
             logits += raw
         logits *= sm_scale
         valid = None
@@ -367,24 +370,24 @@ def _kernel(
             valid = (key_pos[None, :] <= row_pos[:, None]) & (key_pos[None, :] < seq_len)
         probs, corr, m_next, l_next = _online_softmax_step(logits, m_prev, l_prev, valid)
         new_accs = []
+        if not quantized:
+            v_all = load(v_ref, pg, slice(None), slice(None))  # [block_k, D]
+            pv = jnp.dot(probs.astype(v_all.dtype), v_all, preferred_element_type=jnp.float32)
+            return (accs[0] * corr[:, None] + pv,), m_next, l_next
         for j in range(n_groups):
-            if quantized:
-                s = load(vs_ref, pg, j, slice(None)).astype(jnp.float32)[None, :]
-                z = load(vz_ref, pg, j, slice(None)).astype(jnp.float32)[None, :] + _NIBBLE_BIAS
-                ps = (probs * s).astype(jnp.bfloat16)
-                v_lo, v_hi = halves(v_ref, pg, j, jnp.bfloat16)
-                # Same rounded ps in the dot and in the correction: the bias cancels exactly.
-                zc = jnp.sum(ps.astype(jnp.float32) * z, axis=1)[:, None]
-            else:
-                ps = probs.astype(v_ref.dtype)
-                v_lo, v_hi = halves(v_ref, pg, j, v_ref.dtype)
-                zc = 0.0
+            s = load(vs_ref, pg, j, slice(None)).astype(jnp.float32)[None, :]
+            z = load(vz_ref, pg, j, slice(None)).astype(jnp.float32)[None, :] + _NIBBLE_BIAS
+            ps = (probs * s).astype(jnp.bfloat16)
+            v_lo, v_hi = halves(v_ref, pg, j)
+            # Same rounded ps in the dot and in the correction: the bias cancels exactly.
+            zc = jnp.sum(ps.astype(jnp.float32) * z, axis=1)[:, None]
             for acc, v_half in zip(accs[2 * j : 2 * j + 2], (v_lo, v_hi)):
                 pv = jnp.dot(ps, v_half, preferred_element_type=jnp.float32)
                 new_accs.append(acc * corr[:, None] + (pv - zc))
         return tuple(new_accs), m_next, l_next
 
-    accs0 = tuple(jnp.zeros((block_rows, half), jnp.float32) for _ in range(2 * n_groups))
+    n_accs = 2 * n_groups if quantized else 1
+    accs0 = tuple(jnp.zeros((block_rows, acc_width), jnp.float32) for _ in range(n_accs))
     m0 = jnp.full((block_rows,), _MASK, jnp.float32)
     l0 = jnp.zeros((block_rows,), jnp.float32)
     # Blocks whose keys every row of the tile sees (before the tile's first query position
@@ -412,7 +415,7 @@ def _kernel(
         ps = probs.astype(rk.dtype)
         accs = tuple(
             acc * corr[:, None]
-            + jnp.dot(ps, rv_ref[layer, slot, h, :, pl.ds(c * half, half)],
+            + jnp.dot(ps, rv_ref[layer, slot, h, :, pl.ds(c * acc_width, acc_width)],
                       preferred_element_type=jnp.float32)
             for c, acc in enumerate(accs)
         )  # fmt: skip
@@ -421,11 +424,11 @@ def _kernel(
     if not partials:
         inv = jnp.where(l_i > 0, 1.0 / jnp.where(l_i > 0, l_i, 1.0), 0.0)[:, None]
         for c, acc in enumerate(accs):
-            o_ref[:, pl.ds(c * half, half)] = (acc * inv).astype(o_ref.dtype)
+            o_ref[:, pl.ds(c * acc_width, acc_width)] = (acc * inv).astype(o_ref.dtype)
     else:
         m_ref, l_ref = outs[1], outs[2]
         for c, acc in enumerate(accs):
-            o_ref[:, pl.ds(c * half, half)] = acc
+            o_ref[:, pl.ds(c * acc_width, acc_width)] = acc
         m_ref[...] = m_i
         l_ref[...] = l_i
 
