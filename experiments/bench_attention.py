@@ -40,6 +40,8 @@ NAME = (
     if FOCUS
     else "bench_attention_warps"
     if "--warps-study" in sys.argv
+    else "bench_attention_prefill_study"
+    if "--prefill-study" in sys.argv
     else "bench_attention"
 )
 PREFILL_SHAPES = [(1, 2048, 0), (1, 8192, 0), (8, 1024, 0), (4, 512, 4096)]  # (B, T, prefix)
@@ -53,6 +55,7 @@ RESULTS: dict = {
     "write": [],
     "warps": [],
     "prefill_warps": [],
+    "prefill_study": [],
 }
 
 
@@ -192,6 +195,10 @@ def correctness():
         if dtype == "int4":  # prefill on pages dequantized once (dequantize=True)
             op = A.paged_prefill_attention(qp, cache.pages(), pt, lens, ql, dequantize=True)
             row["prefill_dequantized_vs_ref"] = rel(op, refp)
+            ox = A.paged_prefill_attention(
+                qp, cache.pages(), pt, lens, ql, dequantize=True, dequantize_kernel=False
+            )
+            row["prefill_dequantized_kernel_vs_xla_pool"] = rel(op, ox)  # 0: same bits
         if dtype == "int4" and g >= 64:  # int8 logits (groups of >= 64 channels)
             o = A.paged_decode_attention(q, cache.pages(), pt, lens, num_splits=3, qk_int8=True)
             op = A.paged_prefill_attention(qp, cache.pages(), pt, lens, ql, qk_int8=True)
@@ -231,7 +238,8 @@ PREFILL_VARIANTS = [
     dict(page=128, num_warps=8, block_q=64),
     dict(page=128, num_warps=8, qk_int8=True),
     dict(page=64, num_warps=8, qk_int8=True),
-    dict(page=128, num_warps=8, dequantize=True),
+    dict(page=128, num_warps=8, dequantize=True),  # the pool made by kv4_dequant (default)
+    dict(page=128, num_warps=8, dequantize=True, dequantize_kernel=False),  # by XLA
     dict(page=64, num_warps=8, dequantize=True),
 ]
 
@@ -307,6 +315,43 @@ def warps_study(key):
                 RESULTS["prefill_warps"].append(row)
                 log("prefill warps", row)
     save()
+
+
+PREFILL_STUDY = [dict(num_stages=n) for n in (2, 3, 4)] + [
+    dict(block_k=256, num_stages=n) for n in (2, 3)
+]
+
+
+def prefill_study(key):
+    """The default prefill path (INT4 pages dequantized by kv4_dequant, page 128, 8 warps) by
+    pipeline stages and keys per loop step, with `mha` on the same shapes."""
+    from jax.experimental.pallas.ops.gpu import attention as fa
+
+    for b, t, prefix in PREFILL_SHAPES:
+        s = prefix + t
+        q = jax.random.normal(key, (b, t, HQ, D), jnp.bfloat16)
+        lens = jnp.full((b,), s, jnp.int32)
+        kv, tables = make_paged(key, b, s, 128, 128, True, 1)
+        row = dict(B=b, T=t, prefix=prefix)
+        for var in PREFILL_STUDY:
+            tag = "_".join(f"{k}{v}" for k, v in sorted(var.items()))
+            fn = jax.jit(functools.partial(A.paged_prefill_attention, dequantize=True, **var))
+            try:
+                row[tag + "_us"] = bench(fn, [(q, kv, tables[0], lens)]) * 1e6
+            except Exception as e:
+                row[tag + "_error"] = repr(e)[:300]
+        if prefix == 0:
+            k = jax.random.normal(jax.random.fold_in(key, 2), (b, t, HQ, D), jnp.bfloat16)
+            v = jax.random.normal(jax.random.fold_in(key, 3), (b, t, HQ, D), jnp.bfloat16)
+            mha = jax.jit(
+                functools.partial(fa.mha, segment_ids=None, sm_scale=1 / math.sqrt(D), causal=True)
+            )
+            row["mha_us"] = bench(mha, [(q, k, v)]) * 1e6
+            for name in [n for n in row if n.endswith("_us") and n != "mha_us"]:
+                row[name[:-3] + "_over_mha"] = row[name] / row["mha_us"]
+        RESULTS["prefill_study"].append(row)
+        log("prefill study", row)
+        save()
 
 
 def decode_sweep(key, page, kw, quick):
@@ -494,6 +539,9 @@ def markdown():
                 f"| {r['B']} | {r['S']} | {r['page']} | {r['num_warps']} "
                 f"| {f(r, 'us', '{:.1f}')} | {f(r, 'gbps')} |"
             )
+    if RESULTS["prefill_study"]:
+        lines += ["", "## Prefill by stages / keys per step (dequantized pages)", ""]
+        lines += [f"- {r}" for r in RESULTS["prefill_study"]]
     if RESULTS["prefill_warps"]:
         lines += ["", "## Prefill (INT4, page 128) by num_warps", ""]
         lines += [f"- {r}" for r in RESULTS["prefill_warps"]]
@@ -519,6 +567,11 @@ def main():
         action="store_true",
         help="schedule knobs at B=64,S=4096 + the prefill shapes, no int8 logits",
     )
+    ap.add_argument(
+        "--prefill-study",
+        action="store_true",
+        help="only the default prefill path by num_stages / block_k, with mha",
+    )
     args = ap.parse_args()
     if args.focus:
         global PREFILL_SHAPES
@@ -537,6 +590,10 @@ def main():
     t0 = time.time()
     if args.warps_study:
         warps_study(key)
+        print(markdown())
+        return
+    if args.prefill_study:
+        prefill_study(key)
         print(markdown())
         return
     sections = [("correctness", correctness), ("tuning", None), ("writes", lambda: writes(key))]

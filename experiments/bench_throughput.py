@@ -541,9 +541,10 @@ def parse_args(argv=None):
     )
     p.add_argument(
         "--kv-window-kernel",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=True,
         help="with --kv-recent-window: decode attends the ring inside the Pallas kernel "
-        "(EngineConfig.kv_window_kernel)",
+        "(EngineConfig.kv_window_kernel; on by default, --no-kv-window-kernel uses XLA)",
     )
     p.add_argument(
         "--modes",

@@ -785,6 +785,7 @@ def paged_prefill_attention(
     unpack: str = "auto",
     qk_int8: bool = False,
     dequantize: bool = False,
+    dequantize_kernel: bool | None = None,
     causal_shift: int = 0,
     return_lse: bool = False,
 ):
@@ -806,6 +807,9 @@ def paged_prefill_attention(
         ``T * Hq / Hkv / 128`` row tiles. For long chunks, where prefill is compute-bound;
         costs one extra pass that writes 4x the INT4 bytes. Same values up to the bf16
         rounding of the dequantized K/V.
+      dequantize_kernel: with ``dequantize``, make the bf16 pool with the Pallas kernel
+        (:func:`pallas_kernels.kv4_dequant.dequantize_pages`, one launch, the same bits)
+        instead of XLA (:func:`dequantized_pool`). Default: the kernel unless ``interpret``.
       causal_shift, return_lse: as in :func:`paged_decode_attention` (lse ``[B, T, Hq]``).
 
     Returns:
@@ -835,7 +839,14 @@ def paged_prefill_attention(
             raise ValueError("dequantize=True needs an INT4 cache (this one is bf16)")
         if qk_int8:
             raise ValueError("dequantize=True and qk_int8=True exclude each other")
-        kv, page_table = dequantized_pool(kv, page_table, layer)
+        if dequantize_kernel is None:
+            dequantize_kernel = not interpret
+        if dequantize_kernel:
+            from pallas_kernels.kv4_dequant import dequantize_pages  # imports this module
+
+            kv, page_table = dequantize_pages(kv, page_table, layer, interpret=interpret)
+        else:
+            kv, page_table = dequantized_pool(kv, page_table, layer)
         _check_kv(kv)
         layer = 0
     out = _attend(

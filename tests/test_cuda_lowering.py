@@ -104,6 +104,13 @@ def test_kv4_prefill_attention_lowers(dequantize):
     _lower_cuda(fn, *args)
 
 
+@pytest.mark.parametrize("d,group", [(128, 128), (128, 32)])
+def test_kv4_dequantize_pages_lowers(d, group):
+    from pallas_kernels import kv4_dequant
+
+    _lower_cuda(kv4_dequant.dequantize_pages, _pages(8, d, 128, group), S((4, 8), jnp.int32))
+
+
 @pytest.mark.parametrize("hkv,d,group", [(8, 128, 128), (3, 64, 64), (8, 128, 32)])
 def test_kv4_write_lowers_with_aliased_pools(hkv, d, group):
     kv = _pages(hkv, d, 64, group)

@@ -155,6 +155,42 @@ def test_prefill_on_a_dequantized_pool_matches_reference(hg, d, page, group):
     )
 
 
+@pytest.mark.parametrize("hg,d,page,group", [(4, 128, 16, 64), (2, 64, 32, 32), (1, 128, 16, 128)])
+def test_dequantize_kernel_equals_the_xla_pool(hg, d, page, group):
+    """kv4_dequant.dequantize_pages (interpret mode) makes the same pool as dequantized_pool,
+    bit for bit (same f32 arithmetic), table entries out of range clipped the same way; and
+    prefill through it equals prefill through the XLA pool."""
+    from pallas_kernels import kv4_dequant
+
+    lens = np.array([1, 2 * page + 3, 3 * page], np.int32)
+    cache, table, _, _, rng = _filled_cache("int4", hg, d, page, group, lens, 3, seed=group + d)
+    kv = cache.pages()
+    table = table.copy()
+    table[0, 2] = kv.k.shape[1] + 5  # unused entry past the pool: clipped, as the reference
+    want, want_tab = attn.dequantized_pool(kv, table, layer=1)
+    got, got_tab = jax.jit(functools.partial(kv4_dequant.dequantize_pages, interpret=True))(
+        kv, table, 1
+    )
+    np.testing.assert_array_equal(np.asarray(got_tab), np.asarray(want_tab))
+    for g, w in ((got.k, want.k), (got.v, want.v)):
+        assert g.dtype == w.dtype == jnp.bfloat16
+        np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))
+    t = page + 3
+    q_lens = np.array([1, page, t], np.int32)
+    q = jnp.asarray(rng.standard_normal((3, t, 2 * hg, d)), jnp.bfloat16)
+    run = functools.partial(
+        attn.paged_prefill_attention, layer=1, block_q=4, dequantize=True, interpret=True
+    )
+    a = jax.jit(functools.partial(run, dequantize_kernel=True))(q, kv, table, lens, q_lens)
+    b = jax.jit(functools.partial(run, dequantize_kernel=False))(q, kv, table, lens, q_lens)
+    np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    with pytest.raises(ValueError, match="INT4 cache"):
+        bf16, *_ = _filled_cache("bf16", hg, d, page, group, lens, 3, seed=1)
+        kv4_dequant.dequantize_pages(bf16.pages(), table, 1, interpret=True)
+    with pytest.raises(ValueError, match="page_table"):
+        kv4_dequant.dequantize_pages(kv, table.astype(np.float32), 1, interpret=True)
+
+
 def test_dequantized_pool_needs_int4_and_excludes_int8_logits():
     lens = np.array([5], np.int32)
     for dtype, kw, match in (
