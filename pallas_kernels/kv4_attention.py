@@ -54,6 +54,11 @@ from comet_jax.quant import pack, quantizers
 
 _MASK = -0.7 * float(np.finfo(np.float32).max)
 _MIN_ROWS = 16  # Triton's smallest dot M
+# The kernel's softmax runs in base 2: logits scaled by sm_scale * log2(e), exp2 (one multiply
+# fewer per logit than exp, which is exp2 of x * log2(e) on the GPU); the running max is
+# returned in natural-log units (x ln 2), the denominators are the same in either base.
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
 
 
 class PagedKV(NamedTuple):
@@ -226,15 +231,15 @@ def _round_to_int8(y):
 
 
 def _online_softmax_step(logits, m_prev, l_prev, valid=None):
-    """One key block of the online (flash) softmax: scaled f32 ``logits [BM, K]``, the rows'
-    running max and denominator ``[BM]``; ``valid [BM, K]`` masks keys (None: all visible).
+    """One key block of the online (flash) softmax, base 2: f32 ``logits [BM, K]`` scaled by
+    ``sm_scale * log2(e)``, the rows' running max (same units) and denominator ``[BM]``; ``valid [BM, K]`` masks keys (None: all visible).
     Returns ``(probs, corr, m_next, l_next)``: unnormalized block probabilities, the factor
     that rescales the earlier accumulators, and the updated max and denominator."""
     if valid is not None:
         logits = jnp.where(valid, logits, _MASK)
     m_next = jnp.maximum(m_prev, jnp.max(logits, axis=1))
-    corr = jnp.exp(m_prev - m_next)
-    probs = jnp.exp(logits - m_next[:, None])
+    corr = jnp.exp2(m_prev - m_next)
+    probs = jnp.exp2(logits - m_next[:, None])
     if valid is not None:
         probs = jnp.where(valid, probs, 0.0)
     return probs, corr, m_next, l_prev * corr + jnp.sum(probs, axis=1)
@@ -363,7 +368,7 @@ def _kernel(
                 s = s * q_scales[j]
             raw = s * (raw - z * q_sums[j][:, None])
             logits += raw
-        logits *= sm_scale
+        logits *= sm_scale * _LOG2E
         valid = None
         if masked:
             key_pos = blk * block_k + jnp.arange(block_k, dtype=jnp.int32)
@@ -410,7 +415,7 @@ def _kernel(
         slot = jnp.maximum(slot, 0)
         rk = rk_ref[layer, slot, h, :, :]  # [W, D]
         qf = q_ref[...].astype(rk.dtype)
-        logits = jnp.dot(qf, rk.T, preferred_element_type=jnp.float32) * sm_scale
+        logits = jnp.dot(qf, rk.T, preferred_element_type=jnp.float32) * (sm_scale * _LOG2E)
         probs, corr, m_i, l_i = _online_softmax_step(logits, m_i, l_i, ok)
         ps = probs.astype(rk.dtype)
         accs = tuple(
@@ -429,7 +434,7 @@ def _kernel(
         m_ref, l_ref = outs[1], outs[2]
         for c, acc in enumerate(accs):
             o_ref[:, pl.ds(c * acc_width, acc_width)] = acc
-        m_ref[...] = m_i
+        m_ref[...] = m_i * _LN2  # natural-log units for the merge and the lse
         l_ref[...] = l_i
 
 
