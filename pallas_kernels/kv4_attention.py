@@ -23,7 +23,8 @@ Math inside a page (per group ``j`` of ``g`` channels, INT4): with nibble tiles
 The nibbles enter the bf16 tensor-core dots as exact integers (as ``128 + n``, made by a bit
 trick; the 128 is folded into ``z``); dequantization costs one multiply-add per logit instead of
 one per cache element. The zero-point corrections use the same rounded operands as the dots, so
-they cancel exactly. Softmax is online (flash) in f32.
+they cancel exactly. Softmax is online (flash) in f32, in base 2 (``exp2``; the log-sum-exp
+outputs are in natural-log units).
 
 Decode splits the page range of a sequence over ``num_splits`` programs (flash-decoding) and
 merges their partial results with a log-sum-exp step; prefill gives each program a tile of
@@ -232,7 +233,8 @@ def _round_to_int8(y):
 
 def _online_softmax_step(logits, m_prev, l_prev, valid=None):
     """One key block of the online (flash) softmax, base 2: f32 ``logits [BM, K]`` scaled by
-    ``sm_scale * log2(e)``, the rows' running max (same units) and denominator ``[BM]``; ``valid [BM, K]`` masks keys (None: all visible).
+    ``sm_scale * log2(e)``, the rows' running max (same units) and denominator ``[BM]``;
+    ``valid [BM, K]`` masks keys (None: all visible).
     Returns ``(probs, corr, m_next, l_next)``: unnormalized block probabilities, the factor
     that rescales the earlier accumulators, and the updated max and denominator."""
     if valid is not None:
