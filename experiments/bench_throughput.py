@@ -88,11 +88,21 @@ def run_workload(
     prompt_len: int,
     out_len: int,
     seed: int,
-    trace: tuple[int, int] | None = None,
+    trace: tuple[int, int] | list[tuple[int, int]] | None = None,
     keep: str | None = None,
 ) -> dict:
     """One max-throughput or fixed-batch run. ``trace=(start, steps)``: trace steps
-    ``[start, start + steps)`` of this run (:func:`trace_window`; result under "trace")."""
+    ``[start, start + steps)`` of this run (:func:`trace_window`; result under "trace");
+    a list of such pairs traces each window (result under "trace" as a list, in order)."""
+    windows = None
+    if trace is not None:
+        windows = [tuple(trace)] if isinstance(trace[0], int) else [tuple(w) for w in trace]
+        for (a, n), nxt in zip(windows, windows[1:] + [None]):
+            if a < 0 or n < 1 or (nxt is not None and nxt[0] < a + n):
+                raise ValueError(
+                    f"trace windows must be (start >= 0, steps >= 1) pairs in increasing, "
+                    f"non-overlapping order, got {windows}"
+                )
     rng = np.random.default_rng(seed)
     vocab = engine.runner.model.config.vocab_size
     params = SamplingParams(max_tokens=out_len, temperature=0.0, ignore_eos=True)
@@ -109,11 +119,14 @@ def run_workload(
     t0 = time.perf_counter()
     for _ in range(n):
         engine.add_request(None, rng.integers(0, vocab, prompt_len).tolist(), params, on_output)
-    batch_reached, decode_steps, step_i, window = 0, 0, 0, None
+    batch_reached, decode_steps, step_i, traced = 0, 0, 0, []
+    pending = list(windows or [])
     while engine.has_unfinished():
-        if trace is not None and step_i == trace[0]:
-            window = trace_window(engine, trace[1], keep=keep)
-            step_i += trace[1]
+        if pending and step_i == pending[0][0]:
+            _, n_steps = pending.pop(0)
+            path = keep if keep is None or not traced else f"{keep}.{len(traced)}"
+            traced.append(trace_window(engine, n_steps, keep=path))
+            step_i += n_steps
             continue
         engine.step()
         step_i += 1
@@ -140,7 +153,11 @@ def run_workload(
         "device_s": dev,
         "engine_overhead": host / max(host + dev, 1e-9),
         "preemptions": engine.scheduler.num_preemptions - preempt0,
-        **({"trace": window} if trace is not None else {}),
+        **(
+            {"trace": traced[0] if isinstance(trace[0], int) else traced}
+            if trace is not None
+            else {}
+        ),
     }
 
 
@@ -364,7 +381,10 @@ def bench_precision(args, model_config, precision: str) -> list[dict]:
 def _bench_engine(args, engine: LLMEngine, row: dict) -> dict:
     row["max_throughput"] = []
     for i, (pin, pout) in enumerate(args.workloads):
-        trace = tuple(args.trace_window) if args.trace_window and i == 0 else None
+        trace = None
+        if args.trace_window and i == 0:
+            w = args.trace_window
+            trace = tuple(w) if len(w) == 2 else [tuple(w[j : j + 2]) for j in range(0, len(w), 2)]
         keep = f"{os.path.splitext(args.out)[0]}_{row['precision']}_window.xplane.pb"
         r = run_workload(
             engine, args.requests, pin, pout, seed=i, trace=trace,
@@ -569,9 +589,10 @@ def parse_args(argv=None):
         "--trace-window",
         type=_ints,
         default=None,
-        metavar="START,STEPS",
+        metavar="START,STEPS[,START,STEPS...]",
         help="trace steps START..START+STEPS of the first max-throughput workload (the real "
-        "mix of decode rows and prefill chunks): kernel time by category, timeline",
+        "mix of decode rows and prefill chunks): kernel time by category, timeline; more "
+        "pairs trace more windows (increasing, non-overlapping)",
     )
     p.add_argument(
         "--keep-trace",
@@ -587,6 +608,8 @@ def parse_args(argv=None):
         args.max_batch, args.max_tokens_per_step, args.max_prefill_seqs = 8, 64, 2
         args.page_size, args.num_pages, args.kv_group = 16, 64, 64
         args.decode_buckets, args.prefill_batch_buckets, args.chunk_buckets = [8], [2], [64]
+    if args.trace_window is not None and (not args.trace_window or len(args.trace_window) % 2):
+        p.error(f"--trace-window takes START,STEPS pairs, got {args.trace_window}")
     if args.kernels == "auto":
         args.kernels = "pallas" if jax.default_backend() == "gpu" else "reference"
     return args

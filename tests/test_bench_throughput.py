@@ -84,3 +84,19 @@ def test_trace_window_of_a_workload(bench, tmp_path):
     assert win["step_kernel_ms"] == 0.0 and win["by_category_us"] == {}  # CPU: no GPU plane
     assert "trace" not in second
     assert first["output_tokens"] == first["requests"] * first["output_len"]
+
+
+def test_several_trace_windows(bench, tmp_path):
+    """Several START,STEPS pairs trace each window in order; bad pairs are refused."""
+    out = tmp_path / "w2.json"
+    argv = ["--tiny", "--precisions", "bf16", "--quiet", "--out", str(out), "--fixed-batches="]
+    assert bench.main(argv + ["--trace-window", "1,2,5,3"]) == 0
+    [row] = json.loads(out.read_text())["results"]
+    [first, _] = row["max_throughput"]
+    wins = first["trace"]
+    assert [w["steps"] for w in wins] == [2, 3]
+    assert first["output_tokens"] == first["requests"] * first["output_len"]
+    with pytest.raises(SystemExit):
+        bench.main(argv + ["--trace-window", "1,2,5"])
+    with pytest.raises(ValueError, match="non-overlapping"):
+        bench.run_workload(None, 1, 4, 4, seed=0, trace=[(4, 3), (5, 1)])
