@@ -97,8 +97,8 @@ def run_workload(
     windows = None
     if trace is not None:
         windows = [tuple(trace)] if isinstance(trace[0], int) else [tuple(w) for w in trace]
-        for (a, n), nxt in zip(windows, windows[1:] + [None]):
-            if a < 0 or n < 1 or (nxt is not None and nxt[0] < a + n):
+        for (start, steps), nxt in zip(windows, windows[1:] + [None]):
+            if start < 0 or steps < 1 or (nxt is not None and nxt[0] < start + steps):
                 raise ValueError(
                     f"trace windows must be (start >= 0, steps >= 1) pairs in increasing, "
                     f"non-overlapping order, got {windows}"

@@ -79,6 +79,7 @@ def test_trace_window_of_a_workload(bench, tmp_path):
     [row] = json.loads(out.read_text())["results"]
     first, second = row["max_throughput"]
     win = first["trace"]
+    assert first["requests"] == 8  # --tiny's request count, whatever the window
     assert win["steps"] == 3 and win["step_wall_ms"] > 0 and win["tokens_per_step"] > 0
     assert win["prefill_calls"] + win["decode_calls"] >= 3
     assert win["step_kernel_ms"] == 0.0 and win["by_category_us"] == {}  # CPU: no GPU plane
@@ -95,6 +96,7 @@ def test_several_trace_windows(bench, tmp_path):
     [first, _] = row["max_throughput"]
     wins = first["trace"]
     assert [w["steps"] for w in wins] == [2, 3]
+    assert first["requests"] == 8  # --tiny's request count, whatever the windows
     assert first["output_tokens"] == first["requests"] * first["output_len"]
     with pytest.raises(SystemExit):
         bench.main(argv + ["--trace-window", "1,2,5"])
