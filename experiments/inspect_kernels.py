@@ -49,6 +49,7 @@ PTX_PATTERNS = {
     "prmt": r"\bprmt\.",
     "lop3": r"\blop3\.",
     "cvt": r"\bcvt\.",
+    "bar_sync": r"\b(?:bar|barrier)\.sync\b",
 }
 # SASS opcodes (Hopper): HGMMA/IGMMA = warpgroup MMA (bf16/int8), HMMA/IMMA = warp MMA.
 SASS_OPCODES = ("HGMMA", "IGMMA", "HMMA", "IMMA", "LDSM", "STSM", "LDS", "STS", "LDGSTS", "PRMT", "LOP3", "I2F", "F2I", "F2F")  # fmt: skip
@@ -166,7 +167,7 @@ def gemm_probes(small: bool = False):
     import jax
 
     from pallas_kernels import tuning
-    from pallas_kernels.w4ax_matmul import w4ax_matmul
+    from pallas_kernels.w4ax_matmul import GemmConfig, w4ax_matmul
 
     shapes = (
         [(16, 256, 512)] if small else [(16, 14336, 4096), (256, 4096, 4096), (4096, 4096, 4096)]
@@ -178,6 +179,19 @@ def gemm_probes(small: bool = False):
         ops = tuning.random_operands(jax.random.PRNGKey(m), m, n, k, k8)
         fn = functools.partial(w4ax_matmul, config=cfg)
         name = f"w4ax_m{m}_{n}x{k}"
+        out.append((name, fn, ops, cfg.num_warps, cfg.num_stages, cfg.to_dict()))
+    # The INT8 partial parked in the output tile (`park_out`): the PTX shows whether a CTA
+    # barrier separates the parked store from its read-back.
+    m, n, k = (64, 256, 512) if small else (4096, 4096, 4096)
+    k8 = tuning.int8_fraction_k8(k, 0.25)
+    for tag, cfg in (
+        ("wx", GemmConfig(128, 128, 1, 4, 3, False, 8, pre_unpack="wx", park_out=True)),
+        ("swap", GemmConfig(128, 128, 1, 4, 4, True, 8, pre_unpack="x", park_out=True)),
+    ):
+        mm = m if tag == "wx" else min(m, 256)
+        ops = tuning.random_operands(jax.random.PRNGKey(mm), mm, n, k, k8)
+        fn = functools.partial(w4ax_matmul, config=cfg)
+        name = f"w4ax_park_{tag}_m{mm}_{n}x{k}"
         out.append((name, fn, ops, cfg.num_warps, cfg.num_stages, cfg.to_dict()))
     return out
 

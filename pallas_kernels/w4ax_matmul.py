@@ -99,12 +99,19 @@ class GemmConfig:
     # zeroed, takes the INT4 segment. An ablation (no speed-up measured; module docstring).
     # Per-channel weight scales only.
     acc8_first: bool = False
+    # One int32 accumulator per tile, nothing parked in registers: the INT8 segment's loop
+    # runs first, its scaled partial goes to the program's own output tile (global memory,
+    # L2-resident), the accumulator, zeroed, takes the INT4 segment, and the epilogue adds
+    # the partial back. Rounds that partial to the output dtype once (module docstring).
+    park_out: bool = False
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
             raise ValueError(f"backend={self.backend!r} must be one of {BACKENDS}")
         if self.pre_unpack not in PRE_UNPACK:
             raise ValueError(f"pre_unpack={self.pre_unpack!r} must be one of {PRE_UNPACK}")
+        if self.acc8_first and self.park_out:
+            raise ValueError("GemmConfig: acc8_first and park_out are exclusive (both park the INT8 partial)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -268,6 +275,7 @@ def _kernel(
     x4_unpacked,
     x_float,
     acc8_first=False,
+    park_out=False,
 ):
     refs = list(refs)
     x4_ref = refs.pop(0) if has_x4 else None
@@ -367,7 +375,26 @@ def _kernel(
         shape = (1, bm) if swap_ab else (bm, 1)
         return s4.reshape(shape), s8.reshape(shape)
 
-    if acc8_first:  # one int32 accumulator: INT8 tiles, park them in bf16, then INT4 tiles
+    def load_out():
+        v = out_refs[0][...].astype(jnp.float32)
+        return v.T if swap_ab else v
+
+    if park_out and has_x4 and has_x8:
+        # One live accumulator: the INT8 tiles, their partial parked in this program's own
+        # output tile, then the INT4 tiles. Read back after the INT4 loop, whose pipelined
+        # steps synchronize the CTA (and are many), so the whole tile is written by then.
+        acc = seg_loop(jnp.maximum(lo, t4), hi, body8, jnp.zeros(acc_shape, acc_dtype))
+        if raw:
+            store(out_refs[1], acc)
+        else:
+            s4, s8 = token_scales()
+            store(out_refs[0], acc.astype(jnp.float32) * s8)
+        acc = seg_loop(lo, jnp.minimum(hi, t4), body4, jnp.zeros(acc_shape, acc_dtype))
+        if raw:
+            store(out_refs[0], acc)
+            return
+        y = acc.astype(jnp.float32) * s4 + load_out()
+    elif acc8_first:  # one int32 accumulator: INT8 tiles, park them in bf16, then INT4 tiles
         acc8 = jnp.zeros(acc_shape, acc_dtype)
         if has_x8:
             acc8 = seg_loop(jnp.maximum(lo, t4), hi, body8, acc8)
@@ -557,6 +584,7 @@ def _w4ax_call(
         x4_unpacked=x4_unpacked,
         x_float=x_float,
         acc8_first=config.acc8_first,
+        park_out=config.park_out,
     )
     out = pl.pallas_call(
         kernel,

@@ -62,6 +62,19 @@ def test_smoke_one_acc_study(tmp_path):
     assert "Variant study `one_acc`" in next(tmp_path.glob("gemm_*.md")).read_text()
 
 
+def test_smoke_park_study(tmp_path):
+    """Parked-partial variants: int32 sums exact, every output element within its bound,
+    all timed, the markdown lists the study."""
+    _, res = _smoke(tmp_path, "--park")
+    assert res["park_exact"] and all(res["park_exact"].values())
+    assert all(v == 0 for v in res["park_bad_elements"].values())
+    [row] = res["park"]
+    timed = [k for k in row if k.endswith("_us") and "park" in k]
+    assert len(timed) == len(row["variant_configs"]) and row["tuned_us"] > 0
+    assert all(c["park_out"] for c in row["variant_configs"].values())
+    assert "Variant study `park`" in next(tmp_path.glob("gemm_*.md")).read_text()
+
+
 def test_smoke_unpack_study(tmp_path):
     _, res = _smoke(tmp_path, "--unpack")
     [row] = res["unpack"]

@@ -51,6 +51,8 @@ def _gemm_args(m, n, k4, k8):
         (64, GemmConfig(block_m=64, block_n=128, num_warps=4)),
         (1024, GemmConfig(128, 128, 1, 4, 3, False, 8, pre_unpack="wx", acc8_first=True)),
         (256, GemmConfig(128, 128, 1, 4, 4, True, 8, pre_unpack="x", acc8_first=True)),
+        (1024, GemmConfig(128, 128, 1, 4, 3, False, 8, pre_unpack="wx", park_out=True)),
+        (256, GemmConfig(128, 128, 1, 4, 4, True, 8, pre_unpack="x", park_out=True)),
     ],
 )
 def test_w4ax_gemm_lowers(m, config):

@@ -93,13 +93,16 @@ def test_inspect_captures_each_kernels_triton_ir(tmp_path, monkeypatch):
     (tmp_path / "isa").mkdir()
     probes = ik.gemm_probes(small=True) + ik.attention_probes(small=True)
     rows = ik.inspect(probes, tmp_path, "sm_90a")
-    names = ["w4ax_m16_256x512", "kv4_decode", "kv4_prefill"]
+    names = ["w4ax_m16_256x512", "w4ax_park_wx_m64_256x512", "w4ax_park_swap_m64_256x512"]
+    names += ["kv4_decode", "kv4_prefill"]
     assert [r["name"] for r in rows] == names + ["kv4_decode_qk_int8", "kv4_prefill_qk_int8"]
     assert all("error" not in r and len(r["kernels"]) == 1 for r in rows)
     int8_ir = (tmp_path / "isa" / "kv4_decode_qk_int8_kv4_paged_attention.ttir").read_text()
     assert "i8" in int8_ir and "tt.dot" in int8_ir
     assert rows[0]["kernels"][0]["entry"].startswith("w4ax_k4_")
-    assert rows[1]["kernels"][0]["entry"] == "kv4_paged_attention"
+    assert rows[3]["kernels"][0]["entry"] == "kv4_paged_attention"
+    park = (tmp_path / "isa" / "w4ax_park_wx_m64_256x512_w4ax_k4_384_k8_128.ttir").read_text()
+    assert park.count("tt.store") == 2 and park.count("tt.load") >= 5  # parked, read back
     assert rows[0]["num_warps"] == rows[0]["config"]["num_warps"]
     ttir = (tmp_path / "isa" / "w4ax_m16_256x512_w4ax_k4_384_k8_128.ttir").read_text()
     assert "tt.func public @w4ax_k4_384_k8_128" in ttir and "tt.dot" in ttir

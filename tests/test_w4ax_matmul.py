@@ -42,6 +42,12 @@ ONE_ACC_SWAP = GemmConfig(
     block_m=16, block_n=32, split_k=3, swap_ab=True, group_m=1, pre_unpack="x", acc8_first=True
 )
 
+# One int32 accumulator, the INT8 partial parked in the output tile (global memory).
+PARK = GemmConfig(block_m=32, block_n=32, pre_unpack="wx", group_m=2, park_out=True)
+PARK_SWAP = GemmConfig(
+    block_m=16, block_n=32, split_k=3, swap_ab=True, group_m=1, pre_unpack="x", park_out=True
+)
+
 
 def _rel(a, b):
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
@@ -67,6 +73,12 @@ def _rel(a, b):
         (9, 32, 256, 256, ONE_ACC, None, True),  # one accumulator, W4A8
         (3, 96, 384, 128, ONE_ACC_SWAP, None, True),  # swap_ab, split-K across segments
         (24, 64, 384, 128, dataclasses.replace(ONE_ACC, pre_unpack=""), None, False),
+        (40, 96, 256, 64, PARK, None, True),  # INT8 partial parked in the output tile
+        (17, 32, 256, 0, PARK, None, False),  # parked, W4A4 (one segment: nothing to park)
+        (9, 32, 256, 256, PARK, None, True),  # parked, W4A8
+        (3, 96, 384, 128, PARK_SWAP, None, True),  # parked, swap_ab, split-K across segments
+        (20, 64, 256, 64, PARK_SWAP, 128, False),  # parked, group scales
+        (24, 64, 384, 128, dataclasses.replace(PARK, pre_unpack=""), 64, True),  # in-loop unpack
     ],
 )
 def test_kernel_matches_reference(m, n, k, k8, cfg, group, use_bias):
@@ -105,6 +117,39 @@ def test_acc8_first_rounds_only_the_int8_partial():
     term8 = np.abs(acc8 * np.asarray(ops[2])[:, 1:2] * np.asarray(ops[4])[None, :])
     assert np.all(np.abs(y1 - y2) <= term8 * 2.0**-8 + 1e-6)
     assert not np.array_equal(y1, y2)  # the rounding happened (random data)
+
+
+@pytest.mark.parametrize("cfg", [PARK, PARK_SWAP, dataclasses.replace(PARK, split_k=2)])
+def test_park_out_rounds_only_the_int8_partial(cfg):
+    """park_out stores acc8 * s8 into the output tile and adds it back after the INT4 loop:
+    exact int32 sums in raw mode; with bf16 output it differs from the two-accumulator
+    kernel only by that partial's rounding to bf16 (<= 2^-9 of it) before the final one;
+    with split-K the partials are f32, so parking loses nothing."""
+    m, n, k, k8 = 24, 64, 384, 128
+    ops = random_operands(jax.random.PRNGKey(14), m, n, k, k8, tile_k=TILE)
+    kw = dict(tile_k=TILE, interpret=True)
+    got = w4ax_accumulators(ops[0], ops[1], ops[3], config=cfg, **kw)
+    ref = w4ax_accumulators_reference(ops[0], ops[1], ops[3], tile_k=TILE)
+    for g, r in zip(got, ref):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(r))
+    two = dataclasses.replace(cfg, park_out=False)
+    y1 = np.asarray(w4ax_matmul(*ops, config=cfg, **kw).astype(jnp.float32), np.float64)
+    y2 = np.asarray(w4ax_matmul(*ops, config=two, **kw).astype(jnp.float32), np.float64)
+    term8 = np.abs(np.asarray(ref[1]) * np.asarray(ops[2])[:, 1:2] * np.asarray(ops[4])[None, :])
+    y_ref = np.asarray(w4ax_matmul_reference(*ops, tile_k=TILE, out_dtype=jnp.float32))
+    # Two bf16 roundings at most (the parked partial's, then the output's) against one.
+    bound = term8 * 2.0**-8 + np.abs(y_ref) * 2.0**-7 + 1e-6
+    assert np.all(np.abs(y1 - y2) <= bound)
+    assert np.all(np.abs(y1 - y_ref) <= bound)
+    if cfg.split_k > 1:
+        np.testing.assert_allclose(y1, y2, rtol=2.0**-7)
+    else:
+        assert not np.array_equal(y1, y2)  # the parked partial was rounded (random data)
+
+
+def test_park_out_and_acc8_first_are_exclusive():
+    with pytest.raises(ValueError, match="acc8_first and park_out"):
+        GemmConfig(acc8_first=True, park_out=True)
 
 
 def test_acc8_first_rejects_group_scales_and_a16():
