@@ -111,7 +111,9 @@ class GemmConfig:
         if self.pre_unpack not in PRE_UNPACK:
             raise ValueError(f"pre_unpack={self.pre_unpack!r} must be one of {PRE_UNPACK}")
         if self.acc8_first and self.park_out:
-            raise ValueError("GemmConfig: acc8_first and park_out are exclusive (both park the INT8 partial)")
+            raise ValueError(
+                "GemmConfig: acc8_first and park_out are exclusive (both park the INT8 partial)"
+            )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
