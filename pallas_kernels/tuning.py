@@ -115,17 +115,19 @@ def default_config(m: int, n: int, k: int, k8: int = 0, *, tile_k: int = DEFAULT
     if m <= 256:
         return GemmConfig(128, 128, _split_128(m, n, n_k_tiles), 8, 4, False, group_m=8)
     # Compute-bound: weights and INT4 activations unpacked by XLA before the kernel (the
-    # loop then feeds the MMA straight from shared memory); 64x128 tiles keep both int32
-    # accumulators in registers at 4 warps (run 7, docs/kernels_gemm.md).
+    # loop then feeds the MMA straight from shared memory); the INT8 partial parked in the
+    # output tile leaves one int32 accumulator, so 128x128 tiles fit 4 warps: the winner on
+    # all six 8B shapes at M = 1024 and 4096 (H100, 2026-11-26, docs/kernels_gemm.md).
     return GemmConfig(
-        block_m=64,
+        block_m=128,
         block_n=128,
         split_k=1,
         num_warps=4,
-        num_stages=4,
+        num_stages=3,
         swap_ab=False,
         group_m=8,
         pre_unpack="wx",
+        park_out=True,
     )
 
 
@@ -194,6 +196,9 @@ def candidates(m: int, n: int, k: int, *, tile_k: int = DEFAULT_TILE_K, quick: b
         out.append(GemmConfig(128, 128, 1, 8, 3, False, 1))
         for bm, bn, warps, stages in ((64, 128, 4, 3), (128, 128, 8, 4), (128, 64, 4, 4)):
             out.append(GemmConfig(bm, bn, 1, warps, stages, False, 8, pre_unpack="wx"))
+        for bm, bn, warps, stages in ((128, 128, 4, 4), (128, 256, 8, 3), (256, 128, 8, 3)):
+            cfg = GemmConfig(bm, bn, 1, warps, stages, False, 8, pre_unpack="wx", park_out=True)
+            out.append(cfg)
     if m > 16:
         out.append(GemmConfig(backend="xla_int8"))
     uniq = _valid_unique(out, n, k, tile_k)

@@ -53,6 +53,17 @@ Kernel design (Hopper, Triton):
   of reach. Measured on the H100 (2026-11-26, ``bench_gemm.py --one-acc``): it is not; those
   tiles stay 1.3-2.5x slower than the tuned ones, and the tuned tiles gain nothing.
   Per-channel weight scales only (group scales already accumulate in f32).
+* ``park_out``: one int32 accumulator and nothing parked in registers. The INT8 segment's
+  tiles run first; their scaled partial ``acc8 * s8 / 16`` is stored into the program's own
+  output tile (global memory; it stays in L2), the accumulator, zeroed, takes the INT4
+  tiles, and the epilogue reads the partial back and adds it. Rounding: the partial takes
+  the output dtype once before the final rounding (bf16: <= 2^-9 of that term; split-K
+  partials are f32). The read-back is safe in the compiled kernel: each thread stores and
+  reloads the same addresses (the PTX shows the same address registers), and the INT4 loop's
+  pipelined steps put CTA barriers between the two. With only one segment (K4 = 0 or
+  K8 = 0) it changes nothing. Measured on the H100 (2026-11-26, ``bench_gemm.py --park``):
+  it lets 128 x 128 tiles at 4 warps run, 12-19% faster than the tuned two-accumulator
+  configs at M = 1024 and 4096 (now the tuning-table entries there); no gain at M = 256.
 * W4A16 (`w4a16_matmul`): the same kernel with one float segment, ``x: [M, K]`` bf16 in
   place of ``x8``; the x16 weight halves are converted to bf16 in registers (exact) and meet
   x on the bf16 MMA with f32 accumulation; x_scales are ones, the 1/16 stays in the epilogue.

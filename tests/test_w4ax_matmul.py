@@ -177,6 +177,7 @@ def test_heuristic_paths():
     assert default_config(16, 4096, 4096).split_k > 1
     assert not default_config(4096, 4096, 4096).swap_ab
     assert default_config(4096, 4096, 4096).pre_unpack == "wx"  # compute-bound: XLA unpacks
+    assert default_config(1024, 4096, 4096).park_out  # one accumulator: 128x128 at 4 warps
     assert default_config(64, 4096, 4096).pre_unpack == ""  # decode: bytes, unpack in-kernel
     mid = default_config(256, 8192, 8192)  # Y^T tiles over pre-unpacked INT4 activations
     assert mid.swap_ab and mid.pre_unpack == "x" and mid.split_k == 1
