@@ -544,6 +544,11 @@ def park_variants(m, tuned):
         ):
             cfg = GemmConfig(bm, bn, 1, warps, stages, False, 8, pre_unpack="wx", park_out=True)
             out.append((f"park wx {bm}x{bn} w{warps} s{stages}", cfg))
+        # Weights unpacked in the loop (no XLA pass over them: 1.5 bytes per weight less
+        # HBM traffic per call), INT4 activations unpacked by XLA.
+        for bm, bn, warps, stages in ((128, 128, 4, 3), (128, 128, 8, 3), (64, 128, 4, 4)):
+            cfg = GemmConfig(bm, bn, 1, warps, stages, False, 8, pre_unpack="x", park_out=True)
+            out.append((f"park x {bm}x{bn} w{warps} s{stages}", cfg))
     else:  # Y^T tiles over pre-unpacked INT4 activations, weights unpacked in registers
         for bn, bm, warps, stages in (
             (128, 128, 4, 4),
