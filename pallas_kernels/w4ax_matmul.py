@@ -58,10 +58,10 @@ Kernel design (Hopper, Triton):
   output tile (global memory; it stays in L2), the accumulator, zeroed, takes the INT4
   tiles, and the epilogue reads the partial back and adds it. Rounding: the partial takes
   the output dtype once before the final rounding (bf16: <= 2^-9 of that term; split-K
-  partials are f32). The read-back is safe in the compiled kernel: each thread stores and
-  reloads the same addresses (the PTX shows the same address registers), and the INT4 loop's
-  pipelined steps put CTA barriers between the two. With only one segment (K4 = 0 or
-  K8 = 0) it changes nothing. Measured on the H100 (2026-11-26, ``bench_gemm.py --park``):
+  partials are f32). In the PTX Triton generates, CTA barriers (``bar.sync``, which order
+  global memory within the CTA) separate the store from the read-back whatever the INT4
+  loop's trip count (docs/kernels_gemm.md); the benchmark also checks every output element
+  on the device. With only one segment (K4 = 0 or K8 = 0) it changes nothing. Measured on the H100 (2026-11-26, ``bench_gemm.py --park``):
   it lets 128 x 128 tiles at 4 warps run, 12-19% faster than the tuned two-accumulator
   configs at M = 1024 and 4096 (now the tuning-table entries there); no gain at M = 256.
 * W4A16 (`w4a16_matmul`): the same kernel with one float segment, ``x: [M, K]`` bf16 in
@@ -394,8 +394,8 @@ def _kernel(
 
     if park_out and has_x4 and has_x8:
         # One live accumulator: the INT8 tiles, their partial parked in this program's own
-        # output tile, then the INT4 tiles. Read back after the INT4 loop, whose pipelined
-        # steps synchronize the CTA (and are many), so the whole tile is written by then.
+        # output tile, then the INT4 tiles. Read back after the INT4 loop; the compiled
+        # kernel has CTA barriers in between (module docstring).
         acc = seg_loop(jnp.maximum(lo, t4), hi, body8, jnp.zeros(acc_shape, acc_dtype))
         if raw:
             store(out_refs[1], acc)
