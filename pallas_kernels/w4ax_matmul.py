@@ -61,9 +61,10 @@ Kernel design (Hopper, Triton):
   partials are f32). In the PTX Triton generates, CTA barriers (``bar.sync``, which order
   global memory within the CTA) separate the store from the read-back whatever the INT4
   loop's trip count (docs/kernels_gemm.md); the benchmark also checks every output element
-  on the device. With only one segment (K4 = 0 or K8 = 0) it changes nothing. Measured on the H100 (2026-11-26, ``bench_gemm.py --park``):
-  it lets 128 x 128 tiles at 4 warps run, 12-19% faster than the tuned two-accumulator
-  configs at M = 1024 and 4096 (now the tuning-table entries there); no gain at M = 256.
+  on the device. With only one segment (K4 = 0 or K8 = 0) it changes nothing. Measured on
+  the H100 (2026-11-26, ``bench_gemm.py --park``): it lets 128 x 128 tiles at 4 warps run,
+  7-19% less time than the tuned two-accumulator configs at M = 1024 and 4096 (now the
+  tuning-table entries there); no gain at M = 256.
 * W4A16 (`w4a16_matmul`): the same kernel with one float segment, ``x: [M, K]`` bf16 in
   place of ``x8``; the x16 weight halves are converted to bf16 in registers (exact) and meet
   x on the bf16 MMA with f32 accumulation; x_scales are ones, the 1/16 stays in the epilogue.
