@@ -172,6 +172,17 @@ def test_f32_output_and_default_config():
     assert _rel(y, y_ref) < 1e-5
 
 
+def test_default_config_above_m256_runs_parked():
+    """config=None at M > 256 (no table entry for this shape): the heuristic's parked
+    128x128 config, through interpret mode, within the bf16 bound of the reference."""
+    m, n, k, k8 = 300, 64, 256, 128
+    assert get_config(m, n, k, k8).park_out
+    ops = random_operands(jax.random.PRNGKey(15), m, n, k, k8, tile_k=TILE)
+    y = w4ax_matmul(*ops, tile_k=TILE, interpret=True)
+    y_ref = w4ax_matmul_reference(*ops, tile_k=TILE, out_dtype=jnp.float32)
+    assert _rel(y.astype(jnp.float32), y_ref) < 1e-2
+
+
 def test_heuristic_paths():
     assert default_config(1, 4096, 4096).swap_ab  # decode: weights as the MMA's A operand
     assert default_config(16, 4096, 4096).split_k > 1
