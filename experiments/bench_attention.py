@@ -322,11 +322,21 @@ PREFILL_STUDY = [dict(num_stages=n) for n in (2, 3, 4)] + [
 ]
 
 
+def mha_time(key, q):
+    """Seconds of Pallas `mha` (bf16, causal) on random K/V shaped like ``q [B, T, Hq, D]``."""
+    from jax.experimental.pallas.ops.gpu import attention as fa
+
+    k = jax.random.normal(jax.random.fold_in(key, 2), q.shape, jnp.bfloat16)
+    v = jax.random.normal(jax.random.fold_in(key, 3), q.shape, jnp.bfloat16)
+    mha = jax.jit(
+        functools.partial(fa.mha, segment_ids=None, sm_scale=1 / math.sqrt(D), causal=True)
+    )
+    return bench(mha, [(q, k, v)])
+
+
 def prefill_study(key):
     """The default prefill path (INT4 pages dequantized by kv4_dequant, page 128, 8 warps) by
     pipeline stages and keys per loop step, with `mha` on the same shapes."""
-    from jax.experimental.pallas.ops.gpu import attention as fa
-
     for b, t, prefix in PREFILL_SHAPES:
         s = prefix + t
         q = jax.random.normal(key, (b, t, HQ, D), jnp.bfloat16)
@@ -341,12 +351,7 @@ def prefill_study(key):
             except Exception as e:
                 row[tag + "_error"] = repr(e)[:300]
         if prefix == 0:
-            k = jax.random.normal(jax.random.fold_in(key, 2), (b, t, HQ, D), jnp.bfloat16)
-            v = jax.random.normal(jax.random.fold_in(key, 3), (b, t, HQ, D), jnp.bfloat16)
-            mha = jax.jit(
-                functools.partial(fa.mha, segment_ids=None, sm_scale=1 / math.sqrt(D), causal=True)
-            )
-            row["mha_us"] = bench(mha, [(q, k, v)]) * 1e6
+            row["mha_us"] = mha_time(key, q) * 1e6
             for name in [n for n in row if n.endswith("_us") and n != "mha_us"]:
                 row[name[:-3] + "_over_mha"] = row[name] / row["mha_us"]
         RESULTS["prefill_study"].append(row)
@@ -410,8 +415,6 @@ def dense_baselines(key, b, s, bf16_bytes):
 
 
 def prefill(key, quick):
-    from jax.experimental.pallas.ops.gpu import attention as fa
-
     shapes = PREFILL_SHAPES
     if quick:
         shapes = shapes[:1]
@@ -445,13 +448,8 @@ def prefill(key, quick):
                 row[name + "_us"] = best * 1e6
                 row[name + "_tflops"] = flops / best / 1e12
         if prefix == 0:
-            k = jax.random.normal(jax.random.fold_in(key, 2), (b, t, HQ, D), jnp.bfloat16)
-            v = jax.random.normal(jax.random.fold_in(key, 3), (b, t, HQ, D), jnp.bfloat16)
-            mha = jax.jit(
-                functools.partial(fa.mha, segment_ids=None, sm_scale=1 / math.sqrt(D), causal=True)
-            )
             try:
-                tt = bench(mha, [(q, k, v)])
+                tt = mha_time(key, q)
                 row["mha_us"] = tt * 1e6
                 row["mha_tflops"] = flops / tt / 1e12
                 if "kv4_us" in row:

@@ -486,14 +486,25 @@ def large_m_study(results, deadline, ms=None, update_table=True, shapes_name="ll
     )
 
 
+def _tile_variants(prefix, tiles, *, swap_ab=False, suffix="", **fields):
+    """``(label, GemmConfig)`` per tile of ``tiles``: ``(bm, bn, warps, stages)``, or with
+    ``swap_ab`` ``(bn, bm, warps, stages)`` (Y^T tiles are ``[bn, bm]``); the label names the
+    tile in the given order. No split-K, group_m 8, ``fields`` as given."""
+    out = []
+    for a, b, warps, stages in tiles:
+        bm, bn = (b, a) if swap_ab else (a, b)
+        cfg = GemmConfig(bm, bn, 1, warps, stages, swap_ab, 8, **fields)
+        out.append((f"{prefix} {a}x{b} w{warps} s{stages}{suffix}", cfg))
+    return out
+
+
 def pre_x_variants(m, tuned):
     """The tuned config with the INT4 activations unpacked by XLA (``pre_unpack="x"``), and
     at M = 256 Y^T tiles (weights as the register operand) over pre-unpacked activations."""
     out = [("tuned +x", dataclasses.replace(tuned, pre_unpack="x"))]
     if m >= 256:
-        for bn, bm, warps, stages in ((128, 128, 8, 3), (64, 128, 4, 4), (128, 64, 4, 4)):
-            cfg = GemmConfig(bm, bn, 1, warps, stages, True, 8, pre_unpack="x")
-            out.append((f"swap {bn}x{bm} w{warps} s{stages} +x", cfg))
+        tiles = ((128, 128, 8, 3), (64, 128, 4, 4), (128, 64, 4, 4))
+        out += _tile_variants("swap", tiles, swap_ab=True, suffix=" +x", pre_unpack="x")
         cfg = GemmConfig(64, 128, 2, 4, 4, True, 8, pre_unpack="x")
         out.append(("swap 128x64 w4 s4 split2 +x", cfg))
     return out
@@ -514,18 +525,13 @@ def one_acc_variants(m, tuned):
     out = []
     if not tuned.acc8_first:
         out.append(("tuned +1acc", dataclasses.replace(tuned, acc8_first=True)))
-    for bm, bn, warps, stages in (
-        (128, 128, 4, 3),
-        (128, 128, 4, 4),
-        (128, 128, 8, 3),
-        (128, 256, 8, 3),
-    ):
-        cfg = GemmConfig(bm, bn, 1, warps, stages, False, 8, pre_unpack="wx", acc8_first=True)
-        out.append((f"1acc wx {bm}x{bn} w{warps} s{stages}", cfg))
+    tiles = ((128, 128, 4, 3), (128, 128, 4, 4), (128, 128, 8, 3), (128, 256, 8, 3))
+    out += _tile_variants("1acc wx", tiles, pre_unpack="wx", acc8_first=True)
     if m <= 256:
-        for bn, bm, warps, stages in ((128, 128, 4, 4), (128, 128, 4, 3)):
-            cfg = GemmConfig(bm, bn, 1, warps, stages, True, 8, pre_unpack="x", acc8_first=True)
-            out.append((f"1acc swap {bn}x{bm} w{warps} s{stages} +x", cfg))
+        tiles = ((128, 128, 4, 4), (128, 128, 4, 3))
+        out += _tile_variants(
+            "1acc swap", tiles, swap_ab=True, suffix=" +x", pre_unpack="x", acc8_first=True
+        )
     return out
 
 
@@ -535,29 +541,19 @@ def park_variants(m, tuned):
     (128 x 128 at 4 warps) and wider ones become possible; against the tuned config."""
     out = [("tuned +park", dataclasses.replace(tuned, park_out=True, acc8_first=False))]
     if m >= 1024:
-        for bm, bn, warps, stages in (
-            (128, 128, 4, 3),
-            (128, 128, 4, 4),
-            (128, 128, 8, 3),
-            (128, 256, 8, 3),
-            (256, 128, 8, 3),
-        ):
-            cfg = GemmConfig(bm, bn, 1, warps, stages, False, 8, pre_unpack="wx", park_out=True)
-            out.append((f"park wx {bm}x{bn} w{warps} s{stages}", cfg))
+        tiles = ((128, 128, 4, 3), (128, 128, 4, 4), (128, 128, 8, 3), (128, 256, 8, 3))
+        out += _tile_variants(
+            "park wx", tiles + ((256, 128, 8, 3),), pre_unpack="wx", park_out=True
+        )
         # Weights unpacked in the loop (no XLA pass over them: 1.5 bytes per weight less
         # HBM traffic per call), INT4 activations unpacked by XLA.
-        for bm, bn, warps, stages in ((128, 128, 4, 3), (128, 128, 8, 3), (64, 128, 4, 4)):
-            cfg = GemmConfig(bm, bn, 1, warps, stages, False, 8, pre_unpack="x", park_out=True)
-            out.append((f"park x {bm}x{bn} w{warps} s{stages}", cfg))
+        tiles = ((128, 128, 4, 3), (128, 128, 8, 3), (64, 128, 4, 4))
+        out += _tile_variants("park x", tiles, pre_unpack="x", park_out=True)
     else:  # Y^T tiles over pre-unpacked INT4 activations, weights unpacked in registers
-        for bn, bm, warps, stages in (
-            (128, 128, 4, 4),
-            (128, 128, 4, 3),
-            (64, 256, 4, 4),
-            (128, 256, 8, 3),
-        ):
-            cfg = GemmConfig(bm, bn, 1, warps, stages, True, 8, pre_unpack="x", park_out=True)
-            out.append((f"park swap {bn}x{bm} w{warps} s{stages} +x", cfg))
+        tiles = ((128, 128, 4, 4), (128, 128, 4, 3), (64, 256, 4, 4), (128, 256, 8, 3))
+        out += _tile_variants(
+            "park swap", tiles, swap_ab=True, suffix=" +x", pre_unpack="x", park_out=True
+        )
     return out
 
 

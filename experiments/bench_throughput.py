@@ -94,9 +94,9 @@ def run_workload(
     """One max-throughput or fixed-batch run. ``trace=(start, steps)``: trace steps
     ``[start, start + steps)`` of this run (:func:`trace_window`; result under "trace");
     a list of such pairs traces each window (result under "trace" as a list, in order)."""
-    windows = None
+    windows, single = None, trace is not None and isinstance(trace[0], int)
     if trace is not None:
-        windows = [tuple(trace)] if isinstance(trace[0], int) else [tuple(w) for w in trace]
+        windows = [tuple(trace)] if single else [tuple(w) for w in trace]
         for (start, steps), nxt in zip(windows, windows[1:] + [None]):
             if start < 0 or steps < 1 or (nxt is not None and nxt[0] < start + steps):
                 raise ValueError(
@@ -153,11 +153,7 @@ def run_workload(
         "device_s": dev,
         "engine_overhead": host / max(host + dev, 1e-9),
         "preemptions": engine.scheduler.num_preemptions - preempt0,
-        **(
-            {"trace": traced[0] if isinstance(trace[0], int) else traced}
-            if trace is not None
-            else {}
-        ),
+        **({"trace": traced[0] if single else traced} if trace is not None else {}),
     }
 
 
