@@ -106,7 +106,7 @@ def make_paged(key, batch, seq, page, group, quantized, n_sets):
     shape = (1, pages, HKV, page)
     if quantized:
         k = jax.random.bits(ks[0], (*shape, D // 2), jnp.uint8)
-        v = jax.random.bits(ks[1], (*shape, D // 2), jnp.uint8)
+        v = jax.random.bits(ks[1], (*shape[:3], D // 2, page), jnp.uint8)  # V^T pages
         mshape = (1, pages, HKV, D // group, page)
         sc = lambda kk: jax.random.uniform(kk, mshape, jnp.float32, 0.02, 0.1).astype(jnp.float16)  # noqa: E731
         zr = lambda kk: jax.random.randint(kk, mshape, 4, 12).astype(jnp.float16)  # noqa: E731

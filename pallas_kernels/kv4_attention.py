@@ -2,8 +2,9 @@
 
 Cache layout (one pool per layer, stacked; built by ``comet_jax.engine.kv_cache``):
 
-    k, v:        [L, P, Hkv, page, D/2] uint8   (INT4, half-split tiles of ``group`` channels)
-                 [L, P, Hkv, page, D]   bf16    (baseline cache)
+    k:           [L, P, Hkv, page, D/2] uint8   (INT4, half-split tiles of ``group`` channels)
+    v:           [L, P, Hkv, D/2, page] uint8   (INT4, the same bytes with each page transposed)
+    k, v:        [L, P, Hkv, page, D]   bf16    (baseline cache)
     k_scale, k_zero, v_scale, v_zero:
                  [L, P, Hkv, D/group, page] f16 (INT4 only; token axis last so a page's scales
                                                  of one group are one contiguous 2*page-byte load)
@@ -36,6 +37,15 @@ tokens of each sequence unquantized): the pages are attended up to ``p - W``
 as one more key block (one dot for the logits, one per half for P V, positions from
 ``p`` and the row index, rows before the sequence masked), inside the same online softmax.
 
+Why INT4 V pages are stored transposed (``[D/2, page]``, token axis last): in ``P V`` the
+keys are the dot's contraction axis, and Triton feeds the unpacked nibbles to the tensor cores
+in a layout where each thread holds 4 consecutive contraction indices. With V as
+``[page, D/2]`` those are 4 bytes a row (64 bytes) apart and the kernel read them from shared
+memory one byte at a time (128 ``LDS.U8`` per thread and loop step, plus the moves and byte
+permutes that pack them); with ``[D/2, page]`` they are 4 adjacent bytes. On the H100
+(2026-11-26) that took decode at B = 64, S = 4096 from 153 to 138 us (docs/kernels_attention.md).
+K is read as ``K^T`` by its dot and is already in the right order as ``[page, D/2]``.
+
 ``paged_*_reference`` functions are the documented semantics: gather pages, dequantize with
 :mod:`comet_jax.quant.quantizers`, masked softmax in f32.
 """
@@ -63,7 +73,9 @@ _LN2 = 0.6931471805599453
 
 
 class PagedKV(NamedTuple):
-    """The arrays of a paged KV cache (module docstring); scales/zeros are None for bf16."""
+    """The arrays of a paged KV cache (module docstring); scales/zeros are None for bf16.
+    INT4 ``v`` is ``[L, P, Hkv, D/2, page]`` (pages transposed), ``k`` ``[L, P, Hkv, page,
+    D/2]``; bf16 ``k`` and ``v`` are both ``[L, P, Hkv, page, D]``."""
 
     k: jnp.ndarray
     v: jnp.ndarray
@@ -105,9 +117,18 @@ def _concrete(x):
 def _check_kv(kv: PagedKV) -> None:
     if not isinstance(kv, PagedKV):
         raise ValueError(f"kv must be a PagedKV, got {type(kv).__name__}")
-    if kv.k.ndim != 5 or kv.k.shape != kv.v.shape:
+    if kv.k.ndim != 5 or kv.v.ndim != 5:
+        raise ValueError(f"kv.k/kv.v must be 5-d, got {kv.k.shape}, {kv.v.shape}")
+    if kv.quantized:
+        want_v = (*kv.k.shape[:3], kv.k.shape[4], kv.k.shape[3])
+        if kv.v.shape != want_v:
+            raise ValueError(
+                f"INT4 kv.v must be [L, P, Hkv, D/2, page] = {want_v} (kv.k's pages "
+                f"transposed; kv.k is [L, P, Hkv, page, D/2] = {kv.k.shape}), got {kv.v.shape}"
+            )
+    elif kv.k.shape != kv.v.shape:
         raise ValueError(
-            f"kv.k/kv.v must both be [L, P, Hkv, page, D/2 | D], got {kv.k.shape}, {kv.v.shape}"
+            f"bf16 kv.k/kv.v must both be [L, P, Hkv, page, D], got {kv.k.shape}, {kv.v.shape}"
         )
     if kv.quantized:
         if kv.k.dtype != jnp.uint8 or kv.v.dtype != jnp.uint8:
@@ -254,9 +275,10 @@ def _kernel(
     seq_lens_ref,  # [B] int32 (kv tokens, chunk included)
     q_start_ref,  # [B] int32 (position of chunk token 0)
     q_lens_ref,  # [B] int32 (valid chunk tokens)
-    q_ref,  # [BM, D] (block of [B, Hkv, R, D]; row = token * hg_pad + head-in-group)
+    q_ref,  # [BM, D] (block of [B, Hkv, R, D]; row = token * hg_pad + head-in-group), or
+    # with q_direct [block_q, hg, D] (block of q's own [B, T, Hkv, hg, D] view; same rows)
     k_ref,  # [L, P, Hkv, page, D/2 | D]
-    v_ref,
+    v_ref,  # [L, P, Hkv, D/2, page] (INT4) | [L, P, Hkv, page, D]
     *rest,  # (k_scale, k_zero, v_scale, v_zero) if quantized, then outputs
     quantized: bool,
     group: int,
@@ -271,6 +293,7 @@ def _kernel(
     causal_shift: int = 0,
     partials: bool = False,
     ring: bool = False,
+    q_direct: bool = False,
 ):
     if quantized:
         ks_ref, kz_ref, vs_ref, vz_ref, *outs = rest
@@ -280,7 +303,24 @@ def _kernel(
         rk_ref, rv_ref, rs_ref, *outs = outs
     o_ref = outs[0]
     b, h, qt, split = (pl.program_id(i) for i in range(4))
-    block_rows, head_dim = q_ref.shape
+    if q_direct:  # the rows of [block_q, hg, D] are token-major, as in the row layout
+        block_q, hg_q, head_dim = q_ref.shape
+        block_rows = block_q * hg_q
+
+        def q_cols(start, size):
+            return q_ref[:, :, pl.ds(start, size)].reshape(block_rows, size)
+
+        def store_o(start, val):
+            o_ref[:, :, pl.ds(start, val.shape[1])] = val.reshape(block_q, hg_q, val.shape[1])
+    else:
+        block_rows, head_dim = q_ref.shape
+
+        def q_cols(start, size):
+            return q_ref[:, pl.ds(start, size)]
+
+        def store_o(start, val):
+            o_ref[:, pl.ds(start, val.shape[1])] = val
+
     page = k_ref.shape[3]
     half = group // 2
     n_groups = head_dim // group
@@ -311,8 +351,8 @@ def _kernel(
     q_pieces, q_sums, q_scales = [], [], []
     cdt = jnp.bfloat16 if quantized else q_ref.dtype
     for j in range(n_groups if quantized else 0):
-        lo = q_ref[:, pl.ds(j * group, half)]
-        hi = q_ref[:, pl.ds(j * group + half, half)]
+        lo = q_cols(j * group, half)
+        hi = q_cols(j * group + half, half)
         if qk_int8:  # symmetric INT8 per row and group; the dots run int8 x nibble -> int32
             lo, hi = lo.astype(jnp.float32), hi.astype(jnp.float32)
             amax = jnp.maximum(jnp.max(jnp.abs(lo), axis=1), jnp.max(jnp.abs(hi), axis=1))
@@ -329,7 +369,7 @@ def _kernel(
     # bf16 pages have no groups to split: one dot over all D channels for the logits, one
     # accumulator [BM, D] for P V (wider MMAs than two half-width ones).
     acc_width = half if quantized else head_dim
-    q_whole = None if quantized else q_ref[...].astype(cdt)
+    q_whole = None if quantized else q_cols(0, head_dim).astype(cdt)
 
     def load(ref, pg, *trail):
         """ref[layer, pages, h, *trail] with the block's pages merged into one token axis."""
@@ -337,21 +377,44 @@ def _kernel(
         return x.reshape(block_k, *x.shape[2:]) if pages_per_block > 1 else x
 
     def halves(ref, pg, j):
-        """The [block_k, g/2] nibble halves of group j as bf16 128 + nibble (exact)."""
+        """The [block_k, g/2] K nibble halves of group j as bf16 128 + nibble (exact)."""
         byte = load(ref, pg, slice(None), pl.ds(j * half, half))  # [block_k, g/2] uint8
         return _unpack_biased(byte, fast=fast_unpack)
 
-    def body(blk, carry, masked=True):
-        accs, m_prev, l_prev = carry
+    def v_halves(pg, j):
+        """The same for V, read from its transposed pages ([g/2, page] bytes per page)."""
+        byte = v_ref[(layer, pg, h, pl.ds(j * half, half), slice(None))]
+        lo, hi = _unpack_biased(byte, fast=fast_unpack)  # [(ppb,) g/2, page]
+        lo, hi = jnp.swapaxes(lo, -1, -2), jnp.swapaxes(hi, -1, -2)
+        if pages_per_block > 1:
+            lo, hi = lo.reshape(block_k, half), hi.reshape(block_k, half)
+        return lo, hi
+
+    def pages_of(blk):
         if pages_per_block == 1:
-            pg = page_table_ref[b, blk]
-        else:  # a gather of whole pages: [pages_per_block] physical page ids
-            pg = page_table_ref[b, pl.ds(blk * pages_per_block, pages_per_block)]
+            return page_table_ref[b, blk]
+        # a gather of whole pages: [pages_per_block] physical page ids
+        return page_table_ref[b, pl.ds(blk * pages_per_block, pages_per_block)]
+
+    def v_zeros(pg):
+        """V zero points of the block's pages, per group: [block_k] f16 each."""
+        return tuple(load(vz_ref, pg, j, slice(None)) for j in range(n_groups))
+
+    log2_scale = sm_scale * _LOG2E  # softmax in base 2: exp2(logit * scale * log2(e))
+
+    def body(blk, carry, masked=True):
+        accs, m_prev, l_prev, *vz_now = carry
+        pg = pages_of(blk)
         if quantized:
-            logits = jnp.zeros((block_rows, block_k), jnp.float32)
+            # The V zero points feed no dot, so Triton's pipeliner leaves their load
+            # synchronous: fetch the next block's here, one step ahead (clamped to this
+            # split's last block, which the loop bounds make a used page).
+            vz_next = v_zeros(pages_of(jnp.minimum(blk + 1, blk_hi - 1)))
+            logits = None
         else:
             k_all = load(k_ref, pg, slice(None), slice(None)).astype(cdt)  # [block_k, D]
             logits = jnp.dot(q_whole, k_all.T, preferred_element_type=jnp.float32)
+            logits *= log2_scale
         for j in range(n_groups if quantized else 0):  # INT4: per group, nibble halves
             if qk_int8:  # nibbles as int8 0..15: a mask and a shift, no float conversion
                 byte = load(k_ref, pg, slice(None), pl.ds(j * half, half))
@@ -369,8 +432,9 @@ def _kernel(
             if qk_int8:
                 s = s * q_scales[j]
             raw = s * (raw - z * q_sums[j][:, None])
-            logits += raw
-        logits *= sm_scale * _LOG2E
+            logits = raw if logits is None else logits + raw
+        if quantized:
+            logits *= log2_scale
         valid = None
         if masked:
             key_pos = blk * block_k + jnp.arange(block_k, dtype=jnp.int32)
@@ -383,15 +447,15 @@ def _kernel(
             return (accs[0] * corr[:, None] + pv,), m_next, l_next
         for j in range(n_groups):
             s = load(vs_ref, pg, j, slice(None)).astype(jnp.float32)[None, :]
-            z = load(vz_ref, pg, j, slice(None)).astype(jnp.float32)[None, :] + _NIBBLE_BIAS
+            z = vz_now[j].astype(jnp.float32)[None, :] + _NIBBLE_BIAS
             ps = (probs * s).astype(jnp.bfloat16)
-            v_lo, v_hi = halves(v_ref, pg, j)
+            v_lo, v_hi = v_halves(pg, j)
             # Same rounded ps in the dot and in the correction: the bias cancels exactly.
             zc = jnp.sum(ps.astype(jnp.float32) * z, axis=1)[:, None]
             for acc, v_half in zip(accs[2 * j : 2 * j + 2], (v_lo, v_hi)):
                 pv = jnp.dot(ps, v_half, preferred_element_type=jnp.float32)
                 new_accs.append(acc * corr[:, None] + (pv - zc))
-        return tuple(new_accs), m_next, l_next
+        return tuple(new_accs), m_next, l_next, *vz_next
 
     n_accs = 2 * n_groups if quantized else 1
     accs0 = tuple(jnp.zeros((block_rows, acc_width), jnp.float32) for _ in range(n_accs))
@@ -403,8 +467,11 @@ def _kernel(
     n_full = jnp.clip(q_start + first_token + 1 - causal_shift, 0, seq_len) // block_k
     full_hi = jnp.clip(n_full, blk_lo, blk_hi)
     carry = (accs0, m0, l0)
+    if quantized:  # the first block's V zero points (page 0 when the split has no blocks)
+        first = jnp.where(blk_lo < blk_hi, blk_lo, 0)
+        carry += v_zeros(pages_of(first))
     carry = jax.lax.fori_loop(blk_lo, full_hi, functools.partial(body, masked=False), carry)
-    accs, m_i, l_i = jax.lax.fori_loop(full_hi, blk_hi, body, carry)
+    accs, m_i, l_i, *_ = jax.lax.fori_loop(full_hi, blk_hi, body, carry)
     if ring:  # one more key block: the slot's ring, positions (p - W, p], in split 0 only
         slot = rs_ref[b]
         window = rk_ref.shape[3]
@@ -416,8 +483,8 @@ def _kernel(
         ok = (rpos >= 0) & row_valid[:, None] & (slot >= 0) & (split == 0)
         slot = jnp.maximum(slot, 0)
         rk = rk_ref[layer, slot, h, :, :]  # [W, D]
-        qf = q_ref[...].astype(rk.dtype)
-        logits = jnp.dot(qf, rk.T, preferred_element_type=jnp.float32) * (sm_scale * _LOG2E)
+        qf = q_cols(0, head_dim).astype(rk.dtype)
+        logits = jnp.dot(qf, rk.T, preferred_element_type=jnp.float32) * log2_scale
         probs, corr, m_i, l_i = _online_softmax_step(logits, m_i, l_i, ok)
         ps = probs.astype(rk.dtype)
         accs = tuple(
@@ -431,7 +498,7 @@ def _kernel(
     if not partials:
         inv = jnp.where(l_i > 0, 1.0 / jnp.where(l_i > 0, l_i, 1.0), 0.0)[:, None]
         for c, acc in enumerate(accs):
-            o_ref[:, pl.ds(c * acc_width, acc_width)] = (acc * inv).astype(o_ref.dtype)
+            store_o(c * acc_width, (acc * inv).astype(o_ref.dtype))
     else:
         m_ref, l_ref = outs[1], outs[2]
         for c, acc in enumerate(accs):
@@ -463,13 +530,25 @@ def _attend(
     causal_shift: int = 0,
     return_lse: bool = False,
     ring=None,
+    q_direct: bool = False,
 ):
     """Launches the kernel over grid (B, Hkv, R / block_rows, num_splits); merges splits.
     ``ring``: None or ``(ring_k, ring_v, ring_slots)``, attended as one more key block.
 
     Returns ``o [B, Hkv, R, D]`` (q's dtype), or with ``return_lse`` ``(o, lse [B, Hkv, R]
-    f32)``, lse = log of the softmax denominator (-inf for rows that see no key)."""
-    batch, hkv, rows, head_dim = q_rows.shape
+    f32)``, lse = log of the softmax denominator (-inf for rows that see no key).
+
+    ``q_direct``: ``q_rows`` is q's own ``[B, T, Hkv, hg, D]`` view (``hg == hg_pad``, ``T`` a
+    multiple of ``block_rows / hg``, one split, no lse): the kernel reads its tiles and writes
+    ``o [B, T, Hkv, hg, D]`` in place of the row layout, so no transposed copies of q and the
+    output are made (at B = 8, T = 1024 each copy moves 67 MB)."""
+    if q_direct:
+        batch, t, hkv, hg_q, head_dim = q_rows.shape
+        rows = t * hg_q
+        if hg_q != hg_pad or rows % block_rows or num_splits != 1 or return_lse or ring:
+            raise ValueError("q_direct needs hg == hg_pad, whole tiles, one split, no lse/ring")
+    else:
+        batch, hkv, rows, head_dim = q_rows.shape
     max_pages = page_table.shape[1]
     if block_k % kv.page_size or block_k & (block_k - 1):
         raise ValueError(f"block_k={block_k} must be a power-of-two multiple of the page size")
@@ -494,11 +573,17 @@ def _attend(
         causal_shift=causal_shift,
         partials=num_splits > 1 or return_lse,
         ring=ring is not None,
+        q_direct=q_direct,
     )
     whole = pl.no_block_spec  # the kernel gets the whole array and indexes it itself
-    in_specs = [whole] * 5 + [
-        pl.BlockSpec((None, None, block_rows, head_dim), lambda b, h, t, s: (b, h, t, 0))
-    ]
+    if q_direct:
+        block_q = block_rows // hg_pad
+        q_spec = pl.BlockSpec(
+            (None, block_q, None, hg_pad, head_dim), lambda b, h, t, s: (b, t, h, 0, 0)
+        )
+    else:
+        q_spec = pl.BlockSpec((None, None, block_rows, head_dim), lambda b, h, t, s: (b, h, t, 0))
+    in_specs = [whole] * 5 + [q_spec]
     inputs = [_layer_array(layer), page_table, seq_lens, q_start, q_lens, q_rows, kv.k, kv.v]
     in_specs += [whole, whole]
     if kv.quantized:
@@ -511,7 +596,10 @@ def _attend(
         (None, None, None, block_rows, head_dim), lambda b, h, t, s: (b, h, s, t, 0)
     )
     ml_spec = pl.BlockSpec((None, None, None, block_rows), lambda b, h, t, s: (b, h, s, t))
-    if num_splits == 1 and not return_lse:
+    if q_direct:
+        out_shape = [jax.ShapeDtypeStruct(q_rows.shape, q_rows.dtype)]
+        out_specs = [q_spec]
+    elif num_splits == 1 and not return_lse:
         out_shape = [jax.ShapeDtypeStruct((batch, hkv, 1, rows, head_dim), q_rows.dtype)]
         out_specs = [o_spec]
     else:
@@ -536,6 +624,8 @@ def _attend(
         interpret=interpret,
         name="kv4_paged_attention" if kv.quantized else "bf16_paged_attention",
     )(*inputs)
+    if q_direct:
+        return outs[0]
     if num_splits == 1 and not return_lse:
         return outs[0][:, :, 0]
     o, m, l_ = outs
@@ -856,8 +946,10 @@ def paged_prefill_attention(
             kv, page_table = dequantized_pool(kv, page_table, layer)
         _check_kv(kv)
         layer = 0
+    # q's own layout when its [B, T, Hkv, hg, D] view tiles whole (no transposed copies).
+    direct = hg == hg_pad and (t * hg) % block_rows == 0 and not return_lse
     out = _attend(
-        _to_rows(q, hg, hg_pad, block_rows),
+        q.reshape(batch, t, hq // hg, hg, d) if direct else _to_rows(q, hg, hg_pad, block_rows),
         kv,
         layer,
         jnp.asarray(page_table),
@@ -877,7 +969,10 @@ def paged_prefill_attention(
         qk_int8=_check_qk_int8(qk_int8, kv),
         causal_shift=_check_shift(causal_shift),
         return_lse=return_lse,
+        q_direct=direct,
     )
+    if direct:
+        return out.reshape(q.shape)
     if return_lse:
         out, lse = out
         return _from_rows(out, t, hg, hg_pad), _lse_from_rows(lse, t, hg, hg_pad)
@@ -891,8 +986,10 @@ def _gather_pages(kv: PagedKV, page_table, layer, dtype):
     """The pages ``page_table [B, MP]`` names, dequantized: ``(k, v)``, each
     ``[B, MP, Hkv, page, D]`` in ``dtype`` (entries clipped into range)."""
 
-    def one(x, scale, zero):
+    def one(x, scale, zero, transposed=False):
         pages = jnp.take(x[layer], page_table, axis=0, mode="clip")  # [B, MP, Hkv, page, X]
+        if transposed:  # INT4 V pages are stored [D/2, page]
+            pages = pages.swapaxes(-1, -2)
         if kv.quantized:
             g = kv.group_size
             s = jnp.take(scale[layer], page_table, axis=0, mode="clip").swapaxes(-1, -2)
@@ -901,7 +998,7 @@ def _gather_pages(kv: PagedKV, page_table, layer, dtype):
             pages = quantizers.dequantize(qv, s, z, granularity="group", group_size=g)
         return pages.astype(dtype)
 
-    return one(kv.k, kv.k_scale, kv.k_zero), one(kv.v, kv.v_scale, kv.v_zero)
+    return one(kv.k, kv.k_scale, kv.k_zero), one(kv.v, kv.v_scale, kv.v_zero, kv.quantized)
 
 
 def gather_kv(kv: PagedKV, page_table, layer=0, dtype=jnp.float32):

@@ -10,7 +10,8 @@ page's ``[page, D]`` K and V in the output dtype.
 
 Layouts (as :mod:`pallas_kernels.kv4_attention`)::
 
-    k, v                  [L, P, Hkv, page, D/2] uint8   (half-split nibbles per group of g)
+    k                     [L, P, Hkv, page, D/2] uint8   (half-split nibbles per group of g)
+    v                     [L, P, Hkv, D/2, page] uint8   (the same, pages transposed)
     k/v_scale, k/v_zero   [L, P, Hkv, D/g, page] float16
     page_table            [B, MP] int32   (entries clipped into [0, P), as the reference)
     out k, v              [1, B * MP, Hkv, page, D] dtype, table arange(B * MP) -> [B, MP]
@@ -37,12 +38,15 @@ def _kernel(layer_ref, table_ref, k_ref, v_ref, ks_ref, kz_ref, vs_ref, vz_ref, 
     layer = layer_ref[0]
     pg = jnp.clip(table_ref[b, i], 0, n_pages - 1)
     half = k_ref.shape[4] // ks_ref.shape[3]  # g / 2 bytes per group
-    for x_ref, s_ref, z_ref, o_ref in (
-        (k_ref, ks_ref, kz_ref, ko_ref),
-        (v_ref, vs_ref, vz_ref, vo_ref),
+    for x_ref, s_ref, z_ref, o_ref, transposed in (
+        (k_ref, ks_ref, kz_ref, ko_ref, False),
+        (v_ref, vs_ref, vz_ref, vo_ref, True),  # V pages are stored [D/2, page]
     ):
         for j in range(s_ref.shape[3]):
-            byte = x_ref[layer, pg, h, :, pl.ds(j * half, half)]  # [page, g/2] uint8
+            if transposed:
+                byte = x_ref[layer, pg, h, pl.ds(j * half, half), :].T  # [page, g/2] uint8
+            else:
+                byte = x_ref[layer, pg, h, :, pl.ds(j * half, half)]
             s = s_ref[layer, pg, h, j, :].astype(jnp.float32)[:, None]  # [page, 1]
             z = z_ref[layer, pg, h, j, :].astype(jnp.float32)[:, None]
             lo = (byte & jnp.uint8(0xF)).astype(jnp.float32)

@@ -25,7 +25,8 @@ against 0.70 ms for the reference's scatters and reductions (docs/benchmarks.md)
 
 Layouts (as :mod:`pallas_kernels.kv4_attention`)::
 
-    k, v                  [L, P, Hkv, page, D/2] uint8
+    k                     [L, P, Hkv, page, D/2] uint8
+    v                     [L, P, Hkv, D/2, page] uint8   (pages transposed)
     k/v_scale, k/v_zero   [L, P, Hkv, D/g, page] float16
     k_new, v_new          [N, Hkv, D] float
     slots                 [N] int32  (page * page_size + offset; -1 = skip)
@@ -88,7 +89,7 @@ def kv4_write_reference(kv: PagedKV, layer, k_new, v_new, slots) -> PagedKV:
     vq = kv_quant.quantize_kv(v_new, g)
     return PagedKV(
         put(kv.k, kq.packed),
-        put(kv.v, vq.packed),
+        put(kv.v, vq.packed, True),
         put(kv.k_scale, kq.scale, True),
         put(kv.k_zero, kq.zero, True),
         put(kv.v_scale, vq.scale, True),
@@ -117,9 +118,9 @@ def _kernel(
     def _():
         pg = slot // page
         off = slot % page
-        for x_ref, p_out, s_out, z_out in (
-            (k_ref, k_out, ks_out, kz_out),
-            (v_ref, v_out, vs_out, vz_out),
+        for x_ref, p_out, s_out, z_out, transposed in (
+            (k_ref, k_out, ks_out, kz_out, False),
+            (v_ref, v_out, vs_out, vz_out, True),  # V pages transposed: token axis last
         ):
             x = x_ref[...].astype(jnp.float32)  # [G, 2, half]
             hi = jnp.maximum(jnp.max(jnp.max(x, axis=2), axis=1), 0.0)  # [G]
@@ -133,7 +134,10 @@ def _kernel(
             # byte = low half + 16 * high half (exact small integers in f32)
             weight = jnp.where(jax.lax.broadcasted_iota(jnp.int32, x.shape, 1) == 0, 1.0, 16.0)
             byte = jnp.sum(q * weight, axis=1).astype(jnp.int32).astype(jnp.uint8)  # [G, half]
-            p_out[layer, pg, h, off, :, :] = byte
+            if transposed:
+                p_out[layer, pg, h, :, :, off] = byte
+            else:
+                p_out[layer, pg, h, off, :, :] = byte
             s_out[layer, pg, h, :, off] = scale.astype(s_out.dtype)
             z_out[layer, pg, h, :, off] = zero.astype(z_out.dtype)
 
@@ -150,11 +154,13 @@ def kv4_write(kv: PagedKV, layer, k_new, v_new, slots, *, interpret: bool = Fals
     g_count = kv.k_scale.shape[-2]
     half = d // g_count // 2
     # Bitcast views: a token-head's channels as [G, 2, g/2] (group, nibble half, byte), its
-    # packed bytes as [G, g/2]; reshaped back after the call (no copies).
+    # packed bytes as [G, g/2] (V: [G, g/2, page] per page); reshaped back after the call (no
+    # copies).
     split = (n, hkv, g_count, 2, half)
     packed = (num_layers, num_pages, hkv, page, g_count, half)
+    packed_v = (num_layers, num_pages, hkv, g_count, half, page)
     ins = [_layer_array(layer), slots, k_new.reshape(split), v_new.reshape(split)]
-    pools = [kv.k.reshape(packed), kv.v.reshape(packed), kv.k_scale, kv.k_zero]
+    pools = [kv.k.reshape(packed), kv.v.reshape(packed_v), kv.k_scale, kv.k_zero]
     pools += [kv.v_scale, kv.v_zero]
     whole = pl.no_block_spec
     x_spec = pl.BlockSpec((None, None, g_count, 2, half), lambda i, j: (i, j, 0, 0, 0))

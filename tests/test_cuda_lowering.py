@@ -98,11 +98,12 @@ def test_kv4_decode_attention_with_ring_lowers(num_splits):
     )  # fmt: skip
 
 
-@pytest.mark.parametrize("dequantize", [False, True])
-def test_kv4_prefill_attention_lowers(dequantize):
+@pytest.mark.parametrize("dequantize,t", [(False, 256), (True, 256), (True, 100)])
+def test_kv4_prefill_attention_lowers(dequantize, t):
+    """t = 256: q read in its own layout (whole 128-row tiles); t = 100: the row layout."""
     kv = _pages(8, 128, 64, 128)
     fn = functools.partial(attn.paged_prefill_attention, dequantize=dequantize)
-    args = (S((2, 256, 32, 128), jnp.bfloat16), kv, S((2, 8), jnp.int32), S((2,), jnp.int32))
+    args = (S((2, t, 32, 128), jnp.bfloat16), kv, S((2, 8), jnp.int32), S((2,), jnp.int32))
     _lower_cuda(fn, *args)
 
 

@@ -99,6 +99,33 @@ def test_prefill_matches_reference(dtype, hg, d, page, group):
     assert _rel(ref, full) < (QUANT_BUDGET if dtype == "int4" else 1e-6)
 
 
+@pytest.mark.parametrize(
+    "dtype,hg,d,page,group,t,block_q",
+    [("int4", 4, 128, 16, 64, 32, 4), ("bf16", 8, 64, 32, 64, 16, None)],
+)
+def test_prefill_reads_q_in_its_own_layout(monkeypatch, dtype, hg, d, page, group, t, block_q):
+    """Power-of-two GQA groups and whole tiles: the kernel reads q's [B, T, Hkv, hg, D] view and
+    writes the output in place (no row-layout copies); same values as the row-layout path."""
+    lens = np.array([1, t + 8, 3 * page], np.int32)
+    q_lens = np.array([1, t, 17], np.int32)  # ragged chunks, cached prefixes
+    cache, table, k, v, rng = _filled_cache(dtype, hg, d, page, group, lens, 3, seed=5 * hg)
+    q = jnp.asarray(rng.standard_normal((3, t, 2 * hg, d)), jnp.bfloat16)
+    args = (q, cache.pages(), table, lens, q_lens)
+    rows_path = _jit(attn.paged_prefill_attention, layer=1, block_q=block_q, interpret=True,
+                     return_lse=True)(*args)[0]  # fmt: skip
+    ref = _jit(attn.paged_prefill_attention_reference, layer=1)(*args)
+
+    def no_row_layout(*a, **kw):
+        raise AssertionError("q went through the row layout")
+
+    monkeypatch.setattr(attn, "_to_rows", no_row_layout)
+    out = _jit(attn.paged_prefill_attention, layer=1, block_q=block_q, interpret=True)(*args)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert _rel(out, ref) < 1e-2
+    assert _rel(out, rows_path) < 1e-6
+    assert not np.asarray(out[0, 1:]).any()  # rows past q_lens are zero
+
+
 @pytest.mark.parametrize("dtype,shift", [("int4", 1), ("int4", 16), ("bf16", 5)])
 def test_causal_shift_and_lse_match_reference(dtype, shift):
     """causal_shift = W (keys <= position - W: the recent window's INT4 part) and the rows'
@@ -270,6 +297,9 @@ def test_bad_inputs_raise():
         )
     with pytest.raises(ValueError, match="kv.k_scale"):
         attn.paged_decode_attention(q, kv._replace(k_scale=kv.k_scale[..., :8]), table, lens)
+    # INT4 V pages are stored transposed ([D/2, page]); K's layout for V is named as such.
+    with pytest.raises(ValueError, match=r"INT4 kv.v must be \[L, P, Hkv, D/2, page\]"):
+        attn.paged_decode_attention(q, kv._replace(v=kv.v.swapaxes(-1, -2)), table, lens)
     with pytest.raises(ValueError, match="unpack"):
         attn.paged_decode_attention(q, kv, table, lens, unpack="asm", interpret=True)
 
@@ -277,9 +307,10 @@ def test_bad_inputs_raise():
 def test_pool_size_in_32bit_offset_hazard_is_rejected():
     pages = 40_000  # k, v: [1, P, 8, 128, 64] uint8 = 2.6e9 elements, under 4 GiB
     packed = jax.ShapeDtypeStruct((1, pages, 8, 128, 64), jnp.uint8)
+    packed_v = jax.ShapeDtypeStruct((1, pages, 8, 64, 128), jnp.uint8)  # V pages transposed
     meta = jax.ShapeDtypeStruct((1, pages, 8, 1, 128), jnp.float16)
     q = jnp.zeros((1, 8, 128), jnp.bfloat16)
-    kv = attn.PagedKV(packed, packed, meta, meta, meta, meta)
+    kv = attn.PagedKV(packed, packed_v, meta, meta, meta, meta)
     with pytest.raises(ValueError, match="kv.k has"):
         attn.paged_decode_attention(q, kv, np.zeros((1, 1), np.int32), np.ones(1, np.int32))
     cfg = kc.KVCacheConfig(32, 8, 128, 16, 1)

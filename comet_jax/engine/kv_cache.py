@@ -2,7 +2,8 @@
 
 Layout (stacked over layers; see ``pallas_kernels/kv4_attention.py`` for why head-major pages):
 
-    dtype="int4":  k, v                 [L, P, Hkv, page, D/2] uint8  (kv_quant format, tile = group)
+    dtype="int4":  k                    [L, P, Hkv, page, D/2] uint8  (kv_quant format, tile = group)
+                   v                    [L, P, Hkv, D/2, page] uint8  (the same, pages transposed)
                    k_scale/k_zero/v_*   [L, P, Hkv, D/group, page] f16
     dtype="bf16":  k, v                 [L, P, Hkv, page, D]   bf16   (scales/zeros None)
     recent window: ring_k, ring_v       [L, S, Hkv, W, D]      window_dtype (int4 only; else None)
@@ -154,6 +155,9 @@ def init_cache(cfg: KVCacheConfig) -> PagedKVCache:
         kv = functools.partial(jnp.zeros, (*lead, cfg.page_size, cfg.head_dim), jnp.bfloat16)
         return PagedKVCache(kv(), kv(), None, None, None, None, cfg)
     packed = functools.partial(jnp.zeros, (*lead, cfg.page_size, cfg.head_dim // 2), jnp.uint8)
+    # V pages transposed (token axis last): the decode kernel's P V dot reads them 4 bytes at
+    # a time instead of 1 (pallas_kernels/kv4_attention.py).
+    packed_v = functools.partial(jnp.zeros, (*lead, cfg.head_dim // 2, cfg.page_size), jnp.uint8)
     meta = functools.partial(
         jnp.zeros, (*lead, cfg.head_dim // cfg.group_size, cfg.page_size), kv_quant.SCALE_DTYPE
     )
@@ -162,7 +166,7 @@ def init_cache(cfg: KVCacheConfig) -> PagedKVCache:
         shape = (cfg.num_layers, cfg.window_slots, cfg.num_kv_heads, cfg.recent_window)
         ring = functools.partial(jnp.zeros, (*shape, cfg.head_dim), cfg.window_dtype)
         rings = (ring(), ring())
-    return PagedKVCache(packed(), packed(), meta(), meta(), meta(), meta(), cfg, *rings)
+    return PagedKVCache(packed(), packed_v(), meta(), meta(), meta(), meta(), cfg, *rings)
 
 
 def _check_new(name: str, x, cfg: KVCacheConfig, n: int):

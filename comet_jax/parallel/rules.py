@@ -16,7 +16,8 @@ Megatron-style layout on a 1-D mesh axis ``tp`` of size d (HF ``[N, K]`` weight 
 | o_in / down_in group | ``perm [C, Kc]`` (chunked, `tp_quant`) | ``P(tp, None)`` (d divides C) |
 | | ``perm [K]`` (whole-K runtime perm) | ``P()`` (XLA gathers the input: avoid) |
 
-KV cache (`comet_jax.engine.kv_cache.PagedKVCache`): ``k, v [L, P, Hkv, page, X]`` and the
+KV cache (`comet_jax.engine.kv_cache.PagedKVCache`): ``k, v [L, P, Hkv, page, X]`` (KV4 ``v``:
+``[L, P, Hkv, D/2, page]``) and the
 KV4 scales/zeros ``[L, P, Hkv, D/g, page]`` are sharded by KV head, ``P(None, None, tp)``.
 
 Divisibility: q/o need ``num_heads % d == 0``, gate/up/down ``intermediate_size % d == 0``,
