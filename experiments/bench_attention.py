@@ -42,6 +42,8 @@ NAME = (
     if "--warps-study" in sys.argv
     else "bench_attention_prefill_study"
     if "--prefill-study" in sys.argv
+    else "bench_attention_stages"
+    if "--stages-study" in sys.argv
     else "bench_attention"
 )
 PREFILL_SHAPES = [(1, 2048, 0), (1, 8192, 0), (8, 1024, 0), (4, 512, 4096)]  # (B, T, prefix)
@@ -56,6 +58,7 @@ RESULTS: dict = {
     "warps": [],
     "prefill_warps": [],
     "prefill_study": [],
+    "stages": [],
 }
 
 
@@ -247,7 +250,7 @@ PREFILL_VARIANTS = [
 # --focus: the default page-128 path and its schedule knobs (stages, warps, splits) only.
 FOCUS_GRID = (
     [dict(page=128), dict(page=16, block_k=256)]
-    + [dict(page=128, num_stages=n) for n in (3, 4)]
+    + [dict(page=128, num_stages=n) for n in (2, 4)]  # default: 5 (default_stages)
     + [dict(page=128, num_warps=2)]
     + [dict(page=128, num_splits=n) for n in (1, 8, 16)]
 )
@@ -317,7 +320,7 @@ def warps_study(key):
     save()
 
 
-PREFILL_STUDY = [dict(num_stages=n) for n in (2, 3, 4)] + [
+PREFILL_STUDY = [dict(num_stages=n) for n in (2, 3, 5)] + [
     dict(block_k=256, num_stages=n) for n in (2, 3)
 ]
 
@@ -357,6 +360,50 @@ def prefill_study(key):
         RESULTS["prefill_study"].append(row)
         log("prefill study", row)
         save()
+
+
+STAGES_DECODE = ((64, 4096), (256, 1280), (16, 16384), (64, 16384))
+
+
+def stages_study(key):
+    """Pipeline stages (default_stages): INT4 decode at page 128 by 2 / 4 / 5 / 6 stages (two
+    interleaved repeats), its error at 5 vs the reference (ragged lengths), the `gqa` anchor at
+    B = 64, S = 4096, and prefill on dequantized pages by 2 / 3 / 5 stages with `mha`."""
+    for b, s in STAGES_DECODE:
+        row = dict(B=b, S=s)
+        for _ in range(2):
+            for st in (2, 4, 5, 6):
+                try:
+                    t, _ = decode_point(b, s, 128, 128, True, key, num_stages=st)
+                    row.setdefault(f"s{st}_us", []).append(t * 1e6)
+                except Exception as e:
+                    row[f"s{st}_error"] = repr(e)[:300]
+        if (b, s) == (64, 4096):
+            row.update(dense_baselines(key, b, s, b * s * HKV * 2 * D * 2))
+        RESULTS["stages"].append(row)
+        log("stages", row)
+    kv, tables = make_paged(key, 6, 4096, 128, 128, True, 1)
+    q = jax.random.normal(jax.random.fold_in(key, 9), (6, HQ, D), jnp.bfloat16)
+    lens = jnp.asarray([1, 127, 128, 129, 1000, 4096], jnp.int32)
+    ref = A.paged_decode_attention_reference(q, kv, tables[0], lens)
+    out = jax.jit(functools.partial(A.paged_decode_attention, num_stages=5))(q, kv, tables[0], lens)
+    RESULTS["stages"].append(dict(check="decode, 5 stages, vs reference", rel=rel(out, ref)))
+    for b, t in ((8, 1024), (1, 8192)):
+        q = jax.random.normal(key, (b, t, HQ, D), jnp.bfloat16)
+        kv, tables = make_paged(key, b, t, 128, 128, True, 1)
+        lens = jnp.full((b,), t, jnp.int32)
+        row = dict(prefill=f"B={b} T={t}", mha_us=mha_time(key, q) * 1e6)
+        for st in (2, 3, 5):
+            fn = jax.jit(
+                functools.partial(A.paged_prefill_attention, dequantize=True, num_stages=st)
+            )
+            try:
+                row[f"s{st}_us"] = bench(fn, [(q, kv, tables[0], lens)]) * 1e6
+            except Exception as e:
+                row[f"s{st}_error"] = repr(e)[:300]
+        RESULTS["stages"].append(row)
+        log("stages", row)
+    save()
 
 
 def decode_sweep(key, page, kw, quick):
@@ -540,6 +587,13 @@ def markdown():
     if RESULTS["prefill_study"]:
         lines += ["", "## Prefill by stages / keys per step (dequantized pages)", ""]
         lines += [f"- {r}" for r in RESULTS["prefill_study"]]
+    if RESULTS["stages"]:
+        lines += [
+            "",
+            "## By Triton pipeline stages (decode: INT4 page 128; prefill: dequantized)",
+            "",
+        ]
+        lines += [f"- {r}" for r in RESULTS["stages"]]
     if RESULTS["prefill_warps"]:
         lines += ["", "## Prefill (INT4, page 128) by num_warps", ""]
         lines += [f"- {r}" for r in RESULTS["prefill_warps"]]
@@ -564,6 +618,11 @@ def main():
         "--focus",
         action="store_true",
         help="schedule knobs at B=64,S=4096 + the prefill shapes, no int8 logits",
+    )
+    ap.add_argument(
+        "--stages-study",
+        action="store_true",
+        help="only decode / prefill time by Triton pipeline stages (default_stages)",
     )
     ap.add_argument(
         "--prefill-study",
@@ -594,6 +653,10 @@ def main():
         prefill_study(key)
         print(markdown())
         return
+    if args.stages_study:
+        stages_study(key)
+        print(markdown())
+        return
     sections = [("correctness", correctness), ("tuning", None), ("writes", lambda: writes(key))]
     best = None
     for name, fn in sections:
@@ -607,7 +670,8 @@ def main():
         except Exception:
             traceback.print_exc()
         log(f"[{name} done at {time.time() - t0:.0f}s]")
-    page, kw = (64, {}) if best is None else (best[1], best[2])
+    # Without the tuning section: page 128, the engine's GPU default (kv_cache / EngineConfig).
+    page, kw = (128, {}) if best is None else (best[1], best[2])
     RESULTS["meta"]["decode_config"] = dict(page=page, **kw)
     for name, fn in (
         ("decode", lambda: decode_sweep(key, page, kw, args.quick)),

@@ -696,6 +696,26 @@ def default_decode_warps(
     return 2 if quantized and many and block_k >= 128 else 4
 
 
+def default_stages(decode: bool, int4_pages: bool) -> int:
+    """Triton pipeline stages: 5 where measured better, else 2.
+
+    With Pallas-Triton's indirect page loads (page table -> page), Triton 3.6 gives the K/V
+    tiles one shared-memory buffer at 2-4 stages: the next page's copy is issued at the end of
+    a loop step and waited for at the start of the next, so its latency is not hidden behind
+    the step's work. From 5 stages the tiles get two buffers and the wait allows the next
+    step's copies in flight (SASS: ``DEPBAR.LE SB0, 0x6`` instead of ``0x0``). H100
+    (2026-11-26, `bench_attention_2026-11-26_stages.json`), us for 2 / 4 / 5 stages: INT4
+    decode B=64 S=4096 137.7 / 137.4 / 127.3, B=16 S=16384 178.2 / 173.6 / 160.7, B=64
+    S=16384 498.3 / 496.2 / 450.9, B=256 S=1280 181.3 / 181.2 / 177.9; prefill on dequantized
+    (bf16) pages, 2 / 3 / 5: B=8 T=1024 323.2 / 322.1 / 303.1, B=1 T=8192 1505.8 / 1463.6 /
+    1371.3. bf16-page decode (its tiles are 4x larger) and prefill unpacking INT4 in the
+    kernel were not measured at 5: they keep 2.
+    """
+    if decode:
+        return 5 if int4_pages else 2
+    return 2 if int4_pages else 5
+
+
 def default_prefill_warps(block_rows: int) -> int:
     """Warps per prefill program: 8 for tiles of 128+ rows, else 4.
 
@@ -751,7 +771,7 @@ def paged_decode_attention(
     num_splits: int | None = None,
     block_k: int | None = None,
     num_warps: int | None = None,
-    num_stages: int = 2,
+    num_stages: int | None = None,
     interpret: bool = False,
     unpack: str = "auto",
     qk_int8: bool = False,
@@ -772,6 +792,7 @@ def paged_decode_attention(
       layer: int or traced int32 scalar, the layer to read.
       num_splits: flash-decoding splits of the page range (default: fill ~2 waves of 132 SMs).
       num_warps: default :func:`default_decode_warps` (2 or 4, measured on the H100).
+      num_stages: Triton pipeline stages, default :func:`default_stages` (INT4 pages: 5).
       block_k: keys per loop step, a power-of-two multiple of the page size; more than one
         page gathers ``block_k / page`` pages per step through the page table so the dots stay
         large with small pages. Default :func:`default_decode_block_k`.
@@ -825,6 +846,8 @@ def paged_decode_attention(
         num_splits = _default_splits(batch, kv.k.shape[2], blocks)
     if num_warps is None:
         num_warps = default_decode_warps(batch, kv.k.shape[2], blocks, block_k, kv.quantized)
+    if num_stages is None:
+        num_stages = default_stages(decode=True, int4_pages=kv.quantized)
     if not 1 <= num_splits <= max_pages:
         raise ValueError(f"num_splits={num_splits} must be in [1, max_pages={max_pages}]")
     hg_pad = 1 << (hg - 1).bit_length()
@@ -877,7 +900,7 @@ def paged_prefill_attention(
     block_q: int | None = None,
     block_k: int | None = None,
     num_warps: int | None = None,
-    num_stages: int = 2,
+    num_stages: int | None = None,
     interpret: bool = False,
     unpack: str = "auto",
     qk_int8: bool = False,
@@ -896,6 +919,7 @@ def paged_prefill_attention(
       q_lens: ``[B] int32`` valid chunk tokens (default T); rows ``i >= q_lens[b]`` return 0.
       block_q: chunk tokens per program (default: 128 rows / GQA group, at least 1).
       num_warps: default :func:`default_prefill_warps` (8 for 128-row tiles).
+      num_stages: default :func:`default_stages` (bf16 or dequantized pages: 5).
       block_k: keys per loop step, as in :func:`paged_decode_attention`.
       qk_int8: int8 logits, as in :func:`paged_decode_attention`.
       dequantize: INT4 cache only. Dequantize the pages the table names once (XLA, into a
@@ -930,6 +954,8 @@ def paged_prefill_attention(
         raise ValueError(f"block_q={block_q} x padded GQA group {hg_pad} must be a power of two")
     if num_warps is None:
         num_warps = default_prefill_warps(block_rows)
+    if num_stages is None:  # the pages the kernel reads: bf16 after `dequantize`
+        num_stages = default_stages(decode=False, int4_pages=kv.quantized and not dequantize)
     seq_lens = jnp.asarray(seq_lens)
     if dequantize:
         if not kv.quantized:

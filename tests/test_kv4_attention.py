@@ -337,3 +337,34 @@ def test_default_warps_follow_the_h100_measurements():
     assert dw(64, 8, 4096 // 64, 64) == 4  # page 64: 4 warps won
     assert dw(64, 8, 4096 // 128, 128, quantized=False) == 4  # bf16 pages: as measured before
     assert attn.default_prefill_warps(128) == 8 and attn.default_prefill_warps(16) == 4
+
+
+def test_default_stages_reach_the_kernel(monkeypatch):
+    """INT4 decode and prefill over bf16 / dequantized pages get 5 pipeline stages (two K/V
+    buffers in Triton 3.6, measured faster on the H100); bf16-page decode and in-kernel INT4
+    prefill keep 2; an explicit value passes through."""
+    seen = []
+    orig = attn._attend
+
+    def spy(*args, **kw):
+        seen.append(kw["num_stages"])
+        return orig(*args, **kw)
+
+    monkeypatch.setattr(attn, "_attend", spy)
+    lens = np.array([3, 20], np.int32)
+    for dtype in ("int4", "bf16"):
+        cache, table, _, _, rng = _filled_cache(dtype, 4, 64, 16, 64, lens, 2, seed=3)
+        q = jnp.asarray(rng.standard_normal((2, 8, 64)), jnp.bfloat16)
+        attn.paged_decode_attention(q, cache.pages(), table, lens, layer=1, interpret=True)
+        qp = q[:, None]
+        attn.paged_prefill_attention(qp, cache.pages(), table, lens, layer=1, interpret=True)
+        if dtype == "int4":
+            attn.paged_prefill_attention(
+                qp, cache.pages(), table, lens, layer=1, dequantize=True, interpret=True
+            )
+    cache, table, _, _, rng = _filled_cache("int4", 4, 64, 16, 64, lens, 2, seed=3)
+    q = jnp.asarray(rng.standard_normal((2, 8, 64)), jnp.bfloat16)
+    attn.paged_decode_attention(q, cache.pages(), table, lens, num_stages=3, interpret=True)
+    # int4: decode 5, in-kernel prefill 2, dequantized prefill 5; bf16: decode 2, prefill 5
+    assert seen == [5, 2, 5, 2, 5, 3]
+    assert attn.default_stages(decode=True, int4_pages=True) == 5
