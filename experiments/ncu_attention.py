@@ -70,7 +70,7 @@ KEEP = {
     "Block Limit Shared Mem": "limit_smem",
     "Block Limit Warps": "limit_warps",
     "Block Limit SM": "limit_sm",
-    "Issue Slots Busy": "issue_busy_pct",
+    "One or More Eligible": "issue_active_pct",
     "Issued Warp Per Scheduler": "ipc_per_scheduler",
     "Active Warps Per Scheduler": "warps_per_scheduler",
     "Eligible Warps Per Scheduler": "eligible_per_scheduler",
@@ -190,7 +190,7 @@ def markdown(meta, launches):
         ("variant", "variant"), ("kernel", "kernel"), ("duration", "time"),
         ("dram_pct", "DRAM %"), ("regs", "regs"), ("threads", "threads"),
         ("occ_theoretical_pct", "occ. theor. %"), ("occ_achieved_pct", "occ. achieved %"),
-        ("issue_busy_pct", "issue busy %"), ("eligible_per_scheduler", "eligible/sched"),
+        ("issue_active_pct", "cycles issuing %"), ("eligible_per_scheduler", "eligible/sched"),
         ("cycles_per_issue", "cycles/issue"),
     ]  # fmt: skip
     lines = [f"# ncu: attention kernels ({meta})", ""]
@@ -204,7 +204,10 @@ def markdown(meta, launches):
         cells = []
         for c, _ in cols:
             v = d.get(c, "")
-            cells.append(f"{v:.4g}" if isinstance(v, float) else str(v))
+            cell = f"{v:.4g}" if isinstance(v, float) else str(v)
+            if c == "duration" and cell:
+                cell += " " + d.get("duration_unit", "")
+            cells.append(cell)
         lines.append(
             "| " + " | ".join(cells) + " | " + ", ".join(f"{k} {v:.2f}" for k, v in stalls) + " |"
         )
