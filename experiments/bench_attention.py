@@ -101,15 +101,27 @@ def paged_bytes_per_token_head(quantized, group):
     return 2 * D * 2
 
 
+@functools.partial(jax.jit, static_argnums=1)
+def _random_bytes(key, shape):
+    """Random uint8 of ``shape`` through uint32 words (``random.bits`` in uint8 allocated a 4x
+    intermediate and ran out of memory for the 4 GiB pool of B = 256, S = 32768)."""
+    words = jax.random.bits(key, (*shape[:-1], shape[-1] // 4), jnp.uint32)
+    return jax.lax.bitcast_convert_type(words, jnp.uint8).reshape(shape)
+
+
 def make_paged(key, batch, seq, page, group, quantized, n_sets):
     """Random paged cache holding n_sets disjoint copies of B sequences of ``seq`` tokens."""
     mp = -(-seq // page)
     pages = n_sets * batch * mp
+    if quantized:  # keep the packed pools out of the (2^31, 2^32] element window (_check_kv)
+        per_page = HKV * page * D // 2
+        if 2**31 < pages * per_page <= 2**32:
+            pages = 2**32 // per_page + 1
     ks = jax.random.split(key, 8)
     shape = (1, pages, HKV, page)
     if quantized:
-        k = jax.random.bits(ks[0], (*shape, D // 2), jnp.uint8)
-        v = jax.random.bits(ks[1], (*shape[:3], D // 2, page), jnp.uint8)  # V^T pages
+        k = _random_bytes(ks[0], (*shape, D // 2))
+        v = _random_bytes(ks[1], (*shape[:3], D // 2, page))  # V^T pages
         mshape = (1, pages, HKV, D // group, page)
         sc = lambda kk: jax.random.uniform(kk, mshape, jnp.float32, 0.02, 0.1).astype(jnp.float16)  # noqa: E731
         zr = lambda kk: jax.random.randint(kk, mshape, 4, 12).astype(jnp.float16)  # noqa: E731
