@@ -44,6 +44,8 @@ NAME = (
     if "--prefill-study" in sys.argv
     else "bench_attention_stages"
     if "--stages-study" in sys.argv
+    else "bench_attention_engine_shape"
+    if "--engine-shape" in sys.argv
     else "bench_attention"
 )
 PREFILL_SHAPES = [(1, 2048, 0), (1, 8192, 0), (8, 1024, 0), (4, 512, 4096)]  # (B, T, prefix)
@@ -59,6 +61,7 @@ RESULTS: dict = {
     "prefill_warps": [],
     "prefill_study": [],
     "stages": [],
+    "engine_shape": [],
 }
 
 
@@ -374,6 +377,56 @@ def prefill_study(key):
         save()
 
 
+ENGINE_SHAPE = dict(batch=256, seq_lo=1024, seq_hi=1536, layers=32, layer=5)
+
+
+def _int4_pool(key, layers, pages, page=128):
+    """Random INT4 pool ``[layers, pages, Hkv, ...]`` (g = D) in the engine's layout."""
+    ks = jax.random.split(key, 6)
+    k = _random_bytes(ks[0], (layers, pages, HKV, page, D // 2))
+    v = _random_bytes(ks[1], (layers, pages, HKV, D // 2, page))
+    ms = (layers, pages, HKV, 1, page)
+    sc = lambda kk: jax.random.uniform(kk, ms, jnp.float32, 0.02, 0.1).astype(jnp.float16)  # noqa: E731
+    zr = lambda kk: jax.random.randint(kk, ms, 4, 12).astype(jnp.float16)  # noqa: E731
+    return A.PagedKV(k, v, sc(ks[2]), zr(ks[3]), sc(ks[4]), zr(ks[5]))
+
+
+def engine_shape_study(key):
+    """Why the engine's batch-256 decode attention did not speed up like the standalone call
+    (docs/benchmarks.md, run 29): the INT4 decode kernel at B = 256 on (a) a one-layer pool
+    with uniform S = 1280, (b) the same pool with ragged S uniform in [1024, 1536] (the
+    engine's mix at that point), (c) a 32-layer pool (over 4 GiB per packed array, as in the
+    engine: 64-bit offsets) with the same ragged S, read at layer 5. Same page table width
+    (12 pages) and page 128 for all; (c)'s pool is sized like the engine's (B x 12 pages + 1)."""
+    e = ENGINE_SHAPE
+    b, page = e["batch"], 128
+    mp = -(-e["seq_hi"] // page)
+    rng = np.random.default_rng(0)
+    ragged = rng.integers(e["seq_lo"], e["seq_hi"] + 1, b).astype(np.int32)
+    uniform = np.full(b, 1280, np.int32)
+    q = jax.random.normal(jax.random.fold_in(key, 1), (b, HQ, D), jnp.bfloat16)
+    for name, layers, layer, lens in (
+        ("one layer, S = 1280", 1, 0, uniform),
+        ("one layer, ragged S", 1, 0, ragged),
+        (f"{e['layers']} layers, ragged S", e["layers"], e["layer"], ragged),
+    ):
+        pages = b * mp + 1
+        row = dict(case=name, B=b, layers=layers, pages=pages, mean_S=float(lens.mean()))
+        try:
+            kv = _int4_pool(jax.random.fold_in(key, layers), layers, pages, page)
+            table = jnp.asarray(rng.permutation(pages)[: b * mp].reshape(b, mp).astype(np.int32))
+            fn = jax.jit(functools.partial(A.paged_decode_attention, layer=layer))
+            lens_j = jnp.asarray(lens)
+            t = bench(fn, [(q, kv, table, lens_j)])  # pools of 0.2-6.4 GB: no L2 reuse
+            nbytes = int(lens.sum()) * HKV * paged_bytes_per_token_head(True, D)
+            row.update(us=t * 1e6, gbps=nbytes / t / 1e9, k_gib=kv.k.size / 2**30)
+        except Exception as e_:
+            row["error"] = repr(e_)[:300]
+        RESULTS["engine_shape"].append(row)
+        log("engine shape", row)
+    save()
+
+
 STAGES_DECODE = ((64, 4096), (256, 1280), (16, 16384), (64, 16384))
 
 
@@ -606,6 +659,9 @@ def markdown():
             "",
         ]
         lines += [f"- {r}" for r in RESULTS["stages"]]
+    if RESULTS["engine_shape"]:
+        lines += ["", "## INT4 decode at the engine's batch-256 shape", ""]
+        lines += [f"- {r}" for r in RESULTS["engine_shape"]]
     if RESULTS["prefill_warps"]:
         lines += ["", "## Prefill (INT4, page 128) by num_warps", ""]
         lines += [f"- {r}" for r in RESULTS["prefill_warps"]]
@@ -630,6 +686,11 @@ def main():
         "--focus",
         action="store_true",
         help="schedule knobs at B=64,S=4096 + the prefill shapes, no int8 logits",
+    )
+    ap.add_argument(
+        "--engine-shape",
+        action="store_true",
+        help="only INT4 decode at the engine's batch-256 shape: 1 vs 32 layers, uniform vs ragged",
     )
     ap.add_argument(
         "--stages-study",
@@ -667,6 +728,10 @@ def main():
         return
     if args.stages_study:
         stages_study(key)
+        print(markdown())
+        return
+    if args.engine_shape:
+        engine_shape_study(key)
         print(markdown())
         return
     sections = [("correctness", correctness), ("tuning", None), ("writes", lambda: writes(key))]
