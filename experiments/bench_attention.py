@@ -35,19 +35,18 @@ from pallas_kernels import kv4_attention as A
 HQ, HKV, D = 32, 8, 128
 OUT = os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results")
 FOCUS = "--focus" in sys.argv
-NAME = (
-    "bench_attention_focus"
-    if FOCUS
-    else "bench_attention_warps"
-    if "--warps-study" in sys.argv
-    else "bench_attention_prefill_study"
-    if "--prefill-study" in sys.argv
-    else "bench_attention_stages"
-    if "--stages-study" in sys.argv
-    else "bench_attention_engine_shape"
-    if "--engine-shape" in sys.argv
-    else "bench_attention"
-)
+# Single-study modes: flag -> (output name, function name); the flag's study runs alone.
+STUDIES = {
+    "--warps-study": ("bench_attention_warps", "warps_study"),
+    "--prefill-study": ("bench_attention_prefill_study", "prefill_study"),
+    "--stages-study": ("bench_attention_stages", "stages_study"),
+    "--engine-shape": ("bench_attention_engine_shape", "engine_shape_study"),
+}
+NAME = "bench_attention_focus" if FOCUS else "bench_attention"
+for _flag, (_name, _) in STUDIES.items():
+    if not FOCUS and _flag in sys.argv:
+        NAME = _name
+        break
 PREFILL_SHAPES = [(1, 2048, 0), (1, 8192, 0), (8, 1024, 0), (4, 512, 4096)]  # (B, T, prefix)
 WRITE_SIZES = (64, 8192)  # tokens per write call (decode batch, prefill chunk)
 RESULTS: dict = {
@@ -112,6 +111,17 @@ def _random_bytes(key, shape):
     return jax.lax.bitcast_convert_type(words, jnp.uint8).reshape(shape)
 
 
+def _int4_pool(key, layers, pages, page=128, group=D):
+    """Random INT4 pool ``[layers, pages, Hkv, ...]`` in the engine's layout (V^T pages)."""
+    ks = jax.random.split(key, 8)
+    k = _random_bytes(ks[0], (layers, pages, HKV, page, D // 2))
+    v = _random_bytes(ks[1], (layers, pages, HKV, D // 2, page))
+    ms = (layers, pages, HKV, D // group, page)
+    sc = lambda kk: jax.random.uniform(kk, ms, jnp.float32, 0.02, 0.1).astype(jnp.float16)  # noqa: E731
+    zr = lambda kk: jax.random.randint(kk, ms, 4, 12).astype(jnp.float16)  # noqa: E731
+    return A.PagedKV(k, v, sc(ks[2]), zr(ks[3]), sc(ks[4]), zr(ks[5]))
+
+
 def make_paged(key, batch, seq, page, group, quantized, n_sets):
     """Random paged cache holding n_sets disjoint copies of B sequences of ``seq`` tokens."""
     mp = -(-seq // page)
@@ -123,12 +133,7 @@ def make_paged(key, batch, seq, page, group, quantized, n_sets):
     ks = jax.random.split(key, 8)
     shape = (1, pages, HKV, page)
     if quantized:
-        k = _random_bytes(ks[0], (*shape, D // 2))
-        v = _random_bytes(ks[1], (*shape[:3], D // 2, page))  # V^T pages
-        mshape = (1, pages, HKV, D // group, page)
-        sc = lambda kk: jax.random.uniform(kk, mshape, jnp.float32, 0.02, 0.1).astype(jnp.float16)  # noqa: E731
-        zr = lambda kk: jax.random.randint(kk, mshape, 4, 12).astype(jnp.float16)  # noqa: E731
-        kv = A.PagedKV(k, v, sc(ks[2]), zr(ks[3]), sc(ks[4]), zr(ks[5]))
+        kv = _int4_pool(key, 1, pages, page, group)
     else:
         k = jax.random.normal(ks[0], (*shape, D), jnp.bfloat16)
         v = jax.random.normal(ks[1], (*shape, D), jnp.bfloat16)
@@ -380,17 +385,6 @@ def prefill_study(key):
 ENGINE_SHAPE = dict(batch=256, seq_lo=1024, seq_hi=1536, layers=32, layer=5)
 
 
-def _int4_pool(key, layers, pages, page=128):
-    """Random INT4 pool ``[layers, pages, Hkv, ...]`` (g = D) in the engine's layout."""
-    ks = jax.random.split(key, 6)
-    k = _random_bytes(ks[0], (layers, pages, HKV, page, D // 2))
-    v = _random_bytes(ks[1], (layers, pages, HKV, D // 2, page))
-    ms = (layers, pages, HKV, 1, page)
-    sc = lambda kk: jax.random.uniform(kk, ms, jnp.float32, 0.02, 0.1).astype(jnp.float16)  # noqa: E731
-    zr = lambda kk: jax.random.randint(kk, ms, 4, 12).astype(jnp.float16)  # noqa: E731
-    return A.PagedKV(k, v, sc(ks[2]), zr(ks[3]), sc(ks[4]), zr(ks[5]))
-
-
 def engine_shape_study(key):
     """Why the engine's batch-256 decode attention did not speed up like the standalone call
     (docs/benchmarks.md, run 29): the INT4 decode kernel at B = 256 on (a) a one-layer pool
@@ -403,10 +397,10 @@ def engine_shape_study(key):
     mp = -(-e["seq_hi"] // page)
     rng = np.random.default_rng(0)
     ragged = rng.integers(e["seq_lo"], e["seq_hi"] + 1, b).astype(np.int32)
-    uniform = np.full(b, 1280, np.int32)
+    uniform = np.full(b, (e["seq_lo"] + e["seq_hi"]) // 2, np.int32)  # 1280
     q = jax.random.normal(jax.random.fold_in(key, 1), (b, HQ, D), jnp.bfloat16)
     for name, layers, layer, lens in (
-        ("one layer, S = 1280", 1, 0, uniform),
+        (f"one layer, S = {uniform[0]}", 1, 0, uniform),
         ("one layer, ragged S", 1, 0, ragged),
         (f"{e['layers']} layers, ragged S", e["layers"], e["layer"], ragged),
     ):
@@ -718,22 +712,11 @@ def main():
     log(RESULTS["meta"])
     key = jax.random.key(0)
     t0 = time.time()
-    if args.warps_study:
-        warps_study(key)
-        print(markdown())
-        return
-    if args.prefill_study:
-        prefill_study(key)
-        print(markdown())
-        return
-    if args.stages_study:
-        stages_study(key)
-        print(markdown())
-        return
-    if args.engine_shape:
-        engine_shape_study(key)
-        print(markdown())
-        return
+    for flag, (_, study) in STUDIES.items():
+        if getattr(args, flag[2:].replace("-", "_")):
+            globals()[study](key)
+            print(markdown())
+            return
     sections = [("correctness", correctness), ("tuning", None), ("writes", lambda: writes(key))]
     best = None
     for name, fn in sections:
