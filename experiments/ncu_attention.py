@@ -91,9 +91,7 @@ def _decode(variant: str):
 
     key = jax.random.key(0)
     quantized = "int4" in variant
-    kw = dict(num_warps=4) if variant.endswith("w4") else {}
-    if variant.endswith("w2"):
-        kw = dict(num_warps=2)
+    kw = dict(num_warps=4) if variant.endswith("_w4") else {}
     kv, tables = make_paged(key, B, S, 128, 128, quantized, 1)
     q = jax.random.normal(jax.random.fold_in(key, 1), (B, HQ, D), jnp.bfloat16)
     lens = jnp.full((B,), S, jnp.int32)
