@@ -41,6 +41,7 @@ STUDIES = {
     "--prefill-study": ("bench_attention_prefill_study", "prefill_study"),
     "--stages-study": ("bench_attention_stages", "stages_study"),
     "--engine-shape": ("bench_attention_engine_shape", "engine_shape_study"),
+    "--loop-study": ("bench_attention_loop", "loop_study"),
 }
 NAME = "bench_attention_focus" if FOCUS else "bench_attention"
 for _flag, (_name, _) in STUDIES.items():
@@ -61,6 +62,7 @@ RESULTS: dict = {
     "prefill_study": [],
     "stages": [],
     "engine_shape": [],
+    "loop": [],
 }
 
 
@@ -391,7 +393,11 @@ def engine_shape_study(key):
     with uniform S = 1280, (b) the same pool with ragged S uniform in [1024, 1536] (the
     engine's mix at that point), (c) a 32-layer pool (over 4 GiB per packed array, as in the
     engine: 64-bit offsets) with the same ragged S, read at layer 5. Same page table width
-    (12 pages) and page 128 for all; (c)'s pool is sized like the engine's (B x 12 pages + 1)."""
+    (12 pages) and page 128 for all; (c)'s pool is sized like the engine's (B x 12 pages + 1).
+    Each case also times the two-loop kernel (``one_loop=False``, the structure before
+    2026-11-26), and (b) flash-decoding splits 2-4 (the default is one split at B = 256);
+    (d) is (c) with the rows sorted longest first (programs launch batch-row fastest, so the
+    grid's last programs are the shortest)."""
     e = ENGINE_SHAPE
     b, page = e["batch"], 128
     mp = -(-e["seq_hi"] // page)
@@ -399,21 +405,30 @@ def engine_shape_study(key):
     ragged = rng.integers(e["seq_lo"], e["seq_hi"] + 1, b).astype(np.int32)
     uniform = np.full(b, (e["seq_lo"] + e["seq_hi"]) // 2, np.int32)  # 1280
     q = jax.random.normal(jax.random.fold_in(key, 1), (b, HQ, D), jnp.bfloat16)
+    longest_first = np.sort(ragged)[::-1].copy()  # the engine's decode row order
     for name, layers, layer, lens in (
         (f"one layer, S = {uniform[0]}", 1, 0, uniform),
         ("one layer, ragged S", 1, 0, ragged),
         (f"{e['layers']} layers, ragged S", e["layers"], e["layer"], ragged),
+        (f"{e['layers']} layers, ragged S, longest first", e["layers"], e["layer"], longest_first),
     ):
         pages = b * mp + 1
         row = dict(case=name, B=b, layers=layers, pages=pages, mean_S=float(lens.mean()))
         try:
             kv = _int4_pool(jax.random.fold_in(key, layers), layers, pages, page)
             table = jnp.asarray(rng.permutation(pages)[: b * mp].reshape(b, mp).astype(np.int32))
-            fn = jax.jit(functools.partial(A.paged_decode_attention, layer=layer))
             lens_j = jnp.asarray(lens)
-            t = bench(fn, [(q, kv, table, lens_j)])  # pools of 0.2-6.4 GB: no L2 reuse
             nbytes = int(lens.sum()) * HKV * paged_bytes_per_token_head(True, D)
-            row.update(us=t * 1e6, gbps=nbytes / t / 1e9, k_gib=kv.k.size / 2**30)
+            row["k_gib"] = kv.k.size / 2**30
+            # one_loop (the default since 2026-11-26) vs the two-loop split it replaced, and
+            # flash-decoding splits (the default is one split at B = 256)
+            variants = [("", {}), ("two_loops_", dict(one_loop=False))]
+            if layers == 1 and lens is ragged:  # the last wave: 2048 programs on 660 slots
+                variants += [(f"splits{n}_", dict(num_splits=n)) for n in (2, 3, 4)]
+            for tag, var in variants:
+                fn = jax.jit(functools.partial(A.paged_decode_attention, layer=layer, **var))
+                t = bench(fn, [(q, kv, table, lens_j)])  # pools of 0.2-6.4 GB: no L2 reuse
+                row.update({f"{tag}us": t * 1e6, f"{tag}gbps": nbytes / t / 1e9})
         except Exception as e_:
             row["error"] = repr(e_)[:300]
         RESULTS["engine_shape"].append(row)
@@ -422,6 +437,26 @@ def engine_shape_study(key):
 
 
 STAGES_DECODE = ((64, 4096), (256, 1280), (16, 16384), (64, 16384))
+
+
+def loop_study(key):
+    """INT4 decode at uniform lengths (whole pages: the two-loop kernel's masked loop is
+    empty there), one loop (default) vs two loops, interleaved twice, with the `gqa` anchor
+    at B = 64, S = 4096: what the one-loop mask costs where the split had nothing to drain."""
+    for b, s in STAGES_DECODE:
+        row = dict(B=b, S=s)
+        for _ in range(2):
+            for tag, one in (("one_loop", True), ("two_loops", False)):
+                try:
+                    t, _ = decode_point(b, s, 128, 128, True, key, one_loop=one)
+                    row.setdefault(f"{tag}_us", []).append(t * 1e6)
+                except Exception as e:
+                    row[f"{tag}_error"] = repr(e)[:300]
+        if (b, s) == (64, 4096):
+            row.update(dense_baselines(key, b, s, b * s * HKV * 2 * D * 2))
+        RESULTS["loop"].append(row)
+        log("loop", row)
+    save()
 
 
 def stages_study(key):
@@ -656,6 +691,9 @@ def markdown():
     if RESULTS["engine_shape"]:
         lines += ["", "## INT4 decode at the engine's batch-256 shape", ""]
         lines += [f"- {r}" for r in RESULTS["engine_shape"]]
+    if RESULTS["loop"]:
+        lines += ["", "## INT4 decode, one loop vs two loops (uniform lengths)", ""]
+        lines += [f"- {r}" for r in RESULTS["loop"]]
     if RESULTS["prefill_warps"]:
         lines += ["", "## Prefill (INT4, page 128) by num_warps", ""]
         lines += [f"- {r}" for r in RESULTS["prefill_warps"]]
@@ -695,6 +733,11 @@ def main():
         "--prefill-study",
         action="store_true",
         help="only the default prefill path by num_stages / block_k, with mha",
+    )
+    ap.add_argument(
+        "--loop-study",
+        action="store_true",
+        help="only INT4 decode at uniform lengths, one loop (default) vs two loops, with gqa",
     )
     args = ap.parse_args()
     if args.focus:

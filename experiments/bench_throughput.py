@@ -135,6 +135,7 @@ def run_workload(
     st = engine.stats
     host = st.host_time_s - st0.host_time_s
     dev = st.device_time_s - st0.device_time_s
+    wait = st.wait_time_s - st0.wait_time_s
     gen = st.generated_tokens - st0.generated_tokens
     tpot = [(done[r] - first[r]) / (out_len - 1) for r in done if out_len > 1]
     decode_steps = st.steps - st0.steps
@@ -151,6 +152,9 @@ def run_workload(
         "steps": decode_steps,
         "host_s": host,
         "device_s": dev,
+        # of device_s: blocked on the previous step's tokens (the rest is dispatch); near 0
+        # means the host sets the pace and the GPU waits between steps
+        "wait_s": wait,
         "engine_overhead": host / max(host + dev, 1e-9),
         "preemptions": engine.scheduler.num_preemptions - preempt0,
         **({"trace": traced[0] if single else traced} if trace is not None else {}),

@@ -294,6 +294,7 @@ def _kernel(
     partials: bool = False,
     ring: bool = False,
     q_direct: bool = False,
+    one_loop: bool = False,
 ):
     if quantized:
         ks_ref, kz_ref, vs_ref, vz_ref, *outs = rest
@@ -405,6 +406,19 @@ def _kernel(
     def body(blk, carry, masked=True):
         accs, m_prev, l_prev, *vz_now = carry
         pg = pages_of(blk)
+        # masked == "keys" (one query token per tile, decode): keys >= kv_end get _MASK added
+        # to their logits (a per-key [1, block_k] vector folded into the scaling's add, no
+        # select over the [BM, block_k] tile). Each block of the loop holds a visible key,
+        # so the max is finite and the masked keys' exp2 is 0. Needs finite bytes past the
+        # length (init_cache zeros or earlier writes), as the dots read them anyway.
+        neg = None
+        if masked == "keys":
+            lim = kv_end - blk * block_k
+            neg = jnp.where(jnp.arange(block_k, dtype=jnp.int32) < lim, 0.0, _MASK)[None, :]
+
+        def scaled(x):
+            return x * log2_scale if neg is None else x * log2_scale + neg
+
         if quantized:
             # The V zero points feed no dot, so Triton's pipeliner leaves their load
             # synchronous: fetch the next block's here, one step ahead (clamped to this
@@ -413,8 +427,7 @@ def _kernel(
             logits = None
         else:
             k_all = load(k_ref, pg, slice(None), slice(None)).astype(cdt)  # [block_k, D]
-            logits = jnp.dot(q_whole, k_all.T, preferred_element_type=jnp.float32)
-            logits *= log2_scale
+            logits = scaled(jnp.dot(q_whole, k_all.T, preferred_element_type=jnp.float32))
         for j in range(n_groups if quantized else 0):  # INT4: per group, nibble halves
             if qk_int8:  # nibbles as int8 0..15: a mask and a shift, no float conversion
                 byte = load(k_ref, pg, slice(None), pl.ds(j * half, half))
@@ -429,14 +442,19 @@ def _kernel(
             raw = raw.astype(jnp.float32)
             s = load(ks_ref, pg, j, slice(None)).astype(jnp.float32)[None, :]
             z = load(kz_ref, pg, j, slice(None)).astype(jnp.float32)[None, :] + bias
+            # s * (raw - z * q_sum) * log2_scale as raw * a + off: a, c are per key (per row
+            # and key with int8 q) and off needs no dot, so one multiply-add follows the dots
+            # on the loop's critical path (the length mask rides in off).
+            a = s * log2_scale
             if qk_int8:
-                s = s * q_scales[j]
-            raw = s * (raw - z * q_sums[j][:, None])
-            logits = raw if logits is None else logits + raw
-        if quantized:
-            logits *= log2_scale
+                a = a * q_scales[j]
+            c = a * z
+            qs = q_sums[j][:, None]
+            off = neg - qs * c if (j == 0 and neg is not None) else -(qs * c)
+            term = raw * a + off
+            logits = term if logits is None else logits + term
         valid = None
-        if masked:
+        if masked and masked != "keys":
             key_pos = blk * block_k + jnp.arange(block_k, dtype=jnp.int32)
             valid = (key_pos[None, :] <= row_pos[:, None]) & (key_pos[None, :] < seq_len)
         probs, corr, m_next, l_next = _online_softmax_step(logits, m_prev, l_prev, valid)
@@ -470,8 +488,23 @@ def _kernel(
     if quantized:  # the first block's V zero points (page 0 when the split has no blocks)
         first = jnp.where(blk_lo < blk_hi, blk_lo, 0)
         carry += v_zeros(pages_of(first))
-    carry = jax.lax.fori_loop(blk_lo, full_hi, functools.partial(body, masked=False), carry)
-    accs, m_i, l_i, *_ = jax.lax.fori_loop(full_hi, blk_hi, body, carry)
+    if one_loop:
+        # Decode: each program runs ONE pipelined loop over all its blocks, masked by length
+        # when its last block is partial, unmasked otherwise (the other loop has no trips).
+        # Split in two (unmasked full blocks, then the masked partial one) each program
+        # drained Triton's pipeline before a last, unpipelined block: B = 256 decode at ragged
+        # S in [1024, 1536] took 226-230 us against 178-182 at S = 1280; masking every block
+        # instead costs 2-9% where blocks are whole (H100, `bench_attention.py
+        # --engine-shape / --loop-study`, 2026-11-26).
+        tail = (kv_end % block_k != 0) & (blk_hi == n_blocks)
+        split_at = jnp.where(tail, blk_lo, blk_hi)
+        carry = jax.lax.fori_loop(blk_lo, split_at, functools.partial(body, masked=False), carry)
+        accs, m_i, l_i, *_ = jax.lax.fori_loop(
+            split_at, blk_hi, functools.partial(body, masked="keys"), carry
+        )
+    else:
+        carry = jax.lax.fori_loop(blk_lo, full_hi, functools.partial(body, masked=False), carry)
+        accs, m_i, l_i, *_ = jax.lax.fori_loop(full_hi, blk_hi, body, carry)
     if ring:  # one more key block: the slot's ring, positions (p - W, p], in split 0 only
         slot = rs_ref[b]
         window = rk_ref.shape[3]
@@ -531,6 +564,7 @@ def _attend(
     return_lse: bool = False,
     ring=None,
     q_direct: bool = False,
+    one_loop: bool = False,
 ):
     """Launches the kernel over grid (B, Hkv, R / block_rows, num_splits); merges splits.
     ``ring``: None or ``(ring_k, ring_v, ring_slots)``, attended as one more key block.
@@ -541,7 +575,11 @@ def _attend(
     ``q_direct``: ``q_rows`` is q's own ``[B, T, Hkv, hg, D]`` view (``hg == hg_pad``, ``T`` a
     multiple of ``block_rows / hg``, one split, no lse): the kernel reads its tiles and writes
     ``o [B, T, Hkv, hg, D]`` in place of the row layout, so no transposed copies of q and the
-    output are made (at B = 8, T = 1024 each copy moves 67 MB)."""
+    output are made (at B = 8, T = 1024 each copy moves 67 MB).
+
+    ``one_loop``: every tile holds one query token (decode): each program runs one loop
+    over its key blocks (masked by length if the last one is partial) instead of unmasked
+    full blocks followed by the masked rest."""
     if q_direct:
         batch, t, hkv, hg_q, head_dim = q_rows.shape
         rows = t * hg_q
@@ -549,6 +587,8 @@ def _attend(
             raise ValueError("q_direct needs hg == hg_pad, whole tiles, one split, no lse/ring")
     else:
         batch, hkv, rows, head_dim = q_rows.shape
+    if one_loop and (q_direct or rows != block_rows):
+        raise ValueError(f"one_loop needs one tile of rows (decode), got {rows} rows")
     max_pages = page_table.shape[1]
     if block_k % kv.page_size or block_k & (block_k - 1):
         raise ValueError(f"block_k={block_k} must be a power-of-two multiple of the page size")
@@ -574,6 +614,7 @@ def _attend(
         partials=num_splits > 1 or return_lse,
         ring=ring is not None,
         q_direct=q_direct,
+        one_loop=one_loop,
     )
     whole = pl.no_block_spec  # the kernel gets the whole array and indexes it itself
     if q_direct:
@@ -780,6 +821,7 @@ def paged_decode_attention(
     ring=None,
     ring_slots=None,
     ring_in_kernel: bool = True,
+    one_loop: bool | None = None,
 ):
     """One new token per sequence attends to its cached tokens (its own K/V already written).
 
@@ -816,6 +858,11 @@ def paged_decode_attention(
       ring_in_kernel: attend the ring inside the kernel as one more key block (W a power of
         two >= 16); else, or for other W, the kernel returns its log-sum-exp and XLA attends
         the ring (:func:`ring_attention_reference`) and merges the two.
+      one_loop: each program runs one pipelined loop over its key blocks, masked by length
+        only when its last block is partial; False splits it into unmasked full blocks and
+        the masked last block (the prefill kernel's structure: ~17% slower for INT4 pages at
+        the engine's ragged lengths, see `_kernel`). None (default): True for INT4 pages,
+        where it was measured; bf16 pages keep the split they were measured with.
 
     Returns:
       ``[B, Hq, D]`` in q's dtype (and the lse with ``return_lse``).
@@ -848,6 +895,8 @@ def paged_decode_attention(
         num_warps = default_decode_warps(batch, kv.k.shape[2], blocks, block_k, kv.quantized)
     if num_stages is None:
         num_stages = default_stages(decode=True, int4_pages=kv.quantized)
+    if one_loop is None:
+        one_loop = kv.quantized
     if not 1 <= num_splits <= max_pages:
         raise ValueError(f"num_splits={num_splits} must be in [1, max_pages={max_pages}]")
     hg_pad = 1 << (hg - 1).bit_length()
@@ -876,6 +925,7 @@ def paged_decode_attention(
         causal_shift=_check_shift(causal_shift),
         return_lse=return_lse or xla_ring is not None,
         ring=in_kernel,
+        one_loop=one_loop,
     )
     if not (return_lse or xla_ring is not None):
         return _from_rows(out, 1, hg, hg_pad)[:, 0]

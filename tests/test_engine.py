@@ -90,6 +90,9 @@ def test_greedy_matches_dense_forward(model, engine):
         assert o["finish_reason"] == "length"
         assert o["token_ids"] == w
     assert engine.allocator.num_used == 0
+    st = engine.stats  # the blocked-on-results share is part of the device time
+    assert 0.0 < st.wait_time_s <= st.device_time_s
+    assert engine.metrics()["device_wait_seconds_total"] == st.wait_time_s
 
 
 def test_preemption_gives_the_same_tokens(engine):

@@ -74,6 +74,43 @@ def test_decode_matches_reference(dtype, hg, d, page, group, splits, block_k):
     assert _rel(ref, full[:, 0]) < budget
 
 
+@pytest.mark.parametrize("dtype", ["int4", "bf16"])
+def test_decode_masks_the_tail_of_the_last_page_in_both_loop_structures(dtype):
+    """Positions past each length hold large junk (written, not zero): the one-loop kernel
+    (default) and the two-loop split must both mask them and agree with the reference."""
+    hg, d, page, group, max_pages = 4, 64, 16, 64, 4
+    lens = np.array([1, page - 1, 2 * page, 3 * page + 9], np.int32)  # a whole-page one too
+    rng = np.random.default_rng(7)
+    b, s = len(lens), max_pages * page
+    cfg = kc.KVCacheConfig(2, 2, d, page, b * max_pages + 3, group, dtype)
+    table = rng.permutation(cfg.num_pages)[: b * max_pages].reshape(b, max_pages).astype(np.int32)
+    pos = np.broadcast_to(np.arange(s), (b, s))
+    slots = kc.slot_mapping_from_positions(table, pos, page, pos < max_pages * page)
+    junk = np.where(pos[..., None, None] < lens[:, None, None, None], 1.0, 40.0)
+    k = jnp.asarray(rng.standard_normal((b, s, 2, d)) * junk, jnp.bfloat16)
+    v = jnp.asarray(rng.standard_normal((b, s, 2, d)) * junk, jnp.bfloat16)
+    cache = _write(kc.init_cache(cfg), 1, k, v, slots)
+    q = jnp.asarray(rng.standard_normal((b, 2 * hg, d)), jnp.bfloat16)
+    ref = _jit(attn.paged_decode_attention_reference, layer=1)(q, cache.pages(), table, lens)
+    outs = [
+        _jit(attn.paged_decode_attention, layer=1, one_loop=one, interpret=True)(
+            q, cache.pages(), table, lens
+        )
+        for one in (True, False)
+    ]
+    for out in outs:
+        assert _rel(out, ref) < 1e-2
+    np.testing.assert_allclose(
+        np.asarray(outs[0], np.float32), np.asarray(outs[1], np.float32), atol=1e-2, rtol=0
+    )
+    # the junk is visible if unmasked: the same call with every position counted differs
+    full_lens = np.full(b, s, np.int32)
+    unmasked = _jit(attn.paged_decode_attention_reference, layer=1)(
+        q, cache.pages(), table, full_lens
+    )
+    assert _rel(unmasked, ref) > 0.1
+
+
 PREFILL_CASES = [  # dtype, gqa, head_dim, page, group
     ("int4", 4, 128, 16, 64),
     ("int4", 8, 64, 32, 32),
@@ -368,3 +405,27 @@ def test_default_stages_reach_the_kernel(monkeypatch):
     # int4: decode 5, in-kernel prefill 2, dequantized prefill 5; bf16: decode 2, prefill 5
     assert seen == [5, 2, 5, 2, 5, 3]
     assert attn.default_stages(decode=True, int4_pages=True) == 5
+
+
+def test_one_loop_default_follows_the_cache_dtype(monkeypatch):
+    """Decode runs the one-loop structure on INT4 pages (measured faster at ragged lengths
+    on the H100) and keeps the two-loop split on bf16 pages (not measured with one loop);
+    prefill never takes it; an explicit value passes through."""
+    seen = []
+    orig = attn._attend
+
+    def spy(*args, **kw):
+        seen.append(kw.get("one_loop", False))
+        return orig(*args, **kw)
+
+    monkeypatch.setattr(attn, "_attend", spy)
+    lens = np.array([3, 20], np.int32)
+    for dtype in ("int4", "bf16"):
+        cache, table, _, _, rng = _filled_cache(dtype, 4, 64, 16, 64, lens, 2, seed=3)
+        q = jnp.asarray(rng.standard_normal((2, 8, 64)), jnp.bfloat16)
+        attn.paged_decode_attention(q, cache.pages(), table, lens, layer=1, interpret=True)
+        attn.paged_prefill_attention(q[:, None], cache.pages(), table, lens, interpret=True)
+        attn.paged_decode_attention(
+            q, cache.pages(), table, lens, one_loop=dtype == "bf16", interpret=True
+        )
+    assert seen == [True, False, False, False, False, True]

@@ -91,6 +91,9 @@ class EngineStats:
     requests_aborted: int = 0
     host_time_s: float = 0.0  # schedule + input building + output handling
     device_time_s: float = 0.0  # dispatch until results are on the host
+    # the part of device_time_s spent blocked on the results (the rest is dispatch): ~0 when
+    # the host, not the device, sets the pace
+    wait_time_s: float = 0.0
 
 
 class LLMEngine:
@@ -367,6 +370,7 @@ class LLMEngine:
             done = dispatched
         self._inflight_slots = self._slots(self._inflight)
         results = []
+        t_wait = time.perf_counter()
         if done is not None:
             results = [(rows, np.asarray(t)) for rows, t in zip(*done) if rows]
         t2 = time.perf_counter()
@@ -391,6 +395,7 @@ class LLMEngine:
             st.prefill_calls += bool(plan.prefill)
             st.host_time_s += (t1 - t0) + (time.perf_counter() - t2)
             st.device_time_s += t2 - t1
+            st.wait_time_s += t2 - t_wait
         return outputs
 
     def _pad_calls(self, tokens: list) -> tuple:
@@ -499,6 +504,7 @@ class LLMEngine:
                 "requests_aborted_total": st.requests_aborted,
                 "host_time_seconds_total": st.host_time_s,
                 "device_time_seconds_total": st.device_time_s,
+                "device_wait_seconds_total": st.wait_time_s,
                 "compilations_total": self.runner.num_compilations,
                 "compile_time_seconds": self.compile_time_s,
             }
