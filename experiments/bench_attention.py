@@ -439,23 +439,30 @@ def engine_shape_study(key):
 STAGES_DECODE = ((64, 4096), (256, 1280), (16, 16384), (64, 16384))
 
 
-def loop_study(key):
-    """INT4 decode at uniform lengths (whole pages: the two-loop kernel's masked loop is
-    empty there), one loop (default) vs two loops, interleaved twice, with the `gqa` anchor
-    at B = 64, S = 4096: what the one-loop mask costs where the split had nothing to drain."""
+def _decode_rows(key, variants: dict, section: str) -> None:
+    """INT4 decode at page 128 over STAGES_DECODE, each variant (tag -> kernel kwargs) timed
+    twice interleaved (``{tag}_us`` lists), the `gqa` anchor at B = 64, S = 4096; rows go to
+    ``RESULTS[section]``."""
     for b, s in STAGES_DECODE:
         row = dict(B=b, S=s)
         for _ in range(2):
-            for tag, one in (("one_loop", True), ("two_loops", False)):
+            for tag, kw in variants.items():
                 try:
-                    t, _ = decode_point(b, s, 128, 128, True, key, one_loop=one)
+                    t, _ = decode_point(b, s, 128, 128, True, key, **kw)
                     row.setdefault(f"{tag}_us", []).append(t * 1e6)
                 except Exception as e:
                     row[f"{tag}_error"] = repr(e)[:300]
         if (b, s) == (64, 4096):
             row.update(dense_baselines(key, b, s, b * s * HKV * 2 * D * 2))
-        RESULTS["loop"].append(row)
-        log("loop", row)
+        RESULTS[section].append(row)
+        log(section, row)
+
+
+def loop_study(key):
+    """INT4 decode at uniform lengths (whole pages: the two-loop kernel's masked loop is
+    empty there), one loop (default) vs two loops, interleaved twice, with the `gqa` anchor
+    at B = 64, S = 4096: what the one-loop mask costs where the split had nothing to drain."""
+    _decode_rows(key, {"one_loop": dict(one_loop=True), "two_loops": dict(one_loop=False)}, "loop")
     save()
 
 
@@ -463,19 +470,7 @@ def stages_study(key):
     """Pipeline stages (default_stages): INT4 decode at page 128 by 2 / 4 / 5 / 6 stages (two
     interleaved repeats), its error at 5 vs the reference (ragged lengths), the `gqa` anchor at
     B = 64, S = 4096, and prefill on dequantized pages by 2 / 3 / 5 stages with `mha`."""
-    for b, s in STAGES_DECODE:
-        row = dict(B=b, S=s)
-        for _ in range(2):
-            for st in (2, 4, 5, 6):
-                try:
-                    t, _ = decode_point(b, s, 128, 128, True, key, num_stages=st)
-                    row.setdefault(f"s{st}_us", []).append(t * 1e6)
-                except Exception as e:
-                    row[f"s{st}_error"] = repr(e)[:300]
-        if (b, s) == (64, 4096):
-            row.update(dense_baselines(key, b, s, b * s * HKV * 2 * D * 2))
-        RESULTS["stages"].append(row)
-        log("stages", row)
+    _decode_rows(key, {f"s{st}": dict(num_stages=st) for st in (2, 4, 5, 6)}, "stages")
     kv, tables = make_paged(key, 6, 4096, 128, 128, True, 1)
     q = jax.random.normal(jax.random.fold_in(key, 9), (6, HQ, D), jnp.bfloat16)
     lens = jnp.asarray([1, 127, 128, 129, 1000, 4096], jnp.int32)

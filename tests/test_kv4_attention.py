@@ -376,18 +376,24 @@ def test_default_warps_follow_the_h100_measurements():
     assert attn.default_prefill_warps(128) == 8 and attn.default_prefill_warps(16) == 4
 
 
-def test_default_stages_reach_the_kernel(monkeypatch):
-    """INT4 decode and prefill over bf16 / dequantized pages get 5 pipeline stages (two K/V
-    buffers in Triton 3.6, measured faster on the H100); bf16-page decode and in-kernel INT4
-    prefill keep 2; an explicit value passes through."""
+def _spy_attend(monkeypatch, pick) -> list:
+    """Records ``pick(kwargs)`` of every `_attend` launch (the call still runs)."""
     seen = []
     orig = attn._attend
 
     def spy(*args, **kw):
-        seen.append(kw["num_stages"])
+        seen.append(pick(kw))
         return orig(*args, **kw)
 
     monkeypatch.setattr(attn, "_attend", spy)
+    return seen
+
+
+def test_default_stages_reach_the_kernel(monkeypatch):
+    """INT4 decode and prefill over bf16 / dequantized pages get 5 pipeline stages (two K/V
+    buffers in Triton 3.6, measured faster on the H100); bf16-page decode and in-kernel INT4
+    prefill keep 2; an explicit value passes through."""
+    seen = _spy_attend(monkeypatch, lambda kw: kw["num_stages"])
     lens = np.array([3, 20], np.int32)
     for dtype in ("int4", "bf16"):
         cache, table, _, _, rng = _filled_cache(dtype, 4, 64, 16, 64, lens, 2, seed=3)
@@ -411,14 +417,7 @@ def test_one_loop_default_follows_the_cache_dtype(monkeypatch):
     """Decode runs the one-loop structure on INT4 pages (measured faster at ragged lengths
     on the H100) and keeps the two-loop split on bf16 pages (not measured with one loop);
     prefill never takes it; an explicit value passes through."""
-    seen = []
-    orig = attn._attend
-
-    def spy(*args, **kw):
-        seen.append(kw.get("one_loop", False))
-        return orig(*args, **kw)
-
-    monkeypatch.setattr(attn, "_attend", spy)
+    seen = _spy_attend(monkeypatch, lambda kw: kw.get("one_loop", False))
     lens = np.array([3, 20], np.int32)
     for dtype in ("int4", "bf16"):
         cache, table, _, _, rng = _filled_cache(dtype, 4, 64, 16, 64, lens, 2, seed=3)
