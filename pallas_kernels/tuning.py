@@ -26,7 +26,7 @@ import time
 from pallas_kernels.w4ax_matmul import DEFAULT_TILE_K, GemmConfig
 
 TABLE_PATH = pathlib.Path(__file__).with_name("tuning_table.json")
-M_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096)
+M_BUCKETS = (1, 4, 16, 64, 256, 512, 1024, 4096)  # 512: the engine's largest decode bucket
 FRAC_BUCKETS = (0.0, 0.125, 0.25, 0.5, 1.0)
 NUM_SMS = 132  # H100 SXM; only shapes the heuristic's grid sizes
 
@@ -99,9 +99,11 @@ def default_config(m: int, n: int, k: int, k8: int = 0, *, tile_k: int = DEFAULT
     n_k_tiles = max(1, k // tile_k)
     if m <= 64:
         return _decode_config(m, n, n_k_tiles)
-    if m <= 256 and n >= 4096:
+    if (m <= 256 and n >= 4096) or 256 < m <= 512:
         # Y^T tiles over INT4 activations unpacked by XLA: the tuned winner at M = 256 on 6
-        # of the 7 engine shapes with N >= 4096 (8B and 70B, 2026-11-25/26, H100).
+        # of the 7 engine shapes with N >= 4096 (8B and 70B, 2026-11-25/26, H100), and at
+        # M = 512 on all four 8B engine shapes (N = 1024 included; 2026-11-26, H100: 8-27%
+        # faster than the parked 128 x 128 tiles over XLA-unpacked weights).
         return GemmConfig(
             block_m=128,
             block_n=64,
@@ -198,6 +200,12 @@ def candidates(m: int, n: int, k: int, *, tile_k: int = DEFAULT_TILE_K, quick: b
             out.append(GemmConfig(bm, bn, 1, warps, stages, False, 8, pre_unpack="wx"))
         for bm, bn, warps, stages in ((128, 128, 4, 4), (128, 256, 8, 3), (256, 128, 8, 3)):
             cfg = GemmConfig(bm, bn, 1, warps, stages, False, 8, pre_unpack="wx", park_out=True)
+            out.append(cfg)
+        # The Mosaic GPU kernel (block_n, num_stages); its Triton fallback is the parked tile.
+        for stages in (4, 5):
+            cfg = GemmConfig(
+                128, 128, 1, 4, stages, False, 8, pre_unpack="wx", backend="mgpu", park_out=True
+            )
             out.append(cfg)
     if m > 16:
         out.append(GemmConfig(backend="xla_int8"))

@@ -59,6 +59,21 @@ def test_w4ax_gemm_lowers(m, config):
     _lower_cuda(functools.partial(wm.w4ax_matmul, config=config), *_gemm_args(m, 256, 384, 128))
 
 
+@pytest.mark.parametrize(
+    "m,k4,k8,bias",
+    [(200, 384, 128, False), (128, 512, 0, True), (64, 0, 512, False)],
+)
+def test_w4ax_mgpu_gemm_lowers(m, k4, k8, bias):
+    """The Mosaic GPU W4Ax kernel (both segments, one segment, bias, M padded to the tile)
+    lowers to a Mosaic GPU call for CUDA (the Pallas -> Mosaic GPU lowering, wgmma operand
+    checks included; not the PTX compilation)."""
+    from pallas_kernels.w4ax_mgpu import w4ax_matmul_mgpu
+
+    args = _gemm_args(m, 256, k4, k8) + ((S((256,), jnp.float32),) if bias else ())
+    text = jax.jit(w4ax_matmul_mgpu).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text and "triton" not in text
+
+
 def test_w4a16_gemm_lowers():
     args = (S((64, 512), jnp.bfloat16), S((256, 256), jnp.int8), S((256,), jnp.float32))
     _lower_cuda(wm.w4a16_matmul, *args)

@@ -172,10 +172,10 @@ def test_f32_output_and_default_config():
     assert _rel(y, y_ref) < 1e-5
 
 
-def test_default_config_above_m256_runs_parked():
-    """config=None at M > 256 (no table entry for this shape): the heuristic's parked
+def test_default_config_above_m512_runs_parked():
+    """config=None at M > 512 (no table entry for this shape): the heuristic's parked
     128x128 config, through interpret mode, within the bf16 bound of the reference."""
-    m, n, k, k8 = 300, 64, 256, 128
+    m, n, k, k8 = 520, 64, 256, 128
     assert get_config(m, n, k, k8).park_out
     ops = random_operands(jax.random.PRNGKey(15), m, n, k, k8, tile_k=TILE)
     y = w4ax_matmul(*ops, tile_k=TILE, interpret=True)
@@ -192,6 +192,8 @@ def test_heuristic_paths():
     assert default_config(64, 4096, 4096).pre_unpack == ""  # decode: bytes, unpack in-kernel
     mid = default_config(256, 8192, 8192)  # Y^T tiles over pre-unpacked INT4 activations
     assert mid.swap_ab and mid.pre_unpack == "x" and mid.split_k == 1
+    assert default_config(512, 1024, 4096) == mid  # M = 512: the same tiles, any N
+    assert default_config(513, 4096, 4096).park_out  # the M = 1024 bucket: parked tiles
     assert default_config(256, 1024, 8192).pre_unpack == ""
     from pallas_kernels.tuning import candidates
 

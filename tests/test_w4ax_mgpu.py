@@ -1,0 +1,75 @@
+"""The Mosaic GPU W4Ax backend on the CPU: config and shape errors, and the fallback of an
+``mgpu`` config to the Triton kernel where Mosaic GPU cannot run (interpret mode, group
+scales, raw sums). The kernel's own numbers are checked against the reference on the GPU
+(``experiments/bench_gemm.py --mgpu``: every output element within one bf16 rounding);
+its CUDA lowering in tests/test_cuda_lowering.py."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.tuning import get_config, random_operands
+from pallas_kernels.w4ax_matmul import (
+    GemmConfig,
+    w4ax_accumulators,
+    w4ax_accumulators_reference,
+    w4ax_matmul,
+    w4ax_matmul_reference,
+)
+from pallas_kernels.w4ax_mgpu import MgpuConfig, w4ax_matmul_mgpu
+
+MGPU = GemmConfig(128, 128, 1, 4, 4, False, 8, pre_unpack="wx", backend="mgpu", park_out=True)
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.mark.parametrize("block_n,stages", [(96, 4), (512, 4), (128, 1)])
+def test_config_errors(block_n, stages):
+    with pytest.raises(ValueError, match="MgpuConfig"):
+        MgpuConfig(block_n=block_n, stages=stages)
+
+
+def test_shape_errors_name_the_problem():
+    ops = list(random_operands(jax.random.PRNGKey(1), 8, 192, 256, 128))
+    with pytest.raises(ValueError, match="N=192 must be a multiple of MgpuConfig.block_n=128"):
+        w4ax_matmul_mgpu(*ops)
+    ops = list(random_operands(jax.random.PRNGKey(1), 8, 128, 256, 128, group_size=128))
+    with pytest.raises(ValueError, match="per-channel weight scales"):
+        w4ax_matmul_mgpu(*ops)
+    ops = list(random_operands(jax.random.PRNGKey(1), 8, 128, 256, 128, tile_k=64))
+    with pytest.raises(ValueError, match="tile_k=128"):
+        w4ax_matmul_mgpu(*ops, tile_k=64)
+
+
+@pytest.mark.parametrize("group_size", [None, 128])
+def test_mgpu_config_falls_back_to_triton_in_interpret_mode(group_size):
+    """An mgpu config (from the table or given) in interpret mode runs the Triton kernel with
+    the same fields: output within the bf16 bound of the reference (1e-2 relative)."""
+    m, n, k, k8 = 40, 128, 512, 128
+    ops = random_operands(jax.random.PRNGKey(2), m, n, k, k8, group_size=group_size)
+    y = w4ax_matmul(*ops, interpret=True, config=MGPU)
+    y_ref = w4ax_matmul_reference(*ops, out_dtype=jnp.float32)
+    assert y.shape == (m, n) and _rel(y.astype(jnp.float32), y_ref) < 1e-2
+
+
+def test_mgpu_config_raw_sums_are_exact():
+    """Raw int32 sums have no Mosaic GPU path: the Triton kernel's, exact (integers)."""
+    x4, x8, _, w, _ = random_operands(jax.random.PRNGKey(3), 24, 128, 512, 256)
+    got = w4ax_accumulators(x4, x8, w, interpret=True, config=MGPU)
+    for g, r in zip(got, w4ax_accumulators_reference(x4, x8, w)):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(r))
+
+
+def test_table_routes_the_large_prefill_gemms_to_mosaic_gpu():
+    """The engine's packed-prefill GEMMs (M = 8192 rows, 8B shapes, 25% INT8) take the Mosaic
+    GPU kernel where it measured faster (H100, 2026-11-26); the K/V projection does not."""
+    for n, k in ((4096, 4096), (14336, 4096), (4096, 14336)):
+        assert get_config(8192, n, k, k // 4).backend == "mgpu"
+    assert get_config(8192, 1024, 4096, 1024).backend == "pallas"
+    assert get_config(256, 14336, 4096, 1024).backend == "pallas"
