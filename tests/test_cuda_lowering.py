@@ -60,17 +60,23 @@ def test_w4ax_gemm_lowers(m, config):
 
 
 @pytest.mark.parametrize(
-    "m,k4,k8,bias",
-    [(200, 384, 128, False), (128, 512, 0, True), (64, 0, 512, False)],
+    "m,k4,k8,bias,fields",
+    [
+        (200, 384, 128, False, {}),
+        (128, 512, 0, True, {}),
+        (64, 0, 512, False, dict(block_n=64, stages=5)),
+        (300, 512, 0, False, dict(rows_per_wg=128, stages=3)),  # one segment: 128-row halves
+    ],
 )
-def test_w4ax_mgpu_gemm_lowers(m, k4, k8, bias):
+def test_w4ax_mgpu_gemm_lowers(m, k4, k8, bias, fields):
     """The Mosaic GPU W4Ax kernel (both segments, one segment, bias, M padded to the tile)
-    lowers to a Mosaic GPU call for CUDA (the Pallas -> Mosaic GPU lowering, wgmma operand
-    checks included; not the PTX compilation)."""
-    from pallas_kernels.w4ax_mgpu import w4ax_matmul_mgpu
+    lowers to a Mosaic GPU call for CUDA: the Pallas -> Mosaic GPU lowering, with wgmma's
+    operand checks and the shared-memory budget; not the PTX compilation."""
+    from pallas_kernels.w4ax_mgpu import MgpuConfig, w4ax_matmul_mgpu
 
     args = _gemm_args(m, 256, k4, k8) + ((S((256,), jnp.float32),) if bias else ())
-    text = jax.jit(w4ax_matmul_mgpu).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    fn = functools.partial(w4ax_matmul_mgpu, config=MgpuConfig(**fields))
+    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text and "triton" not in text
 
 

@@ -29,10 +29,12 @@ def _rel(a, b):
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-@pytest.mark.parametrize("block_n,stages", [(96, 4), (512, 4), (128, 1)])
-def test_config_errors(block_n, stages):
+@pytest.mark.parametrize(
+    "fields", [dict(block_n=96), dict(block_n=256), dict(stages=1), dict(rows_per_wg=96)]
+)
+def test_config_errors(fields):
     with pytest.raises(ValueError, match="MgpuConfig"):
-        MgpuConfig(block_n=block_n, stages=stages)
+        MgpuConfig(**fields)
 
 
 def test_shape_errors_name_the_problem():
@@ -45,6 +47,9 @@ def test_shape_errors_name_the_problem():
     ops = list(random_operands(jax.random.PRNGKey(1), 8, 128, 256, 128, tile_k=64))
     with pytest.raises(ValueError, match="tile_k=128"):
         w4ax_matmul_mgpu(*ops, tile_k=64)
+    ops = list(random_operands(jax.random.PRNGKey(1), 8, 128, 256, 128))
+    with pytest.raises(ValueError, match="rows_per_wg=128 takes one segment"):
+        w4ax_matmul_mgpu(*ops, config=MgpuConfig(rows_per_wg=128, stages=3))
 
 
 @pytest.mark.parametrize("group_size", [None, 128])
