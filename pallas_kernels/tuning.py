@@ -102,8 +102,8 @@ def default_config(m: int, n: int, k: int, k8: int = 0, *, tile_k: int = DEFAULT
     if (m <= 256 and n >= 4096) or 256 < m <= 512:
         # Y^T tiles over INT4 activations unpacked by XLA: the tuned winner at M = 256 on 6
         # of the 7 engine shapes with N >= 4096 (8B and 70B, 2026-11-25/26, H100), and at
-        # M = 512 on all four 8B engine shapes (N = 1024 included; 2026-11-26, H100: 8-27%
-        # faster than the parked 128 x 128 tiles over XLA-unpacked weights).
+        # M = 512 on all four 8B engine shapes (N = 1024 included; 2026-11-26, H100: 3-27%
+        # less time than the parked 128 x 128 tiles over XLA-unpacked weights).
         return GemmConfig(
             block_m=128,
             block_n=64,

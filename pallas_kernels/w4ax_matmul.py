@@ -43,7 +43,7 @@ Kernel design (Hopper, Triton):
   activations then reach it from shared memory without a register round trip.
 * ``backend="mgpu"`` (the tuning-table choice for the large prefill GEMMs): the same GEMM on
   Pallas' Mosaic GPU backend (``pallas_kernels/w4ax_mgpu.py``: TMA, warp specialisation,
-  wgmma from shared memory), 5-25% faster than this kernel at M = 8192 on three of the four
+  wgmma from shared memory), 5-25% less time than this kernel at M = 8192 on three of the four
   8B engine shapes (H100, 2026-11-26). Per-channel scales only; elsewhere the config runs
   here as ``backend="pallas"``.
 * ``backend="xla_int8"`` (a tuning candidate, per-channel scales only): XLA unpacks the INT4
