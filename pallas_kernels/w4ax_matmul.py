@@ -110,10 +110,11 @@ class GemmConfig:
     pre_unpack: str = ""
     # "pallas": the kernel below. "xla_int8": unpack INT4 weights/activations to int8 with
     # XLA, then XLA's int8 GEMM ([N, K]) per segment and the same epilogue (module docstring).
-    # "mgpu": the Mosaic GPU kernel (pallas_kernels/w4ax_mgpu.py) with block_n and
-    # num_stages as its schedule; where it cannot run (interpret mode, group scales,
-    # tile_k != 128, N not a multiple of block_n, raw sums) the same config runs here with
-    # backend "pallas".
+    # "mgpu": the Mosaic GPU kernel (pallas_kernels/w4ax_mgpu.py) with block_m (128 or 256
+    # rows), block_n, num_stages and acc8_first (its park_int8) as its schedule; where it
+    # cannot run (interpret mode, group scales, tile_k != 128, N not a multiple of block_n,
+    # raw sums, 256 rows with two accumulators) the same config runs here with backend
+    # "pallas".
     backend: str = "pallas"
     # One int32 accumulator per tile instead of two: the INT8 segment's loop runs first and
     # its scaled partial waits in bf16 registers (half the space) while the same accumulator,
@@ -644,7 +645,7 @@ def _xla_int8_call(x4_packed, x8, x_scales, w_packed, w_scales, bias, *, tile_k,
     return _add_bias_cast(y, bias, out_dtype)
 
 
-def _mgpu_runs(cfg, w_scales, n, *, raw, tile_k, interpret, **_) -> bool:
+def _mgpu_runs(cfg, w_scales, n, two_segments, *, raw, tile_k, interpret, **_) -> bool:
     """Whether an ``mgpu`` config runs the Mosaic GPU kernel (else the Triton one)."""
     return (
         not raw
@@ -653,6 +654,7 @@ def _mgpu_runs(cfg, w_scales, n, *, raw, tile_k, interpret, **_) -> bool:
         and tile_k == 128
         and n % cfg.block_n == 0
         and cfg.block_n in (64, 128)
+        and (cfg.block_m == 128 or (cfg.block_m == 256 and (cfg.acc8_first or not two_segments)))
     )
 
 
@@ -664,15 +666,26 @@ def _dispatch(x4_packed, x8, x_scales, w_packed, w_scales, bias, *, cfg, raw, **
             tile_k=kw["tile_k"], out_dtype=kw["out_dtype"], raw=raw,
         )  # fmt: skip
     if cfg.backend == "mgpu":
-        if _mgpu_runs(cfg, w_scales, w_packed.shape[0], raw=raw, **kw):
+        two = x4_packed.shape[1] > 0 and x8.shape[1] > 0
+        if _mgpu_runs(cfg, w_scales, w_packed.shape[0], two, raw=raw, **kw):
             from pallas_kernels.w4ax_mgpu import MgpuConfig, w4ax_matmul_mgpu
 
-            mcfg = MgpuConfig(block_n=cfg.block_n, stages=cfg.num_stages)
+            # block_m is the tile's rows (two warpgroups); acc8_first: the INT8 partial in
+            # bf16 registers (MgpuConfig.park_int8), the Mosaic GPU form of the same idea.
+            mcfg = MgpuConfig(
+                block_n=cfg.block_n,
+                stages=cfg.num_stages,
+                rows_per_wg=cfg.block_m // 2,
+                park_int8=cfg.acc8_first,
+            )
             return w4ax_matmul_mgpu(
                 x4_packed, x8, x_scales, w_packed, w_scales, bias,
                 tile_k=kw["tile_k"], out_dtype=kw["out_dtype"], config=mcfg,
             )  # fmt: skip
-        cfg = dataclasses.replace(cfg, backend="pallas")
+        # acc8_first is the Triton kernel's too, for per-channel scales only.
+        cfg = dataclasses.replace(
+            cfg, backend="pallas", acc8_first=cfg.acc8_first and w_scales.ndim == 1
+        )
     return _w4ax_call(x4_packed, x8, x_scales, w_packed, w_scales, bias, config=cfg, raw=raw, **kw)
 
 

@@ -23,7 +23,10 @@ accumulators (INT4 and INT8 segments: their scales differ per row, so they canno
 feeding ``wgmma`` with the K-major tiles (8-bit wgmma takes no transposes). The epilogue
 scales, casts and stores through shared memory with TMA. Per-channel weight scales only
 (group scales keep the Triton kernel). With one segment (W4A8, W4A4, or the plain int8 GEMM
-of the probe) each warpgroup may own 128 rows (``rows_per_wg=128``).
+of the probe) each warpgroup may own 128 rows (``rows_per_wg=128``); with two, ``park_int8``
+runs the INT8 segment's tiles first and holds their scaled partial as bf16 in registers, so
+one accumulator (and 128 rows) suffice. ``park_int8`` has been lowered on the CPU, not yet run
+on the GPU (``bench_gemm.py --mgpu`` times and checks it).
 
 GPU only. jax 0.10 (the CPU machines) has no Mosaic GPU interpreter: the CPU tests trace and
 lower the kernel for CUDA; its numbers are checked against the reference on the device
@@ -46,14 +49,19 @@ from pallas_kernels.w4ax_matmul import DEFAULT_TILE_K, unpack_int4_x16_tiles, va
 class MgpuConfig:
     """Schedule of :func:`w4ax_matmul_mgpu`. ``block_n``: output columns per tile (wgmma's
     N); ``rows_per_wg``: output rows per compute warpgroup (the tile is ``2 * rows_per_wg``
-    rows); 128 only with one segment: two int32 accumulators of ``128 x 128`` would need 256
-    registers per thread; ``stages``: shared-memory slots of the TMA pipeline; ``snake``: the
-    tile order walks bands of this many tiles (L2 reuse of the weight tiles)."""
+    rows); 128 only with one segment or ``park_int8``: two int32 accumulators of
+    ``128 x 128`` would need 256 registers per thread; ``stages``: shared-memory slots of the
+    TMA pipeline; ``snake``: the tile order walks bands of this many tiles (L2 reuse of the
+    weight tiles); ``park_int8`` (two segments): one accumulator, the INT8 segment's K tiles
+    first, its scaled partial then held as bf16 in registers (half the space of an int32
+    accumulator) while the zeroed accumulator takes the INT4 tiles; one extra bf16 rounding
+    of that term (<= 2^-9 of it), as the Triton kernel's ``acc8_first``."""
 
     block_n: int = 128
     stages: int = 4
     snake: int = 8
     rows_per_wg: int = 64
+    park_int8: bool = False
 
     def __post_init__(self):
         if self.block_n not in (64, 128):
@@ -95,8 +103,16 @@ def segment_matmul(x_u, r4, r8, w_u, ws, bias, *, k4, cfg, out_dtype, tile_k=128
     m_tiles, n_tiles = mp // cta_m, n // bn
     k4_steps, k_steps = k4 // tk, k // tk
     segments = (("acc4",) if k4 else ()) + (("acc8",) if k8 else ())
-    if rows_wg == 128 and len(segments) == 2:
-        raise ValueError("MgpuConfig.rows_per_wg=128 takes one segment (K4 = 0 or K8 = 0)")
+    park = cfg.park_int8 and len(segments) == 2
+    if rows_wg == 128 and len(segments) == 2 and not park:
+        raise ValueError(
+            "MgpuConfig.rows_per_wg=128 takes one segment (K4 = 0 or K8 = 0) or park_int8=True"
+        )
+    k8_steps = k_steps - k4_steps
+
+    def k_tile(s):  # with park the INT8 segment's tiles come first
+        return (0, lax.rem(s + k4_steps, k_steps)) if park else (0, s)
+
     swz = plgpu.find_swizzle(tk * 8)  # one K row of int8
     in_tf = (plgpu.TilingTransform((8, swz)), plgpu.SwizzleTransform(swz))
     out_bits = jnp.dtype(out_dtype).itemsize * 8
@@ -117,12 +133,8 @@ def segment_matmul(x_u, r4, r8, w_u, ws, bias, *, k4, cfg, out_dtype, tile_k=128
             grid=(k_steps,),
             memory_registers=40,
             in_specs=[
-                plgpu.BlockSpec(
-                    (cta_m, tk), lambda s: (0, s), transforms=in_tf, memory_space=plgpu.SMEM
-                ),
-                plgpu.BlockSpec(
-                    (bn, tk), lambda s: (0, s), transforms=in_tf, memory_space=plgpu.SMEM
-                ),
+                plgpu.BlockSpec((cta_m, tk), k_tile, transforms=in_tf, memory_space=plgpu.SMEM),
+                plgpu.BlockSpec((bn, tk), k_tile, transforms=in_tf, memory_space=plgpu.SMEM),
             ],
             wg_axis="wg",
             num_compute_wgs=2,
@@ -152,37 +164,40 @@ def segment_matmul(x_u, r4, r8, w_u, ws, bias, *, k4, cfg, out_dtype, tile_k=128
                 rows = pl.ds(mi * cta_m + wg * rows_wg, rows_wg)
                 cols = pl.ds(ni * bn, bn)
 
+                shape = (rows_wg, bn)
+                row_layout = plgpu.Layout.WGMMA.reduce(1)
+                col_layout = plgpu.Layout.WGMMA.reduce(0)
+
+                def rows_of(r_hbm):  # [Mp] scales -> [rows_wg, bn], row i's along row i
+                    v = plgpu.load(r_hbm.at[rows], (), layout=row_layout, optimized=False)
+                    return lax.broadcast_in_dim(v, shape, (0,))
+
+                def cols_of(c_hbm):  # [N] scales -> [rows_wg, bn], column j's along column j
+                    v = plgpu.load(c_hbm.at[cols], (), layout=col_layout, optimized=False)
+                    return lax.broadcast_in_dim(v, shape, (1,))
+
+                def scaled(acc_ref, r_hbm):
+                    return acc_ref[...].astype(jnp.float32) * rows_of(r_hbm)
+
                 def context(run):
-                    accs = {s: plgpu.ACC((rows_wg, bn), jnp.int32) for s in segments}
+                    names = ("acc",) if park else segments
+                    accs = {a: plgpu.ACC(shape, jnp.int32) for a in names}
 
                     @functools.partial(pl.run_scoped, **accs)
                     def _(**acc):
-                        run(acc)
-                        row_layout = plgpu.Layout.WGMMA.reduce(1)
-                        col_layout = plgpu.Layout.WGMMA.reduce(0)
-                        shape = (rows_wg, bn)
-
-                        def rows_of(v):  # [64] -> [64, bn], v[i] along row i
-                            return lax.broadcast_in_dim(v, shape, (0,))
-
-                        def cols_of(v):  # [bn] -> [64, bn], v[j] along column j
-                            return lax.broadcast_in_dim(v, shape, (1,))
-
-                        y = None
-                        for s, r_hbm in (("acc4", r4_hbm), ("acc8", r8_hbm)):
-                            if s in acc:
-                                r = plgpu.load(
-                                    r_hbm.at[rows], (), layout=row_layout, optimized=False
-                                )
-                                t = acc[s][...].astype(jnp.float32) * rows_of(r)
-                                y = t if y is None else y + t
-                        ws = plgpu.load(ws_hbm.at[cols], (), layout=col_layout, optimized=False)
-                        y = y * cols_of(ws)
-                        if has_bias:
-                            b = plgpu.load(
-                                bias_hbm.at[cols], (), layout=col_layout, optimized=False
+                        if park:
+                            zero = jnp.zeros(shape, jnp.bfloat16)
+                            _, partial8 = run((acc, plgpu.layout_cast(zero, plgpu.Layout.WGMMA)))
+                            y = scaled(acc["acc"], r4_hbm) + partial8.astype(jnp.float32)
+                        else:
+                            run(acc)
+                            r_of = {"acc4": r4_hbm, "acc8": r8_hbm}
+                            y = functools.reduce(
+                                lambda a, b: a + b, [scaled(acc[s], r_of[s]) for s in segments]
                             )
-                            y = y + cols_of(b)
+                        y = y * cols_of(ws_hbm)
+                        if has_bias:
+                            y = y + cols_of(bias_hbm)
                         y = y.astype(out_dtype)
                         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
                         for e, (i, j) in enumerate(epi_tiles):
@@ -196,12 +211,13 @@ def segment_matmul(x_u, r4, r8, w_u, ws, bias, *, k4, cfg, out_dtype, tile_k=128
                                 y_smem.at[wg, slot], y_hbm.at[rows, cols].at[er, ec]
                             )
 
-                def step(idx, x_smem, w_smem, acc):
+                def step(idx, x_smem, w_smem, carry):
                     (s,) = idx
+                    acc = carry[0] if park else carry
                     x_t = x_smem.at[pl.ds(wg * rows_wg, rows_wg)]
                     w_t = plgpu.transpose_ref(w_smem, (1, 0))  # [tk, bn], K-major
-                    if len(segments) == 1:
-                        plgpu.wgmma(acc[segments[0]], x_t, w_t)
+                    if park or len(segments) == 1:
+                        plgpu.wgmma(acc["acc" if park else segments[0]], x_t, w_t)
                     else:
 
                         @pl.when(s < k4_steps)
@@ -213,7 +229,17 @@ def segment_matmul(x_u, r4, r8, w_u, ws, bias, *, k4, cfg, out_dtype, tile_k=128
                             plgpu.wgmma(acc["acc8"], x_t, w_t)
 
                     plgpu.wgmma_wait(0)
-                    return acc
+                    if not park:
+                        return acc
+
+                    def park_partial(_):  # after the last INT8 tile: park it, zero the acc
+                        p = scaled(acc["acc"], r8_hbm).astype(jnp.bfloat16)
+                        zero = jnp.zeros(shape, jnp.int32)
+                        acc["acc"][...] = plgpu.layout_cast(zero, plgpu.Layout.WGMMA)
+                        return p
+
+                    partial8 = lax.cond(s == k8_steps - 1, park_partial, lambda p: p, carry[1])
+                    return acc, partial8
 
                 pipeline(step, context)(
                     x_hbm.at[pl.ds(mi * cta_m, cta_m), :],
@@ -248,10 +274,10 @@ def check_mgpu_shapes(m: int, n: int, n_groups: int, tile_k: int, cfg, *, two_se
         )
     if n % cfg.block_n:
         raise ValueError(f"N={n} must be a multiple of MgpuConfig.block_n={cfg.block_n}")
-    if cfg.rows_per_wg == 128 and two_segments:
+    if cfg.rows_per_wg == 128 and two_segments and not cfg.park_int8:
         raise ValueError(
             "MgpuConfig.rows_per_wg=128 takes one segment; this call has both INT4 and INT8 "
-            "channels (two accumulators: use rows_per_wg=64)"
+            "channels (two accumulators: use rows_per_wg=64, or park_int8=True)"
         )
 
 

@@ -66,6 +66,8 @@ def test_w4ax_gemm_lowers(m, config):
         (128, 512, 0, True, {}),
         (64, 0, 512, False, dict(block_n=64, stages=5)),
         (300, 512, 0, False, dict(rows_per_wg=128, stages=3)),  # one segment: 128-row halves
+        (300, 384, 128, True, dict(rows_per_wg=128, stages=3, park_int8=True)),
+        (200, 384, 128, False, dict(park_int8=True)),
     ],
 )
 def test_w4ax_mgpu_gemm_lowers(m, k4, k8, bias, fields):

@@ -52,13 +52,21 @@ def test_shape_errors_name_the_problem():
         w4ax_matmul_mgpu(*ops, config=MgpuConfig(rows_per_wg=128, stages=3))
 
 
+# The Mosaic GPU form of acc8_first (MgpuConfig.park_int8) with 256-row tiles; its Triton
+# fallback keeps acc8_first for per-channel scales and drops it for group scales.
+MGPU_PARK = GemmConfig(
+    256, 128, 1, 8, 3, False, 8, pre_unpack="wx", backend="mgpu", acc8_first=True
+)
+
+
+@pytest.mark.parametrize("config", [MGPU, MGPU_PARK])
 @pytest.mark.parametrize("group_size", [None, 128])
-def test_mgpu_config_falls_back_to_triton_in_interpret_mode(group_size):
+def test_mgpu_config_falls_back_to_triton_in_interpret_mode(group_size, config):
     """An mgpu config (from the table or given) in interpret mode runs the Triton kernel with
     the same fields: output within the bf16 bound of the reference (1e-2 relative)."""
     m, n, k, k8 = 40, 128, 512, 128
     ops = random_operands(jax.random.PRNGKey(2), m, n, k, k8, group_size=group_size)
-    y = w4ax_matmul(*ops, interpret=True, config=MGPU)
+    y = w4ax_matmul(*ops, interpret=True, config=config)
     y_ref = w4ax_matmul_reference(*ops, out_dtype=jnp.float32)
     assert y.shape == (m, n) and _rel(y.astype(jnp.float32), y_ref) < 1e-2
 
