@@ -645,17 +645,27 @@ def _xla_int8_call(x4_packed, x8, x_scales, w_packed, w_scales, bias, *, tile_k,
     return _add_bias_cast(y, bias, out_dtype)
 
 
-def _mgpu_runs(cfg, w_scales, n, two_segments, *, raw, tile_k, interpret, **_) -> bool:
-    """Whether an ``mgpu`` config runs the Mosaic GPU kernel (else the Triton one)."""
-    return (
-        not raw
-        and not interpret  # jax 0.10 has no Mosaic GPU interpreter
-        and w_scales.ndim == 1
-        and tile_k == 128
-        and n % cfg.block_n == 0
-        and cfg.block_n in (64, 128)
-        and (cfg.block_m == 128 or (cfg.block_m == 256 and (cfg.acc8_first or not two_segments)))
+def _mgpu_config(cfg: GemmConfig, w_scales, n, two_segments, *, raw, tile_k, interpret, **_):
+    """The Mosaic GPU schedule of an ``mgpu`` config, or None where that kernel cannot run
+    the call (it then runs on the Triton kernel). block_m is the tile's rows (two
+    warpgroups); acc8_first: the INT8 partial in bf16 registers (MgpuConfig.park_int8), the
+    Mosaic GPU form of the same idea."""
+    from pallas_kernels.w4ax_mgpu import MgpuConfig, mgpu_unsupported
+
+    if raw or interpret:  # no raw sums; jax 0.10 has no Mosaic GPU interpreter
+        return None
+    if cfg.block_n not in (64, 128) or cfg.block_m not in (128, 256):  # tiles it lacks
+        return None
+    mcfg = MgpuConfig(
+        block_n=cfg.block_n,
+        stages=cfg.num_stages,
+        rows_per_wg=cfg.block_m // 2,
+        park_int8=cfg.acc8_first,
     )
+    n_groups = 0 if w_scales.ndim == 1 else w_scales.shape[1]
+    if mgpu_unsupported(n, n_groups, tile_k, mcfg, two_segments=two_segments):
+        return None
+    return mcfg
 
 
 def _dispatch(x4_packed, x8, x_scales, w_packed, w_scales, bias, *, cfg, raw, **kw):
@@ -667,17 +677,10 @@ def _dispatch(x4_packed, x8, x_scales, w_packed, w_scales, bias, *, cfg, raw, **
         )  # fmt: skip
     if cfg.backend == "mgpu":
         two = x4_packed.shape[1] > 0 and x8.shape[1] > 0
-        if _mgpu_runs(cfg, w_scales, w_packed.shape[0], two, raw=raw, **kw):
-            from pallas_kernels.w4ax_mgpu import MgpuConfig, w4ax_matmul_mgpu
+        mcfg = _mgpu_config(cfg, w_scales, w_packed.shape[0], two, raw=raw, **kw)
+        if mcfg is not None:
+            from pallas_kernels.w4ax_mgpu import w4ax_matmul_mgpu
 
-            # block_m is the tile's rows (two warpgroups); acc8_first: the INT8 partial in
-            # bf16 registers (MgpuConfig.park_int8), the Mosaic GPU form of the same idea.
-            mcfg = MgpuConfig(
-                block_n=cfg.block_n,
-                stages=cfg.num_stages,
-                rows_per_wg=cfg.block_m // 2,
-                park_int8=cfg.acc8_first,
-            )
             return w4ax_matmul_mgpu(
                 x4_packed, x8, x_scales, w_packed, w_scales, bias,
                 tile_k=kw["tile_k"], out_dtype=kw["out_dtype"], config=mcfg,

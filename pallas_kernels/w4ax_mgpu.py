@@ -261,24 +261,24 @@ def segment_matmul(x_u, r4, r8, w_u, ws, bias, *, k4, cfg, out_dtype, tile_k=128
     )(*args)
 
 
-def check_mgpu_shapes(m: int, n: int, n_groups: int, tile_k: int, cfg, *, two_segments: bool):
-    """ValueError naming what the Mosaic GPU kernel cannot take (before tracing)."""
+def mgpu_unsupported(n: int, n_groups: int, tile_k: int, cfg, *, two_segments: bool):
+    """Why the Mosaic GPU kernel cannot take this call, or None when it can (the one list of
+    its limits: :func:`w4ax_matmul_mgpu` raises it, ``w4ax_matmul`` falls back on it)."""
     if n_groups:
-        raise ValueError(
+        return (
             "the Mosaic GPU W4Ax kernel takes per-channel weight scales [N] only; group "
             f"scales ({n_groups} groups) run the Triton kernel (GemmConfig(backend='pallas'))"
         )
     if tile_k != 128:
-        raise ValueError(
-            f"the Mosaic GPU W4Ax kernel needs tile_k=128 (one 128-byte K row), got {tile_k}"
-        )
+        return f"the Mosaic GPU W4Ax kernel needs tile_k=128 (one 128-byte K row), got {tile_k}"
     if n % cfg.block_n:
-        raise ValueError(f"N={n} must be a multiple of MgpuConfig.block_n={cfg.block_n}")
+        return f"N={n} must be a multiple of MgpuConfig.block_n={cfg.block_n}"
     if cfg.rows_per_wg == 128 and two_segments and not cfg.park_int8:
-        raise ValueError(
+        return (
             "MgpuConfig.rows_per_wg=128 takes one segment; this call has both INT4 and INT8 "
             "channels (two accumulators: use rows_per_wg=64, or park_int8=True)"
         )
+    return None
 
 
 @functools.partial(jax.jit, static_argnames=("tile_k", "out_dtype", "cfg"))
@@ -319,7 +319,9 @@ def w4ax_matmul_mgpu(
         x4_packed, x8, x_scales, w_packed, w_scales, bias, tile_k
     )
     cfg = config or MgpuConfig()
-    check_mgpu_shapes(m, n, n_groups, tile_k, cfg, two_segments=bool(k4 and k8))
+    reason = mgpu_unsupported(n, n_groups, tile_k, cfg, two_segments=bool(k4 and k8))
+    if reason:
+        raise ValueError(reason)
     return _w4ax_mgpu_call(
         x4_packed, x8, x_scales, w_packed, w_scales, bias,
         tile_k=tile_k, out_dtype=jnp.dtype(out_dtype), cfg=cfg,

@@ -82,6 +82,18 @@ def test_w4ax_mgpu_gemm_lowers(m, k4, k8, bias, fields):
     assert "mosaic_gpu" in text and "triton" not in text
 
 
+def test_w4ax_mgpu_config_routes_through_w4ax_matmul():
+    """A GemmConfig with backend "mgpu" reaches the Mosaic GPU kernel through w4ax_matmul;
+    with group scales, which that kernel does not take, the Triton kernel."""
+    cfg = GemmConfig(128, 128, 1, 4, 4, False, 8, pre_unpack="wx", backend="mgpu", park_out=True)
+    fn = functools.partial(wm.w4ax_matmul, config=cfg)
+    args = _gemm_args(200, 256, 384, 128)
+    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text and "triton" not in text
+    grouped = args[:4] + (S((256, 4), jnp.float32),)
+    assert "mosaic_gpu" not in _lower_cuda(fn, *grouped)
+
+
 def test_w4a16_gemm_lowers():
     args = (S((64, 512), jnp.bfloat16), S((256, 256), jnp.int8), S((256,), jnp.float32))
     _lower_cuda(wm.w4a16_matmul, *args)
