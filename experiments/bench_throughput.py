@@ -361,6 +361,7 @@ def bench_precision(args, model_config, precision: str) -> list[dict]:
     )
     built = LLMEngine.build(model_config, params, cfg, linear=linear, progress=not args.quiet)
     row["compile_s"] = built.compile_time_s
+    row["warm_up_s"] = built.warm_up_time_s
     row["kv_pages"] = built.allocator.capacity
     row["kv_tokens"] = built.allocator.capacity * cfg.page_size
     row["page_size"] = cfg.page_size  # resolved (the flag may be None: the engine's default)

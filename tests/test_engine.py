@@ -154,6 +154,32 @@ def test_no_recompilation_after_warmup(engine):
         )
 
 
+@pytest.mark.parametrize("precision", ["bf16", "w4axkv4"])
+def test_warm_up_runs_each_shape_once_and_writes_only_the_scratch_page(model, precision):
+    """Start-up warm-up (EngineConfig.warm_up): every compiled shape runs once on an
+    all-padding batch; the pages of the pool other than the scratch page 0 keep their bytes
+    (here: the K/V of served requests), and the engine then serves the same tokens."""
+    cfg, params = model
+    if precision != "bf16":
+        plan = precision_plan(cfg, precision)
+        params = init_params(LlamaForCausalLM(cfg, linear=plan), jax.random.key(1))
+    ec = dataclasses.replace(CFG, precision=precision, num_pages=24, warm_up=False)
+    cold = LLMEngine.build(cfg, params, ec, progress=False)
+    assert cold.warm_up_time_s == 0.0
+    ps = prompts(8, [20, 5, 37])
+    want = cold.generate(ps, GREEDY)
+    before = [np.asarray(a) for a in jax.tree.leaves(cold.runner.cache)]
+    assert cold.runner.warm_up() == len(cold.bucket_shapes())
+    assert cold.runner.warm_up() == 0  # each shape once
+    after = [np.asarray(a) for a in jax.tree.leaves(cold.runner.cache)]
+    assert any(b[:, 1:].any() for b in before)  # served K/V live past the scratch page
+    for b, a in zip(before, after):
+        np.testing.assert_array_equal(a[:, 1:], b[:, 1:])  # axis 1: pages
+    warm = LLMEngine.build(cfg, params, dataclasses.replace(ec, warm_up=True), progress=False)
+    assert warm.warm_up_time_s > 0.0 and warm.metrics()["warm_up_time_seconds"] > 0.0
+    assert [o["token_ids"] for o in warm.generate(ps, GREEDY)] == [o["token_ids"] for o in want]
+
+
 def test_sampler_variant_chosen_on_host(engine):
     """Greedy-only batches run the sampler without the top-k/top-p filter, batches with a
     filtering request the one with it (no device-side branch in either executable)."""

@@ -81,8 +81,9 @@ def test_mgpu_config_raw_sums_are_exact():
 
 def test_table_routes_the_large_prefill_gemms_to_mosaic_gpu():
     """The engine's packed-prefill GEMMs (M = 8192 rows, 8B shapes, 25% INT8) take the Mosaic
-    GPU kernel where it measured faster (H100, 2026-11-26); the K/V projection does not."""
-    for n, k in ((4096, 4096), (14336, 4096), (4096, 14336)):
-        assert get_config(8192, n, k, k // 4).backend == "mgpu"
-    assert get_config(8192, 1024, 4096, 1024).backend == "pallas"
+    GPU kernel's parked schedule (256 x 128 tiles, INT8 first; fastest at M = 8192 on the H100,
+    2026-11-27); the decode GEMMs (M = 256) stay on Triton."""
+    for n, k in ((4096, 4096), (14336, 4096), (4096, 14336), (1024, 4096)):
+        cfg = get_config(8192, n, k, k // 4)
+        assert (cfg.backend, cfg.block_m, cfg.acc8_first) == ("mgpu", 256, True)
     assert get_config(256, 14336, 4096, 1024).backend == "pallas"

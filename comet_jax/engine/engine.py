@@ -128,9 +128,14 @@ class LLMEngine:
         self._inflight: tuple | None = None
         self._inflight_slots: dict[int, int] = {}
         self.compile_time_s = 0.0
+        self.warm_up_time_s = 0.0
         if config.aot_compile:
             self.compile_all(progress=progress)
             runner.allow_lazy = False
+            if config.warm_up:
+                t0 = time.perf_counter()
+                runner.warm_up()
+                self.warm_up_time_s = time.perf_counter() - t0
 
     @classmethod
     def build(
@@ -507,6 +512,7 @@ class LLMEngine:
                 "device_wait_seconds_total": st.wait_time_s,
                 "compilations_total": self.runner.num_compilations,
                 "compile_time_seconds": self.compile_time_s,
+                "warm_up_time_seconds": self.warm_up_time_s,
             }
 
 

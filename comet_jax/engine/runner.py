@@ -392,6 +392,7 @@ class ModelRunner:
         }
         self._compiled: dict[tuple[int, int, int], Any] = {}
         self._compiled_samplers: dict[tuple[int, bool], Any] = {}
+        self._warm: set[tuple[int, int, int]] = set()  # shapes warm_up has run
         self.allow_lazy = True
         self.no_tokens = self._replicated(np.zeros(self.token_slots(1), np.int32))
 
@@ -428,6 +429,27 @@ class ModelRunner:
             self._compiled_samplers[batch, f] = lowered.compile(
                 compiler_options=self.compiler_options
             )
+
+    def warm_up(self) -> int:
+        """Runs each compiled step shape not yet run once, on an all-padding batch, and both
+        of its batch's samplers; returns how many shapes it ran.
+
+        A padding row (no tokens: ``num_valid = 0``, page table all 0) is what fills every
+        bucket past its real rows in a normal step: it touches only the scratch page 0, so the
+        cache's live pages are unchanged. The device's one-time work on an executable's first
+        run (loading its kernels, capturing XLA's command buffers) then happens at start-up
+        instead of inside the first requests' steps."""
+        fresh = [key for key in self._compiled if key not in self._warm]
+        out = None
+        for key in fresh:
+            inp = StepInputs.zeros(*key)
+            model_inputs = inp.model_inputs(self.no_tokens, self.no_tokens)
+            logits, self.cache = self._compiled[key](self.params, self.cache, model_inputs)
+            samplers = [self._compiled_samplers[key[0], f] for f in (False, True)]
+            out = [sample(logits, *inp.sampling_inputs()) for sample in samplers]
+            self._warm.add(key)
+        jax.block_until_ready((self.cache, out))
+        return len(fresh)
 
     def run(self, inp: StepInputs, prev: tuple | None = None) -> jax.Array:
         """Dispatches one step; returns next_tokens [token_slots(B)] int32 (a device array, not
