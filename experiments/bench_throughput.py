@@ -164,6 +164,7 @@ def run_workload(
 # Kernel-name fragments -> category of the step-time breakdown (first match wins).
 KERNEL_CATEGORIES = (
     ("w4ax", "W4Ax GEMM (Pallas)"),
+    ("mosaic_gpu", "W4Ax GEMM (Mosaic GPU)"),  # the engine's only Mosaic GPU kernel
     ("act_quant", "activation quantization (Pallas)"),
     ("paged_attention", "paged attention (Pallas)"),
     ("gemm", "cuBLAS GEMM"),

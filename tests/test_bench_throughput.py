@@ -24,6 +24,7 @@ def bench():
     "name,cat",
     [
         ("w4ax_k4_3072_k8_1024", "W4Ax GEMM (Pallas)"),
+        ("kernel_mosaic_gpu_kernel", "W4Ax GEMM (Mosaic GPU)"),
         ("act_quant", "activation quantization (Pallas)"),
         ("kv4_paged_attention", "paged attention (Pallas)"),
         ("sm90_xmma_gemm_bf16bf16_bf16f32", "cuBLAS GEMM"),

@@ -12,8 +12,9 @@ calls -> read back [B] sampled ids -> append tokens, check stops, emit outputs. 
 `EngineConfig.async_scheduling` (the default) the ids read back are the previous step's:
 each step is dispatched before its predecessor's tokens reach the host (decode rows take
 their input token on the device), so host work overlaps the GPU's (`step`). At start-up
-every bucket is compiled ahead of time (progress bar, `compile_time_s`); afterwards the
-runner refuses unknown shapes, so steady-state serving cannot recompile.
+every bucket is compiled ahead of time (progress bar, `compile_time_s`) and run once on an
+all-padding batch (`EngineConfig.warm_up`, `warm_up_time_s`); afterwards the runner refuses
+unknown shapes, so steady-state serving cannot recompile.
 
 Thread safety: `add_request`, `abort` and `stats` may be called from any thread while one
 thread drives `step()`; the device work of a step runs outside the lock, so an abort frees the
