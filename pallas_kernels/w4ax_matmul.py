@@ -650,12 +650,12 @@ def _mgpu_config(cfg: GemmConfig, w_scales, n, two_segments, *, raw, tile_k, int
     the call (it then runs on the Triton kernel). block_m is the tile's rows (two
     warpgroups); acc8_first: the INT8 partial in bf16 registers (MgpuConfig.park_int8), the
     Mosaic GPU form of the same idea."""
-    from pallas_kernels.w4ax_mgpu import MgpuConfig, mgpu_unsupported
+    from pallas_kernels.w4ax_mgpu import BLOCK_NS, ROWS_PER_WG, MgpuConfig, mgpu_unsupported
 
     if raw or interpret:  # no raw sums; jax 0.10 has no Mosaic GPU interpreter
         return None
-    if cfg.block_n not in (64, 128) or cfg.block_m not in (128, 256):  # tiles it lacks
-        return None
+    if cfg.block_n not in BLOCK_NS or cfg.block_m not in [2 * r for r in ROWS_PER_WG]:
+        return None  # tiles it lacks (MgpuConfig's choices)
     mcfg = MgpuConfig(
         block_n=cfg.block_n,
         stages=cfg.num_stages,

@@ -44,6 +44,9 @@ from jax import lax
 
 from pallas_kernels.w4ax_matmul import DEFAULT_TILE_K, unpack_int4_x16_tiles, validate_args
 
+BLOCK_NS = (64, 128)  # MgpuConfig.block_n: wgmma's N per tile
+ROWS_PER_WG = (64, 128)  # MgpuConfig.rows_per_wg: one or two 64-row wgmma M blocks
+
 
 @dataclasses.dataclass(frozen=True)
 class MgpuConfig:
@@ -64,10 +67,12 @@ class MgpuConfig:
     park_int8: bool = False
 
     def __post_init__(self):
-        if self.block_n not in (64, 128):
-            raise ValueError(f"MgpuConfig.block_n={self.block_n} must be 64 or 128")
-        if self.rows_per_wg not in (64, 128):
-            raise ValueError(f"MgpuConfig.rows_per_wg={self.rows_per_wg} must be 64 or 128")
+        if self.block_n not in BLOCK_NS:
+            raise ValueError(f"MgpuConfig.block_n={self.block_n} must be one of {BLOCK_NS}")
+        if self.rows_per_wg not in ROWS_PER_WG:
+            raise ValueError(
+                f"MgpuConfig.rows_per_wg={self.rows_per_wg} must be one of {ROWS_PER_WG}"
+            )
         if self.stages < 2:
             raise ValueError(f"MgpuConfig.stages={self.stages} must be >= 2")
 
