@@ -371,7 +371,9 @@ def _common(p: argparse.ArgumentParser, engine: bool = True) -> None:
     g.add_argument(
         "--memory_fraction",
         type=float,
-        help="share of free device memory for the KV pool (default 0.9)",
+        help="share of free device memory for the KV pool (default 0.9); free = what XLA "
+        "preallocated (XLA_PYTHON_CLIENT_MEM_FRACTION, 75%% of the GPU by default) minus the "
+        "weights",
     )
     g.add_argument("--kv_dtype", choices=("bf16", "int4"), help="KV cache format override")
     g.add_argument("--kv_group", type=int, help="KV4 group size along head_dim")

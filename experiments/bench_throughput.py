@@ -16,6 +16,11 @@ engine, measured in the same run.
     python experiments/bench_throughput.py --preset llama3-70b --precisions w4axkv4,bf16
     python experiments/bench_throughput.py --tiny                           # CPU smoke run
 
+Memory: the KV pool is `--memory-fraction` (default 0.85) of the device memory left after the
+weights; the script sets XLA_PYTHON_CLIENT_MEM_FRACTION to 0.92 unless it is set (XLA's own
+default preallocates 75% of the device), so each precision gets the pool the GPU can hold. The
+max-throughput runs in docs/benchmarks.md since 2026-11-27 used 0.92 and --memory-fraction 0.9.
+
 Writes a JSON file (--out) and prints a table. A configuration whose weights do not fit in
 device memory is recorded as "does not fit" instead of being run.
 """
@@ -362,6 +367,15 @@ def bench_precision(args, model_config, precision: str) -> list[dict]:
     )
     built = LLMEngine.build(model_config, params, cfg, linear=linear, progress=not args.quiet)
     row["compile_s"] = built.compile_time_s
+    row["step_memory"] = step_memory_summary(built.runner)
+    mem = row["step_memory"]
+    print(
+        f"{precision}: KV pool {mem['pool_gib']:.2f} GiB, largest step scratch "
+        f"{mem['max_temp_gib'] if mem['max_temp_gib'] is None else round(mem['max_temp_gib'], 2)}"
+        " GiB",
+        file=sys.stderr,
+        flush=True,
+    )
     row["warm_up_s"] = built.warm_up_time_s
     row["kv_pages"] = built.allocator.capacity
     row["kv_tokens"] = built.allocator.capacity * cfg.page_size
@@ -378,6 +392,22 @@ def bench_precision(args, model_config, precision: str) -> list[dict]:
         rows.append(_bench_engine(args, engine, dict(row, mode=mode)))
     del built, engine, params
     return rows
+
+
+def step_memory_summary(runner) -> dict:
+    """The KV pool's bytes and XLA's memory analysis of each compiled step shape (GiB): what
+    a run needs beyond weights and pool is the largest `temp` (scratch while a step runs)."""
+    gib = 2**30
+    shapes = {
+        f"{b}x{t}x{p}": None if m is None else {k: v / gib for k, v in m.items()}
+        for (b, t, p), m in sorted(runner.step_memory().items())
+    }
+    temps = [m["temp"] for m in shapes.values() if m is not None]
+    return {
+        "pool_gib": tree_bytes(runner.cache) / gib,
+        "max_temp_gib": max(temps) if temps else None,
+        "shapes": shapes,
+    }
 
 
 def _bench_engine(args, engine: LLMEngine, row: dict) -> dict:
@@ -624,6 +654,10 @@ def _write_record(args, results) -> None:
         "jax": jax.__version__,
         "python": platform.python_version(),
         "preset": args.preset,
+        # XLA's preallocated share of the device (its default 0.75 when unset) bounds what the
+        # KV pool's --memory-fraction of "free memory" can be.
+        "xla_mem_fraction": os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION"),
+        "device_bytes_limit": device_memory()[0],
         "args": {k: v for k, v in vars(args).items()},
         "results": results,
     }
@@ -632,6 +666,11 @@ def _write_record(args, results) -> None:
 
 
 def main(argv=None) -> int:
+    # Give the engine the device: XLA preallocates 75% of it by default, which caps the KV pool
+    # (`--memory-fraction` of what is free after the weights) below what the GPU can hold; a bf16
+    # pool capped that way ran 142 of 256 sequences at a time (docs/benchmarks.md, 2026-11-27).
+    # Takes effect only if no computation has run yet in this process; an explicit setting wins.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")
     args = parse_args(argv)
     if args.compile_cache:
         from comet_jax.engine import compile_cache

@@ -58,6 +58,12 @@ def test_tiny_run_with_decode_profile(bench, tmp_path):
     )
     row = rows[0]
     assert row["status"] == "ok"  # the script asserts no KV page leaked, profile included
+    mem = row["step_memory"]  # XLA's memory analysis of every compiled step shape
+    assert mem["pool_gib"] > 0 and mem["shapes"]
+    for stats in mem["shapes"].values():
+        assert stats["temp"] >= 0 and stats["argument"] > mem["pool_gib"]  # params + pool
+        assert stats["alias"] >= mem["pool_gib"] * 0.999  # the donated pool is reused in place
+    assert mem["max_temp_gib"] == max(m["temp"] for m in mem["shapes"].values())
     prof = row["decode_profile"]
     assert prof["running"] == 4 and prof["steps"] == 2 and prof["step_wall_ms"] > 0
     assert prof["step_kernel_ms"] == 0.0 and prof["top_kernels_us"] == []  # CPU: no GPU plane

@@ -45,6 +45,18 @@ def test_config_validation_and_capacity():
             kc.KVCacheConfig(2, 2, 64, **{"page_size": 16, **bad})
 
 
+@pytest.mark.parametrize("dtype,window", [("bf16", 0), ("int4", 0), ("int4", 4)])
+def test_init_cache_leaves_are_distinct_buffers(dtype, window):
+    """Every leaf of a new pool owns its buffer, so a jitted step can donate the whole cache
+    and the engine needs no per-leaf copy (which doubled the pool's peak memory at start-up)."""
+    cfg = kc.KVCacheConfig(2, 2, 64, 16, 24, 64, dtype, recent_window=window, window_slots=3)
+    leaves = jax.tree_util.tree_leaves(kc.init_cache(cfg))
+    assert len(leaves) == (6 if dtype == "int4" else 2) + (2 if window else 0)
+    pointers = [x.unsafe_buffer_pointer() for x in leaves]
+    assert len(set(pointers)) == len(leaves)
+    assert all(not np.asarray(x).any() for x in leaves)
+
+
 @pytest.mark.parametrize("dtype", ["int4", "bf16"])
 def test_write_read_roundtrip(dtype):
     cfg, table, lens, slots, k, v = _setup(dtype)

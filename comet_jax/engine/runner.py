@@ -250,6 +250,22 @@ def _padded_sample(logits, *sampling, size: int, filtered: bool) -> jax.Array:
     return jnp.pad(tokens, (0, max(size - tokens.shape[0], 0)))
 
 
+def executable_memory(compiled) -> dict[str, int] | None:
+    """XLA's memory analysis of a compiled executable, in bytes: `temp` (scratch live during a
+    run, on top of its arguments), `argument`, `output`, `alias` (outputs that reuse a donated
+    argument's buffer) and `code`. None when the backend reports none."""
+    analysis = compiled.memory_analysis()
+    if analysis is None:
+        return None
+    return {
+        "temp": int(analysis.temp_size_in_bytes),
+        "argument": int(analysis.argument_size_in_bytes),
+        "output": int(analysis.output_size_in_bytes),
+        "alias": int(analysis.alias_size_in_bytes),
+        "code": int(analysis.generated_code_size_in_bytes),
+    }
+
+
 def _compiler_options(cuda_graphs: bool) -> dict:
     # XLA's default enables command buffers for fusions, cuBLAS and custom calls; an empty
     # list turns them off (kernels are launched one by one). Ignored on CPU.
@@ -375,9 +391,10 @@ class ModelRunner:
         self.cache_config = cache_config
         self.num_pages = cache_config.num_pages
         if mesh is None:
-            # init_cache shares one zeros buffer between k and v (and the four scale arrays);
-            # the step donates the cache, and a buffer cannot be donated twice: copy each leaf.
-            self.cache = jax.tree.map(jnp.copy, kv_cache.init_cache(cache_config))
+            # init_cache gives every leaf its own buffer (the step donates them all), so no
+            # copy: a copy of each leaf doubled the pool's peak memory at start-up (a bf16 pool
+            # of 80% of free memory ran out of memory, docs/benchmarks.md 2026-11-27).
+            self.cache = kv_cache.init_cache(cache_config)
             self._jit = jax.jit(make_logits_fn(model, pack_tokens), donate_argnums=(1,))
             jit_sampler = jax.jit
         else:
@@ -392,6 +409,7 @@ class ModelRunner:
         }
         self._compiled: dict[tuple[int, int, int], Any] = {}
         self._compiled_samplers: dict[tuple[int, bool], Any] = {}
+        self._memory: dict[tuple[int, int, int], dict[str, int] | None] = {}
         self._warm: set[tuple[int, int, int]] = set()  # shapes warm_up has run
         self.allow_lazy = True
         self.no_tokens = self._replicated(np.zeros(self.token_slots(1), np.int32))
@@ -411,6 +429,11 @@ class ModelRunner:
     def num_compilations(self) -> int:
         return len(self._compiled)
 
+    def step_memory(self) -> dict[tuple[int, int, int], dict[str, int] | None]:
+        """(batch, length, pages) -> XLA's memory analysis of that step executable
+        (`executable_memory`; None where the backend gives none)."""
+        return dict(self._memory)
+
     def compile(self, batch: int, length: int, pages: int) -> None:
         """Compiles the model executable for this shape and both samplers for `batch`."""
         key = (batch, length, pages)
@@ -419,6 +442,7 @@ class ModelRunner:
             prev = jax.ShapeDtypeStruct((self.token_slots(1),), jnp.int32)
             lowered = self._jit.lower(self.params, self.cache, abstract.model_inputs(prev, prev))
             self._compiled[key] = lowered.compile(compiler_options=self.compiler_options)
+            self._memory[key] = executable_memory(self._compiled[key])
         vocab = self.model.config.vocab_size
         for f in (False, True):
             if (batch, f) in self._compiled_samplers:
