@@ -180,6 +180,19 @@ def test_warm_up_runs_each_shape_once_and_writes_only_the_scratch_page(model, pr
     assert [o["token_ids"] for o in warm.generate(ps, GREEDY)] == [o["token_ids"] for o in want]
 
 
+def test_step_memory_checked_against_free_memory(sync_engine):
+    """After the AOT compile the engine compares each step's scratch (XLA's memory analysis)
+    with the memory left beside weights and pool, and names the fix when it does not fit."""
+    mem = sync_engine.runner.step_memory()
+    assert set(mem) == set(sync_engine.bucket_shapes())
+    need = sync_engine.check_step_memory()  # the build already ran it with the real free bytes
+    assert need == max(m["temp"] + m["output"] - m["alias"] for m in mem.values()) > 0
+    assert all(m["alias"] >= sync_engine.runner.cache.nbytes for m in mem.values())  # donated
+    assert sync_engine.check_step_memory(free_bytes=need) == need
+    with pytest.raises(ValueError, match="lower memory_fraction"):
+        sync_engine.check_step_memory(free_bytes=need - 1)
+
+
 def test_sampler_variant_chosen_on_host(engine):
     """Greedy-only batches run the sampler without the top-k/top-p filter, batches with a
     filtering request the one with it (no device-side branch in either executable)."""

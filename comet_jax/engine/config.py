@@ -68,7 +68,10 @@ class EngineConfig:
         sequence's last page, which matters for the small CPU pools.
       num_pages: KV pool size in pages (page 0 is a reserved scratch page); None = plan it from
         free device memory x `memory_fraction`.
-      memory_fraction: share of free device memory given to the KV pool when num_pages is None.
+      memory_fraction: share of free device memory given to the KV pool when num_pages is None
+        (free = XLA's preallocation, XLA_PYTHON_CLIENT_MEM_FRACTION, minus the weights). After
+        the ahead-of-time compile, a pool that leaves less than the largest step's scratch is
+        an error (`LLMEngine.check_step_memory`), not an out-of-memory at the first request.
       precision: 'bf16' | 'w8a8' | 'w4a16' | 'w4axkv4' (projection backends; w4axkv4 also
         implies an INT4 KV cache).
       kv_dtype: 'bf16' | 'int4' | None (None: int4 for w4axkv4, bf16 otherwise).

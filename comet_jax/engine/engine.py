@@ -132,6 +132,7 @@ class LLMEngine:
         self.warm_up_time_s = 0.0
         if config.aot_compile:
             self.compile_all(progress=progress)
+            self.check_step_memory()
             runner.allow_lazy = False
             if config.warm_up:
                 t0 = time.perf_counter()
@@ -237,6 +238,27 @@ class LLMEngine:
             if c > 1
         ]
         return shapes
+
+    def check_step_memory(self, free_bytes: int | None = None) -> int:
+        """Raises if a compiled step's scratch (XLA's memory analysis: temporaries plus outputs
+        that reuse no donated buffer) exceeds the device memory left beside the weights and
+        the KV pool, instead of failing at the first request; returns the largest need in
+        bytes (0 when the backend reports no analysis). free_bytes: default the device's."""
+        needs = [
+            m["temp"] + max(m["output"] - m["alias"], 0)
+            for m in self.runner.step_memory().values()
+            if m is not None
+        ]
+        need = max(needs, default=0)
+        free = free_device_memory() if free_bytes is None else free_bytes
+        if need > free:
+            raise ValueError(
+                f"the compiled steps need up to {need / 2**30:.2f} GiB of scratch but only "
+                f"{free / 2**30:.2f} GiB of device memory is free beside the weights and the "
+                f"KV pool ({self.runner.num_pages} pages): lower memory_fraction "
+                f"(now {self.config.memory_fraction}) or num_pages"
+            )
+        return need
 
     def compile_all(self, progress: bool = True) -> float:
         from tqdm.auto import tqdm
