@@ -359,6 +359,7 @@ def bench_precision(args, model_config, precision: str) -> list[dict]:
         prefill_batch_buckets=tuple(args.prefill_batch_buckets),
         chunk_buckets=tuple(args.chunk_buckets),
         cuda_graphs=args.cuda_graphs,
+        xla_remat=args.xla_remat,
         pack_prefill=args.pack_prefill,
         prefill_dequantize=args.prefill_dequantize,
         kv_write_kernel=args.kv_write_kernel,
@@ -564,6 +565,11 @@ def parse_args(argv=None):
         dest="cuda_graphs",
         action="store_false",
         help="XLA command buffers off (EngineConfig.cuda_graphs; on by default)",
+    )
+    p.add_argument(
+        "--xla-remat",
+        action="store_true",
+        help="keep XLA's rematerialization pass (EngineConfig.xla_remat; off by default)",
     )
     p.add_argument(
         "--no-pack-prefill",

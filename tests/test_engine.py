@@ -214,11 +214,19 @@ def test_sampler_variant_chosen_on_host(engine):
     assert "conditional" not in hlo  # the model executable has no host-synchronising branch
 
 
-def test_cuda_graphs_option():
+def test_cuda_graphs_option(model):
     from comet_jax.engine.runner import _compiler_options
 
-    assert _compiler_options(False) == {"xla_gpu_enable_command_buffer": ""}
-    assert _compiler_options(True) == {}
+    no_remat = {"xla_disable_hlo_passes": "rematerialization"}  # every step executable
+    assert _compiler_options(False) == {**no_remat, "xla_gpu_enable_command_buffer": ""}
+    assert _compiler_options(True) == no_remat
+    assert _compiler_options(True, xla_remat=True) == {}
+    assert (
+        LLMEngine.build(
+            *model, dataclasses.replace(CFG, xla_remat=True, aot_compile=False), progress=False
+        ).runner.compiler_options
+        == {}
+    )
     with pytest.raises(ValueError, match="cuda_graphs"):
         dataclasses.replace(CFG, cuda_graphs="yes")
 

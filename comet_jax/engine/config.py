@@ -95,6 +95,9 @@ class EngineConfig:
         effect on CPU. With async_scheduling the graph launch overlaps the previous step on
         the GPU; measured on an H100 (docs/benchmarks.md), graphs + async gave the shortest
         decode steps for bf16 and W4AxKV4.
+      xla_remat: keep XLA's rematerialization pass for the step executables (off by default:
+        it counts the donated KV pool twice and, with a large pool, recomputes fusions for
+        nothing; see runner.NO_REMAT). An ablation switch.
       async_scheduling: schedule and dispatch step N+1 before step N's tokens are back, so
         host work overlaps device work (LLMEngine.step); same tokens as synchronous mode.
       pack_prefill: a prefill call with several sequences runs its embedding, projections and
@@ -154,6 +157,7 @@ class EngineConfig:
     seed: int = 0
     tp: int = 1
     cuda_graphs: bool = True
+    xla_remat: bool = False
     async_scheduling: bool = True
     pack_prefill: bool = True
     prefill_dequantize: bool = True
@@ -164,7 +168,8 @@ class EngineConfig:
     def __post_init__(self):
         if self.page_size is None:
             object.__setattr__(self, "page_size", default_page_size(self.kernels, self.interpret))
-        bools = ("cuda_graphs", "async_scheduling", "aot_compile", "warm_up", "interpret")
+        bools = ("cuda_graphs", "xla_remat", "async_scheduling", "aot_compile", "warm_up")
+        bools += ("interpret",)
         for name in bools + (
             "pack_prefill",
             "prefill_dequantize",

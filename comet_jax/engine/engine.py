@@ -220,6 +220,7 @@ class LLMEngine:
             cache_config,
             mesh=mesh,
             cuda_graphs=config.cuda_graphs,
+            xla_remat=config.xla_remat,
             out_size=max(config.decode_bucket_list[-1], config.prefill_batch_bucket_list[-1]),
             pack_tokens=config.max_tokens_per_step if config.pack_prefill else 0,
         )

@@ -266,10 +266,22 @@ def executable_memory(compiled) -> dict[str, int] | None:
     }
 
 
-def _compiler_options(cuda_graphs: bool) -> dict:
+# XLA's rematerialization pass is off for the step executables: it estimates a step's peak
+# with the donated KV pool counted twice (argument and output), so with a large pool it sees
+# a program far over its limit (bf16, 48 GiB pool: "120.04 GiB" against 57.39) and recomputes
+# fusions to no avail (80 bytes saved). With it the bf16 engine served 5.1% fewer tokens/s
+# and compiled 16% slower (H100, docs/benchmarks.md 2026-11-27, run 42). The engine checks
+# the steps' real scratch instead (`LLMEngine.check_step_memory`).
+NO_REMAT = {"xla_disable_hlo_passes": "rematerialization"}
+
+
+def _compiler_options(cuda_graphs: bool, xla_remat: bool = False) -> dict:
     # XLA's default enables command buffers for fusions, cuBLAS and custom calls; an empty
     # list turns them off (kernels are launched one by one). Ignored on CPU.
-    return {} if cuda_graphs else {"xla_gpu_enable_command_buffer": ""}
+    options = {} if xla_remat else dict(NO_REMAT)
+    if not cuda_graphs:
+        options["xla_gpu_enable_command_buffer"] = ""
+    return options
 
 
 def resolve_kernels(kernels: str, interpret: bool) -> tuple[str, str]:
@@ -366,12 +378,14 @@ class ModelRunner:
         mesh=None,
         *,
         cuda_graphs: bool = True,
+        xla_remat: bool = False,
         out_size: int = 0,
         pack_tokens: int = 0,
     ):
         # mesh: a `comet_jax.parallel.make_mesh(tp)` mesh runs the steps tensor-parallel
         # (params and KV cache sharded, see comet_jax/parallel); None: one device.
         # cuda_graphs: let XLA run the executables as CUDA graphs (module docstring).
+        # xla_remat: keep XLA's rematerialization pass (NO_REMAT says why it is off).
         # out_size: the samplers pad their [B] tokens to [max(B, out_size)] (one shape for the
         # next step's `prev_a`/`prev_b` whatever the bucket); the engine passes its largest
         # batch bucket.
@@ -379,7 +393,7 @@ class ModelRunner:
         # on that many packed rows instead of the padded grid (make_logits_fn). 0: off.
         self.mesh = mesh
         self.pack_tokens = pack_tokens
-        self.compiler_options = _compiler_options(cuda_graphs)
+        self.compiler_options = _compiler_options(cuda_graphs, xla_remat)
         self.out_size = out_size
         if mesh is not None:
             from comet_jax.parallel import sharded_runner as sr
