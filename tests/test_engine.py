@@ -214,7 +214,7 @@ def test_sampler_variant_chosen_on_host(engine):
     assert "conditional" not in hlo  # the model executable has no host-synchronising branch
 
 
-def test_cuda_graphs_option(model):
+def test_compiler_options_cuda_graphs_and_remat(model):
     from comet_jax.engine.runner import _compiler_options
 
     no_remat = {"xla_disable_hlo_passes": "rematerialization"}  # every step executable
