@@ -372,8 +372,7 @@ def bench_precision(args, model_config, precision: str) -> list[dict]:
     mem = row["step_memory"]
     print(
         f"{precision}: KV pool {mem['pool_gib']:.2f} GiB, largest step scratch "
-        f"{mem['max_temp_gib'] if mem['max_temp_gib'] is None else round(mem['max_temp_gib'], 2)}"
-        " GiB",
+        f"{mem['scratch_gib']:.2f} GiB",
         file=sys.stderr,
         flush=True,
     )
@@ -396,8 +395,9 @@ def bench_precision(args, model_config, precision: str) -> list[dict]:
 
 
 def step_memory_summary(runner) -> dict:
-    """The KV pool's bytes and XLA's memory analysis of each compiled step shape (GiB): what
-    a run needs beyond weights and pool is the largest `temp` (scratch while a step runs)."""
+    """The KV pool's bytes and XLA's memory analysis of each compiled step shape (GiB):
+    `scratch_gib` is what a step needs beyond weights and pool (`step_scratch_bytes`, what
+    the engine checks at start-up), `max_temp_gib` the largest of its temporaries alone."""
     gib = 2**30
     shapes = {
         f"{b}x{t}x{p}": None if m is None else {k: v / gib for k, v in m.items()}
@@ -407,6 +407,7 @@ def step_memory_summary(runner) -> dict:
     return {
         "pool_gib": tree_bytes(runner.cache) / gib,
         "max_temp_gib": max(temps) if temps else None,
+        "scratch_gib": runner.step_scratch_bytes() / gib,
         "shapes": shapes,
     }
 

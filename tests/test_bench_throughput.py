@@ -64,6 +64,7 @@ def test_tiny_run_with_decode_profile(bench, tmp_path):
         assert stats["temp"] >= 0 and stats["argument"] > mem["pool_gib"]  # params + pool
         assert stats["alias"] >= mem["pool_gib"] * 0.999  # the donated pool is reused in place
     assert mem["max_temp_gib"] == max(m["temp"] for m in mem["shapes"].values())
+    assert mem["scratch_gib"] >= mem["max_temp_gib"]  # + outputs not written in place
     prof = row["decode_profile"]
     assert prof["running"] == 4 and prof["steps"] == 2 and prof["step_wall_ms"] > 0
     assert prof["step_kernel_ms"] == 0.0 and prof["top_kernels_us"] == []  # CPU: no GPU plane

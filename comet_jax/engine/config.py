@@ -168,14 +168,19 @@ class EngineConfig:
     def __post_init__(self):
         if self.page_size is None:
             object.__setattr__(self, "page_size", default_page_size(self.kernels, self.interpret))
-        bools = ("cuda_graphs", "xla_remat", "async_scheduling", "aot_compile", "warm_up")
-        bools += ("interpret",)
-        for name in bools + (
+        bools = (
+            "cuda_graphs",
+            "xla_remat",
+            "async_scheduling",
+            "aot_compile",
+            "warm_up",
+            "interpret",
             "pack_prefill",
             "prefill_dequantize",
             "kv_write_kernel",
             "kv_window_kernel",
-        ):
+        )
+        for name in bools:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be a bool")
         if not isinstance(self.tp, int) or self.tp < 1:

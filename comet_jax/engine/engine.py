@@ -241,16 +241,10 @@ class LLMEngine:
         return shapes
 
     def check_step_memory(self, free_bytes: int | None = None) -> int:
-        """Raises if a compiled step's scratch (XLA's memory analysis: temporaries plus outputs
-        that reuse no donated buffer) exceeds the device memory left beside the weights and
-        the KV pool, instead of failing at the first request; returns the largest need in
-        bytes (0 when the backend reports no analysis). free_bytes: default the device's."""
-        needs = [
-            m["temp"] + max(m["output"] - m["alias"], 0)
-            for m in self.runner.step_memory().values()
-            if m is not None
-        ]
-        need = max(needs, default=0)
+        """Raises if a compiled step's scratch (`ModelRunner.step_scratch_bytes`) exceeds the
+        device memory left beside the weights and the KV pool, instead of failing at the first
+        request; returns that scratch in bytes. free_bytes: default the device's."""
+        need = self.runner.step_scratch_bytes()
         free = free_device_memory() if free_bytes is None else free_bytes
         if need > free:
             raise ValueError(

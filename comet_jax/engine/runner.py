@@ -448,6 +448,17 @@ class ModelRunner:
         (`executable_memory`; None where the backend gives none)."""
         return dict(self._memory)
 
+    def step_scratch_bytes(self) -> int:
+        """The most device memory any compiled step needs beyond its arguments (weights, KV
+        pool, inputs): XLA's temporaries plus the outputs that reuse no donated buffer; 0
+        when the backend reports no analysis."""
+        needs = [
+            m["temp"] + max(m["output"] - m["alias"], 0)
+            for m in self._memory.values()
+            if m is not None
+        ]
+        return max(needs, default=0)
+
     def compile(self, batch: int, length: int, pages: int) -> None:
         """Compiles the model executable for this shape and both samplers for `batch`."""
         key = (batch, length, pages)
