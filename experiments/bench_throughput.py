@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from comet_jax.engine.config import EngineConfig
-from comet_jax.engine.engine import LLMEngine
+from comet_jax.engine.engine import LLMEngine, max_batch_for_memory
 from comet_jax.engine.runner import precision_plan, preset_config
 from comet_jax.engine.sampling import SamplingParams
 from models.llama import LlamaForCausalLM, abstract_params
@@ -340,8 +340,9 @@ def bench_precision(args, model_config, precision: str) -> list[dict]:
     jax.block_until_ready(params)
     row["init_s"] = time.perf_counter() - t0
     longest = max(i + o for i, o in args.workloads)
+    max_batch = args.max_batch_cap if args.max_batch == "memory" else args.max_batch
     cfg = EngineConfig(
-        max_batch=args.max_batch,
+        max_batch=max_batch,
         max_tokens_per_step=args.max_tokens_per_step,
         max_prefill_seqs=args.max_prefill_seqs,
         max_model_len=longest,
@@ -354,8 +355,7 @@ def bench_precision(args, model_config, precision: str) -> list[dict]:
         kernels=args.kernels,
         interpret=args.interpret,
         page_buckets=tuple(args.page_buckets) if args.page_buckets else None,
-        decode_buckets=tuple(b for b in args.decode_buckets if b < args.max_batch)
-        + (args.max_batch,),
+        decode_buckets=tuple(b for b in args.decode_buckets if b < max_batch) + (max_batch,),
         prefill_batch_buckets=tuple(args.prefill_batch_buckets),
         chunk_buckets=tuple(args.chunk_buckets),
         cuda_graphs=args.cuda_graphs,
@@ -366,6 +366,28 @@ def bench_precision(args, model_config, precision: str) -> list[dict]:
         kv_window_kernel=args.kv_window_kernel,
         kv_recent_window=args.kv_recent_window if precision == "w4axkv4" else 0,
     )
+    if args.max_batch == "memory":
+        # As many sequences as the pool planned from the memory left after the weights holds,
+        # each at the longest workload's full length (no preemption), capped by --requests.
+        fits = max_batch_for_memory(model_config, cfg, seq_len=longest)
+        row["max_batch_by_memory"] = fits
+        cap = args.max_batch_cap
+        max_batch = min(fits, cap if args.requests == "batch" else min(cap, args.requests))
+        if max_batch < 1:
+            row["status"] = f"does not fit: the KV pool holds no {longest}-token sequence"
+            return [row]
+        cfg = dataclasses.replace(
+            cfg,
+            max_batch=max_batch,
+            max_prefill_seqs=min(cfg.max_prefill_seqs, max_batch),
+            prefill_batch_buckets=tuple(
+                sorted({min(b, max_batch) for b in cfg.prefill_batch_buckets})
+            ),
+            decode_buckets=tuple(b for b in args.decode_buckets if b < max_batch) + (max_batch,),
+        )
+        print(f"{precision}: max batch by memory {fits}, running {max_batch}", file=sys.stderr)
+    row["max_batch"] = max_batch
+    row["requests"] = max_batch if args.requests == "batch" else args.requests
     built = LLMEngine.build(model_config, params, cfg, linear=linear, progress=not args.quiet)
     row["compile_s"] = built.compile_time_s
     row["step_memory"] = step_memory_summary(built.runner)
@@ -421,7 +443,7 @@ def _bench_engine(args, engine: LLMEngine, row: dict) -> dict:
             trace = tuple(w) if len(w) == 2 else [tuple(w[j : j + 2]) for j in range(0, len(w), 2)]
         keep = f"{os.path.splitext(args.out)[0]}_{row['precision']}_window.xplane.pb"
         r = run_workload(
-            engine, args.requests, pin, pout, seed=i, trace=trace,
+            engine, row["requests"], pin, pout, seed=i, trace=trace,
             keep=keep if args.keep_trace else None,
         )  # fmt: skip
         if trace is not None:
@@ -432,7 +454,7 @@ def _bench_engine(args, engine: LLMEngine, row: dict) -> dict:
     row["fixed_batch"] = []
     fin, fout = args.fixed_workload
     for b in args.fixed_batches:
-        if b > args.max_batch:
+        if b > row["max_batch"]:
             continue
         r = run_workload(engine, b, fin, fout, seed=100 + b)
         r["peak_mem_gib"] = (device_memory()[2] or 0) / 2**30
@@ -491,6 +513,25 @@ def print_table(results: list[dict]) -> None:
             )
 
 
+def _count_or(word: str):
+    """argparse type: a positive int, or the literal `word`."""
+
+    def parse(text: str):
+        if text == word:
+            return word
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected a positive int or '{word}', got {text!r}"
+            ) from None
+        if v < 1:
+            raise argparse.ArgumentTypeError(f"expected a positive int or '{word}', got {v}")
+        return v
+
+    return parse
+
+
 def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
 
@@ -518,10 +559,29 @@ def parse_args(argv=None):
         default=_pairs("1024/512,128/128"),
         help="max-throughput input/output lengths, e.g. 1024/512,128/128",
     )
-    p.add_argument("--requests", type=int, default=512, help="requests per max-throughput run")
+    p.add_argument(
+        "--requests",
+        type=_count_or("batch"),
+        default=512,
+        help="requests per max-throughput run; 'batch': exactly one full batch (with --max-batch "
+        "memory: the batch memory allows, COMET's and QServe's max-throughput protocol)",
+    )
     p.add_argument("--fixed-batches", type=_ints, default=[4, 8, 16, 32, 64, 128, 256])
     p.add_argument("--fixed-workload", type=lambda s: _pairs(s)[0], default=(128, 128))
-    p.add_argument("--max-batch", type=int, default=256)
+    p.add_argument(
+        "--max-batch",
+        type=_count_or("memory"),
+        default=256,
+        help="most sequences running at once; 'memory': per precision, as many sequences of "
+        "the longest workload as its KV pool holds at full length (so none is preempted), "
+        "capped by --requests (or by --max-batch-cap with --requests batch)",
+    )
+    p.add_argument(
+        "--max-batch-cap",
+        type=int,
+        default=4096,
+        help="upper bound of --max-batch memory (each decode bucket is a compiled shape)",
+    )
     p.add_argument("--max-tokens-per-step", type=int, default=2048)
     p.add_argument("--max-prefill-seqs", type=int, default=4)
     p.add_argument(
@@ -642,9 +702,11 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.tiny:
         args.preset, args.float32, args.kernels = "tiny", True, "reference"
-        args.workloads, args.requests = _pairs("64/32,16/16"), 8
+        args.workloads = _pairs("64/32,16/16")
+        args.requests = "batch" if args.requests == "batch" else 8
         args.fixed_batches, args.fixed_workload = [4, 8], (16, 16)
-        args.max_batch, args.max_tokens_per_step, args.max_prefill_seqs = 8, 64, 2
+        args.max_batch = "memory" if args.max_batch == "memory" else 8
+        args.max_tokens_per_step, args.max_prefill_seqs = 64, 2
         args.page_size, args.num_pages, args.kv_group = 16, 64, 64
         args.decode_buckets, args.prefill_batch_buckets, args.chunk_buckets = [8], [2], [64]
     if args.trace_window is not None and (not args.trace_window or len(args.trace_window) % 2):

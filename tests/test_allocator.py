@@ -122,3 +122,38 @@ def test_capacity_plan_avoids_pools_triton_cannot_address():
     assert cfg.triton_safe_pages(800) == 800  # <= 2^31
     bf16 = dataclasses.replace(cfg, dtype="bf16")
     assert bf16.triton_safe_pages(1537) == 1537
+
+
+def test_max_batch_for_memory_is_the_sequences_the_planned_pool_holds():
+    """LLaMA-3-8B shapes, 1536-token sequences (12 pages of 128): the batch a max-throughput
+    run gets "as memory allows" is the planned pool's pages (less scratch) // 12, ~3.76x more
+    with KV4; a recent window's rings come out of the same budget; a fixed pool is used as is."""
+    from comet_jax.engine.config import EngineConfig
+    from comet_jax.engine.engine import max_batch_for_memory
+    from comet_jax.engine.runner import preset_config
+
+    model = preset_config("llama3-8b")
+    free = 60 << 30
+    base = dict(max_model_len=1536, page_size=128, kv_group=128, memory_fraction=0.9)
+    bf16 = EngineConfig(precision="bf16", **base)
+    kv4 = EngineConfig(precision="w4axkv4", **base)
+    budget = int(free * 0.9)
+    n_bf16 = max_batch_for_memory(model, bf16, free_bytes=free)
+    n_kv4 = max_batch_for_memory(model, kv4, free_bytes=free)
+    assert n_bf16 == (budget // (131072 * 128) - 1) // 12 == 287
+    assert n_kv4 == (budget // (34816 * 128) - 1) // 12 == 1084
+    assert (
+        max_batch_for_memory(model, kv4, seq_len=1024 + 128, free_bytes=free)
+        == (budget // (34816 * 128) - 1) // 9
+    )
+    # Recent window of 16 bf16 tokens: 32 x 2 x 16 x 8 x 128 x 2 B = 2 MiB per sequence; the
+    # answer n is the largest whose pool, after n rings, still holds n sequences.
+    win = dataclasses.replace(kv4, kv_recent_window=16)
+    n = max_batch_for_memory(model, win, free_bytes=free)
+    ring = 2 << 20
+    assert (budget - n * ring) // (34816 * 128) - 1 >= 12 * n
+    assert (budget - (n + 1) * ring) // (34816 * 128) - 1 < 12 * (n + 1)
+    assert n < n_kv4
+    fixed = dataclasses.replace(kv4, num_pages=100)
+    assert max_batch_for_memory(model, fixed, free_bytes=free) == 99 // 12
+    assert max_batch_for_memory(model, kv4, free_bytes=1 << 20) == 0

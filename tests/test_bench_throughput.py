@@ -110,3 +110,29 @@ def test_several_trace_windows(bench, tmp_path):
         bench.main(argv + ["--trace-window", "1,2,5"])
     with pytest.raises(ValueError, match="non-overlapping"):
         bench.run_workload(None, 1, 4, 4, seed=0, trace=[(4, 3), (5, 1)])
+
+
+def test_max_batch_as_memory_allows(bench, tmp_path):
+    """--max-batch memory --requests batch: each precision runs one full batch of as many
+    sequences as its pool holds at the longest workload's length (tiny: 63 pages of 16 tokens,
+    96-token sequences -> 10), with no preemption; a fixed decode bucket list gains that batch."""
+    out = tmp_path / "m.json"
+    argv = ["--tiny", "--precisions", "bf16", "--quiet", "--out", str(out), "--fixed-batches="]
+    assert bench.main(argv + ["--max-batch", "memory", "--requests", "batch"]) == 0
+    [row] = json.loads(out.read_text())["results"]
+    assert row["max_batch_by_memory"] == 63 // 6 == row["max_batch"] == row["requests"]
+    for r in row["max_throughput"]:
+        assert r["requests"] == 10 and r["preemptions"] == 0
+        assert r["output_tokens"] == 10 * r["output_len"]
+    assert row["max_throughput"][0]["batch_reached"] == 10
+    # --max-batch-cap caps the batch memory allows (each decode bucket is a compiled shape).
+    assert (
+        bench.main(argv + ["--max-batch", "memory", "--requests", "batch", "--max-batch-cap", "6"])
+        == 0
+    )
+    [row] = json.loads(out.read_text())["results"]
+    assert row["max_batch_by_memory"] == 10 and row["max_batch"] == 6 == row["requests"]
+    with pytest.raises(SystemExit):
+        bench.main(argv + ["--max-batch", "lots"])
+    with pytest.raises(SystemExit):
+        bench.main(argv + ["--requests", "0"])

@@ -179,23 +179,7 @@ class LLMEngine:
             dtype=dtype,
             param_dtype=dtype,
         )
-        cache_config = KVCacheConfig(
-            num_layers=model_config.num_layers,
-            num_kv_heads=model_config.num_kv_heads,
-            head_dim=model_config.head_dim,
-            page_size=config.page_size,
-            num_pages=config.num_pages or 2,
-            group_size=config.kv_group,
-            dtype=config.resolved_kv_dtype,
-            recent_window=config.kv_recent_window,
-            window_slots=config.max_batch if config.kv_recent_window else 0,
-            window_dtype=config.compute_dtype,
-        )
-        plan = plan_num_pages(
-            free_bytes=free_device_memory(),
-            fraction=config.memory_fraction,
-            cache_config=cache_config,
-        )
+        cache_config, plan = plan_capacity(model_config, config)
         if config.num_pages is None:
             # Never more pages than the scheduler can ever hold (every running sequence at
             # max_model_len): a bigger pool only costs memory (on CPU, "free memory" is host RAM).
@@ -532,6 +516,70 @@ class LLMEngine:
                 "compile_time_seconds": self.compile_time_s,
                 "warm_up_time_seconds": self.warm_up_time_s,
             }
+
+
+def plan_capacity(
+    model_config, config: EngineConfig, *, window_slots: int | None = None, free_bytes=None
+) -> tuple[KVCacheConfig, CapacityPlan]:
+    """The KV pool's layout and its page count planned from free device memory
+    (`config.memory_fraction` of `free_bytes`, default the device's), before the engine caps
+    it at what `max_batch` sequences of `max_model_len` can use.
+
+    window_slots: recent-window rings reserved out of the budget (default: one per
+    `config.max_batch` sequence when `config.kv_recent_window` is on).
+    """
+    if window_slots is None:
+        window_slots = config.max_batch
+    cache_config = KVCacheConfig(
+        num_layers=model_config.num_layers,
+        num_kv_heads=model_config.num_kv_heads,
+        head_dim=model_config.head_dim,
+        page_size=config.page_size,
+        num_pages=config.num_pages or 2,
+        group_size=config.kv_group,
+        dtype=config.resolved_kv_dtype,
+        recent_window=config.kv_recent_window,
+        window_slots=window_slots if config.kv_recent_window else 0,
+        window_dtype=config.compute_dtype,
+    )
+    plan = plan_num_pages(
+        free_bytes=free_device_memory() if free_bytes is None else free_bytes,
+        fraction=config.memory_fraction,
+        cache_config=cache_config,
+    )
+    return cache_config, plan
+
+
+def max_batch_for_memory(
+    model_config, config: EngineConfig, *, seq_len: int | None = None, free_bytes=None
+) -> int:
+    """The most sequences of `seq_len` tokens (default `config.max_model_len`) that the KV
+    pool planned from free memory holds at once, every one at full length: the batch of a
+    max-throughput run "as memory allows" (COMET's and QServe's protocol), which then never
+    preempts. With a recent window each sequence also takes a ring out of the same budget;
+    a fixed `config.num_pages` is the pool instead. 0 when not even one sequence fits."""
+    per_seq = pages_for(seq_len or config.max_model_len, config.page_size)
+    if config.num_pages is not None:
+        return (config.num_pages - 1) // per_seq
+
+    def fits(n: int) -> int:
+        try:
+            cache_config, plan = plan_capacity(
+                model_config, config, window_slots=n, free_bytes=free_bytes
+            )
+        except ValueError:  # the rings alone leave too little for two pages
+            return 0
+        return (cache_config.triton_safe_pages(plan.num_pages) - 1) // per_seq
+
+    # fits(n) falls as n's rings grow: the answer is the largest n >= 1 with fits(n) >= n.
+    lo, hi = 0, fits(1)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if fits(mid) >= mid:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 def count_backend_compiles() -> Callable[[], int]:
