@@ -172,6 +172,24 @@ def test_f32_output_and_default_config():
     assert _rel(y, y_ref) < 1e-5
 
 
+@pytest.mark.parametrize("cfg", [DECODE, PREFILL, PRE_WX, ONE_ACC, PARK])
+def test_bf16_output_is_the_f32_output_rounded_once(cfg):
+    """The engine asks for the compute dtype straight from the epilogue (QLinear): the same
+    bf16 values as the f32 output cast afterwards (split-K partials are f32 either way), except
+    park_out, whose parked INT8 partial takes the output dtype once more (<= 2^-9 of it)."""
+    m, n, k, k8 = 9, 96, 256, 64
+    ops = random_operands(jax.random.PRNGKey(21), m, n, k, k8, tile_k=TILE)
+    bias = jax.random.normal(jax.random.PRNGKey(22), (n,), jnp.float32)
+    kw = dict(tile_k=TILE, interpret=True, config=cfg)
+    y16 = w4ax_matmul(*ops, bias, out_dtype=jnp.bfloat16, **kw)
+    y32 = w4ax_matmul(*ops, bias, out_dtype=jnp.float32, **kw)
+    assert y16.dtype == jnp.bfloat16
+    if cfg.park_out:
+        assert _rel(y16.astype(jnp.float32), y32) < 2**-8
+    else:
+        np.testing.assert_array_equal(np.asarray(y16), np.asarray(y32.astype(jnp.bfloat16)))
+
+
 def test_default_config_above_m512_runs_parked():
     """config=None at M > 512 (no table entry for this shape): the heuristic's parked
     128x128 config, through interpret mode, within the bf16 bound of the reference."""
