@@ -2,7 +2,10 @@
 
 For each precision, with random weights in the true shapes of a model preset:
   * max throughput at input/output 1024/512 and 128/128: `--requests` requests submitted at
-    once; the scheduler runs as many concurrently as memory (KV pages) and --max-batch allow;
+    once; the scheduler runs as many concurrently as memory (KV pages) and --max-batch allow.
+    `--max-batch memory --requests batch` is the paper's protocol (max throughput under equal
+    memory): each precision runs one full batch of as many sequences of the longest workload
+    as its KV pool holds at full length, so none is preempted;
   * fixed batches 4..256 (exactly B requests of --fixed-workload);
 reporting output tokens/s, total tokens/s, time per output token (TPOT), peak device memory,
 the batch reached, compile time, and the host share = host time (scheduling, input building,
@@ -15,6 +18,11 @@ engine, measured in the same run.
     python experiments/bench_throughput.py --preset llama3-8b              # GPU
     python experiments/bench_throughput.py --preset llama3-70b --precisions w4axkv4,bf16
     python experiments/bench_throughput.py --tiny                           # CPU smoke run
+    # docs/benchmarks.md run 45 (1.88x), one process per precision:
+    python experiments/bench_throughput.py --precisions w4axkv4 --max-batch memory \
+        --requests batch --workloads 1024/512 --fixed-batches= --memory-fraction 0.9 \
+        --max-tokens-per-step 8192 --max-prefill-seqs 8 --prefill-batch-buckets 1,8 \
+        --chunk-buckets 1024,8192 --decode-buckets 4,8,16,32,64,128,256,512 --modes async
 
 Memory: the KV pool is `--memory-fraction` (default 0.85) of the device memory left after the
 weights; the script sets XLA_PYTHON_CLIENT_MEM_FRACTION to 0.92 unless it is set (XLA's own
