@@ -487,16 +487,24 @@ def _progress(precision: str, run: str, r: dict) -> None:
 
 
 def print_table(results: list[dict]) -> None:
-    """One line per (precision, mode, run); "vs bf16" compares with bf16 in the same mode."""
+    """One line per (precision, mode, run); "vs bf16" compares with bf16 in the same mode and
+    workload: a max-throughput run whatever the request counts (with --max-batch memory they
+    differ by precision), a fixed batch at the same batch."""
 
-    def key(row, r):
-        return row.get("mode"), r["requests"], r["input_len"], r["output_len"]
+    def runs(row):
+        return [("max", r) for r in row["max_throughput"]] + [
+            ("fixed", r) for r in row["fixed_batch"]
+        ]
+
+    def key(row, run, r):
+        n = r["requests"] if run == "fixed" else None
+        return row.get("mode"), run, n, r["input_len"], r["output_len"]
 
     base = {
-        key(row, r): r["output_tok_per_s"]
+        key(row, run, r): r["output_tok_per_s"]
         for row in results
         if row["precision"] == "bf16" and row.get("status") == "ok"
-        for r in row["max_throughput"] + row["fixed_batch"]
+        for run, r in runs(row)
     }
     print(
         f"\n{'precision':16} {'run':5} {'workload':>10} {'req':>5} {'batch':>5} {'out tok/s':>10} "
@@ -507,10 +515,8 @@ def print_table(results: list[dict]) -> None:
         if row.get("status") != "ok":
             print(f"{label:16} {row.get('status')}")
             continue
-        for run, r in [("max", r) for r in row["max_throughput"]] + [
-            ("fixed", r) for r in row["fixed_batch"]
-        ]:
-            k = key(row, r)
+        for run, r in runs(row):
+            k = key(row, run, r)
             rel = r["output_tok_per_s"] / base[k] if k in base else float("nan")
             tpot = f"{r['tpot_ms']:.2f}" if r["tpot_ms"] is not None else "-"
             print(

@@ -136,3 +136,30 @@ def test_max_batch_as_memory_allows(bench, tmp_path):
         bench.main(argv + ["--max-batch", "lots"])
     with pytest.raises(SystemExit):
         bench.main(argv + ["--requests", "0"])
+
+
+def test_table_compares_max_throughput_across_request_counts(bench, capsys):
+    """With --max-batch memory each precision runs its own batch: "vs bf16" still compares the
+    max-throughput runs of one workload; fixed batches compare at equal batch only."""
+
+    def run(n, tok_s):
+        return dict(requests=n, input_len=1024, output_len=512, batch_reached=n,
+                    output_tok_per_s=tok_s, tpot_ms=1.0, engine_overhead=0.1, peak_mem_gib=1.0)  # fmt: skip
+
+    ok = dict(mode="async", status="ok")
+    rows = [
+        dict(ok, precision="bf16", max_throughput=[run(277, 6000.0)], fixed_batch=[run(4, 100.0)]),
+        dict(
+            ok,
+            precision="w4axkv4",
+            max_throughput=[run(1214, 12000.0)],
+            fixed_batch=[run(4, 150.0), run(8, 200.0)],
+        ),
+    ]
+    bench.print_table(rows)
+    lines = [ln.split() for ln in capsys.readouterr().out.splitlines() if "w4axkv4" in ln]
+    assert [(ln[1], ln[3], ln[6]) for ln in lines] == [
+        ("max", "1214", "2.00"),
+        ("fixed", "4", "1.50"),
+        ("fixed", "8", "nan"),
+    ]
