@@ -578,7 +578,7 @@ def parse_args(argv=None):
         type=_count_or("batch"),
         default=512,
         help="requests per max-throughput run; 'batch': exactly one full batch (with --max-batch "
-        "memory: the batch memory allows, COMET's and QServe's max-throughput protocol)",
+        "memory: the batch memory allows, the paper's max-throughput protocol)",
     )
     p.add_argument("--fixed-batches", type=_ints, default=[4, 8, 16, 32, 64, 128, 256])
     p.add_argument("--fixed-workload", type=lambda s: _pairs(s)[0], default=(128, 128))
