@@ -331,6 +331,12 @@ def profile_decode(
     }
 
 
+def decode_buckets(requested: list[int], max_batch: int) -> tuple[int, ...]:
+    """The requested decode buckets below max_batch, then max_batch itself (the last bucket
+    must equal it)."""
+    return tuple(b for b in requested if b < max_batch) + (max_batch,)
+
+
 def bench_precision(args, model_config, precision: str) -> list[dict]:
     """Builds the engine for `precision`; returns one result row per scheduling mode."""
     mode = "pallas" if args.kernels == "pallas" else "sim"
@@ -363,7 +369,7 @@ def bench_precision(args, model_config, precision: str) -> list[dict]:
         kernels=args.kernels,
         interpret=args.interpret,
         page_buckets=tuple(args.page_buckets) if args.page_buckets else None,
-        decode_buckets=tuple(b for b in args.decode_buckets if b < max_batch) + (max_batch,),
+        decode_buckets=decode_buckets(args.decode_buckets, max_batch),
         prefill_batch_buckets=tuple(args.prefill_batch_buckets),
         chunk_buckets=tuple(args.chunk_buckets),
         cuda_graphs=args.cuda_graphs,
@@ -391,7 +397,7 @@ def bench_precision(args, model_config, precision: str) -> list[dict]:
             prefill_batch_buckets=tuple(
                 sorted({min(b, max_batch) for b in cfg.prefill_batch_buckets})
             ),
-            decode_buckets=tuple(b for b in args.decode_buckets if b < max_batch) + (max_batch,),
+            decode_buckets=decode_buckets(args.decode_buckets, max_batch),
         )
         print(f"{precision}: max batch by memory {fits}, running {max_batch}", file=sys.stderr)
     row["max_batch"] = max_batch

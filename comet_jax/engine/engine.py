@@ -556,8 +556,9 @@ def max_batch_for_memory(
     """The most sequences of `seq_len` tokens (default `config.max_model_len`) that the KV
     pool planned from free memory holds at once, every one at full length: the batch of a
     max-throughput run "as memory allows" (COMET's "max throughput under equal memory"),
-    which never preempts. With a recent window each sequence also takes a ring out of the same budget;
-    a fixed `config.num_pages` is the pool instead. 0 when not even one sequence fits."""
+    which never preempts. With a recent window each sequence also takes a ring out of the
+    same budget; a fixed `config.num_pages` is the pool instead. 0 when not even one sequence
+    fits."""
     per_seq = pages_for(seq_len or config.max_model_len, config.page_size)
     if config.num_pages is not None:
         return (config.num_pages - 1) // per_seq
