@@ -28,14 +28,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels import timing, tuning
-from pallas_kernels.act_quant import act_quant, act_quant_reference
+from pallas_kernels.act_quant import act_quant, act_quant_reference, to_unpacked
 from pallas_kernels.w4ax_matmul import (
+    UNPACKED_ROW_ALIGN,
     GemmConfig,
     dequantized_matmul,
     w4ax_accumulators,
     w4ax_accumulators_reference,
     w4ax_matmul,
     w4ax_matmul_reference,
+    w4ax_matmul_unpacked,
 )
 
 M_VALUES = (1, 4, 16, 64, 256, 1024, 4096)
@@ -295,6 +297,72 @@ def act_quant_study(results):
         row["xla_us"] = timing.device_time(ref, [(x,)]) * 1e6
         rows.append(row)
         log(f"act_quant {json.dumps(row)}")
+
+
+def unpacked_study(results, deadline):
+    """Activations into the GEMM: act_quant's packed layout + the GEMM wrapper's XLA unpack /
+    concat / row pad (the engine until now) against act_quant writing the unpacked operand
+    that the tuned large-M configs read directly (``layout="unpacked"``). Per case: the two
+    act_quant outputs compared byte for byte on the device, the two GEMM outputs compared
+    element for element (same kernel on the same integers: expected equal) and against the
+    XLA reference; device time of each pair (act_quant + GEMM, rotating weight copies) with
+    XLA bf16 and int8 dots of the same shape in the same run."""
+    rows = results.setdefault("unpacked", [])
+    shapes = ((4096, 4096), (14336, 4096), (4096, 14336))  # q/o, gate/up, down (8B)
+    cases = [(m, n, k) for m in (512, 1214, 8192) for n, k in shapes]
+    if SMOKE:
+        cases = [(300, 64, 256)]
+    key = jax.random.PRNGKey(21)
+    for i, (m, n, k) in enumerate(cases):
+        if time.time() > deadline:
+            log(f"unpacked: budget reached before {m}x{n}x{k}")
+            break
+        k8 = tuning.int8_fraction_k8(k, 0.25)
+        k4 = k - k8
+        kx = jax.random.fold_in(key, i)
+        x = (jax.random.normal(kx, (m, k), jnp.float32) * 2).astype(jnp.bfloat16)
+        perm = jax.random.permutation(jax.random.fold_in(kx, 1), k).astype(jnp.int32)
+        norm = k == 4096  # the norm-fused inputs (qkv, gate/up) are 4096 wide in the 8B
+        w = jax.random.uniform(jax.random.fold_in(kx, 2), (k,), jnp.float32, 0.5, 1.5)
+        w = w if norm else None
+        aq = functools.partial(act_quant, perm=perm, k4=k4, norm_weight=w, interpret=SMOKE)
+        row = dict(m=m, n=n, k=k, k8=k8, norm=norm, config=tuning.get_config(m, n, k, k8).to_dict())
+        try:
+            packed_ops = aq(x)
+            unpacked_ops = aq(x, layout="unpacked", row_align=UNPACKED_ROW_ALIGN)
+            want = to_unpacked(*packed_ops, row_align=UNPACKED_ROW_ALIGN)
+            row["act_quant_mismatch"] = [int(jnp.sum(a != b)) for a, b in zip(unpacked_ops, want)]
+
+            def packed(x, wp, ws, aq=aq):
+                return w4ax_matmul(*aq(x), wp, ws, interpret=SMOKE)
+
+            def unpacked(x, wp, ws, aq=aq, k4=k4, m=m):
+                x_u, xs = aq(x, layout="unpacked", row_align=UNPACKED_ROW_ALIGN)
+                return w4ax_matmul_unpacked(x_u, xs, wp, ws, k4=k4, m=m, interpret=SMOKE)
+
+            sets = [
+                (x, *tuning.random_operands(jax.random.fold_in(kx, 10 + j), 1, n, k, k8)[3:])
+                for j in range(n_copies(n * k // 2, m))
+            ]
+            y_p, y_u = packed(*sets[0]), unpacked(*sets[0])
+            ref = w4ax_matmul_reference(*packed_ops, *sets[0][1:])
+            row["max_abs_diff"] = float(jnp.max(jnp.abs(y_p.astype(jnp.float32) - y_u)))
+            row["rel_err_ref"] = rel_err(y_u, ref)
+            row["packed_us"] = tuning.time_fn(packed, sets) * 1e6
+            row["unpacked_us"] = tuning.time_fn(unpacked, sets) * 1e6
+            row["act_quant_packed_us"] = tuning.time_fn(aq, [(x,)]) * 1e6
+            row["act_quant_unpacked_us"] = (
+                tuning.time_fn(
+                    functools.partial(aq, layout="unpacked", row_align=UNPACKED_ROW_ALIGN), [(x,)]
+                )
+                * 1e6
+            )
+            row["bf16_us"] = time_bf16(m, n, k) * 1e6
+            row["int8_us"] = time_int8(m, n, k) * 1e6
+        except Exception as e:  # noqa: BLE001 - keep the other cases
+            row["error"] = f"{type(e).__name__}: {e}"[:400]
+        rows.append(row)
+        log(f"unpacked {json.dumps(row)}")
 
 
 def time_copy(nbytes=1 << 30):
@@ -971,6 +1039,28 @@ def markdown(results) -> str:
                 f"| {x.get('default_mismatch', x.get('default_error'))} "
                 f"| {x['xla_us']:.1f} | {other} |"
             )
+    if results.get("unpacked"):
+        out += [
+            "",
+            "## Activations into the GEMM: packed + XLA unpack vs act_quant's unpacked operand "
+            "(device us, act_quant + GEMM; 25% INT8)",
+            "",
+            "| M | N | K | config | packed | unpacked | ratio | act_quant packed / unpacked "
+            "| bf16 dot | int8 dot | max diff | rel err | act_quant mismatches |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for x in results["unpacked"]:
+            if "unpacked_us" not in x:
+                out.append(f"| {x['m']} | {x['n']} | {x['k']} | error: {x.get('error')} |")
+                continue
+            c = x["config"]
+            out.append(
+                f"| {x['m']} | {x['n']} | {x['k']} | {c['backend']} {c['block_m']}x"
+                f"{c['block_n']} | {x['packed_us']:.1f} | {x['unpacked_us']:.1f} "
+                f"| {x['unpacked_us'] / x['packed_us']:.3f} | {x['act_quant_packed_us']:.1f} / "
+                f"{x['act_quant_unpacked_us']:.1f} | {x['bf16_us']:.1f} | {x['int8_us']:.1f} "
+                f"| {x['max_abs_diff']:.3g} | {x['rel_err_ref']:.2e} | {x['act_quant_mismatch']} |"
+            )
     if results.get("timing_study"):
         out += [
             "",
@@ -1064,6 +1154,11 @@ def main(argv=None):
     )
     ap.add_argument("--timing-study", action="store_true", help="old vs device timing")
     ap.add_argument("--act-quant", action="store_true", help="act_quant kernel vs XLA")
+    ap.add_argument(
+        "--unpacked",
+        action="store_true",
+        help="act_quant's unpacked operand into the GEMM vs packed + XLA unpack (checked, timed)",
+    )
     ap.add_argument("--tune-shapes", default="", help="tuning.ENGINE_SHAPES key for --tune")
     ap.add_argument("--tune-ms", type=_csv(int), default=(), help="comma list of M for --tune")
     ap.add_argument(
@@ -1128,6 +1223,9 @@ def main(argv=None):
             save()
         if args.act_quant:
             act_quant_study(results)
+            save()
+        if args.unpacked:
+            unpacked_study(results, deadline)
             save()
         if args.tune:
             entries = tune(

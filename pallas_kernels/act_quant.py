@@ -9,6 +9,20 @@
     x8:          [M, K8]   int8    permuted channels [K4, K), per-token symmetric INT8
     x_scales:    [M, 2]    f32     (INT4 scale, INT8 scale) = clip * amax / qmax, 1 if amax == 0
 
+or, with ``layout="unpacked"`` (what the W4Ax GEMM's large-M configs consume; see
+:func:`pallas_kernels.w4ax_matmul.w4ax_matmul_unpacked`):
+
+    x_u:         [R, K]    int8    [16 * q4 | q8]: permuted channels in their natural order,
+                                   the INT4 values times 16 (the unpacked half-split tile of
+                                   ``unpack_int4_x16_tiles`` is the natural order), R = M
+                                   rounded up to ``row_align``; rows >= M are zero
+    x_scales:    [R, 2]    f32     as above; rows >= M hold 1 (the scale of a zero row)
+
+The unpacked layout saves the GEMM's callers an XLA pass per call that unpacked the INT4
+bytes, concatenated the INT8 segment and padded the rows (``[M, K]`` written and re-read): on
+the H100 that was ~2.2 ms of a 56 ms LLaMA-3-8B decode step at batch 1214 and ~10 ms of a
+mixed 8192-token step (docs/benchmarks.md, run 44).
+
 Bit-exact contract: the kernel reproduces :func:`act_quant_reference`, which is
 ``comet_jax.quant.quantizers.quantize(bits=4 / 8, granularity="row")`` on the permuted
 segments, so the simulated path equals the kernel path. For that:
@@ -80,6 +94,18 @@ def _normalize(x, norm_weight, eps):
     return (xf * rms_inv(x, eps)[:, None]) * norm_weight.astype(jnp.float32)[None, :]
 
 
+LAYOUTS = ("packed", "unpacked")
+
+
+def _check_layout(layout: str, row_align: int) -> None:
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout={layout!r} must be one of {LAYOUTS}")
+    if row_align < 1 or row_align & (row_align - 1):
+        raise ValueError(f"row_align={row_align} must be a power of two >= 1")
+    if layout == "packed" and row_align != 1:
+        raise ValueError("row_align applies to layout='unpacked' only (packed rows are M)")
+
+
 def act_quant_reference(
     x,
     perm,
@@ -90,13 +116,16 @@ def act_quant_reference(
     clip4: float = 1.0,
     clip8: float = 1.0,
     tile_k: int = DEFAULT_TILE_K,
+    layout: str = "packed",
+    row_align: int = 1,
 ):
-    """Library-quantizer semantics of :func:`act_quant` (module docstring).
+    """Library-quantizer semantics of :func:`act_quant` (module docstring), in either layout.
 
     Jitted, like the simulated path that calls the same quantizer.
     """
     validate_args(x, perm, k4, norm_weight, clip4, clip8, tile_k)
-    return _act_quant_reference(
+    _check_layout(layout, row_align)
+    out = _act_quant_reference(
         x,
         perm,
         norm_weight,
@@ -106,6 +135,23 @@ def act_quant_reference(
         clip8=float(clip8),
         tile_k=tile_k,
     )
+    if layout == "packed":
+        return out
+    return to_unpacked(*out, tile_k=tile_k, row_align=row_align)
+
+
+@functools.partial(jax.jit, static_argnames=("tile_k", "row_align"))
+def to_unpacked(x4_packed, x8, x_scales, *, tile_k: int = DEFAULT_TILE_K, row_align: int = 1):
+    """The packed operands -> ``(x_u [R, K] int8, x_scales [R, 2] f32)``, the unpacked
+    layout (module docstring) built by XLA: the reference of ``layout="unpacked"``."""
+    from pallas_kernels.w4ax_matmul import unpack_int4_x16_tiles
+
+    m = x8.shape[0]
+    parts = [unpack_int4_x16_tiles(x4_packed, tile_k)] if x4_packed.shape[1] else []
+    x_u = jnp.concatenate(parts + [x8], axis=1)
+    r = -(-m // row_align) * row_align
+    x_u = jnp.pad(x_u, ((0, r - m), (0, 0)))
+    return x_u, jnp.pad(x_scales, ((0, r - m), (0, 0)), constant_values=1.0)
 
 
 @functools.partial(jax.jit, static_argnames=("k4", "eps", "clip4", "clip8", "tile_k"))
@@ -178,19 +224,32 @@ def _kernel(
     clip8,
     has_norm,
     interpret,
+    unpacked=False,
+    valid_programs=None,
 ):
     """One program quantizes ``bm`` whole rows in a single pass over HBM.
 
-    ``idx_ref`` / ``w_ref`` are in *kernel order*: ``[0, K4/2)`` the channels that become low
-    nibbles of the packed INT4 bytes, ``[K4/2, K4)`` the high nibbles, ``[K4, K)`` the INT8
-    segment. Every chunk of a segment is gathered once (statically unrolled, so the loads
-    are independent and in flight together), kept in registers for the row amax, then
-    quantized and stored.
+    Packed layout: ``idx_ref`` / ``w_ref`` are in *kernel order*: ``[0, K4/2)`` the channels
+    that become low nibbles of the packed INT4 bytes, ``[K4/2, K4)`` the high nibbles,
+    ``[K4, K)`` the INT8 segment. ``unpacked``: in the permuted order itself, and one output
+    ``[bm, K]`` takes ``16 * q4`` then ``q8``. Every chunk of a segment is gathered once
+    (statically unrolled, so the loads are independent and in flight together), kept in
+    registers for the row amax, then quantized and stored. ``valid_programs``: the programs
+    from this index on write the zero rows (scales 1) that pad the unpacked output; their x
+    block repeats the last real one.
     """
     out_refs = list(out_refs)
-    x4_ref = out_refs.pop(0) if k4 else None
-    x8_ref = out_refs.pop(0) if k8 else None
+    if unpacked:
+        x4_ref = x8_ref = out_refs.pop(0)
+    else:
+        x4_ref = out_refs.pop(0) if k4 else None
+        x8_ref = out_refs.pop(0) if k8 else None
     s_ref = out_refs[0]
+    keep = None if valid_programs is None else pl.program_id(0) < valid_programs
+
+    def kept(v, fill):  # pad programs store zeros (scales: 1)
+        return v if keep is None else jnp.where(keep, v, fill)
+
     bm = x_ref.shape[0]
     rows = jax.lax.broadcasted_iota(jnp.int32, (bm, 1), 0)
     inv = inv_ref[...].reshape(bm, 1) if has_norm else None
@@ -223,7 +282,13 @@ def _kernel(
 
     ones = jnp.full((bm, 1), 1.0, jnp.float32)
     s4 = s8 = ones
-    if k4:
+    if k4 and unpacked:
+        starts = range(0, k4, cw4)
+        v4 = [gather(c, cw4) for c in starts]
+        s4 = scale_of(row_amax(v4), clip4, 7.0)
+        for c, v in zip(starts, v4):
+            x4_ref[:, pl.ds(c, cw4)] = kept(quant(v, s4, 7.0) * 16, 0).astype(jnp.int8)
+    elif k4:
         h = k4 // 2
         starts = range(0, h, cw4)
         lo = [gather(c, cw4) for c in starts]
@@ -236,10 +301,11 @@ def _kernel(
         starts8 = range(0, k8, cw8)
         v8 = [gather(k4 + c, cw8) for c in starts8]
         s8 = scale_of(row_amax(v8), clip8, 127.0)
+        at = k4 if unpacked else 0  # the INT8 segment's first column in its output
         for c, v in zip(starts8, v8):
-            x8_ref[:, pl.ds(c, cw8)] = quant(v, s8, 127.0).astype(jnp.int8)
+            x8_ref[:, pl.ds(at + c, cw8)] = kept(quant(v, s8, 127.0), 0).astype(jnp.int8)
     lane = jax.lax.broadcasted_iota(jnp.int32, (bm, 2), 1)
-    s_ref[...] = jnp.where(lane == 0, s4, s8)
+    s_ref[...] = kept(jnp.where(lane == 0, s4, s8), 1.0)
 
 
 def kernel_order(perm, k4: int, tile_k: int):
@@ -274,32 +340,46 @@ def default_num_warps(bm: int, k: int) -> int:
 
 @functools.partial(
     jax.jit,
-    static_argnames=("k4", "eps", "clip4", "clip8", "tile_k", "interpret", "num_warps", "bm"),
-)
+    static_argnames=(
+        "k4", "eps", "clip4", "clip8", "tile_k", "interpret", "num_warps", "bm", "row_align"
+    ),
+)  # fmt: skip
 def _act_quant_call(
-    x, perm, norm_weight, *, k4, eps, clip4, clip8, tile_k, interpret, num_warps, bm
+    x, perm, norm_weight, *, k4, eps, clip4, clip8, tile_k, interpret, num_warps, bm, row_align
 ):
+    """``row_align = 0``: the packed layout; ``>= 1``: unpacked, rows padded to it."""
     m, k = x.shape
     k8 = k - k4
     has_norm = norm_weight is not None
-    order = jnp.asarray(kernel_order(perm, k4, tile_k))
-    idx = perm[order]
+    unpacked = row_align > 0
+    idx = perm if unpacked else perm[jnp.asarray(kernel_order(perm, k4, tile_k))]
     w_k = norm_weight.astype(jnp.float32)[idx] if has_norm else jnp.ones((k,), jnp.float32)
     inv = rms_inv(x, eps) if has_norm else jnp.ones((m,), jnp.float32)
     mp = -(-m // bm) * bm
     if mp != m:
         x = jnp.pad(x, ((0, mp - m), (0, 0)))
         inv = jnp.pad(inv, (0, mp - m), constant_values=1.0)
-    cw4 = _pow2_chunk(k4 // 2, 512) if k4 else 0
+    cw4 = _pow2_chunk(k4 if unpacked else k4 // 2, 512) if k4 else 0
     cw8 = _pow2_chunk(k8, 512) if k8 else 0
+    # Unpacked: R rows out (M rounded up to row_align); the grid covers them in whole
+    # programs, those past the input's blocks write zeros and read its last block again.
+    r = -(-m // row_align) * row_align if unpacked else mp
+    grid_rows = -(-r // bm) * bm
+    blocks = mp // bm
+    valid = blocks if grid_rows > mp else None
+    x_block = (lambda i: (jnp.minimum(i, blocks - 1), 0)) if valid else (lambda i: (i, 0))
+    row_block = (lambda i: (jnp.minimum(i, blocks - 1),)) if valid else (lambda i: (i,))
     out_shape, out_specs = [], []
-    if k4:
+    if unpacked:
+        out_shape.append(jax.ShapeDtypeStruct((grid_rows, k), jnp.int8))
+        out_specs.append(pl.BlockSpec((bm, k), lambda i: (i, 0)))
+    elif k4:
         out_shape.append(jax.ShapeDtypeStruct((mp, k4 // 2), jnp.int8))
         out_specs.append(pl.BlockSpec((bm, k4 // 2), lambda i: (i, 0)))
-    if k8:
+    if k8 and not unpacked:
         out_shape.append(jax.ShapeDtypeStruct((mp, k8), jnp.int8))
         out_specs.append(pl.BlockSpec((bm, k8), lambda i: (i, 0)))
-    out_shape.append(jax.ShapeDtypeStruct((mp, 2), jnp.float32))
+    out_shape.append(jax.ShapeDtypeStruct((grid_rows, 2), jnp.float32))
     out_specs.append(pl.BlockSpec((bm, 2), lambda i: (i, 0)))
     kernel = functools.partial(
         _kernel,
@@ -311,22 +391,26 @@ def _act_quant_call(
         clip8=clip8,
         has_norm=has_norm,
         interpret=interpret,
+        unpacked=unpacked,
+        valid_programs=valid,
     )
     outs = pl.pallas_call(
         kernel,
         out_shape=out_shape,
-        grid=(mp // bm,),
+        grid=(grid_rows // bm,),
         in_specs=[
-            pl.BlockSpec((bm, k), lambda i: (i, 0)),
+            pl.BlockSpec((bm, k), x_block),
             pl.BlockSpec((k,), lambda i: (0,)),
             pl.BlockSpec((k,), lambda i: (0,)),
-            pl.BlockSpec((bm,), lambda i: (i,)),
+            pl.BlockSpec((bm,), row_block),
         ],
         out_specs=out_specs,
         interpret=interpret,
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
         name="act_quant",
     )(x, idx, w_k, inv)
+    if unpacked:
+        return tuple(o[:r] for o in outs)
     outs = [o[:m] for o in outs]
     x4 = outs.pop(0) if k4 else jnp.zeros((m, 0), jnp.int8)
     x8 = outs.pop(0) if k8 else jnp.zeros((m, 0), jnp.int8)
@@ -346,14 +430,19 @@ def act_quant(
     interpret: bool = False,
     num_warps: int | None = None,
     rows_per_program: int | None = None,
+    layout: str = "packed",
+    row_align: int = 1,
 ):
     """Fused RMSNorm -> permute -> per-token INT4/INT8 quantize -> pack (module docstring).
 
     ``rows_per_program`` / ``num_warps``: the launch (None: :func:`default_rows_per_program`,
     :func:`default_num_warps`). Returns
-    ``(x4_packed [M, K4/2] int8, x8 [M, K-K4] int8, x_scales [M, 2] f32)``.
+    ``(x4_packed [M, K4/2] int8, x8 [M, K-K4] int8, x_scales [M, 2] f32)``, or with
+    ``layout="unpacked"`` ``(x_u [R, K] int8, x_scales [R, 2] f32)``, R = M rounded up to
+    ``row_align``.
     """
     m, k = validate_args(x, perm, k4, norm_weight, clip4, clip8, tile_k)
+    _check_layout(layout, row_align)
     bm = rows_per_program or default_rows_per_program(m, k)
     if bm < 1 or bm & (bm - 1):
         raise ValueError(f"rows_per_program={bm} must be a power of two >= 1")
@@ -370,13 +459,16 @@ def act_quant(
         interpret=interpret,
         num_warps=num_warps,
         bm=bm,
+        row_align=row_align if layout == "unpacked" else 0,
     )
 
 
 __all__ = [
+    "LAYOUTS",
     "act_quant",
     "act_quant_reference",
     "kernel_order",
     "rms_inv",
+    "to_unpacked",
     "validate_args",
 ]

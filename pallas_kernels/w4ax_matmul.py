@@ -85,10 +85,17 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from comet_jax.quant.pack import unpack_int4, unpack_int4_x16
+from comet_jax.quant.pack import pack_int4, unpack_int4, unpack_int4_x16
 
 DEFAULT_TILE_K = 128
 BACKENDS = ("pallas", "xla_int8", "mgpu")
+# From this M the engine's activations reach the GEMMs in the unpacked layout
+# (`w4ax_matmul_unpacked`; `W4AxLinear.act_layout="auto"`): every tuning-table config of the
+# engine's shapes there takes its activations pre-unpacked (Triton "x" / "wx", or Mosaic
+# GPU), checked by tests/test_w4ax_matmul.py. The rows are padded to a multiple of
+# UNPACKED_ROW_ALIGN: every block_m divides it, so no GEMM pads them again.
+UNPACKED_MIN_M = 257
+UNPACKED_ROW_ALIGN = 256
 PRE_UNPACK = ("", "w", "x", "wx")
 _DOT_LAST = (((1,), (1,)), ((), ()))
 
@@ -300,10 +307,14 @@ def _kernel(
     x_float,
     acc8_first=False,
     park_out=False,
+    x_combined=False,
 ):
     refs = list(refs)
-    x4_ref = refs.pop(0) if has_x4 else None
-    x8_ref = refs.pop(0) if has_x8 else None
+    if x_combined:  # one [bm, K] operand, unpacked INT4 then INT8 (w4ax_matmul_unpacked)
+        x4_ref = x8_ref = refs.pop(0)
+    else:
+        x4_ref = refs.pop(0) if has_x4 else None
+        x8_ref = refs.pop(0) if has_x8 else None
     xs_ref, w_ref, ws_ref = refs[:3]
     refs = refs[3:]
     bias_ref = refs.pop(0) if has_bias else None
@@ -366,7 +377,7 @@ def _kernel(
         return accumulate(acc, t, tile_dot(xlo, xhi, t))
 
     def body8(t, acc):
-        t8_ = t - t4
+        t8_ = t if x_combined else t - t4  # the tile's position in its operand
         if w_unpacked:
             return accumulate(acc, t, full_tile_dot(x8_ref[:, pl.ds(t8_ * tile_k, tile_k)], t))
         xlo = x8_ref[:, pl.ds(t8_ * tile_k, h)]
@@ -497,8 +508,10 @@ def _round_up(v: int, m: int) -> int:
 
 @functools.partial(
     jax.jit,
-    static_argnames=("tile_k", "out_dtype", "interpret", "config", "raw"),
-)
+    static_argnames=(
+        "tile_k", "out_dtype", "interpret", "config", "raw", "combined_k4", "rows"
+    ),
+)  # fmt: skip
 def _w4ax_call(
     x4_packed,
     x8,
@@ -512,10 +525,17 @@ def _w4ax_call(
     interpret,
     config: GemmConfig,
     raw: bool,
+    combined_k4: int = -1,
+    rows: int = 0,
 ):
-    m = x8.shape[0]
+    """``combined_k4 >= 0``: ``x4_packed`` is the unpacked operand ``x_u [R, K]`` of
+    :func:`w4ax_matmul_unpacked` with its first ``rows`` rows real, ``x8`` is None."""
+    combined = combined_k4 >= 0
     n = w_packed.shape[0]
-    k4, k8 = 2 * x4_packed.shape[1], x8.shape[1]
+    if combined:
+        m, k4, k8 = rows, combined_k4, x4_packed.shape[1] - combined_k4
+    else:
+        m, k4, k8 = x8.shape[0], 2 * x4_packed.shape[1], x8.shape[1]
     t4, t8 = k4 // tile_k, k8 // tile_k
     n_tiles = t4 + t8
     n_groups = 0 if w_scales.ndim == 1 else w_scales.shape[1]
@@ -526,7 +546,11 @@ def _w4ax_call(
     tps = -(-n_tiles // max(1, min(config.split_k, n_tiles)))
     splits = -(-n_tiles // tps)
     mp = _round_up(m, bm)
-    if mp != m:
+    if combined and x4_packed.shape[0] < mp:  # rows past mp are never read
+        pad = ((0, mp - x4_packed.shape[0]), (0, 0))
+        x4_packed = jnp.pad(x4_packed, pad)
+        x_scales = jnp.pad(x_scales, pad, constant_values=1.0)
+    elif not combined and mp != m:
         pad = ((0, mp - m), (0, 0))
         x4_packed, x8 = jnp.pad(x4_packed, pad), jnp.pad(x8, pad)
         x_scales = jnp.pad(x_scales, pad, constant_values=1.0)
@@ -548,7 +572,7 @@ def _w4ax_call(
 
     write_partial = raw or splits > 1
     has_x4, has_x8 = k4 > 0, k8 > 0
-    x_float = jnp.issubdtype(x8.dtype, jnp.floating)  # W4A16: x8 holds float activations
+    x_float = not combined and jnp.issubdtype(x8.dtype, jnp.floating)  # W4A16: float x8
     if config.acc8_first and (n_groups or x_float):
         raise ValueError(
             "GemmConfig.acc8_first needs per-channel weight scales and integer activations "
@@ -556,15 +580,20 @@ def _w4ax_call(
             "and W4A16 calls accumulate in f32 already"
         )
     w_unpacked = config.pre_unpack in ("w", "wx")
-    x4_unpacked = config.pre_unpack in ("x", "wx") and has_x4
-    x4_arg = unpack_int4_x16_tiles(x4_packed, tile_k) if x4_unpacked else x4_packed
+    x4_unpacked = combined or (config.pre_unpack in ("x", "wx") and has_x4)
+    x4_arg = x4_packed
+    if x4_unpacked and not combined:
+        x4_arg = unpack_int4_x16_tiles(x4_packed, tile_k)
     w_arg = unpack_int4_x16_tiles(w_packed, tile_k) if w_unpacked else w_packed
     has_bias = bias is not None and not write_partial  # else added after the split reduction
     args, in_specs = [], []
-    if has_x4:
+    if combined:
+        args.append(x4_arg)
+        in_specs.append(pl.BlockSpec((bm, k4 + k8), lambda p, s: (m_map(p, s), 0)))
+    if has_x4 and not combined:
         args.append(x4_arg)
         in_specs.append(pl.BlockSpec((bm, x4_arg.shape[1]), lambda p, s: (m_map(p, s), 0)))
-    if has_x8:
+    if has_x8 and not combined:
         args.append(x8)
         in_specs.append(pl.BlockSpec((bm, k8), lambda p, s: (m_map(p, s), 0)))
     args += [x_scales, w_arg]  # scales whole: no slicing kernels before the call
@@ -609,6 +638,7 @@ def _w4ax_call(
         x_float=x_float,
         acc8_first=config.acc8_first,
         park_out=config.park_out,
+        x_combined=combined,
     )
     out = pl.pallas_call(
         kernel,
@@ -639,10 +669,35 @@ def _xla_int8_call(x4_packed, x8, x_scales, w_packed, w_scales, bias, *, tile_k,
     acc4, acc8 = w4ax_accumulators_reference(x4_packed, x8, w_packed, tile_k=tile_k)
     if raw:  # the kernel's raw units: x256 (INT4 segment) and x16 (INT8 segment)
         return acc4 * 256, acc8 * 16
+    return _segment_epilogue(acc4, acc8, x_scales, w_scales, bias, out_dtype)
+
+
+def _segment_epilogue(acc4, acc8, x_scales, w_scales, bias, out_dtype):
+    """``(s4 * acc4 + s8 * acc8) * ws (+ bias)`` from true-unit int32 sums [M, N]."""
     y = (
         x_scales[:, 0:1] * acc4.astype(jnp.float32) + x_scales[:, 1:2] * acc8.astype(jnp.float32)
     ) * w_scales[None, :]
     return _add_bias_cast(y, bias, out_dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("m", "k4", "tile_k", "out_dtype"))
+def _xla_int8_unpacked_call(x_u, x_scales, w_packed, w_scales, bias, *, m, k4, tile_k, out_dtype):
+    """The ``xla_int8`` backend on the unpacked operand: x16 x x16 int8 dots (exact in
+    int32), the x256 / x16 removed by shifts, then the same epilogue."""
+    w_u = unpack_int4_x16_tiles(w_packed, tile_k)
+    x_u = x_u[:m]
+
+    def seg(lo, hi, shift):
+        if hi == lo:
+            return jnp.zeros((m, w_u.shape[0]), jnp.int32)
+        acc = jax.lax.dot_general(
+            x_u[:, lo:hi], w_u[:, lo:hi], _DOT_LAST, preferred_element_type=jnp.int32
+        )
+        return jnp.right_shift(acc, shift)
+
+    k = x_u.shape[1]
+    acc4, acc8 = seg(0, k4, 8), seg(k4, k, 4)
+    return _segment_epilogue(acc4, acc8, x_scales[:m], w_scales, bias, out_dtype)
 
 
 def _mgpu_config(cfg: GemmConfig, w_scales, n, two_segments, *, raw, tile_k, interpret, **_):
@@ -668,6 +723,14 @@ def _mgpu_config(cfg: GemmConfig, w_scales, n, two_segments, *, raw, tile_k, int
     return mcfg
 
 
+def _fallback_from_mgpu(cfg: GemmConfig, w_scales) -> GemmConfig:
+    """An ``mgpu`` config the Mosaic GPU kernel cannot run, as the Triton kernel's
+    (acc8_first is the Triton kernel's too, for per-channel scales only)."""
+    return dataclasses.replace(
+        cfg, backend="pallas", acc8_first=cfg.acc8_first and w_scales.ndim == 1
+    )
+
+
 def _dispatch(x4_packed, x8, x_scales, w_packed, w_scales, bias, *, cfg, raw, **kw):
     # Group scales are not an xla_int8 epilogue: those calls run the kernel.
     if cfg.backend == "xla_int8" and w_scales.ndim == 1:
@@ -685,10 +748,7 @@ def _dispatch(x4_packed, x8, x_scales, w_packed, w_scales, bias, *, cfg, raw, **
                 x4_packed, x8, x_scales, w_packed, w_scales, bias,
                 tile_k=kw["tile_k"], out_dtype=kw["out_dtype"], config=mcfg,
             )  # fmt: skip
-        # acc8_first is the Triton kernel's too, for per-channel scales only.
-        cfg = dataclasses.replace(
-            cfg, backend="pallas", acc8_first=cfg.acc8_first and w_scales.ndim == 1
-        )
+        cfg = _fallback_from_mgpu(cfg, w_scales)
     return _w4ax_call(x4_packed, x8, x_scales, w_packed, w_scales, bias, config=cfg, raw=raw, **kw)
 
 
@@ -731,6 +791,109 @@ def w4ax_matmul(
         out_dtype=jnp.dtype(out_dtype),
         interpret=interpret,
     )
+
+
+def validate_unpacked_args(x_u, x_scales, w_packed, w_scales, bias, k4, m, tile_k) -> tuple:
+    """Checks the operands of :func:`w4ax_matmul_unpacked`; returns ``(M, N, K4, K8)``."""
+    _check_2d("x_u", x_u, jnp.int8)
+    rows, k = x_u.shape
+    m = rows if m is None else m
+    if not 0 < m <= rows:
+        raise ValueError(f"m={m} real rows must be in [1, {rows}] (x_u has {rows} rows)")
+    if not 0 <= k4 <= k or k4 % tile_k or (k - k4) % tile_k:
+        raise ValueError(
+            f"k4={k4}: the INT4 and INT8 segments of x_u (K={k}) must be multiples of "
+            f"tile_k={tile_k}"
+        )
+    if x_scales.shape != (rows, 2) or x_scales.dtype != jnp.float32:
+        raise ValueError(
+            f"x_scales must be f32 [{rows}, 2] (one row per x_u row), got {x_scales.dtype} "
+            f"{tuple(x_scales.shape)}"
+        )
+    shapes = (
+        jax.ShapeDtypeStruct((m, k4 // 2), jnp.int8),
+        jax.ShapeDtypeStruct((m, k - k4), jnp.int8),
+        jax.ShapeDtypeStruct((m, 2), jnp.float32),
+    )
+    _, n, _, k8, _ = validate_args(*shapes, w_packed, w_scales, bias, tile_k)
+    return m, n, k4, k8
+
+
+def w4ax_matmul_unpacked_reference(
+    x_u,
+    x_scales,
+    w_packed,
+    w_scales,
+    bias=None,
+    *,
+    k4: int,
+    m: int | None = None,
+    tile_k: int = DEFAULT_TILE_K,
+    out_dtype=jnp.bfloat16,
+):
+    """:func:`w4ax_matmul_reference` on the unpacked operand (repacked: ``x_u``'s INT4 values
+    are ``16 * q``, so ``>> 4`` recovers them exactly)."""
+    m, _, k4, _ = validate_unpacked_args(x_u, x_scales, w_packed, w_scales, bias, k4, m, tile_k)
+    x4 = pack_int4(jnp.right_shift(x_u[:m, :k4], 4), tile_k)
+    return w4ax_matmul_reference(
+        x4, x_u[:m, k4:], x_scales[:m], w_packed, w_scales, bias,
+        tile_k=tile_k, out_dtype=out_dtype,
+    )  # fmt: skip
+
+
+def w4ax_matmul_unpacked(
+    x_u,
+    x_scales,
+    w_packed,
+    w_scales,
+    bias=None,
+    *,
+    k4: int,
+    m: int | None = None,
+    tile_k: int = DEFAULT_TILE_K,
+    out_dtype=jnp.bfloat16,
+    interpret: bool = False,
+    config: GemmConfig | None = None,
+):
+    """W4Ax GEMM ``[m, N]`` on the activations as ``act_quant(layout="unpacked")`` writes
+    them: ``x_u [R, K] int8`` = ``[16 * x4 | x8]`` (the INT4 channels ``[0, k4)`` unpacked
+    into the natural order and times 16, the INT8 channels after), ``x_scales [R, 2]``, the
+    first ``m`` rows real (default all ``R``). Same values as :func:`w4ax_matmul` on the
+    packed form of the same integers, with the same config lookup (``(m, N, K, K8)``):
+
+    * ``mgpu``: the Mosaic GPU kernel reads ``x_u`` as its activation operand directly, rows
+      padded to its tile only where R is not a multiple of it (``act_quant``'s ``row_align``
+      exists to make it one);
+    * ``pallas``: the Triton kernel takes ``x_u`` as one operand (the INT8 tiles at their
+      offset ``k4``), i.e. it runs the config with its activations pre-unpacked
+      (``pre_unpack`` "x" / "wx", which the tuning table picks from M = 257 up for the
+      engine's shapes: ``tests/test_w4ax_matmul.py``);
+    * ``xla_int8``: XLA's int8 dots on the x16 operands, exact shifts back.
+    """
+    m, n, k4, k8 = validate_unpacked_args(x_u, x_scales, w_packed, w_scales, bias, k4, m, tile_k)
+    cfg = _resolve_config(config, m, n, k4, k8, tile_k)
+    out_dtype = jnp.dtype(out_dtype)
+    if cfg.backend == "xla_int8" and w_scales.ndim == 1:
+        return _xla_int8_unpacked_call(
+            x_u, x_scales, w_packed, w_scales, bias,
+            m=m, k4=k4, tile_k=tile_k, out_dtype=out_dtype,
+        )  # fmt: skip
+    if cfg.backend == "mgpu":
+        two = k4 > 0 and k8 > 0
+        mcfg = _mgpu_config(cfg, w_scales, n, two, raw=False, tile_k=tile_k, interpret=interpret)
+        if mcfg is not None:
+            from pallas_kernels.w4ax_mgpu import w4ax_matmul_mgpu_unpacked
+
+            return w4ax_matmul_mgpu_unpacked(
+                x_u, x_scales, w_packed, w_scales, bias,
+                m=m, k4=k4, tile_k=tile_k, out_dtype=out_dtype, cfg=mcfg,
+            )  # fmt: skip
+        cfg = _fallback_from_mgpu(cfg, w_scales)
+    return _w4ax_call(
+        x_u, None, x_scales, w_packed, w_scales, bias,
+        tile_k=tile_k, out_dtype=out_dtype, interpret=interpret, config=cfg, raw=False,
+        combined_k4=k4, rows=m,
+    )  # fmt: skip
 
 
 def w4ax_accumulators(

@@ -292,10 +292,32 @@ def _w4ax_mgpu_call(x4_packed, x8, x_scales, w_packed, w_scales, bias, *, tile_k
     k4, k8 = 2 * x4_packed.shape[1], x8.shape[1]
     parts = ([unpack_int4_x16_tiles(x4_packed, tile_k)] if k4 else []) + ([x8] if k8 else [])
     x_u = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)  # [M, K] int8
-    mp = -(-m // cfg.block_m) * cfg.block_m
-    if mp != m:
-        x_u = jnp.pad(x_u, ((0, mp - m), (0, 0)))
-        x_scales = jnp.pad(x_scales, ((0, mp - m), (0, 0)))
+    return _on_unpacked(
+        x_u, x_scales, w_packed, w_scales, bias,
+        m=m, k4=k4, tile_k=tile_k, out_dtype=out_dtype, cfg=cfg,
+    )  # fmt: skip
+
+
+@functools.partial(jax.jit, static_argnames=("m", "k4", "tile_k", "out_dtype", "cfg"))
+def w4ax_matmul_mgpu_unpacked(
+    x_u, x_scales, w_packed, w_scales, bias, *, m, k4, tile_k, out_dtype, cfg
+):
+    """The kernel on the unpacked activation operand that ``act_quant(layout="unpacked")``
+    writes (``x_u [R, K]`` int8 = [16 * x4 | x8], ``x_scales [R, 2]``, the first ``m`` rows
+    real): no XLA pass over the activations before the call. Operands checked by
+    ``w4ax_matmul.w4ax_matmul_unpacked``, which routes here."""
+    return _on_unpacked(
+        x_u, x_scales, w_packed, w_scales, bias,
+        m=m, k4=k4, tile_k=tile_k, out_dtype=out_dtype, cfg=cfg,
+    )  # fmt: skip
+
+
+def _on_unpacked(x_u, x_scales, w_packed, w_scales, bias, *, m, k4, tile_k, out_dtype, cfg):
+    rows = x_u.shape[0]
+    mp = -(-rows // cfg.block_m) * cfg.block_m
+    if mp != rows:
+        x_u = jnp.pad(x_u, ((0, mp - rows), (0, 0)))
+        x_scales = jnp.pad(x_scales, ((0, mp - rows), (0, 0)))
     r4 = x_scales[:, 0] * (1.0 / 256.0)
     r8 = x_scales[:, 1] * (1.0 / 16.0)
     w_u = unpack_int4_x16_tiles(w_packed, tile_k)  # [N, K] int8

@@ -127,3 +127,45 @@ def test_kernel_order_matches_packing():
     lo, hi = q[:, order[: k4 // 2]], q[:, order[k4 // 2 : k4]]
     packed = ((lo & 0xF) | (hi << 4)).astype(np.int8)
     np.testing.assert_array_equal(packed, np.asarray(pack_int4(jnp.asarray(q), tile)))
+
+
+@pytest.mark.parametrize(
+    "m,k,k4,bm,row_align,norm",
+    [
+        (5, 256, 128, 1, 8, True),  # decode launch, 3 pad rows
+        (6, 384, 256, 2, 4, False),  # 2 rows a program, 2 pad rows
+        (3, 256, 0, 1, 4, True),  # all INT8
+        (4, 192, 192, 2, 1, True),  # all INT4, no padding
+        (7, 512, 384, 4, 16, True),  # x padded to the program (8), then 8 pad rows
+    ],
+)
+def test_unpacked_layout_bit_exact(m, k, k4, bm, row_align, norm):
+    """layout="unpacked": [16 * q4 | q8] in the permuted order, rows padded to row_align
+    with zeros (scales 1): the reference's bytes, which are the packed layout unpacked."""
+    from pallas_kernels.w4ax_matmul import unpack_int4_x16_tiles
+
+    x, perm, w = _inputs(m, k, jnp.bfloat16, seed=m + k4)
+    w = w if norm else None
+    kw = dict(norm_weight=w, tile_k=TILE, layout="unpacked", row_align=row_align)
+    got = act_quant(x, perm, k4, interpret=True, rows_per_program=bm, **kw)
+    want = act_quant_reference(x, perm, k4, **kw)
+    rows = -(-m // row_align) * row_align
+    assert got[0].shape == (rows, k) and got[1].shape == (rows, 2)
+    for g, r in zip(got, want):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(r))
+    x4p, x8, xs = act_quant_reference(x, perm, k4, norm_weight=w, tile_k=TILE)
+    x_u = np.asarray(got[0])
+    np.testing.assert_array_equal(x_u[:m, :k4], np.asarray(unpack_int4_x16_tiles(x4p, TILE)))
+    np.testing.assert_array_equal(x_u[:m, k4:], np.asarray(x8))
+    np.testing.assert_array_equal(np.asarray(got[1][:m]), np.asarray(xs))
+    assert not x_u[m:].any() and (np.asarray(got[1][m:]) == 1.0).all()
+
+
+def test_layout_arguments_checked():
+    x, perm, _ = _inputs(2, 256, jnp.float32, seed=0)
+    with pytest.raises(ValueError, match="layout='split'"):
+        act_quant(x, perm, 128, tile_k=TILE, interpret=True, layout="split")
+    with pytest.raises(ValueError, match="row_align=3"):
+        act_quant(x, perm, 128, tile_k=TILE, interpret=True, layout="unpacked", row_align=3)
+    with pytest.raises(ValueError, match="row_align applies to layout='unpacked'"):
+        act_quant_reference(x, perm, 128, tile_k=TILE, row_align=8)

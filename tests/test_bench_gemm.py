@@ -91,3 +91,15 @@ def test_smoke_a16_study(tmp_path):
         assert r["bf16_us"] > 0 and r["w4ax_us"] > 0 and r["best_us"] <= r["default_us"]
         assert len(r["configs"]) == len(bench.a16_candidates(r["m"], r["n"], r["k"]))
     assert "W4A16 GEMM" in (tmp_path / f"gemm_{res['meta']['date']}.md").read_text()
+
+
+def test_smoke_unpacked_study(tmp_path):
+    """The unpacked-operand study: act_quant bytes equal, GEMM outputs equal, all timed."""
+    _, res = _smoke(tmp_path, "--unpacked")
+    [row] = res["unpacked"]
+    assert "error" not in row, row.get("error")
+    assert row["act_quant_mismatch"] == [0, 0] and row["max_abs_diff"] == 0.0
+    assert row["rel_err_ref"] < 1e-6
+    for key in ("packed_us", "unpacked_us", "act_quant_unpacked_us", "bf16_us", "int8_us"):
+        assert row[key] > 0
+    assert "unpacked operand" in next(tmp_path.glob("gemm_*.md")).read_text()

@@ -107,6 +107,39 @@ def test_act_quant_lowers():
     )
 
 
+@pytest.mark.parametrize("m,bm", [(16, 1), (300, 2)])
+def test_act_quant_unpacked_lowers(m, bm):
+    """The unpacked layout, with pad programs (300 rows -> 512) and several rows a program."""
+    perm = np.random.default_rng(0).permutation(512).astype(np.int32)
+    fn = functools.partial(
+        aq.act_quant, perm=jnp.asarray(perm), k4=384, layout="unpacked", row_align=256,
+        rows_per_program=bm,
+    )  # fmt: skip
+    _lower_cuda(
+        lambda x, w: fn(x, norm_weight=w), S((m, 512), jnp.bfloat16), S((512,), jnp.float32)
+    )
+
+
+@pytest.mark.parametrize(
+    "config,engine",
+    [
+        (GemmConfig(128, 64, 1, 4, 4, False, 8, pre_unpack="x"), "triton"),
+        (GemmConfig(128, 128, 1, 4, 3, False, 8, pre_unpack="wx", park_out=True), "triton"),
+        (
+            GemmConfig(256, 128, 1, 8, 3, pre_unpack="wx", backend="mgpu", acc8_first=True),
+            "mosaic_gpu",
+        ),
+    ],
+)
+def test_w4ax_gemm_on_unpacked_activations_lowers(config, engine):
+    """w4ax_matmul_unpacked: the Triton kernel with its one combined activation operand, and
+    the Mosaic GPU kernel reading it directly (300 real rows of 512)."""
+    fn = functools.partial(wm.w4ax_matmul_unpacked, k4=384, m=300, config=config)
+    args = (S((512, 512), jnp.int8), S((512, 2), jnp.float32)) + _gemm_args(300, 256, 384, 128)[3:]
+    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert engine in text and ({"triton", "mosaic_gpu"} - {engine}).pop() not in text
+
+
 def _pages(hkv, d, page, group, quantized=True):
     cfg = kc.KVCacheConfig(2, hkv, d, page, 32, group, "int4" if quantized else "bf16")
     return jax.tree.map(lambda x: S(x.shape, x.dtype), kc.init_cache(cfg).pages())

@@ -15,7 +15,13 @@ import numpy as np
 import pytest
 
 from comet_jax.quant import pack, quantizers
-from comet_jax.quant.qlinear import W4A16Linear, W4AxLinear, W8A8Linear
+from comet_jax.quant.qlinear import (
+    PreparedKernel,
+    PreparedUnpacked,
+    W4A16Linear,
+    W4AxLinear,
+    W8A8Linear,
+)
 from models.projection import ProjSpec, rms_norm
 from pallas_kernels import act_quant as aq
 from pallas_kernels import w4ax_matmul as wk
@@ -208,7 +214,9 @@ def test_weight_init_shapes_and_validation():
 
 
 @pytest.mark.slow
-def test_pallas_interpret_matches_sim_tiny():
+@pytest.mark.parametrize("layout", ["auto", "unpacked"])
+def test_pallas_interpret_matches_sim_tiny(layout):
+    """Both activation layouts of the kernel path (M = 16: "auto" is the packed one)."""
     rng = np.random.default_rng(5)
     m, k4, k8, n = 16, 64, 64, 16
     perm = jnp.asarray(rng.permutation(k4 + k8), jnp.int32)
@@ -217,10 +225,43 @@ def test_pallas_interpret_matches_sim_tiny():
     norm_w = jnp.asarray(rng.uniform(0.5, 1.5, k4 + k8), jnp.float32)
     out = {}
     for mode, interp in (("sim", False), ("pallas", True)):
-        be = W4AxLinear(k4=k4, k8=k8, block=64, tile=64, permute=True, mode=mode, interpret=interp)
-        out[mode] = np.asarray(be.matmul(wp, be.prepare_input({"perm": perm}, x, norm_w, eps=EPS)))
+        be = W4AxLinear(
+            k4=k4, k8=k8, block=64, tile=64, permute=True, mode=mode, interpret=interp,
+            act_layout=layout,
+        )  # fmt: skip
+        prepared = be.prepare_input({"perm": perm}, x, norm_w, eps=EPS)
+        if mode == "pallas":
+            kind = PreparedUnpacked if layout == "unpacked" else PreparedKernel
+            assert isinstance(prepared, kind)
+        out[mode] = np.asarray(be.matmul(wp, prepared))
     # Same integers; the kernel's f32 epilogue may order the two segment terms differently.
     np.testing.assert_allclose(out["pallas"], out["sim"], rtol=1e-6, atol=1e-6)
+
+
+def test_auto_layout_switches_to_unpacked_at_large_m():
+    """act_layout="auto" writes the unpacked operand from UNPACKED_MIN_M rows up (rows padded
+    to UNPACKED_ROW_ALIGN, zeros past M) and the GEMM gives the sim path's values; a bad
+    layout name is rejected."""
+    from pallas_kernels.w4ax_matmul import UNPACKED_MIN_M, UNPACKED_ROW_ALIGN
+
+    rng = np.random.default_rng(6)
+    k4, k8, n = 64, 64, 16
+    wp, _ = _weights(rng, n, k4 + k8, 64)
+    be = W4AxLinear(k4=k4, k8=k8, block=64, tile=64, mode="pallas", interpret=True)
+    sim = W4AxLinear(k4=k4, k8=k8, block=64, tile=64)
+    for m, kind in ((UNPACKED_MIN_M - 1, PreparedKernel), (UNPACKED_MIN_M, PreparedUnpacked)):
+        x = _x(rng, (m, k4 + k8))
+        prepared = be.prepare_input(None, x, None, eps=EPS)
+        assert isinstance(prepared, kind)
+        y = np.asarray(be.matmul(wp, prepared))
+        y_sim = np.asarray(sim.matmul(wp, sim.prepare_input(None, x, None, eps=EPS)))
+        np.testing.assert_allclose(y, y_sim, rtol=1e-6, atol=1e-6)
+    rows = -(-m // UNPACKED_ROW_ALIGN) * UNPACKED_ROW_ALIGN
+    assert prepared.x_u.shape == (rows, k4 + k8) and prepared.m == m
+    assert not np.asarray(prepared.x_u[m:]).any()
+    np.testing.assert_array_equal(np.asarray(prepared.x_scales[m:]), 1.0)
+    with pytest.raises(ValueError, match="act_layout='split'"):
+        W4AxLinear(k4=k4, k8=k8, block=64, tile=64, act_layout="split")
 
 
 # ---- K padded to whole blocks: 576 = 4.5 x 128 -> 640 (FMPQConfig.pad_k) -------------------
@@ -374,10 +415,11 @@ def test_w4ax_padded_shapes_and_validation():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("general", [False, True])
-def test_pallas_interpret_padded_matches_sim(general):
-    """Zeros in a whole INT4 tile (real channels quantized, zero bytes prepended) and the
-    general path (all-INT8 layout: normalize, pad, gather): kernel == simulation."""
+@pytest.mark.parametrize("general,layout", [(False, "auto"), (True, "auto"), (False, "unpacked")])
+def test_pallas_interpret_padded_matches_sim(general, layout):
+    """Zeros in a whole INT4 tile (real channels quantized, zero bytes prepended; unpacked:
+    zero channels) and the general path (all-INT8 layout: normalize, pad, gather): kernel ==
+    simulation."""
     rng = np.random.default_rng(32)
     x, plan, (be, wp, _, gp), _ = _padded_pair(rng, 16, None, False, True)
     k4, k8 = (0, 640) if general else (be.k4, be.k8)
@@ -393,6 +435,7 @@ def test_pallas_interpret_padded_matches_sim(general):
             pad=plan.pad,
             mode=mode,
             interpret=interp,
+            act_layout=layout,
         )
         out[mode] = np.asarray(b.matmul(wp, b.prepare_input(gp, x, norm_w, eps=EPS)))
     np.testing.assert_allclose(out["pallas"], out["sim"], rtol=1e-6, atol=1e-6)

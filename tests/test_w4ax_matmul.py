@@ -8,6 +8,7 @@ land near 1e-7). Tiles are tiny (tile_k 64, blocks 16/32) so interpret mode stay
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -308,3 +309,90 @@ def test_pre_unpacked_tiles_match_reference_unpack():
         )
     with pytest.raises(ValueError, match="multiple of tile_k=96"):
         unpack_int4_x16_tiles(packed, 96, words=True)
+
+
+# ---- the unpacked activation operand (act_quant(layout="unpacked")) ------------------------
+
+
+@pytest.mark.parametrize(
+    "cfg,k8,group",
+    [
+        (None, 128, None),  # heuristic
+        (DECODE, 128, None),  # split-K, swap_ab, packed weights
+        (PRE_W, 256, None),
+        (PRE_WX, 0, None),  # W4A4
+        (ONE_ACC_SWAP, 128, None),
+        (PARK, 384, None),  # W4A8
+        (PREFILL, 128, 64),  # group scales
+        (GemmConfig(block_m=32, block_n=32, backend="xla_int8"), 128, None),
+        (GemmConfig(128, 64, 1, 4, 3, backend="mgpu", pre_unpack="wx"), 128, None),  # fallback
+    ],
+)
+def test_unpacked_operand_gives_the_packed_results(cfg, k8, group):
+    """w4ax_matmul_unpacked on [16 * x4 | x8] (rows padded past M) == w4ax_matmul on the
+    packed operands, bit for bit, for every backend and kernel path; both == the reference."""
+    from pallas_kernels.act_quant import to_unpacked
+    from pallas_kernels.w4ax_matmul import w4ax_matmul_unpacked, w4ax_matmul_unpacked_reference
+
+    m, n, k = 37, 64, 384
+    x4, x8, xs, wp, ws = random_operands(
+        jax.random.PRNGKey(k8 + 3), m, n, k, k8, tile_k=TILE, group_size=group
+    )
+    bias = jnp.linspace(-1.0, 1.0, n, dtype=jnp.float32)
+    x_u, xs_u = to_unpacked(x4, x8, xs, tile_k=TILE, row_align=64)
+    assert x_u.shape == (64, k)
+    kw = dict(tile_k=TILE, out_dtype=jnp.float32)
+    ref = w4ax_matmul_reference(x4, x8, xs, wp, ws, bias, **kw)
+    ref_u = w4ax_matmul_unpacked_reference(x_u, xs_u, wp, ws, bias, k4=k - k8, m=m, **kw)
+    np.testing.assert_array_equal(np.asarray(ref_u), np.asarray(ref))
+    packed = w4ax_matmul(x4, x8, xs, wp, ws, bias, interpret=True, config=cfg, **kw)
+    got = w4ax_matmul_unpacked(
+        x_u, xs_u, wp, ws, bias, k4=k - k8, m=m, interpret=True, config=cfg, **kw
+    )
+    assert got.shape == (m, n)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(packed))
+    assert _rel(got, ref) < 5e-3  # acc8_first's bf16 partial; exact paths ~1e-7
+
+
+def test_unpacked_operand_checks():
+    from pallas_kernels.w4ax_matmul import w4ax_matmul_unpacked
+
+    _, _, _, wp, ws = random_operands(jax.random.PRNGKey(0), 8, 32, 256, 128, tile_k=TILE)
+    x_u, xs = jnp.ones((16, 256), jnp.int8), jnp.ones((16, 2), jnp.float32)
+    call = functools.partial(w4ax_matmul_unpacked, tile_k=TILE, interpret=True)
+    with pytest.raises(ValueError, match="m=17 real rows"):
+        call(x_u, xs, wp, ws, k4=128, m=17)
+    with pytest.raises(ValueError, match="k4=96"):
+        call(x_u, xs, wp, ws, k4=96)
+    with pytest.raises(ValueError, match=r"x_scales must be f32 \[16, 2\]"):
+        call(x_u, xs[:8], wp, ws, k4=128)
+    with pytest.raises(ValueError, match="x_u must be int8"):
+        call(x_u.astype(jnp.int32), xs, wp, ws, k4=128)
+    with pytest.raises(ValueError, match="w_packed has shape"):
+        call(jnp.ones((16, 384), jnp.int8), xs, wp, ws, k4=128)
+
+
+def test_tuning_table_takes_unpacked_activations_from_unpacked_min_m():
+    """The premise of W4AxLinear's act_layout="auto": from UNPACKED_MIN_M rows up, every
+    tuning-table config of the engine's shapes (any INT8 fraction) reads its activations
+    pre-unpacked (Triton "x" / "wx" or Mosaic GPU), so the unpacked operand costs them
+    nothing; below it some do not (the packed layout stays there)."""
+    from pallas_kernels import tuning
+    from pallas_kernels.w4ax_matmul import UNPACKED_MIN_M, UNPACKED_ROW_ALIGN
+
+    def unpacked(cfg):
+        return cfg.backend == "mgpu" or cfg.pre_unpack in ("x", "wx")
+
+    shapes = [s for v in tuning.ENGINE_SHAPES.values() for s in v]
+    big = [b for b in tuning.M_BUCKETS if b >= UNPACKED_MIN_M]
+    found = 0
+    for key, fields in tuning.load_table().items():
+        mb, n, k, _ = key.split(":")
+        if int(mb) in big and (int(n), int(k)) in shapes:
+            found += 1
+            cfg = GemmConfig.from_dict(fields)
+            assert unpacked(cfg), key
+            assert UNPACKED_ROW_ALIGN % cfg.block_m == 0, key  # no second row padding
+    assert found >= 8
+    small = [tuning.get_config(UNPACKED_MIN_M - 1, n, k, k // 4) for n, k in shapes]
+    assert not all(unpacked(c) for c in small)

@@ -182,6 +182,28 @@ class PreparedKernel:
     lead: tuple
 
 
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["x_u", "x_scales"],
+    meta_fields=["k4", "m", "dtype", "lead"],
+)
+@dataclasses.dataclass(frozen=True)
+class PreparedUnpacked:
+    """Kernel-format activations in the unpacked layout (``act_quant(layout="unpacked")``):
+    x_u [R, K] int8 = [16 * x4 | x8], x_scales [R, 2] f32, the first m = prod(lead) rows real,
+    the INT4 segment k4 channels wide."""
+
+    x_u: jax.Array
+    x_scales: jax.Array
+    k4: int
+    m: int
+    dtype: Any
+    lead: tuple
+
+
+ACT_LAYOUTS = ("auto", "packed", "unpacked")
+
+
 def dequantize_weight(weight_params, tile: int, w_group: int | None):
     """-> W: [N, K] f32 = q * scale (per channel or per group)."""
     q = pack.unpack_int4(weight_params["w_packed"], tile)
@@ -294,6 +316,11 @@ class W4AxLinear:
         fused) and ``pad / 2`` zero bytes are prepended to the packed INT4 operand. Otherwise
         the input is normalized, zero-padded and gathered by the full ``perm``.
       mode, interpret: see the module docstring.
+      act_layout (``mode="pallas"``): the activation operand the quantize kernel writes for
+        the GEMMs: "packed" (``x4_packed``, ``x8``), "unpacked" (one ``[R, K]`` int8 array
+        ``[16 * x4 | x8]``, rows padded to ``w4ax_matmul.UNPACKED_ROW_ALIGN``, which the
+        large-M GEMM configs consume without an XLA unpack pass), or "auto": unpacked from
+        ``w4ax_matmul.UNPACKED_MIN_M`` rows up. Same integers, scales and outputs in all three.
     """
 
     k4: int
@@ -308,6 +335,7 @@ class W4AxLinear:
     pad: int = 0
     mode: str = "sim"
     interpret: bool = False
+    act_layout: str = "auto"
 
     def __post_init__(self):
         kernel_ok = self.act_granularity == "segment" and self.w_group is None
@@ -330,6 +358,8 @@ class W4AxLinear:
             )
         if not 0.0 < self.act_clip <= 1.0:
             raise ValueError(f"act_clip={self.act_clip} must be in (0, 1]")
+        if self.act_layout not in ACT_LAYOUTS:
+            raise ValueError(f"act_layout={self.act_layout!r} must be one of {ACT_LAYOUTS}")
         if not 0 <= self.pad < self.k4 + self.k8:
             raise ValueError(
                 f"pad={self.pad} zero channels must be in [0, k4+k8={self.k4 + self.k8})"
@@ -434,6 +464,18 @@ class W4AxLinear:
             clip8=self.act_clip,
             tile_k=self.tile,
         )
+        if self.mode == "pallas" and self._unpacked(x2.shape[0]):
+            from pallas_kernels.w4ax_matmul import UNPACKED_ROW_ALIGN
+
+            x_u, x_scales = aq.act_quant(
+                x2, perm, k4, interpret=self.interpret, layout="unpacked",
+                row_align=UNPACKED_ROW_ALIGN, **kwargs,
+            )  # fmt: skip
+            if zero_bytes:  # the pad zero channels, unpacked
+                zeros = jnp.zeros((x_u.shape[0], self.pad), x_u.dtype)
+                x_u = jnp.concatenate([zeros, x_u], axis=-1)
+            m = x2.shape[0]
+            return PreparedUnpacked(x_u, x_scales, self.k4, m, jnp.dtype(x.dtype), tuple(lead))
         if self.mode == "pallas":
             out = aq.act_quant(x2, perm, k4, interpret=self.interpret, **kwargs)
         else:
@@ -443,6 +485,14 @@ class W4AxLinear:
             x4 = jnp.concatenate([jnp.zeros((x4.shape[0], zero_bytes), x4.dtype), x4], axis=-1)
             out = (x4, *out[1:])
         return PreparedKernel(*out, jnp.dtype(x.dtype), tuple(lead))
+
+    def _unpacked(self, m: int) -> bool:
+        """Whether prepare_input writes the unpacked layout for ``m`` rows (``act_layout``)."""
+        if self.act_layout != "auto":
+            return self.act_layout == "unpacked"
+        from pallas_kernels.w4ax_matmul import UNPACKED_MIN_M
+
+        return m >= UNPACKED_MIN_M
 
     @property
     def _zeros_packed_first(self) -> bool:
@@ -479,6 +529,20 @@ class W4AxLinear:
             return _add_bias_cast(y, weight_params, prepared.dtype, prepared.lead)
         from pallas_kernels import w4ax_matmul as wk
 
+        if isinstance(prepared, PreparedUnpacked):
+            y = wk.w4ax_matmul_unpacked(
+                prepared.x_u,
+                prepared.x_scales,
+                weight_params["w_packed"],
+                weight_params["w_scales"],
+                weight_params.get("bias"),
+                k4=prepared.k4,
+                m=prepared.m,
+                tile_k=self.tile,
+                out_dtype=prepared.dtype,  # as below
+                interpret=self.interpret,
+            )
+            return y.reshape(*prepared.lead, y.shape[-1])
         fn = wk.w4ax_matmul_reference
         kwargs = {}
         if self.mode == "pallas":
