@@ -100,6 +100,51 @@ def test_capacity_plan_reserves_the_recent_window_rings():
     assert "recent window" not in plain.describe()
 
 
+def test_capacity_plan_keeps_the_step_working_memory_out_of_the_pool():
+    """The fraction's headroom (10% of 40 GiB) covers a 2 GiB step: the pool is unchanged;
+    an 8 GiB step takes its bytes from the pool instead, and the plan says so."""
+    cfg = KVCacheConfig(32, 8, 128, 16, 1, 128, "int4")
+    page = 34816 * 16
+    small = plan_num_pages(free_bytes=40 << 30, fraction=0.9, cache_config=cfg, step_bytes=2 << 30)
+    big = plan_num_pages(free_bytes=40 << 30, fraction=0.9, cache_config=cfg, step_bytes=8 << 30)
+    assert small.num_pages == int((40 << 30) * 0.9) // page and not small.step_bound
+    assert big.num_pages == (32 << 30) // page and big.step_bound
+    assert "8.00 GiB kept for the largest step's working memory" in big.describe()
+    assert "working memory" not in small.describe()
+    with pytest.raises(ValueError, match="step_bytes=-1"):
+        plan_num_pages(free_bytes=40 << 30, fraction=0.9, cache_config=cfg, step_bytes=-1)
+
+
+def test_max_batch_for_memory_leaves_room_for_the_sampler():
+    """128/128 in KV4 on the 8B shapes (2 pages a sequence): without the step's working
+    memory the pool would hold ~7300 sequences whose sampler needs 5 f32 [B, 128256] arrays
+    (17 GiB; the first H100 attempt ran out of memory compiling it). The answer n is the
+    largest whose pool, with n rows' working memory kept free, holds n sequences; at 1536
+    tokens (1214 sequences here) the fraction's headroom already covers it."""
+    from comet_jax.engine.config import EngineConfig
+    from comet_jax.engine.engine import max_batch_for_memory, step_working_bytes
+    from comet_jax.engine.runner import preset_config
+
+    model = preset_config("llama3-8b")
+    free = int(67.24 * 2**30)
+    cfg = EngineConfig(
+        precision="w4axkv4", max_model_len=256, page_size=128, kv_group=128,
+        memory_fraction=0.9, max_tokens_per_step=8192, max_batch=8192,
+    )  # fmt: skip
+    page = 34816 * 128
+    n = max_batch_for_memory(model, cfg, free_bytes=free)
+
+    def pool_seqs(rows):
+        budget = min(int(free * 0.9), free - step_working_bytes(model, cfg, rows))
+        return (budget // page - 1) // 2
+
+    assert pool_seqs(n) >= n and pool_seqs(n + 1) < n + 1
+    assert n < (int(free * 0.9) // page - 1) // 2 - 1000
+    assert step_working_bytes(model, cfg, n) > free - int(free * 0.9)
+    long = dataclasses.replace(cfg, max_model_len=1536)
+    assert max_batch_for_memory(model, long, free_bytes=free) == (int(free * 0.9) // page - 1) // 12
+
+
 def test_capacity_plan_avoids_pools_triton_cannot_address():
     """LLaMA-3-70B KV4 pages of 64 tokens: 1537 pages (the engine's cap for 64 sequences of
     1536 tokens) put 4.03e9 uint8 elements in k, which Pallas-Triton's 32-bit offsets wrap;

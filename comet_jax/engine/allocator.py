@@ -5,7 +5,8 @@ write the K/V of padding tokens there, so real pages are never clobbered by buck
 Pages are owned by one sequence at a time (no prefix sharing); `free` returns them at once.
 
 Capacity: `plan_num_pages` divides (free device memory x fraction) by the bytes one page
-costs over all layers; `kv_bytes_per_token` gives that cost for a bf16 cache (2 bytes per
+costs over all layers, keeping at least `step_bytes` (the largest step's working memory) out
+of the pool when the fraction's headroom is smaller than that; `kv_bytes_per_token` gives that cost for a bf16 cache (2 bytes per
 element) and an INT4 cache (half a byte per element plus an f32 scale and zero per group).
 """
 
@@ -104,6 +105,12 @@ class CapacityPlan:
     tokens_int4: int  # ... with an INT4 cache
     window_bytes: int = 0  # recent-window rings reserved out of the budget
     recent_window: int = 0
+    step_bytes: int = 0  # working memory of the largest step, kept out of the pool
+
+    @property
+    def step_bound(self) -> bool:
+        """Whether the step's working memory, not the fraction, set the pool's budget."""
+        return self.free_bytes - self.step_bytes < int(self.free_bytes * self.fraction)
 
     @property
     def tokens(self) -> int:
@@ -121,20 +128,30 @@ class CapacityPlan:
                 if self.window_bytes
                 else ""
             )
+            + (
+                f"; {self.step_bytes / 2**30:.2f} GiB kept for the largest step's working "
+                "memory, which set the budget"
+                if self.step_bound
+                else ""
+            )
         )
 
 
 def plan_num_pages(
-    *, free_bytes: int, fraction: float, cache_config: KVCacheConfig
+    *, free_bytes: int, fraction: float, cache_config: KVCacheConfig, step_bytes: int = 0
 ) -> CapacityPlan:
-    """Pages (incl. scratch) of a KV pool filling `fraction` of `free_bytes`.
+    """Pages (incl. scratch) of a KV pool filling `fraction` of `free_bytes`, or less where
+    that would leave under `step_bytes` (the working memory of the engine's largest step:
+    its activations and the sampler's [batch, vocab] temporaries) for everything else.
 
     cache_config gives the layout (layers, heads, page size, dtype); its num_pages is ignored.
     """
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"fraction={fraction!r} must be in (0, 1]")
+    if step_bytes < 0:
+        raise ValueError(f"step_bytes={step_bytes!r} must be >= 0")
     # The recent-window rings (fixed per running sequence) come out of the budget first.
-    budget = int(free_bytes * fraction) - cache_config.window_bytes
+    budget = min(int(free_bytes * fraction), free_bytes - step_bytes) - cache_config.window_bytes
     page = cache_config.page_size
     per_tok = {
         d: dataclasses.replace(cache_config, dtype=d, recent_window=0).bytes_per_token
@@ -157,4 +174,5 @@ def plan_num_pages(
         tokens_int4=budget // per_tok["int4"] // page * page,
         window_bytes=cache_config.window_bytes,
         recent_window=cache_config.recent_window,
+        step_bytes=step_bytes,
     )

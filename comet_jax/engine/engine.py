@@ -518,15 +518,43 @@ class LLMEngine:
             }
 
 
+# The filtered sampler's live f32 [rows, vocab] arrays: its logits operand and four
+# temporaries (XLA's memory analysis of the compiled `_padded_sample`: 4.0 x rows x vocab x
+# 4 B of temporaries; measured on the CPU backend at 256 x 128256).
+SAMPLER_ROW_COPIES = 5
+
+
+def step_working_bytes(model_config, config: EngineConfig, rows: int | None = None) -> int:
+    """Device memory one engine step needs besides the weights and the KV pool, at most
+    (``rows`` decode rows, default ``config.max_batch``): the sampler's f32 ``[rows, vocab]``
+    arrays (``SAMPLER_ROW_COPIES``) and f32 activations of the MLP and residual widths for
+    the step's largest token count (an upper bound of XLA's memory analysis of the compiled
+    8B steps: 1.12-1.19 GiB at 8192 tokens, docs/benchmarks.md). At batch 7289 (LLaMA-3-8B,
+    256-token sequences in KV4) the sampler alone needs 17.4 GiB, more than the 10% of free
+    memory that `memory_fraction=0.9` leaves: the pool must give way."""
+    rows = config.max_batch if rows is None else rows
+    sampler = SAMPLER_ROW_COPIES * rows * model_config.vocab_size * 4
+    tokens = max(rows, config.max_tokens_per_step)
+    width = 2 * model_config.intermediate_size + 4 * model_config.hidden_size
+    return sampler + 4 * tokens * width
+
+
 def plan_capacity(
-    model_config, config: EngineConfig, *, window_slots: int | None = None, free_bytes=None
+    model_config,
+    config: EngineConfig,
+    *,
+    window_slots: int | None = None,
+    free_bytes=None,
+    rows: int | None = None,
 ) -> tuple[KVCacheConfig, CapacityPlan]:
     """The KV pool's layout and its page count planned from free device memory
-    (`config.memory_fraction` of `free_bytes`, default the device's), before the engine caps
-    it at what `max_batch` sequences of `max_model_len` can use.
+    (`config.memory_fraction` of `free_bytes`, default the device's, leaving at least
+    `step_working_bytes` for the steps), before the engine caps it at what `max_batch`
+    sequences of `max_model_len` can use.
 
     window_slots: recent-window rings reserved out of the budget (default: one per
-    `config.max_batch` sequence when `config.kv_recent_window` is on).
+    `config.max_batch` sequence when `config.kv_recent_window` is on). rows: the decode rows
+    of the largest step (default `config.max_batch`).
     """
     if window_slots is None:
         window_slots = config.max_batch
@@ -546,6 +574,7 @@ def plan_capacity(
         free_bytes=free_device_memory() if free_bytes is None else free_bytes,
         fraction=config.memory_fraction,
         cache_config=cache_config,
+        step_bytes=step_working_bytes(model_config, config, rows),
     )
     return cache_config, plan
 
@@ -557,7 +586,8 @@ def max_batch_for_memory(
     pool planned from free memory holds at once, every one at full length: the batch of a
     max-throughput run "as memory allows" (COMET's "max throughput under equal memory"),
     which never preempts. With a recent window each sequence also takes a ring out of the
-    same budget; a fixed `config.num_pages` is the pool instead. 0 when not even one sequence
+    same budget, and the steps' working memory at n rows (`step_working_bytes`) stays out of
+    it; a fixed `config.num_pages` is the pool instead. 0 when not even one sequence
     fits."""
     per_seq = pages_for(seq_len or config.max_model_len, config.page_size)
     if config.num_pages is not None:
@@ -566,13 +596,14 @@ def max_batch_for_memory(
     def fits(n: int) -> int:
         try:
             cache_config, plan = plan_capacity(
-                model_config, config, window_slots=n, free_bytes=free_bytes
+                model_config, config, window_slots=n, free_bytes=free_bytes, rows=n
             )
-        except ValueError:  # the rings alone leave too little for two pages
+        except ValueError:  # the rings or the step alone leave too little for two pages
             return 0
         return (cache_config.triton_safe_pages(plan.num_pages) - 1) // per_seq
 
-    # fits(n) falls as n's rings grow: the answer is the largest n >= 1 with fits(n) >= n.
+    # fits(n) falls as n's rings and step memory grow: the answer is the largest n >= 1 with
+    # fits(n) >= n.
     lo, hi = 0, fits(1)
     while lo < hi:
         mid = (lo + hi + 1) // 2
