@@ -422,7 +422,12 @@ def engine_shape_study(key):
             row["k_gib"] = kv.k.size / 2**30
             # one_loop (the default since 2026-11-26) vs the two-loop split it replaced, and
             # flash-decoding splits (the default is one split at B = 256)
-            variants = [("", {}), ("two_loops_", dict(one_loop=False))]
+            # q_padded: the row layout XLA pads to 16 rows per KV head (before q_tiled)
+            variants = [
+                ("", {}),
+                ("two_loops_", dict(one_loop=False)),
+                ("q_padded_", dict(q_tiled=False)),
+            ]
             if layers == 1 and lens is ragged:  # the last wave: 2048 programs on 660 slots
                 variants += [(f"splits{n}_", dict(num_splits=n)) for n in (2, 3, 4)]
             for tag, var in variants:
@@ -720,6 +725,12 @@ def main():
         help="only INT4 decode at the engine's batch-256 shape: 1 vs 32 layers, uniform vs ragged",
     )
     ap.add_argument(
+        "--engine-batch",
+        type=int,
+        default=ENGINE_SHAPE["batch"],
+        help="--engine-shape's batch (the 8B W4AxKV4 engine at 1024/512 runs 1214)",
+    )
+    ap.add_argument(
         "--stages-study",
         action="store_true",
         help="only decode / prefill time by Triton pipeline stages (default_stages)",
@@ -735,6 +746,9 @@ def main():
         help="only INT4 decode at uniform lengths, one loop (default) vs two loops, with gqa",
     )
     args = ap.parse_args()
+    if args.engine_batch < 1:
+        raise SystemExit(f"--engine-batch={args.engine_batch} must be >= 1")
+    ENGINE_SHAPE["batch"] = args.engine_batch
     if args.focus:
         global PREFILL_SHAPES
         PREFILL_SHAPES = [(1, 2048, 0), (1, 8192, 0), (8, 1024, 0), (4, 512, 4096)]

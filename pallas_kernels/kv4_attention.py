@@ -295,6 +295,8 @@ def _kernel(
     ring: bool = False,
     q_direct: bool = False,
     one_loop: bool = False,
+    q_tiled: bool = False,
+    tile_rows: int = 0,
 ):
     if quantized:
         ks_ref, kz_ref, vs_ref, vz_ref, *outs = rest
@@ -313,6 +315,19 @@ def _kernel(
 
         def store_o(start, val):
             o_ref[:, :, pl.ds(start, val.shape[1])] = val.reshape(block_q, hg_q, val.shape[1])
+    elif q_tiled:  # decode: q's own [hg, D] rows, each read tile_rows / hg times
+        hg_q, head_dim = q_ref.shape
+        block_rows = tile_rows
+        rid = (jnp.arange(block_rows, dtype=jnp.int32) % hg_q)[:, None]
+
+        def cols(start, size):
+            return (start + jnp.arange(size, dtype=jnp.int32))[None, :]
+
+        def q_cols(start, size):
+            return q_ref[rid, cols(start, size)]
+
+        def store_o(start, val):  # the copies of a row hold the same bits: any may land
+            o_ref[rid, cols(start, val.shape[1])] = val
     else:
         block_rows, head_dim = q_ref.shape
 
@@ -332,8 +347,12 @@ def _kernel(
     q_len = q_lens_ref[b]
 
     row = qt * block_rows + jnp.arange(block_rows, dtype=jnp.int32)
-    token = row // hg_pad
-    row_valid = (row % hg_pad < hg) & (token < q_len)
+    if q_tiled:  # every row is a real head of the one query token
+        token = jnp.zeros_like(row)
+        row_valid = token < q_len
+    else:
+        token = row // hg_pad
+        row_valid = (row % hg_pad < hg) & (token < q_len)
     # [BM] the last key position each query row sees: its own position, minus
     # `causal_shift` when the newest keys are attended elsewhere (the bf16 recent window).
     row_pos = q_start + token - causal_shift
@@ -565,6 +584,7 @@ def _attend(
     ring=None,
     q_direct: bool = False,
     one_loop: bool = False,
+    q_tiled: bool = False,
 ):
     """Launches the kernel over grid (B, Hkv, R / block_rows, num_splits); merges splits.
     ``ring``: None or ``(ring_k, ring_v, ring_slots)``, attended as one more key block.
@@ -579,8 +599,24 @@ def _attend(
 
     ``one_loop``: every tile holds one query token (decode): each program runs one loop
     over its key blocks (masked by length if the last one is partial) instead of unmasked
-    full blocks followed by the masked rest."""
-    if q_direct:
+    full blocks followed by the masked rest.
+
+    ``q_tiled`` (decode, one split, no lse): ``q_rows`` is q's own ``[B, Hkv, hg, D]`` view
+    (a free reshape of ``[B, Hq, D]``) and the output comes back in it. The kernel fills its
+    ``block_rows``-row tile with ``block_rows / hg`` copies of the group's rows (a gather
+    load) and stores all of them onto the ``hg`` output rows (the copies compute the same
+    bits), instead of XLA padding q to ``block_rows`` rows per KV head and slicing the output
+    back: at B = 1214 those two passes took 1.0 ms of a 51.8 ms LLaMA-3-8B decode step
+    (docs/benchmarks.md, run 48)."""
+    if q_tiled:
+        batch, hkv, hg_q, head_dim = q_rows.shape
+        rows = block_rows
+        if num_splits != 1 or return_lse or block_rows % hg_q or hg_q != hg:
+            raise ValueError(
+                "q_tiled needs one split, no lse and a GQA group dividing the tile, got "
+                f"num_splits={num_splits}, return_lse={return_lse}, hg={hg_q}, rows={block_rows}"
+            )
+    elif q_direct:
         batch, t, hkv, hg_q, head_dim = q_rows.shape
         rows = t * hg_q
         if hg_q != hg_pad or rows % block_rows or num_splits != 1 or return_lse or ring:
@@ -615,6 +651,8 @@ def _attend(
         ring=ring is not None,
         q_direct=q_direct,
         one_loop=one_loop,
+        q_tiled=q_tiled,
+        tile_rows=block_rows if q_tiled else 0,
     )
     whole = pl.no_block_spec  # the kernel gets the whole array and indexes it itself
     if q_direct:
@@ -622,6 +660,8 @@ def _attend(
         q_spec = pl.BlockSpec(
             (None, block_q, None, hg_pad, head_dim), lambda b, h, t, s: (b, t, h, 0, 0)
         )
+    elif q_tiled:
+        q_spec = pl.BlockSpec((None, None, hg_q, head_dim), lambda b, h, t, s: (b, h, 0, 0))
     else:
         q_spec = pl.BlockSpec((None, None, block_rows, head_dim), lambda b, h, t, s: (b, h, t, 0))
     in_specs = [whole] * 5 + [q_spec]
@@ -637,7 +677,7 @@ def _attend(
         (None, None, None, block_rows, head_dim), lambda b, h, t, s: (b, h, s, t, 0)
     )
     ml_spec = pl.BlockSpec((None, None, None, block_rows), lambda b, h, t, s: (b, h, s, t))
-    if q_direct:
+    if q_direct or q_tiled:
         out_shape = [jax.ShapeDtypeStruct(q_rows.shape, q_rows.dtype)]
         out_specs = [q_spec]
     elif num_splits == 1 and not return_lse:
@@ -665,7 +705,7 @@ def _attend(
         interpret=interpret,
         name="kv4_paged_attention" if kv.quantized else "bf16_paged_attention",
     )(*inputs)
-    if q_direct:
+    if q_direct or q_tiled:
         return outs[0]
     if num_splits == 1 and not return_lse:
         return outs[0][:, :, 0]
@@ -822,6 +862,7 @@ def paged_decode_attention(
     ring_slots=None,
     ring_in_kernel: bool = True,
     one_loop: bool | None = None,
+    q_tiled: bool | None = None,
 ):
     """One new token per sequence attends to its cached tokens (its own K/V already written).
 
@@ -863,6 +904,10 @@ def paged_decode_attention(
         the masked last block (the prefill kernel's structure: ~17% slower for INT4 pages at
         the engine's ragged lengths, see `_kernel`). None (default): True for INT4 pages,
         where it was measured; bf16 pages keep the split they were measured with.
+      q_tiled: the kernel reads q in its own ``[B, Hkv, hg, D]`` layout and writes the
+        output in it, filling its 16-row tile with copies of the GQA group's rows, instead
+        of XLA padding q to the tile and slicing the output back (``_attend``). None
+        (default): whenever it applies (one split, no lse, the group dividing the tile).
 
     Returns:
       ``[B, Hq, D]`` in q's dtype (and the lse with ``return_lse``).
@@ -903,8 +948,18 @@ def paged_decode_attention(
     block_rows = max(_MIN_ROWS, hg_pad)
     seq_lens = jnp.asarray(seq_lens)
     ones = jnp.ones_like(seq_lens)
+    want_lse = return_lse or xla_ring is not None
+    tiles = num_splits == 1 and not want_lse and hg == hg_pad
+    if q_tiled and not tiles:
+        raise ValueError(
+            "q_tiled=True needs one split, no lse (nor a ring attended in XLA) and a "
+            f"power-of-two GQA group, got num_splits={num_splits}, hg={hg}"
+        )
+    q_tiled = tiles if q_tiled is None else q_tiled
     out = _attend(
-        _to_rows(q[:, None], hg, hg_pad, block_rows),
+        q.reshape(batch, hq // hg, hg, d)
+        if q_tiled
+        else _to_rows(q[:, None], hg, hg_pad, block_rows),
         kv,
         layer,
         jnp.asarray(page_table),
@@ -923,11 +978,14 @@ def paged_decode_attention(
         unpack=unpack,
         qk_int8=_check_qk_int8(qk_int8, kv),
         causal_shift=_check_shift(causal_shift),
-        return_lse=return_lse or xla_ring is not None,
+        return_lse=want_lse,
         ring=in_kernel,
         one_loop=one_loop,
+        q_tiled=q_tiled,
     )
-    if not (return_lse or xla_ring is not None):
+    if q_tiled:
+        return out.reshape(batch, hq, d)
+    if not want_lse:
         return _from_rows(out, 1, hg, hg_pad)[:, 0]
     out, lse = out
     out, lse = _from_rows(out, 1, hg, hg_pad)[:, 0], _lse_from_rows(lse, 1, hg, hg_pad)[:, 0]

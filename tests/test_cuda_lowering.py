@@ -153,6 +153,16 @@ def test_kv4_decode_attention_lowers(batch, max_pages, page):
     _lower_cuda(attn.paged_decode_attention, *args, S((batch,), jnp.int32))
 
 
+@pytest.mark.parametrize("dtype,hg", [("int4", 4), ("int4", 1), ("bf16", 4)])
+def test_kv4_decode_attention_reading_q_in_its_own_layout_lowers(dtype, hg):
+    """q_tiled: the gather load of the group's rows into the 16-row tile and the store of
+    every copy back onto its row lower to Triton."""
+    kv = _pages(8, 128, 128, 128, quantized=dtype == "int4")
+    fn = functools.partial(attn.paged_decode_attention, num_splits=1, q_tiled=True)
+    args = (S((64, 8 * hg, 128), jnp.bfloat16), kv, S((64, 16), jnp.int32), S((64,), jnp.int32))
+    _lower_cuda(fn, *args)
+
+
 @pytest.mark.parametrize("num_splits", [1, 4])
 def test_kv4_decode_attention_with_ring_lowers(num_splits):
     """The recent window's ring attended inside the decode kernel (bf16 [L, S, Hkv, 16, D])."""

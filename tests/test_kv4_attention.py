@@ -428,3 +428,45 @@ def test_one_loop_default_follows_the_cache_dtype(monkeypatch):
             q, cache.pages(), table, lens, one_loop=dtype == "bf16", interpret=True
         )
     assert seen == [True, False, False, False, False, True]
+
+
+@pytest.mark.parametrize(
+    "dtype,hg,d,page,group,block_k",
+    [
+        ("int4", 4, 128, 32, 128, 32),  # the 8B's group: 4 copies per 16-row tile
+        ("int4", 1, 64, 16, 64, None),  # MHA: 16 copies, gathered pages
+        ("int4", 16, 64, 16, 32, 32),  # a group that fills the tile alone
+        ("bf16", 8, 64, 32, 64, None),
+    ],
+)
+def test_decode_reading_q_in_its_own_layout_is_the_padded_path(dtype, hg, d, page, group, block_k):
+    """q_tiled (q's [B, Hkv, hg, D] view, the tile filled with copies of the group's rows,
+    every copy stored onto its row) gives the padded row layout's output bit for bit,
+    including an empty sequence; the default takes it with one split and no lse, and it is
+    refused where it cannot apply."""
+    lens = np.array([0, 1, page - 1, 3 * page + 5], np.int32)
+    cache, table, _, _, rng = _filled_cache(dtype, hg, d, page, group, lens, 4, seed=hg + 7)
+    q = jnp.asarray(rng.standard_normal((len(lens), 2 * hg, d)), jnp.bfloat16)
+    kw = dict(layer=1, num_splits=1, block_k=block_k, interpret=True)
+    tiled = _jit(attn.paged_decode_attention, q_tiled=True, **kw)(q, cache.pages(), table, lens)
+    padded = _jit(attn.paged_decode_attention, q_tiled=False, **kw)(q, cache.pages(), table, lens)
+    np.testing.assert_array_equal(np.asarray(tiled, np.float32), np.asarray(padded, np.float32))
+    assert not np.asarray(tiled[0], np.float32).any()
+    ref = _jit(attn.paged_decode_attention_reference, layer=1)(q, cache.pages(), table, lens)
+    assert _rel(tiled[1:], ref[1:]) < 1e-2
+    with pytest.raises(ValueError, match="q_tiled=True needs one split"):
+        attn.paged_decode_attention(
+            q, cache.pages(), table, lens, layer=1, num_splits=2, q_tiled=True, interpret=True
+        )
+
+
+def test_decode_default_reads_q_in_its_own_layout_with_one_split(monkeypatch):
+    seen = _spy_attend(monkeypatch, lambda kw: kw.get("q_tiled", False))
+    lens = np.array([3, 20], np.int32)
+    cache, table, _, _, rng = _filled_cache("int4", 4, 64, 16, 64, lens, 2, seed=3)
+    q = jnp.asarray(rng.standard_normal((2, 8, 64)), jnp.bfloat16)
+    for splits, lse in ((1, False), (2, False), (1, True)):
+        attn.paged_decode_attention(
+            q, cache.pages(), table, lens, num_splits=splits, return_lse=lse, interpret=True
+        )
+    assert seen == [True, False, False]
