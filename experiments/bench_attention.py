@@ -414,6 +414,7 @@ def engine_shape_study(key):
     ):
         pages = b * mp + 1
         row = dict(case=name, B=b, layers=layers, pages=pages, mean_S=float(lens.mean()))
+        kv = None  # the previous case's pool goes before this one is built (B = 1214: 60 GB)
         try:
             kv = _int4_pool(jax.random.fold_in(key, layers), layers, pages, page)
             table = jnp.asarray(rng.permutation(pages)[: b * mp].reshape(b, mp).astype(np.int32))
@@ -722,7 +723,8 @@ def main():
     ap.add_argument(
         "--engine-shape",
         action="store_true",
-        help="only INT4 decode at the engine's batch-256 shape: 1 vs 32 layers, uniform vs ragged",
+        help="only INT4 decode at the engine's shape (--engine-batch, default 256): 1 vs 32 "
+        "layers, uniform vs ragged, one vs two loops, q read in its own layout vs padded",
     )
     ap.add_argument(
         "--engine-batch",

@@ -6,8 +6,9 @@ Pages are owned by one sequence at a time (no prefix sharing); `free` returns th
 
 Capacity: `plan_num_pages` divides (free device memory x fraction) by the bytes one page
 costs over all layers, keeping at least `step_bytes` (the largest step's working memory) out
-of the pool when the fraction's headroom is smaller than that; `kv_bytes_per_token` gives that cost for a bf16 cache (2 bytes per
-element) and an INT4 cache (half a byte per element plus an f32 scale and zero per group).
+of the pool when the fraction's headroom is smaller than that; `kv_bytes_per_token` gives
+that cost for a bf16 cache (2 bytes per element) and an INT4 cache (half a byte per element
+plus an f32 scale and zero per group).
 """
 
 from __future__ import annotations
