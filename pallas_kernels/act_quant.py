@@ -19,9 +19,10 @@ or, with ``layout="unpacked"`` (what the W4Ax GEMM's large-M configs consume; se
     x_scales:    [R, 2]    f32     as above; rows >= M hold 1 (the scale of a zero row)
 
 The unpacked layout saves the GEMM's callers an XLA pass per call that unpacked the INT4
-bytes, concatenated the INT8 segment and padded the rows (``[M, K]`` written and re-read): on
-the H100 that was ~2.2 ms of a 56 ms LLaMA-3-8B decode step at batch 1214 and ~10 ms of a
-mixed 8192-token step (docs/benchmarks.md, run 44).
+bytes, concatenated the INT8 segment and padded the rows (``[M, K]`` written and re-read):
+in run 44's H100 trace of the LLaMA-3-8B engine ~2.2 ms of a 56 ms decode step at batch 1214
+and several ms of a mixed 8192-token step; act_quant + GEMM now take 3.6-10.6% less time per
+call at M = 1214 and 8192 (docs/benchmarks.md, 2026-11-27).
 
 Bit-exact contract: the kernel reproduces :func:`act_quant_reference`, which is
 ``comet_jax.quant.quantizers.quantize(bits=4 / 8, granularity="row")`` on the permuted
