@@ -761,6 +761,10 @@ MGPU_CONFIGS = (  # MgpuConfig fields; 2026-11-26: 4 stages beat 3 by 7-11% at M
     # int8 loop's), or 64-row ones with fewer registers live.
     dict(rows_per_wg=128, stages=3, park_int8=True),
     dict(park_int8=True),
+    # The weights' INT4 tiles unpacked in shared memory by the kernel (no XLA int8 copy).
+    dict(rows_per_wg=128, stages=3, park_int8=True, smem_unpack=True),
+    dict(park_int8=True, smem_unpack=True),
+    dict(smem_unpack=True),
 )
 
 
@@ -768,7 +772,8 @@ def _mgpu_label(fields: dict) -> str:
     from pallas_kernels.w4ax_mgpu import MgpuConfig
 
     c = MgpuConfig(**fields)
-    return f"mgpu {c.block_m}x{c.block_n} s{c.stages}{' park8' if c.park_int8 else ''}"
+    extra = (" park8" if c.park_int8 else "") + (" smem-unpack" if c.smem_unpack else "")
+    return f"mgpu {c.block_m}x{c.block_n} s{c.stages}{extra}"
 
 
 def mgpu_study(results, deadline, ms=None, shapes_name="llama3-8b"):

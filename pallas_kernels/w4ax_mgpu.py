@@ -28,6 +28,16 @@ runs the INT8 segment's tiles first and holds their scaled partial as bf16 in re
 one accumulator (and 128 rows) suffice. ``park_int8`` has been lowered on the CPU, not yet run
 on the GPU (``bench_gemm.py --mgpu`` times and checks it).
 
+``smem_unpack`` (written 2026-11-27; lowered for CUDA on the CPU, not yet run on a GPU:
+``bench_gemm.py --mgpu`` checks and times it): the kernel takes the packed INT4 weights
+``[N, K/2]`` instead of XLA's per-call int8 copy (which writes and re-reads ``N x K`` bytes: ~3.5
+ms of every LLaMA-3-8B engine step at batch 1214, docs/benchmarks.md run 48). The memory
+warpgroup streams each K tile's ``[block_n, 64]`` packed bytes and the activations' two
+``[rows, 64]`` halves; each compute warpgroup loads the packed tile into registers, writes
+``16 * low`` and ``16 * high`` nibbles into its own two shared-memory tiles (the half-split
+tile order: low nibbles are channels ``[0, 64)`` of the tile, high ``[64, 128)``), commits
+them, and issues one wgmma per half.
+
 GPU only. jax 0.10 (the CPU machines) has no Mosaic GPU interpreter: the CPU tests trace and
 lower the kernel for CUDA; its numbers are checked against the reference on the device
 (``experiments/bench_gemm.py --mgpu``).
@@ -53,7 +63,9 @@ class MgpuConfig:
     """Schedule of :func:`w4ax_matmul_mgpu`. ``block_n``: output columns per tile (wgmma's
     N); ``rows_per_wg``: output rows per compute warpgroup (the tile is ``2 * rows_per_wg``
     rows); 128 only with one segment or ``park_int8``: two int32 accumulators of
-    ``128 x 128`` would need 256 registers per thread; ``stages``: shared-memory slots of the
+    ``128 x 128`` would need 256 registers per thread; ``smem_unpack``: the kernel unpacks
+    the packed weight tiles in shared memory itself (module docstring); ``stages``:
+    shared-memory slots of the
     TMA pipeline; ``snake``: the tile order walks bands of this many tiles (L2 reuse of the
     weight tiles); ``park_int8`` (two segments): one accumulator, the INT8 segment's K tiles
     first, its scaled partial then held as bf16 in registers (half the space of an int32
@@ -65,6 +77,7 @@ class MgpuConfig:
     snake: int = 8
     rows_per_wg: int = 64
     park_int8: bool = False
+    smem_unpack: bool = False
 
     def __post_init__(self):
         if self.block_n not in BLOCK_NS:
@@ -100,6 +113,10 @@ def segment_matmul(x_u, r4, r8, w_u, ws, bias, *, k4, cfg, out_dtype, tile_k=128
     n = w_u.shape[0]
     k8 = k - k4
     bn, tk, rows_wg = cfg.block_n, tile_k, cfg.rows_per_wg
+    su = cfg.smem_unpack  # w_u is then the packed [N, K/2] weights (see MgpuConfig)
+    h = tk // 2
+    if su and 2 * w_u.shape[1] != k:
+        raise ValueError(f"smem_unpack takes packed weights [N, {k // 2}], got {w_u.shape}")
     cta_m = 2 * rows_wg
     if mp % cta_m or n % bn or k4 % tk or k % tk:
         raise ValueError(
@@ -120,6 +137,12 @@ def segment_matmul(x_u, r4, r8, w_u, ws, bias, *, k4, cfg, out_dtype, tile_k=128
 
     swz = plgpu.find_swizzle(tk * 8)  # one K row of int8
     in_tf = (plgpu.TilingTransform((8, swz)), plgpu.SwizzleTransform(swz))
+    swz_h = plgpu.find_swizzle(h * 8)  # half a K tile: the packed bytes, or one nibble half
+    half_tf = (plgpu.TilingTransform((8, swz_h)), plgpu.SwizzleTransform(swz_h))
+
+    def k_half(s, j):  # half j of K tile s, in units of h columns
+        return (0, 2 * k_tile(s)[1] + j)
+
     out_bits = jnp.dtype(out_dtype).itemsize * 8
     epi_n = min(bn, 1024 // out_bits)  # one 128-byte swizzled row per epilogue store
     out_swz = plgpu.find_swizzle(epi_n * out_bits)
@@ -132,15 +155,24 @@ def segment_matmul(x_u, r4, r8, w_u, ws, bias, *, k4, cfg, out_dtype, tile_k=128
     slots = min(2, len(epi_tiles))
     has_bias = bias is not None
 
+    def smem_spec(shape, index, tf):
+        return plgpu.BlockSpec(shape, index, transforms=tf, memory_space=plgpu.SMEM)
+
+    if su:  # x in two K halves; the weights' packed bytes of the tile
+        in_specs = [
+            smem_spec((cta_m, h), lambda s: k_half(s, 0), half_tf),
+            smem_spec((cta_m, h), lambda s: k_half(s, 1), half_tf),
+            smem_spec((bn, h), k_tile, half_tf),
+        ]
+    else:
+        in_specs = [smem_spec((cta_m, tk), k_tile, in_tf), smem_spec((bn, tk), k_tile, in_tf)]
+
     def pipeline(body, context):
         return plgpu.emit_pipeline_warp_specialized(
             body,
             grid=(k_steps,),
             memory_registers=40,
-            in_specs=[
-                plgpu.BlockSpec((cta_m, tk), k_tile, transforms=in_tf, memory_space=plgpu.SMEM),
-                plgpu.BlockSpec((bn, tk), k_tile, transforms=in_tf, memory_space=plgpu.SMEM),
-            ],
+            in_specs=in_specs,
             wg_axis="wg",
             num_compute_wgs=2,
             max_concurrent_steps=cfg.stages,
@@ -153,13 +185,18 @@ def segment_matmul(x_u, r4, r8, w_u, ws, bias, *, k4, cfg, out_dtype, tile_k=128
         def nothing(*_, **__):
             return None
 
+        operands = (x_hbm, x_hbm, w_hbm) if su else (x_hbm, w_hbm)
+        # smem_unpack: each compute warpgroup's unpacked weight halves [lo | hi] of one tile
+        scratch = {"w_un": plgpu.SMEM((2, 2, bn, h), jnp.int8, transforms=half_tf)} if su else {}
+
         @functools.partial(
             pl.run_scoped,
-            allocs=pipeline(nothing, nothing).get_allocations(x_hbm, w_hbm),
+            allocs=pipeline(nothing, nothing).get_allocations(*operands),
             y_smem=plgpu.SMEM((2, slots, epi_m, epi_n), out_dtype, transforms=out_tf),
             collective_axes="wg",
+            **scratch,
         )
-        def scoped(allocs, y_smem):
+        def scoped(allocs, y_smem, w_un=None):
             wg = lax.axis_index("wg")
 
             @plgpu.nd_loop((m_tiles * n_tiles,), collective_axes="sm")
@@ -216,22 +253,45 @@ def segment_matmul(x_u, r4, r8, w_u, ws, bias, *, k4, cfg, out_dtype, tile_k=128
                                 y_smem.at[wg, slot], y_hbm.at[rows, cols].at[er, ec]
                             )
 
-                def step(idx, x_smem, w_smem, carry):
+                def step(idx, *refs):
                     (s,) = idx
+                    *smems, carry = refs
                     acc = carry[0] if park else carry
-                    x_t = x_smem.at[pl.ds(wg * rows_wg, rows_wg)]
-                    w_t = plgpu.transpose_ref(w_smem, (1, 0))  # [tk, bn], K-major
+                    mine = pl.ds(wg * rows_wg, rows_wg)
+                    if su:
+                        # The tile's packed bytes -> registers -> 16 * low / 16 * high nibbles
+                        # into this warpgroup's scratch; visible to wgmma after the commit.
+                        x_lo, x_hi, w_p = smems
+                        wp = w_p[...]
+                        # (Mosaic GPU has no 8-bit shifts: through int16, truncated back.)
+                        lo = jnp.left_shift(wp.astype(jnp.int16), jnp.int16(4))
+                        w_un[wg, 0] = lo.astype(jnp.int8)
+                        w_un[wg, 1] = wp & jnp.int8(-16)
+                        plgpu.commit_smem()
+                        pairs = [
+                            (x_lo.at[mine], plgpu.transpose_ref(w_un.at[wg, 0], (1, 0))),
+                            (x_hi.at[mine], plgpu.transpose_ref(w_un.at[wg, 1], (1, 0))),
+                        ]
+                    else:
+                        x_smem, w_smem = smems
+                        # w: [tk, bn], K-major
+                        pairs = [(x_smem.at[mine], plgpu.transpose_ref(w_smem, (1, 0)))]
+
+                    def mma(name):
+                        for a, b in pairs:
+                            plgpu.wgmma(acc[name], a, b)
+
                     if park or len(segments) == 1:
-                        plgpu.wgmma(acc["acc" if park else segments[0]], x_t, w_t)
+                        mma("acc" if park else segments[0])
                     else:
 
                         @pl.when(s < k4_steps)
                         def _():
-                            plgpu.wgmma(acc["acc4"], x_t, w_t)
+                            mma("acc4")
 
                         @pl.when(s >= k4_steps)
                         def _():
-                            plgpu.wgmma(acc["acc8"], x_t, w_t)
+                            mma("acc8")
 
                     plgpu.wgmma_wait(0)
                     if not park:
@@ -246,11 +306,9 @@ def segment_matmul(x_u, r4, r8, w_u, ws, bias, *, k4, cfg, out_dtype, tile_k=128
                     partial8 = lax.cond(s == k8_steps - 1, park_partial, lambda p: p, carry[1])
                     return acc, partial8
 
-                pipeline(step, context)(
-                    x_hbm.at[pl.ds(mi * cta_m, cta_m), :],
-                    w_hbm.at[cols, :],
-                    allocations=allocs,
-                )
+                x_rows = x_hbm.at[pl.ds(mi * cta_m, cta_m), :]
+                ins = (x_rows, x_rows) if su else (x_rows,)
+                pipeline(step, context)(*ins, w_hbm.at[cols, :], allocations=allocs)
 
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
@@ -320,7 +378,8 @@ def _on_unpacked(x_u, x_scales, w_packed, w_scales, bias, *, m, k4, tile_k, out_
         x_scales = jnp.pad(x_scales, ((0, mp - rows), (0, 0)))
     r4 = x_scales[:, 0] * (1.0 / 256.0)
     r8 = x_scales[:, 1] * (1.0 / 16.0)
-    w_u = unpack_int4_x16_tiles(w_packed, tile_k)  # [N, K] int8
+    # [N, K] int8, unless the kernel unpacks the packed tiles itself (smem_unpack)
+    w_u = w_packed if cfg.smem_unpack else unpack_int4_x16_tiles(w_packed, tile_k)
     b = None if bias is None else bias.astype(jnp.float32)
     y = segment_matmul(
         x_u, r4, r8, w_u, w_scales.astype(jnp.float32), b,

@@ -68,6 +68,10 @@ def test_w4ax_gemm_lowers(m, config):
         (300, 512, 0, False, dict(rows_per_wg=128, stages=3)),  # one segment: 128-row halves
         (300, 384, 128, True, dict(rows_per_wg=128, stages=3, park_int8=True)),
         (200, 384, 128, False, dict(park_int8=True)),
+        # the packed weight tiles unpacked in shared memory by the kernel
+        (200, 384, 128, True, dict(smem_unpack=True)),
+        (300, 384, 128, False, dict(rows_per_wg=128, stages=3, park_int8=True, smem_unpack=True)),
+        (64, 0, 512, False, dict(block_n=64, smem_unpack=True)),
     ],
 )
 def test_w4ax_mgpu_gemm_lowers(m, k4, k8, bias, fields):
@@ -92,6 +96,21 @@ def test_w4ax_mgpu_config_routes_through_w4ax_matmul():
     assert "mosaic_gpu" in text and "triton" not in text
     grouped = args[:4] + (S((256, 4), jnp.float32),)
     assert "mosaic_gpu" not in _lower_cuda(fn, *grouped)
+
+
+@pytest.mark.parametrize("pre_unpack,xla_unpacks_weights", [("wx", True), ("x", False)])
+def test_mgpu_config_without_w_pre_unpack_unpacks_weights_in_the_kernel(
+    pre_unpack, xla_unpacks_weights
+):
+    """An ``mgpu`` GemmConfig whose pre_unpack lacks "w" runs MgpuConfig.smem_unpack: on the
+    unpacked activation operand no XLA shift is left in the call (with "wx" XLA still
+    unpacks the weights before it)."""
+    cfg = GemmConfig(256, 128, 1, 8, 3, pre_unpack=pre_unpack, backend="mgpu", acc8_first=True)
+    fn = functools.partial(wm.w4ax_matmul_unpacked, k4=384, m=300, config=cfg)
+    args = (S((512, 512), jnp.int8), S((512, 2), jnp.float32)) + _gemm_args(300, 256, 384, 128)[3:]
+    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text
+    assert ("stablehlo.shift_left" in text) == xla_unpacks_weights
 
 
 def test_w4a16_gemm_lowers():
