@@ -185,7 +185,7 @@ class PreparedKernel:
 @functools.partial(
     jax.tree_util.register_dataclass,
     data_fields=["x_u", "x_scales"],
-    meta_fields=["k4", "m", "dtype", "lead"],
+    meta_fields=["k4", "dtype", "lead"],
 )
 @dataclasses.dataclass(frozen=True)
 class PreparedUnpacked:
@@ -196,9 +196,12 @@ class PreparedUnpacked:
     x_u: jax.Array
     x_scales: jax.Array
     k4: int
-    m: int
     dtype: Any
     lead: tuple
+
+    @property
+    def m(self) -> int:
+        return math.prod(self.lead)
 
 
 ACT_LAYOUTS = ("auto", "packed", "unpacked")
@@ -474,8 +477,7 @@ class W4AxLinear:
             if zero_bytes:  # the pad zero channels, unpacked
                 zeros = jnp.zeros((x_u.shape[0], self.pad), x_u.dtype)
                 x_u = jnp.concatenate([zeros, x_u], axis=-1)
-            m = x2.shape[0]
-            return PreparedUnpacked(x_u, x_scales, self.k4, m, jnp.dtype(x.dtype), tuple(lead))
+            return PreparedUnpacked(x_u, x_scales, self.k4, jnp.dtype(x.dtype), tuple(lead))
         if self.mode == "pallas":
             out = aq.act_quant(x2, perm, k4, interpret=self.interpret, **kwargs)
         else:
@@ -529,39 +531,27 @@ class W4AxLinear:
             return _add_bias_cast(y, weight_params, prepared.dtype, prepared.lead)
         from pallas_kernels import w4ax_matmul as wk
 
-        if isinstance(prepared, PreparedUnpacked):
-            y = wk.w4ax_matmul_unpacked(
-                prepared.x_u,
-                prepared.x_scales,
-                weight_params["w_packed"],
-                weight_params["w_scales"],
-                weight_params.get("bias"),
-                k4=prepared.k4,
-                m=prepared.m,
-                tile_k=self.tile,
-                out_dtype=prepared.dtype,  # as below
-                interpret=self.interpret,
-            )
-            return y.reshape(*prepared.lead, y.shape[-1])
-        fn = wk.w4ax_matmul_reference
-        kwargs = {}
-        if self.mode == "pallas":
-            fn, kwargs = wk.w4ax_matmul, {"interpret": self.interpret}
-        y = fn(
-            prepared.x4_packed,
-            prepared.x8,
-            prepared.x_scales,
+        weights = (
             weight_params["w_packed"],
             weight_params["w_scales"],
             weight_params.get("bias"),
-            tile_k=self.tile,
-            # Straight to the compute dtype: the epilogue is f32 and rounds once at the store,
-            # the values of an f32 output cast afterwards (park_out tiles round their parked
-            # INT8 partial once more, <= 2^-9 of it; tests/test_w4ax_matmul.py), without
-            # writing and re-reading an f32 [M, N]: the tuning table was timed this way too.
-            out_dtype=prepared.dtype,
-            **kwargs,
         )
+        # Straight to the compute dtype: the epilogue is f32 and rounds once at the store, the
+        # values of an f32 output cast afterwards (park_out tiles round their parked INT8
+        # partial once more, <= 2^-9 of it; tests/test_w4ax_matmul.py), without writing and
+        # re-reading an f32 [M, N]: the tuning table was timed this way too.
+        kwargs = dict(tile_k=self.tile, out_dtype=prepared.dtype)
+        if isinstance(prepared, PreparedUnpacked):  # written by the kernel path only
+            x_args = (prepared.x_u, prepared.x_scales)
+            fn = functools.partial(
+                wk.w4ax_matmul_unpacked, k4=prepared.k4, m=prepared.m, interpret=self.interpret
+            )
+        else:
+            x_args = (prepared.x4_packed, prepared.x8, prepared.x_scales)
+            fn = wk.w4ax_matmul_reference
+            if self.mode == "pallas":
+                fn = functools.partial(wk.w4ax_matmul, interpret=self.interpret)
+        y = fn(*x_args, *weights, **kwargs)
         return y.reshape(*prepared.lead, y.shape[-1])
 
     # ---- Pallas path ---------------------------------------------------------------------
