@@ -86,6 +86,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from comet_jax.quant.pack import pack_int4, unpack_int4, unpack_int4_x16
+from pallas_kernels.act_quant import to_unpacked
 
 DEFAULT_TILE_K = 128
 BACKENDS = ("pallas", "xla_int8", "mgpu")
@@ -662,14 +663,16 @@ def _w4ax_call(
 
 @functools.partial(jax.jit, static_argnames=("tile_k", "out_dtype", "raw"))
 def _xla_int8_call(x4_packed, x8, x_scales, w_packed, w_scales, bias, *, tile_k, out_dtype, raw):
-    """The ``xla_int8`` backend: exact int32 segment sums from XLA int8 GEMMs, same epilogue.
+    """The ``xla_int8`` backend: exact int32 segment sums from XLA int8 GEMMs, same epilogue
+    (on the unpacked operand XLA builds here, :func:`_xla_int8_unpacked_call`).
 
     Only per-channel weight scales (group scales use the kernel).
     """
-    acc4, acc8 = w4ax_accumulators_reference(x4_packed, x8, w_packed, tile_k=tile_k)
-    if raw:  # the kernel's raw units: x256 (INT4 segment) and x16 (INT8 segment)
-        return acc4 * 256, acc8 * 16
-    return _segment_epilogue(acc4, acc8, x_scales, w_scales, bias, out_dtype)
+    x_u, x_scales = to_unpacked(x4_packed, x8, x_scales, tile_k=tile_k)
+    return _xla_int8_unpacked_call(
+        x_u, x_scales, w_packed, w_scales, bias,
+        m=x8.shape[0], k4=2 * x4_packed.shape[1], tile_k=tile_k, out_dtype=out_dtype, raw=raw,
+    )  # fmt: skip
 
 
 def _segment_epilogue(acc4, acc8, x_scales, w_scales, bias, out_dtype):
@@ -680,23 +683,27 @@ def _segment_epilogue(acc4, acc8, x_scales, w_scales, bias, out_dtype):
     return _add_bias_cast(y, bias, out_dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("m", "k4", "tile_k", "out_dtype"))
-def _xla_int8_unpacked_call(x_u, x_scales, w_packed, w_scales, bias, *, m, k4, tile_k, out_dtype):
-    """The ``xla_int8`` backend on the unpacked operand: x16 x x16 int8 dots (exact in
-    int32), the x256 / x16 removed by shifts, then the same epilogue."""
+@functools.partial(jax.jit, static_argnames=("m", "k4", "tile_k", "out_dtype", "raw"))
+def _xla_int8_unpacked_call(
+    x_u, x_scales, w_packed, w_scales, bias, *, m, k4, tile_k, out_dtype, raw=False
+):
+    """The ``xla_int8`` backend on the unpacked operand: x16 x x16 (INT4 segment) and
+    x8 x x16 (INT8 segment) int8 dots, exact in int32: the kernel's raw units (``raw``), or
+    with the x256 / x16 removed by shifts, the segment epilogue."""
     w_u = unpack_int4_x16_tiles(w_packed, tile_k)
     x_u = x_u[:m]
 
-    def seg(lo, hi, shift):
+    def seg(lo, hi):
         if hi == lo:
             return jnp.zeros((m, w_u.shape[0]), jnp.int32)
-        acc = jax.lax.dot_general(
+        return jax.lax.dot_general(
             x_u[:, lo:hi], w_u[:, lo:hi], _DOT_LAST, preferred_element_type=jnp.int32
         )
-        return jnp.right_shift(acc, shift)
 
-    k = x_u.shape[1]
-    acc4, acc8 = seg(0, k4, 8), seg(k4, k, 4)
+    acc4, acc8 = seg(0, k4), seg(k4, x_u.shape[1])
+    if raw:
+        return acc4, acc8
+    acc4, acc8 = jnp.right_shift(acc4, 8), jnp.right_shift(acc8, 4)
     return _segment_epilogue(acc4, acc8, x_scales[:m], w_scales, bias, out_dtype)
 
 

@@ -52,6 +52,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels.act_quant import to_unpacked
 from pallas_kernels.w4ax_matmul import DEFAULT_TILE_K, unpack_int4_x16_tiles, validate_args
 
 BLOCK_NS = (64, 128)  # MgpuConfig.block_n: wgmma's N per tile
@@ -346,13 +347,12 @@ def mgpu_unsupported(n: int, n_groups: int, tile_k: int, cfg, *, two_segments: b
 
 @functools.partial(jax.jit, static_argnames=("tile_k", "out_dtype", "cfg"))
 def _w4ax_mgpu_call(x4_packed, x8, x_scales, w_packed, w_scales, bias, *, tile_k, out_dtype, cfg):
-    m = x8.shape[0]
-    k4, k8 = 2 * x4_packed.shape[1], x8.shape[1]
-    parts = ([unpack_int4_x16_tiles(x4_packed, tile_k)] if k4 else []) + ([x8] if k8 else [])
-    x_u = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)  # [M, K] int8
+    # [Mp, K] int8 = [16 * x4 | x8], rows padded to the tile: what act_quant writes itself
+    # for the unpacked entry below
+    x_u, x_scales = to_unpacked(x4_packed, x8, x_scales, tile_k=tile_k, row_align=cfg.block_m)
     return _on_unpacked(
         x_u, x_scales, w_packed, w_scales, bias,
-        m=m, k4=k4, tile_k=tile_k, out_dtype=out_dtype, cfg=cfg,
+        m=x8.shape[0], k4=2 * x4_packed.shape[1], tile_k=tile_k, out_dtype=out_dtype, cfg=cfg,
     )  # fmt: skip
 
 
