@@ -27,6 +27,7 @@ ENGINE_FLAGS = (
     "max_batch",
     "max_tokens_per_step",
     "max_prefill_seqs",
+    "max_prefill_grid",
     "max_model_len",
     "page_size",
     "num_pages",
@@ -358,6 +359,12 @@ def _common(p: argparse.ArgumentParser, engine: bool = True) -> None:
         help="token budget of one step (decode + prefill chunks); largest chunk",
     )
     g.add_argument("--max_prefill_seqs", type=int, help="prompts chunked in one step")
+    g.add_argument(
+        "--max_prefill_grid",
+        type=int,
+        help="most positions (batch bucket x chunk bucket) of a prefill call's attention grid; "
+        "longer chunks are cut or wait (default 2 x max_tokens_per_step)",
+    )
     g.add_argument("--max_model_len", type=int, help="longest prompt + completion in tokens")
     g.add_argument(
         "--page_size",

@@ -359,6 +359,7 @@ def bench_precision(args, model_config, precision: str) -> list[dict]:
         max_batch=max_batch,
         max_tokens_per_step=args.max_tokens_per_step,
         max_prefill_seqs=args.max_prefill_seqs,
+        max_prefill_grid=args.max_prefill_grid,
         max_model_len=longest,
         page_size=args.page_size,
         num_pages=args.num_pages,
@@ -604,6 +605,13 @@ def parse_args(argv=None):
     )
     p.add_argument("--max-tokens-per-step", type=int, default=2048)
     p.add_argument("--max-prefill-seqs", type=int, default=4)
+    p.add_argument(
+        "--max-prefill-grid",
+        type=int,
+        default=None,
+        help="EngineConfig.max_prefill_grid: most [batch bucket x chunk bucket] positions of a "
+        "prefill call (default 2 x --max-tokens-per-step)",
+    )
     p.add_argument(
         "--page-size",
         type=int,

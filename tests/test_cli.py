@@ -72,6 +72,15 @@ def test_gin_bindings_apply_and_flags_win():
     assert cfg.max_model_len == 96 and cfg.max_batch == 3
 
 
+def test_max_prefill_grid_flag():
+    parse = cli.build_parser().parse_args
+    args = parse(["generate", "x", "--max_prefill_seqs", "4", "--max_tokens_per_step", "64"])
+    assert cli._engine_config(args, cli._configure(args)).prefill_grid_limit == 128
+    args = parse(["generate", "x", "--max_prefill_seqs", "4", "--max_tokens_per_step", "64",
+                  "--max_prefill_grid", "256"])  # fmt: skip
+    assert cli._engine_config(args, cli._configure(args)).prefill_grid_limit == 256
+
+
 def test_prefill_dequantize_flag():
     parse = cli.build_parser().parse_args
     for argv, want in (

@@ -4,11 +4,13 @@ A fake model makes every step's tokens a function of the sequence's tokens so fa
 under page pressure must reproduce the unconstrained run exactly.
 """
 
+import dataclasses
+
 import numpy as np
 import pytest
 
 from comet_jax.engine.allocator import BlockAllocator, pages_for
-from comet_jax.engine.config import EngineConfig
+from comet_jax.engine.config import EngineConfig, bucket_for
 from comet_jax.engine.sampling import SamplingParams
 from comet_jax.engine.scheduler import FinishReason, Scheduler, Sequence, Status
 
@@ -38,6 +40,10 @@ def run(config, num_pages, prompts, max_tokens, abort_after=None):
         assert len(sched.running) <= config.max_batch
         assert len(plan.prefill) <= config.max_prefill_seqs
         assert all(c.length == 1 for c in plan.decode)
+        if plan.prefill:  # the call's attention grid stays within the limit
+            grid_b = bucket_for(len(plan.prefill), config.prefill_batch_bucket_list, "b")
+            grid_t = bucket_for(max(c.length for c in plan.prefill), config.chunk_bucket_list, "t")
+            assert config.prefill_shape_fits(grid_b, grid_t)
         assert len({id(c.seq) for c in chunks}) == len(chunks)
         owned = [p for s in sched.running for p in s.pages]
         assert len(owned) == len(set(owned)) == alloc.num_used
@@ -105,6 +111,55 @@ def test_chunked_prefill_mixed_with_decode():
         sched.complete(c, 7)
     plan = sched.schedule()
     assert [(c.seq.request_id, c.start, c.length) for c in plan.prefill] == [("b", 15, 15)]
+
+
+def test_prefill_grid_limit_shortens_then_defers_chunks():
+    """A prefill call's attention grid (batch bucket x chunk bucket) stays within
+    max_prefill_grid: a chunk that would widen it is cut to the largest chunk bucket that
+    fits, or waits when none does; the deferred prompt runs in a later step, and every
+    request still produces the unconstrained run's tokens."""
+    cfg = EngineConfig(
+        max_batch=8, max_tokens_per_step=64, max_prefill_seqs=4, max_model_len=128,
+        page_size=16, max_prefill_grid=64,
+    )  # fmt: skip
+    assert cfg.chunk_bucket_list == (16, 32, 64) and cfg.prefill_batch_bucket_list == (1, 2, 4)
+    sched = Scheduler(cfg, BlockAllocator(64))
+    a = Sequence("a", list(range(10)), SamplingParams(max_tokens=3))
+    b = Sequence("b", list(range(60)), SamplingParams(max_tokens=3))
+    c = Sequence("c", list(range(5)), SamplingParams(max_tokens=3))
+    for s in (a, b, c):
+        sched.add(s)
+    plan = sched.schedule()
+    # a: 10 (grid 1 x 16); b: 54 tokens of budget left, but 2 x 64 > 64: cut to 32 (2 x 32);
+    # c: a third sequence needs batch bucket 4, and 4 x 32 > 64: waits.
+    assert [(ch.seq.request_id, ch.length) for ch in plan.prefill] == [("a", 10), ("b", 32)]
+    assert list(sched.waiting) == [c] and not c.pages
+    # The default limit (2 x max_tokens_per_step) lets all three in.
+    sched = Scheduler(dataclasses.replace(cfg, max_prefill_grid=None), BlockAllocator(64))
+    for s in (a, b, c):
+        s.num_computed, s.pages, s.status = 0, [], Status.WAITING
+        sched.add(s)
+    assert sched.config.prefill_grid_limit == 128
+    plan = sched.schedule()
+    assert [(ch.seq.request_id, ch.length) for ch in plan.prefill] == [("a", 10), ("b", 54)]
+    # With the limit, under page pressure and with mixed lengths, outputs are unchanged.
+    rng = np.random.default_rng(5)
+    prompts = [list(rng.integers(0, 97, int(n))) for n in rng.integers(2, 70, 10)]
+    max_tokens = [int(m) for m in rng.integers(1, 12, 10)]
+    seqs, _ = run(cfg, 12, prompts, max_tokens)
+    for s, p, m in zip(seqs, prompts, max_tokens):
+        assert s.output_ids == expected(p, m)
+
+
+def test_prefill_grid_validation():
+    base = dict(max_batch=8, max_tokens_per_step=64, max_prefill_seqs=4, max_model_len=128)
+    with pytest.raises(ValueError, match="max_prefill_grid=0 must be a positive int"):
+        EngineConfig(**base, max_prefill_grid=0)
+    with pytest.raises(ValueError, match="below one full-budget chunk's grid"):
+        EngineConfig(**base, max_prefill_grid=63)
+    with pytest.raises(ValueError, match="smallest prefill batch bucket 2"):
+        EngineConfig(**base, prefill_batch_buckets=(2, 4), max_prefill_grid=64)
+    assert EngineConfig(**base, prefill_batch_buckets=(4,)).prefill_grid_limit == 4 * 64
 
 
 def test_abort_frees_pages_at_once_and_other_requests_finish():

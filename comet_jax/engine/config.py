@@ -59,6 +59,14 @@ class EngineConfig:
       max_tokens_per_step: token budget of one engine step (decode tokens + prefill chunk
         tokens); also the largest prefill chunk.
       max_prefill_seqs: most sequences whose prompt chunks run in one step.
+      max_prefill_grid: most positions of a prefill call's attention grid, its batch bucket x
+        chunk bucket (attention sees the call's chunks padded to that [B, T] grid, with q, k,
+        v and the output gathered into it: about (2 Hq + 2 Hkv) x D x 2 bytes a position,
+        ~160 KiB for LLaMA-3-8B). The scheduler shortens or defers a prompt chunk that would
+        make the grid larger, and only the buckets within it are compiled. None (default):
+        2 x max_tokens_per_step (or the smallest prefill batch bucket x max_tokens_per_step
+        if larger). Without a limit, 64 prefill sequences x 8192-token chunks compiled an 8B
+        step with 8.1 GiB of scratch that no real step used (docs/benchmarks.md, 2026-11-27).
       max_model_len: longest sequence (prompt + generated) the engine accepts.
       page_size: tokens per KV page (16, 32, 64 or 128). None (default): 128 when the
         engine will run the Pallas kernels on a GPU, else 16. On the H100 page 128 gave the
@@ -138,6 +146,7 @@ class EngineConfig:
     max_batch: int = 16
     max_tokens_per_step: int = 256
     max_prefill_seqs: int = 2
+    max_prefill_grid: int | None = None
     max_model_len: int = 1024
     page_size: int | None = None
     num_pages: int | None = None
@@ -231,6 +240,17 @@ class EngineConfig:
         _check_buckets("prefill_batch_buckets", self.prefill_batch_buckets, self.max_prefill_seqs)
         _check_buckets("chunk_buckets", self.chunk_buckets, self.max_tokens_per_step)
         _check_buckets("page_buckets", self.page_buckets, self.max_pages_per_seq)
+        g = self.max_prefill_grid
+        if g is not None:
+            if isinstance(g, bool) or not isinstance(g, int) or g <= 0:
+                raise ValueError(f"max_prefill_grid={g!r} must be a positive int or None")
+            need = self.prefill_batch_bucket_list[0] * self.max_tokens_per_step
+            if g < need:
+                raise ValueError(
+                    f"max_prefill_grid={g} is below one full-budget chunk's grid: smallest "
+                    f"prefill batch bucket {self.prefill_batch_bucket_list[0]} x "
+                    f"max_tokens_per_step {self.max_tokens_per_step} = {need}"
+                )
 
     @property
     def resolved_kv_dtype(self) -> str:
@@ -254,6 +274,19 @@ class EngineConfig:
     def chunk_bucket_list(self) -> tuple[int, ...]:
         start = min(16, self.max_tokens_per_step)
         return self.chunk_buckets or _pow2_buckets(self.max_tokens_per_step, start)
+
+    @property
+    def prefill_grid_limit(self) -> int:
+        """`max_prefill_grid`, resolved (None: its default)."""
+        if self.max_prefill_grid is not None:
+            return self.max_prefill_grid
+        first = self.prefill_batch_bucket_list[0]
+        return max(2, first) * self.max_tokens_per_step
+
+    def prefill_shape_fits(self, batch_bucket: int, chunk_bucket: int) -> bool:
+        """Whether a prefill call of this (batch bucket, chunk bucket) is within the grid
+        limit (only those are compiled and scheduled)."""
+        return batch_bucket * chunk_bucket <= self.prefill_grid_limit
 
     @property
     def page_bucket_list(self) -> tuple[int, ...]:

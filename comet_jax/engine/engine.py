@@ -220,7 +220,7 @@ class LLMEngine:
             for b in cfg.prefill_batch_bucket_list
             for c in cfg.chunk_bucket_list
             for p in cfg.page_bucket_list
-            if c > 1
+            if c > 1 and cfg.prefill_shape_fits(b, c)
         ]
         return shapes
 
@@ -529,14 +529,25 @@ def step_working_bytes(model_config, config: EngineConfig, rows: int | None = No
     (``rows`` decode rows, default ``config.max_batch``): the sampler's f32 ``[rows, vocab]``
     arrays (``SAMPLER_ROW_COPIES``) and f32 activations of the MLP and residual widths for
     the step's largest token count (an upper bound of XLA's memory analysis of the compiled
-    8B steps: 1.12-1.19 GiB at 8192 tokens, docs/benchmarks.md). At batch 7289 (LLaMA-3-8B,
+    8B steps: 1.12-1.19 GiB at 8192 tokens, docs/benchmarks.md), plus the largest prefill
+    call's attention grid (`prefill_grid_bytes`). At batch 7289 (LLaMA-3-8B,
     256-token sequences in KV4) the sampler alone needs 17.4 GiB, more than the 10% of free
     memory that `memory_fraction=0.9` leaves: the pool must give way."""
     rows = config.max_batch if rows is None else rows
     sampler = SAMPLER_ROW_COPIES * rows * model_config.vocab_size * 4
     tokens = max(rows, config.max_tokens_per_step)
     width = 2 * model_config.intermediate_size + 4 * model_config.hidden_size
-    return sampler + 4 * tokens * width
+    return sampler + 4 * tokens * width + prefill_grid_bytes(model_config, config)
+
+
+def prefill_grid_bytes(model_config, config: EngineConfig) -> int:
+    """Bytes of the largest prefill call's attention grid (`config.prefill_grid_limit`
+    positions) holding q, k, v and the output in the compute dtype. XLA's memory analysis of
+    the compiled LLaMA-3-8B W4AxKV4 steps grew by 15.6 KiB per grid position (64 x 8192 vs
+    1 x 8192 positions, docs/benchmarks.md 2026-11-27) against the 20 KiB counted here."""
+    item = 4 if config.compute_dtype == "float32" else 2
+    heads = 2 * model_config.num_heads + 2 * model_config.num_kv_heads
+    return config.prefill_grid_limit * heads * model_config.head_dim * item
 
 
 def plan_capacity(

@@ -7,7 +7,9 @@ row). When a slice ends at the last token, the step samples the next token from 
 
 `Scheduler.schedule()` builds one step under the limits of `EngineConfig`:
   1. running sequences in admission order: decode rows (1 token each) and prefill chunks,
-     all within `max_tokens_per_step` and `max_prefill_seqs`; when pages run out, the newest
+     all within `max_tokens_per_step`, `max_prefill_seqs` and the prefill grid limit (a
+     chunk that would widen the call's [batch bucket, chunk bucket] grid past
+     `max_prefill_grid` is shortened, or waits for a later step); when pages run out, the newest
      running sequence is preempted by recompute (pages freed, `num_computed = 0`, put back at
      the head of the waiting queue with its generated tokens kept) until the page fits;
   2. waiting sequences, first come first served, while a slot (`max_batch`), token budget and
@@ -27,7 +29,7 @@ import enum
 import time
 
 from comet_jax.engine.allocator import BlockAllocator, pages_for
-from comet_jax.engine.config import EngineConfig
+from comet_jax.engine.config import EngineConfig, bucket_for
 from comet_jax.engine.sampling import SamplingParams
 
 PENDING = -1  # output id of a dispatched step whose sampled token is not back yet
@@ -210,6 +212,11 @@ class Scheduler:
             if length > 1 and len(plan.prefill) >= cfg.max_prefill_seqs:
                 i += 1
                 continue
+            if length > 1:
+                length = self._grid_room(plan.prefill, length)
+                if length == 0:
+                    i += 1
+                    continue
             # Shrink a prefill chunk to the free pages before preempting anyone for it.
             while length > 1 and not self._grow(seq, seq.num_computed + length):
                 owned = len(seq.pages) * cfg.page_size - seq.num_computed
@@ -235,6 +242,10 @@ class Scheduler:
             length = min(seq.remaining, budget)
             if length > 1 and len(plan.prefill) >= cfg.max_prefill_seqs:
                 break
+            if length > 1:
+                length = self._grid_room(plan.prefill, length)
+                if length == 0:
+                    break
             if not self._grow(seq, seq.num_computed + length):
                 break
             self.waiting.popleft()
@@ -245,6 +256,18 @@ class Scheduler:
             (plan.prefill if length > 1 else plan.decode).append(chunk)
             budget -= length
         return plan
+
+    def _grid_room(self, prefill: list[Chunk], length: int) -> int:
+        """`length` cut so that one more prefill chunk keeps the call's grid (batch bucket x
+        chunk bucket of its longest chunk) within `config.prefill_grid_limit`; 0 when even
+        the chunks already planned leave no room for another sequence."""
+        cfg = self.config
+        batch = bucket_for(len(prefill) + 1, cfg.prefill_batch_bucket_list, "prefill batch")
+        longest = max((c.length for c in prefill), default=1)
+        room = [
+            c for c in cfg.chunk_bucket_list if c >= longest and cfg.prefill_shape_fits(batch, c)
+        ]
+        return min(length, room[-1]) if room else 0
 
     def commit(self, chunk: Chunk) -> int | None:
         """Records that `chunk` was dispatched: its tokens count as computed, and when it
