@@ -18,11 +18,14 @@ engine, measured in the same run.
     python experiments/bench_throughput.py --preset llama3-8b              # GPU
     python experiments/bench_throughput.py --preset llama3-70b --precisions w4axkv4,bf16
     python experiments/bench_throughput.py --tiny                           # CPU smoke run
-    # docs/benchmarks.md runs 45-46 (1.88x, 2.00x), one process per precision:
+    # docs/benchmarks.md runs 45-46, 50 (1.88x, 2.00x, 2.03x), one process per precision:
     python experiments/bench_throughput.py --precisions w4axkv4 --max-batch memory \
         --requests batch --workloads 1024/512 --fixed-batches= --memory-fraction 0.9 \
         --max-tokens-per-step 8192 --max-prefill-seqs 8 --prefill-batch-buckets 1,8 \
         --chunk-buckets 1024,8192 --decode-buckets 4,8,16,32,64,128,256,512 --modes async
+    # run 51 (128/128, 1.60x): --workloads 128/128 --max-batch-cap 8192 --max-prefill-seqs 64
+    #   --prefill-batch-buckets 1,16,32,64 --chunk-buckets 128,8192
+    #   --decode-buckets 4,8,16,32,64,128,256,512,1024,2048,3072,4096,5120
 
 Memory: the KV pool is `--memory-fraction` (default 0.85) of the device memory left after the
 weights; the script sets XLA_PYTHON_CLIENT_MEM_FRACTION to 0.92 unless it is set (XLA's own

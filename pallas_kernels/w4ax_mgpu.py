@@ -28,8 +28,9 @@ runs the INT8 segment's tiles first and holds their scaled partial as bf16 in re
 one accumulator (and 128 rows) suffice. ``park_int8`` has been lowered on the CPU, not yet run
 on the GPU (``bench_gemm.py --mgpu`` times and checks it).
 
-``smem_unpack`` (written 2026-11-27; lowered for CUDA on the CPU, not yet run on a GPU:
-``bench_gemm.py --mgpu`` checks and times it): the kernel takes the packed INT4 weights
+``smem_unpack`` (2026-11-27; correct on the H100, every output element within tolerance, but
+1.6-2.2x slower than the ``wx`` schedules with XLA's unpack included, at M = 1214 and 8192 on
+the LLaMA-3-8B shapes, docs/benchmarks.md; no tuning entry uses it): the kernel takes the packed INT4 weights
 ``[N, K/2]`` instead of XLA's per-call int8 copy (which writes and re-reads ``N x K`` bytes: ~3.5
 ms of every LLaMA-3-8B engine step at batch 1214, docs/benchmarks.md run 48). The memory
 warpgroup streams each K tile's ``[block_n, 64]`` packed bytes and the activations' two

@@ -312,28 +312,41 @@ class LLMEngine:
 
     # -- one step --------------------------------------------------------------------------------
     def _inputs(self, chunks: list[Chunk], batch_buckets, length: int) -> StepInputs:
+        """The call's StepInputs. One Python pass collects the rows' values and numpy writes
+        them column by column (a decode call has thousands of rows: per-element writes took
+        ~11 ms of host time per step at 6131 rows, `experiments/bench_host.py`)."""
         cfg = self.config
-        batch = bucket_for(len(chunks), batch_buckets, "batch")
-        pages = bucket_for(max(len(c.seq.pages) for c in chunks), cfg.page_bucket_list, "pages")
+        n = len(chunks)
+        seqs = [c.seq for c in chunks]
+        batch = bucket_for(n, batch_buckets, "batch")
+        page_counts = [len(s.pages) for s in seqs]
+        pages = bucket_for(max(page_counts), cfg.page_bucket_list, "pages")
         inp = StepInputs.zeros(batch, length, pages)
+        ids, src_rows, src_slots = [], [], []
+        slots = self._inflight_slots
         for i, c in enumerate(chunks):
-            seq = c.seq
-            ids = seq.token_slice(c.start, c.start + c.length)
-            if ids[-1] == PENDING:  # sampled by the step in flight: read on the device
-                if c.length != 1 or id(seq) not in self._inflight_slots:
-                    raise RuntimeError(f"{seq.request_id}: pending token cannot be supplied")
-                inp.src[i] = self._inflight_slots[id(seq)]
-                ids = [0]
-            inp.tokens[i, : c.length] = ids
-            inp.start[i] = c.start
-            inp.num_valid[i] = c.length
-            inp.page_table[i, : len(seq.pages)] = seq.pages
-            inp.window_slot[i] = seq.window_slot
-            inp.temperature[i] = seq.params.temperature
-            inp.top_k[i] = seq.params.top_k
-            inp.top_p[i] = seq.params.top_p
-            inp.seeds[i] = seq.seed
-            inp.counters[i] = len(seq.output_ids)
+            row = c.seq.token_slice(c.start, c.start + c.length)
+            if row[-1] == PENDING:  # sampled by the step in flight: read on the device
+                if c.length != 1 or id(c.seq) not in slots:
+                    raise RuntimeError(f"{c.seq.request_id}: pending token cannot be supplied")
+                src_rows.append(i)
+                src_slots.append(slots[id(c.seq)])
+                row = [0]
+            ids.extend(row)
+        lengths = np.fromiter((c.length for c in chunks), np.int32, n)
+        # Row-major boolean fills: each row's leading `lengths[i]` tokens / `page_counts[i]` pages.
+        inp.tokens[:n][np.arange(length) < lengths[:, None]] = ids
+        counts = np.asarray(page_counts, np.int32)
+        inp.page_table[:n][np.arange(pages) < counts[:, None]] = [p for s in seqs for p in s.pages]
+        inp.src[src_rows] = src_slots
+        inp.start[:n] = [c.start for c in chunks]
+        inp.num_valid[:n] = lengths
+        inp.window_slot[:n] = [s.window_slot for s in seqs]
+        inp.temperature[:n] = [s.params.temperature for s in seqs]
+        inp.top_k[:n] = [s.params.top_k for s in seqs]
+        inp.top_p[:n] = [s.params.top_p for s in seqs]
+        inp.seeds[:n] = [s.seed for s in seqs]
+        inp.counters[:n] = [len(s.output_ids) for s in seqs]
         return inp
 
     def step(self) -> list[RequestOutput]:
@@ -453,19 +466,20 @@ class LLMEngine:
         self, req: _Request, new_ids: list[int], text: str, sent: int | None = None
     ) -> RequestOutput:
         seq = req.seq
-        if seq.finished:  # aborted or stopped: nothing PENDING remains
+        finished = seq.finished
+        if finished:  # aborted or stopped: nothing PENDING remains
             seq.output_ids[:] = [t for t in seq.output_ids if t != PENDING]
         req.sent = len(seq.output_ids) if sent is None else min(sent, len(seq.output_ids))
         out = RequestOutput(
             request_id=seq.request_id,
             new_token_ids=tuple(new_ids),
             new_text=text,
-            finished=seq.finished,
+            finished=finished,
             finish_reason=seq.finish_reason.value if seq.finish_reason else None,
             num_prompt_tokens=len(seq.prompt_ids),
             num_output_tokens=req.sent,
         )
-        if seq.finished:
+        if finished:
             del self._requests[seq.request_id]
         if req.on_output is not None:
             req.on_output(out)

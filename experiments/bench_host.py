@@ -1,0 +1,169 @@
+"""Host time of the serving engine per step, without a device: the engine's scheduler, input
+building and output handling driven by an instant stand-in for the model runner (every step
+samples token 7), at the batch sizes of the max-throughput runs.
+
+With asynchronous scheduling (the default) this host work overlaps the GPU's step; the GPU
+idles only when a step's host time exceeds the device time of the step before it. At the
+LLaMA-3-8B W4AxKV4 128/128 memory batch (up to 5191 running sequences) the engine spent
+62.5 ms of host work per 126 ms step on the H100 machine (run 51, docs/benchmarks.md,
+2026-11-27), so this is a number to keep down. Same scheduling as the engine on the GPU: the
+stand-in only replaces the device call.
+
+    python experiments/bench_host.py                        # 6131 x 128/128 and 1214 x 1024/512
+    python experiments/bench_host.py --cases 256:1024/512 --profile 20
+
+Writes JSON (--out) and prints a table: steps, host ms per step (schedule + inputs + output
+handling), and the split between the three.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import json
+import os
+import platform
+import pstats
+import sys
+import time
+import types
+
+import numpy as np
+
+from comet_jax.engine.config import EngineConfig
+from comet_jax.engine.engine import LLMEngine
+from comet_jax.engine.sampling import SamplingParams
+
+VOCAB = 128256
+
+
+class InstantRunner:
+    """The `ModelRunner` surface the engine uses, with no model: `run` returns token 7 for
+    every row at once (a host array; the engine reads it with np.asarray)."""
+
+    def __init__(self, num_pages: int, out_size: int):
+        self.num_pages, self.out_size, self.allow_lazy = num_pages, out_size, True
+        self.no_tokens = np.zeros(out_size, np.int32)
+        self.model = types.SimpleNamespace(config=types.SimpleNamespace(vocab_size=VOCAB))
+        self.calls = 0
+
+    def token_slots(self, batch: int) -> int:
+        return max(batch, self.out_size)
+
+    def run(self, inp, prev=None):
+        self.calls += 1
+        return np.full(self.token_slots(inp.tokens.shape[0]), 7, np.int32)
+
+
+def engine_for(batch: int, prompt: int, output: int, async_scheduling: bool = True):
+    """The engine of the max-throughput runs (docs/benchmarks.md run 51's buckets) over an
+    InstantRunner with a pool for `batch` sequences of prompt + output tokens."""
+    decode = tuple(b for b in (4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096) if b < batch)
+    prefill_seqs = min(64, max(1, 8192 // prompt), batch)
+    cfg = EngineConfig(
+        max_batch=batch,
+        max_tokens_per_step=8192,
+        max_prefill_seqs=prefill_seqs,
+        max_model_len=prompt + output,
+        page_size=128,
+        decode_buckets=decode + (batch,),
+        prefill_batch_buckets=(1, prefill_seqs) if prefill_seqs > 1 else (1,),
+        chunk_buckets=tuple(sorted({min(prompt, 8192), 8192})),
+        aot_compile=False,
+        kernels="reference",
+        async_scheduling=async_scheduling,
+    )
+    pages = batch * -(-(prompt + output) // 128) + 1
+    return LLMEngine(cfg, InstantRunner(pages, max(batch, prefill_seqs)), progress=False)
+
+
+def run_case(batch: int, prompt: int, output: int, profile: int = 0) -> dict:
+    eng = engine_for(batch, prompt, output)
+    rng = np.random.default_rng(0)
+    params = SamplingParams(max_tokens=output, temperature=0.0, ignore_eos=True)
+    seen = [0]
+
+    def on_output(out):
+        seen[0] += len(out.new_token_ids)
+
+    for _ in range(batch):
+        eng.add_request(None, rng.integers(0, VOCAB, prompt).tolist(), params, on_output)
+    prof = cProfile.Profile() if profile else None
+    t0 = time.perf_counter()
+    if prof:
+        prof.enable()
+    steps = 0
+    while eng.has_unfinished():
+        eng.step()
+        steps += 1
+    while eng._inflight is not None:  # the last dispatched step's tokens
+        eng.step()
+    if prof:
+        prof.disable()
+    wall = time.perf_counter() - t0
+    if seen[0] != batch * output:
+        raise RuntimeError(f"{seen[0]} tokens streamed, expected {batch * output}")
+    st = eng.stats
+    row = dict(
+        batch=batch,
+        workload=f"{prompt}/{output}",
+        steps=st.steps,
+        wall_s=wall,
+        host_ms_per_step=1e3 * wall / st.steps,
+        tokens=seen[0],
+        profiled=bool(prof),
+    )
+    if eng.allocator.num_used:
+        raise RuntimeError(f"{eng.allocator.num_used} pages leaked")
+    if prof:
+        stats = pstats.Stats(prof, stream=sys.stderr).sort_stats("tottime")
+        stats.print_stats(profile)
+    return row
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument(
+        "--cases",
+        default="6131:128/128,1214:1024/512",
+        help="comma list of BATCH:PROMPT/OUTPUT (every request of the batch at once)",
+    )
+    ap.add_argument(
+        "--repeats", type=int, default=3, help="runs per case; the table shows the median"
+    )
+    ap.add_argument("--profile", type=int, default=0, help="print the N costliest functions")
+    ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "/tmp"), "bench_host.json"))
+    args = ap.parse_args(argv)
+    cases = []
+    for item in args.cases.split(","):
+        try:
+            b, wl = item.split(":")
+            p, o = wl.split("/")
+            cases.append((int(b), int(p), int(o)))
+        except ValueError:
+            raise SystemExit(
+                f"--cases item {item!r}: expected BATCH:PROMPT/OUTPUT, e.g. 256:128/128"
+            ) from None
+        if min(cases[-1]) < 1:
+            raise SystemExit(f"--cases item {item!r}: every number must be >= 1")
+    if args.repeats < 1:
+        raise SystemExit(f"--repeats={args.repeats} must be >= 1")
+    rows = []
+    print(f"{'batch':>6} {'workload':>9} {'steps':>6} {'host ms/step':>13}")
+    for b, p, o in cases:
+        runs = [run_case(b, p, o) for _ in range(args.repeats)]
+        row = sorted(runs, key=lambda r: r["host_ms_per_step"])[len(runs) // 2]
+        row["runs_ms_per_step"] = [r["host_ms_per_step"] for r in runs]
+        rows.append(row)
+        print(f"{b:>6} {p}/{o:>4} {row['steps']:>6} {row['host_ms_per_step']:>13.2f}")
+        if args.profile:
+            run_case(b, p, o, profile=args.profile)
+    meta = dict(date=time.strftime("%Y-%m-%d"), python=platform.python_version(),
+                machine=platform.processor() or platform.machine(), cpus=os.cpu_count())  # fmt: skip
+    with open(args.out, "w") as f:
+        json.dump(dict(meta=meta, rows=rows), f, indent=1)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
