@@ -1,6 +1,9 @@
 """Host time of the serving engine per step, without a device: the engine's scheduler, input
 building and output handling driven by an instant stand-in for the model runner (every step
-samples token 7), at the batch sizes of the max-throughput runs.
+samples token 7), at the batch sizes of the max-throughput runs. Also counts the rows each
+step's calls push through the GEMMs (a decode call's batch bucket; a prefill call's grid,
+or its packed rows) against the real tokens: the padding that the shape buckets cost, the
+same on any device, for choosing buckets without a GPU.
 
 With asynchronous scheduling (the default) this host work overlaps the GPU's step; the GPU
 idles only when a step's host time exceeds the device time of the step before it. At the
@@ -11,9 +14,12 @@ stand-in only replaces the device call.
 
     python experiments/bench_host.py                        # 6131 x 128/128 and 1214 x 1024/512
     python experiments/bench_host.py --cases 256:1024/512 --profile 20
+    python experiments/bench_host.py --cases 6131:128/128 --prefill-batch-buckets 1,16,32,64 \
+        --decode-buckets 4,8,16,32,64,128,256,512,1024,2048,3072,4096,5120
 
-Writes JSON (--out) and prints a table: steps, host ms per step (schedule + inputs + output
-handling), and the split between the three.
+Writes JSON (--out) and prints a table: steps, host ms per step (schedule, inputs and output
+handling together; `--profile N` prints where it goes) and GEMM rows per real token of the
+decode and prefill calls.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import numpy as np
 
 from comet_jax.engine.config import EngineConfig
 from comet_jax.engine.engine import LLMEngine
+from comet_jax.engine.runner import packs
 from comet_jax.engine.sampling import SamplingParams
 
 VOCAB = 128256
@@ -39,27 +46,49 @@ VOCAB = 128256
 
 class InstantRunner:
     """The `ModelRunner` surface the engine uses, with no model: `run` returns token 7 for
-    every row at once (a host array; the engine reads it with np.asarray)."""
+    every row at once (a host array; the engine reads it with np.asarray), and counts the
+    rows the real runner's GEMMs would process: a decode call's batch bucket, a prefill call's
+    [batch, chunk] grid, or ``pack_tokens`` rows when the grid is packed (`runner.packs`)."""
 
-    def __init__(self, num_pages: int, out_size: int):
+    def __init__(self, num_pages: int, out_size: int, pack_tokens: int):
         self.num_pages, self.out_size, self.allow_lazy = num_pages, out_size, True
+        self.pack_tokens = pack_tokens
         self.no_tokens = np.zeros(out_size, np.int32)
         self.model = types.SimpleNamespace(config=types.SimpleNamespace(vocab_size=VOCAB))
-        self.calls = 0
+        # call kind -> [rows computed, real tokens]
+        self.rows = {"decode": [0, 0], "prefill": [0, 0]}
 
     def token_slots(self, batch: int) -> int:
         return max(batch, self.out_size)
 
     def run(self, inp, prev=None):
-        self.calls += 1
-        return np.full(self.token_slots(inp.tokens.shape[0]), 7, np.int32)
+        b, t = inp.tokens.shape
+        rows = self.pack_tokens if packs(b, t, self.pack_tokens) else b * t
+        count = self.rows["decode" if t == 1 else "prefill"]
+        count[0] += rows
+        count[1] += int(inp.num_valid.sum())
+        return np.full(self.token_slots(b), 7, np.int32)
 
 
-def engine_for(batch: int, prompt: int, output: int, async_scheduling: bool = True):
-    """The engine of the max-throughput runs (docs/benchmarks.md run 51's buckets) over an
-    InstantRunner with a pool for `batch` sequences of prompt + output tokens."""
-    decode = tuple(b for b in (4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096) if b < batch)
+DECODE_BUCKETS = (4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+def engine_for(
+    batch: int,
+    prompt: int,
+    output: int,
+    async_scheduling: bool = True,
+    decode_buckets: tuple[int, ...] = DECODE_BUCKETS,
+    prefill_batch_buckets: tuple[int, ...] | None = None,
+):
+    """The engine of the max-throughput runs over an InstantRunner with a pool for `batch`
+    sequences of prompt + output tokens: steps of 8192 tokens, min(64, 8192 // prompt)
+    prefill sequences, and by default run 50's buckets (docs/benchmarks.md): decode
+    `DECODE_BUCKETS` below the batch plus the batch, prefill batch (1, max). Given buckets
+    past the limits are dropped and the limit is added."""
+    decode = tuple(b for b in decode_buckets if b < batch)
     prefill_seqs = min(64, max(1, 8192 // prompt), batch)
+    prefill = tuple(b for b in prefill_batch_buckets or (1,) if b < prefill_seqs)
     cfg = EngineConfig(
         max_batch=batch,
         max_tokens_per_step=8192,
@@ -67,18 +96,19 @@ def engine_for(batch: int, prompt: int, output: int, async_scheduling: bool = Tr
         max_model_len=prompt + output,
         page_size=128,
         decode_buckets=decode + (batch,),
-        prefill_batch_buckets=(1, prefill_seqs) if prefill_seqs > 1 else (1,),
+        prefill_batch_buckets=prefill + (prefill_seqs,),
         chunk_buckets=tuple(sorted({min(prompt, 8192), 8192})),
         aot_compile=False,
         kernels="reference",
         async_scheduling=async_scheduling,
     )
     pages = batch * -(-(prompt + output) // 128) + 1
-    return LLMEngine(cfg, InstantRunner(pages, max(batch, prefill_seqs)), progress=False)
+    runner = InstantRunner(pages, max(batch, prefill_seqs), cfg.max_tokens_per_step)
+    return LLMEngine(cfg, runner, progress=False)
 
 
-def run_case(batch: int, prompt: int, output: int, profile: int = 0) -> dict:
-    eng = engine_for(batch, prompt, output)
+def run_case(batch: int, prompt: int, output: int, profile: int = 0, **engine_kw) -> dict:
+    eng = engine_for(batch, prompt, output, **engine_kw)
     rng = np.random.default_rng(0)
     params = SamplingParams(max_tokens=output, temperature=0.0, ignore_eos=True)
     seen = [0]
@@ -112,7 +142,13 @@ def run_case(batch: int, prompt: int, output: int, profile: int = 0) -> dict:
         host_ms_per_step=1e3 * wall / st.steps,
         tokens=seen[0],
         profiled=bool(prof),
+        async_scheduling=eng.config.async_scheduling,
+        decode_buckets=list(eng.config.decode_bucket_list),
+        prefill_batch_buckets=list(eng.config.prefill_batch_bucket_list),
     )
+    for kind, (computed, real) in eng.runner.rows.items():
+        row[f"{kind}_rows"], row[f"{kind}_tokens"] = computed, real
+        row[f"{kind}_rows_per_token"] = computed / max(real, 1)
     if eng.allocator.num_used:
         raise RuntimeError(f"{eng.allocator.num_used} pages leaked")
     if prof:
@@ -132,6 +168,17 @@ def main(argv=None):
         "--repeats", type=int, default=3, help="runs per case; the table shows the median"
     )
     ap.add_argument("--profile", type=int, default=0, help="print the N costliest functions")
+    ap.add_argument("--sync", action="store_true", help="synchronous scheduling (default async)")
+    ap.add_argument(
+        "--decode-buckets",
+        default=",".join(map(str, DECODE_BUCKETS)),
+        help="comma list; those below a case's batch are kept and the batch added",
+    )
+    ap.add_argument(
+        "--prefill-batch-buckets",
+        default="1",
+        help="comma list; those below a case's prefill sequences are kept and that number added",
+    )
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "/tmp"), "bench_host.json"))
     args = ap.parse_args(argv)
     cases = []
@@ -148,16 +195,29 @@ def main(argv=None):
             raise SystemExit(f"--cases item {item!r}: every number must be >= 1")
     if args.repeats < 1:
         raise SystemExit(f"--repeats={args.repeats} must be >= 1")
+    kw = dict(async_scheduling=not args.sync)
+    for flag, name in (("--decode-buckets", "decode_buckets"),
+                       ("--prefill-batch-buckets", "prefill_batch_buckets")):  # fmt: skip
+        text = getattr(args, name)
+        try:
+            kw[name] = tuple(int(v) for v in text.split(","))
+        except ValueError:
+            raise SystemExit(f"{flag}={text!r}: expected a comma list of ints") from None
+        if min(kw[name]) < 1 or list(kw[name]) != sorted(set(kw[name])):
+            raise SystemExit(f"{flag}={text!r}: expected strictly increasing positive ints")
     rows = []
-    print(f"{'batch':>6} {'workload':>9} {'steps':>6} {'host ms/step':>13}")
+    print(f"{'batch':>6} {'workload':>9} {'steps':>6} {'host ms/step':>13} {'rows/token':>21}")
     for b, p, o in cases:
-        runs = [run_case(b, p, o) for _ in range(args.repeats)]
+        runs = [run_case(b, p, o, **kw) for _ in range(args.repeats)]
         row = sorted(runs, key=lambda r: r["host_ms_per_step"])[len(runs) // 2]
         row["runs_ms_per_step"] = [r["host_ms_per_step"] for r in runs]
         rows.append(row)
-        print(f"{b:>6} {p}/{o:>4} {row['steps']:>6} {row['host_ms_per_step']:>13.2f}")
+        pad = (
+            f"decode {row['decode_rows_per_token']:.3f} prefill {row['prefill_rows_per_token']:.3f}"
+        )
+        print(f"{b:>6} {f'{p}/{o}':>9} {row['steps']:>6} {row['host_ms_per_step']:>13.2f}  {pad}")
         if args.profile:
-            run_case(b, p, o, profile=args.profile)
+            run_case(b, p, o, profile=args.profile, **kw)
     meta = dict(date=time.strftime("%Y-%m-%d"), python=platform.python_version(),
                 machine=platform.processor() or platform.machine(), cpus=os.cpu_count())  # fmt: skip
     with open(args.out, "w") as f:

@@ -31,6 +31,44 @@ def test_cases_stream_every_token_and_free_every_page(bench, tmp_path):
     # prefilled in chunks within the step budget and the batch decodes together.
     eng = bench.engine_for(40, 20, 6)
     assert eng.config.max_prefill_seqs == 40 and eng.config.decode_buckets[-1] == 40
+    bench.main(["--cases", "40:20/6", "--repeats", "1", "--sync", "--out", str(out)])
+    (sync,) = json.loads(out.read_text())["rows"]
+    assert not sync["async_scheduling"] and rows[0]["async_scheduling"]
+    assert sync["tokens"] == 240 and sync["steps"] < rows[0]["steps"]  # no trailing step
+
+
+def test_instant_runner_counts_the_rows_the_gemms_would_run(bench):
+    from comet_jax.engine.runner import StepInputs
+
+    r = bench.InstantRunner(num_pages=9, out_size=8, pack_tokens=8192)
+    dec = StepInputs.zeros(8, 1, 2)
+    dec.num_valid[:5] = 1  # 5 decode rows in the batch-8 bucket
+    assert r.run(dec).shape == (8,)
+    grid = StepInputs.zeros(4, 1024, 2)
+    grid.num_valid[:3] = [1024, 700, 20]  # a 4 x 1024 grid: not packed
+    packed = StepInputs.zeros(4, 4096, 2)
+    packed.num_valid[:2] = [4096, 100]  # 16384 grid positions > 8192: packed rows
+    r.run(grid), r.run(packed)
+    assert r.rows == {"decode": [8, 5], "prefill": [4096 + 8192, 1744 + 4196]}
+
+
+def test_bucket_options_change_the_padding(bench, tmp_path):
+    """Finer buckets, fewer padded rows: with a decode bucket per batch size no decode row is
+    padding, and the prefill rows per token follow the prefill batch buckets."""
+    out = tmp_path / "host.json"
+    argv = ["--cases", "40:1024/12", "--repeats", "1", "--out", str(out)]  # 8 prompts a step
+    bench.main(argv + ["--decode-buckets", "8,16", "--prefill-batch-buckets", "1"])
+    (coarse,) = json.loads(out.read_text())["rows"]
+    exact = ",".join(map(str, range(1, 41)))
+    bench.main(argv + ["--decode-buckets", exact, "--prefill-batch-buckets", exact])
+    (fine,) = json.loads(out.read_text())["rows"]
+    assert coarse["decode_buckets"] == [8, 16, 40] and coarse["prefill_batch_buckets"] == [1, 8]
+    assert fine["decode_rows_per_token"] == 1.0 < coarse["decode_rows_per_token"]
+    assert fine["prefill_rows_per_token"] <= coarse["prefill_rows_per_token"]
+    assert fine["decode_tokens"] == coarse["decode_tokens"]  # the same schedule
+    for bad in ("8,x", "16,8", "0,8"):
+        with pytest.raises(SystemExit, match="--decode-buckets"):
+            bench.main(argv + ["--decode-buckets", bad])
 
 
 @pytest.mark.parametrize("bad", ["40", "40:20", "x:20/6", "0:20/6"])
