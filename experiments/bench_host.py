@@ -83,9 +83,9 @@ def engine_for(
 ):
     """The engine of the max-throughput runs over an InstantRunner with a pool for `batch`
     sequences of prompt + output tokens: steps of 8192 tokens, min(64, 8192 // prompt)
-    prefill sequences, and by default run 50's buckets (docs/benchmarks.md): decode
-    `DECODE_BUCKETS` below the batch plus the batch, prefill batch (1, max). Given buckets
-    past the limits are dropped and the limit is added."""
+    prefill sequences, and by default run 50's 128/128 buckets (docs/benchmarks.md): decode
+    `DECODE_BUCKETS` below the batch plus the batch (its 1024/512 runs stopped at 512),
+    prefill batch (1, max). Given buckets past the limits are dropped and the limit added."""
     decode = tuple(b for b in decode_buckets if b < batch)
     prefill_seqs = min(64, max(1, 8192 // prompt), batch)
     prefill = tuple(b for b in prefill_batch_buckets or (1,) if b < prefill_seqs)
