@@ -38,7 +38,7 @@ import numpy as np
 
 from comet_jax.engine.config import EngineConfig
 from comet_jax.engine.engine import LLMEngine
-from comet_jax.engine.runner import packs
+from comet_jax.engine.runner import pack_rows
 from comet_jax.engine.sampling import SamplingParams
 
 VOCAB = 128256
@@ -48,11 +48,11 @@ class InstantRunner:
     """The `ModelRunner` surface the engine uses, with no model: `run` returns token 7 for
     every row at once (a host array; the engine reads it with np.asarray), and counts the
     rows the real runner's GEMMs would process: a decode call's batch bucket, a prefill call's
-    [batch, chunk] grid, or ``pack_tokens`` rows when the grid is packed (`runner.packs`)."""
+    [batch, chunk] grid, or its packed rows (`runner.pack_rows`)."""
 
-    def __init__(self, num_pages: int, out_size: int, pack_tokens: int):
+    def __init__(self, num_pages: int, out_size: int, pack_buckets: tuple[int, ...]):
         self.num_pages, self.out_size, self.allow_lazy = num_pages, out_size, True
-        self.pack_tokens = pack_tokens
+        self.pack_buckets = tuple(pack_buckets)
         self.no_tokens = np.zeros(out_size, np.int32)
         self.model = types.SimpleNamespace(config=types.SimpleNamespace(vocab_size=VOCAB))
         # call kind -> [rows computed, real tokens]
@@ -63,10 +63,10 @@ class InstantRunner:
 
     def run(self, inp, prev=None):
         b, t = inp.tokens.shape
-        rows = self.pack_tokens if packs(b, t, self.pack_tokens) else b * t
+        tokens = int(inp.num_valid.sum())
         count = self.rows["decode" if t == 1 else "prefill"]
-        count[0] += rows
-        count[1] += int(inp.num_valid.sum())
+        count[0] += pack_rows(b, t, tokens, self.pack_buckets) or b * t
+        count[1] += tokens
         return np.full(self.token_slots(b), 7, np.int32)
 
 
@@ -80,12 +80,14 @@ def engine_for(
     async_scheduling: bool = True,
     decode_buckets: tuple[int, ...] = DECODE_BUCKETS,
     prefill_batch_buckets: tuple[int, ...] | None = None,
+    pack_buckets: tuple[int, ...] | None = None,
 ):
     """The engine of the max-throughput runs over an InstantRunner with a pool for `batch`
     sequences of prompt + output tokens: steps of 8192 tokens, min(64, 8192 // prompt)
     prefill sequences, and by default run 50's 128/128 buckets (docs/benchmarks.md): decode
     `DECODE_BUCKETS` below the batch plus the batch (its 1024/512 runs stopped at 512),
-    prefill batch (1, max). Given buckets past the limits are dropped and the limit added."""
+    prefill batch (1, max), packed rows (8192). Given buckets past the limits are dropped
+    and the limit added."""
     decode = tuple(b for b in decode_buckets if b < batch)
     prefill_seqs = min(64, max(1, 8192 // prompt), batch)
     prefill = tuple(b for b in prefill_batch_buckets or (1,) if b < prefill_seqs)
@@ -98,12 +100,13 @@ def engine_for(
         decode_buckets=decode + (batch,),
         prefill_batch_buckets=prefill + (prefill_seqs,),
         chunk_buckets=tuple(sorted({min(prompt, 8192), 8192})),
+        pack_buckets=tuple(b for b in pack_buckets or () if b < 8192) + (8192,),
         aot_compile=False,
         kernels="reference",
         async_scheduling=async_scheduling,
     )
     pages = batch * -(-(prompt + output) // 128) + 1
-    runner = InstantRunner(pages, max(batch, prefill_seqs), cfg.max_tokens_per_step)
+    runner = InstantRunner(pages, max(batch, prefill_seqs), cfg.pack_bucket_list)
     return LLMEngine(cfg, runner, progress=False)
 
 
@@ -145,6 +148,7 @@ def run_case(batch: int, prompt: int, output: int, profile: int = 0, **engine_kw
         async_scheduling=eng.config.async_scheduling,
         decode_buckets=list(eng.config.decode_bucket_list),
         prefill_batch_buckets=list(eng.config.prefill_batch_bucket_list),
+        pack_buckets=list(eng.config.pack_bucket_list),
     )
     for kind, (computed, real) in eng.runner.rows.items():
         row[f"{kind}_rows"], row[f"{kind}_tokens"] = computed, real
@@ -179,6 +183,11 @@ def main(argv=None):
         default="1",
         help="comma list; those below a case's prefill sequences are kept and that number added",
     )
+    ap.add_argument(
+        "--pack-buckets",
+        default="8192",
+        help="comma list of packed row counts (EngineConfig.pack_buckets); 8192 is added",
+    )
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "/tmp"), "bench_host.json"))
     args = ap.parse_args(argv)
     cases = []
@@ -197,7 +206,8 @@ def main(argv=None):
         raise SystemExit(f"--repeats={args.repeats} must be >= 1")
     kw = dict(async_scheduling=not args.sync)
     for flag, name in (("--decode-buckets", "decode_buckets"),
-                       ("--prefill-batch-buckets", "prefill_batch_buckets")):  # fmt: skip
+                       ("--prefill-batch-buckets", "prefill_batch_buckets"),
+                       ("--pack-buckets", "pack_buckets")):  # fmt: skip
         text = getattr(args, name)
         try:
             kw[name] = tuple(int(v) for v in text.split(","))

@@ -376,6 +376,7 @@ def bench_precision(args, model_config, precision: str) -> list[dict]:
         decode_buckets=decode_buckets(args.decode_buckets, max_batch),
         prefill_batch_buckets=tuple(args.prefill_batch_buckets),
         chunk_buckets=tuple(args.chunk_buckets),
+        pack_buckets=tuple(args.pack_buckets) if args.pack_buckets else None,
         cuda_graphs=args.cuda_graphs,
         xla_remat=args.xla_remat,
         pack_prefill=args.pack_prefill,
@@ -440,8 +441,10 @@ def step_memory_summary(runner) -> dict:
     the engine checks at start-up), `max_temp_gib` the largest of its temporaries alone."""
     gib = 2**30
     shapes = {
-        f"{b}x{t}x{p}": None if m is None else {k: v / gib for k, v in m.items()}
-        for (b, t, p), m in sorted(runner.step_memory().items())
+        f"{b}x{t}x{p}" + (f"r{r}" if r else ""): None
+        if m is None
+        else {k: v / gib for k, v in m.items()}
+        for (b, t, p, r), m in sorted(runner.step_memory().items())
     }
     temps = [m["temp"] for m in shapes.values() if m is not None]
     return {
@@ -644,6 +647,13 @@ def parse_args(argv=None):
         type=_ints,
         default=[256, 2048],
         help="prefill chunk buckets; the last must equal --max-tokens-per-step",
+    )
+    p.add_argument(
+        "--pack-buckets",
+        type=_ints,
+        default=None,
+        help="packed row counts of multi-sequence prefill calls (EngineConfig.pack_buckets); "
+        "the last must equal --max-tokens-per-step (default: that alone)",
     )
     p.add_argument("--num-pages", type=int, default=None, help="default: plan from free memory")
     p.add_argument("--memory-fraction", type=float, default=0.85)

@@ -40,7 +40,7 @@ def test_cases_stream_every_token_and_free_every_page(bench, tmp_path):
 def test_instant_runner_counts_the_rows_the_gemms_would_run(bench):
     from comet_jax.engine.runner import StepInputs
 
-    r = bench.InstantRunner(num_pages=9, out_size=8, pack_tokens=8192)
+    r = bench.InstantRunner(num_pages=9, out_size=8, pack_buckets=(8192,))
     dec = StepInputs.zeros(8, 1, 2)
     dec.num_valid[:5] = 1  # 5 decode rows in the batch-8 bucket
     assert r.run(dec).shape == (8,)
@@ -66,6 +66,13 @@ def test_bucket_options_change_the_padding(bench, tmp_path):
     assert fine["decode_rows_per_token"] == 1.0 < coarse["decode_rows_per_token"]
     assert fine["prefill_rows_per_token"] <= coarse["prefill_rows_per_token"]
     assert fine["decode_tokens"] == coarse["decode_tokens"]  # the same schedule
+    # Packed rows in 1024-row buckets: the 8 x 1024 grids whose steps hold fewer prompt tokens
+    # (decode rows take part of the budget) run on fewer rows.
+    bench.main(argv + ["--pack-buckets", ",".join(map(str, range(1024, 8192, 1024)))])
+    (packed,) = json.loads(out.read_text())["rows"]
+    assert packed["pack_buckets"] == list(range(1024, 8193, 1024))
+    assert packed["prefill_rows_per_token"] < coarse["prefill_rows_per_token"]
+    assert packed["prefill_tokens"] == coarse["prefill_tokens"]
     for bad in ("8,x", "16,8", "0,8"):
         with pytest.raises(SystemExit, match="--decode-buckets"):
             bench.main(argv + ["--decode-buckets", bad])

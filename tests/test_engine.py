@@ -128,6 +128,43 @@ def test_packed_prefill_same_tokens_as_padded_grid(model, sync_engine):
         sync_engine.runner.run(inp)
 
 
+def test_pack_rows_options_are_exactly_the_rows_used():
+    """`prefill_row_options` (what the engine compiles) is exactly the set of `pack_rows`
+    values over every token count a call of that shape can hold."""
+    from comet_jax.engine.runner import pack_rows, prefill_row_options
+
+    for buckets, max_tokens in (((32,), 32), ((8, 16, 32), 32), ((512, 1024, 2048), 2048)):
+        for b in (1, 2, 3, 8):
+            for t in (1, 4, 16, 64, 1024):
+                cap = min(b * t, max_tokens)
+                used = {pack_rows(b, t, n, buckets) for n in range(1, cap + 1)}
+                assert used == set(prefill_row_options(b, t, buckets, max_tokens)), (b, t)
+    assert pack_rows(8, 1024, 7192, (4096, 7168, 8192)) == 0  # 8192: not below the grid
+    assert pack_rows(8, 1024, 7000, (4096, 7168, 8192)) == 7168
+    assert pack_rows(8, 1024, 10, ()) == 0 and pack_rows(1, 1024, 10, (16,)) == 0
+
+
+def test_pack_buckets_same_tokens_fewer_rows(model, sync_engine):
+    """Packed prefill rows in buckets below the step budget: the engine compiles one
+    executable per bucket below each grid, runs two-sequence calls on the smallest that holds
+    their tokens, and produces the same token streams as the one-bucket engine."""
+    cfg = dataclasses.replace(CFG, pack_buckets=(8, 16, 32))
+    eng = LLMEngine.build(*model, cfg, progress=False)
+    p = CFG.max_pages_per_seq
+    assert eng.bucket_shapes() == [(4, 1, p, 0), (2, 32, p, 8), (2, 32, p, 16), (2, 32, p, 32)]
+    assert set(eng.runner.step_memory()) == set(eng.bucket_shapes())
+    used = []
+    for key, fn in list(eng.runner._compiled.items()):
+        eng.runner._compiled[key] = lambda *a, fn=fn, key=key: used.append(key) or fn(*a)
+    ps = prompts(5, [3, 4, 13, 19, 30, 7, 25])
+    want = sync_engine.generate(ps, GREEDY)
+    got = eng.generate(ps, GREEDY)
+    assert [g["token_ids"] for g in got] == [w["token_ids"] for w in want]
+    assert {k[3] for k in used if k[1] > 1} >= {8, 32}  # 3 + 4 tokens: 8 rows; 13 + 19: 32
+    with pytest.raises(ValueError, match="pack_buckets=.*must end with the limit 32"):
+        dataclasses.replace(CFG, pack_buckets=(8, 16))
+
+
 def test_no_recompilation_after_warmup(engine):
     compiles = count_backend_compiles()
     before = engine.runner.num_compilations
@@ -210,7 +247,7 @@ def test_sampler_variant_chosen_on_host(engine):
         assert calls[True] > 0
     finally:
         runner._compiled_samplers.update(originals)
-    hlo = runner._compiled[4, 1, CFG.max_pages_per_seq].as_text()
+    hlo = runner._compiled[4, 1, CFG.max_pages_per_seq, 0].as_text()
     assert "conditional" not in hlo  # the model executable has no host-synchronising branch
 
 

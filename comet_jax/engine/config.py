@@ -109,8 +109,15 @@ class EngineConfig:
       async_scheduling: schedule and dispatch step N+1 before step N's tokens are back, so
         host work overlaps device work (LLMEngine.step); same tokens as synchronous mode.
       pack_prefill: a prefill call with several sequences runs its embedding, projections and
-        MLP on the step's real tokens packed into `max_tokens_per_step` rows, not on its padded
-        [batch bucket, chunk bucket] grid (attention still sees the grid); same logits.
+        MLP on the step's real tokens packed into `max_tokens_per_step` rows (or the smallest
+        of `pack_buckets` that holds them), not on its padded [batch bucket, chunk bucket]
+        grid, whenever that is fewer rows (attention still sees the grid); same logits.
+      pack_buckets: packed row counts of those calls, increasing, ending with
+        max_tokens_per_step (None: that alone). Each bucket below a prefill shape's grid is
+        one more compiled executable of that shape; they pay when steps' prefill tokens vary
+        below the grid (at 1024/512 on LLaMA-3-8B shapes, decode rows take part of each
+        step's budget and the 8 x 1024 grid ran 10% padding rows: `experiments/bench_host.py
+        --pack-buckets`).
       prefill_dequantize: INT4 cache with Pallas kernels: prefill attention dequantizes the
         pages of the call once into bf16 and runs the bf16-page kernel
         (`kv4_attention.paged_prefill_attention(dequantize=True)`) instead of unpacking each
@@ -169,6 +176,7 @@ class EngineConfig:
     xla_remat: bool = False
     async_scheduling: bool = True
     pack_prefill: bool = True
+    pack_buckets: tuple[int, ...] | None = None
     prefill_dequantize: bool = True
     kv_write_kernel: bool = True
     kv_recent_window: int = 0
@@ -232,7 +240,8 @@ class EngineConfig:
                 f"max_prefill_seqs={self.max_prefill_seqs} must be <= max_batch={self.max_batch}"
             )
         # Coerce gin/JSON lists to tuples so the config stays hashable.
-        for name in ("decode_buckets", "prefill_batch_buckets", "chunk_buckets", "page_buckets"):
+        buckets = ("decode_buckets", "prefill_batch_buckets", "chunk_buckets", "page_buckets")
+        for name in (*buckets, "pack_buckets"):
             v = getattr(self, name)
             if v is not None and not isinstance(v, tuple):
                 object.__setattr__(self, name, tuple(v))
@@ -240,6 +249,7 @@ class EngineConfig:
         _check_buckets("prefill_batch_buckets", self.prefill_batch_buckets, self.max_prefill_seqs)
         _check_buckets("chunk_buckets", self.chunk_buckets, self.max_tokens_per_step)
         _check_buckets("page_buckets", self.page_buckets, self.max_pages_per_seq)
+        _check_buckets("pack_buckets", self.pack_buckets, self.max_tokens_per_step)
         g = self.max_prefill_grid
         if g is not None:
             if isinstance(g, bool) or not isinstance(g, int) or g <= 0:
@@ -274,6 +284,10 @@ class EngineConfig:
     def chunk_bucket_list(self) -> tuple[int, ...]:
         start = min(16, self.max_tokens_per_step)
         return self.chunk_buckets or _pow2_buckets(self.max_tokens_per_step, start)
+
+    @property
+    def pack_bucket_list(self) -> tuple[int, ...]:
+        return self.pack_buckets or (self.max_tokens_per_step,)
 
     @property
     def prefill_grid_limit(self) -> int:

@@ -49,6 +49,7 @@ from comet_jax.engine.runner import (
     PagedAttention,
     StepInputs,
     precision_plan,
+    prefill_row_options,
     resolve_kernels,
     with_kernel_mode,
 )
@@ -206,21 +207,24 @@ class LLMEngine:
             cuda_graphs=config.cuda_graphs,
             xla_remat=config.xla_remat,
             out_size=max(config.decode_bucket_list[-1], config.prefill_batch_bucket_list[-1]),
-            pack_tokens=config.max_tokens_per_step if config.pack_prefill else 0,
+            pack_buckets=config.pack_bucket_list if config.pack_prefill else (),
         )
         return cls(config, runner, tokenizer=tokenizer, capacity=plan, progress=progress)
 
     # -- compilation -----------------------------------------------------------------------------
-    def bucket_shapes(self) -> list[tuple[int, int, int]]:
-        """Every (batch, length, pages) the engine may run."""
+    def bucket_shapes(self) -> list[tuple[int, int, int, int]]:
+        """Every (batch, length, pages, packed rows) the engine may run (`ModelRunner.step_key`;
+        packed rows 0 = the call's grid)."""
         cfg = self.config
-        shapes = [(b, 1, p) for b in cfg.decode_bucket_list for p in cfg.page_bucket_list]
+        packing = cfg.pack_bucket_list if cfg.pack_prefill else ()
+        shapes = [(b, 1, p, 0) for b in cfg.decode_bucket_list for p in cfg.page_bucket_list]
         shapes += [
-            (b, c, p)
+            (b, c, p, r)
             for b in cfg.prefill_batch_bucket_list
             for c in cfg.chunk_bucket_list
             for p in cfg.page_bucket_list
             if c > 1 and cfg.prefill_shape_fits(b, c)
+            for r in prefill_row_options(b, c, packing, cfg.max_tokens_per_step)
         ]
         return shapes
 
@@ -245,9 +249,9 @@ class LLMEngine:
         shapes = self.bucket_shapes()
         t0 = time.perf_counter()
         bar = tqdm(shapes, desc="compiling step buckets", unit="shape", disable=not progress)
-        for b, t, p in bar:
-            bar.set_postfix_str(f"B={b} T={t} P={p}")
-            self.runner.compile(b, t, p)
+        for b, t, p, r in bar:
+            bar.set_postfix_str(f"B={b} T={t} P={p}" + (f" rows={r}" if r else ""))
+            self.runner.compile(b, t, p, r)
         self.compile_time_s = time.perf_counter() - t0
         if progress:
             print(

@@ -203,6 +203,32 @@ def packs(batch: int, length: int, pack_tokens: int) -> bool:
     return pack_tokens > 0 and batch > 1 and length > 1 and batch * length > pack_tokens
 
 
+def pack_rows(batch: int, length: int, tokens: int, pack_buckets: tuple[int, ...]) -> int:
+    """Packed rows a [batch, length] call holding `tokens` real tokens runs its token-wise ops
+    on: the smallest of `pack_buckets` (increasing) that holds the tokens, when that is smaller
+    than the grid; 0 = the grid itself (one sequence, decode, packing off, or no smaller
+    bucket). `prefill_row_options` lists the values it can take for a shape."""
+    if not pack_buckets or batch == 1 or length == 1:
+        return 0
+    for rows in pack_buckets:
+        if rows >= tokens:
+            return rows if rows < batch * length else 0
+    return 0
+
+
+def prefill_row_options(
+    batch: int, length: int, pack_buckets: tuple[int, ...], max_tokens: int
+) -> tuple[int, ...]:
+    """Every `pack_rows` value of a [batch, length] call holding at most `max_tokens` real
+    tokens (the shapes to compile): the buckets below the grid, and 0 when some token count
+    keeps the grid (it is no larger than max_tokens)."""
+    if not pack_buckets or batch == 1 or length == 1:
+        return (0,)
+    grid = batch * length
+    rows = tuple(r for r in pack_buckets if r < grid)
+    return ((0,) if grid <= max_tokens else ()) + rows
+
+
 def make_logits_fn(model, pack_tokens: int = 0):
     """The model executable: (params, cache, ModelInputs) -> (logits [B, V] f32 at each row's
     last valid token, cache).
@@ -380,7 +406,7 @@ class ModelRunner:
         cuda_graphs: bool = True,
         xla_remat: bool = False,
         out_size: int = 0,
-        pack_tokens: int = 0,
+        pack_buckets: tuple[int, ...] = (),
     ):
         # mesh: a `comet_jax.parallel.make_mesh(tp)` mesh runs the steps tensor-parallel
         # (params and KV cache sharded, see comet_jax/parallel); None: one device.
@@ -389,10 +415,13 @@ class ModelRunner:
         # out_size: the samplers pad their [B] tokens to [max(B, out_size)] (one shape for the
         # next step's `prev_a`/`prev_b` whatever the bucket); the engine passes its largest
         # batch bucket.
-        # pack_tokens: token budget of a step; multi-sequence prefill calls run their GEMMs
-        # on that many packed rows instead of the padded grid (make_logits_fn). 0: off.
+        # pack_buckets: packed row counts, increasing, the last the step's token budget; a
+        # multi-sequence prefill call runs its GEMMs on the smallest that holds its tokens
+        # instead of the padded grid when that is smaller (`pack_rows`, make_logits_fn).
+        # (): off.
         self.mesh = mesh
-        self.pack_tokens = pack_tokens
+        self.pack_buckets = tuple(pack_buckets)
+        self.pack_tokens = self.pack_buckets[-1] if self.pack_buckets else 0
         self.compiler_options = _compiler_options(cuda_graphs, xla_remat)
         self.out_size = out_size
         if mesh is not None:
@@ -409,22 +438,20 @@ class ModelRunner:
             # copy: a copy of each leaf doubled the pool's peak memory at start-up (a bf16 pool
             # of 80% of free memory ran out of memory, docs/benchmarks.md 2026-11-27).
             self.cache = kv_cache.init_cache(cache_config)
-            self._jit = jax.jit(make_logits_fn(model, pack_tokens), donate_argnums=(1,))
             jit_sampler = jax.jit
         else:
             self.cache = sr.init_sharded_cache(cache_config, mesh)  # distinct buffers
-            self._jit = sr.jit_step(
-                make_logits_fn(model, pack_tokens), mesh, params, self.cache, model.config
-            )
             jit_sampler = sr.jit_replicated(mesh)
+        self._jits: dict[int, Any] = {}  # packed rows (0: none) -> jitted model step
         self._samplers = {
             f: jit_sampler(functools.partial(_padded_sample, size=out_size, filtered=f))
             for f in (False, True)
         }
-        self._compiled: dict[tuple[int, int, int], Any] = {}
+        # keys (batch, length, pages, packed rows): `StepKey`
+        self._compiled: dict[tuple[int, int, int, int], Any] = {}
         self._compiled_samplers: dict[tuple[int, bool], Any] = {}
-        self._memory: dict[tuple[int, int, int], dict[str, int] | None] = {}
-        self._warm: set[tuple[int, int, int]] = set()  # shapes warm_up has run
+        self._memory: dict[tuple[int, int, int, int], dict[str, int] | None] = {}
+        self._warm: set[tuple[int, int, int, int]] = set()  # shapes warm_up has run
         self.allow_lazy = True
         self.no_tokens = self._replicated(np.zeros(self.token_slots(1), np.int32))
 
@@ -443,9 +470,30 @@ class ModelRunner:
     def num_compilations(self) -> int:
         return len(self._compiled)
 
-    def step_memory(self) -> dict[tuple[int, int, int], dict[str, int] | None]:
-        """(batch, length, pages) -> XLA's memory analysis of that step executable
-        (`executable_memory`; None where the backend gives none)."""
+    def _jit_for(self, rows: int):
+        """The jitted model step whose multi-sequence prefill calls run on `rows` packed rows
+        (0: the grid)."""
+        if rows not in self._jits:
+            fn = make_logits_fn(self.model, rows)
+            if self.mesh is None:
+                self._jits[rows] = jax.jit(fn, donate_argnums=(1,))
+            else:
+                from comet_jax.parallel import sharded_runner as sr
+
+                self._jits[rows] = sr.jit_step(
+                    fn, self.mesh, self.params, self.cache, self.model.config
+                )
+        return self._jits[rows]
+
+    def step_key(self, inp: StepInputs) -> tuple[int, int, int, int]:
+        """(batch, length, pages, packed rows) of the executable that runs `inp`."""
+        b, t = inp.tokens.shape
+        rows = pack_rows(b, t, int(inp.num_valid.sum()), self.pack_buckets)
+        return b, t, inp.page_table.shape[1], rows
+
+    def step_memory(self) -> dict[tuple[int, int, int, int], dict[str, int] | None]:
+        """(batch, length, pages, packed rows) -> XLA's memory analysis of that step
+        executable (`executable_memory`; None where the backend gives none)."""
         return dict(self._memory)
 
     def step_scratch_bytes(self) -> int:
@@ -459,13 +507,15 @@ class ModelRunner:
         ]
         return max(needs, default=0)
 
-    def compile(self, batch: int, length: int, pages: int) -> None:
-        """Compiles the model executable for this shape and both samplers for `batch`."""
-        key = (batch, length, pages)
+    def compile(self, batch: int, length: int, pages: int, rows: int = 0) -> None:
+        """Compiles the model executable for this shape (`rows`: packed rows of a
+        multi-sequence prefill call, 0 = its grid) and both samplers for `batch`."""
+        key = (batch, length, pages, rows)
         if key not in self._compiled:
             abstract = StepInputs.zeros(batch, length, pages).abstract()
             prev = jax.ShapeDtypeStruct((self.token_slots(1),), jnp.int32)
-            lowered = self._jit.lower(self.params, self.cache, abstract.model_inputs(prev, prev))
+            jitted = self._jit_for(rows)
+            lowered = jitted.lower(self.params, self.cache, abstract.model_inputs(prev, prev))
             self._compiled[key] = lowered.compile(compiler_options=self.compiler_options)
             self._memory[key] = executable_memory(self._compiled[key])
         vocab = self.model.config.vocab_size
@@ -491,7 +541,7 @@ class ModelRunner:
         fresh = [key for key in self._compiled if key not in self._warm]
         out = None
         for key in fresh:
-            inp = StepInputs.zeros(*key)
+            inp = StepInputs.zeros(*key[:3])
             model_inputs = inp.model_inputs(self.no_tokens, self.no_tokens)
             logits, self.cache = self._compiled[key](self.params, self.cache, model_inputs)
             samplers = [self._compiled_samplers[key[0], f] for f in (False, True)]
@@ -504,7 +554,7 @@ class ModelRunner:
         """Dispatches one step; returns next_tokens [token_slots(B)] int32 (a device array, not
         waited on; rows past B are padding). prev: the (decode, prefill) token arrays of the
         step in flight that `inp.src` points into (None: src must be all -1)."""
-        key = (*inp.tokens.shape, inp.page_table.shape[1])
+        key = self.step_key(inp)
         if packs(*inp.tokens.shape, self.pack_tokens):
             total = int(inp.num_valid.sum())
             if total > self.pack_tokens:
