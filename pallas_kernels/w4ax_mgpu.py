@@ -25,14 +25,15 @@ scales, casts and stores through shared memory with TMA. Per-channel weight scal
 (group scales keep the Triton kernel). With one segment (W4A8, W4A4, or the plain int8 GEMM
 of the probe) each warpgroup may own 128 rows (``rows_per_wg=128``); with two, ``park_int8``
 runs the INT8 segment's tiles first and holds their scaled partial as bf16 in registers, so
-one accumulator (and 128 rows) suffice. ``park_int8`` has been lowered on the CPU, not yet run
-on the GPU (``bench_gemm.py --mgpu`` times and checks it).
+one accumulator (and 128 rows) suffice. ``park_int8`` runs on the H100 (the tuning table's
+256 x 128 schedules of the M = 4096 bucket; ``bench_gemm.py --mgpu`` checks and times it).
 
 ``smem_unpack`` (2026-11-27; correct on the H100, every output element within tolerance, but
 1.6-2.2x slower than the ``wx`` schedules with XLA's unpack included, at M = 1214 and 8192 on
-the LLaMA-3-8B shapes, docs/benchmarks.md; no tuning entry uses it): the kernel takes the packed INT4 weights
-``[N, K/2]`` instead of XLA's per-call int8 copy (which writes and re-reads ``N x K`` bytes: ~3.5
-ms of every LLaMA-3-8B engine step at batch 1214, docs/benchmarks.md run 48). The memory
+the LLaMA-3-8B shapes, docs/benchmarks.md; no tuning entry uses it): the kernel takes the
+packed INT4 weights ``[N, K/2]`` instead of XLA's per-call int8 copy (which writes and
+re-reads ``N x K`` bytes: ~3.5 ms of every LLaMA-3-8B engine step at batch 1214,
+docs/benchmarks.md run 48). The memory
 warpgroup streams each K tile's ``[block_n, 64]`` packed bytes and the activations' two
 ``[rows, 64]`` halves; each compute warpgroup loads the packed tile into registers, writes
 ``16 * low`` and ``16 * high`` nibbles into its own two shared-memory tiles (the half-split

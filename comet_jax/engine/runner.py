@@ -447,7 +447,7 @@ class ModelRunner:
             f: jit_sampler(functools.partial(_padded_sample, size=out_size, filtered=f))
             for f in (False, True)
         }
-        # keys (batch, length, pages, packed rows): `StepKey`
+        # keys: (batch, length, pages, packed rows), see `step_key`
         self._compiled: dict[tuple[int, int, int, int], Any] = {}
         self._compiled_samplers: dict[tuple[int, bool], Any] = {}
         self._memory: dict[tuple[int, int, int, int], dict[str, int] | None] = {}
