@@ -3,18 +3,14 @@ runs on the device pass here, and every stage writes its rows."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import pathlib
 
-_PATH = pathlib.Path(__file__).parents[1] / "experiments" / "bench_gemm.py"
+from tests import experiment_scripts
 
 
 def _smoke(tmp_path, *stages):
     """Runs the script's smoke mode with `stages`; returns (module, results JSON)."""
-    spec = importlib.util.spec_from_file_location("bench_gemm", _PATH)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = experiment_scripts.load("bench_gemm")
     bench.main(["--smoke", *stages, "--out", str(tmp_path)])
     [path] = tmp_path.glob("gemm_*.json")
     return bench, json.loads(path.read_text())

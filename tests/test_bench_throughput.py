@@ -3,21 +3,16 @@ trace has no device kernels, so the profile must say so with zeros rather than i
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import pathlib
 
 import pytest
 
-_PATH = pathlib.Path(__file__).parents[1] / "experiments" / "bench_throughput.py"
+from tests import experiment_scripts
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_throughput", _PATH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return experiment_scripts.load("bench_throughput")
 
 
 @pytest.mark.parametrize(

@@ -2,13 +2,9 @@
 lines, and the Triton-IR capture of real probes (compiling that IR needs the triton package of
 the GPU machine, so the compile step is faked in the last test)."""
 
-import importlib.util
-import pathlib
+from tests import experiment_scripts
 
-_PATH = pathlib.Path(__file__).parents[1] / "experiments" / "inspect_kernels.py"
-_spec = importlib.util.spec_from_file_location("inspect_kernels", _PATH)
-ik = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(ik)
+ik = experiment_scripts.load("inspect_kernels")
 
 PTX = """
   wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16 {%f1, %f2}, {%r1, %r2, %r3, %r4}, %rd7, p, 1, 1, 1;
