@@ -170,11 +170,11 @@ def test_step_working_bytes_counts_the_prefill_grid():
     f32 = dataclasses.replace(cfg, compute_dtype="float32")
     assert prefill_grid_bytes(model, f32) == 2 * prefill_grid_bytes(model, cfg)
     prefill = {
-        (b, t) for b, t, _ in LLMEngine.bucket_shapes(types.SimpleNamespace(config=cfg)) if t > 1
+        (b, t) for b, t, *_ in LLMEngine.bucket_shapes(types.SimpleNamespace(config=cfg)) if t > 1
     }
     assert prefill == {(1, 128), (1, 8192), (64, 128)}  # not (64, 8192)
     prefill = {
-        (b, t) for b, t, _ in LLMEngine.bucket_shapes(types.SimpleNamespace(config=wide)) if t > 1
+        (b, t) for b, t, *_ in LLMEngine.bucket_shapes(types.SimpleNamespace(config=wide)) if t > 1
     }
     assert (64, 8192) in prefill
 
