@@ -287,6 +287,10 @@ class EngineConfig:
 
     @property
     def pack_bucket_list(self) -> tuple[int, ...]:
+        """The packed row counts of multi-sequence prefill calls: `pack_buckets`, or
+        (max_tokens_per_step,); () when `pack_prefill` is off."""
+        if not self.pack_prefill:
+            return ()
         return self.pack_buckets or (self.max_tokens_per_step,)
 
     @property

@@ -207,16 +207,15 @@ class LLMEngine:
             cuda_graphs=config.cuda_graphs,
             xla_remat=config.xla_remat,
             out_size=max(config.decode_bucket_list[-1], config.prefill_batch_bucket_list[-1]),
-            pack_buckets=config.pack_bucket_list if config.pack_prefill else (),
+            pack_buckets=config.pack_bucket_list,
         )
         return cls(config, runner, tokenizer=tokenizer, capacity=plan, progress=progress)
 
     # -- compilation -----------------------------------------------------------------------------
     def bucket_shapes(self) -> list[tuple[int, int, int, int]]:
-        """Every (batch, length, pages, packed rows) the engine may run (`ModelRunner.step_key`;
-        packed rows 0 = the call's grid)."""
+        """Every (batch, length, pages, packed rows) the engine may run (`ModelRunner.run`'s
+        keys; packed rows 0 = the call's grid)."""
         cfg = self.config
-        packing = cfg.pack_bucket_list if cfg.pack_prefill else ()
         shapes = [(b, 1, p, 0) for b in cfg.decode_bucket_list for p in cfg.page_bucket_list]
         shapes += [
             (b, c, p, r)
@@ -224,7 +223,7 @@ class LLMEngine:
             for c in cfg.chunk_bucket_list
             for p in cfg.page_bucket_list
             if c > 1 and cfg.prefill_shape_fits(b, c)
-            for r in prefill_row_options(b, c, packing, cfg.max_tokens_per_step)
+            for r in prefill_row_options(b, c, cfg.pack_bucket_list, cfg.max_tokens_per_step)
         ]
         return shapes
 

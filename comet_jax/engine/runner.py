@@ -421,7 +421,6 @@ class ModelRunner:
         # (): off.
         self.mesh = mesh
         self.pack_buckets = tuple(pack_buckets)
-        self.pack_tokens = self.pack_buckets[-1] if self.pack_buckets else 0
         self.compiler_options = _compiler_options(cuda_graphs, xla_remat)
         self.out_size = out_size
         if mesh is not None:
@@ -447,7 +446,7 @@ class ModelRunner:
             f: jit_sampler(functools.partial(_padded_sample, size=out_size, filtered=f))
             for f in (False, True)
         }
-        # keys: (batch, length, pages, packed rows), see `step_key`
+        # keys: (batch, length, pages, packed rows), see `run`
         self._compiled: dict[tuple[int, int, int, int], Any] = {}
         self._compiled_samplers: dict[tuple[int, bool], Any] = {}
         self._memory: dict[tuple[int, int, int, int], dict[str, int] | None] = {}
@@ -485,11 +484,10 @@ class ModelRunner:
                 )
         return self._jits[rows]
 
-    def step_key(self, inp: StepInputs) -> tuple[int, int, int, int]:
-        """(batch, length, pages, packed rows) of the executable that runs `inp`."""
-        b, t = inp.tokens.shape
-        rows = pack_rows(b, t, int(inp.num_valid.sum()), self.pack_buckets)
-        return b, t, inp.page_table.shape[1], rows
+    @property
+    def pack_tokens(self) -> int:
+        """The most packed rows a prefill call runs on (the step's token budget; 0: off)."""
+        return self.pack_buckets[-1] if self.pack_buckets else 0
 
     def step_memory(self) -> dict[tuple[int, int, int, int], dict[str, int] | None]:
         """(batch, length, pages, packed rows) -> XLA's memory analysis of that step
@@ -554,14 +552,14 @@ class ModelRunner:
         """Dispatches one step; returns next_tokens [token_slots(B)] int32 (a device array, not
         waited on; rows past B are padding). prev: the (decode, prefill) token arrays of the
         step in flight that `inp.src` points into (None: src must be all -1)."""
-        key = self.step_key(inp)
-        if packs(*inp.tokens.shape, self.pack_tokens):
-            total = int(inp.num_valid.sum())
-            if total > self.pack_tokens:
-                raise ValueError(
-                    f"prefill call holds {total} tokens, more than the {self.pack_tokens} "
-                    "packed rows it runs on (pack_tokens = the step's token budget)"
-                )
+        b, t = inp.tokens.shape
+        total = int(inp.num_valid.sum())
+        if packs(b, t, self.pack_tokens) and total > self.pack_tokens:
+            raise ValueError(
+                f"prefill call holds {total} tokens, more than the {self.pack_tokens} "
+                "packed rows it runs on (pack_tokens = the step's token budget)"
+            )
+        key = (b, t, inp.page_table.shape[1], pack_rows(b, t, total, self.pack_buckets))
         filtered = needs_filter(inp.top_k, inp.top_p)
         if key not in self._compiled:
             if not self.allow_lazy:
