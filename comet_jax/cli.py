@@ -28,6 +28,7 @@ ENGINE_FLAGS = (
     "max_tokens_per_step",
     "max_prefill_seqs",
     "max_prefill_grid",
+    "compile_workers",
     "max_model_len",
     "page_size",
     "num_pages",
@@ -364,6 +365,11 @@ def _common(p: argparse.ArgumentParser, engine: bool = True) -> None:
         type=int,
         help="most positions (batch bucket x chunk bucket) of a prefill call's attention grid; "
         "longer chunks are cut or wait (default 2 x max_tokens_per_step)",
+    )
+    g.add_argument(
+        "--compile_workers",
+        type=int,
+        help="XLA compilations run at once by the start-up compile (default min(8, CPUs))",
     )
     g.add_argument("--max_model_len", type=int, help="longest prompt + completion in tokens")
     g.add_argument(

@@ -299,6 +299,121 @@ def act_quant_study(results):
         log(f"act_quant {json.dumps(row)}")
 
 
+def swiglu_study(results, deadline):
+    """The down projection's input (LLaMA-3-8B: K = 14336, 25% INT8, unpacked layout):
+    XLA's SwiGLU fusion writing the hidden state, then act_quant gathering it through an
+    index array (the engine until now) or reading it contiguously (``perm=None``, the folded
+    permutation), against act_quant reading gate and up itself (``gate=``). Per case: the
+    fused bytes against the CPU reference of the same hidden state (mismatching elements:
+    silu's last bits, see pallas_kernels/act_quant.py) and against the unfused kernel's on
+    the device; device time of each variant (XLA's fusion included where it runs)."""
+    from pallas_kernels.act_quant import swiglu
+    from pallas_kernels.w4ax_matmul import UNPACKED_ROW_ALIGN
+
+    rows = results.setdefault("swiglu", [])
+    cases = [(1214, 14336, 10752), (8192, 14336, 10752), (1214, 4096, 3072)]
+    if SMOKE:
+        cases = [(5, 256, 128)]
+    key = jax.random.PRNGKey(21)
+    for i, (m, k, k4) in enumerate(cases):
+        if time.time() > deadline:
+            log(f"swiglu: budget reached before {m}x{k}")
+            break
+        kx = jax.random.fold_in(key, i)
+        sets = []
+        for j in range(2):  # two input sets: the second call does not find the first in L2
+            kj = jax.random.fold_in(kx, j)
+            up = jax.random.normal(kj, (m, k), jnp.float32).astype(jnp.bfloat16)
+            gate = (2 * jax.random.normal(jax.random.fold_in(kj, 1), (m, k), jnp.float32)).astype(
+                jnp.bfloat16
+            )
+            sets.append((up, gate))
+        arange = jnp.arange(k, dtype=jnp.int32)
+        kw = dict(k4=k4, layout="unpacked", row_align=UNPACKED_ROW_ALIGN, interpret=SMOKE)
+        aq = functools.partial(act_quant, **kw)
+        variants = {
+            "unfused_gather": lambda u, g, aq=aq, p=arange: aq(swiglu(g, u), p),
+            "unfused_identity": lambda u, g, aq=aq: aq(swiglu(g, u), None),
+            "fused": lambda u, g, aq=aq: aq(u, None, gate=g),
+        }
+        row = dict(m=m, k=k, k4=k4)
+        up, gate = sets[0]
+        want = cpu_act_quant_reference(  # of XLA's hidden state, computed on the device
+            swiglu(gate, up), np.arange(k, dtype=np.int32), k4, layout="unpacked",
+            row_align=UNPACKED_ROW_ALIGN,
+        )  # fmt: skip
+        outs = {}
+        for name, fn in variants.items():
+            try:
+                outs[name] = [np.asarray(o) for o in jax.jit(fn)(up, gate)]
+                row[f"{name}_mismatch_vs_cpu"] = [
+                    int(np.sum(a != b)) for a, b in zip(outs[name], want)
+                ]
+                row[f"{name}_us"] = timing.device_time(fn, sets) * 1e6
+            except Exception as e:  # noqa: BLE001
+                row[f"{name}_error"] = f"{type(e).__name__}: {e}"[:300]
+        if "fused" in outs and "unfused_identity" in outs:
+            a, b = outs["fused"][0].astype(np.int32), outs["unfused_identity"][0].astype(np.int32)
+            row["fused_vs_unfused_elements"] = int(np.sum(a != b))
+            row["fused_vs_unfused_max_diff"] = int(np.abs(a - b).max())
+        rows.append(row)
+        log(f"swiglu {json.dumps(row)}")
+
+
+def gather_study(results, deadline):
+    """act_quant of a layer input read from the residual stream (RMSNorm fused, K = 4096,
+    25% INT8, unpacked layout) under three run-time permutations: a random one (the score
+    order of an FMPQ plan), the same channel sets with both segments ascending
+    (`fmpq.gather_order`, what `quantize_model` stores), and the identity (contiguous
+    loads). Same bytes for the first two up to the order inside each segment (checked
+    against the CPU reference); device time of each."""
+    from comet_jax.quant import fmpq
+    from pallas_kernels.w4ax_matmul import UNPACKED_ROW_ALIGN
+
+    rows = results.setdefault("gather", [])
+    cases = [(1214, 4096, 3072), (8192, 4096, 3072)]
+    if SMOKE:
+        cases = [(5, 256, 128)]
+    key = jax.random.PRNGKey(31)
+    for i, (m, k, k4) in enumerate(cases):
+        if time.time() > deadline:
+            log(f"gather: budget reached before {m}x{k}")
+            break
+        kx = jax.random.fold_in(key, i)
+        sets = [
+            ((2 * jax.random.normal(jax.random.fold_in(kx, j), (m, k))).astype(jnp.bfloat16),)
+            for j in range(2)
+        ]
+        w = jax.random.uniform(jax.random.fold_in(kx, 9), (k,), jnp.float32, 0.5, 1.5)
+        rand = np.asarray(jax.random.permutation(jax.random.fold_in(kx, 7), k), np.int32)
+        perms = {
+            "random": rand,
+            "sorted": rand[fmpq.gather_order(rand, k - k4)],
+            "identity": None,
+        }
+        row = dict(m=m, k=k, k4=k4)
+        (x,) = sets[0]
+        for name, perm in perms.items():
+            p = None if perm is None else jnp.asarray(perm)
+            fn = functools.partial(
+                act_quant, perm=p, k4=k4, norm_weight=w, layout="unpacked",
+                row_align=UNPACKED_ROW_ALIGN, interpret=SMOKE,
+            )  # fmt: skip
+            try:
+                got = [np.asarray(o) for o in fn(x)]
+                ref_perm = np.arange(k, dtype=np.int32) if perm is None else perm
+                want = cpu_act_quant_reference(
+                    x, ref_perm, k4, norm_weight=w, layout="unpacked",
+                    row_align=UNPACKED_ROW_ALIGN,
+                )  # fmt: skip
+                row[f"{name}_mismatch_vs_cpu"] = [int(np.sum(a != b)) for a, b in zip(got, want)]
+                row[f"{name}_us"] = timing.device_time(fn, sets) * 1e6
+            except Exception as e:  # noqa: BLE001
+                row[f"{name}_error"] = f"{type(e).__name__}: {e}"[:300]
+        rows.append(row)
+        log(f"gather {json.dumps(row)}")
+
+
 def unpacked_study(results, deadline):
     """Activations into the GEMM: act_quant's packed layout + the GEMM wrapper's XLA unpack /
     concat / row pad (the engine until now) against act_quant writing the unpacked operand
@@ -1024,6 +1139,37 @@ def markdown(results) -> str:
             out.append(
                 f"| {x['name']} | {x['m']} | {x['n']} | {x['k']} | {x['k8']} | {x['us']:.1f} |"
             )
+    if results.get("gather"):
+        out += [
+            "",
+            "## act_quant gather order (device us; RMSNorm fused, unpacked layout)",
+            "",
+            "| M | K | random permutation | segments sorted | identity | sorted / random |",
+            "|---|---|---|---|---|---|",
+        ]
+        for x in results["gather"]:
+            us = [x.get(f"{v}_us") for v in ("random", "sorted", "identity")]
+            cells = " | ".join("-" if u is None else f"{u:.1f}" for u in us)
+            ratio = f"{us[1] / us[0]:.3f}" if us[0] and us[1] else "-"
+            out.append(f"| {x['m']} | {x['k']} | {cells} | {ratio} |")
+    if results.get("swiglu"):
+        out += [
+            "",
+            "## Down projection input: SwiGLU + act_quant (device us; unpacked layout)",
+            "",
+            "| M | K | XLA SwiGLU + gather | XLA SwiGLU + contiguous | fused | fused / gather | "
+            "fused vs unfused (elements, max diff) |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for x in results["swiglu"]:
+            us = [x.get(f"{v}_us") for v in ("unfused_gather", "unfused_identity", "fused")]
+            cells = " | ".join("-" if u is None else f"{u:.1f}" for u in us)
+            ratio = f"{us[2] / us[0]:.3f}" if us[0] and us[2] else "-"
+            out.append(
+                f"| {x['m']} | {x['k']} | {cells} | {ratio} | "
+                f"{x.get('fused_vs_unfused_elements', '-')}, "
+                f"{x.get('fused_vs_unfused_max_diff', '-')} |"
+            )
     if results.get("act_quant"):
         out += [
             "",
@@ -1160,6 +1306,17 @@ def main(argv=None):
     ap.add_argument("--timing-study", action="store_true", help="old vs device timing")
     ap.add_argument("--act-quant", action="store_true", help="act_quant kernel vs XLA")
     ap.add_argument(
+        "--gather",
+        action="store_true",
+        help="act_quant under random / segment-sorted / identity run-time permutations",
+    )
+    ap.add_argument(
+        "--swiglu",
+        action="store_true",
+        help="down projection input: XLA SwiGLU + act_quant (gathered / contiguous) vs "
+        "act_quant(gate=...)",
+    )
+    ap.add_argument(
         "--unpacked",
         action="store_true",
         help="act_quant's unpacked operand into the GEMM vs packed + XLA unpack (checked, timed)",
@@ -1231,6 +1388,12 @@ def main(argv=None):
             save()
         if args.unpacked:
             unpacked_study(results, deadline)
+            save()
+        if args.swiglu:
+            swiglu_study(results, deadline)
+            save()
+        if args.gather:
+            gather_study(results, deadline)
             save()
         if args.tune:
             entries = tune(

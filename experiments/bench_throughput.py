@@ -44,6 +44,7 @@ import json
 import math
 import os
 import platform
+import re
 import sys
 import tempfile
 import time
@@ -63,8 +64,10 @@ def random_params(model, seed: int = 0):
     """Random params of `model` (any backend) built leaf by leaf from the abstract tree.
 
     Avoids tracing the whole model's init (slow to compile for 80 layers): floats ~N(0, 0.02),
-    norms 1, weight scales ~0.002-0.004 (so int4 x scale ~ N(0, 0.02)), packed ints uniform,
-    permutations identity.
+    norms 1, weight scales ~0.002-0.004 (so int4 x scale ~ N(0, 0.02)), packed ints uniform;
+    a run-time permutation sends a random set of channels to the INT8 segment and stores
+    both segments in ascending order, as `quantize_model` stores a calibrated plan's
+    (`QuantRecipe.sorted_gather`, `fmpq.gather_order`).
     """
     abstract = abstract_params(model)
     key = jax.random.key(seed)
@@ -77,7 +80,7 @@ def random_params(model, seed: int = 0):
         if "norm" in name:
             x = jnp.ones(shape, dtype)
         elif "perm" in name:
-            x = jnp.arange(shape[0], dtype=dtype)
+            x = jnp.asarray(_stored_perm(model, name, k, shape[0]), dtype)
         elif "scale" in name:
             x = jax.random.uniform(k, shape, dtype, 0.002, 0.004)
         elif jnp.issubdtype(dtype, jnp.integer):
@@ -87,6 +90,21 @@ def random_params(model, seed: int = 0):
             x = (0.02 * jax.random.normal(k, shape, jnp.float32)).astype(dtype)
         out.append(x)
     return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _stored_perm(model, name: str, key, k: int) -> np.ndarray:
+    """A random run-time permutation of group ``['layers_i']['group']['perm']`` in the
+    stored form of a calibrated checkpoint (see `random_params`)."""
+    from comet_jax.quant import fmpq
+    from models.projection import PROJECTIONS_OF
+
+    m = re.search(r"layers_(\d+)'\]\['(\w+)'\]\['perm", name)
+    if m is None:
+        raise ValueError(f"unexpected permutation leaf {name}")
+    layer, group = int(m.group(1)), m.group(2)
+    k8 = model.linear.backend_for(layer, PROJECTIONS_OF[group][0]).k8
+    perm = np.asarray(jax.random.permutation(key, k))
+    return perm[fmpq.gather_order(perm, k8)]
 
 
 def tree_bytes(tree) -> int:
@@ -343,7 +361,13 @@ def decode_buckets(requested: list[int], max_batch: int) -> tuple[int, ...]:
 def bench_precision(args, model_config, precision: str) -> list[dict]:
     """Builds the engine for `precision`; returns one result row per scheduling mode."""
     mode = "pallas" if args.kernels == "pallas" else "sim"
-    linear = precision_plan(model_config, precision, mode=mode, interpret=args.interpret)
+    linear = precision_plan(
+        model_config,
+        precision,
+        mode=mode,
+        interpret=args.interpret,
+        fuse_swiglu=not args.unfused_swiglu,
+    )
     dtype = jnp.float32 if args.float32 else jnp.bfloat16
     model = LlamaForCausalLM(model_config, linear=linear, dtype=dtype, param_dtype=dtype)
     weight_bytes = tree_bytes(abstract_params(model))
@@ -363,6 +387,7 @@ def bench_precision(args, model_config, precision: str) -> list[dict]:
         max_tokens_per_step=args.max_tokens_per_step,
         max_prefill_seqs=args.max_prefill_seqs,
         max_prefill_grid=args.max_prefill_grid,
+        compile_workers=args.compile_workers,
         max_model_len=longest,
         page_size=args.page_size,
         num_pages=args.num_pages,
@@ -409,6 +434,8 @@ def bench_precision(args, model_config, precision: str) -> list[dict]:
     row["requests"] = max_batch if args.requests == "batch" else args.requests
     built = LLMEngine.build(model_config, params, cfg, linear=linear, progress=not args.quiet)
     row["compile_s"] = built.compile_time_s
+    row["compiled_shapes"] = built.runner.num_compilations
+    row["compile_workers"] = built.config.resolved_compile_workers
     row["step_memory"] = step_memory_summary(built.runner)
     mem = row["step_memory"]
     print(
@@ -619,6 +646,13 @@ def parse_args(argv=None):
         "prefill call (default 2 x --max-tokens-per-step)",
     )
     p.add_argument(
+        "--compile-workers",
+        type=int,
+        default=None,
+        help="EngineConfig.compile_workers: XLA compilations at once at start-up "
+        "(default min(8, CPUs))",
+    )
+    p.add_argument(
         "--page-size",
         type=int,
         default=None,
@@ -654,6 +688,12 @@ def parse_args(argv=None):
         default=None,
         help="packed row counts of multi-sequence prefill calls (EngineConfig.pack_buckets); "
         "the last must equal --max-tokens-per-step (default: that alone)",
+    )
+    p.add_argument(
+        "--unfused-swiglu",
+        action="store_true",
+        help="W4AxKV4 ablation: the layer writes the MLP hidden state and act_quant reads it "
+        "back (default: act_quant builds silu(gate) * up itself, W4AxLinear.fuse_swiglu)",
     )
     p.add_argument("--num-pages", type=int, default=None, help="default: plan from free memory")
     p.add_argument("--memory-fraction", type=float, default=0.85)

@@ -120,8 +120,10 @@ class DecoderLayer(nn.Module):
     param_dtype: Any = jnp.float32
     capture_transform: Callable | None = None
 
-    def _group(self, spec: GroupSpec, x, norm_weight) -> dict[str, jax.Array]:
-        """Runs one input group: prepare once per distinct backend, then each projection."""
+    def _group(self, spec: GroupSpec, x, norm_weight, gate=None) -> dict[str, jax.Array]:
+        """Runs one input group: prepare once per distinct backend, then each projection.
+        gate (down_in only, see `_fuses_swiglu`): the input is swiglu(gate, x), which each
+        backend's prepare_input builds itself (fused into its quantization)."""
         if self.is_mutable_collection("intermediates"):
             x_in = x if norm_weight is None else rms_norm(x, norm_weight, self.config.rms_norm_eps)
             if self.capture_transform is not None:
@@ -141,9 +143,14 @@ class DecoderLayer(nn.Module):
         group_params = None
         if owners:
             group_params = self.param(spec.name, dict(group_inits)[owners[0]])
+        extra = {} if gate is None else {"gate": gate}
         prepared = {
             b: b.prepare_input(
-                group_params if b in owners else None, x, norm_weight, eps=self.config.rms_norm_eps
+                group_params if b in owners else None,
+                x,
+                norm_weight,
+                eps=self.config.rms_norm_eps,
+                **extra,
             )
             for b in distinct
         }
@@ -178,11 +185,26 @@ class DecoderLayer(nn.Module):
 
         post_norm = self.param("post_attn_norm", _ones_init((h,), self.param_dtype))
         gu = self._group(specs["mlp_in"], x, post_norm)
-        hidden = (jax.nn.silu(gu["gate_proj"].astype(jnp.float32)) * gu["up_proj"]).astype(
-            self.dtype
-        )
-        x = x + self._group(specs["down_in"], hidden, None)["down_proj"]
+        gate, up = gu["gate_proj"], gu["up_proj"]
+        if self._fuses_swiglu(specs["down_in"]) and up.dtype == jnp.dtype(self.dtype):
+            down = self._group(specs["down_in"], up, None, gate=gate)
+        else:
+            hidden = (jax.nn.silu(gate.astype(jnp.float32)) * up).astype(self.dtype)
+            down = self._group(specs["down_in"], hidden, None)
+        x = x + down["down_proj"]
         return x, cache_state
+
+    def _fuses_swiglu(self, spec: GroupSpec) -> bool:
+        """Whether every backend of the down projection builds the MLP's hidden state
+        silu(gate) * up inside its input quantization (`fuses_swiglu`: W4AxLinear's fused
+        kernel), so that the layer never writes it. Not while capturing calibration inputs
+        (the hidden state is what gets captured)."""
+        if self.is_mutable_collection("intermediates"):
+            return False
+        return all(
+            getattr(self.linear.backend_for(self.layer_idx, p.name), "fuses_swiglu", False)
+            for p in spec.projections
+        )
 
 
 class LlamaForCausalLM(nn.Module):

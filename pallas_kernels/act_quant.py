@@ -1,8 +1,12 @@
 """Fused activation quantization for the W4Ax GEMM: RMSNorm -> permute -> quantize -> pack.
 
     x:           [M, K] bf16/f32   layer input (original channel order)
-    perm:        [K] int32         FMPQ channel order: permuted channel j reads x[:, perm[j]]
+    perm:        [K] int32 / None  FMPQ channel order: permuted channel j reads x[:, perm[j]];
+                                   None: the identity (a folded or trivial permutation)
     norm_weight: [K] or None       RMSNorm weight (original order); None: no norm
+    gate:        [M, K] or None    SwiGLU gate: the quantized input is then
+                                   ``(silu(f32(gate)) * x)`` rounded to x's dtype, the MLP's
+                                   hidden state, which is never written to memory (no norm)
     ->
     x4_packed:   [M, K4/2] int8    permuted channels [0, K4), per-token symmetric INT4,
                                    half-split tiles of ``tile_k`` (comet_jax.quant.pack)
@@ -24,6 +28,14 @@ in run 44's H100 trace of the LLaMA-3-8B engine ~2.2 ms of a 56 ms decode step a
 and several ms of a mixed 8192-token step; act_quant + GEMM now take 3.6-10.6% less time per
 call at M = 1214 and 8192 (docs/benchmarks.md, 2026-11-27).
 
+With ``perm=None`` the unpacked layout reads each chunk of a row as one contiguous block
+(vector loads) instead of gathering it channel by channel; the packed layout gathers the
+identity order. ``gate`` (the down projection's input, whose FMPQ permutation
+``quantize_model`` folds into the gate and up rows, so ``perm`` is None there) reads the gate
+and up projections' outputs and quantizes ``silu(gate) * up`` directly: per row it reads
+``2K`` inputs and writes ``K`` bytes, where the unfused MLP wrote the ``K``-wide hidden state
+and read it back (XLA's SwiGLU fusion: 7.2 ms of a 125.7 ms mixed LLaMA-3-8B step in run 48).
+
 Bit-exact contract: the kernel reproduces :func:`act_quant_reference`, which is
 ``comet_jax.quant.quantizers.quantize(bits=4 / 8, granularity="row")`` on the permuted
 segments, so the simulated path equals the kernel path. For that:
@@ -36,6 +48,12 @@ segments, so the simulated path equals the kernel path. For that:
   with every step spelled out (so no XLA graph reorders it); the kernel evaluates the same expressions, with IEEE ``div.rn.f32`` for ``1 / scale`` (Triton's ``/`` is
   approximate) and round-half-to-even ``cvt.rni.f32.f32`` (inline PTX on the GPU; ``jnp`` ops when
   interpreting, where XLA would fold the usual ``(y + 1.5*2^23) - 1.5*2^23`` trick away).
+
+The one exception is ``gate``: Triton lowers ``silu``'s logistic to ``1 / (1 + exp(-g))``
+with its own ``exp``, which can differ from XLA's in the last f32 bits; the hidden value is
+rounded to bf16 right after, so a difference survives only where the product sits on a
+bf16 rounding boundary (it then moves that element by one bf16 ulp before quantization).
+In interpret mode (XLA on both sides) the fused kernel equals the reference bit for bit.
 
 One pass over X: a program owns ``bm`` whole token rows (1 for decode, so M programs run
 side by side); it gathers every permuted chunk of a segment into registers at once (the
@@ -68,12 +86,22 @@ def rms_inv(x, eps: float):
     return jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1) + jnp.float32(eps))
 
 
-def validate_args(x, perm, k4, norm_weight, clip4, clip8, tile_k):
+def validate_args(x, perm, k4, norm_weight, clip4, clip8, tile_k, gate=None):
     if x.ndim != 2 or not jnp.issubdtype(x.dtype, jnp.floating):
         raise ValueError(f"x must be a 2-D float array [M, K], got {x.dtype} {tuple(x.shape)}")
     m, k = x.shape
-    if perm.shape != (k,) or perm.dtype != jnp.int32:
-        raise ValueError(f"perm must be int32 [{k}], got {perm.dtype} {tuple(perm.shape)}")
+    if perm is not None and (perm.shape != (k,) or perm.dtype != jnp.int32):
+        raise ValueError(f"perm must be int32 [{k}] or None, got {perm.dtype} {tuple(perm.shape)}")
+    if gate is not None:
+        if gate.shape != x.shape or gate.dtype != x.dtype:
+            raise ValueError(
+                f"gate must match x ({x.dtype} {tuple(x.shape)}), got {gate.dtype} "
+                f"{tuple(gate.shape)}"
+            )
+        if norm_weight is not None:
+            raise ValueError(
+                "gate (SwiGLU input) takes no norm_weight: the MLP hidden state is not normalized"
+            )
     if tile_k < 32 or tile_k & (tile_k - 1):
         raise ValueError(f"tile_k={tile_k} must be a power of two >= 32")
     if k % tile_k:
@@ -86,6 +114,12 @@ def validate_args(x, perm, k4, norm_weight, clip4, clip8, tile_k):
         if not 0.0 < c <= 1.0:
             raise ValueError(f"{name}={c} must be in (0, 1]")
     return m, k
+
+
+def swiglu(gate, up):
+    """The LLaMA MLP's hidden state ``silu(f32(gate)) * up`` in up's dtype (the expression
+    the decoder layer computes when the down projection's backend does not fuse it)."""
+    return (jax.nn.silu(gate.astype(jnp.float32)) * up).astype(up.dtype)
 
 
 def _normalize(x, norm_weight, eps):
@@ -119,13 +153,18 @@ def act_quant_reference(
     tile_k: int = DEFAULT_TILE_K,
     layout: str = "packed",
     row_align: int = 1,
+    gate=None,
 ):
     """Library-quantizer semantics of :func:`act_quant` (module docstring), in either layout.
 
     Jitted, like the simulated path that calls the same quantizer.
     """
-    validate_args(x, perm, k4, norm_weight, clip4, clip8, tile_k)
+    validate_args(x, perm, k4, norm_weight, clip4, clip8, tile_k, gate)
     _check_layout(layout, row_align)
+    if gate is not None:
+        x = swiglu(gate, x)
+    if perm is None:
+        perm = jnp.arange(x.shape[1], dtype=jnp.int32)
     out = _act_quant_reference(
         x,
         perm,
@@ -213,6 +252,7 @@ def _pow2_chunk(n: int, cap: int) -> int:
 
 def _kernel(
     x_ref,
+    g_ref,
     idx_ref,
     w_ref,
     inv_ref,
@@ -237,7 +277,8 @@ def _kernel(
     (statically unrolled, so the loads are independent and in flight together), kept in
     registers for the row amax, then quantized and stored. ``valid_programs``: the programs
     from this index on write the zero rows (scales 1) that pad the unpacked output; their x
-    block repeats the last real one.
+    block repeats the last real one. ``idx_ref`` None (unpacked layout only): the identity
+    order, each chunk one contiguous load. ``g_ref``: the SwiGLU gate, read like x.
     """
     out_refs = list(out_refs)
     if unpacked:
@@ -256,8 +297,16 @@ def _kernel(
     inv = inv_ref[...].reshape(bm, 1) if has_norm else None
 
     def gather(start, width):
-        idx = idx_ref[pl.ds(start, width)]
-        v = x_ref[rows, idx.reshape(1, width)].astype(jnp.float32)  # [bm, width]
+        if idx_ref is None:  # identity order: one contiguous block
+            v = x_ref[:, pl.ds(start, width)]
+            g = None if g_ref is None else g_ref[:, pl.ds(start, width)]
+        else:
+            idx = idx_ref[pl.ds(start, width)].reshape(1, width)
+            v = x_ref[rows, idx]  # [bm, width]
+            g = None if g_ref is None else g_ref[rows, idx]
+        if g is not None:  # swiglu(g, v), as the layer computes it (rounded to x's dtype)
+            v = (jax.nn.silu(g.astype(jnp.float32)) * v).astype(x_ref.dtype)
+        v = v.astype(jnp.float32)
         if has_norm:
             v = (v * inv) * w_ref[pl.ds(start, width)].reshape(1, width)
         return v
@@ -309,6 +358,15 @@ def _kernel(
     s_ref[...] = kept(jnp.where(lane == 0, s4, s8), 1.0)
 
 
+def _adapt_refs(*refs, gated, gathered, **kw):
+    """pallas_call's positional refs (x, [gate], [idx], w, inv, outputs...) -> `_kernel`."""
+    refs = list(refs)
+    x_ref = refs.pop(0)
+    g_ref = refs.pop(0) if gated else None
+    idx_ref = refs.pop(0) if gathered else None
+    _kernel(x_ref, g_ref, idx_ref, *refs, **kw)
+
+
 def kernel_order(perm, k4: int, tile_k: int):
     """``perm`` ([K] int32, FMPQ order) rearranged into the kernel's gather order.
 
@@ -346,20 +404,29 @@ def default_num_warps(bm: int, k: int) -> int:
     ),
 )  # fmt: skip
 def _act_quant_call(
-    x, perm, norm_weight, *, k4, eps, clip4, clip8, tile_k, interpret, num_warps, bm, row_align
-):
+    x, perm, norm_weight, gate, *, k4, eps, clip4, clip8, tile_k, interpret, num_warps, bm,
+    row_align,
+):  # fmt: skip
     """``row_align = 0``: the packed layout; ``>= 1``: unpacked, rows padded to it."""
     m, k = x.shape
     k8 = k - k4
     has_norm = norm_weight is not None
     unpacked = row_align > 0
+    if perm is None and not unpacked:  # the packed gather order of the identity
+        perm = jnp.arange(k, dtype=jnp.int32)
     idx = perm if unpacked else perm[jnp.asarray(kernel_order(perm, k4, tile_k))]
-    w_k = norm_weight.astype(jnp.float32)[idx] if has_norm else jnp.ones((k,), jnp.float32)
+    if has_norm:
+        w_k = norm_weight.astype(jnp.float32)
+        w_k = w_k if idx is None else w_k[idx]
+    else:
+        w_k = jnp.ones((k,), jnp.float32)
     inv = rms_inv(x, eps) if has_norm else jnp.ones((m,), jnp.float32)
     mp = -(-m // bm) * bm
     if mp != m:
         x = jnp.pad(x, ((0, mp - m), (0, 0)))
         inv = jnp.pad(inv, (0, mp - m), constant_values=1.0)
+        if gate is not None:
+            gate = jnp.pad(gate, ((0, mp - m), (0, 0)))
     cw4 = _pow2_chunk(k4 if unpacked else k4 // 2, 512) if k4 else 0
     cw8 = _pow2_chunk(k8, 512) if k8 else 0
     # Unpacked: R rows out (M rounded up to row_align); the grid covers them in whole
@@ -383,7 +450,9 @@ def _act_quant_call(
     out_shape.append(jax.ShapeDtypeStruct((grid_rows, 2), jnp.float32))
     out_specs.append(pl.BlockSpec((bm, 2), lambda i: (i, 0)))
     kernel = functools.partial(
-        _kernel,
+        _adapt_refs,
+        gated=gate is not None,
+        gathered=idx is not None,
         k4=k4,
         k8=k8,
         cw4=cw4,
@@ -401,15 +470,16 @@ def _act_quant_call(
         grid=(grid_rows // bm,),
         in_specs=[
             pl.BlockSpec((bm, k), x_block),
-            pl.BlockSpec((k,), lambda i: (0,)),
+            *([pl.BlockSpec((bm, k), x_block)] if gate is not None else []),
+            *([pl.BlockSpec((k,), lambda i: (0,))] if idx is not None else []),
             pl.BlockSpec((k,), lambda i: (0,)),
             pl.BlockSpec((bm,), row_block),
         ],
         out_specs=out_specs,
         interpret=interpret,
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
-        name="act_quant",
-    )(x, idx, w_k, inv)
+        name="act_quant_swiglu" if gate is not None else "act_quant",
+    )(*(a for a in (x, gate, idx) if a is not None), w_k, inv)
     if unpacked:
         return tuple(o[:r] for o in outs)
     outs = [o[:m] for o in outs]
@@ -433,8 +503,10 @@ def act_quant(
     rows_per_program: int | None = None,
     layout: str = "packed",
     row_align: int = 1,
+    gate=None,
 ):
-    """Fused RMSNorm -> permute -> per-token INT4/INT8 quantize -> pack (module docstring).
+    """Fused RMSNorm -> permute -> per-token INT4/INT8 quantize -> pack (module docstring);
+    with ``gate``, SwiGLU -> permute -> quantize -> pack.
 
     ``rows_per_program`` / ``num_warps``: the launch (None: :func:`default_rows_per_program`,
     :func:`default_num_warps`). Returns
@@ -442,7 +514,7 @@ def act_quant(
     ``layout="unpacked"`` ``(x_u [R, K] int8, x_scales [R, 2] f32)``, R = M rounded up to
     ``row_align``.
     """
-    m, k = validate_args(x, perm, k4, norm_weight, clip4, clip8, tile_k)
+    m, k = validate_args(x, perm, k4, norm_weight, clip4, clip8, tile_k, gate)
     _check_layout(layout, row_align)
     bm = rows_per_program or default_rows_per_program(m, k)
     if bm < 1 or bm & (bm - 1):
@@ -452,6 +524,7 @@ def act_quant(
         x,
         perm,
         norm_weight,
+        gate,
         k4=int(k4),
         eps=float(eps),
         clip4=float(clip4),
@@ -470,6 +543,7 @@ __all__ = [
     "act_quant_reference",
     "kernel_order",
     "rms_inv",
+    "swiglu",
     "to_unpacked",
     "validate_args",
 ]

@@ -169,3 +169,71 @@ def test_layout_arguments_checked():
         act_quant(x, perm, 128, tile_k=TILE, interpret=True, layout="unpacked", row_align=3)
     with pytest.raises(ValueError, match="row_align applies to layout='unpacked'"):
         act_quant_reference(x, perm, 128, tile_k=TILE, row_align=8)
+
+
+@pytest.mark.parametrize(
+    "m,k,k4,bm,layout,row_align,norm",
+    [
+        (5, 256, 128, 1, "unpacked", 8, True),  # identity: contiguous chunks
+        (7, 512, 384, 4, "unpacked", 16, False),
+        (3, 256, 0, 1, "unpacked", 4, True),  # all INT8
+        (4, 192, 192, 2, "packed", 1, True),  # packed: gathers the identity
+    ],
+)
+def test_identity_perm_none(m, k, k4, bm, layout, row_align, norm):
+    """perm=None is the identity order: the same bytes as an explicit arange, which is what
+    the reference quantizes (unpacked: contiguous loads, no index array)."""
+    x, _, w = _inputs(m, k, jnp.bfloat16, seed=3 * m + k4)
+    w = w if norm else None
+    kw = dict(norm_weight=w, tile_k=TILE, layout=layout, row_align=row_align)
+    got = act_quant(x, None, k4, interpret=True, rows_per_program=bm, **kw)
+    want = act_quant_reference(x, jnp.arange(k, dtype=jnp.int32), k4, **kw)
+    assert len(got) == len(want)
+    for g, r in zip(got, want):
+        assert g.shape == r.shape
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(r))
+    for g, r in zip(act_quant_reference(x, None, k4, **kw), want):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(r))
+
+
+@pytest.mark.parametrize(
+    "m,k,k4,bm,layout,row_align,permuted",
+    [
+        (5, 256, 192, 1, "unpacked", 8, False),  # the engine's down_in: folded, unpacked
+        (6, 384, 256, 2, "unpacked", 4, True),  # a runtime permutation, gathered
+        (3, 256, 128, 1, "packed", 1, True),
+        (9, 512, 384, 4, "unpacked", 16, False),
+    ],
+)
+def test_swiglu_gate_bit_exact(m, k, k4, bm, layout, row_align, permuted):
+    """gate=g quantizes swiglu(g, x) = silu(f32(g)) * x rounded to x's dtype: in interpret
+    mode the same bytes and scales as the reference on that hidden state, which is the
+    hidden state the decoder layer computes unfused (tolerance: none)."""
+    from pallas_kernels.act_quant import swiglu
+
+    x, perm, _ = _inputs(m, k, jnp.bfloat16, seed=m * 5 + k4)
+    g = jax.random.normal(jax.random.PRNGKey(m + 100), (m, k), jnp.float32).astype(jnp.bfloat16)
+    perm = perm if permuted else None
+    kw = dict(tile_k=TILE, layout=layout, row_align=row_align)
+    got = act_quant(x, perm, k4, gate=g, interpret=True, rows_per_program=bm, **kw)
+    want = act_quant_reference(x, perm, k4, gate=g, **kw)
+    hidden = (jax.nn.silu(g.astype(jnp.float32)) * x).astype(jnp.bfloat16)  # the layer's
+    np.testing.assert_array_equal(np.asarray(swiglu(g, x)), np.asarray(hidden))
+    unfused = act_quant_reference(hidden, perm, k4, **kw)
+    for a, b, c in zip(got, want, unfused):
+        assert a.shape == b.shape
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        np.testing.assert_array_equal(np.asarray(b), np.asarray(c))
+    assert np.asarray(got[0]).any()  # not an all-zero result
+
+
+def test_swiglu_gate_checked():
+    x, perm, w = _inputs(2, 256, jnp.bfloat16, seed=0)
+    with pytest.raises(ValueError, match="gate must match x"):
+        act_quant(x, perm, 128, gate=x[:1], tile_k=TILE, interpret=True)
+    with pytest.raises(ValueError, match="gate must match x"):
+        act_quant(x, perm, 128, gate=x.astype(jnp.float32), tile_k=TILE, interpret=True)
+    with pytest.raises(ValueError, match="takes no norm_weight"):
+        act_quant(x, perm, 128, gate=x, norm_weight=w, tile_k=TILE, interpret=True)
+    with pytest.raises(ValueError, match="perm must be int32"):
+        act_quant(x, perm[:5], 128, tile_k=TILE, interpret=True)

@@ -99,3 +99,20 @@ def test_smoke_unpacked_study(tmp_path):
     for key in ("packed_us", "unpacked_us", "act_quant_unpacked_us", "bf16_us", "int8_us"):
         assert row[key] > 0
     assert "unpacked operand" in next(tmp_path.glob("gemm_*.md")).read_text()
+
+
+def test_smoke_swiglu_study(tmp_path):
+    """The down-projection input study: in interpret mode all three variants give the CPU
+    reference's bytes (no mismatch), each is timed, and the table is written."""
+    _, res = _smoke(tmp_path, "--swiglu", "--gather")
+    [g] = res["gather"]
+    for v in ("random", "sorted", "identity"):
+        assert g[f"{v}_mismatch_vs_cpu"] == [0, 0], v
+        assert g[f"{v}_us"] > 0, v
+    [row] = res["swiglu"]
+    for v in ("unfused_gather", "unfused_identity", "fused"):
+        assert row[f"{v}_mismatch_vs_cpu"] == [0, 0], v
+        assert row[f"{v}_us"] > 0, v
+    assert row["fused_vs_unfused_elements"] == 0
+    [md] = tmp_path.glob("gemm_*.md")
+    assert "SwiGLU + act_quant" in md.read_text() and "gather order" in md.read_text()

@@ -158,3 +158,34 @@ def test_table_compares_max_throughput_across_request_counts(bench, capsys):
         ("fixed", "4", "1.50"),
         ("fixed", "8", "nan"),
     ]
+
+
+def test_random_params_store_permutations_like_a_checkpoint(bench):
+    """The random-weight W4AxKV4 model gathers attn_in, o_in and mlp_in at run time (down_in
+    folded) with permutations in a calibrated checkpoint's stored form: a permutation whose
+    INT4 and INT8 segments are each ascending, the INT8 segment a random channel set."""
+    import dataclasses
+
+    import numpy as np
+
+    from comet_jax.engine.runner import precision_plan, preset_config
+    from models.llama import LlamaForCausalLM
+    from models.projection import PROJECTIONS_OF
+
+    cfg = dataclasses.replace(  # widths of several 64-channel blocks: 25% INT8 is > 0
+        preset_config("tiny"), hidden_size=256, intermediate_size=512, head_dim=64
+    )
+    plan = precision_plan(cfg, "w4axkv4", block=64)
+    params = bench.random_params(LlamaForCausalLM(cfg, linear=plan))
+    layer = params["layers_0"]
+    assert set(g for g in ("attn_in", "o_in", "mlp_in", "down_in") if g in layer) == {
+        "attn_in", "o_in", "mlp_in"
+    }  # fmt: skip
+    for g in ("attn_in", "o_in", "mlp_in"):
+        perm = np.asarray(layer[g]["perm"])
+        k8 = plan.backend_for(0, PROJECTIONS_OF[g][0]).k8
+        k4 = perm.shape[0] - k8
+        assert 0 < k8 < perm.shape[0]
+        assert sorted(perm.tolist()) == list(range(perm.shape[0]))
+        assert (np.diff(perm[:k4]) > 0).all() and (np.diff(perm[k4:]) > 0).all()
+        assert perm[k4:].tolist() != list(range(k4, perm.shape[0]))  # not the identity

@@ -81,6 +81,21 @@ def test_max_prefill_grid_flag():
     assert cli._engine_config(args, cli._configure(args)).prefill_grid_limit == 256
 
 
+def test_compile_workers_flag():
+    import os
+
+    parse = cli.build_parser().parse_args
+    args = parse(["generate", "x"])
+    cfg = cli._engine_config(args, cli._configure(args))
+    assert cfg.compile_workers is None
+    assert cfg.resolved_compile_workers == max(1, min(8, os.cpu_count() or 1))
+    args = parse(["generate", "x", "--compile_workers", "3"])
+    assert cli._engine_config(args, cli._configure(args)).resolved_compile_workers == 3
+    args = parse(["generate", "x", "--compile_workers", "0"])
+    with pytest.raises(ValueError, match="compile_workers=0"):
+        cli._engine_config(args, cli._configure(args))
+
+
 def test_prefill_dequantize_flag():
     parse = cli.build_parser().parse_args
     for argv, want in (

@@ -97,8 +97,9 @@ def test_fmpq_plan_respected(tiny):
         }[g]
         be = plan.backend_for(i, proj)
         assert isinstance(be, W4AxLinear) and (be.k4, be.k8) == (expected.k4, expected.k8)
-        if row["perm"] == "runtime":
-            np.testing.assert_array_equal(np.asarray(qp[f"layers_{i}"][g]["perm"]), expected.perm)
+        if row["perm"] == "runtime":  # stored with sorted segments (sorted_gather)
+            stored = expected.perm[fmpq.gather_order(expected.perm, expected.k8)]
+            np.testing.assert_array_equal(np.asarray(qp[f"layers_{i}"][g]["perm"]), stored)
     # The planted outlier channels of the normed inputs sit in the INT8 segment.
     attn = next(r for r in rep.groups if r["group"] == "attn_in" and r["layer"] == 0)
     assert attn["k8"] == 64 and attn["perm"] == "runtime"
@@ -305,3 +306,44 @@ def test_padded_gptq_and_rotation(tiny_pad):
     rot = preset("rot_fmpq_w4axkv4", kv_group=32, fmpq=B128)
     out_r, *_ = _run_pad(rot, tiny_pad)
     assert np.isfinite(out_r).all() and _rel_err(out_r, tiny_pad[3]) < 0.5
+
+
+@pytest.mark.parametrize("quantizer", ["rtn", "gptq"])
+def test_sorted_gather_changes_no_output(tiny, quantizer):
+    """sorted_gather (the default) stores each run-time permutation with both segments in
+    ascending channel order and the weight columns reordered to match: the same segments
+    (same channel sets), so the same logits bit for bit as the plan's score order (GPTQ runs
+    in the plan's order either way); weight groups keep the plan's order."""
+    recipe = preset("fmpq_w4ax", w_quantizer=quantizer)
+    cache: dict = {}
+    out, qp, _, rep = _logits(recipe, tiny, weight_cache=cache)
+    out0, qp0, _, _ = _logits(dataclasses.replace(recipe, sorted_gather=False), tiny)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(out0))
+    runtime = [(r["layer"], r["group"], r["k8"]) for r in rep.groups if r["perm"] == "runtime"]
+    assert runtime  # the planted outliers make attn_in / mlp_in gather at run time
+    moved = 0
+    for i, g, k8 in runtime:
+        perm = np.asarray(qp[f"layers_{i}"][g]["perm"])
+        perm0 = np.asarray(qp0[f"layers_{i}"][g]["perm"])
+        k4 = perm.shape[0] - k8
+        for seg in (slice(0, k4), slice(k4, None)):
+            assert (np.diff(perm[seg]) > 0).all()
+            assert set(perm[seg].tolist()) == set(perm0[seg].tolist())
+        moved += int((perm != perm0).sum())
+    assert moved > 0  # the score order was not already sorted
+    grouped = preset("fmpq_w4ax", w_quantizer="rtn", w_group=64)
+    _, qg, _, rg = _logits(grouped, tiny)
+    i, g, _ = next((r["layer"], r["group"], 0) for r in rg.groups if r["perm"] == "runtime")
+    _, qg0, _, _ = _logits(dataclasses.replace(grouped, sorted_gather=False), tiny)
+    np.testing.assert_array_equal(
+        np.asarray(qg[f"layers_{i}"][g]["perm"]), np.asarray(qg0[f"layers_{i}"][g]["perm"])
+    )
+
+
+def test_gather_order():
+    perm = np.array([0, 1, 7, 3, 2, 9, 4, 8, 6, 5])
+    order = fmpq.gather_order(perm, 4)
+    np.testing.assert_array_equal(perm[order], [0, 1, 2, 3, 7, 9, 4, 5, 6, 8])
+    np.testing.assert_array_equal(fmpq.gather_order(perm, 0), np.argsort(perm))
+    with pytest.raises(ValueError, match="k8=11 must be in"):
+        fmpq.gather_order(perm, 11)

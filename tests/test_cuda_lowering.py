@@ -139,6 +139,24 @@ def test_act_quant_unpacked_lowers(m, bm):
     )
 
 
+@pytest.mark.parametrize("m,bm,layout,permuted", [(16, 1, "packed", True), (300, 1, "unpacked", False),
+                                                 (512, 2, "unpacked", True)])  # fmt: skip
+def test_act_quant_swiglu_and_identity_lower(m, bm, layout, permuted):
+    """gate= (SwiGLU fused: silu's logistic lowers in Triton) and perm=None (the identity:
+    contiguous chunk loads) in both layouts."""
+    perm = jnp.asarray(np.random.default_rng(1).permutation(512).astype(np.int32))
+    align = 256 if layout == "unpacked" else 1
+    fn = functools.partial(
+        aq.act_quant, perm=perm if permuted else None, k4=384, layout=layout, row_align=align,
+        rows_per_program=bm,
+    )  # fmt: skip
+    text = _lower_cuda(
+        lambda x, g: fn(x, gate=g), S((m, 512), jnp.bfloat16), S((m, 512), jnp.bfloat16)
+    )
+    assert "act_quant_swiglu" in text
+    _lower_cuda(lambda x: fn(x), S((m, 512), jnp.bfloat16))
+
+
 @pytest.mark.parametrize(
     "config,engine",
     [

@@ -500,3 +500,45 @@ def test_smollm2_gguf_perplexity(smollm2_float, smollm2_tokenizer, prepared_data
             name = f"model.layers.{i}.self_attn.{proj}.weight"
             wrong[name] = permute_qk_to_gguf(np.asarray(tensors[name]), heads)
     assert _perplexity(model, params_from_hf_tensors(config, wrong), ids) > 2 * ppl
+
+
+def test_fused_swiglu_gives_the_same_logits():
+    """W4AxKV4 with the down projection's act_quant building silu(gate) * up itself (the
+    default) vs the layer writing the hidden state (fuse_swiglu=False): the same logits,
+    bit for bit, with the Pallas kernels in interpret mode; the jitted step runs the fused
+    kernel (its name is in the HLO) and the unfused one does not. Capturing intermediates
+    still sows the hidden state."""
+    from comet_jax.engine.runner import precision_plan, preset_config
+    from models import PROJECTIONS_OF
+
+    cfg = dataclasses.replace(preset_config("tiny"), num_layers=1)
+    plan = precision_plan(cfg, "w4axkv4", mode="pallas", interpret=True)
+    backends = {g: plan.backend_for(0, PROJECTIONS_OF[g][0]) for g in GROUPS}
+    assert backends["down_in"].fuses_swiglu
+    off = dict(backends, down_in=dataclasses.replace(backends["down_in"], fuse_swiglu=False))
+    unfused = LinearPlan.from_mapping({(None, g): b for g, b in off.items()})
+    fused_model = LlamaForCausalLM(cfg, linear=plan, dtype=jnp.bfloat16)
+    unfused_model = LlamaForCausalLM(cfg, linear=unfused, dtype=jnp.bfloat16)
+    params = init_params(fused_model, jax.random.key(3))
+    tokens = _tokens(2, 5, seed=4)
+    fwd = jax.jit(lambda m, p, t: m.apply({"params": p}, t)[0], static_argnums=0)
+    got = np.asarray(fwd(fused_model, params, tokens))
+    want = np.asarray(fwd(unfused_model, params, tokens))
+    assert np.isfinite(got).all() and np.abs(got).max() > 0
+    np.testing.assert_array_equal(got, want)
+
+    def cuda_hlo(fuse: bool) -> str:  # the GPU lowering (kernels, not their interpretation)
+        gpu = {g: dataclasses.replace(b, interpret=False) for g, b in backends.items()}
+        gpu["down_in"] = dataclasses.replace(gpu["down_in"], fuse_swiglu=fuse)
+        model = LlamaForCausalLM(
+            cfg, linear=LinearPlan.from_mapping({(None, g): b for g, b in gpu.items()}),
+            dtype=jnp.bfloat16,
+        )  # fmt: skip
+        lowered = fwd.trace(model, params, tokens).lower(lowering_platforms=("cuda",))
+        return lowered.as_text()
+
+    assert "act_quant_swiglu" in cuda_hlo(True)
+    assert "act_quant_swiglu" not in cuda_hlo(False)
+    _, state = fused_model.apply({"params": params}, tokens, mutable=["intermediates"])
+    sown = state["intermediates"]["layers_0"]["down_in"][0]
+    assert sown.shape == (2, 5, cfg.intermediate_size)

@@ -7,6 +7,7 @@ dequantized operands allow f32 summation-order error (rtol 1e-5).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -439,3 +440,35 @@ def test_pallas_interpret_padded_matches_sim(general, layout):
         )
         out[mode] = np.asarray(b.matmul(wp, b.prepare_input(gp, x, norm_w, eps=EPS)))
     np.testing.assert_allclose(out["pallas"], out["sim"], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("m,permute", [(3, False), (260, False), (5, True), (257, True)])
+def test_w4ax_gate_quantizes_the_swiglu_hidden_state(m, permute):
+    """prepare_input(gate=g) with the fused kernel (interpret) = prepare_input of the hidden
+    state silu(g) * up that the layer would have written: same bytes, scales and GEMM
+    output (tolerance: none), in the packed (small M) and unpacked (M >= 257) layouts, with
+    the identity (folded) order and a runtime permutation; fuse_swiglu=False and the
+    rotated / padded backends build the hidden state first, with the same result."""
+    rng = np.random.default_rng(m)
+    k4, k8, n = 128, 64, 32
+    wp, _ = _weights(rng, n, k4 + k8, 64)
+    up = _x(rng, (m, k4 + k8)).astype(jnp.bfloat16)
+    gate = _x(rng, (m, k4 + k8), outliers=(5,)).astype(jnp.bfloat16)
+    hidden = (jax.nn.silu(gate.astype(jnp.float32)) * up).astype(jnp.bfloat16)
+    gp = {"perm": jnp.asarray(rng.permutation(k4 + k8), jnp.int32)} if permute else None
+    kw = dict(k4=k4, k8=k8, block=64, tile=64, permute=permute)
+    fused = W4AxLinear(mode="pallas", interpret=True, **kw)
+    plain = dataclasses.replace(fused, fuse_swiglu=False)
+    sim = W4AxLinear(**kw)
+    assert fused.fuses_swiglu and not plain.fuses_swiglu and sim.fuses_swiglu
+    want = plain.prepare_input(gp, hidden, None, eps=EPS)
+    for be, ref in ((fused, plain), (plain, plain), (sim, sim)):  # sim: packed at any M
+        got = be.prepare_input(gp, up, None, eps=EPS, gate=gate)
+        exp = ref.prepare_input(gp, hidden, None, eps=EPS)
+        assert type(got) is type(exp)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(exp)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    y = np.asarray(fused.matmul(wp, fused.prepare_input(gp, up, None, eps=EPS, gate=gate)))
+    np.testing.assert_array_equal(y, np.asarray(plain.matmul(wp, want)))
+    assert np.abs(y).max() > 0
+    assert not W4AxLinear(k4=64, k8=64, block=64, tile=64, rotate=True).fuses_swiglu

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 
 PRECISIONS = ("bf16", "w8a8", "w4a16", "w4axkv4")
 KV_DTYPES = ("bf16", "int4")
@@ -91,6 +92,10 @@ class EngineConfig:
         'pallas' | 'reference'.
       interpret: run Pallas kernels in interpret mode (CPU; slow, for testing kernels).
       aot_compile: compile every bucket at start-up (else on first use).
+      compile_workers: XLA compilations run at once by the start-up compile
+        (`ModelRunner.compile_many`: shapes are traced and lowered one after another, their
+        compilations overlap in a thread pool). None (default): min(8, CPU count). Same
+        executables for any value; 1 compiles one shape at a time.
       warm_up: with aot_compile, also run every compiled bucket once at start-up on an
         all-padding batch (`ModelRunner.warm_up`), so that the device's first-run work is not
         paid by the first requests. On the H100 (LLaMA-3-8B shapes, W4AxKV4, 256 requests of
@@ -169,6 +174,7 @@ class EngineConfig:
     kernels: str = "auto"
     interpret: bool = False
     aot_compile: bool = True
+    compile_workers: int | None = None
     warm_up: bool = True
     seed: int = 0
     tp: int = 1
@@ -250,6 +256,9 @@ class EngineConfig:
         _check_buckets("chunk_buckets", self.chunk_buckets, self.max_tokens_per_step)
         _check_buckets("page_buckets", self.page_buckets, self.max_pages_per_seq)
         _check_buckets("pack_buckets", self.pack_buckets, self.max_tokens_per_step)
+        w = self.compile_workers
+        if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w < 1):
+            raise ValueError(f"compile_workers={w!r} must be a positive int or None")
         g = self.max_prefill_grid
         if g is not None:
             if isinstance(g, bool) or not isinstance(g, int) or g <= 0:
@@ -292,6 +301,13 @@ class EngineConfig:
         if not self.pack_prefill:
             return ()
         return self.pack_buckets or (self.max_tokens_per_step,)
+
+    @property
+    def resolved_compile_workers(self) -> int:
+        """`compile_workers`, resolved (None: min(8, CPU count))."""
+        if self.compile_workers is not None:
+            return self.compile_workers
+        return max(1, min(8, os.cpu_count() or 1))
 
     @property
     def prefill_grid_limit(self) -> int:

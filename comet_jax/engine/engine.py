@@ -246,15 +246,24 @@ class LLMEngine:
         from tqdm.auto import tqdm
 
         shapes = self.bucket_shapes()
+        workers = self.config.resolved_compile_workers
         t0 = time.perf_counter()
-        bar = tqdm(shapes, desc="compiling step buckets", unit="shape", disable=not progress)
-        for b, t, p, r in bar:
+        bar = tqdm(
+            total=len(shapes), desc="compiling step buckets", unit="shape", disable=not progress
+        )
+
+        def done(key):
+            b, t, p, r = key
             bar.set_postfix_str(f"B={b} T={t} P={p}" + (f" rows={r}" if r else ""))
-            self.runner.compile(b, t, p, r)
+            bar.update()
+
+        self.runner.compile_many(shapes, workers, on_done=done)
+        bar.close()
         self.compile_time_s = time.perf_counter() - t0
         if progress:
             print(
-                f"compiled {len(shapes)} step shapes in {self.compile_time_s:.1f} s",
+                f"compiled {len(shapes)} step shapes in {self.compile_time_s:.1f} s "
+                f"({workers} compile worker{'s' if workers > 1 else ''})",
                 file=sys.stderr,
                 flush=True,
             )

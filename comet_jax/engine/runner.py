@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -327,6 +328,8 @@ def precision_plan(
     interpret: bool = False,
     int8_fraction: float = 0.25,
     block: int | None = None,
+    runtime_perm: tuple[str, ...] = ("attn_in", "o_in", "mlp_in"),
+    fuse_swiglu: bool = True,
 ):
     """Projection backends of a precision preset for random weights (benchmarks, tests).
 
@@ -335,6 +338,13 @@ def precision_plan(
     25%). Quantized checkpoints bring their own plan (`comet_jax.quant.convert`).
     block: FMPQ block = the kernels' K tile; None: 128 (COMET's block, the tile the GEMM
     tuning table holds) where every layer input's width is a multiple of 128, else 64.
+    runtime_perm: the input groups whose FMPQ permutation is gathered at run time (a
+    ``perm`` group param), as a calibrated checkpoint has them: `quantize_model` (fold on,
+    no rotation) folds down_in's permutation into the gate / up rows, o_in's only when the
+    plan moves whole heads (not assumed here), and attn_in / mlp_in (inputs read from the
+    residual stream) always gather.
+    fuse_swiglu: `W4AxLinear.fuse_swiglu` of the down projection (False: the unfused
+    ablation, the layer writing the MLP hidden state).
     """
     from models.llama import layer_specs
     from models.projection import GROUPS, FloatLinear, LinearPlan
@@ -354,6 +364,9 @@ def precision_plan(
         return qlinear.W4A16Linear(tile=block, mode=mode, interpret=interpret)
     if precision != "w4axkv4":
         raise ValueError(f"precision={precision!r}; expected bf16|w8a8|w4a16|w4axkv4")
+    bad = set(runtime_perm) - set(GROUPS)
+    if bad:
+        raise ValueError(f"runtime_perm: unknown input groups {sorted(bad)}; expected {GROUPS}")
     overrides = {}
     for group, spec in layer_specs(model_config, 0).items():
         k = spec.in_features
@@ -361,7 +374,14 @@ def precision_plan(
             raise ValueError(f"{group}: K={k} is not a multiple of the FMPQ block={block}")
         k8 = int(round(k * int8_fraction / block)) * block
         overrides[(None, group)] = qlinear.W4AxLinear(
-            k4=k - k8, k8=k8, block=block, tile=block, mode=mode, interpret=interpret
+            k4=k - k8,
+            k8=k8,
+            block=block,
+            tile=block,
+            mode=mode,
+            interpret=interpret,
+            permute=group in runtime_perm,
+            fuse_swiglu=fuse_swiglu,
         )
     assert set(g for _, g in overrides) == set(GROUPS)
     return LinearPlan.from_mapping(overrides)
@@ -505,27 +525,81 @@ class ModelRunner:
         ]
         return max(needs, default=0)
 
-    def compile(self, batch: int, length: int, pages: int, rows: int = 0) -> None:
-        """Compiles the model executable for this shape (`rows`: packed rows of a
-        multi-sequence prefill call, 0 = its grid) and both samplers for `batch`."""
+    def _lowerings(self, batch: int, length: int, pages: int, rows: int, claimed=None):
+        """Yields (store, lowered) for each executable of this shape not compiled yet: the
+        model step and the batch's two samplers; ``store(compiled)`` files the result.
+        claimed: a set of sampler keys already being compiled (skipped; new ones added)."""
         key = (batch, length, pages, rows)
         if key not in self._compiled:
             abstract = StepInputs.zeros(batch, length, pages).abstract()
             prev = jax.ShapeDtypeStruct((self.token_slots(1),), jnp.int32)
             jitted = self._jit_for(rows)
-            lowered = jitted.lower(self.params, self.cache, abstract.model_inputs(prev, prev))
-            self._compiled[key] = lowered.compile(compiler_options=self.compiler_options)
-            self._memory[key] = executable_memory(self._compiled[key])
+
+            def store_step(compiled, key=key):
+                self._compiled[key] = compiled
+                self._memory[key] = executable_memory(compiled)
+
+            yield (
+                store_step,
+                jitted.lower(self.params, self.cache, abstract.model_inputs(prev, prev)),
+            )
         vocab = self.model.config.vocab_size
         for f in (False, True):
-            if (batch, f) in self._compiled_samplers:
+            if (batch, f) in self._compiled_samplers or (batch, f) in (claimed or ()):
                 continue
+            if claimed is not None:
+                claimed.add((batch, f))
             args = (jax.ShapeDtypeStruct((batch, vocab), jnp.float32),)
             args += StepInputs.zeros(batch, 1, 1).abstract().sampling_inputs()
-            lowered = self._samplers[f].lower(*args)
-            self._compiled_samplers[batch, f] = lowered.compile(
-                compiler_options=self.compiler_options
-            )
+
+            def store_sampler(compiled, sk=(batch, f)):
+                self._compiled_samplers[sk] = compiled
+
+            yield store_sampler, self._samplers[f].lower(*args)
+
+    def compile(self, batch: int, length: int, pages: int, rows: int = 0) -> None:
+        """Compiles the model executable for this shape (`rows`: packed rows of a
+        multi-sequence prefill call, 0 = its grid) and both samplers for `batch`."""
+        for store, lowered in self._lowerings(batch, length, pages, rows):
+            store(lowered.compile(compiler_options=self.compiler_options))
+
+    def compile_many(
+        self,
+        keys: Sequence[tuple[int, int, int, int]],
+        workers: int = 1,
+        on_done: Callable[[tuple[int, int, int, int]], None] | None = None,
+    ) -> None:
+        """Compiles every (batch, length, pages, packed rows) shape of `keys` like `compile`,
+        up to `workers` XLA compilations at once: this thread traces and lowers the shapes
+        in order (Python, under the GIL) while a thread pool compiles the lowered modules
+        (XLA's compiler runs outside the GIL). ``on_done(key)`` after each shape's
+        executables are all stored. The results are the executables `compile` builds, one
+        per shape; only the wall time differs."""
+        if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+            raise ValueError(f"workers={workers!r} must be a positive int")
+        if workers == 1:
+            for key in keys:
+                self.compile(*key)
+                if on_done is not None:
+                    on_done(key)
+            return
+        from concurrent.futures import ThreadPoolExecutor
+
+        opts = self.compiler_options
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="xla-compile") as pool:
+            pending = []  # (key, [(store, future)])
+            claimed: set[tuple[int, bool]] = set()  # samplers shared by shapes: compiled once
+            for key in keys:
+                jobs = [
+                    (store, pool.submit(lowered.compile, compiler_options=opts))
+                    for store, lowered in self._lowerings(*key, claimed=claimed)
+                ]
+                pending.append((key, jobs))
+            for key, jobs in pending:  # stored in order, from this thread
+                for store, future in jobs:
+                    store(future.result())
+                if on_done is not None:
+                    on_done(key)
 
     def warm_up(self) -> int:
         """Runs each compiled step shape not yet run once, on an all-padding batch, and both

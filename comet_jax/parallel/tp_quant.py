@@ -133,9 +133,18 @@ class ChunkedW4AxLinear(W4AxLinear):
         ]
         return jax.tree.map(lambda *v: jnp.stack(v), *outs)
 
+    @property
+    def fuses_swiglu(self) -> bool:
+        """False: each chunk's quantization reads the hidden state the layer writes."""
+        return False
+
     # ---- stage 1: per chunk permute + quantize -------------------------------------------
-    def prepare_input(self, group_params, x, norm_weight, *, eps):
+    def prepare_input(self, group_params, x, norm_weight, *, eps, gate=None):
         self._check_k(x.shape[-1], "prepare_input")
+        if gate is not None:  # the SwiGLU hidden state, built here (not fused)
+            from pallas_kernels.act_quant import swiglu
+
+            x = swiglu(gate, x)
         if norm_weight is not None:  # not the case for o_in/down_in; kept for generality
             x = rms_norm(x, norm_weight, eps)
         lead = x.shape[:-1]

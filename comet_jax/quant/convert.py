@@ -306,8 +306,17 @@ def quantize_model(
                     if plan is not None:
                         hess = fmpq.permute_hessian(hess, plan)
             backend = _backend(recipe, plan, runtime_perm[g], mode, interpret)
+            reorder = None  # stored column order (recipe.sorted_gather), None: the plan's
+            if (
+                runtime_perm[g]
+                and recipe.sorted_gather
+                and recipe.act_granularity == "segment"
+                and recipe.w_group is None
+            ):
+                reorder = fmpq.gather_order(plan.perm, plan.k8)
             if runtime_perm[g]:
-                layer_q[g] = {"perm": jnp.asarray(plan.perm, jnp.int32)}
+                perm = plan.perm if reorder is None else np.asarray(plan.perm)[reorder]
+                layer_q[g] = {"perm": jnp.asarray(perm, jnp.int32)}
             for p in PROJECTIONS_OF[g]:
                 wp = jnp.asarray(w[p])
                 if recipe.rotation:
@@ -315,6 +324,8 @@ def quantize_model(
                 if plan is not None:
                     wp = fmpq.permute_in(wp, plan)
                 q, scales = _cached_quantize(recipe, wp, hess, weight_cache)
+                if reorder is not None:  # the stored order (same integers per segment)
+                    q = np.asarray(q)[:, reorder]
                 entry = {"w_scales": jnp.asarray(scales, jnp.float32)}
                 if recipe.w_bits == 4:
                     entry["w_packed"] = pack.pack_int4(jnp.asarray(q, jnp.int8), recipe.tile)

@@ -20,6 +20,9 @@ INT8 anyway, and they leave the INT4 segment with a smaller range). Sorting the 
 by score too groups channels of similar range into the same block, which lowers the error of
 per-token-per-block activation scales; with per-segment scales the order inside a segment is
 irrelevant. ``segment_order="original"`` keeps the original channel order inside each segment.
+(``quantize_model`` plans in the score order and, with per-segment scales, stores the run-time
+permutation in :func:`gather_order`: the same segments, each ascending, which the act_quant
+kernel gathers nearly in order.)
 
 Block count rules (``FMPQConfig.rule``):
   * ``"threshold"``: channel c is an outlier if ``max_abs[c] > threshold * median(max_abs)``;
@@ -323,6 +326,27 @@ def plan_permutation(
     if config.segment_order == "original":
         order = np.concatenate([np.sort(order[: k - k8]), np.sort(order[k - k8 :])])
     return FMPQPlan(order.astype(np.int32), n8, config.block_size, k, pad)
+
+
+def gather_order(perm, k8: int) -> np.ndarray:
+    """``[K]`` positions that sort each segment of ``perm`` (``[0, K - k8)`` and
+    ``[K - k8, K)``) by source channel: ``perm[gather_order(perm, k8)]`` takes the same
+    channels into each segment, in ascending order.
+
+    With per-token-per-segment activation scales and per-output-channel weight scales the
+    order inside a segment changes no integer and no scale of the W4Ax GEMM (its int32 sums
+    are exact in any order), so a checkpoint may store its run-time permutation this way
+    (``QuantRecipe.sorted_gather``): the act_quant kernel then gathers each row in ascending,
+    nearly contiguous order instead of the score order's scattered one. Zero pad channels
+    (``perm[:pad] == arange(pad)``, the smallest indices) stay first."""
+    perm = np.asarray(perm)
+    k = perm.shape[0]
+    if not 0 <= k8 <= k:
+        raise ValueError(f"k8={k8} must be in [0, K={k}]")
+    k4 = k - k8
+    return np.concatenate(
+        [np.argsort(perm[:k4], kind="stable"), k4 + np.argsort(perm[k4:], kind="stable")]
+    ).astype(np.int32)
 
 
 def plan_attention_out(

@@ -324,6 +324,11 @@ class W4AxLinear:
         ``[16 * x4 | x8]``, rows padded to ``w4ax_matmul.UNPACKED_ROW_ALIGN``, which the
         large-M GEMM configs consume without an XLA unpack pass), or "auto": unpacked from
         ``w4ax_matmul.UNPACKED_MIN_M`` rows up. Same integers, scales and outputs in all three.
+      fuse_swiglu: as the down projection's backend, build the MLP hidden state
+        ``silu(gate) * up`` inside the act_quant kernel (``act_quant(gate=...)``) instead of
+        letting the layer write it and the kernel read it back (see `fuses_swiglu`). Same
+        values (interpret mode: bit for bit; module docstring of ``pallas_kernels.act_quant``
+        for the GPU's silu); False is the unfused ablation.
     """
 
     k4: int
@@ -339,6 +344,7 @@ class W4AxLinear:
     mode: str = "sim"
     interpret: bool = False
     act_layout: str = "auto"
+    fuse_swiglu: bool = True
 
     def __post_init__(self):
         kernel_ok = self.act_granularity == "segment" and self.w_group is None
@@ -418,17 +424,34 @@ class W4AxLinear:
             x = jnp.take(x, group_params["perm"], axis=-1)
         return x
 
-    def prepare_input(self, group_params, x, norm_weight, *, eps):
+    @property
+    def fuses_swiglu(self) -> bool:
+        """prepare_input takes ``gate`` and quantizes ``swiglu(gate, x)`` in the act_quant
+        kernel (the down projection's input, never written to memory): segment granularity,
+        no rotation, no zero padding."""
+        return (
+            self.fuse_swiglu
+            and self.act_granularity == "segment"
+            and not self.rotate
+            and not self.pad
+        )
+
+    def prepare_input(self, group_params, x, norm_weight, *, eps, gate=None):
+        """gate: [..., K] or None: the input is then the SwiGLU hidden state
+        ``silu(f32(gate)) * x`` in x's dtype (fused into act_quant where `fuses_swiglu`)."""
         self._check_k(x.shape[-1], "prepare_input")
+        from pallas_kernels import act_quant as aq
+
+        if gate is not None and not self.fuses_swiglu:
+            x, gate = aq.swiglu(gate, x), None
         if self.act_granularity == "block":  # simulation only (no kernel format)
             x2, lead = _flatten(self._transform(group_params, x, norm_weight, eps))
             x_q, x_scales = quantize_activations(
                 x2, self.k4, self.block, self.act_granularity, self.act_clip
             )
             return PreparedInt(x_q, x_scales, jnp.dtype(x.dtype), tuple(lead))
-        from pallas_kernels import act_quant as aq
-
         x2, lead = _flatten(x)
+        g2 = None if gate is None else _flatten(gate)[0]
         if self.rotate:
             # The fused kernel has no rotation: normalize and rotate first, then quantize.
             from comet_jax.quant import hadamard
@@ -458,9 +481,9 @@ class W4AxLinear:
                     x2 = (x2.astype(jnp.float32) * inv) * norm_weight.astype(jnp.float32)[None, :]
                     norm_weight = None
                 x2 = self._pad(x2)
-            k = x2.shape[-1]
-            perm = group_params["perm"] if self.permute else jnp.arange(k, dtype=jnp.int32)
+            perm = group_params["perm"] if self.permute else None  # None: the identity
         kwargs = dict(
+            gate=g2,
             norm_weight=norm_weight,
             eps=eps,
             clip4=self.act_clip,

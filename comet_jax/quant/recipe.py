@@ -68,6 +68,14 @@ class QuantRecipe:
         into gate/up rows; o_proj input into q/k/v rows when the plan has the foldable form).
       attn_out_foldable: plan the o_proj input with `fmpq.plan_attention_out` (always
         foldable, coarser) instead of the free sort with a run-time gather.
+      sorted_gather: store each run-time permutation with both segments in ascending source
+        channel order (`fmpq.gather_order`), the quantized weight columns reordered to match
+        after quantization (GPTQ still runs in the plan's order): the same integers and
+        scales in every GEMM, so the same outputs bit for bit, and the act_quant kernel's
+        gather reads each row nearly in order (the score order's scattered reads made the
+        LLaMA-3-8B serving benchmark ~5% slower on the H100, docs/benchmarks.md 2026-11-27).
+        Applies with per-segment activation scales and per-channel weight scales only (the
+        order decides the blocks / groups otherwise).
       gptq_percdamp, gptq_act_order: GPTQ options.
       lwc_steps, lwc_lr: learned weight clipping options.
     """
@@ -90,6 +98,7 @@ class QuantRecipe:
     rotation: bool = False
     fold: bool = True
     attn_out_foldable: bool = False
+    sorted_gather: bool = True
     gptq_percdamp: float = 0.01
     gptq_act_order: bool = False
     lwc_steps: int = 100
