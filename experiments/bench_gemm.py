@@ -299,6 +299,16 @@ def act_quant_study(results):
         log(f"act_quant {json.dumps(row)}")
 
 
+def _within_budget(name, cases, deadline):
+    """Yields (index, case) until ``deadline`` (time.time()) passes, logging the first case
+    left out."""
+    for i, case in enumerate(cases):
+        if time.time() > deadline:
+            log(f"{name}: budget reached before {case}")
+            return
+        yield i, case
+
+
 def swiglu_study(results, deadline):
     """The down projection's input (LLaMA-3-8B: K = 14336, 25% INT8, unpacked layout):
     XLA's SwiGLU fusion writing the hidden state, then act_quant gathering it through an
@@ -312,13 +322,8 @@ def swiglu_study(results, deadline):
 
     rows = results.setdefault("swiglu", [])
     cases = [(1214, 14336, 10752), (8192, 14336, 10752), (1214, 4096, 3072)]
-    if SMOKE:
-        cases = [(5, 256, 128)]
     key = jax.random.PRNGKey(21)
-    for i, (m, k, k4) in enumerate(cases):
-        if time.time() > deadline:
-            log(f"swiglu: budget reached before {m}x{k}")
-            break
+    for i, (m, k, k4) in _within_budget("swiglu", [(5, 256, 128)] if SMOKE else cases, deadline):
         kx = jax.random.fold_in(key, i)
         sets = []
         for j in range(2):  # two input sets: the second call does not find the first in L2
@@ -372,13 +377,8 @@ def gather_study(results, deadline):
 
     rows = results.setdefault("gather", [])
     cases = [(1214, 4096, 3072), (8192, 4096, 3072)]
-    if SMOKE:
-        cases = [(5, 256, 128)]
     key = jax.random.PRNGKey(31)
-    for i, (m, k, k4) in enumerate(cases):
-        if time.time() > deadline:
-            log(f"gather: budget reached before {m}x{k}")
-            break
+    for i, (m, k, k4) in _within_budget("gather", [(5, 256, 128)] if SMOKE else cases, deadline):
         kx = jax.random.fold_in(key, i)
         sets = [
             ((2 * jax.random.normal(jax.random.fold_in(kx, j), (m, k))).astype(jnp.bfloat16),)
@@ -1090,6 +1090,15 @@ def geomean(v):
     return float(np.exp(np.mean(np.log(v)))) if v else float("nan")
 
 
+def _variant_cells(row, variants, versus: int) -> tuple[str, str]:
+    """Table cells of a study row's ``{variant}_us`` times ("-" where missing) and the time
+    of ``variants[versus]`` over the first's."""
+    us = [row.get(f"{v}_us") for v in variants]
+    cells = " | ".join("-" if u is None else f"{u:.1f}" for u in us)
+    ratio = f"{us[versus] / us[0]:.3f}" if us[0] and us[versus] else "-"
+    return cells, ratio
+
+
 def markdown(results) -> str:
     meta = results["meta"]
     out = [f"# W4Ax GEMM benchmark ({meta['date']}, {meta['device']}, jax {meta['jax']})", ""]
@@ -1148,9 +1157,7 @@ def markdown(results) -> str:
             "|---|---|---|---|---|---|",
         ]
         for x in results["gather"]:
-            us = [x.get(f"{v}_us") for v in ("random", "sorted", "identity")]
-            cells = " | ".join("-" if u is None else f"{u:.1f}" for u in us)
-            ratio = f"{us[1] / us[0]:.3f}" if us[0] and us[1] else "-"
+            cells, ratio = _variant_cells(x, ("random", "sorted", "identity"), 1)
             out.append(f"| {x['m']} | {x['k']} | {cells} | {ratio} |")
     if results.get("swiglu"):
         out += [
@@ -1162,9 +1169,7 @@ def markdown(results) -> str:
             "|---|---|---|---|---|---|---|",
         ]
         for x in results["swiglu"]:
-            us = [x.get(f"{v}_us") for v in ("unfused_gather", "unfused_identity", "fused")]
-            cells = " | ".join("-" if u is None else f"{u:.1f}" for u in us)
-            ratio = f"{us[2] / us[0]:.3f}" if us[0] and us[2] else "-"
+            cells, ratio = _variant_cells(x, ("unfused_gather", "unfused_identity", "fused"), 2)
             out.append(
                 f"| {x['m']} | {x['k']} | {cells} | {ratio} | "
                 f"{x.get('fused_vs_unfused_elements', '-')}, "
@@ -1386,15 +1391,14 @@ def main(argv=None):
         if args.act_quant:
             act_quant_study(results)
             save()
-        if args.unpacked:
-            unpacked_study(results, deadline)
-            save()
-        if args.swiglu:
-            swiglu_study(results, deadline)
-            save()
-        if args.gather:
-            gather_study(results, deadline)
-            save()
+        for flag, study in (
+            ("unpacked", unpacked_study),
+            ("swiglu", swiglu_study),
+            ("gather", gather_study),
+        ):
+            if getattr(args, flag):
+                study(results, deadline)
+                save()
         if args.tune:
             entries = tune(
                 results,

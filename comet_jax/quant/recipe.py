@@ -72,8 +72,9 @@ class QuantRecipe:
         channel order (`fmpq.gather_order`), the quantized weight columns reordered to match
         after quantization (GPTQ still runs in the plan's order): the same integers and
         scales in every GEMM, so the same outputs bit for bit, and the act_quant kernel's
-        gather reads each row nearly in order (the score order's scattered reads made the
-        LLaMA-3-8B serving benchmark ~5% slower on the H100, docs/benchmarks.md 2026-11-27).
+        gather reads each row nearly in order (act_quant in 0.52-0.55x the score order's
+        time on the H100; LLaMA-3-8B serving 2.04x bf16 against 1.96x with the score order,
+        two machines, docs/benchmarks.md 2026-11-27).
         Applies with per-segment activation scales and per-channel weight scales only (the
         order decides the blocks / groups otherwise).
       gptq_percdamp, gptq_act_order: GPTQ options.
