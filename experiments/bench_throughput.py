@@ -18,13 +18,16 @@ engine, measured in the same run.
     python experiments/bench_throughput.py --preset llama3-8b              # GPU
     python experiments/bench_throughput.py --preset llama3-70b --precisions w4axkv4,bf16
     python experiments/bench_throughput.py --tiny                           # CPU smoke run
-    # docs/benchmarks.md runs 45-46, 50 (1.88x, 2.00x, 2.03x), one process per precision:
+    # docs/benchmarks.md run 54 (2.04x), one process per precision (bf16 ran without
+    # --pack-buckets; its decode buckets stop below its batch, 277, either way):
     python experiments/bench_throughput.py --precisions w4axkv4 --max-batch memory \
         --requests batch --workloads 1024/512 --fixed-batches= --memory-fraction 0.9 \
         --max-tokens-per-step 8192 --max-prefill-seqs 8 --prefill-batch-buckets 1,8 \
-        --chunk-buckets 1024,8192 --decode-buckets 4,8,16,32,64,128,256,512 --modes async
-    # run 51 (128/128, 1.60x): --workloads 128/128 --max-batch-cap 8192 --max-prefill-seqs 64
-    #   --prefill-batch-buckets 1,16,32,64 --chunk-buckets 128,8192
+        --chunk-buckets 1024,8192 --modes async --kernels pallas \
+        --decode-buckets 4,8,16,32,64,128,256,384,512,640,768,896,1024 \
+        --pack-buckets 1024,2048,3072,4096,5120,6144,7168,8192
+    # runs 51 and 55 (128/128, 1.60x): --workloads 128/128 --max-batch-cap 8192
+    #   --max-prefill-seqs 64 --prefill-batch-buckets 1,16,32,64 --chunk-buckets 128,8192
     #   --decode-buckets 4,8,16,32,64,128,256,512,1024,2048,3072,4096,5120
 
 Memory: the KV pool is `--memory-fraction` (default 0.85) of the device memory left after the
@@ -44,7 +47,6 @@ import json
 import math
 import os
 import platform
-import re
 import sys
 import tempfile
 import time
@@ -80,7 +82,7 @@ def random_params(model, seed: int = 0):
         if "norm" in name:
             x = jnp.ones(shape, dtype)
         elif "perm" in name:
-            x = jnp.asarray(_stored_perm(model, name, k, shape[0]), dtype)
+            x = jnp.asarray(_stored_perm(model, path, k, shape[0]), dtype)
         elif "scale" in name:
             x = jax.random.uniform(k, shape, dtype, 0.002, 0.004)
         elif jnp.issubdtype(dtype, jnp.integer):
@@ -92,17 +94,14 @@ def random_params(model, seed: int = 0):
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def _stored_perm(model, name: str, key, k: int) -> np.ndarray:
-    """A random run-time permutation of group ``['layers_i']['group']['perm']`` in the
-    stored form of a calibrated checkpoint (see `random_params`)."""
+def _stored_perm(model, path, key, k: int) -> np.ndarray:
+    """A random run-time permutation of the leaf at `path` (``layers_{i}/{group}/perm``) in
+    the stored form of a calibrated checkpoint (see `random_params`)."""
     from comet_jax.quant import fmpq
     from models.projection import PROJECTIONS_OF
 
-    m = re.search(r"layers_(\d+)'\]\['(\w+)'\]\['perm", name)
-    if m is None:
-        raise ValueError(f"unexpected permutation leaf {name}")
-    layer, group = int(m.group(1)), m.group(2)
-    k8 = model.linear.backend_for(layer, PROJECTIONS_OF[group][0]).k8
+    layer, group, _ = (p.key for p in path[-3:])
+    k8 = model.linear.backend_for(int(layer.removeprefix("layers_")), PROJECTIONS_OF[group][0]).k8
     perm = np.asarray(jax.random.permutation(key, k))
     return perm[fmpq.gather_order(perm, k8)]
 

@@ -211,11 +211,8 @@ class Scheduler:
                 i += 1  # its last token is in flight; it finishes when that token is back
                 continue
             length = min(seq.remaining, budget)
-            if length > 1 and len(plan.prefill) >= cfg.max_prefill_seqs:
-                i += 1
-                continue
             if length > 1:
-                length = self._grid_room(plan.prefill, length)
+                length = self._prefill_room(plan.prefill, length)
                 if length == 0:
                     i += 1
                     continue
@@ -242,10 +239,8 @@ class Scheduler:
             if seq.output_ids[-1:] == [PENDING]:
                 break  # preempted while its last token was in flight: back next step
             length = min(seq.remaining, budget)
-            if length > 1 and len(plan.prefill) >= cfg.max_prefill_seqs:
-                break
             if length > 1:
-                length = self._grid_room(plan.prefill, length)
+                length = self._prefill_room(plan.prefill, length)
                 if length == 0:
                     break
             if not self._grow(seq, seq.num_computed + length):
@@ -259,11 +254,14 @@ class Scheduler:
             budget -= length
         return plan
 
-    def _grid_room(self, prefill: list[Chunk], length: int) -> int:
-        """`length` cut so that one more prefill chunk keeps the call's grid (batch bucket x
-        chunk bucket of its longest chunk) within `config.prefill_grid_limit`; 0 when even
-        the chunks already planned leave no room for another sequence."""
+    def _prefill_room(self, prefill: list[Chunk], length: int) -> int:
+        """The length one more prefill chunk of `length` tokens may take: 0 when the call
+        already holds `max_prefill_seqs` chunks or its grid has no room for another sequence,
+        else `length` cut so that the grid (batch bucket x chunk bucket of its longest chunk)
+        stays within `config.prefill_grid_limit`."""
         cfg = self.config
+        if len(prefill) >= cfg.max_prefill_seqs:
+            return 0
         batch = bucket_for(len(prefill) + 1, cfg.prefill_batch_bucket_list, "prefill batch")
         longest = max((c.length for c in prefill), default=1)
         room = [
