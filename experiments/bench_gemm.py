@@ -365,6 +365,89 @@ def swiglu_study(results, deadline):
         log(f"swiglu {json.dumps(row)}")
 
 
+def group_study(results, deadline):
+    """One GEMM per input group (``w4ax_matmul_unpacked_group``, W4AxLinear.fuse_projections)
+    against one GEMM per projection with the table's configs (the engine before), LLaMA-3-8B,
+    25% INT8, unpacked activations, weights rotated over two copies: q|k|v (4096, 1024,
+    1024 x 4096; the joined output timed, the engine slices it into RoPE's fusions), and the
+    MLP input chain gate|up GEMM + the down projection's act_quant (``joined=True`` reading
+    [gate | up] in place, against ``gate=`` on two separate outputs). Checked on the device:
+    the one-GEMM outputs equal the separate GEMMs run under the joined shape's config (bit
+    for bit), and the joined act_quant's bytes equal the ``gate=`` kernel's on those."""
+    rows = results.setdefault("group", [])
+    groups = {"qkv": (128, 64, 64), "gate_up": (512, 512)} if SMOKE else {
+        "qkv": (4096, 1024, 1024), "gate_up": (14336, 14336)}  # fmt: skip
+    cases = [(m, g) for m in ((300,) if SMOKE else (1214, 8192)) for g in groups]
+    for i, (m, name) in _within_budget("group", cases, deadline):
+        row = dict(m=m, group=name, ns=list(groups[name]))
+        try:
+            _group_case(row, jax.random.fold_in(jax.random.PRNGKey(41), i))
+        except Exception as e:  # noqa: BLE001 - report and go on to the next case
+            row["error"] = f"{type(e).__name__}: {e}"[:400]
+        rows.append(row)
+        log(f"group {json.dumps(row)}")
+
+
+def _group_case(row, key):
+    """One `group_study` case: fills ``row`` (its m, group and ns given)."""
+    from pallas_kernels.w4ax_matmul import (
+        UNPACKED_ROW_ALIGN,
+        one_gemm_config,
+        w4ax_matmul_unpacked_group,
+    )
+
+    m, ns = row["m"], tuple(row["ns"])
+    k, k8 = (256, 128) if SMOKE else (4096, 1024)
+    k_down = ns[0]  # gate_up: the down projection's K
+    k8_down = k_down // 4
+    x4, x8, xs = tuning.random_operands(key, m, 8, k, k8)[:3]
+    x_u, x_s = to_unpacked(x4, x8, xs, row_align=UNPACKED_ROW_ALIGN)
+    sets = []
+    for j in range(2):
+        ws = []
+        for t, n in enumerate(ns):
+            ops = tuning.random_operands(jax.random.fold_in(key, 10 * j + t + 1), 1, n, k, k8)
+            ws.append((ops[3], ops[4], None))
+        sets.append((x_u, x_s, ws))
+    cfg = one_gemm_config(m, ns, k - k8, k8)
+    row.update(k=k, k8=k8, one_gemm=cfg is not None)
+    kw = dict(k4=k - k8, m=m, interpret=SMOKE)
+    joined = functools.partial(w4ax_matmul_unpacked_group, joined=True, **kw)
+
+    def separate(a, b, ws, config=None):
+        return [w4ax_matmul_unpacked(a, b, *w, config=config, **kw) for w in ws]
+
+    aq = functools.partial(
+        act_quant, perm=None, k4=k_down - k8_down, layout="unpacked",
+        row_align=UNPACKED_ROW_ALIGN, interpret=SMOKE,
+    )  # fmt: skip
+
+    def separate_chain(a, b, ws):
+        g, u = separate(a, b, ws)
+        return aq(u, gate=g)
+
+    def one_gemm_chain(a, b, ws):
+        return aq(joined(a, b, ws), joined=True)
+
+    variants = {"separate": separate, "one_gemm": joined}
+    if row["group"] == "gate_up":
+        variants = {"separate": separate_chain, "one_gemm": one_gemm_chain}
+    y_one = np.asarray(jax.jit(joined)(*sets[0]))
+    y_sep = jax.jit(functools.partial(separate, config=cfg))(*sets[0])
+    y_sep = np.concatenate([np.asarray(y) for y in y_sep], axis=-1)
+    row["one_vs_separate_same_config_mismatch"] = int(np.sum(y_one != y_sep))
+    if row["group"] == "gate_up":
+        half = y_one.shape[1] // 2
+        a = jax.jit(lambda y: aq(y, joined=True))(y_one)
+        b = jax.jit(lambda g, u: aq(u, gate=g))(y_one[:, :half], y_one[:, half:])
+        row["act_quant_joined_mismatch"] = [
+            int(np.sum(np.asarray(p) != np.asarray(q))) for p, q in zip(a, b)
+        ]
+    for name, fn in variants.items():
+        row[f"{name}_us"] = timing.device_time(fn, sets) * 1e6
+    row["speedup"] = row["separate_us"] / row["one_gemm_us"]
+
+
 def gather_study(results, deadline):
     """act_quant of a layer input read from the residual stream (RMSNorm fused, K = 4096,
     25% INT8, unpacked layout) under three run-time permutations: a random one (the score
@@ -875,8 +958,13 @@ MGPU_CONFIGS = (  # MgpuConfig fields; 2026-11-26: 4 stages beat 3 by 7-11% at M
     # One accumulator, INT8 partial in bf16 registers: 128-row warpgroup tiles (the plain
     # int8 loop's), or 64-row ones with fewer registers live.
     dict(rows_per_wg=128, stages=3, park_int8=True),
+    dict(rows_per_wg=128, stages=4, park_int8=True),
     dict(park_int8=True),
-    # The weights' INT4 tiles unpacked in shared memory by the kernel (no XLA int8 copy).
+    dict(block_n=64, park_int8=True),
+)
+# The weights' INT4 tiles unpacked in shared memory by the kernel (no XLA int8 copy): 1.6-2.2x
+# slower than the schedules above with XLA's unpack included (2026-11-27); `--mgpu-smem-unpack`.
+MGPU_SMEM_UNPACK_CONFIGS = (
     dict(rows_per_wg=128, stages=3, park_int8=True, smem_unpack=True),
     dict(park_int8=True, smem_unpack=True),
     dict(smem_unpack=True),
@@ -891,7 +979,7 @@ def _mgpu_label(fields: dict) -> str:
     return f"mgpu {c.block_m}x{c.block_n} s{c.stages}{extra}"
 
 
-def mgpu_study(results, deadline, ms=None, shapes_name="llama3-8b"):
+def mgpu_study(results, deadline, ms=None, shapes_name="llama3-8b", smem_unpack=False):
     """The Mosaic GPU W4Ax kernel (``pallas_kernels/w4ax_mgpu.py``) against the Triton kernel
     (the table's config; for an ``mgpu`` entry its Triton fields) and XLA bf16 / int8 at compute-bound M (default 1024, 4096, 8192), 25% INT8. Each
     schedule's output is first checked on the device against the reference (f32): every
@@ -921,7 +1009,7 @@ def mgpu_study(results, deadline, ms=None, shapes_name="llama3-8b"):
             row["int8_us"] = time_int8(m, n, k) * 1e6
             row["tuned_us"] = time_ours(m, n, k, k8, tuned, sets=sets) * 1e6
             best = (row["tuned_us"], "tuned")
-            for fields in MGPU_CONFIGS:
+            for fields in MGPU_CONFIGS + (MGPU_SMEM_UNPACK_CONFIGS if smem_unpack else ()):
                 lbl = _mgpu_label(fields)
                 cfg = MgpuConfig(**fields)
                 f = functools.partial(w4ax_matmul_mgpu, config=cfg)
@@ -1308,6 +1396,11 @@ def main(argv=None):
         action="store_true",
         help="M >= 1024: the Mosaic GPU W4Ax kernel vs the tuned Triton one, XLA bf16 / int8",
     )
+    ap.add_argument(
+        "--mgpu-smem-unpack",
+        action="store_true",
+        help="--mgpu also times the schedules that unpack the INT4 weights in shared memory",
+    )
     ap.add_argument("--timing-study", action="store_true", help="old vs device timing")
     ap.add_argument("--act-quant", action="store_true", help="act_quant kernel vs XLA")
     ap.add_argument(
@@ -1320,6 +1413,11 @@ def main(argv=None):
         action="store_true",
         help="down projection input: XLA SwiGLU + act_quant (gathered / contiguous) vs "
         "act_quant(gate=...)",
+    )
+    ap.add_argument(
+        "--group",
+        action="store_true",
+        help="q|k|v and gate|up (+ the down act_quant) as one GEMM vs one per projection",
     )
     ap.add_argument(
         "--unpacked",
@@ -1392,6 +1490,7 @@ def main(argv=None):
             act_quant_study(results)
             save()
         for flag, study in (
+            ("group", group_study),
             ("unpacked", unpacked_study),
             ("swiglu", swiglu_study),
             ("gather", gather_study),
@@ -1429,7 +1528,7 @@ def main(argv=None):
             pre_x_study(results, deadline, **study)
             save()
         if args.mgpu:
-            mgpu_study(results, deadline, **study)
+            mgpu_study(results, deadline, smem_unpack=args.mgpu_smem_unpack, **study)
             save()
         if args.large_m:
             large_m_study(results, deadline, **study)

@@ -4,8 +4,9 @@ The table lives in ``tuning_table.json`` beside this file::
 
     {"meta": {...}, "entries": {"<m_bucket>:<N>:<K>:<int8_frac>": {GemmConfig fields}}}
 
-Lookup order: the exact key; the same (M bucket, N, K) at another INT8 fraction; the
-heuristic :func:`default_config`. Regenerate on a GPU with
+Lookup order: the exact key; the same (M bucket, N, K) at another INT8 fraction; the same
+two in the bucket a later-added bucket split off (``FALLBACK_BUCKET``: its M used that
+bucket's entries before); the heuristic :func:`default_config`. Regenerate on a GPU with
 
     PYTHONPATH=. python -m pallas_kernels.tuning --regenerate [--quick]
 
@@ -26,7 +27,12 @@ import time
 from pallas_kernels.w4ax_matmul import DEFAULT_TILE_K, GemmConfig
 
 TABLE_PATH = pathlib.Path(__file__).with_name("tuning_table.json")
-M_BUCKETS = (1, 4, 16, 64, 256, 512, 1024, 4096)  # 512: the engine's largest decode bucket
+# 512: the engine's largest decode bucket by default; 1536: the LLaMA-3-8B decode batch of
+# the 1024/512 max-throughput runs (1214 rows; the 4096 bucket's entries are tuned at 8192).
+M_BUCKETS = (1, 4, 16, 64, 256, 512, 1024, 1536, 4096)
+# A bucket added later -> the bucket that covered its M before: shapes without entries of
+# their own keep the configs they had.
+FALLBACK_BUCKET = {1536: 4096}
 FRAC_BUCKETS = (0.0, 0.125, 0.25, 0.5, 1.0)
 NUM_SMS = 132  # H100 SXM; only shapes the heuristic's grid sizes
 
@@ -38,10 +44,18 @@ MODEL_SHAPES = {
     "llama2-7b": [(12288, 4096), (4096, 4096), (4096, 11008), (11008, 4096)],
 }
 
-# (N, K) of the separate projections the engine runs (q, k/v, o, gate/up, down): what
+# (N, K) of the projections the engine runs (q, k/v, o, gate/up, down; for LLaMA-3-8B also
+# q|k|v and gate|up as one GEMM each, `w4ax_matmul.one_gemm_config`): what
 # `--regenerate --shapes <key>` tunes for serving.
 ENGINE_SHAPES = {
-    "llama3-8b": [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)],
+    "llama3-8b": [
+        (4096, 4096),
+        (1024, 4096),
+        (14336, 4096),
+        (4096, 14336),
+        (6144, 4096),
+        (28672, 4096),
+    ],
     "llama3-70b": [(8192, 8192), (1024, 8192), (28672, 8192), (8192, 28672)],
 }
 
@@ -149,11 +163,13 @@ def a16_config(m: int, n: int, k: int, *, tile_k: int = DEFAULT_TILE_K) -> GemmC
 def get_config(m: int, n: int, k: int, k8: int = 0, *, tile_k: int = DEFAULT_TILE_K):
     """Tuned config for the shape, else the heuristic (module docstring)."""
     table = load_table()
-    entry = table.get(table_key(m, n, k, k8))
-    if entry is None:
-        prefix = f"{m_bucket(m)}:{n}:{k}:"
-        same = [v for key, v in table.items() if key.startswith(prefix)]
-        entry = same[0] if same else None
+    entry, bucket, frac = None, m_bucket(m), frac_bucket(k8, k)
+    while entry is None and bucket is not None:
+        entry = table.get(f"{bucket}:{n}:{k}:{frac}")
+        if entry is None:
+            same = [v for key, v in table.items() if key.startswith(f"{bucket}:{n}:{k}:")]
+            entry = same[0] if same else None
+        bucket = FALLBACK_BUCKET.get(bucket)
     if entry is None or tile_k != DEFAULT_TILE_K:
         return default_config(m, n, k, k8, tile_k=tile_k)
     return GemmConfig.from_dict(entry)

@@ -472,3 +472,64 @@ def test_w4ax_gate_quantizes_the_swiglu_hidden_state(m, permute):
     np.testing.assert_array_equal(y, np.asarray(plain.matmul(wp, want)))
     assert np.abs(y).max() > 0
     assert not W4AxLinear(k4=64, k8=64, block=64, tile=64, rotate=True).fuses_swiglu
+    # joined=True: gate and up side by side in one array (a one-GEMM gate|up output)
+    gate_up = jnp.concatenate([gate, up], axis=-1)
+    for be, ref in ((fused, plain), (plain, plain), (sim, sim)):
+        got = be.prepare_input(gp, gate_up, None, eps=EPS, joined=True)
+        exp = ref.prepare_input(gp, hidden, None, eps=EPS)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(exp), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    for bad in (dict(gate=gate), dict(norm_weight=jnp.ones(k4 + k8))):
+        with pytest.raises(ValueError, match="joined=True"):
+            fused.prepare_input(gp, gate_up, bad.get("norm_weight"), eps=EPS, joined=True,
+                                gate=bad.get("gate"))  # fmt: skip
+    with pytest.raises(ValueError, match="K=96"):
+        fused.prepare_input(gp, up, None, eps=EPS, joined=True)
+
+
+# An ``mgpu`` "wx" config for every shape: `one_gemm_config` then joins the projections; in
+# interpret mode (no Mosaic GPU interpreter) the config runs on the Triton kernel.
+MGPU_WX = wk.GemmConfig(128, 64, 1, 4, 3, backend="mgpu", pre_unpack="wx")
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_matmul_group_one_gemm_equals_one_gemm_per_projection(monkeypatch, bias):
+    """W4AxLinear.matmul_group over q/k/v-like projections (N = 128, 64, 64) of one unpacked
+    input: one GEMM over the concatenated weights where the table's config for the joined
+    shape is Mosaic GPU with XLA-unpacked weights (forced here), else one GEMM each; the
+    outputs equal the separate matmuls bit for bit (same config: each output column sees
+    only its own weight row, scale and bias), joined = their concatenation. A Triton config,
+    the packed layout, fuse_projections=False or a single projection never join."""
+    from pallas_kernels import tuning
+
+    rng = np.random.default_rng(11)
+    k4, k8, m = 128, 64, 260
+    ws = [_weights(rng, n, k4 + k8, 64, bias=bias and n != 64)[0] for n in (128, 64, 64)]
+    be = W4AxLinear(k4=k4, k8=k8, block=64, tile=64, mode="pallas", interpret=True)
+    prepared = be.prepare_input(None, _x(rng, (2, m // 2, k4 + k8)), None, eps=EPS)
+    assert isinstance(prepared, PreparedUnpacked)
+    assert not be.joins(ws, prepared)  # the real table: no mgpu entry at these shapes
+    monkeypatch.setattr(tuning, "get_config", lambda *a, **k: MGPU_WX)
+    calls = []
+    real = wk.w4ax_matmul_unpacked
+    monkeypatch.setattr(
+        wk, "w4ax_matmul_unpacked", lambda *a, **k: calls.append(a[2].shape) or real(*a, **k)
+    )
+    assert be.joins(ws, prepared)
+    ys = be.matmul_group(ws, prepared)
+    assert calls == [(256, 96)]  # one GEMM, N = 128 + 64 + 64
+    want = [be.matmul(w, prepared) for w in ws]
+    for y, w in zip(ys, want, strict=True):
+        assert y.shape == (2, m // 2, w.shape[-1])
+        np.testing.assert_array_equal(np.asarray(y), np.asarray(w))
+    joined = be.matmul_group(ws, prepared, joined=True)
+    np.testing.assert_array_equal(np.asarray(joined), np.concatenate(want, axis=-1))
+    packed = dataclasses.replace(be, act_layout="packed")
+    off = dataclasses.replace(be, fuse_projections=False)
+    p_packed = packed.prepare_input(None, _x(rng, (4, k4 + k8)), None, eps=EPS)
+    assert not packed.joins(ws, p_packed) and not off.joins(ws, prepared)
+    assert not be.joins(ws[:1], prepared)
+    monkeypatch.setattr(
+        tuning, "get_config", lambda *a, **k: dataclasses.replace(MGPU_WX, backend="pallas")
+    )
+    assert not be.joins(ws, prepared)

@@ -330,6 +330,7 @@ def precision_plan(
     block: int | None = None,
     runtime_perm: tuple[str, ...] = ("attn_in", "o_in", "mlp_in"),
     fuse_swiglu: bool = True,
+    fuse_projections: bool = True,
 ):
     """Projection backends of a precision preset for random weights (benchmarks, tests).
 
@@ -345,6 +346,7 @@ def precision_plan(
     residual stream) always gather.
     fuse_swiglu: `W4AxLinear.fuse_swiglu` of the down projection (False: the unfused
     ablation, the layer writing the MLP hidden state).
+    fuse_projections: `W4AxLinear.fuse_projections` (False: one GEMM per projection).
     """
     from models.llama import layer_specs
     from models.projection import GROUPS, FloatLinear, LinearPlan
@@ -382,6 +384,7 @@ def precision_plan(
             interpret=interpret,
             permute=group in runtime_perm,
             fuse_swiglu=fuse_swiglu,
+            fuse_projections=fuse_projections,
         )
     assert set(g for _, g in overrides) == set(GROUPS)
     return LinearPlan.from_mapping(overrides)
