@@ -365,89 +365,6 @@ def swiglu_study(results, deadline):
         log(f"swiglu {json.dumps(row)}")
 
 
-def group_study(results, deadline):
-    """One GEMM per input group (``w4ax_matmul_unpacked_group``, W4AxLinear.fuse_projections)
-    against one GEMM per projection with the table's configs (the engine before), LLaMA-3-8B,
-    25% INT8, unpacked activations, weights rotated over two copies: q|k|v (4096, 1024,
-    1024 x 4096; the joined output timed, the engine slices it into RoPE's fusions), and the
-    MLP input chain gate|up GEMM + the down projection's act_quant (``joined=True`` reading
-    [gate | up] in place, against ``gate=`` on two separate outputs). Checked on the device:
-    the one-GEMM outputs equal the separate GEMMs run under the joined shape's config (bit
-    for bit), and the joined act_quant's bytes equal the ``gate=`` kernel's on those."""
-    rows = results.setdefault("group", [])
-    groups = {"qkv": (128, 64, 64), "gate_up": (512, 512)} if SMOKE else {
-        "qkv": (4096, 1024, 1024), "gate_up": (14336, 14336)}  # fmt: skip
-    cases = [(m, g) for m in ((300,) if SMOKE else (1214, 8192)) for g in groups]
-    for i, (m, name) in _within_budget("group", cases, deadline):
-        row = dict(m=m, group=name, ns=list(groups[name]))
-        try:
-            _group_case(row, jax.random.fold_in(jax.random.PRNGKey(41), i))
-        except Exception as e:  # noqa: BLE001 - report and go on to the next case
-            row["error"] = f"{type(e).__name__}: {e}"[:400]
-        rows.append(row)
-        log(f"group {json.dumps(row)}")
-
-
-def _group_case(row, key):
-    """One `group_study` case: fills ``row`` (its m, group and ns given)."""
-    from pallas_kernels.w4ax_matmul import (
-        UNPACKED_ROW_ALIGN,
-        one_gemm_config,
-        w4ax_matmul_unpacked_group,
-    )
-
-    m, ns = row["m"], tuple(row["ns"])
-    k, k8 = (256, 128) if SMOKE else (4096, 1024)
-    k_down = ns[0]  # gate_up: the down projection's K
-    k8_down = k_down // 4
-    x4, x8, xs = tuning.random_operands(key, m, 8, k, k8)[:3]
-    x_u, x_s = to_unpacked(x4, x8, xs, row_align=UNPACKED_ROW_ALIGN)
-    sets = []
-    for j in range(2):
-        ws = []
-        for t, n in enumerate(ns):
-            ops = tuning.random_operands(jax.random.fold_in(key, 10 * j + t + 1), 1, n, k, k8)
-            ws.append((ops[3], ops[4], None))
-        sets.append((x_u, x_s, ws))
-    cfg = one_gemm_config(m, ns, k - k8, k8)
-    row.update(k=k, k8=k8, one_gemm=cfg is not None)
-    kw = dict(k4=k - k8, m=m, interpret=SMOKE)
-    joined = functools.partial(w4ax_matmul_unpacked_group, joined=True, **kw)
-
-    def separate(a, b, ws, config=None):
-        return [w4ax_matmul_unpacked(a, b, *w, config=config, **kw) for w in ws]
-
-    aq = functools.partial(
-        act_quant, perm=None, k4=k_down - k8_down, layout="unpacked",
-        row_align=UNPACKED_ROW_ALIGN, interpret=SMOKE,
-    )  # fmt: skip
-
-    def separate_chain(a, b, ws):
-        g, u = separate(a, b, ws)
-        return aq(u, gate=g)
-
-    def one_gemm_chain(a, b, ws):
-        return aq(joined(a, b, ws), joined=True)
-
-    variants = {"separate": separate, "one_gemm": joined}
-    if row["group"] == "gate_up":
-        variants = {"separate": separate_chain, "one_gemm": one_gemm_chain}
-    y_one = np.asarray(jax.jit(joined)(*sets[0]))
-    y_sep = jax.jit(functools.partial(separate, config=cfg))(*sets[0])
-    y_sep = np.concatenate([np.asarray(y) for y in y_sep], axis=-1)
-    row["one_vs_separate_same_config_mismatch"] = int(np.sum(y_one != y_sep))
-    if row["group"] == "gate_up":
-        half = y_one.shape[1] // 2
-        a = jax.jit(lambda y: aq(y, joined=True))(y_one)
-        b = jax.jit(lambda g, u: aq(u, gate=g))(y_one[:, :half], y_one[:, half:])
-        row["act_quant_joined_mismatch"] = [
-            int(np.sum(np.asarray(p) != np.asarray(q))) for p, q in zip(a, b)
-        ]
-    for name, fn in variants.items():
-        row[f"{name}_us"] = timing.device_time(fn, sets) * 1e6
-    row["speedup"] = row["separate_us"] / row["one_gemm_us"]
-
-
 def gather_study(results, deadline):
     """act_quant of a layer input read from the residual stream (RMSNorm fused, K = 4096,
     25% INT8, unpacked layout) under three run-time permutations: a random one (the score
@@ -1415,11 +1332,6 @@ def main(argv=None):
         "act_quant(gate=...)",
     )
     ap.add_argument(
-        "--group",
-        action="store_true",
-        help="q|k|v and gate|up (+ the down act_quant) as one GEMM vs one per projection",
-    )
-    ap.add_argument(
         "--unpacked",
         action="store_true",
         help="act_quant's unpacked operand into the GEMM vs packed + XLA unpack (checked, timed)",
@@ -1490,7 +1402,6 @@ def main(argv=None):
             act_quant_study(results)
             save()
         for flag, study in (
-            ("group", group_study),
             ("unpacked", unpacked_study),
             ("swiglu", swiglu_study),
             ("gather", gather_study),

@@ -366,7 +366,6 @@ def bench_precision(args, model_config, precision: str) -> list[dict]:
         mode=mode,
         interpret=args.interpret,
         fuse_swiglu=not args.unfused_swiglu,
-        fuse_projections=not args.unfused_projections,
     )
     dtype = jnp.float32 if args.float32 else jnp.bfloat16
     model = LlamaForCausalLM(model_config, linear=linear, dtype=dtype, param_dtype=dtype)
@@ -694,12 +693,6 @@ def parse_args(argv=None):
         action="store_true",
         help="W4AxKV4 ablation: the layer writes the MLP hidden state and act_quant reads it "
         "back (default: act_quant builds silu(gate) * up itself, W4AxLinear.fuse_swiglu)",
-    )
-    p.add_argument(
-        "--unfused-projections",
-        action="store_true",
-        help="W4AxKV4 ablation: one GEMM per projection (default: q|k|v and gate|up as one "
-        "GEMM each where the table's config allows, W4AxLinear.fuse_projections)",
     )
     p.add_argument("--num-pages", type=int, default=None, help="default: plan from free memory")
     p.add_argument("--memory-fraction", type=float, default=0.85)

@@ -105,11 +105,6 @@ def packing_from_lengths(num_valid, t: int, size: int) -> tuple[jax.Array, jax.A
     return pack, unpack
 
 
-# `DecoderLayer._group(join=True)`'s key for a group's outputs computed by one GEMM and kept
-# side by side ([..., sum N], projections in `PROJECTIONS_OF` order: mlp_in is gate | up).
-JOINED = "joined"
-
-
 def _ones_init(shape, dtype):
     return lambda rng: jnp.ones(shape, dtype)
 
@@ -125,17 +120,10 @@ class DecoderLayer(nn.Module):
     param_dtype: Any = jnp.float32
     capture_transform: Callable | None = None
 
-    def _group(
-        self, spec: GroupSpec, x, norm_weight, gate=None, *, joined=False, join=False
-    ) -> dict[str, jax.Array]:
-        """Runs one input group: prepare once per distinct backend, then its projections
-        (one `matmul_group` call for a backend's several projections where it has one).
+    def _group(self, spec: GroupSpec, x, norm_weight, gate=None) -> dict[str, jax.Array]:
+        """Runs one input group: prepare once per distinct backend, then each projection.
         gate (down_in only, see `_fuses_swiglu`): the input is swiglu(gate, x), which each
-        backend's prepare_input builds itself (fused into its quantization); joined: x is
-        gate and up side by side ([..., 2K], a joined mlp_in output), the same SwiGLU input.
-        join: where the group's one backend `joins` its projections (one GEMM), return
-        ``{JOINED: [..., sum N]}`` (the outputs side by side, in the spec's order) instead
-        of one entry per projection."""
+        backend's prepare_input builds itself (fused into its quantization)."""
         if self.is_mutable_collection("intermediates"):
             x_in = x if norm_weight is None else rms_norm(x, norm_weight, self.config.rms_norm_eps)
             if self.capture_transform is not None:
@@ -155,7 +143,7 @@ class DecoderLayer(nn.Module):
         group_params = None
         if owners:
             group_params = self.param(spec.name, dict(group_inits)[owners[0]])
-        extra = {"joined": True} if joined else {} if gate is None else {"gate": gate}
+        extra = {} if gate is None else {"gate": gate}
         prepared = {
             b: b.prepare_input(
                 group_params if b in owners else None,
@@ -166,25 +154,11 @@ class DecoderLayer(nn.Module):
             )
             for b in distinct
         }
-        weights = {
-            p.name: self.param(p.name, backends[p.name].weight_init(p, self.param_dtype))
-            for p in spec.projections
-        }
         out = {}
-        for b in distinct:
-            names = [p.name for p in spec.projections if backends[p.name] == b]
-            ws = [weights[n] for n in names]
-            if (
-                join
-                and len(distinct) == 1
-                and getattr(b, "joins", None)
-                and b.joins(ws, prepared[b])
-            ):
-                return {JOINED: b.matmul_group(ws, prepared[b], joined=True)}
-            if len(ws) > 1 and hasattr(b, "matmul_group"):
-                out.update(zip(names, b.matmul_group(ws, prepared[b])))
-            else:
-                out.update((n, b.matmul(w, prepared[b])) for n, w in zip(names, ws))
+        for p in spec.projections:
+            backend = backends[p.name]
+            w = self.param(p.name, backend.weight_init(p, self.param_dtype))
+            out[p.name] = backend.matmul(w, prepared[backend])
         return out
 
     @nn.compact
@@ -210,14 +184,9 @@ class DecoderLayer(nn.Module):
         x = x + self._group(specs["o_in"], attn, None)["o_proj"]
 
         post_norm = self.param("post_attn_norm", _ones_init((h,), self.param_dtype))
-        fuse = self._fuses_swiglu(specs["down_in"])
-        gu = self._group(specs["mlp_in"], x, post_norm, join=fuse)
-        if JOINED in gu:  # one GEMM wrote [gate | up]: act_quant reads both halves in place
-            down = self._group(specs["down_in"], gu[JOINED], None, joined=True)
-            x = x + down["down_proj"]
-            return x, cache_state
+        gu = self._group(specs["mlp_in"], x, post_norm)
         gate, up = gu["gate_proj"], gu["up_proj"]
-        if fuse and up.dtype == jnp.dtype(self.dtype):
+        if self._fuses_swiglu(specs["down_in"]) and up.dtype == jnp.dtype(self.dtype):
             down = self._group(specs["down_in"], up, None, gate=gate)
         else:
             hidden = (jax.nn.silu(gate.astype(jnp.float32)) * up).astype(self.dtype)

@@ -130,15 +130,6 @@ class LinearBackend(Protocol):
         ...
 
 
-# Optional backend methods (models.llama.DecoderLayer uses them where present):
-#   matmul_group(weight_params_list, prepared, *, joined=False): the projections of one input
-#     group that share the backend, e.g. as one GEMM -> [y_i] (joined: one [..., sum N] array);
-#   joins(weight_params_list, prepared) -> bool: matmul_group computes them in one GEMM (its
-#     joined output is then free);
-#   prepare_input(..., gate=[..., K]) / prepare_input(..., joined=True) with x [..., 2K]
-#     (gate | up): the SwiGLU input, for backends whose `fuses_swiglu` is True.
-
-
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     """x: [..., H], weight: [H] -> [..., H] in x.dtype; statistics in f32 (as HF does)."""
     xf = x.astype(jnp.float32)

@@ -7,10 +7,6 @@
     gate:        [M, K] or None    SwiGLU gate: the quantized input is then
                                    ``(silu(f32(gate)) * x)`` rounded to x's dtype, the MLP's
                                    hidden state, which is never written to memory (no norm)
-    joined:      bool              x is ``[M, 2K]``: gate (columns ``[0, K)``) and up
-                                   (``[K, 2K)``) side by side, as one GEMM over both
-                                   projections writes them; the input is swiglu of the two
-                                   halves, each read in place (no slice copies; gate None)
     ->
     x4_packed:   [M, K4/2] int8    permuted channels [0, K4), per-token symmetric INT4,
                                    half-split tiles of ``tile_k`` (comet_jax.quant.pack)
@@ -90,26 +86,6 @@ def rms_inv(x, eps: float):
     return jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1) + jnp.float32(eps))
 
 
-def split_joined(x):
-    """``[M, 2K]`` gate | up (``act_quant(joined=True)``) -> the two ``[M, K]`` halves."""
-    k = x.shape[1] // 2
-    return x[:, :k], x[:, k:]
-
-
-def _check_joined(x, gate, norm_weight):
-    """joined=True: validates and returns (up-shaped, gate-shaped) stand-ins of x's halves."""
-    if gate is not None:
-        raise ValueError("joined=True takes the gate inside x ([M, 2K]); gate must be None")
-    if norm_weight is not None:
-        raise ValueError("joined=True (SwiGLU input) takes no norm_weight")
-    if x.ndim != 2 or x.shape[1] % 2:
-        raise ValueError(
-            f"joined: x must be [M, 2K] (gate columns, then up), got {x.dtype} {tuple(x.shape)}"
-        )
-    half = jax.ShapeDtypeStruct((x.shape[0], x.shape[1] // 2), x.dtype)
-    return half, half  # (x, gate) as validate_args takes them
-
-
 def validate_args(x, perm, k4, norm_weight, clip4, clip8, tile_k, gate=None):
     if x.ndim != 2 or not jnp.issubdtype(x.dtype, jnp.floating):
         raise ValueError(f"x must be a 2-D float array [M, K], got {x.dtype} {tuple(x.shape)}")
@@ -178,15 +154,11 @@ def act_quant_reference(
     layout: str = "packed",
     row_align: int = 1,
     gate=None,
-    joined: bool = False,
 ):
     """Library-quantizer semantics of :func:`act_quant` (module docstring), in either layout.
 
     Jitted, like the simulated path that calls the same quantizer.
     """
-    if joined:
-        _check_joined(x, gate, norm_weight)
-        gate, x = split_joined(x)
     validate_args(x, perm, k4, norm_weight, clip4, clip8, tile_k, gate)
     _check_layout(layout, row_align)
     if gate is not None:
@@ -428,19 +400,15 @@ def default_num_warps(bm: int, k: int) -> int:
 @functools.partial(
     jax.jit,
     static_argnames=(
-        "k4", "eps", "clip4", "clip8", "tile_k", "interpret", "num_warps", "bm", "row_align",
-        "joined",
+        "k4", "eps", "clip4", "clip8", "tile_k", "interpret", "num_warps", "bm", "row_align"
     ),
 )  # fmt: skip
 def _act_quant_call(
     x, perm, norm_weight, gate, *, k4, eps, clip4, clip8, tile_k, interpret, num_warps, bm,
-    row_align, joined=False,
+    row_align,
 ):  # fmt: skip
-    """``row_align = 0``: the packed layout; ``>= 1``: unpacked, rows padded to it.
-    ``joined``: x is ``[M, 2K]`` gate | up; the kernel reads its two halves as gate and x."""
+    """``row_align = 0``: the packed layout; ``>= 1``: unpacked, rows padded to it."""
     m, k = x.shape
-    if joined:
-        k //= 2
     k8 = k - k4
     has_norm = norm_weight is not None
     unpacked = row_align > 0
@@ -452,7 +420,7 @@ def _act_quant_call(
         w_k = w_k if idx is None else w_k[idx]
     else:
         w_k = jnp.ones((k,), jnp.float32)
-    inv = rms_inv(x, eps) if has_norm else jnp.ones((m,), jnp.float32)  # no norm when joined
+    inv = rms_inv(x, eps) if has_norm else jnp.ones((m,), jnp.float32)
     mp = -(-m // bm) * bm
     if mp != m:
         x = jnp.pad(x, ((0, mp - m), (0, 0)))
@@ -467,13 +435,7 @@ def _act_quant_call(
     grid_rows = -(-r // bm) * bm
     blocks = mp // bm
     valid = blocks if grid_rows > mp else None
-    row_of = (lambda i: jnp.minimum(i, blocks - 1)) if valid else (lambda i: i)
-    x_block = lambda i: (row_of(i), 0)  # noqa: E731
-    if joined:  # x's block is the up half (column block 1), the gate's the gate half (0)
-        gate = x
-        x_block, g_block = (lambda i: (row_of(i), 1)), x_block
-    else:
-        g_block = x_block
+    x_block = (lambda i: (jnp.minimum(i, blocks - 1), 0)) if valid else (lambda i: (i, 0))
     row_block = (lambda i: (jnp.minimum(i, blocks - 1),)) if valid else (lambda i: (i,))
     out_shape, out_specs = [], []
     if unpacked:
@@ -508,7 +470,7 @@ def _act_quant_call(
         grid=(grid_rows // bm,),
         in_specs=[
             pl.BlockSpec((bm, k), x_block),
-            *([pl.BlockSpec((bm, k), g_block)] if gate is not None else []),
+            *([pl.BlockSpec((bm, k), x_block)] if gate is not None else []),
             *([pl.BlockSpec((k,), lambda i: (0,))] if idx is not None else []),
             pl.BlockSpec((k,), lambda i: (0,)),
             pl.BlockSpec((bm,), row_block),
@@ -542,11 +504,9 @@ def act_quant(
     layout: str = "packed",
     row_align: int = 1,
     gate=None,
-    joined: bool = False,
 ):
     """Fused RMSNorm -> permute -> per-token INT4/INT8 quantize -> pack (module docstring);
-    with ``gate`` (or ``joined``: x is ``[M, 2K]`` gate | up), SwiGLU -> permute -> quantize
-    -> pack.
+    with ``gate``, SwiGLU -> permute -> quantize -> pack.
 
     ``rows_per_program`` / ``num_warps``: the launch (None: :func:`default_rows_per_program`,
     :func:`default_num_warps`). Returns
@@ -554,11 +514,7 @@ def act_quant(
     ``layout="unpacked"`` ``(x_u [R, K] int8, x_scales [R, 2] f32)``, R = M rounded up to
     ``row_align``.
     """
-    if joined:
-        up, gate_half = _check_joined(x, gate, norm_weight)
-        m, k = validate_args(up, perm, k4, None, clip4, clip8, tile_k, gate_half)
-    else:
-        m, k = validate_args(x, perm, k4, norm_weight, clip4, clip8, tile_k, gate)
+    m, k = validate_args(x, perm, k4, norm_weight, clip4, clip8, tile_k, gate)
     _check_layout(layout, row_align)
     bm = rows_per_program or default_rows_per_program(m, k)
     if bm < 1 or bm & (bm - 1):
@@ -578,7 +534,6 @@ def act_quant(
         num_warps=num_warps,
         bm=bm,
         row_align=row_align if layout == "unpacked" else 0,
-        joined=joined,
     )
 
 
@@ -588,7 +543,6 @@ __all__ = [
     "act_quant_reference",
     "kernel_order",
     "rms_inv",
-    "split_joined",
     "swiglu",
     "to_unpacked",
     "validate_args",

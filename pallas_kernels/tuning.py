@@ -44,18 +44,10 @@ MODEL_SHAPES = {
     "llama2-7b": [(12288, 4096), (4096, 4096), (4096, 11008), (11008, 4096)],
 }
 
-# (N, K) of the projections the engine runs (q, k/v, o, gate/up, down; for LLaMA-3-8B also
-# q|k|v and gate|up as one GEMM each, `w4ax_matmul.one_gemm_config`): what
+# (N, K) of the separate projections the engine runs (q, k/v, o, gate/up, down): what
 # `--regenerate --shapes <key>` tunes for serving.
 ENGINE_SHAPES = {
-    "llama3-8b": [
-        (4096, 4096),
-        (1024, 4096),
-        (14336, 4096),
-        (4096, 14336),
-        (6144, 4096),
-        (28672, 4096),
-    ],
+    "llama3-8b": [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)],
     "llama3-70b": [(8192, 8192), (1024, 8192), (28672, 8192), (8192, 28672)],
 }
 

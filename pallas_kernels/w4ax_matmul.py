@@ -82,7 +82,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
@@ -904,78 +903,6 @@ def w4ax_matmul_unpacked(
         tile_k=tile_k, out_dtype=out_dtype, interpret=interpret, config=cfg, raw=False,
         combined_k4=k4, rows=m,
     )  # fmt: skip
-
-
-def one_gemm_config(
-    m: int, ns, k4: int, k8: int, tile_k: int = DEFAULT_TILE_K, config: GemmConfig | None = None
-) -> GemmConfig | None:
-    """The config of ONE GEMM over several projections of the same input (q, k, v; gate,
-    up), their weights concatenated along N, or None when they run one call each.
-
-    One GEMM where the concatenated shape ``(m, sum(ns), K)`` resolves to an ``mgpu`` config
-    whose weights XLA unpacks (``pre_unpack`` "wx"): that kernel reads an int8 copy of the
-    INT4 weights that XLA writes every call anyway, so the concatenation rides on that pass
-    and the GEMM fills the SMs in fewer waves (LLaMA-3-8B at M = 1214 on 132 SMs: k and v
-    are 40 tiles of 256 x 128 each, q|k|v together 240; docs/benchmarks.md). Elsewhere the
-    kernel reads the packed weights directly and a concatenation would be a copy."""
-    if len(ns) < 2:
-        return None
-    cfg = _resolve_config(config, m, sum(ns), k4, k8, tile_k)
-    if cfg.backend != "mgpu" or "w" not in cfg.pre_unpack:
-        return None
-    return cfg
-
-
-def w4ax_matmul_unpacked_group(
-    x_u,
-    x_scales,
-    weights,
-    *,
-    k4: int,
-    m: int | None = None,
-    tile_k: int = DEFAULT_TILE_K,
-    out_dtype=jnp.bfloat16,
-    interpret: bool = False,
-    config: GemmConfig | None = None,
-    joined: bool = False,
-):
-    """:func:`w4ax_matmul_unpacked` for several projections of one input.
-
-    weights: a sequence of ``(w_packed [N_i, K/2], w_scales [N_i], bias [N_i] or None)``.
-    Returns the ``[m, N_i]`` outputs in order, or with ``joined`` one ``[m, sum N_i]`` array
-    (the same outputs side by side). Where :func:`one_gemm_config` says so, one GEMM over
-    the concatenated weights (per-channel weight scales only); each output column depends
-    only on its own weight row, scale and bias, so the values are those of one call per
-    projection under the same config. Otherwise one call each (``joined``: then
-    concatenated, a copy)."""
-    if not weights:
-        raise ValueError("weights: expected at least one (w_packed, w_scales, bias) triple")
-    dims = [validate_unpacked_args(x_u, x_scales, w, s, b, k4, m, tile_k) for w, s, b in weights]
-    m_rows, _, _, k8 = dims[0]
-    ns = [d[1] for d in dims]
-    per_channel = all(s.ndim == 1 for _, s, _ in weights)
-    cfg = one_gemm_config(m_rows, ns, k4, k8, tile_k, config) if per_channel else None
-    kw = dict(k4=k4, m=m, tile_k=tile_k, out_dtype=out_dtype, interpret=interpret)
-    if cfg is None:
-        ys = [w4ax_matmul_unpacked(x_u, x_scales, *w, config=config, **kw) for w in weights]
-        return jnp.concatenate(ys, axis=-1) if joined else ys
-    w_scales = jnp.concatenate([s for _, s, _ in weights], axis=0)
-    bias = None
-    if any(b is not None for _, _, b in weights):
-        bias = jnp.concatenate(
-            [
-                jnp.zeros((n,), jnp.float32) if b is None else b.astype(jnp.float32)
-                for (_, _, b), n in zip(weights, ns)
-            ]
-        )
-    # The packed weights concatenated, then unpacked by the config's one XLA pass (on the
-    # H100 this beat unpacking each and concatenating the int8 copies: 82 vs 96 us for
-    # q|k|v at M = 1214, docs/benchmarks.md).
-    w_packed = jnp.concatenate([w for w, _, _ in weights], axis=0)
-    y = w4ax_matmul_unpacked(x_u, x_scales, w_packed, w_scales, bias, config=cfg, **kw)
-    if joined:
-        return y
-    return jnp.split(y, np.cumsum(ns)[:-1].tolist(), axis=-1)
 
 
 def w4ax_accumulators(

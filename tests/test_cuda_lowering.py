@@ -10,7 +10,6 @@ inside XLA's GPU compiler) and speed.
 from __future__ import annotations
 
 import functools
-import re
 
 import jax
 import jax.numpy as jnp
@@ -156,28 +155,6 @@ def test_act_quant_swiglu_and_identity_lower(m, bm, layout, permuted):
     )
     assert "act_quant_swiglu" in text
     _lower_cuda(lambda x: fn(x), S((m, 512), jnp.bfloat16))
-    # joined: gate | up side by side in one [M, 1024] array, each half read in place
-    joined = _lower_cuda(lambda x: fn(x, joined=True), S((m, 1024), jnp.bfloat16))
-    assert "act_quant_swiglu" in joined
-
-
-def test_one_gemm_over_a_projection_group_lowers_to_one_mosaic_gpu_call():
-    """w4ax_matmul_unpacked_group under an ``mgpu`` "wx" config: ONE Mosaic GPU kernel call
-    for three projections (N = 256 + 128 + 256), its weight operand the XLA unpack of the
-    concatenated packed weights ([640, 512] int8); under a Triton config no concatenation
-    and no Mosaic GPU call."""
-    mg = GemmConfig(256, 128, 1, 8, 3, pre_unpack="wx", backend="mgpu", acc8_first=True)
-    tri = GemmConfig(128, 64, 1, 4, 4, False, 8, pre_unpack="x")
-    weights = [(S((n, 256), jnp.int8), S((n,), jnp.float32), None) for n in (256, 128, 256)]
-    x = (S((512, 512), jnp.int8), S((512, 2), jnp.float32))
-    for config in (mg, tri):
-        fn = functools.partial(wm.w4ax_matmul_unpacked_group, k4=384, m=300, config=config)
-        text = jax.jit(fn).trace(*x, weights).lower(lowering_platforms=("cuda",)).as_text()
-        mosaic = [c for c in re.findall(r"custom_call @([\w$.]+)", text) if "mosaic" in c]
-        if config is mg:
-            assert len(mosaic) == 1 and "triton" not in text and "tensor<640x512xi8>" in text
-        else:
-            assert not mosaic and "tensor<640x512xi8>" not in text
 
 
 @pytest.mark.parametrize(

@@ -691,3 +691,32 @@ def test_parallel_compile_builds_the_same_executables(model):
     for bad in (0, -2, True, 1.5):
         with pytest.raises(ValueError, match="compile_workers=.* must be a positive int or None"):
             dataclasses.replace(CFG, compile_workers=bad)
+
+
+def test_parallel_compile_retries_a_failed_compilation_alone(model, monkeypatch):
+    """A pooled XLA compilation that fails with a runtime error (as XLA's ptxas launch once
+    did with 8 workers on the GPU machine) is compiled again after the pool drains, with a
+    warning: every shape still compiles, in order. One that fails again raises."""
+    ec = dataclasses.replace(
+        CFG, decode_buckets=(2, 4), chunk_buckets=(16, 32), aot_compile=False,
+    )  # fmt: skip
+    real = jax.stages.Lowered.compile
+    calls = {"n": 0, "fail_on": {2}}
+
+    def flaky(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] in calls["fail_on"]:
+            raise jax.errors.JaxRuntimeError("INTERNAL: Failed to launch ptxas")
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(jax.stages.Lowered, "compile", flaky)
+    engine = LLMEngine.build(*model, ec, progress=False)
+    seen = []
+    with pytest.warns(RuntimeWarning, match="compiled again alone"):
+        engine.runner.compile_many(engine.bucket_shapes(), 2, on_done=seen.append)
+    assert seen == list(engine.bucket_shapes())
+    assert set(engine.runner._compiled) == set(engine.bucket_shapes())
+    fresh = LLMEngine.build(*model, ec, progress=False)
+    calls.update(n=0, fail_on=set(range(1, 1000)))
+    with pytest.raises(jax.errors.JaxRuntimeError, match="ptxas"), pytest.warns(RuntimeWarning):
+        fresh.runner.compile_many(fresh.bucket_shapes(), 2)

@@ -502,56 +502,6 @@ def test_smollm2_gguf_perplexity(smollm2_float, smollm2_tokenizer, prepared_data
     assert _perplexity(model, params_from_hf_tensors(config, wrong), ids) > 2 * ppl
 
 
-def test_one_gemm_projection_groups_give_the_same_logits(monkeypatch):
-    """W4AxLinear.fuse_projections (default): q|k|v and gate|up as one GEMM each where the
-    joined shape's table config is Mosaic GPU with XLA-unpacked weights (forced here for every
-    shape; interpret mode runs it on the Triton kernel), the [gate | up] output handed to the
-    down projection's act_quant as is (joined); vs fuse_projections=False: the same logits
-    bit for bit. With the real table at these tiny shapes nothing joins."""
-    from comet_jax.engine.runner import precision_plan, preset_config
-    from models import PROJECTIONS_OF
-    from pallas_kernels import tuning
-    from pallas_kernels import w4ax_matmul as wk
-
-    cfg = dataclasses.replace(preset_config("tiny"), num_layers=2)
-    plan = precision_plan(cfg, "w4axkv4", mode="pallas", interpret=True)
-
-    def model_with(**kw):
-        backends = {
-            (i, p): dataclasses.replace(plan.backend_for(i, p), act_layout="unpacked", **kw)
-            for i in range(cfg.num_layers)
-            for g in GROUPS
-            for p in PROJECTIONS_OF[g]
-        }
-        return LlamaForCausalLM(cfg, linear=LinearPlan.from_mapping(backends), dtype=jnp.bfloat16)
-
-    one, per = model_with(), model_with(fuse_projections=False)
-    params = init_params(one, jax.random.key(5))
-    tokens = _tokens(2, 5, seed=6)
-
-    def fwd(model, p, t):  # a fresh jit each time: the monkeypatched table must be read
-        return jax.jit(lambda p, t: model.apply({"params": p}, t)[0])(p, t)
-
-    calls = []
-    real = wk.w4ax_matmul_unpacked_group
-    monkeypatch.setattr(
-        wk,
-        "w4ax_matmul_unpacked_group",
-        lambda *a, **k: calls.append((len(a[2]), k["joined"])) or real(*a, **k),
-    )
-    base = np.asarray(fwd(one, params, tokens))
-    assert calls == []  # the real table: no one-GEMM config at these shapes
-    mgpu = wk.GemmConfig(128, 64, 1, 4, 3, backend="mgpu", pre_unpack="wx")
-    monkeypatch.setattr(tuning, "get_config", lambda *a, **k: mgpu)
-    got = np.asarray(fwd(one, params, tokens))
-    assert calls == [(3, False), (2, True)] * cfg.num_layers
-    want = np.asarray(fwd(per, params, tokens))
-    assert len(calls) == 2 * cfg.num_layers  # the per-projection model made none
-    assert np.isfinite(got).all() and np.abs(got).max() > 0
-    np.testing.assert_array_equal(got, want)
-    np.testing.assert_allclose(got, base, rtol=0.05, atol=0.05)  # another config, same math
-
-
 def test_fused_swiglu_gives_the_same_logits():
     """W4AxKV4 with the down projection's act_quant building silu(gate) * up itself (the
     default) vs the layer writing the hidden state (fuse_swiglu=False): the same logits,

@@ -398,26 +398,22 @@ def test_tuning_table_takes_unpacked_activations_from_unpacked_min_m():
     assert not all(unpacked(c) for c in small)
 
 
-def test_tuning_buckets_and_one_gemm_shapes_of_the_8b_engine():
-    """The M = 1536 bucket (tuned at the LLaMA-3-8B decode batch 1214) has its own entries;
-    a shape without one there keeps the 4096 bucket's (FALLBACK_BUCKET: what M = 1214 used
-    before the bucket existed). q|k|v (6144 x 4096) and gate|up (28672 x 4096) run as one
-    GEMM at M = 1214 and 8192 (Mosaic GPU, XLA-unpacked weights), not at M <= 1024, where
-    the table has no entry for them (`one_gemm_config`)."""
+def test_tuning_bucket_of_the_8b_decode_batch_falls_back_to_the_old_bucket():
+    """The M = 1536 bucket (tuned at the LLaMA-3-8B decode batch 1214) has its own entries
+    for the engine's 8B shapes; a shape without one there keeps the 4096 bucket's
+    (FALLBACK_BUCKET: what M = 1025..1536 used before the bucket existed), and M above the
+    bucket still reads the 4096 bucket."""
     from pallas_kernels import tuning
-    from pallas_kernels.w4ax_matmul import one_gemm_config
 
     table = tuning.load_table()
     assert tuning.m_bucket(1214) == 1536 and tuning.m_bucket(1537) == 4096
-    assert "1536:4096:4096:0.25" in table and "1536:8192:8192:0.25" not in table
+    for n, k in tuning.ENGINE_SHAPES["llama3-8b"]:
+        key = f"1536:{n}:{k}:0.25"
+        assert key in table, key
+        assert tuning.get_config(1214, n, k, k // 4) == GemmConfig.from_dict(table[key])
+        assert tuning.get_config(2048, n, k, k // 4) == GemmConfig.from_dict(
+            table[f"4096:{n}:{k}:0.25"]
+        )
+    assert "1536:8192:8192:0.25" not in table
     before = GemmConfig.from_dict(table["4096:8192:8192:0.25"])
     assert tuning.get_config(1214, 8192, 8192, 2048) == before
-    assert tuning.get_config(1214, 4096, 4096, 1024) == GemmConfig.from_dict(
-        table["1536:4096:4096:0.25"]
-    )
-    for m in (1214, 8192):
-        assert one_gemm_config(m, (4096, 1024, 1024), 3072, 1024) is not None
-        assert one_gemm_config(m, (14336, 14336), 3072, 1024) is not None
-    for m in (16, 512, 1024):
-        assert one_gemm_config(m, (4096, 1024, 1024), 3072, 1024) is None
-    assert one_gemm_config(1214, (4096,), 3072, 1024) is None

@@ -329,13 +329,6 @@ class W4AxLinear:
         letting the layer write it and the kernel read it back (see `fuses_swiglu`). Same
         values (interpret mode: bit for bit; module docstring of ``pallas_kernels.act_quant``
         for the GPU's silu); False is the unfused ablation.
-      fuse_projections: the projections of one input group (q, k, v; gate, up) run as ONE
-        GEMM over their weights concatenated along N where
-        ``w4ax_matmul.one_gemm_config`` picks it (the Mosaic GPU configs, whose per-call XLA
-        weight unpack writes the concatenation for free), see `matmul_group`; the gate and
-        up outputs then stay side by side and the down projection's act_quant reads both
-        halves in place (``prepare_input(joined=True)``). Same values as one GEMM per
-        projection; False is the ablation.
     """
 
     k4: int
@@ -352,7 +345,6 @@ class W4AxLinear:
     interpret: bool = False
     act_layout: str = "auto"
     fuse_swiglu: bool = True
-    fuse_projections: bool = True
 
     def __post_init__(self):
         kernel_ok = self.act_granularity == "segment" and self.w_group is None
@@ -444,26 +436,12 @@ class W4AxLinear:
             and not self.pad
         )
 
-    def prepare_input(self, group_params, x, norm_weight, *, eps, gate=None, joined=False):
+    def prepare_input(self, group_params, x, norm_weight, *, eps, gate=None):
         """gate: [..., K] or None: the input is then the SwiGLU hidden state
-        ``silu(f32(gate)) * x`` in x's dtype (fused into act_quant where `fuses_swiglu`).
-        joined: x is ``[..., 2K]``, gate and up side by side (`matmul_group`'s joined
-        output); the input is the SwiGLU of its two halves (gate must be None)."""
+        ``silu(f32(gate)) * x`` in x's dtype (fused into act_quant where `fuses_swiglu`)."""
+        self._check_k(x.shape[-1], "prepare_input")
         from pallas_kernels import act_quant as aq
 
-        if joined:
-            if gate is not None or norm_weight is not None or x.shape[-1] % 2:
-                raise ValueError(
-                    f"prepare_input(joined=True) takes x [..., 2K] (gate | up), no gate and no "
-                    f"norm_weight; got x {tuple(x.shape)}, gate {gate is not None}, "
-                    f"norm_weight {norm_weight is not None}"
-                )
-            half = x.shape[-1] // 2
-            self._check_k(half, "prepare_input (joined: each half)")
-            if not self.fuses_swiglu:
-                x, joined = aq.swiglu(x[..., :half], x[..., half:]), False
-        else:
-            self._check_k(x.shape[-1], "prepare_input")
         if gate is not None and not self.fuses_swiglu:
             x, gate = aq.swiglu(gate, x), None
         if self.act_granularity == "block":  # simulation only (no kernel format)
@@ -506,7 +484,6 @@ class W4AxLinear:
             perm = group_params["perm"] if self.permute else None  # None: the identity
         kwargs = dict(
             gate=g2,
-            joined=joined,
             norm_weight=norm_weight,
             eps=eps,
             clip4=self.act_clip,
@@ -533,43 +510,6 @@ class W4AxLinear:
             x4 = jnp.concatenate([jnp.zeros((x4.shape[0], zero_bytes), x4.dtype), x4], axis=-1)
             out = (x4, *out[1:])
         return PreparedKernel(*out, jnp.dtype(x.dtype), tuple(lead))
-
-    def joins(self, weight_params_list, prepared) -> bool:
-        """Whether `matmul_group` runs these projections (same input) as one GEMM, so that
-        its ``joined`` output is that GEMM's own ``[..., sum N]`` result (no copy)."""
-        if not (self.fuse_projections and isinstance(prepared, PreparedUnpacked)):
-            return False
-        if any(w["w_scales"].ndim != 1 for w in weight_params_list):
-            return False
-        from pallas_kernels.w4ax_matmul import one_gemm_config
-
-        ns = [w["w_packed"].shape[0] for w in weight_params_list]
-        k8 = prepared.x_u.shape[1] - prepared.k4
-        return one_gemm_config(prepared.m, ns, prepared.k4, k8, self.tile) is not None
-
-    def matmul_group(self, weight_params_list, prepared, *, joined=False):
-        """`matmul` for several projections of the same prepared input (q, k, v; gate, up):
-        one GEMM over their concatenated weights where `joins` (``fuse_projections``),
-        else one `matmul` each. Returns the ``[..., N_i]`` outputs in order, or with
-        ``joined`` one ``[..., sum N_i]`` array of them side by side."""
-        if not self.joins(weight_params_list, prepared):
-            ys = [self.matmul(w, prepared) for w in weight_params_list]
-            return jnp.concatenate(ys, axis=-1) if joined else ys
-        from pallas_kernels import w4ax_matmul as wk
-
-        y = wk.w4ax_matmul_unpacked_group(
-            prepared.x_u,
-            prepared.x_scales,
-            [(w["w_packed"], w["w_scales"], w.get("bias")) for w in weight_params_list],
-            k4=prepared.k4,
-            m=prepared.m,
-            tile_k=self.tile,
-            out_dtype=prepared.dtype,
-            interpret=self.interpret,
-            joined=joined,
-        )
-        shape = lambda a: a.reshape(*prepared.lead, a.shape[-1])  # noqa: E731
-        return shape(y) if joined else [shape(a) for a in y]
 
     def _unpacked(self, m: int) -> bool:
         """Whether prepare_input writes the unpacked layout for ``m`` rows (``act_layout``)."""
