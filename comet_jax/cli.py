@@ -27,6 +27,7 @@ ENGINE_FLAGS = (
     "max_batch",
     "max_tokens_per_step",
     "max_prefill_seqs",
+    "schedule",
     "max_prefill_grid",
     "compile_workers",
     "max_model_len",
@@ -360,6 +361,13 @@ def _common(p: argparse.ArgumentParser, engine: bool = True) -> None:
         help="token budget of one step (decode + prefill chunks); largest chunk",
     )
     g.add_argument("--max_prefill_seqs", type=int, help="prompts chunked in one step")
+    g.add_argument(
+        "--schedule",
+        choices=("mixed", "prefill_first"),
+        help="mixed (default): decode rows and prompt chunks share each step; prefill_first: "
+        "steps run prompt chunks alone while any can run, then the decode rows (offline "
+        "throughput; decodes wait out the prefills)",
+    )
     g.add_argument(
         "--max_prefill_grid",
         type=int,

@@ -385,6 +385,7 @@ def bench_precision(args, model_config, precision: str) -> list[dict]:
         max_batch=max_batch,
         max_tokens_per_step=args.max_tokens_per_step,
         max_prefill_seqs=args.max_prefill_seqs,
+        schedule=args.schedule,
         max_prefill_grid=args.max_prefill_grid,
         compile_workers=args.compile_workers,
         max_model_len=longest,
@@ -637,6 +638,12 @@ def parse_args(argv=None):
     )
     p.add_argument("--max-tokens-per-step", type=int, default=2048)
     p.add_argument("--max-prefill-seqs", type=int, default=4)
+    p.add_argument(
+        "--schedule",
+        default="mixed",
+        choices=("mixed", "prefill_first"),
+        help="EngineConfig.schedule, for every precision alike",
+    )
     p.add_argument(
         "--max-prefill-grid",
         type=int,

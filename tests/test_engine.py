@@ -109,6 +109,24 @@ def test_preemption_gives_the_same_tokens(engine):
     assert small.allocator.num_used == 0
 
 
+def test_prefill_first_schedule_gives_the_same_tokens(engine):
+    """EngineConfig.schedule="prefill_first" through the model (asynchronous engine): the
+    mixed schedule's greedy tokens, with enough pages and with a pool that forces
+    preemption; no page leaks."""
+    ps = prompts(4, [30, 25, 40, 12, 35, 28, 20, 33])
+    params = SamplingParams(max_tokens=20, temperature=0.0)
+    want = [w["token_ids"] for w in engine.generate(ps, params)]
+    for pages in (None, 9):
+        cfg = dataclasses.replace(engine.config, schedule="prefill_first")
+        if pages is not None:
+            cfg = dataclasses.replace(cfg, num_pages=pages)
+        other = LLMEngine(cfg, engine.runner, progress=False)
+        assert [g["token_ids"] for g in other.generate(ps, params)] == want
+        assert other.allocator.num_used == 0
+        if pages is not None:
+            assert other.scheduler.num_preemptions > 0
+
+
 def test_packed_prefill_same_tokens_as_padded_grid(model, sync_engine):
     """CFG's two-sequence prefill calls ([2, 32] grid, 32-token budget) run packed; turning
     packing off gives the same streams; an over-full call is refused on the host."""

@@ -91,6 +91,75 @@ def test_outputs_identical_under_page_pressure(num_pages):
         assert sched.num_preemptions == 0
 
 
+@pytest.mark.parametrize("num_pages", [6, 9, 64])
+def test_prefill_first_outputs_identical_under_page_pressure(num_pages):
+    """schedule="prefill_first": the same tokens as the mixed schedule's (fake model), under
+    the same limits and invariants (`run`), with and without preemption."""
+    rng = np.random.default_rng(100 + num_pages)
+    cfg = EngineConfig(
+        max_batch=6, max_tokens_per_step=20, max_prefill_seqs=2, max_model_len=64,
+        page_size=16, schedule="prefill_first",
+    )  # fmt: skip
+    prompts = [list(rng.integers(0, 97, int(n))) for n in rng.integers(1, 40, 12)]
+    max_tokens = [int(m) for m in rng.integers(1, 20, 12)]
+    seqs, sched = run(cfg, num_pages, prompts, max_tokens)
+    for s, p, m in zip(seqs, prompts, max_tokens):
+        assert s.finish_reason is FinishReason.LENGTH
+        assert s.output_ids == expected(p, m)
+    if num_pages == 64:
+        assert sched.num_preemptions == 0
+
+
+def test_prefill_first_runs_prompt_chunks_alone_until_none_can_run():
+    """While a prompt chunk can run, prefill_first steps hold prompt chunks only (a running
+    sequence's next chunk first, then admissions); decode rows wait and run in the first step
+    that has no prompt chunk. Admission leaves a free page per running sequence."""
+    cfg = EngineConfig(
+        max_batch=4, max_tokens_per_step=16, max_prefill_seqs=2, max_model_len=128,
+        page_size=16, schedule="prefill_first",
+    )  # fmt: skip
+    sched = Scheduler(cfg, BlockAllocator(64))
+    a = Sequence("a", [1, 2], SamplingParams(max_tokens=50))
+    sched.add(a)
+    plan = sched.schedule()
+    assert [(c.seq.request_id, c.length) for c in plan.prefill] == [("a", 2)]
+    for c in plan.prefill:
+        sched.complete(c, 5)
+    b = Sequence("b", list(range(40)), SamplingParams(max_tokens=5))
+    sched.add(b)
+    plan = sched.schedule()  # a could decode; b's prompt runs alone, the whole budget
+    assert not plan.decode
+    assert [(c.seq.request_id, c.start, c.length) for c in plan.prefill] == [("b", 0, 16)]
+    for c in plan.prefill:
+        sched.complete(c, 7)
+    plan = sched.schedule()  # b's next chunk, still no decode row
+    assert not plan.decode and [(c.start, c.length) for c in plan.prefill] == [(16, 16)]
+    for c in plan.prefill:
+        sched.complete(c, 7)
+    plan = sched.schedule()
+    assert not plan.decode and [(c.start, c.length) for c in plan.prefill] == [(32, 8)]
+    for c in plan.prefill:
+        sched.complete(c, 7)
+    plan = sched.schedule()  # no prompt left: both decode
+    assert not plan.prefill and [c.seq.request_id for c in plan.decode] == ["a", "b"]
+    # admission keeps one free page per running sequence: 3 usable pages, 16-token prompts
+    small = dataclasses.replace(cfg, max_model_len=32)
+    tight = Scheduler(small, BlockAllocator(4))  # page 0 is the scratch page
+    seqs = [Sequence(f"t{i}", list(range(16)), SamplingParams(max_tokens=4)) for i in range(3)]
+    for t in seqs:
+        tight.add(t)
+    for want in ("t0", "t1"):  # one prompt per step (the budget), leaving 2 then 1 free pages
+        plan = tight.schedule()
+        assert [c.seq.request_id for c in plan.prefill] == [want] and not plan.decode
+        for c in plan.prefill:
+            tight.complete(c, 3)
+    plan = tight.schedule()  # t2 would take the last page, the running ones' decode page
+    assert not plan.prefill and [c.seq.request_id for c in plan.decode][:1] == ["t0"]
+    assert seqs[2].status is Status.WAITING
+    with pytest.raises(ValueError, match="schedule='fifo'"):
+        dataclasses.replace(cfg, schedule="fifo")
+
+
 def test_chunked_prefill_mixed_with_decode():
     cfg = EngineConfig(
         max_batch=4, max_tokens_per_step=16, max_prefill_seqs=1, max_model_len=128, page_size=16

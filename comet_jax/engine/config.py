@@ -20,6 +20,7 @@ import os
 
 PRECISIONS = ("bf16", "w8a8", "w4a16", "w4axkv4")
 KV_DTYPES = ("bf16", "int4")
+SCHEDULES = ("mixed", "prefill_first")
 
 
 def _pow2_buckets(limit: int, start: int = 1) -> tuple[int, ...]:
@@ -60,6 +61,13 @@ class EngineConfig:
       max_tokens_per_step: token budget of one engine step (decode tokens + prefill chunk
         tokens); also the largest prefill chunk.
       max_prefill_seqs: most sequences whose prompt chunks run in one step.
+      schedule: what a step holds. "mixed" (default): the running sequences' decode rows and
+        prompt chunks, then waiting prompts admitted into the budget left (chunked prefill
+        mixed with decode). "prefill_first": while some prompt chunk can run (a running
+        sequence's next chunk, or a waiting prompt admitted from free pages, leaving one page
+        per running sequence), a step holds prompt chunks only and the decode rows wait; a
+        step with none is a "mixed" one. Offline runs where all prompts arrive at once then
+        decode in fewer, fuller steps; online, every decode waits out the prefills.
       max_prefill_grid: most positions of a prefill call's attention grid, its batch bucket x
         chunk bucket (attention sees the call's chunks padded to that [B, T] grid, with q, k,
         v and the output gathered into it: about (2 Hq + 2 Hkv) x D x 2 bytes a position,
@@ -158,6 +166,7 @@ class EngineConfig:
     max_batch: int = 16
     max_tokens_per_step: int = 256
     max_prefill_seqs: int = 2
+    schedule: str = "mixed"
     max_prefill_grid: int | None = None
     max_model_len: int = 1024
     page_size: int | None = None
@@ -229,6 +238,8 @@ class EngineConfig:
             raise ValueError(f"precision={self.precision!r}; expected one of {PRECISIONS}")
         if self.kv_dtype is not None and self.kv_dtype not in KV_DTYPES:
             raise ValueError(f"kv_dtype={self.kv_dtype!r}; expected one of {KV_DTYPES} or None")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule={self.schedule!r}; expected one of {SCHEDULES}")
         if self.kernels not in ("auto", "pallas", "reference"):
             raise ValueError(f"kernels={self.kernels!r}; expected auto|pallas|reference")
         if self.compute_dtype not in ("bfloat16", "float32"):

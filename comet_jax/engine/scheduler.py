@@ -14,6 +14,9 @@ row). When a slice ends at the last token, the step samples the next token from 
      the head of the waiting queue with its generated tokens kept) until the page fits;
   2. waiting sequences, first come first served, while a slot (`max_batch`), token budget and
      free pages for their first chunk remain. Admission never preempts.
+With `schedule="prefill_first"` a step first tries prompt chunks alone (running sequences'
+next chunks, then admissions), from free pages only (no preemption; admission leaves one free
+page per running sequence); only a step that finds none is built as above.
 A preempted sequence later re-prefills prompt + generated tokens and continues; its sampler
 counter is the number of generated tokens, so it draws exactly what it would have drawn.
 
@@ -201,6 +204,52 @@ class Scheduler:
         )
 
     def schedule(self) -> StepPlan:
+        if self.config.schedule == "prefill_first":
+            plan = self._prompt_chunks_only()
+            if not plan.empty:
+                return plan
+        return self._mixed()
+
+    def _prompt_chunks_only(self) -> StepPlan:
+        """`schedule="prefill_first"`: prompt chunks of >= 2 tokens only (running sequences in
+        admission order, then waiting ones), from free pages; decode rows wait."""
+        cfg = self.config
+        plan = StepPlan()
+        budget = cfg.max_tokens_per_step
+        for seq in self.running:
+            if budget < 2:
+                break
+            if seq.remaining < 2:
+                continue  # a decode row, or a last token in flight
+            length = self._prefill_room(plan.prefill, min(seq.remaining, budget))
+            if length >= 2 and self._grow(seq, seq.num_computed + length):
+                plan.prefill.append(_chunk(seq, length))
+                budget -= length
+        while self.waiting and len(self.running) < cfg.max_batch and budget >= 2:
+            seq = self.waiting[0]
+            if seq.output_ids[-1:] == [PENDING] or seq.remaining < 2:
+                break
+            length = self._prefill_room(plan.prefill, min(seq.remaining, budget))
+            need = pages_for(seq.num_computed + length, cfg.page_size) - len(seq.pages)
+            if length < 2 or self.allocator.num_free - need < len(self.running):
+                break  # keep a page per running sequence for its decode rows
+            self._admit(seq, length, plan)
+            budget -= length
+        return plan
+
+    def _admit(self, seq: Sequence, length: int, plan: StepPlan) -> bool:
+        """Moves the waiting head `seq` to running with a first chunk of `length` tokens;
+        False (nothing changed) when its pages do not fit."""
+        if not self._grow(seq, seq.num_computed + length):
+            return False
+        self.waiting.popleft()
+        seq.status = Status.RUNNING
+        seq.window_slot = self._free_window_slots.pop()
+        self.running.append(seq)
+        (plan.prefill if length > 1 else plan.decode).append(_chunk(seq, length))
+        return True
+
+    def _mixed(self) -> StepPlan:
         cfg = self.config
         plan = StepPlan()
         budget = cfg.max_tokens_per_step
@@ -243,14 +292,8 @@ class Scheduler:
                 length = self._prefill_room(plan.prefill, length)
                 if length == 0:
                     break
-            if not self._grow(seq, seq.num_computed + length):
+            if not self._admit(seq, length, plan):
                 break
-            self.waiting.popleft()
-            seq.status = Status.RUNNING
-            seq.window_slot = self._free_window_slots.pop()
-            self.running.append(seq)
-            chunk = _chunk(seq, length)
-            (plan.prefill if length > 1 else plan.decode).append(chunk)
             budget -= length
         return plan
 
