@@ -55,8 +55,8 @@ class InstantRunner:
         self.pack_buckets = tuple(pack_buckets)
         self.no_tokens = np.zeros(out_size, np.int32)
         self.model = types.SimpleNamespace(config=types.SimpleNamespace(vocab_size=VOCAB))
-        # call kind -> [rows computed, real tokens]
-        self.rows = {"decode": [0, 0], "prefill": [0, 0]}
+        # call kind -> [rows computed, real tokens, calls]
+        self.rows = {"decode": [0, 0, 0], "prefill": [0, 0, 0]}
 
     def token_slots(self, batch: int) -> int:
         return max(batch, self.out_size)
@@ -67,6 +67,7 @@ class InstantRunner:
         count = self.rows["decode" if t == 1 else "prefill"]
         count[0] += pack_rows(b, t, tokens, self.pack_buckets) or b * t
         count[1] += tokens
+        count[2] += 1
         return np.full(self.token_slots(b), 7, np.int32)
 
 
@@ -81,13 +82,14 @@ def engine_for(
     decode_buckets: tuple[int, ...] = DECODE_BUCKETS,
     prefill_batch_buckets: tuple[int, ...] | None = None,
     pack_buckets: tuple[int, ...] | None = None,
+    schedule: str = "mixed",
 ):
     """The engine of the max-throughput runs over an InstantRunner with a pool for `batch`
     sequences of prompt + output tokens: steps of 8192 tokens, min(64, 8192 // prompt)
     prefill sequences, and by default run 50's 128/128 buckets (docs/benchmarks.md): decode
     `DECODE_BUCKETS` below the batch plus the batch (its 1024/512 runs stopped at 512),
     prefill batch (1, max), packed rows (8192). Given buckets past the limits are dropped
-    and the limit added."""
+    and the limit added. `schedule`: EngineConfig.schedule."""
     decode = tuple(b for b in decode_buckets if b < batch)
     prefill_seqs = min(64, max(1, 8192 // prompt), batch)
     prefill = tuple(b for b in prefill_batch_buckets or (1,) if b < prefill_seqs)
@@ -104,6 +106,7 @@ def engine_for(
         aot_compile=False,
         kernels="reference",
         async_scheduling=async_scheduling,
+        schedule=schedule,
     )
     pages = batch * -(-(prompt + output) // 128) + 1
     runner = InstantRunner(pages, max(batch, prefill_seqs), cfg.pack_bucket_list)
@@ -146,13 +149,16 @@ def run_case(batch: int, prompt: int, output: int, profile: int = 0, **engine_kw
         tokens=seen[0],
         profiled=bool(prof),
         async_scheduling=eng.config.async_scheduling,
+        schedule=eng.config.schedule,
         decode_buckets=list(eng.config.decode_bucket_list),
         prefill_batch_buckets=list(eng.config.prefill_batch_bucket_list),
         pack_buckets=list(eng.config.pack_bucket_list),
     )
-    for kind, (computed, real) in eng.runner.rows.items():
+    for kind, (computed, real, calls) in eng.runner.rows.items():
         row[f"{kind}_rows"], row[f"{kind}_tokens"] = computed, real
         row[f"{kind}_rows_per_token"] = computed / max(real, 1)
+        row[f"{kind}_calls"] = calls
+        row[f"{kind}_tokens_per_call"] = real / max(calls, 1)
     if eng.allocator.num_used:
         raise RuntimeError(f"{eng.allocator.num_used} pages leaked")
     if prof:
@@ -173,6 +179,12 @@ def main(argv=None):
     )
     ap.add_argument("--profile", type=int, default=0, help="print the N costliest functions")
     ap.add_argument("--sync", action="store_true", help="synchronous scheduling (default async)")
+    ap.add_argument(
+        "--schedule",
+        default="mixed",
+        choices=("mixed", "prefill_first"),
+        help="EngineConfig.schedule",
+    )
     ap.add_argument(
         "--decode-buckets",
         default=",".join(map(str, DECODE_BUCKETS)),
@@ -204,7 +216,7 @@ def main(argv=None):
             raise SystemExit(f"--cases item {item!r}: every number must be >= 1")
     if args.repeats < 1:
         raise SystemExit(f"--repeats={args.repeats} must be >= 1")
-    kw = dict(async_scheduling=not args.sync)
+    kw = dict(async_scheduling=not args.sync, schedule=args.schedule)
     for flag, name in (("--decode-buckets", "decode_buckets"),
                        ("--prefill-batch-buckets", "prefill_batch_buckets"),
                        ("--pack-buckets", "pack_buckets")):  # fmt: skip
@@ -224,6 +236,7 @@ def main(argv=None):
         rows.append(row)
         pad = (
             f"decode {row['decode_rows_per_token']:.3f} prefill {row['prefill_rows_per_token']:.3f}"
+            f"; {row['decode_calls']} decode calls of {row['decode_tokens_per_call']:.0f} rows"
         )
         print(f"{b:>6} {f'{p}/{o}':>9} {row['steps']:>6} {row['host_ms_per_step']:>13.2f}  {pad}")
         if args.profile:

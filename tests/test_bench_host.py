@@ -44,7 +44,7 @@ def test_instant_runner_counts_the_rows_the_gemms_would_run(bench):
     packed = StepInputs.zeros(4, 4096, 2)
     packed.num_valid[:2] = [4096, 100]  # 16384 grid positions > 8192: packed rows
     r.run(grid), r.run(packed)
-    assert r.rows == {"decode": [8, 5], "prefill": [4096 + 8192, 1744 + 4196]}
+    assert r.rows == {"decode": [8, 5, 1], "prefill": [4096 + 8192, 1744 + 4196, 2]}
 
 
 def test_bucket_options_change_the_padding(bench, tmp_path):
@@ -77,3 +77,20 @@ def test_bucket_options_change_the_padding(bench, tmp_path):
 def test_bad_cases_are_named(bench, bad):
     with pytest.raises(SystemExit, match="--cases item"):
         bench.main(["--cases", bad, "--repeats", "1"])
+
+
+def test_prefill_first_schedule_decodes_in_full_batches(bench, tmp_path):
+    """--schedule prefill_first: all 40 prompts (8 per step) are prefilled before any decode
+    row runs, then every decode call holds the whole batch (5 calls of 40 rows for 6 output
+    tokens, the first one sampled by the prefill); the mixed schedule decodes in more,
+    partial calls."""
+    out = tmp_path / "host.json"
+    argv = ["--cases", "40:1024/6", "--repeats", "1", "--out", str(out)]
+    bench.main(argv + ["--schedule", "prefill_first"])
+    (first,) = json.loads(out.read_text())["rows"]
+    bench.main(argv)
+    (mixed,) = json.loads(out.read_text())["rows"]
+    assert first["schedule"] == "prefill_first" and mixed["schedule"] == "mixed"
+    assert (first["decode_calls"], first["decode_tokens_per_call"]) == (5, 40)
+    assert first["tokens"] == mixed["tokens"] == 240
+    assert mixed["decode_calls"] > first["decode_calls"]
