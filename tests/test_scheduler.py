@@ -73,12 +73,16 @@ def expected(prompt, n):
     return toks[len(prompt) :]
 
 
+@pytest.mark.parametrize("schedule", ["mixed", "prefill_first"])
 @pytest.mark.parametrize("num_pages", [6, 9, 64])
-def test_outputs_identical_under_page_pressure(num_pages):
+def test_outputs_identical_under_page_pressure(num_pages, schedule):
+    """Both schedules: every request's tokens as if it ran alone (fake model), under the
+    limits and invariants `run` checks, with and without preemption."""
     rng = np.random.default_rng(num_pages)
     cfg = EngineConfig(
-        max_batch=6, max_tokens_per_step=20, max_prefill_seqs=2, max_model_len=64, page_size=16
-    )
+        max_batch=6, max_tokens_per_step=20, max_prefill_seqs=2, max_model_len=64,
+        page_size=16, schedule=schedule,
+    )  # fmt: skip
     prompts = [list(rng.integers(0, 97, int(n))) for n in rng.integers(1, 40, 12)]
     max_tokens = [int(m) for m in rng.integers(1, 20, 12)]
     seqs, sched = run(cfg, num_pages, prompts, max_tokens)
@@ -87,25 +91,6 @@ def test_outputs_identical_under_page_pressure(num_pages):
         assert s.output_ids == expected(p, m)
     if num_pages == 6:
         assert sched.num_preemptions > 0
-    if num_pages == 64:
-        assert sched.num_preemptions == 0
-
-
-@pytest.mark.parametrize("num_pages", [6, 9, 64])
-def test_prefill_first_outputs_identical_under_page_pressure(num_pages):
-    """schedule="prefill_first": the same tokens as the mixed schedule's (fake model), under
-    the same limits and invariants (`run`), with and without preemption."""
-    rng = np.random.default_rng(100 + num_pages)
-    cfg = EngineConfig(
-        max_batch=6, max_tokens_per_step=20, max_prefill_seqs=2, max_model_len=64,
-        page_size=16, schedule="prefill_first",
-    )  # fmt: skip
-    prompts = [list(rng.integers(0, 97, int(n))) for n in rng.integers(1, 40, 12)]
-    max_tokens = [int(m) for m in rng.integers(1, 20, 12)]
-    seqs, sched = run(cfg, num_pages, prompts, max_tokens)
-    for s, p, m in zip(seqs, prompts, max_tokens):
-        assert s.finish_reason is FinishReason.LENGTH
-        assert s.output_ids == expected(p, m)
     if num_pages == 64:
         assert sched.num_preemptions == 0
 
