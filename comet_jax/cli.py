@@ -361,9 +361,11 @@ def _common(p: argparse.ArgumentParser, engine: bool = True) -> None:
         help="token budget of one step (decode + prefill chunks); largest chunk",
     )
     g.add_argument("--max_prefill_seqs", type=int, help="prompts chunked in one step")
+    from comet_jax.engine.config import SCHEDULES
+
     g.add_argument(
         "--schedule",
-        choices=("mixed", "prefill_first"),
+        choices=SCHEDULES,
         help="mixed (default): decode rows and prompt chunks share each step; prefill_first: "
         "steps run prompt chunks alone while any can run, then the decode rows (offline "
         "throughput; decodes wait out the prefills)",

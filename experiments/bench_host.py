@@ -36,7 +36,7 @@ import types
 
 import numpy as np
 
-from comet_jax.engine.config import EngineConfig
+from comet_jax.engine.config import SCHEDULES, EngineConfig
 from comet_jax.engine.engine import LLMEngine
 from comet_jax.engine.runner import pack_rows
 from comet_jax.engine.sampling import SamplingParams
@@ -182,7 +182,7 @@ def main(argv=None):
     ap.add_argument(
         "--schedule",
         default="mixed",
-        choices=("mixed", "prefill_first"),
+        choices=SCHEDULES,
         help="EngineConfig.schedule",
     )
     ap.add_argument(

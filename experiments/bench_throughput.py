@@ -18,8 +18,8 @@ engine, measured in the same run.
     python experiments/bench_throughput.py --preset llama3-8b              # GPU
     python experiments/bench_throughput.py --preset llama3-70b --precisions w4axkv4,bf16
     python experiments/bench_throughput.py --tiny                           # CPU smoke run
-    # docs/benchmarks.md run 54 (2.04x), one process per precision (bf16 ran without
-    # --pack-buckets; its decode buckets stop below its batch, 277, either way):
+    # docs/benchmarks.md runs 54 and 59 (2.04x, 2.09x), one process per precision (bf16
+    # ran without --pack-buckets; its decode buckets stop below its batch, 277, either way):
     python experiments/bench_throughput.py --precisions w4axkv4 --max-batch memory \
         --requests batch --workloads 1024/512 --fixed-batches= --memory-fraction 0.9 \
         --max-tokens-per-step 8192 --max-prefill-seqs 8 --prefill-batch-buckets 1,8 \
@@ -55,7 +55,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from comet_jax.engine.config import EngineConfig
+from comet_jax.engine.config import SCHEDULES, EngineConfig
 from comet_jax.engine.engine import LLMEngine, max_batch_for_memory
 from comet_jax.engine.runner import precision_plan, preset_config
 from comet_jax.engine.sampling import SamplingParams
@@ -641,7 +641,7 @@ def parse_args(argv=None):
     p.add_argument(
         "--schedule",
         default="mixed",
-        choices=("mixed", "prefill_first"),
+        choices=SCHEDULES,
         help="EngineConfig.schedule, for every precision alike",
     )
     p.add_argument(

@@ -65,7 +65,12 @@ def frac_bucket(k8: int, k: int) -> float:
 
 
 def table_key(m: int, n: int, k: int, k8: int) -> str:
-    return f"{m_bucket(m)}:{n}:{k}:{frac_bucket(k8, k)}"
+    return _key(m_bucket(m), n, k, frac_bucket(k8, k))
+
+
+def _key(bucket: int, n: int, k: int, frac: float | str = "") -> str:
+    """``"<bucket>:<N>:<K>:<frac>"``; without ``frac`` the prefix of every fraction."""
+    return f"{bucket}:{n}:{k}:{frac}"
 
 
 @functools.lru_cache(maxsize=1)
@@ -157,9 +162,9 @@ def get_config(m: int, n: int, k: int, k8: int = 0, *, tile_k: int = DEFAULT_TIL
     table = load_table()
     entry, bucket, frac = None, m_bucket(m), frac_bucket(k8, k)
     while entry is None and bucket is not None:
-        entry = table.get(f"{bucket}:{n}:{k}:{frac}")
+        entry = table.get(_key(bucket, n, k, frac))
         if entry is None:
-            same = [v for key, v in table.items() if key.startswith(f"{bucket}:{n}:{k}:")]
+            same = [v for key, v in table.items() if key.startswith(_key(bucket, n, k))]
             entry = same[0] if same else None
         bucket = FALLBACK_BUCKET.get(bucket)
     if entry is None or tile_k != DEFAULT_TILE_K:
