@@ -49,7 +49,7 @@ for _flag, (_name, _) in STUDIES.items():
         NAME = _name
         break
 PREFILL_SHAPES = [(1, 2048, 0), (1, 8192, 0), (8, 1024, 0), (4, 512, 4096)]  # (B, T, prefix)
-WRITE_SIZES = (64, 8192)  # tokens per write call (decode batch, prefill chunk)
+WRITE_SIZES = (64, 1214, 8192)  # tokens per write call (decode batches, prefill chunk)
 RESULTS: dict = {
     "meta": {},
     "correctness": [],

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels import act_quant as aq_mod
 from pallas_kernels import timing, tuning
 from pallas_kernels.act_quant import act_quant, act_quant_reference, to_unpacked
 from pallas_kernels.w4ax_matmul import (
@@ -478,6 +479,114 @@ def unpacked_study(results, deadline):
             row["error"] = f"{type(e).__name__}: {e}"[:400]
         rows.append(row)
         log(f"unpacked {json.dumps(row)}")
+
+
+def out_rows_study(results, deadline, ms=None):
+    """The engine's large-M path (act_quant's unpacked operand into ``w4ax_matmul_unpacked``
+    with the table's config) at decode-batch M, on the LLaMA-3-8B projection shapes: every
+    output element against the XLA reference (f32; within 2^-7 of its magnitude plus the
+    output's RMS), the output's shape, and the device time of the call. With M a multiple of
+    8 the Mosaic GPU kernel writes exactly M rows (``w4ax_mgpu.segment_matmul(out_rows=)``);
+    otherwise the rows rounded up to 8, then a slice (a copy when the output leaves the jit)."""
+    rows = results.setdefault("out_rows", [])
+    shapes = ((4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336))
+    cases = [(m, n, k) for m in (ms or (1216, 1214)) for n, k in shapes]
+    if SMOKE:
+        cases = [(300, 64, 256)]
+    key = jax.random.PRNGKey(23)
+    for i, (m, n, k) in enumerate(cases):
+        if time.time() > deadline:
+            log(f"out_rows: budget reached before {m}x{n}x{k}")
+            break
+        k8 = tuning.int8_fraction_k8(k, 0.25)
+        k4 = k - k8
+        kx = jax.random.fold_in(key, i)
+        x = (jax.random.normal(kx, (m, k), jnp.float32) * 2).astype(jnp.bfloat16)
+        perm = jax.random.permutation(jax.random.fold_in(kx, 1), k).astype(jnp.int32)
+        aq = functools.partial(act_quant, perm=perm, k4=k4, interpret=SMOKE)
+        row = dict(m=m, n=n, k=k, k8=k8, config=tuning.get_config(m, n, k, k8).to_dict())
+        try:
+
+            def engine_path(x, wp, ws, aq=aq, k4=k4, m=m):
+                x_u, xs = aq(x, layout="unpacked", row_align=UNPACKED_ROW_ALIGN)
+                return w4ax_matmul_unpacked(x_u, xs, wp, ws, k4=k4, m=m, interpret=SMOKE)
+
+            sets = [
+                (x, *tuning.random_operands(jax.random.fold_in(kx, 10 + j), 1, n, k, k8)[3:])
+                for j in range(n_copies(n * k // 2, m))
+            ]
+            y = jax.jit(engine_path)(*sets[0])
+            ref = np.asarray(w4ax_matmul_reference(*aq(x), *sets[0][1:], out_dtype=jnp.float32))
+            tol = 2.0**-7 * (np.abs(ref) + np.sqrt(np.mean(ref**2)))
+            yf = np.asarray(y, np.float32)
+            row["shape"] = list(yf.shape)
+            row["bad"] = int(np.sum(~(np.abs(yf - ref) <= tol)))
+            row["rel_err"] = rel_err(yf, ref)
+            row["us"] = tuning.time_fn(engine_path, sets) * 1e6
+        except Exception as e:  # noqa: BLE001 - keep the other cases
+            row["error"] = f"{type(e).__name__}: {e}"[:400]
+        rows.append(row)
+        log(f"out_rows {json.dumps(row)}")
+
+
+def act_quant_launch_study(results, deadline, m=8192):
+    """act_quant's launch (rows per program x warps) at prefill M in the unpacked layout the
+    engine uses there, on the LLaMA-3-8B inputs: the attention / MLP inputs (K = 4096, FMPQ
+    permutation, RMSNorm), the o projection's input (K = 4096, permutation, no norm) and the
+    down projection's (K = 14336, SwiGLU of gate and up, identity order). Each variant's bytes
+    against the default launch's on the device (the launch changes no arithmetic), device us
+    (one input, L2-resident share: x is 64-235 MB, far past the 50 MB L2)."""
+    rows = results.setdefault("act_quant_launch", [])
+    cases = [(4096, 3072, True, True, False), (4096, 3072, True, False, False),
+             (14336, 10752, False, False, True)]  # fmt: skip
+    variants = [(bm, w) for bm in (1, 2, 4, 8) for w in (4, 8, 16)]
+    if SMOKE:
+        m, cases, variants = (
+            40,
+            [(256, 128, True, True, False), (256, 128, False, False, True)],
+            [
+                (1, 4),
+                (2, 4),
+            ],
+        )
+    key = jax.random.PRNGKey(29)
+    for i, (k, k4, permuted, norm, gated) in enumerate(cases):
+        kx = jax.random.fold_in(key, i)
+        x = (jax.random.normal(kx, (m, k), jnp.float32) * 2).astype(jnp.bfloat16)
+        g = (jax.random.normal(jax.random.fold_in(kx, 3), (m, k)) * 2).astype(jnp.bfloat16)
+        perm = jax.random.permutation(jax.random.fold_in(kx, 1), k).astype(jnp.int32)
+        w = jax.random.uniform(jax.random.fold_in(kx, 2), (k,), jnp.float32, 0.5, 1.5)
+        kw = dict(
+            perm=perm if permuted else None, k4=k4, norm_weight=w if norm else None,
+            layout="unpacked", row_align=UNPACKED_ROW_ALIGN, interpret=SMOKE,
+        )  # fmt: skip
+        args = (x, g) if gated else (x,)
+
+        def call(*a, kw=kw, **launch):
+            return act_quant(a[0], gate=a[1] if len(a) > 1 else None, **kw, **launch)
+
+        row = dict(m=m, k=k, k4=k4, permuted=permuted, norm=norm, gated=gated)
+        row["default_launch"] = [
+            aq_mod.default_rows_per_program(m, k), aq_mod.default_num_warps(
+                aq_mod.default_rows_per_program(m, k), k)
+        ]  # fmt: skip
+        base = call(*args)
+        row["default_us"] = tuning.time_fn(call, [args]) * 1e6
+        row["bytes_moved_mb"] = (m * k * (2 * len(args) + 1)) / 1e6
+        for bm, nw in variants:
+            if time.time() > deadline:
+                log("act_quant_launch: budget reached")
+                break
+            lbl = f"bm{bm}_w{nw}"
+            f = functools.partial(call, rows_per_program=bm, num_warps=nw)
+            try:
+                out = f(*args)
+                row[f"{lbl}_mismatch"] = [int(jnp.sum(a != b)) for a, b in zip(out, base)]
+                row[f"{lbl}_us"] = tuning.time_fn(f, [args]) * 1e6
+            except Exception as e:  # noqa: BLE001 - a launch may not compile
+                row[f"{lbl}_error"] = f"{type(e).__name__}: {e}"[:300]
+        rows.append(row)
+        log(f"act_quant_launch {json.dumps(row)}")
 
 
 def time_copy(nbytes=1 << 30):
@@ -1318,6 +1427,17 @@ def main(argv=None):
         action="store_true",
         help="--mgpu also times the schedules that unpack the INT4 weights in shared memory",
     )
+    ap.add_argument(
+        "--out-rows",
+        action="store_true",
+        help="the engine's large-M GEMM path at decode-batch M (--study-ms, default 1216,1214): "
+        "checked against the reference, output rows, timed",
+    )
+    ap.add_argument(
+        "--act-quant-launch",
+        action="store_true",
+        help="act_quant rows per program x warps at M = 8192, unpacked layout (bytes checked)",
+    )
     ap.add_argument("--timing-study", action="store_true", help="old vs device timing")
     ap.add_argument("--act-quant", action="store_true", help="act_quant kernel vs XLA")
     ap.add_argument(
@@ -1400,6 +1520,12 @@ def main(argv=None):
             save()
         if args.act_quant:
             act_quant_study(results)
+            save()
+        if args.out_rows:
+            out_rows_study(results, deadline, ms=args.study_ms)
+            save()
+        if args.act_quant_launch:
+            act_quant_launch_study(results, deadline)
             save()
         for flag, study in (
             ("unpacked", unpacked_study),

@@ -351,10 +351,11 @@ def profile_decode(
     }
 
 
-def decode_buckets(requested: list[int], max_batch: int) -> tuple[int, ...]:
-    """The requested decode buckets below max_batch, then max_batch itself (the last bucket
-    must equal it)."""
-    return tuple(b for b in requested if b < max_batch) + (max_batch,)
+def decode_buckets(requested: list[int], max_batch: int, align: int = 1) -> tuple[int, ...]:
+    """The requested decode buckets below max_batch, then max_batch rounded up to a multiple
+    of ``align`` (the rows past max_batch are padding: EngineConfig.decode_buckets)."""
+    top = -(-max_batch // align) * align
+    return tuple(b for b in requested if b < max_batch) + (top,)
 
 
 def bench_precision(args, model_config, precision: str) -> list[dict]:
@@ -398,7 +399,7 @@ def bench_precision(args, model_config, precision: str) -> list[dict]:
         kernels=args.kernels,
         interpret=args.interpret,
         page_buckets=tuple(args.page_buckets) if args.page_buckets else None,
-        decode_buckets=decode_buckets(args.decode_buckets, max_batch),
+        decode_buckets=decode_buckets(args.decode_buckets, max_batch, args.decode_row_align),
         prefill_batch_buckets=tuple(args.prefill_batch_buckets),
         chunk_buckets=tuple(args.chunk_buckets),
         pack_buckets=tuple(args.pack_buckets) if args.pack_buckets else None,
@@ -427,7 +428,7 @@ def bench_precision(args, model_config, precision: str) -> list[dict]:
             prefill_batch_buckets=tuple(
                 sorted({min(b, max_batch) for b in cfg.prefill_batch_buckets})
             ),
-            decode_buckets=decode_buckets(args.decode_buckets, max_batch),
+            decode_buckets=decode_buckets(args.decode_buckets, max_batch, args.decode_row_align),
         )
         print(f"{precision}: max batch by memory {fits}, running {max_batch}", file=sys.stderr)
     row["max_batch"] = max_batch
@@ -635,6 +636,14 @@ def parse_args(argv=None):
         type=int,
         default=4096,
         help="upper bound of --max-batch memory (each decode bucket is a compiled shape)",
+    )
+    p.add_argument(
+        "--decode-row-align",
+        type=int,
+        default=8,
+        help="the largest decode bucket is max_batch rounded up to this (padding rows): 8 "
+        "lets the Mosaic GPU W4Ax GEMM write its [rows, N] outputs without a slice copy "
+        "(w4ax_mgpu.OUT_ROW_TILE); 1: max_batch itself",
     )
     p.add_argument("--max-tokens-per-step", type=int, default=2048)
     p.add_argument("--max-prefill-seqs", type=int, default=4)

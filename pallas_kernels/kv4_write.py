@@ -7,8 +7,10 @@ and scatters six arrays (packed K and V, four f16 scale/zero arrays) into the po
 scatters plus the quantization's own kernels, per layer. On the H100 the decode step at batch
 64 spent 0.48 ms of 6.25 in these writes for 32 layers (docs/benchmarks.md, 2026-11-26).
 
-Kernel: grid ``(N, Hkv)``, one program per (token, KV head). It reads the token's ``[D]``
-K and V values, computes per group of ``g`` channels exactly the arithmetic of
+Kernel: grid ``(N, Hkv / heads)``, one program per token and block of ``heads`` KV heads
+(all of them when Hkv is a power of two, else one: Triton's tensors are powers of two). It
+reads the token's ``[heads, D]`` K and V values, computes per head and group of ``g``
+channels exactly the arithmetic of
 :func:`comet_jax.quant.quantizers.quantize` (asymmetric, 4 bits, clip 1: ``hi = max(max(x),
 0)``, ``lo = min(min(x), 0)``, ``scale = (hi - lo) * f32(1/15)`` (1 if 0), ``inv = 1/scale``
 (IEEE division), ``zero = clip(round(-lo * inv), 0, 15)``, ``q = clip(round(x * inv) + zero,
@@ -16,6 +18,11 @@ K and V values, computes per group of ``g`` channels exactly the arithmetic of
 and stores the bytes and the f16 scale/zero straight into the pool arrays, which are passed in
 and out aliased (updated in place under a donating jit). Slot ``-1``, slots past the pool and
 a layer out of range write nothing (the reference drops them the same way).
+
+Why a token's heads share a program: with one program per (token, KV head) the call was
+launch- and latency-bound, not byte-bound: 42 us per layer for the 1214 tokens of a
+LLaMA-3-8B decode step (1.35 ms of the 48.7 ms step) and 104 us for an 8192-token prefill
+step (3.3 ms of 108), H100 trace of run 61 (docs/benchmarks.md), for a few MB of traffic.
 
 Bit-exactness: interpret mode on the CPU equals the reference bytes and scales exactly
 (tests). On the GPU the kernel uses ``div.rn.f32`` and ``cvt.rni`` as
@@ -100,7 +107,7 @@ def kv4_write_reference(kv: PagedKV, layer, k_new, v_new, slots) -> PagedKV:
 def _kernel(
     layer_ref,  # [1] int32
     slots_ref,  # [N] int32
-    k_ref,  # [G, 2, g/2] block of [N, Hkv, G, 2, g/2]
+    k_ref,  # [heads, G, 2, g/2] block of [N, Hkv, G, 2, g/2]
     v_ref,
     *refs,  # 6 aliased pool inputs (unused), then the 6 outputs
     page: int,
@@ -109,7 +116,9 @@ def _kernel(
     interpret: bool,
 ):
     k_out, v_out, ks_out, kz_out, vs_out, vz_out = refs[6:]
-    n, h = pl.program_id(0), pl.program_id(1)
+    n = pl.program_id(0)
+    heads = k_ref.shape[0]
+    h = pl.ds(pl.program_id(1) * heads, heads)
     slot = slots_ref[n]
     layer = layer_ref[0]
     ok = (slot >= 0) & (slot < num_pages * page) & (layer >= 0) & (layer < num_layers)
@@ -122,18 +131,18 @@ def _kernel(
             (k_ref, k_out, ks_out, kz_out, False),
             (v_ref, v_out, vs_out, vz_out, True),  # V pages transposed: token axis last
         ):
-            x = x_ref[...].astype(jnp.float32)  # [G, 2, half]
-            hi = jnp.maximum(jnp.max(jnp.max(x, axis=2), axis=1), 0.0)  # [G]
-            lo = jnp.minimum(jnp.min(jnp.min(x, axis=2), axis=1), 0.0)
+            x = x_ref[...].astype(jnp.float32)  # [heads, G, 2, half]
+            hi = jnp.maximum(jnp.max(jnp.max(x, axis=3), axis=2), 0.0)  # [heads, G]
+            lo = jnp.minimum(jnp.min(jnp.min(x, axis=3), axis=2), 0.0)
             rng = hi - lo
             scale = jnp.where(rng > 0, rng * np.float32(1.0 / _LEVELS), 1.0)
             inv = _div_rn(jnp.ones_like(scale), scale, interpret)
             zero = jnp.clip(_round_even(-lo * inv, interpret), 0.0, float(_LEVELS))
-            q = _round_even(x * inv[:, None, None], interpret) + zero[:, None, None]
+            q = _round_even(x * inv[:, :, None, None], interpret) + zero[:, :, None, None]
             q = jnp.clip(q, 0.0, float(_LEVELS))
             # byte = low half + 16 * high half (exact small integers in f32)
-            weight = jnp.where(jax.lax.broadcasted_iota(jnp.int32, x.shape, 1) == 0, 1.0, 16.0)
-            byte = jnp.sum(q * weight, axis=1).astype(jnp.int32).astype(jnp.uint8)  # [G, half]
+            weight = jnp.where(jax.lax.broadcasted_iota(jnp.int32, x.shape, 2) == 0, 1.0, 16.0)
+            byte = jnp.sum(q * weight, axis=2).astype(jnp.int32).astype(jnp.uint8)  # [heads,G,half]
             if transposed:
                 p_out[layer, pg, h, :, :, off] = byte
             else:
@@ -155,7 +164,8 @@ def kv4_write(kv: PagedKV, layer, k_new, v_new, slots, *, interpret: bool = Fals
     half = d // g_count // 2
     # Bitcast views: a token-head's channels as [G, 2, g/2] (group, nibble half, byte), its
     # packed bytes as [G, g/2] (V: [G, g/2, page] per page); reshaped back after the call (no
-    # copies).
+    # copies). A program takes all the token's heads when Hkv is a power of two.
+    heads = hkv if hkv & (hkv - 1) == 0 else 1
     split = (n, hkv, g_count, 2, half)
     packed = (num_layers, num_pages, hkv, page, g_count, half)
     packed_v = (num_layers, num_pages, hkv, g_count, half, page)
@@ -163,7 +173,7 @@ def kv4_write(kv: PagedKV, layer, k_new, v_new, slots, *, interpret: bool = Fals
     pools = [kv.k.reshape(packed), kv.v.reshape(packed_v), kv.k_scale, kv.k_zero]
     pools += [kv.v_scale, kv.v_zero]
     whole = pl.no_block_spec
-    x_spec = pl.BlockSpec((None, None, g_count, 2, half), lambda i, j: (i, j, 0, 0, 0))
+    x_spec = pl.BlockSpec((None, heads, g_count, 2, half), lambda i, j: (i, j, 0, 0, 0))
     kernel = functools.partial(
         _kernel, page=page, num_pages=num_pages, num_layers=num_layers, interpret=interpret
     )
@@ -174,7 +184,7 @@ def kv4_write(kv: PagedKV, layer, k_new, v_new, slots, *, interpret: bool = Fals
         compiler_params = plgpu.CompilerParams(num_warps=1, num_stages=1)
     outs = pl.pallas_call(
         kernel,
-        grid=(n, hkv),
+        grid=(n, hkv // heads),
         in_specs=[whole, whole, x_spec, x_spec] + [whole] * 6,
         out_specs=[whole] * 6,
         out_shape=[jax.ShapeDtypeStruct(p.shape, p.dtype) for p in pools],

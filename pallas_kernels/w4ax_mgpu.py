@@ -59,6 +59,7 @@ from pallas_kernels.w4ax_matmul import DEFAULT_TILE_K, unpack_int4_x16_tiles, va
 
 BLOCK_NS = (64, 128)  # MgpuConfig.block_n: wgmma's N per tile
 ROWS_PER_WG = (64, 128)  # MgpuConfig.rows_per_wg: one or two 64-row wgmma M blocks
+OUT_ROW_TILE = 8  # rows of the epilogue's TMA store tiling: output rows come in multiples of it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,14 +102,20 @@ def _num_sms() -> int:
     return getattr(jax.devices()[0], "core_count", 132)
 
 
-def segment_matmul(x_u, r4, r8, w_u, ws, bias, *, k4, cfg, out_dtype, tile_k=128):
+def segment_matmul(x_u, r4, r8, w_u, ws, bias, *, k4, cfg, out_dtype, tile_k=128, out_rows=None):
     """The kernel on unpacked operands (module docstring): ``y = (acc4 * r4[m] + acc8 * r8[m])
     * ws[n] (+ bias[n])`` with ``acc4`` over the first ``k4`` channels, ``acc8`` over the rest.
 
     x_u: [Mp, K] int8, r4 / r8: [Mp] f32, w_u: [N, K] int8 (K contiguous), ws: [N] f32,
-    bias: [N] f32 or None -> [Mp, N] out_dtype. Mp a multiple of ``cfg.block_m``, N of
+    bias: [N] f32 or None -> [out_rows, N] out_dtype. Mp a multiple of ``cfg.block_m``, N of
     ``cfg.block_n``, k4 and K of ``tile_k``. With ``k4 = 0`` it is a plain int8 GEMM with a
-    per-row and a per-column scale."""
+    per-row and a per-column scale. ``out_rows`` (default Mp; a multiple of 8, the TMA
+    store's row tiling, in ``[cfg.block_m, Mp]``): the output has only the first ``out_rows``
+    rows; the TMA stores of the last row tile skip the rows past them (the hardware drops
+    out-of-bounds elements), so the caller needs no ``y[:m]`` slice, which XLA materializes
+    as a copy wherever the output feeds another custom call (the gate / up outputs into
+    ``act_quant(gate=)``: the 1.39 ms of ``memcpy128`` in the batch-1214 decode step of the
+    LLaMA-3-8B engine, run 61)."""
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
@@ -124,6 +131,11 @@ def segment_matmul(x_u, r4, r8, w_u, ws, bias, *, k4, cfg, out_dtype, tile_k=128
     if mp % cta_m or n % bn or k4 % tk or k % tk:
         raise ValueError(
             f"M={mp}, N={n}, K4={k4}, K={k}: want multiples of {cta_m}, {bn}, {tk}, {tk}"
+        )
+    out_rows = mp if out_rows is None else out_rows
+    if not cta_m <= out_rows <= mp or out_rows % OUT_ROW_TILE:
+        raise ValueError(
+            f"out_rows={out_rows} must be a multiple of {OUT_ROW_TILE} in [{cta_m}, M={mp}]"
         )
     m_tiles, n_tiles = mp // cta_m, n // bn
     k4_steps, k_steps = k4 // tk, k // tk
@@ -318,7 +330,7 @@ def segment_matmul(x_u, r4, r8, w_u, ws, bias, *, k4, cfg, out_dtype, tile_k=128
     args = [x_u, r4, r8, w_u, ws] + ([bias] if has_bias else [])
     return plgpu.kernel(
         kernel,
-        out_type=jax.ShapeDtypeStruct((mp, n), out_dtype),
+        out_type=jax.ShapeDtypeStruct((out_rows, n), out_dtype),
         grid=(_num_sms(),),
         grid_names=("sm",),
         num_threads=3,
@@ -383,11 +395,14 @@ def _on_unpacked(x_u, x_scales, w_packed, w_scales, bias, *, m, k4, tile_k, out_
     # [N, K] int8, unless the kernel unpacks the packed tiles itself (smem_unpack)
     w_u = w_packed if cfg.smem_unpack else unpack_int4_x16_tiles(w_packed, tile_k)
     b = None if bias is None else bias.astype(jnp.float32)
+    # The output stops at m rows rounded up to the TMA row tiling (segment_matmul's
+    # out_rows): with m a multiple of 8 (and at least one row tile) no slice is left.
+    out_rows = max(-(-m // OUT_ROW_TILE) * OUT_ROW_TILE, cfg.block_m)
     y = segment_matmul(
         x_u, r4, r8, w_u, w_scales.astype(jnp.float32), b,
-        k4=k4, tile_k=tile_k, cfg=cfg, out_dtype=out_dtype,
+        k4=k4, tile_k=tile_k, cfg=cfg, out_dtype=out_dtype, out_rows=out_rows,
     )  # fmt: skip
-    return y[:m]
+    return y if out_rows == m else y[:m]
 
 
 def w4ax_matmul_mgpu(

@@ -116,3 +116,17 @@ def test_smoke_swiglu_study(tmp_path):
     assert row["fused_vs_unfused_elements"] == 0
     [md] = tmp_path.glob("gemm_*.md")
     assert "SwiGLU + act_quant" in md.read_text() and "gather order" in md.read_text()
+
+
+def test_smoke_out_rows_and_act_quant_launch_studies(tmp_path):
+    """--out-rows: the engine's large-M path checked against the reference (every element
+    within tolerance) with its output shape; --act-quant-launch: every launch variant's
+    bytes equal the default launch's, and each is timed."""
+    _, res = _smoke(tmp_path, "--out-rows", "--act-quant-launch")
+    [row] = res["out_rows"]
+    assert row["bad"] == 0 and row["shape"] == [row["m"], row["n"]] and row["us"] > 0
+    assert len(res["act_quant_launch"]) == 2
+    for r in res["act_quant_launch"]:
+        variants = [k[: -len("_us")] for k in r if k.startswith("bm") and k.endswith("_us")]
+        assert len(variants) == 2
+        assert all(r[f"{v}_mismatch"] == [0, 0] for v in variants)

@@ -120,6 +120,14 @@ def test_max_batch_as_memory_allows(bench, tmp_path):
         assert r["requests"] == 10 and r["preemptions"] == 0
         assert r["output_tokens"] == 10 * r["output_len"]
     assert row["max_throughput"][0]["batch_reached"] == 10
+    # The last decode bucket: the batch rounded up to --decode-row-align (8 by default).
+    decode = sorted(int(k.split("x")[0]) for k in row["step_memory"]["shapes"] if "x1x" in k)
+    assert decode == [8, 16]
+    assert bench.main(argv + ["--max-batch", "memory", "--requests", "batch",
+                              "--decode-row-align", "1"]) == 0  # fmt: skip
+    [row] = json.loads(out.read_text())["results"]
+    decode = sorted(int(k.split("x")[0]) for k in row["step_memory"]["shapes"] if "x1x" in k)
+    assert decode == [8, 10] and row["max_throughput"][0]["batch_reached"] == 10
     # --max-batch-cap caps the batch memory allows (each decode bucket is a compiled shape).
     assert (
         bench.main(argv + ["--max-batch", "memory", "--requests", "batch", "--max-batch-cap", "6"])

@@ -86,6 +86,27 @@ def test_w4ax_mgpu_gemm_lowers(m, k4, k8, bias, fields):
     assert "mosaic_gpu" in text and "triton" not in text
 
 
+@pytest.mark.parametrize("m,sliced", [(296, False), (300, True), (64, True)])
+def test_w4ax_mgpu_output_has_the_real_rows(m, sliced):
+    """The Mosaic GPU kernel writes an [m, N] output when m is a multiple of 8 (and at least
+    one 128-row tile): the last row tile's TMA stores skip the rows past m, and no slice
+    (which XLA would turn into a copy in front of a Pallas consumer) follows the call; other
+    m get the rows rounded up to 8 (or one tile), then a slice."""
+    from pallas_kernels.w4ax_mgpu import MgpuConfig, w4ax_matmul_mgpu
+
+    fn = functools.partial(w4ax_matmul_mgpu, config=MgpuConfig())
+    text = (
+        jax.jit(fn)
+        .trace(*_gemm_args(m, 256, 384, 128))
+        .lower(lowering_platforms=("cuda",))
+        .as_text()
+    )
+    out = -(-m // 8) * 8 if m >= 128 else 128
+    [call] = [line for line in text.splitlines() if "custom_call @mosaic_gpu" in line]
+    assert call.endswith(f"-> tensor<{out}x256xbf16>")
+    assert (f"[0:{m}, 0:256] : (tensor<{out}x256xbf16>)" in text) == sliced
+
+
 def test_w4ax_mgpu_config_routes_through_w4ax_matmul():
     """A GemmConfig with backend "mgpu" reaches the Mosaic GPU kernel through w4ax_matmul;
     with group scales, which that kernel does not take, the Triton kernel."""

@@ -183,6 +183,24 @@ def test_pack_buckets_same_tokens_fewer_rows(model, sync_engine):
         dataclasses.replace(CFG, pack_buckets=(8, 16))
 
 
+def test_decode_bucket_past_max_batch_pads_rows(model, sync_engine):
+    """The last decode bucket may exceed max_batch (padding rows, so that the decode batch
+    rows can be a multiple of the Mosaic GPU GEMM's output row tile): max_batch 3 decoding
+    in a 4-row bucket gives the same tokens as the 4-row engine; a second bucket at or past
+    the limit, or a last one below it, is an error."""
+    cfg = dataclasses.replace(CFG, max_batch=3, decode_buckets=(2, 4))
+    eng = LLMEngine.build(*model, cfg, progress=False)
+    assert [s[0] for s in eng.bucket_shapes() if s[1] == 1] == [2, 4]
+    ps = prompts(11, [5, 9, 21, 3, 14])
+    want = sync_engine.generate(ps, GREEDY)
+    got = eng.generate(ps, GREEDY)
+    assert [g["token_ids"] for g in got] == [w["token_ids"] for w in want]
+    assert eng.allocator.num_used == 0
+    for bad in ((2,), (3, 4), (4, 8)):
+        with pytest.raises(ValueError, match="decode_buckets=.*one bucket >= the limit 3"):
+            dataclasses.replace(cfg, decode_buckets=bad)
+
+
 def test_no_recompilation_after_warmup(engine):
     compiles = count_backend_compiles()
     before = engine.runner.num_compilations

@@ -32,14 +32,24 @@ def _pow2_buckets(limit: int, start: int = 1) -> tuple[int, ...]:
     return tuple(out)
 
 
-def _check_buckets(name: str, buckets: tuple[int, ...] | None, limit: int) -> None:
+def _check_buckets(
+    name: str, buckets: tuple[int, ...] | None, limit: int, pad_above: bool = False
+) -> None:
+    """``pad_above``: the last bucket may exceed the limit (its rows past it are padding);
+    only the last may reach it."""
     if buckets is None:
         return
     if not buckets or any(not isinstance(b, int) or b <= 0 for b in buckets):
         raise ValueError(f"{name}={buckets!r}; expected a non-empty tuple of positive ints")
     if tuple(sorted(set(buckets))) != tuple(buckets):
         raise ValueError(f"{name}={buckets!r} must be strictly increasing")
-    if buckets[-1] != limit:
+    if pad_above:
+        if buckets[-1] < limit or (len(buckets) > 1 and buckets[-2] >= limit):
+            raise ValueError(
+                f"{name}={buckets!r} must end with one bucket >= the limit {limit} (the "
+                "buckets before it below the limit)"
+            )
+    elif buckets[-1] != limit:
         raise ValueError(f"{name}={buckets!r} must end with the limit {limit}")
 
 
@@ -96,6 +106,10 @@ class EngineConfig:
       compute_dtype: 'bfloat16' | 'float32' activations.
       decode_buckets, prefill_batch_buckets, chunk_buckets, page_buckets: shape buckets (None:
         powers of two up to the limit; pages: a single bucket, the max pages per sequence).
+        Each list ends with its limit, except decode_buckets, whose last bucket may exceed
+        max_batch (padding rows): a decode batch of rows that are a multiple of 8 lets the
+        Mosaic GPU W4Ax GEMM write its outputs without a slice (w4ax_mgpu.OUT_ROW_TILE;
+        `bench_throughput.py --decode-row-align`).
       kernels: 'auto' (Pallas on GPU or with interpret, jnp reference/simulation on CPU) |
         'pallas' | 'reference'.
       interpret: run Pallas kernels in interpret mode (CPU; slow, for testing kernels).
@@ -262,7 +276,7 @@ class EngineConfig:
             v = getattr(self, name)
             if v is not None and not isinstance(v, tuple):
                 object.__setattr__(self, name, tuple(v))
-        _check_buckets("decode_buckets", self.decode_buckets, self.max_batch)
+        _check_buckets("decode_buckets", self.decode_buckets, self.max_batch, pad_above=True)
         _check_buckets("prefill_batch_buckets", self.prefill_batch_buckets, self.max_prefill_seqs)
         _check_buckets("chunk_buckets", self.chunk_buckets, self.max_tokens_per_step)
         _check_buckets("page_buckets", self.page_buckets, self.max_pages_per_seq)
