@@ -33,6 +33,10 @@ import numpy as np
 from pallas_kernels import kv4_attention as A
 
 HQ, HKV, D = 32, 8, 128
+# --engine-shape at the engine's batch 1214 builds a 57 GB pool: XLA's default preallocation
+# (75% of the device) ran out of memory building it (2026-11-27, docs/benchmarks.md); take
+# the serving benchmark's share unless the caller set one. Before the first device use.
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")
 OUT = os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results")
 FOCUS = "--focus" in sys.argv
 # Single-study modes: flag -> (output name, function name); the flag's study runs alone.
@@ -384,7 +388,15 @@ def prefill_study(key):
         save()
 
 
-ENGINE_SHAPE = dict(batch=256, seq_lo=1024, seq_hi=1536, layers=32, layer=5)
+ENGINE_SHAPE = dict(batch=256, seq_lo=1024, seq_hi=1536, layers=32, layer=5, launch=False)
+# --engine-launch: case (c) alone, the default launch against these (tag, kernel kwargs)
+ENGINE_LAUNCH_VARIANTS = (
+    ("warps4_", dict(num_warps=4)),
+    ("stages3_", dict(num_stages=3)),
+    ("stages4_", dict(num_stages=4)),
+    ("stages6_", dict(num_stages=6)),
+    ("block256_", dict(block_k=256)),
+)
 
 
 def engine_shape_study(key):
@@ -397,7 +409,8 @@ def engine_shape_study(key):
     Each case also times the two-loop kernel (``one_loop=False``, the structure before
     2026-11-26), and (b) flash-decoding splits 2-4 (the default is one split at B = 256);
     (d) is (c) with the rows sorted longest first (programs launch batch-row fastest, so the
-    grid's last programs are the shortest)."""
+    grid's last programs are the shortest). ``--engine-launch``: case (c) alone, the default
+    launch against ``ENGINE_LAUNCH_VARIANTS`` (warps, pipeline stages, keys per step)."""
     e = ENGINE_SHAPE
     b, page = e["batch"], 128
     mp = -(-e["seq_hi"] // page)
@@ -406,12 +419,15 @@ def engine_shape_study(key):
     uniform = np.full(b, (e["seq_lo"] + e["seq_hi"]) // 2, np.int32)  # 1280
     q = jax.random.normal(jax.random.fold_in(key, 1), (b, HQ, D), jnp.bfloat16)
     longest_first = np.sort(ragged)[::-1].copy()  # the engine's decode row order
-    for name, layers, layer, lens in (
+    cases = (
         (f"one layer, S = {uniform[0]}", 1, 0, uniform),
         ("one layer, ragged S", 1, 0, ragged),
         (f"{e['layers']} layers, ragged S", e["layers"], e["layer"], ragged),
         (f"{e['layers']} layers, ragged S, longest first", e["layers"], e["layer"], longest_first),
-    ):
+    )
+    if e["launch"]:
+        cases = cases[2:3]
+    for name, layers, layer, lens in cases:
         pages = b * mp + 1
         row = dict(case=name, B=b, layers=layers, pages=pages, mean_S=float(lens.mean()))
         kv = None  # the previous case's pool goes before this one is built (B = 1214: 60 GB)
@@ -429,11 +445,15 @@ def engine_shape_study(key):
                 ("two_loops_", dict(one_loop=False)),
                 ("q_padded_", dict(q_tiled=False)),
             ]
+            if e["launch"]:
+                variants = [("", {}), *ENGINE_LAUNCH_VARIANTS, ("", {})]  # default twice
             if layers == 1 and lens is ragged:  # the last wave: 2048 programs on 660 slots
                 variants += [(f"splits{n}_", dict(num_splits=n)) for n in (2, 3, 4)]
             for tag, var in variants:
                 fn = jax.jit(functools.partial(A.paged_decode_attention, layer=layer, **var))
                 t = bench(fn, [(q, kv, table, lens_j)])  # pools of 0.2-6.4 GB: no L2 reuse
+                if e["launch"] and f"{tag}us" in row:  # the default's second timing
+                    tag = "again_"
                 row.update({f"{tag}us": t * 1e6, f"{tag}gbps": nbytes / t / 1e9})
         except Exception as e_:
             row["error"] = repr(e_)[:300]
@@ -733,6 +753,12 @@ def main():
         help="--engine-shape's batch (the 8B W4AxKV4 engine at 1024/512 runs 1214)",
     )
     ap.add_argument(
+        "--engine-launch",
+        action="store_true",
+        help="with --engine-shape: only the 32-layer ragged case, default launch vs warps / "
+        "stages / keys-per-step variants",
+    )
+    ap.add_argument(
         "--stages-study",
         action="store_true",
         help="only decode / prefill time by Triton pipeline stages (default_stages)",
@@ -751,6 +777,7 @@ def main():
     if args.engine_batch < 1:
         raise SystemExit(f"--engine-batch={args.engine_batch} must be >= 1")
     ENGINE_SHAPE["batch"] = args.engine_batch
+    ENGINE_SHAPE["launch"] = args.engine_launch
     if args.focus:
         global PREFILL_SHAPES
         PREFILL_SHAPES = [(1, 2048, 0), (1, 8192, 0), (8, 1024, 0), (4, 512, 4096)]

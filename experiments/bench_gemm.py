@@ -529,7 +529,7 @@ def out_rows_study(results, deadline, ms=None):
         log(f"out_rows {json.dumps(row)}")
 
 
-def act_quant_launch_study(results, deadline, m=8192):
+def act_quant_launch_study(results, deadline, m=8192, only_gated=False):
     """act_quant's launch (rows per program x warps) at prefill M in the unpacked layout the
     engine uses there, on the LLaMA-3-8B inputs: the attention / MLP inputs (K = 4096, FMPQ
     permutation, RMSNorm), the o projection's input (K = 4096, permutation, no norm) and the
@@ -540,6 +540,8 @@ def act_quant_launch_study(results, deadline, m=8192):
     cases = [(4096, 3072, True, True, False), (4096, 3072, True, False, False),
              (14336, 10752, False, False, True)]  # fmt: skip
     variants = [(bm, w) for bm in (1, 2, 4, 8) for w in (4, 8, 16)]
+    if only_gated:  # after the first run: bm 4 / 8 were 1.3-2x slower at K = 4096
+        cases, variants = cases[2:], [(bm, w) for bm in (1, 2) for w in (4, 8, 16)]
     if SMOKE:
         m, cases, variants = (
             40,
@@ -566,10 +568,8 @@ def act_quant_launch_study(results, deadline, m=8192):
             return act_quant(a[0], gate=a[1] if len(a) > 1 else None, **kw, **launch)
 
         row = dict(m=m, k=k, k4=k4, permuted=permuted, norm=norm, gated=gated)
-        row["default_launch"] = [
-            aq_mod.default_rows_per_program(m, k), aq_mod.default_num_warps(
-                aq_mod.default_rows_per_program(m, k), k)
-        ]  # fmt: skip
+        bm0 = aq_mod.default_rows_per_program(m, k, "unpacked")
+        row["default_launch"] = [bm0, aq_mod.default_num_warps(bm0, k)]
         base = call(*args)
         row["default_us"] = tuning.time_fn(call, [args]) * 1e6
         row["bytes_moved_mb"] = (m * k * (2 * len(args) + 1)) / 1e6
@@ -1438,6 +1438,11 @@ def main(argv=None):
         action="store_true",
         help="act_quant rows per program x warps at M = 8192, unpacked layout (bytes checked)",
     )
+    ap.add_argument(
+        "--act-quant-launch-gated",
+        action="store_true",
+        help="--act-quant-launch on the SwiGLU input (K = 14336) alone, 1-2 rows per program",
+    )
     ap.add_argument("--timing-study", action="store_true", help="old vs device timing")
     ap.add_argument("--act-quant", action="store_true", help="act_quant kernel vs XLA")
     ap.add_argument(
@@ -1524,8 +1529,8 @@ def main(argv=None):
         if args.out_rows:
             out_rows_study(results, deadline, ms=args.study_ms)
             save()
-        if args.act_quant_launch:
-            act_quant_launch_study(results, deadline)
+        if args.act_quant_launch or args.act_quant_launch_gated:
+            act_quant_launch_study(results, deadline, only_gated=args.act_quant_launch_gated)
             save()
         for flag, study in (
             ("unpacked", unpacked_study),

@@ -18,14 +18,15 @@ engine, measured in the same run.
     python experiments/bench_throughput.py --preset llama3-8b              # GPU
     python experiments/bench_throughput.py --preset llama3-70b --precisions w4axkv4,bf16
     python experiments/bench_throughput.py --tiny                           # CPU smoke run
-    # docs/benchmarks.md runs 54 and 59 (2.04x, 2.09x), one process per precision (bf16
-    # ran without --pack-buckets; its decode buckets stop below its batch, 277, either way):
+    # docs/benchmarks.md run 65 (2.20x), one process per precision (bf16 ran without
+    # --pack-buckets; its decode buckets stop below its batch, 277, either way); runs 54 and
+    # 59 (2.04x, 2.09x): the same without --schedule prefill_first:
     python experiments/bench_throughput.py --precisions w4axkv4 --max-batch memory \
         --requests batch --workloads 1024/512 --fixed-batches= --memory-fraction 0.9 \
         --max-tokens-per-step 8192 --max-prefill-seqs 8 --prefill-batch-buckets 1,8 \
-        --chunk-buckets 1024,8192 --modes async --kernels pallas \
+        --chunk-buckets 1024,8192 --modes async --kernels pallas --schedule prefill_first \
         --decode-buckets 4,8,16,32,64,128,256,384,512,640,768,896,1024 \
-        --pack-buckets 1024,2048,3072,4096,5120,6144,7168,8192
+        --pack-buckets 1024,2048,3072,4096,5120,6144,7168,8192 --compile-workers 4
     # runs 51 and 55 (128/128, 1.60x): --workloads 128/128 --max-batch-cap 8192
     #   --max-prefill-seqs 64 --prefill-batch-buckets 1,16,32,64 --chunk-buckets 128,8192
     #   --decode-buckets 4,8,16,32,64,128,256,512,1024,2048,3072,4096,5120

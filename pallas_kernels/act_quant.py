@@ -382,9 +382,13 @@ def kernel_order(perm, k4: int, tile_k: int):
     return np.concatenate([lo, lo + h, np.arange(k4, k)]).astype(np.int32)
 
 
-def default_rows_per_program(m: int, k: int) -> int:
-    """Rows per program: 1 for decode (more programs), up to 4 when M is large and K small."""
-    if m < 256:
+def default_rows_per_program(m: int, k: int, layout: str = "packed") -> int:
+    """Rows per program: 1 for decode (more programs), up to 4 when M is large and K small in
+    the packed layout; always 1 in the unpacked layout (the engine's from M = 257 up): at
+    M = 8192, K = 4096 on the H100 one row a program took 117 / 99 us (RMSNorm / none,
+    FMPQ permutation) against 170 / 131 us for two, the previous default, and 178-281 us for
+    four or eight (``bench_gemm.py --act-quant-launch``, docs/benchmarks.md 2026-11-27)."""
+    if m < 256 or layout == "unpacked":
         return 1
     return max(1, min(4, 8192 // k))
 
@@ -516,7 +520,7 @@ def act_quant(
     """
     m, k = validate_args(x, perm, k4, norm_weight, clip4, clip8, tile_k, gate)
     _check_layout(layout, row_align)
-    bm = rows_per_program or default_rows_per_program(m, k)
+    bm = rows_per_program or default_rows_per_program(m, k, layout)
     if bm < 1 or bm & (bm - 1):
         raise ValueError(f"rows_per_program={bm} must be a power of two >= 1")
     num_warps = num_warps or default_num_warps(bm, k)
