@@ -19,10 +19,12 @@ and stores the bytes and the f16 scale/zero straight into the pool arrays, which
 and out aliased (updated in place under a donating jit). Slot ``-1``, slots past the pool and
 a layer out of range write nothing (the reference drops them the same way).
 
-Why a token's heads share a program: with one program per (token, KV head) the call was
-launch- and latency-bound, not byte-bound: 42 us per layer for the 1214 tokens of a
-LLaMA-3-8B decode step (1.35 ms of the 48.7 ms step) and 104 us for an 8192-token prefill
-step (3.3 ms of 108), H100 trace of run 61 (docs/benchmarks.md), for a few MB of traffic.
+Why a token's heads share a program: with one program per (token, KV head) the call took
+42 us per layer for the 1214 tokens of a LLaMA-3-8B decode step (1.35 ms of the 48.7 ms step)
+and 104 us for an 8192-token prefill step (3.3 ms of 108), H100 trace of run 61, for a few MB
+of traffic. Per token: 1.30 and 2.64 ms (run 64, docs/benchmarks.md). The grid was not what
+limits the decode call; what does is not measured (each token's V bytes are single-byte
+stores into 64 rows of the transposed page).
 
 Bit-exactness: interpret mode on the CPU equals the reference bytes and scales exactly
 (tests). On the GPU the kernel uses ``div.rn.f32`` and ``cvt.rni`` as
