@@ -415,6 +415,20 @@ def gather_study(results, deadline):
         log(f"gather {json.dumps(row)}")
 
 
+def _gemm_input_cases(name, cases, seed, deadline):
+    """Per ``(m, n, k)`` case until ``deadline``: ``(m, n, k, k8, key, x, perm)`` with 25%
+    INT8 channels, random bf16 activations ``x [m, k]`` and a random FMPQ permutation."""
+    key = jax.random.PRNGKey(seed)
+    for i, (m, n, k) in enumerate(cases):
+        if time.time() > deadline:
+            log(f"{name}: budget reached before {m}x{n}x{k}")
+            return
+        kx = jax.random.fold_in(key, i)
+        x = (jax.random.normal(kx, (m, k), jnp.float32) * 2).astype(jnp.bfloat16)
+        perm = jax.random.permutation(jax.random.fold_in(kx, 1), k).astype(jnp.int32)
+        yield m, n, k, tuning.int8_fraction_k8(k, 0.25), kx, x, perm
+
+
 def unpacked_study(results, deadline):
     """Activations into the GEMM: act_quant's packed layout + the GEMM wrapper's XLA unpack /
     concat / row pad (the engine until now) against act_quant writing the unpacked operand
@@ -428,16 +442,8 @@ def unpacked_study(results, deadline):
     cases = [(m, n, k) for m in (512, 1214, 8192) for n, k in shapes]
     if SMOKE:
         cases = [(300, 64, 256)]
-    key = jax.random.PRNGKey(21)
-    for i, (m, n, k) in enumerate(cases):
-        if time.time() > deadline:
-            log(f"unpacked: budget reached before {m}x{n}x{k}")
-            break
-        k8 = tuning.int8_fraction_k8(k, 0.25)
+    for m, n, k, k8, kx, x, perm in _gemm_input_cases("unpacked", cases, 21, deadline):
         k4 = k - k8
-        kx = jax.random.fold_in(key, i)
-        x = (jax.random.normal(kx, (m, k), jnp.float32) * 2).astype(jnp.bfloat16)
-        perm = jax.random.permutation(jax.random.fold_in(kx, 1), k).astype(jnp.int32)
         norm = k == 4096  # the norm-fused inputs (qkv, gate/up) are 4096 wide in the 8B
         w = jax.random.uniform(jax.random.fold_in(kx, 2), (k,), jnp.float32, 0.5, 1.5)
         w = w if norm else None
@@ -493,16 +499,8 @@ def out_rows_study(results, deadline, ms=None):
     cases = [(m, n, k) for m in (ms or (1216, 1214)) for n, k in shapes]
     if SMOKE:
         cases = [(300, 64, 256)]
-    key = jax.random.PRNGKey(23)
-    for i, (m, n, k) in enumerate(cases):
-        if time.time() > deadline:
-            log(f"out_rows: budget reached before {m}x{n}x{k}")
-            break
-        k8 = tuning.int8_fraction_k8(k, 0.25)
+    for m, n, k, k8, kx, x, perm in _gemm_input_cases("out_rows", cases, 23, deadline):
         k4 = k - k8
-        kx = jax.random.fold_in(key, i)
-        x = (jax.random.normal(kx, (m, k), jnp.float32) * 2).astype(jnp.bfloat16)
-        perm = jax.random.permutation(jax.random.fold_in(kx, 1), k).astype(jnp.int32)
         aq = functools.partial(act_quant, perm=perm, k4=k4, interpret=SMOKE)
         row = dict(m=m, n=n, k=k, k8=k8, config=tuning.get_config(m, n, k, k8).to_dict())
         try:
