@@ -429,6 +429,25 @@ def _gemm_input_cases(name, cases, seed, deadline):
         yield m, n, k, tuning.int8_fraction_k8(k, 0.25), kx, x, perm
 
 
+def _engine_gemm(aq, k4, m):
+    """``f(x, w_packed, w_scales)``: the engine's large-M path, act_quant (``aq``) writing
+    the unpacked operand into ``w4ax_matmul_unpacked`` with ``m`` real rows."""
+
+    def f(x, wp, ws):
+        x_u, xs = aq(x, layout="unpacked", row_align=UNPACKED_ROW_ALIGN)
+        return w4ax_matmul_unpacked(x_u, xs, wp, ws, k4=k4, m=m, interpret=SMOKE)
+
+    return f
+
+
+def _weight_sets(kx, x, n, k, k8, m):
+    """``(x, w_packed, w_scales)`` argument sets over enough weight copies to rotate L2."""
+    return [
+        (x, *tuning.random_operands(jax.random.fold_in(kx, 10 + j), 1, n, k, k8)[3:])
+        for j in range(n_copies(n * k // 2, m))
+    ]
+
+
 def unpacked_study(results, deadline):
     """Activations into the GEMM: act_quant's packed layout + the GEMM wrapper's XLA unpack /
     concat / row pad (the engine until now) against act_quant writing the unpacked operand
@@ -458,14 +477,8 @@ def unpacked_study(results, deadline):
             def packed(x, wp, ws, aq=aq):
                 return w4ax_matmul(*aq(x), wp, ws, interpret=SMOKE)
 
-            def unpacked(x, wp, ws, aq=aq, k4=k4, m=m):
-                x_u, xs = aq(x, layout="unpacked", row_align=UNPACKED_ROW_ALIGN)
-                return w4ax_matmul_unpacked(x_u, xs, wp, ws, k4=k4, m=m, interpret=SMOKE)
-
-            sets = [
-                (x, *tuning.random_operands(jax.random.fold_in(kx, 10 + j), 1, n, k, k8)[3:])
-                for j in range(n_copies(n * k // 2, m))
-            ]
+            unpacked = _engine_gemm(aq, k4, m)
+            sets = _weight_sets(kx, x, n, k, k8, m)
             y_p, y_u = packed(*sets[0]), unpacked(*sets[0])
             ref = w4ax_matmul_reference(*packed_ops, *sets[0][1:])
             row["max_abs_diff"] = float(jnp.max(jnp.abs(y_p.astype(jnp.float32) - y_u)))
@@ -504,15 +517,8 @@ def out_rows_study(results, deadline, ms=None):
         aq = functools.partial(act_quant, perm=perm, k4=k4, interpret=SMOKE)
         row = dict(m=m, n=n, k=k, k8=k8, config=tuning.get_config(m, n, k, k8).to_dict())
         try:
-
-            def engine_path(x, wp, ws, aq=aq, k4=k4, m=m):
-                x_u, xs = aq(x, layout="unpacked", row_align=UNPACKED_ROW_ALIGN)
-                return w4ax_matmul_unpacked(x_u, xs, wp, ws, k4=k4, m=m, interpret=SMOKE)
-
-            sets = [
-                (x, *tuning.random_operands(jax.random.fold_in(kx, 10 + j), 1, n, k, k8)[3:])
-                for j in range(n_copies(n * k // 2, m))
-            ]
+            engine_path = _engine_gemm(aq, k4, m)
+            sets = _weight_sets(kx, x, n, k, k8, m)
             y = jax.jit(engine_path)(*sets[0])
             ref = np.asarray(w4ax_matmul_reference(*aq(x), *sets[0][1:], out_dtype=jnp.float32))
             tol = 2.0**-7 * (np.abs(ref) + np.sqrt(np.mean(ref**2)))
