@@ -48,6 +48,8 @@ import json
 import math
 import os
 import platform
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -155,14 +157,21 @@ def run_workload(
         engine.add_request(None, rng.integers(0, vocab, prompt_len).tolist(), params, on_output)
     batch_reached, decode_steps, step_i, traced = 0, 0, 0, []
     pending = list(windows or [])
+    steps_log = []  # (kind dispatched, step wall, wait) per untraced step
+    st = engine.stats
     while engine.has_unfinished():
         if pending and step_i == pending[0][0]:
             _, n_steps = pending.pop(0)
             path = keep if keep is None or not traced else f"{keep}.{len(traced)}"
             traced.append(trace_window(engine, n_steps, keep=path))
+            steps_log.append(("traced", 0.0, 0.0))  # breaks the wait attribution chain
             step_i += n_steps
             continue
+        calls0, wait0, ts = (st.decode_calls, st.prefill_calls), st.wait_time_s, time.perf_counter()
         engine.step()
+        wall_step = time.perf_counter() - ts
+        kind = STEP_KINDS[st.decode_calls > calls0[0], st.prefill_calls > calls0[1]]
+        steps_log.append((kind, wall_step, st.wait_time_s - wait0))
         step_i += 1
         batch_reached = max(batch_reached, len(engine.scheduler.running))
     wall = time.perf_counter() - t0
@@ -191,8 +200,107 @@ def run_workload(
         "wait_s": wait,
         "engine_overhead": host / max(host + dev, 1e-9),
         "preemptions": engine.scheduler.num_preemptions - preempt0,
+        "step_phases": step_phases(steps_log, engine.config.async_scheduling),
         **({"trace": traced[0] if single else traced} if trace is not None else {}),
     }
+
+
+class GpuMonitor:
+    """Samples the GPU's SM clock, power and temperature with ``nvidia-smi`` while a run goes
+    (``--gpu-monitor``): whether a sustained run holds the clocks that short traced windows
+    see. ``summary()``: per field the sample count, median, min and max (None when there is
+    no ``nvidia-smi``, e.g. on the CPU)."""
+
+    FIELDS = ("clocks.sm", "clocks.max.sm", "power.draw", "power.limit", "temperature.gpu")
+
+    def __init__(self, enabled: bool = True, period_ms: int = 250):
+        self.enabled, self.period_ms = enabled, period_ms
+        self._proc, self._lines = None, []
+
+    def __enter__(self):
+        exe = shutil.which("nvidia-smi") if self.enabled else None
+        if exe:
+            cmd = [exe, f"--query-gpu={','.join(self.FIELDS)}", "--format=csv,noheader,nounits"]
+            cmd += ["-i", "0", "-lms", str(self.period_ms)]
+            self._proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+        return self
+
+    def __exit__(self, *exc):
+        if self._proc is not None:
+            self._proc.terminate()
+            out, _ = self._proc.communicate(timeout=10)
+            self._lines = [ln for ln in out.splitlines() if ln.strip()]
+        return False
+
+    def summary(self) -> dict | None:
+        return parse_gpu_samples(self._lines, self.FIELDS) if self._proc is not None else None
+
+
+def parse_gpu_samples(lines: list[str], fields: tuple[str, ...]) -> dict:
+    """``nvidia-smi --format=csv,noheader,nounits`` lines -> {field: {samples, median, min,
+    max}}; values that are not numbers ("[N/A]") are skipped."""
+    cols: dict[str, list[float]] = {f: [] for f in fields}
+    for line in lines:
+        for f, v in zip(fields, (x.strip() for x in line.split(","))):
+            try:
+                cols[f].append(float(v))
+            except ValueError:
+                pass
+    return {
+        f: {
+            "samples": len(v),
+            "median": float(np.median(v)),
+            "min": float(np.min(v)),
+            "max": float(np.max(v)),
+        }
+        for f, v in cols.items()
+        if v
+    }
+
+
+# (decode call dispatched, prefill call dispatched) -> the step's kind
+STEP_KINDS = {
+    (True, False): "decode",
+    (False, True): "prefill",
+    (True, True): "mixed",
+    (False, False): "drain",
+}
+HOST_BOUND_WAIT_S = 0.5e-3  # a wait shorter than this: the device was done before the host
+
+
+def step_phases(log: list[tuple[str, float, float]], asynchronous: bool) -> dict:
+    """Untraced per-step timing by the kind of device work each step waited for.
+
+    ``log``: per ``engine.step()`` (kind of the call it dispatched, its wall time, the part of
+    it spent blocked on sampled tokens). With asynchronous scheduling a step waits for the
+    previous step's device work, so its wall time and wait are attributed to the previous
+    step's kind: in a device-bound steady state the step's wall time is that work's device
+    period (dispatch to dispatch, GPU idle included). ``host_bound`` counts steps whose wait
+    was under ``HOST_BOUND_WAIT_S`` (the device had finished before the host asked: the GPU
+    may have idled); ``host_ms`` is the median of wall - wait (the host's own work and
+    dispatch). Traced windows (kind "traced") and the first step are left out."""
+    out: dict[str, dict] = {}
+    for i, (kind, wall, wait) in enumerate(log):
+        waited_for = kind
+        if asynchronous:
+            waited_for = log[i - 1][0] if i else "traced"
+        if kind == "traced" or waited_for == "traced":
+            continue
+        out.setdefault(waited_for, []).append((wall, wait))
+    summary = {}
+    for kind, rows in out.items():
+        walls = np.array([w for w, _ in rows])
+        waits = np.array([q for _, q in rows])
+        summary[kind] = {
+            "steps": len(rows),
+            "wall_s": float(walls.sum()),
+            "median_ms": 1e3 * float(np.median(walls)),
+            "p90_ms": 1e3 * float(np.percentile(walls, 90)),
+            "median_wait_ms": 1e3 * float(np.median(waits)),
+            "host_ms": 1e3 * float(np.median(walls - waits)),
+            "host_bound": int((waits < HOST_BOUND_WAIT_S).sum()),
+        }
+    return summary
 
 
 # Kernel-name fragments -> category of the step-time breakdown (first match wins).
@@ -492,10 +600,13 @@ def _bench_engine(args, engine: LLMEngine, row: dict) -> dict:
             w = args.trace_window
             trace = tuple(w) if len(w) == 2 else [tuple(w[j : j + 2]) for j in range(0, len(w), 2)]
         keep = f"{os.path.splitext(args.out)[0]}_{row['precision']}_window.xplane.pb"
-        r = run_workload(
-            engine, row["requests"], pin, pout, seed=i, trace=trace,
-            keep=keep if args.keep_trace else None,
-        )  # fmt: skip
+        with GpuMonitor(args.gpu_monitor) as monitor:
+            r = run_workload(
+                engine, row["requests"], pin, pout, seed=i, trace=trace,
+                keep=keep if args.keep_trace else None,
+            )  # fmt: skip
+        if args.gpu_monitor:
+            r["gpu_monitor"] = monitor.summary()
         if trace is not None:
             print(json.dumps(r["trace"], indent=1), file=sys.stderr, flush=True)
         r["peak_mem_gib"] = (device_memory()[2] or 0) / 2**30
@@ -794,6 +905,12 @@ def parse_args(argv=None):
         "--keep-trace",
         action="store_true",
         help="write the decode profile's trace beside --out (<out>_<precision>_decode.xplane.pb)",
+    )
+    p.add_argument(
+        "--gpu-monitor",
+        action="store_true",
+        help="sample the GPU's SM clock, power and temperature (nvidia-smi, every 250 ms) "
+        "during each max-throughput run; summary under 'gpu_monitor' (null without nvidia-smi)",
     )
     p.add_argument("--out", default="bench_throughput.json")
     args = p.parse_args(argv)

@@ -71,6 +71,54 @@ def test_tiny_run_with_decode_profile(bench, tmp_path):
     assert (tmp_path / "r_bf16_async_decode.xplane.pb").stat().st_size > 0
     tput = row["max_throughput"][0]
     assert tput["output_tokens"] == tput["requests"] * tput["output_len"]
+    for r, skipped in zip(rows, (0, 1)):  # by the kind of work each step waited for
+        phases = r["max_throughput"][0]["step_phases"]  # (async: the previous step's)
+        assert {"prefill", "decode"} <= set(phases) and "drain" not in phases
+        steps = r["max_throughput"][0]["steps"]
+        assert sum(p["steps"] for p in phases.values()) == steps - skipped
+        for p in phases.values():
+            assert p["wall_s"] > 0 and p["median_ms"] > 0 and 0 <= p["host_bound"] <= p["steps"]
+
+
+def test_step_phases_attribute_waits_to_the_awaited_step(bench):
+    """Asynchronous: a step's wall and wait belong to the previous step's work; synchronous:
+    to its own. A traced window breaks the chain; waits under 0.5 ms count as host-bound."""
+    log = [
+        ("prefill", 0.010, 0.0),
+        ("prefill", 0.100, 0.090),
+        ("decode", 0.105, 0.095),
+        ("decode", 0.050, 0.0001),
+        ("traced", 0.0, 0.0),
+        ("decode", 0.040, 0.0),
+        ("decode", 0.048, 0.030),
+        ("drain", 0.047, 0.040),
+    ]
+    a = bench.step_phases(log, asynchronous=True)
+    assert set(a) == {"prefill", "decode"}
+    assert a["prefill"]["steps"] == 2 and a["prefill"]["host_bound"] == 0
+    assert a["prefill"]["wall_s"] == pytest.approx(0.205)
+    assert a["decode"]["steps"] == 3 and a["decode"]["host_bound"] == 1
+    assert a["decode"]["median_ms"] == pytest.approx(48.0)
+    assert a["decode"]["median_wait_ms"] == pytest.approx(30.0)
+    s = bench.step_phases(log, asynchronous=False)
+    assert s["prefill"]["steps"] == 2 and s["decode"]["steps"] == 4 and s["drain"]["steps"] == 1
+    assert s["decode"]["host_bound"] == 2 and s["prefill"]["host_bound"] == 1
+
+
+def test_gpu_monitor_samples_parse(bench):
+    """nvidia-smi CSV lines -> per-field statistics; "[N/A]" values are skipped; without
+    nvidia-smi (this machine) the monitor reports None instead of numbers."""
+    fields = ("clocks.sm", "power.draw")
+    lines = ["1980, 650.5", "1755, [N/A]", "1830, 700.0"]
+    got = bench.parse_gpu_samples(lines, fields)
+    assert got["clocks.sm"] == {"samples": 3, "median": 1830.0, "min": 1755.0, "max": 1980.0}
+    assert got["power.draw"]["samples"] == 2 and got["power.draw"]["max"] == 700.0
+    import shutil
+
+    if shutil.which("nvidia-smi") is None:
+        with bench.GpuMonitor() as mon:
+            pass
+        assert mon.summary() is None
 
 
 def test_trace_window_of_a_workload(bench, tmp_path):
