@@ -396,6 +396,8 @@ ENGINE_LAUNCH_VARIANTS = (
     ("stages4_", dict(num_stages=4)),
     ("stages6_", dict(num_stages=6)),
     ("block256_", dict(block_k=256)),
+    ("stages2_", dict(num_stages=2)),
+    ("warps4_stages3_", dict(num_warps=4, num_stages=3)),
 )
 
 

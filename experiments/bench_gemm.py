@@ -992,13 +992,32 @@ MGPU_CONFIGS = (  # MgpuConfig fields; 2026-11-26: 4 stages beat 3 by 7-11% at M
     dict(park_int8=True),
     dict(block_n=64, park_int8=True),
 )
-# The weights' INT4 tiles unpacked in shared memory by the kernel (no XLA int8 copy): 1.6-2.2x
-# slower than the schedules above with XLA's unpack included (2026-11-27); `--mgpu-smem-unpack`.
+# The weights' INT4 tiles unpacked in shared memory by the kernel (no XLA int8 copy);
+# `--mgpu-smem-unpack`. The byte-wise unpack (through int16) was 1.6-2.2x slower than the
+# schedules above with XLA's unpack included (2026-11-27); the kernel now unpacks int32 words.
 MGPU_SMEM_UNPACK_CONFIGS = (
     dict(rows_per_wg=128, stages=3, park_int8=True, smem_unpack=True),
+    dict(rows_per_wg=128, stages=4, park_int8=True, smem_unpack=True),
     dict(park_int8=True, smem_unpack=True),
+    dict(park_int8=True, stages=5, smem_unpack=True),
     dict(smem_unpack=True),
+    dict(stages=5, smem_unpack=True),
 )
+
+
+def _table_mgpu_fields(m: int, n: int, k: int, k8: int) -> dict | None:
+    """The tuning table's Mosaic GPU schedule for this call as MgpuConfig fields (None when
+    its entry is not an ``mgpu`` one)."""
+    cfg = tuning.get_config(m, n, k, k8)
+    if cfg.backend != "mgpu":
+        return None
+    return dict(
+        block_n=cfg.block_n,
+        stages=cfg.num_stages,
+        rows_per_wg=cfg.block_m // 2,
+        park_int8=cfg.acc8_first,
+        smem_unpack="w" not in cfg.pre_unpack,
+    )
 
 
 def _mgpu_label(fields: dict) -> str:
@@ -1039,7 +1058,12 @@ def mgpu_study(results, deadline, ms=None, shapes_name="llama3-8b", smem_unpack=
             row["int8_us"] = time_int8(m, n, k) * 1e6
             row["tuned_us"] = time_ours(m, n, k, k8, tuned, sets=sets) * 1e6
             best = (row["tuned_us"], "tuned")
-            for fields in MGPU_CONFIGS + (MGPU_SMEM_UNPACK_CONFIGS if smem_unpack else ()):
+            configs = MGPU_CONFIGS
+            if smem_unpack:  # the table's schedule, the same unpacking in the kernel, the rest
+                table = _table_mgpu_fields(m, n, k, k8)
+                configs = () if table is None else (table, dict(table, smem_unpack=True))
+                configs += tuple(c for c in MGPU_SMEM_UNPACK_CONFIGS if c not in configs)
+            for fields in configs:
                 lbl = _mgpu_label(fields)
                 cfg = MgpuConfig(**fields)
                 f = functools.partial(w4ax_matmul_mgpu, config=cfg)
@@ -1429,7 +1453,9 @@ def main(argv=None):
     ap.add_argument(
         "--mgpu-smem-unpack",
         action="store_true",
-        help="--mgpu also times the schedules that unpack the INT4 weights in shared memory",
+        help="--mgpu times the tuning table's schedule (XLA unpacks the weights), the same "
+        "schedule unpacking the INT4 weight tiles in shared memory, and the other "
+        "smem-unpack schedules (instead of MGPU_CONFIGS)",
     )
     ap.add_argument(
         "--out-rows",

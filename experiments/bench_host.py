@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import gc
 import json
 import os
 import platform
@@ -83,6 +84,7 @@ def engine_for(
     prefill_batch_buckets: tuple[int, ...] | None = None,
     pack_buckets: tuple[int, ...] | None = None,
     schedule: str = "mixed",
+    gc_freeze: bool = True,
 ):
     """The engine of the max-throughput runs over an InstantRunner with a pool for `batch`
     sequences of prompt + output tokens: steps of 8192 tokens, min(64, 8192 // prompt)
@@ -107,10 +109,45 @@ def engine_for(
         kernels="reference",
         async_scheduling=async_scheduling,
         schedule=schedule,
+        gc_freeze=gc_freeze,
     )
     pages = batch * -(-(prompt + output) // 128) + 1
     runner = InstantRunner(pages, max(batch, prefill_seqs), cfg.pack_bucket_list)
     return LLMEngine(cfg, runner, progress=False)
+
+
+class GcPauses:
+    """Times every collection of Python's garbage collector while active (``gc.callbacks``):
+    per generation the count, total and longest pause in ms. A pause stops the engine's host
+    loop; one longer than the device step leaves the GPU idle (docs/benchmarks.md run 69)."""
+
+    def __init__(self):
+        self.pauses: dict[int, list[float]] = {}
+        self._t0 = 0.0
+
+    def _hook(self, phase, info):
+        if phase == "start":
+            self._t0 = time.perf_counter()
+        else:
+            self.pauses.setdefault(info["generation"], []).append(time.perf_counter() - self._t0)
+
+    def __enter__(self):
+        gc.callbacks.append(self._hook)
+        return self
+
+    def __exit__(self, *exc):
+        gc.callbacks.remove(self._hook)
+        return False
+
+    def summary(self) -> dict:
+        return {
+            f"gen{g}": {
+                "count": len(p),
+                "total_ms": round(1e3 * sum(p), 3),
+                "max_ms": round(1e3 * max(p), 3),
+            }
+            for g, p in sorted(self.pauses.items())
+        }
 
 
 def run_case(batch: int, prompt: int, output: int, profile: int = 0, **engine_kw) -> dict:
@@ -129,14 +166,16 @@ def run_case(batch: int, prompt: int, output: int, profile: int = 0, **engine_kw
     if prof:
         prof.enable()
     steps = 0
-    while eng.has_unfinished():
-        eng.step()
-        steps += 1
-    while eng._inflight is not None:  # the last dispatched step's tokens
-        eng.step()
+    with GcPauses() as pauses:
+        while eng.has_unfinished():
+            eng.step()
+            steps += 1
+        while eng._inflight is not None:  # the last dispatched step's tokens
+            eng.step()
     if prof:
         prof.disable()
     wall = time.perf_counter() - t0
+    eng.close()
     if seen[0] != batch * output:
         raise RuntimeError(f"{seen[0]} tokens streamed, expected {batch * output}")
     st = eng.stats
@@ -153,6 +192,8 @@ def run_case(batch: int, prompt: int, output: int, profile: int = 0, **engine_kw
         decode_buckets=list(eng.config.decode_bucket_list),
         prefill_batch_buckets=list(eng.config.prefill_batch_bucket_list),
         pack_buckets=list(eng.config.pack_bucket_list),
+        gc_freeze=eng.config.gc_freeze,
+        gc_pauses=pauses.summary(),
     )
     for kind, (computed, real, calls) in eng.runner.rows.items():
         row[f"{kind}_rows"], row[f"{kind}_tokens"] = computed, real
@@ -200,6 +241,13 @@ def main(argv=None):
         default="8192",
         help="comma list of packed row counts (EngineConfig.pack_buckets); 8192 is added",
     )
+    ap.add_argument(
+        "--gc-freeze",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="EngineConfig.gc_freeze (default on, as in bench_throughput.py); each row reports "
+        "the garbage collector's pauses during the run by generation",
+    )
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "/tmp"), "bench_host.json"))
     args = ap.parse_args(argv)
     cases = []
@@ -216,7 +264,7 @@ def main(argv=None):
             raise SystemExit(f"--cases item {item!r}: every number must be >= 1")
     if args.repeats < 1:
         raise SystemExit(f"--repeats={args.repeats} must be >= 1")
-    kw = dict(async_scheduling=not args.sync, schedule=args.schedule)
+    kw = dict(async_scheduling=not args.sync, schedule=args.schedule, gc_freeze=args.gc_freeze)
     for flag, name in (("--decode-buckets", "decode_buckets"),
                        ("--prefill-batch-buckets", "prefill_batch_buckets"),
                        ("--pack-buckets", "pack_buckets")):  # fmt: skip
@@ -239,6 +287,9 @@ def main(argv=None):
             f"; {row['decode_calls']} decode calls of {row['decode_tokens_per_call']:.0f} rows"
         )
         print(f"{b:>6} {f'{p}/{o}':>9} {row['steps']:>6} {row['host_ms_per_step']:>13.2f}  {pad}")
+        full = row["gc_pauses"].get("gen2")
+        if full:
+            print(f"{'':>6} full collections: {full['count']}, longest {full['max_ms']:.1f} ms")
         if args.profile:
             run_case(b, p, o, profile=args.profile, **kw)
     meta = dict(date=time.strftime("%Y-%m-%d"), python=platform.python_version(),

@@ -12,21 +12,24 @@ the batch reached, compile time, and the host share = host time (scheduling, inp
 output handling) / (host + device wait) time. With asynchronous scheduling that host work
 overlaps the device, so the host share is an upper bound on idle GPU time; the direct measure
 is `--profile-batch B`: ``host_gap_share`` = (untraced step wall time - the step's GPU kernel
-time) / wall time, 0 when the host never holds the GPU up. bf16 is the baseline of the same
-engine, measured in the same run.
+time) / wall time, 0 when the host never holds the GPU up. Every max-throughput run also logs
+each step untraced (``step_log``: wall time and the wait for the previous step's tokens; a
+wait near 0 means the host held the GPU up) and sums it by phase (``step_phases``). bf16 is
+the baseline of the same engine, measured in the same run.
 
     python experiments/bench_throughput.py --preset llama3-8b              # GPU
     python experiments/bench_throughput.py --preset llama3-70b --precisions w4axkv4,bf16
     python experiments/bench_throughput.py --tiny                           # CPU smoke run
-    # docs/benchmarks.md run 65 (2.20x), one process per precision (bf16 ran without
-    # --pack-buckets; its decode buckets stop below its batch, 277, either way); runs 54 and
-    # 59 (2.04x, 2.09x): the same without --schedule prefill_first:
+    # docs/benchmarks.md run 69 (2.29x), one process per precision, only the step shapes the
+    # run uses (bf16: --decode-buckets 256, no --pack-buckets; gc.freeze() is the default);
+    # run 65 (2.20x) compiled --decode-buckets 4,8,16,32,64,128,256,384,512,640,768,896,1024
+    # --pack-buckets 1024,2048,3072,4096,5120,6144,7168,8192; runs 54 and 59 (2.04x, 2.09x):
+    # those without --schedule prefill_first:
     python experiments/bench_throughput.py --precisions w4axkv4 --max-batch memory \
         --requests batch --workloads 1024/512 --fixed-batches= --memory-fraction 0.9 \
         --max-tokens-per-step 8192 --max-prefill-seqs 8 --prefill-batch-buckets 1,8 \
         --chunk-buckets 1024,8192 --modes async --kernels pallas --schedule prefill_first \
-        --decode-buckets 4,8,16,32,64,128,256,384,512,640,768,896,1024 \
-        --pack-buckets 1024,2048,3072,4096,5120,6144,7168,8192 --compile-workers 4
+        --decode-buckets 1024 --pack-buckets 8192 --compile-workers 4 --gpu-monitor
     # runs 51 and 55 (128/128, 1.60x): --workloads 128/128 --max-batch-cap 8192
     #   --max-prefill-seqs 64 --prefill-batch-buckets 1,16,32,64 --chunk-buckets 128,8192
     #   --decode-buckets 4,8,16,32,64,128,256,512,1024,2048,3072,4096,5120
@@ -201,6 +204,8 @@ def run_workload(
         "engine_overhead": host / max(host + dev, 1e-9),
         "preemptions": engine.scheduler.num_preemptions - preempt0,
         "step_phases": step_phases(steps_log, engine.config.async_scheduling),
+        # per step, in order: [kind dispatched, wall ms, wait ms] (where a tail comes from)
+        "step_log": [[k, round(1e3 * w, 3), round(1e3 * q, 3)] for k, w, q in steps_log],
         **({"trace": traced[0] if single else traced} if trace is not None else {}),
     }
 
@@ -519,6 +524,7 @@ def bench_precision(args, model_config, precision: str) -> list[dict]:
         kv_write_kernel=args.kv_write_kernel,
         kv_window_kernel=args.kv_window_kernel,
         kv_recent_window=args.kv_recent_window if precision == "w4axkv4" else 0,
+        gc_freeze=args.gc_freeze,
     )
     if args.max_batch == "memory":
         # As many sequences as the pool planned from the memory left after the weights holds,
@@ -542,7 +548,11 @@ def bench_precision(args, model_config, precision: str) -> list[dict]:
         print(f"{precision}: max batch by memory {fits}, running {max_batch}", file=sys.stderr)
     row["max_batch"] = max_batch
     row["requests"] = max_batch if args.requests == "batch" else args.requests
-    built = LLMEngine.build(model_config, params, cfg, linear=linear, progress=not args.quiet)
+    # The engines of the runs below freeze the collector's objects (cfg.gc_freeze), not this one.
+    built = LLMEngine.build(
+        model_config, params, dataclasses.replace(cfg, gc_freeze=False), linear=linear,
+        progress=not args.quiet,
+    )  # fmt: skip
     row["compile_s"] = built.compile_time_s
     row["compiled_shapes"] = built.runner.num_compilations
     row["compile_workers"] = built.config.resolved_compile_workers
@@ -567,7 +577,10 @@ def bench_precision(args, model_config, precision: str) -> list[dict]:
             capacity=built.capacity,
             progress=False,
         )
-        rows.append(_bench_engine(args, engine, dict(row, mode=mode)))
+        try:
+            rows.append(_bench_engine(args, engine, dict(row, mode=mode)))
+        finally:
+            engine.close()  # gc.unfreeze(): this precision's objects may go
     del built, engine, params
     return rows
 
@@ -594,6 +607,7 @@ def step_memory_summary(runner) -> dict:
 
 def _bench_engine(args, engine: LLMEngine, row: dict) -> dict:
     row["max_throughput"] = []
+    row["gc_frozen"] = engine.gc_frozen_objects  # EngineConfig.gc_freeze (--gc-freeze)
     for i, (pin, pout) in enumerate(args.workloads):
         trace = None
         if args.trace_window and i == 0:
@@ -911,6 +925,14 @@ def parse_args(argv=None):
         action="store_true",
         help="sample the GPU's SM clock, power and temperature (nvidia-smi, every 250 ms) "
         "during each max-throughput run; summary under 'gpu_monitor' (null without nvidia-smi)",
+    )
+    p.add_argument(
+        "--gc-freeze",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="EngineConfig.gc_freeze: gc.freeze() after start-up, so Python's full "
+        "collections skip the compiled steps and params during the runs (default on; runs "
+        "before 2026-11-27 run 69 had it off: --no-gc-freeze)",
     )
     p.add_argument("--out", default="bench_throughput.json")
     args = p.parse_args(argv)

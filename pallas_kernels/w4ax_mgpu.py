@@ -28,17 +28,23 @@ runs the INT8 segment's tiles first and holds their scaled partial as bf16 in re
 one accumulator (and 128 rows) suffice. ``park_int8`` runs on the H100 (the tuning table's
 256 x 128 schedules of the M = 4096 bucket; ``bench_gemm.py --mgpu`` checks and times it).
 
-``smem_unpack`` (2026-11-27; correct on the H100, every output element within tolerance, but
-1.6-2.2x slower than the ``wx`` schedules with XLA's unpack included, at M = 1214 and 8192 on
-the LLaMA-3-8B shapes, docs/benchmarks.md; no tuning entry uses it): the kernel takes the
-packed INT4 weights ``[N, K/2]`` instead of XLA's per-call int8 copy (which writes and
-re-reads ``N x K`` bytes: ~3.5 ms of every LLaMA-3-8B engine step at batch 1214,
-docs/benchmarks.md run 48). The memory
-warpgroup streams each K tile's ``[block_n, 64]`` packed bytes and the activations' two
-``[rows, 64]`` halves; each compute warpgroup loads the packed tile into registers, writes
-``16 * low`` and ``16 * high`` nibbles into its own two shared-memory tiles (the half-split
-tile order: low nibbles are channels ``[0, 64)`` of the tile, high ``[64, 128)``), commits
-them, and issues one wgmma per half.
+``smem_unpack`` (correct on the H100, every output element within tolerance; no tuning
+entry uses it): the kernel takes the packed INT4 weights, viewed as int32 words ``[N, K/8]``
+(:func:`packed_words`, a bitcast), instead of XLA's per-call int8 copy (which writes and
+re-reads ``N x K`` bytes: ~3.7 ms of every LLaMA-3-8B engine step at batch 1214,
+docs/benchmarks.md). The memory warpgroup streams each K tile's ``[block_n, 16]`` words
+(64 packed bytes a row) and the activations' two ``[rows, 64]`` halves; each compute
+warpgroup loads the words into registers, writes ``(w << 4) & 0xF0F0F0F0`` (16 * the low
+nibbles) and ``w & 0xF0F0F0F0`` (16 * the high ones) into its own two shared-memory tiles
+(the half-split tile order: low nibbles are channels ``[0, 64)`` of the tile, high
+``[64, 128)``), commits them, and issues one wgmma per half, which reads the same buffer
+as int8 (a ``RefUnion`` of an int32 and an int8 view, both tiled in 8-row blocks of 64
+swizzled bytes). On the H100 (2026-11-27, ``bench_gemm.py --mgpu --mgpu-smem-unpack``) the
+best such schedule took 1.14-1.40x the time of the best ``wx`` schedule with XLA's unpack
+included (M = 1216 and 8192, LLaMA-3-8B shapes); the first version, which shifted bytes
+through int16 registers, took 1.6-2.2x. The unpack sits between a warpgroup's wgmmas (the
+pipeline waits for each step's wgmma before the next step's unpack), so the tensor cores
+still wait on it every K step.
 
 GPU only. jax 0.10 (the CPU machines) has no Mosaic GPU interpreter: the CPU tests trace and
 lower the kernel for CUDA; its numbers are checked against the reference on the device
@@ -60,6 +66,16 @@ from pallas_kernels.w4ax_matmul import DEFAULT_TILE_K, unpack_int4_x16_tiles, va
 BLOCK_NS = (64, 128)  # MgpuConfig.block_n: wgmma's N per tile
 ROWS_PER_WG = (64, 128)  # MgpuConfig.rows_per_wg: one or two 64-row wgmma M blocks
 OUT_ROW_TILE = 8  # rows of the epilogue's TMA store tiling: output rows come in multiples of it
+NIBBLE_HIGH_MASK = -252645136  # 0xF0F0F0F0 as int32: each byte's high nibble
+
+
+def packed_words(w_packed):
+    """``[N, K/2]`` int8 packed weights -> ``[N, K/8]`` int32 (four packed bytes a word, the
+    first in the low bits): the operand of ``MgpuConfig.smem_unpack``; a bitcast, no copy."""
+    n, kh = w_packed.shape
+    if kh % 4:
+        raise ValueError(f"packed weights [N, K/2] need K/2 % 4 == 0, got {w_packed.shape}")
+    return lax.bitcast_convert_type(w_packed.reshape(n, kh // 4, 4), jnp.int32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,10 +139,13 @@ def segment_matmul(x_u, r4, r8, w_u, ws, bias, *, k4, cfg, out_dtype, tile_k=128
     n = w_u.shape[0]
     k8 = k - k4
     bn, tk, rows_wg = cfg.block_n, tile_k, cfg.rows_per_wg
-    su = cfg.smem_unpack  # w_u is then the packed [N, K/2] weights (see MgpuConfig)
+    su = cfg.smem_unpack  # w_u is then the packed weights as int32 words [N, K/8]
     h = tk // 2
-    if su and 2 * w_u.shape[1] != k:
-        raise ValueError(f"smem_unpack takes packed weights [N, {k // 2}], got {w_u.shape}")
+    if su and (w_u.dtype != jnp.int32 or 8 * w_u.shape[1] != k):
+        raise ValueError(
+            f"smem_unpack takes the packed weights as int32 words [N, {k // 8}] "
+            f"(packed_words), got {w_u.dtype} {w_u.shape}"
+        )
     cta_m = 2 * rows_wg
     if mp % cta_m or n % bn or k4 % tk or k % tk:
         raise ValueError(
@@ -154,6 +173,9 @@ def segment_matmul(x_u, r4, r8, w_u, ws, bias, *, k4, cfg, out_dtype, tile_k=128
     in_tf = (plgpu.TilingTransform((8, swz)), plgpu.SwizzleTransform(swz))
     swz_h = plgpu.find_swizzle(h * 8)  # half a K tile: the packed bytes, or one nibble half
     half_tf = (plgpu.TilingTransform((8, swz_h)), plgpu.SwizzleTransform(swz_h))
+    # The same bytes as int32 words: 8-row tiles of swz_h bytes, swizzled alike, so a word
+    # view and a byte view of one shared-memory buffer address the same bytes.
+    word_tf = (plgpu.TilingTransform((8, swz_h // 4)), plgpu.SwizzleTransform(swz_h))
 
     def k_half(s, j):  # half j of K tile s, in units of h columns
         return (0, 2 * k_tile(s)[1] + j)
@@ -177,7 +199,7 @@ def segment_matmul(x_u, r4, r8, w_u, ws, bias, *, k4, cfg, out_dtype, tile_k=128
         in_specs = [
             smem_spec((cta_m, h), lambda s: k_half(s, 0), half_tf),
             smem_spec((cta_m, h), lambda s: k_half(s, 1), half_tf),
-            smem_spec((bn, h), k_tile, half_tf),
+            smem_spec((bn, h // 4), k_tile, word_tf),
         ]
     else:
         in_specs = [smem_spec((cta_m, tk), k_tile, in_tf), smem_spec((bn, tk), k_tile, in_tf)]
@@ -201,8 +223,14 @@ def segment_matmul(x_u, r4, r8, w_u, ws, bias, *, k4, cfg, out_dtype, tile_k=128
             return None
 
         operands = (x_hbm, x_hbm, w_hbm) if su else (x_hbm, w_hbm)
-        # smem_unpack: each compute warpgroup's unpacked weight halves [lo | hi] of one tile
-        scratch = {"w_un": plgpu.SMEM((2, 2, bn, h), jnp.int8, transforms=half_tf)} if su else {}
+        # smem_unpack: each compute warpgroup's unpacked weight halves [lo | hi] of one tile,
+        # written as int32 words and read by wgmma as int8 (one buffer, two views)
+        scratch = {}
+        if su:
+            scratch["w_un"] = plgpu.RefUnion(
+                plgpu.SMEM((2, 2, bn, h // 4), jnp.int32, transforms=word_tf),
+                plgpu.SMEM((2, 2, bn, h), jnp.int8, transforms=half_tf),
+            )
 
         @functools.partial(
             pl.run_scoped,
@@ -213,6 +241,7 @@ def segment_matmul(x_u, r4, r8, w_u, ws, bias, *, k4, cfg, out_dtype, tile_k=128
         )
         def scoped(allocs, y_smem, w_un=None):
             wg = lax.axis_index("wg")
+            w_words, w_bytes = w_un if su else (None, None)
 
             @plgpu.nd_loop((m_tiles * n_tiles,), collective_axes="sm")
             def tiles(info):
@@ -274,18 +303,20 @@ def segment_matmul(x_u, r4, r8, w_u, ws, bias, *, k4, cfg, out_dtype, tile_k=128
                     acc = carry[0] if park else carry
                     mine = pl.ds(wg * rows_wg, rows_wg)
                     if su:
-                        # The tile's packed bytes -> registers -> 16 * low / 16 * high nibbles
-                        # into this warpgroup's scratch; visible to wgmma after the commit.
+                        # The tile's packed bytes, four to an int32 word -> registers -> 16 *
+                        # low / 16 * high nibbles into this warpgroup's scratch (two 32-bit
+                        # ops per four bytes: the shift moves each byte's low nibble up, the
+                        # mask drops what crossed from the byte below); wgmma reads the
+                        # scratch as int8 after the commit.
                         x_lo, x_hi, w_p = smems
-                        wp = w_p[...]
-                        # (Mosaic GPU has no 8-bit shifts: through int16, truncated back.)
-                        lo = jnp.left_shift(wp.astype(jnp.int16), jnp.int16(4))
-                        w_un[wg, 0] = lo.astype(jnp.int8)
-                        w_un[wg, 1] = wp & jnp.int8(-16)
+                        wp = w_p[...]  # [bn, h / 4] int32
+                        high = jnp.int32(NIBBLE_HIGH_MASK)
+                        w_words[wg, 0] = jnp.left_shift(wp, jnp.int32(4)) & high
+                        w_words[wg, 1] = wp & high
                         plgpu.commit_smem()
                         pairs = [
-                            (x_lo.at[mine], plgpu.transpose_ref(w_un.at[wg, 0], (1, 0))),
-                            (x_hi.at[mine], plgpu.transpose_ref(w_un.at[wg, 1], (1, 0))),
+                            (x_lo.at[mine], plgpu.transpose_ref(w_bytes.at[wg, 0], (1, 0))),
+                            (x_hi.at[mine], plgpu.transpose_ref(w_bytes.at[wg, 1], (1, 0))),
                         ]
                     else:
                         x_smem, w_smem = smems
@@ -393,7 +424,7 @@ def _on_unpacked(x_u, x_scales, w_packed, w_scales, bias, *, m, k4, tile_k, out_
     r4 = x_scales[:, 0] * (1.0 / 256.0)
     r8 = x_scales[:, 1] * (1.0 / 16.0)
     # [N, K] int8, unless the kernel unpacks the packed tiles itself (smem_unpack)
-    w_u = w_packed if cfg.smem_unpack else unpack_int4_x16_tiles(w_packed, tile_k)
+    w_u = packed_words(w_packed) if cfg.smem_unpack else unpack_int4_x16_tiles(w_packed, tile_k)
     b = None if bias is None else bias.astype(jnp.float32)
     # The output stops at m rows rounded up to the TMA row tiling (segment_matmul's
     # out_rows): with m a multiple of 8 (and at least one row tile) no slice is left.

@@ -32,6 +32,22 @@ def test_cases_stream_every_token_and_free_every_page(bench, tmp_path):
     assert sync["tokens"] == 240 and sync["steps"] < rows[0]["steps"]  # no trailing step
 
 
+def test_gc_pauses_are_timed_and_the_freeze_is_released(bench):
+    """Each row reports the collector's pauses during the run by generation (a forced full
+    collection inside the timed window shows up); the engine freezes by default and its
+    close() leaves nothing frozen; --no-gc-freeze runs without the freeze."""
+    import gc
+
+    with bench.GcPauses() as pauses:
+        gc.collect()
+    full = pauses.summary()["gen2"]
+    assert full["count"] == 1 and full["total_ms"] == full["max_ms"] > 0
+    row = bench.run_case(40, 20, 6)
+    assert row["gc_freeze"] and gc.get_freeze_count() == 0
+    assert all(p["count"] >= 1 and p["max_ms"] >= 0 for p in row["gc_pauses"].values())
+    assert not bench.run_case(40, 20, 6, gc_freeze=False)["gc_freeze"]
+
+
 def test_instant_runner_counts_the_rows_the_gemms_would_run(bench):
     from comet_jax.engine.runner import StepInputs
 

@@ -53,6 +53,10 @@ def test_tiny_run_with_decode_profile(bench, tmp_path):
     )
     row = rows[0]
     assert row["status"] == "ok"  # the script asserts no KV page leaked, profile included
+    assert all(r["gc_frozen"] > 0 for r in rows)  # --gc-freeze is on by default
+    import gc
+
+    assert gc.get_freeze_count() == 0  # each run's engine unfroze them when closed
     mem = row["step_memory"]  # XLA's memory analysis of every compiled step shape
     assert mem["pool_gib"] > 0 and mem["shapes"]
     for stats in mem["shapes"].values():
@@ -78,6 +82,8 @@ def test_tiny_run_with_decode_profile(bench, tmp_path):
         assert sum(p["steps"] for p in phases.values()) == steps - skipped
         for p in phases.values():
             assert p["wall_s"] > 0 and p["median_ms"] > 0 and 0 <= p["host_bound"] <= p["steps"]
+        log = r["max_throughput"][0]["step_log"]
+        assert len(log) == steps and all(w >= q >= 0 for _, w, q in log)
 
 
 def test_step_phases_attribute_waits_to_the_awaited_step(bench):

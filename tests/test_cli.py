@@ -107,6 +107,22 @@ def test_prefill_dequantize_flag():
         assert cli._engine_config(args, cli._configure(args)).prefill_dequantize is want, argv
 
 
+def test_gc_freeze_flag_default_on_in_the_cli():
+    """The CLI's engines freeze the collector's start-up objects unless --no-gc_freeze;
+    generate unfreezes them when it is done (LLMEngine.close)."""
+    import gc
+
+    parse = cli.build_parser().parse_args
+    for argv, want in (([], True), (["--no-gc_freeze"], False), (["--gc_freeze"], True)):
+        args = parse(["generate", "x", *argv])
+        assert cli._engine_config(args, cli._configure(args), gc_freeze=True).gc_freeze is (want), (
+            argv
+        )
+    args = ["generate", "--model", "random:tiny", "Hi", "--max_tokens", "2", *TINY_ENGINE]
+    assert cli.main(args) == 0
+    assert gc.get_freeze_count() == 0
+
+
 def test_bad_gin_binding_fails_before_compute():
     args = cli.build_parser().parse_args(
         ["generate", "x", "--gin_param", "EngineConfig.no_such_field = 1"]

@@ -201,6 +201,30 @@ def test_decode_bucket_past_max_batch_pads_rows(model, sync_engine):
             dataclasses.replace(cfg, decode_buckets=bad)
 
 
+def test_gc_freeze_after_start_up_and_close(model, sync_engine):
+    """EngineConfig.gc_freeze: start-up ends with gc.collect() + gc.freeze() (the same
+    tokens); close() aborts what still runs (its pages freed) and unfreezes the collector."""
+    import gc
+
+    eng = LLMEngine(dataclasses.replace(CFG, gc_freeze=True), sync_engine.runner, progress=False)
+    try:
+        # (refcounting still frees frozen objects: the count only shrinks from there)
+        assert 0 < gc.get_freeze_count() <= eng.gc_frozen_objects
+        ps = prompts(12, [7, 19])
+        want = sync_engine.generate(ps, GREEDY)
+        assert [g["token_ids"] for g in eng.generate(ps, GREEDY)] == [w["token_ids"] for w in want]
+        eng.add_request(None, ps[1], SamplingParams(max_tokens=30, temperature=0.0))
+        eng.step()
+        assert eng.allocator.num_used > 0 and eng.has_unfinished()
+    finally:
+        eng.close()
+    assert gc.get_freeze_count() == 0 and eng.gc_frozen_objects == 0
+    assert eng.allocator.num_used == 0 and not eng.has_unfinished()
+    assert sync_engine.gc_frozen_objects == 0  # off by default
+    with pytest.raises(ValueError, match="gc_freeze=1 must be a bool"):
+        dataclasses.replace(CFG, gc_freeze=1)
+
+
 def test_no_recompilation_after_warmup(engine):
     compiles = count_backend_compiles()
     before = engine.runner.num_compilations

@@ -246,9 +246,22 @@ def test_limits_and_validation():
 def test_token_slice_equals_list_slice():
     seq = Sequence("t", [1, 2, 3, 4, 5], SamplingParams())
     seq.output_ids = [6, 7, 8]
+    assert seq.tokens == [1, 2, 3, 4, 5, 6, 7, 8]
     for a in range(9):
         for b in range(a, 9):
-            assert seq.token_slice(a, b) == seq.tokens[a:b]
+            got = seq.token_slice(a, b)
+            assert got == seq.tokens[a:b] and isinstance(got, list)
+
+
+def test_prompt_is_a_tuple_the_collector_stops_tracking():
+    """A stored prompt is a tuple of ints: after one collection the garbage collector no
+    longer tracks it, so full collections while serving skip the running prompts."""
+    import gc
+
+    seq = Sequence("t", [int(i) for i in range(1024)], SamplingParams())
+    assert seq.prompt_ids == tuple(range(1024))
+    gc.collect()
+    assert not gc.is_tracked(seq.prompt_ids)
 
 
 def test_commit_ahead_with_pending_tokens():

@@ -52,6 +52,33 @@ def test_shape_errors_name_the_problem():
         w4ax_matmul_mgpu(*ops, config=MgpuConfig(rows_per_wg=128, stages=3))
 
 
+def test_word_unpack_of_smem_unpack_equals_the_xla_unpack():
+    """The in-kernel unpack's arithmetic (MgpuConfig.smem_unpack), run here in jnp on the
+    words the kernel receives: per 128-channel tile, ``(w << 4) & 0xF0F0F0F0`` then
+    ``w & 0xF0F0F0F0`` read back as bytes give the same int8 operand as XLA's unpack (16 *
+    the low nibbles, then 16 * the high ones); packed_words is a little-endian bitcast."""
+    from pallas_kernels.w4ax_matmul import unpack_int4_x16_tiles
+    from pallas_kernels.w4ax_mgpu import NIBBLE_HIGH_MASK, packed_words
+
+    n, k = 16, 512
+    w = jax.random.randint(jax.random.PRNGKey(3), (n, k // 2), -128, 128).astype(jnp.int8)
+    words = packed_words(w)
+    assert words.shape == (n, k // 8) and words.dtype == jnp.int32
+    as_bytes = np.asarray(words).view(np.int8).reshape(n, k // 2)
+    np.testing.assert_array_equal(as_bytes, np.asarray(w))
+
+    def to_bytes(x):  # [N, K/8] int32 -> [N, K/2] int8, as wgmma's int8 view reads them
+        return np.asarray(x).view(np.int8).reshape(n, k // 2)
+
+    mask = jnp.int32(NIBBLE_HIGH_MASK)
+    lo = to_bytes(jnp.left_shift(words, jnp.int32(4)) & mask).reshape(n, k // 128, 64)
+    hi = to_bytes(words & mask).reshape(n, k // 128, 64)
+    got = np.concatenate([lo, hi], axis=-1).reshape(n, k)
+    np.testing.assert_array_equal(got, np.asarray(unpack_int4_x16_tiles(w, 128)))
+    with pytest.raises(ValueError, match="K/2 % 4 == 0"):
+        packed_words(w[:, :6])
+
+
 # The Mosaic GPU form of acc8_first (MgpuConfig.park_int8) with 256-row tiles; its Triton
 # fallback keeps acc8_first for per-channel scales and drops it for group scales.
 MGPU_PARK = GemmConfig(

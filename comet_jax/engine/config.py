@@ -175,6 +175,17 @@ class EngineConfig:
         at about 11 small kernels per layer on the H100. On by default: serving LLaMA-3-8B
         shapes at 1024/512 with W = 16 on one H100, 5541.5 vs 5392.8 tok/s for the XLA path
         (+2.8%, both runs on the same GPU; docs/benchmarks.md, 2026-11-26).
+      gc_freeze: at the end of start-up (compile, warm-up) run ``gc.collect()`` then
+        ``gc.freeze()``: Python's full collections then skip every object alive at that point
+        (the compiled steps, params, tokenizer, the modules), so that a collection during
+        serving no longer stalls the step loop for the time it takes to walk them. Measured
+        on the H100 (LLaMA-3-8B W4AxKV4 at 1024/512, docs/benchmarks.md run 69): without it
+        two collections stopped the loop for 0.6 s each (the GPU idle meanwhile), 14707.2
+        against 15047.4 tok/s with it. Off by default in the library, because it is
+        process-wide: frozen objects that later become cyclic garbage are not collected
+        until ``gc.unfreeze()`` (``LLMEngine.close`` calls it), which a process building many
+        engines (tests, sweeps) would notice; the CLI's commands and
+        ``experiments/bench_throughput.py`` turn it on.
     """
 
     max_batch: int = 16
@@ -210,6 +221,7 @@ class EngineConfig:
     kv_write_kernel: bool = True
     kv_recent_window: int = 0
     kv_window_kernel: bool = True
+    gc_freeze: bool = False
 
     def __post_init__(self):
         if self.page_size is None:
@@ -225,6 +237,7 @@ class EngineConfig:
             "prefill_dequantize",
             "kv_write_kernel",
             "kv_window_kernel",
+            "gc_freeze",
         )
         for name in bools:
             if not isinstance(getattr(self, name), bool):

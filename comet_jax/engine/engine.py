@@ -25,6 +25,7 @@ writes every position before reading it).
 from __future__ import annotations
 
 import dataclasses
+import gc
 import itertools
 import sys
 import threading
@@ -139,6 +140,23 @@ class LLMEngine:
                 t0 = time.perf_counter()
                 runner.warm_up()
                 self.warm_up_time_s = time.perf_counter() - t0
+        # Objects the collector skips from now on (EngineConfig.gc_freeze); 0 when off.
+        self.gc_frozen_objects = 0
+        if config.gc_freeze:
+            gc.collect()
+            gc.freeze()
+            self.gc_frozen_objects = gc.get_freeze_count()
+
+    def close(self) -> None:
+        """Ends the engine's hold on the process: with ``config.gc_freeze``, gives the
+        frozen objects back to the collector (``gc.unfreeze()``, process-wide). Requests still
+        running are aborted first (their pages freed). The engine must not step afterwards."""
+        with self._lock:
+            for rid in list(self._requests):
+                self.abort(rid)
+        if self.config.gc_freeze:
+            gc.unfreeze()
+            self.gc_frozen_objects = 0
 
     @classmethod
     def build(

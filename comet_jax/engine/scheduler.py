@@ -53,10 +53,16 @@ class FinishReason(enum.StrEnum):
 
 @dataclasses.dataclass(eq=False)
 class Sequence:
-    """One request's state. Identity (not value) equality: used as the page owner."""
+    """One request's state. Identity (not value) equality: used as the page owner.
+
+    ``prompt_ids`` is stored as a tuple: a tuple of ints drops out of the garbage collector's
+    tracking after its first collection, so full collections during serving no longer walk
+    every running prompt (the 1214 x 1024/512 batch on the CPU, `bench_host.py`: the longest
+    full collection 37-53 ms with list prompts, 19-20 ms with tuples; docs/benchmarks.md
+    2026-11-27)."""
 
     request_id: str
-    prompt_ids: list[int]
+    prompt_ids: tuple[int, ...]
     params: SamplingParams
     arrival: float = dataclasses.field(default_factory=time.monotonic)
     output_ids: list[int] = dataclasses.field(default_factory=list)
@@ -68,9 +74,12 @@ class Sequence:
     seed: int = 0
     window_slot: int = -1  # ring slot of the KV recent window while running (-1: none)
 
+    def __post_init__(self):
+        self.prompt_ids = tuple(self.prompt_ids)
+
     @property
     def tokens(self) -> list[int]:
-        return self.prompt_ids + self.output_ids
+        return [*self.prompt_ids, *self.output_ids]
 
     def token_slice(self, start: int, end: int) -> list[int]:
         """tokens[start:end] without building the whole list (a decode row needs one id)."""
@@ -78,8 +87,8 @@ class Sequence:
         if start >= n:
             return self.output_ids[start - n : end - n]
         if end <= n:
-            return self.prompt_ids[start:end]
-        return self.prompt_ids[start:] + self.output_ids[: end - n]
+            return list(self.prompt_ids[start:end])
+        return [*self.prompt_ids[start:], *self.output_ids[: end - n]]
 
     @property
     def num_tokens(self) -> int:
