@@ -178,7 +178,6 @@ def _build_engine(args, build, **extra):
 # -- commands --------------------------------------------------------------------------------
 def cmd_generate(args) -> int:
     from comet_jax.engine.config import _pow2_buckets, bucket_for
-    from comet_jax.engine.sampling import SamplingParams
 
     build = _configure(args)
     prompts = list(args.prompt)
@@ -199,6 +198,17 @@ def cmd_generate(args) -> int:
         chunk_buckets=(base.max_tokens_per_step,),
     )
     engine, lm = _build_engine(args, build, **extra)
+    try:
+        return _generate(args, engine, lm, prompts)
+    finally:
+        engine.close()  # unfreezes the collector's start-up objects (EngineConfig.gc_freeze)
+
+
+def _generate(args, engine, lm, prompts: list[str]) -> int:
+    """cmd_generate's requests on a built engine: streams one prompt, prints the texts of
+    several."""
+    from comet_jax.engine.sampling import SamplingParams
+
     tok = lm.tokenizer
     params = SamplingParams(
         max_tokens=args.max_tokens,
@@ -223,16 +233,13 @@ def cmd_generate(args) -> int:
             print(out.new_text, end="", flush=True)
 
     t0 = time.perf_counter()
-    texts, gen = {}, 0
-    try:
-        rids = [engine.add_request(None, i, params, on_output) for i in ids]
-        texts = {r: "" for r in rids}
-        while engine.has_unfinished():
-            for out in engine.step():
-                texts[out.request_id] += out.new_text
-                gen += len(out.new_token_ids)
-    finally:
-        engine.close()
+    rids = [engine.add_request(None, i, params, on_output) for i in ids]
+    texts = {r: "" for r in rids}
+    gen = 0
+    while engine.has_unfinished():
+        for out in engine.step():
+            texts[out.request_id] += out.new_text
+            gen += len(out.new_token_ids)
     dt = time.perf_counter() - t0
     if stream:
         print()
