@@ -1005,25 +1005,8 @@ MGPU_SMEM_UNPACK_CONFIGS = (
 )
 
 
-def _table_mgpu_fields(m: int, n: int, k: int, k8: int) -> dict | None:
-    """The tuning table's Mosaic GPU schedule for this call as MgpuConfig fields (None when
-    its entry is not an ``mgpu`` one)."""
-    cfg = tuning.get_config(m, n, k, k8)
-    if cfg.backend != "mgpu":
-        return None
-    return dict(
-        block_n=cfg.block_n,
-        stages=cfg.num_stages,
-        rows_per_wg=cfg.block_m // 2,
-        park_int8=cfg.acc8_first,
-        smem_unpack="w" not in cfg.pre_unpack,
-    )
-
-
-def _mgpu_label(fields: dict) -> str:
-    from pallas_kernels.w4ax_mgpu import MgpuConfig
-
-    c = MgpuConfig(**fields)
+def _mgpu_label(c) -> str:
+    """A MgpuConfig's row label: tile, stages, park8 / smem-unpack."""
     extra = (" park8" if c.park_int8 else "") + (" smem-unpack" if c.smem_unpack else "")
     return f"mgpu {c.block_m}x{c.block_n} s{c.stages}{extra}"
 
@@ -1058,14 +1041,18 @@ def mgpu_study(results, deadline, ms=None, shapes_name="llama3-8b", smem_unpack=
             row["int8_us"] = time_int8(m, n, k) * 1e6
             row["tuned_us"] = time_ours(m, n, k, k8, tuned, sets=sets) * 1e6
             best = (row["tuned_us"], "tuned")
-            configs = MGPU_CONFIGS
+            configs = [MgpuConfig(**fields) for fields in MGPU_CONFIGS]
             if smem_unpack:  # the table's schedule, the same unpacking in the kernel, the rest
-                table = _table_mgpu_fields(m, n, k, k8)
-                configs = () if table is None else (table, dict(table, smem_unpack=True))
-                configs += tuple(c for c in MGPU_SMEM_UNPACK_CONFIGS if c not in configs)
-            for fields in configs:
-                lbl = _mgpu_label(fields)
-                cfg = MgpuConfig(**fields)
+                table = tuning.get_config(m, n, k, k8)
+                configs = []
+                if table.backend == "mgpu":
+                    t = MgpuConfig.from_gemm_config(table)
+                    configs = [t, dataclasses.replace(t, smem_unpack=True)]
+                for fields in MGPU_SMEM_UNPACK_CONFIGS:
+                    if MgpuConfig(**fields) not in configs:
+                        configs.append(MgpuConfig(**fields))
+            for cfg in configs:
+                lbl = _mgpu_label(cfg)
                 f = functools.partial(w4ax_matmul_mgpu, config=cfg)
                 try:
                     y = np.asarray(f(*ops), np.float32)

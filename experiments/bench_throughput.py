@@ -178,7 +178,6 @@ def run_workload(
         step_i += 1
         batch_reached = max(batch_reached, len(engine.scheduler.running))
     wall = time.perf_counter() - t0
-    st = engine.stats
     host = st.host_time_s - st0.host_time_s
     dev = st.device_time_s - st0.device_time_s
     wait = st.wait_time_s - st0.wait_time_s

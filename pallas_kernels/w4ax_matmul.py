@@ -718,14 +718,7 @@ def _mgpu_config(cfg: GemmConfig, w_scales, n, two_segments, *, raw, tile_k, int
         return None
     if cfg.block_n not in BLOCK_NS or cfg.block_m not in [2 * r for r in ROWS_PER_WG]:
         return None  # tiles it lacks (MgpuConfig's choices)
-    mcfg = MgpuConfig(
-        block_n=cfg.block_n,
-        stages=cfg.num_stages,
-        rows_per_wg=cfg.block_m // 2,
-        park_int8=cfg.acc8_first,
-        # pre_unpack without "w": the kernel unpacks the weight tiles itself
-        smem_unpack="w" not in cfg.pre_unpack,
-    )
+    mcfg = MgpuConfig.from_gemm_config(cfg)
     n_groups = 0 if w_scales.ndim == 1 else w_scales.shape[1]
     if mgpu_unsupported(n, n_groups, tile_k, mcfg, two_segments=two_segments):
         return None

@@ -113,6 +113,20 @@ class MgpuConfig:
     def block_m(self) -> int:
         return 2 * self.rows_per_wg
 
+    @classmethod
+    def from_gemm_config(cls, cfg) -> MgpuConfig:
+        """The schedule of an ``mgpu`` :class:`~pallas_kernels.tuning.GemmConfig`: block_m
+        is the tile's rows (two warpgroups); acc8_first is the Mosaic GPU form of the same
+        idea (park_int8); a pre_unpack without "w" leaves the weights to the kernel
+        (smem_unpack)."""
+        return cls(
+            block_n=cfg.block_n,
+            stages=cfg.num_stages,
+            rows_per_wg=cfg.block_m // 2,
+            park_int8=cfg.acc8_first,
+            smem_unpack="w" not in cfg.pre_unpack,
+        )
+
 
 def _num_sms() -> int:
     return getattr(jax.devices()[0], "core_count", 132)
