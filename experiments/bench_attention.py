@@ -9,6 +9,12 @@
    Effective bandwidth = bytes the kernel must read (K/V + scales, pages actually used) / time.
 3. Prefill (causal, from an empty prefix and one chunked case) vs ``pallas.ops.gpu.attention.mha``.
 
+Single studies (each runs alone, see ``--help``): ``--warps-study``, ``--prefill-study``,
+``--stages-study``, ``--engine-shape`` (``--engine-launch``), ``--loop-study``,
+``--tail-study`` (``trim_tail`` and kv4_write warps), ``--cudnn-prefill`` (the engine's
+prefill path vs cuDNN attention on its K/V), ``--write-runs`` (kv4_write per token vs in
+runs of 16, 32 layers in one jitted loop).
+
 Timing: medians of 7 repeats, each the mean over n back-to-back async dispatches (n sized to
 ~50 ms), after compile + warm-up; inputs rotate over several buffers when the working set is
 small enough to sit in L2. Writes JSON + markdown to $OUT (or experiments/results/).
@@ -46,6 +52,9 @@ STUDIES = {
     "--stages-study": ("bench_attention_stages", "stages_study"),
     "--engine-shape": ("bench_attention_engine_shape", "engine_shape_study"),
     "--loop-study": ("bench_attention_loop", "loop_study"),
+    "--tail-study": ("bench_attention_tail", "tail_study"),
+    "--cudnn-prefill": ("bench_attention_cudnn_prefill", "cudnn_prefill_study"),
+    "--write-runs": ("bench_attention_write_runs", "write_runs_study"),
 }
 NAME = "bench_attention_focus" if FOCUS else "bench_attention"
 for _flag, (_name, _) in STUDIES.items():
@@ -67,6 +76,10 @@ RESULTS: dict = {
     "stages": [],
     "engine_shape": [],
     "loop": [],
+    "tail": [],
+    "write_warps": [],
+    "cudnn_prefill": [],
+    "write_runs": [],
 }
 
 
@@ -388,6 +401,96 @@ def prefill_study(key):
         save()
 
 
+def cudnn_prefill_study(key):
+    """Prefill with no cached prefix: the engine's path (INT4 pages dequantized, then the bf16
+    page kernel) against cuDNN's fused attention (``jax.nn.dot_product_attention``,
+    ``implementation="cudnn"``, causal, GQA) on the same dequantized K/V as dense arrays, i.e.
+    what a prefill that attends its own fresh K/V (written to the cache but not read back)
+    would cost. Outputs compared (relative L2)."""
+    for b, t in ((8, 1024), (1, 8192)):
+        q = jax.random.normal(key, (b, t, HQ, D), jnp.bfloat16)
+        lens = jnp.full((b,), t, jnp.int32)
+        kv, tables = make_paged(key, b, t, 128, 128, True, 1)
+        row = dict(B=b, T=t)
+        try:
+            ours = jax.jit(functools.partial(A.paged_prefill_attention, dequantize=True))
+            args = (q, kv, tables[0], lens)
+            out = ours(*args)
+            row["engine_us"] = bench(ours, [args]) * 1e6
+            k, v = A.gather_kv(kv, tables[0], 0, jnp.bfloat16)
+            k, v = k[:, :t], v[:, :t]
+            cud = jax.jit(
+                functools.partial(
+                    jax.nn.dot_product_attention, is_causal=True, implementation="cudnn"
+                )
+            )
+            ref = cud(q, k, v)
+            row["rel_err"] = rel(ref, out)
+            row["cudnn_us"] = bench(cud, [(q, k, v)]) * 1e6
+            row["cudnn_over_engine"] = row["cudnn_us"] / row["engine_us"]
+        except Exception as e_:
+            row["error"] = repr(e_)[:400]
+        RESULTS["cudnn_prefill"].append(row)
+        log("cudnn prefill", row)
+        save()
+
+
+def write_runs_study(key):
+    """kv4_write of a prefill step's 8192 tokens (8 chunks of 1024 consecutive positions in
+    random pages of 128) into all 32 layers of a pool, one jitted loop over the layers (as in
+    the engine's step, so the timing is the device's, not the dispatch's): per token
+    (run=0, the decode launch) vs runs of 16 tokens (whole page rows); and the 1214-token
+    decode write (one token per sequence) for reference. Bytes checked against XLA's
+    quantize + scatters at layer 0."""
+    from pallas_kernels import kv4_write as W
+
+    layers, page, pages = 32, 128, 1024  # 2 GiB per packed array (Pallas' 32-bit offsets)
+    rng = np.random.default_rng(0)
+    table = rng.permutation(pages)[:64].reshape(8, 8)
+    pos = np.arange(1024)
+    prefill = (table[:, pos // page] * page + pos % page).reshape(-1).astype(np.int32)
+    decode = rng.permutation(pages * page)[:1214].astype(np.int32)  # one token per sequence
+    kv = _int4_pool(key, layers, pages, page)
+    for name, slots_np, runs in (
+        ("prefill 8 x 1024", prefill, (0, 16)),
+        ("decode 1214", decode, (0,)),
+    ):
+        n = slots_np.size
+        k = jax.random.normal(jax.random.fold_in(key, 5), (n, HKV, D), jnp.bfloat16)
+        v = jax.random.normal(jax.random.fold_in(key, 6), (n, HKV, D), jnp.bfloat16)
+        slots = jnp.asarray(slots_np)
+        row = dict(case=name, tokens=n, layers=layers)
+        try:  # bytes first (the timed loops below write into the pool)
+            want = jax.jit(W.kv4_write_reference)(kv, 0, k, v, slots)
+            for run in runs:
+                one = jax.jit(functools.partial(W.kv4_write, run=run))(kv, 0, k, v, slots)
+                row[f"run{run}_equal"] = all(
+                    bool(jnp.array_equal(a, b_)) for a, b_ in zip(one, want)
+                )
+            del want, one
+            for run in runs:
+
+                def all_layers(kv, run=run, kvs=(k, v, slots)):
+                    body = lambda i, c: W.kv4_write(c, i, *kvs, run=run)  # noqa: E731
+                    return jax.lax.fori_loop(0, layers, body, kv)
+
+                state = [kv]
+                kv = None  # donated to the loop from here on
+                fn = jax.jit(all_layers, donate_argnums=0)
+
+                def step(fn=fn, state=state):
+                    state[0] = fn(state[0])
+                    return state[0].k
+
+                row[f"run{run}_us_per_layer"] = bench(step, [()]) * 1e6 / layers
+                kv = state[0]
+        except Exception as e_:
+            row["error"] = repr(e_)[:400]
+        RESULTS["write_runs"].append(row)
+        log("write runs", row)
+        save()
+
+
 ENGINE_SHAPE = dict(batch=256, seq_lo=1024, seq_hi=1536, layers=32, layer=5, launch=False)
 # --engine-launch: case (c) alone, the default launch against these (tag, kernel kwargs)
 ENGINE_LAUNCH_VARIANTS = (
@@ -461,6 +564,88 @@ def engine_shape_study(key):
             row["error"] = repr(e_)[:300]
         RESULTS["engine_shape"].append(row)
         log("engine shape", row)
+    save()
+
+
+def tail_study(key):
+    """(1) ``trim_tail`` (the masked loop reads no bytes past each length) against full-page
+    reads at the engine's decode shape (``--engine-batch``, 32-layer pool, layer 5): ragged S
+    in [1024, 1536] and uniform S = 1025 (127 unused keys in the last page), 1152 and 1280
+    (whole pages: no tail, the mask's cost alone). Outputs must be equal bit for bit; timings
+    alternate A B A B. (2) kv4_write by warps per program at 1214 and 8192 tokens (page 128),
+    bytes checked against XLA's quantize + scatters."""
+    e = ENGINE_SHAPE
+    b, page = e["batch"], 128
+    mp = -(-e["seq_hi"] // page)
+    rng = np.random.default_rng(0)
+    q = jax.random.normal(jax.random.fold_in(key, 1), (b, HQ, D), jnp.bfloat16)
+    cases = (
+        ("ragged S", rng.integers(e["seq_lo"], e["seq_hi"] + 1, b).astype(np.int32)),
+        ("S = 1025", np.full(b, 1025, np.int32)),
+        ("S = 1152", np.full(b, 1152, np.int32)),
+        ("S = 1280", np.full(b, 1280, np.int32)),
+    )
+    pages = b * mp + 1
+    try:
+        kv = _int4_pool(jax.random.fold_in(key, e["layers"]), e["layers"], pages, page)
+        table = jnp.asarray(rng.permutation(pages)[: b * mp].reshape(b, mp).astype(np.int32))
+        fns = {
+            t: jax.jit(functools.partial(A.paged_decode_attention, layer=e["layer"], trim_tail=t))
+            for t in (False, True)
+        }
+        for name, lens in cases:
+            row = dict(case=name, B=b, mean_S=float(lens.mean()))
+            lens_j = jnp.asarray(lens)
+            args = (q, kv, table, lens_j)
+            try:
+                outs = {t: fn(*args) for t, fn in fns.items()}
+                row["equal"] = bool(jnp.array_equal(outs[False], outs[True]))
+                row["finite"] = bool(jnp.all(jnp.isfinite(outs[True].astype(jnp.float32))))
+                for rep_i in range(2):
+                    for t in (False, True):
+                        tag = ("trim" if t else "full") + f"{rep_i}_us"
+                        row[tag] = bench(fns[t], [args]) * 1e6
+                full = min(row["full0_us"], row["full1_us"])
+                trim = min(row["trim0_us"], row["trim1_us"])
+                row["trim_over_full"] = trim / full
+            except Exception as e_:
+                row["error"] = repr(e_)[:300]
+            RESULTS["tail"].append(row)
+            log("tail", row)
+            save()
+        del kv
+    except Exception as e_:
+        RESULTS["tail"].append(dict(error=repr(e_)[:300]))
+        log("tail", RESULTS["tail"][-1])
+    from comet_jax.engine import kv_cache as kc
+    from pallas_kernels import kv4_write as W
+
+    for n_tokens in (1214, 8192):
+        cfg = kc.KVCacheConfig(1, HKV, D, page, 4096, 128, "int4")
+        k = jax.random.normal(key, (n_tokens, HKV, D), jnp.bfloat16)
+        v = jax.random.normal(jax.random.fold_in(key, 2), (n_tokens, HKV, D), jnp.bfloat16)
+        slots = jnp.asarray(rng.permutation(4096 * page)[:n_tokens].astype(np.int32))
+        want = W.kv4_write_reference(kc.init_cache(cfg).pages(), 0, k, v, slots)
+        row = dict(tokens=n_tokens)
+        for warps in (1, 2, 4, 8):
+            fn = jax.jit(functools.partial(W.kv4_write, num_warps=warps), donate_argnums=0)
+            try:
+                got = fn(kc.init_cache(cfg).pages(), 0, k, v, slots)
+                row[f"w{warps}_equal"] = all(
+                    bool(jnp.array_equal(a, b_))
+                    for a, b_ in zip(jax.tree.leaves(got), jax.tree.leaves(want))
+                )
+                state = [kc.init_cache(cfg).pages()]
+
+                def step(fn=fn, state=state, kvs=(k, v, slots)):
+                    state[0] = fn(state[0], 0, *kvs)
+                    return state[0].k
+
+                row[f"w{warps}_us"] = bench(step, [()]) * 1e6
+            except Exception as e_:
+                row[f"w{warps}_error"] = repr(e_)[:300]
+        RESULTS["write_warps"].append(row)
+        log("write_warps", row)
     save()
 
 
@@ -711,6 +896,14 @@ def markdown():
             "",
         ]
         lines += [f"- {r}" for r in RESULTS["stages"]]
+    for sec, title in (
+        ("tail", "trim_tail vs full pages"),
+        ("write_warps", "kv4_write warps"),
+        ("cudnn_prefill", "prefill: engine path vs cuDNN on the same K/V"),
+        ("write_runs", "kv4_write: per token vs runs of 16 (32 layers, one jitted loop)"),
+    ):
+        if RESULTS[sec]:
+            lines += ["", f"## {title}", ""] + [f"- {r}" for r in RESULTS[sec]]
     if RESULTS["engine_shape"]:
         lines += ["", "## INT4 decode at the engine's batch-256 shape", ""]
         lines += [f"- {r}" for r in RESULTS["engine_shape"]]
@@ -769,6 +962,22 @@ def main():
         "--prefill-study",
         action="store_true",
         help="only the default prefill path by num_stages / block_k, with mha",
+    )
+    ap.add_argument(
+        "--tail-study",
+        action="store_true",
+        help="only trim_tail vs full-page reads at --engine-batch (32 layers; bit-equality "
+        "checked) and kv4_write by warps (bytes checked)",
+    )
+    ap.add_argument(
+        "--cudnn-prefill",
+        action="store_true",
+        help="only prefill without a prefix: the engine's path vs cuDNN attention on its K/V",
+    )
+    ap.add_argument(
+        "--write-runs",
+        action="store_true",
+        help="only kv4_write of a prefill step (8192 tokens) per token vs in runs of 16",
     )
     ap.add_argument(
         "--loop-study",

@@ -20,8 +20,9 @@ the baseline of the same engine, measured in the same run.
     python experiments/bench_throughput.py --preset llama3-8b              # GPU
     python experiments/bench_throughput.py --preset llama3-70b --precisions w4axkv4,bf16
     python experiments/bench_throughput.py --tiny                           # CPU smoke run
-    # docs/benchmarks.md run 69 (2.29x), one process per precision, only the step shapes the
-    # run uses (bf16: --decode-buckets 256, no --pack-buckets; gc.freeze() is the default);
+    # docs/benchmarks.md runs 71-74 (2.30-2.31x; run 69: 2.29x), one process per precision,
+    # only the step shapes the run uses (bf16: --decode-buckets 256, no --pack-buckets;
+    # gc.freeze() is the default);
     # run 65 (2.20x) compiled --decode-buckets 4,8,16,32,64,128,256,384,512,640,768,896,1024
     # --pack-buckets 1024,2048,3072,4096,5120,6144,7168,8192; runs 54 and 59 (2.04x, 2.09x):
     # those without --schedule prefill_first:

@@ -211,6 +211,13 @@ def _layer_array(layer) -> jnp.ndarray:
 # (bf16 0x4300 is 128.0 with a mantissa step of 1, so 0x4300 | n == 128 + n). The bias is
 # folded into the zero point: (128 + n) - (128 + z) == n - z.
 _NIBBLE_BIAS = 128.0
+# trim_tail reads V's transposed pages in whole runs of this many keys (16 bytes a row).
+_TRIM_RUN = 16
+# paged_decode_attention(trim_tail=None). Off: on the H100 (2026-11-28, `bench_attention.py
+# --tail-study`, B = 1214, 32-layer pool) the masked loads took the length-masked loop from
+# 745-768 to 1329-1337 us at ragged S in [1024, 1536] and from 638-644 to 1118-1121 us at
+# S = 1025 (outputs equal bit for bit); with whole pages (no masked loop) 1-2% either way.
+TRIM_TAIL_DEFAULT = False
 
 # Per 4 bytes (x): prmt spreads the bytes into 16-bit lanes, lop3 masks the low nibble and ORs
 # the bf16 exponent in: 4 instructions give 4 bf16 values (5 for the high nibbles: x >> 4 first).
@@ -297,6 +304,7 @@ def _kernel(
     one_loop: bool = False,
     q_tiled: bool = False,
     tile_rows: int = 0,
+    trim_tail: bool = False,
 ):
     if quantized:
         ks_ref, kz_ref, vs_ref, vz_ref, *outs = rest
@@ -396,14 +404,37 @@ def _kernel(
         x = ref[(layer, pg, h, *trail)]
         return x.reshape(block_k, *x.shape[2:]) if pages_per_block > 1 else x
 
-    def halves(ref, pg, j):
-        """The [block_k, g/2] K nibble halves of group j as bf16 128 + nibble (exact)."""
-        byte = load(ref, pg, slice(None), pl.ds(j * half, half))  # [block_k, g/2] uint8
-        return _unpack_biased(byte, fast=fast_unpack)
+    def k_bytes(pg, j, lim):
+        """[block_k, g/2] uint8: group j's K bytes; with ``lim`` (trim_tail, one page a
+        step) the rows of keys >= lim are not read (zeros)."""
+        if lim is None:
+            return load(k_ref, pg, slice(None), pl.ds(j * half, half))
+        from jax.experimental.pallas import triton as plgpu  # masked load (also interprets)
 
-    def v_halves(pg, j):
-        """The same for V, read from its transposed pages ([g/2, page] bytes per page)."""
-        byte = v_ref[(layer, pg, h, pl.ds(j * half, half), slice(None))]
+        keep = jnp.arange(page, dtype=jnp.int32)[:, None] < lim
+        return plgpu.load(
+            k_ref.at[layer, pg, h, :, pl.ds(j * half, half)],
+            mask=jnp.broadcast_to(keep, (page, half)),
+            other=0,
+        )
+
+    def halves(pg, j, lim):
+        """The [block_k, g/2] K nibble halves of group j as bf16 128 + nibble (exact)."""
+        return _unpack_biased(k_bytes(pg, j, lim), fast=fast_unpack)
+
+    def v_halves(pg, j, lim):
+        """The same for V, read from its transposed pages ([g/2, page] bytes per page). With
+        ``lim``, whole 16-key runs past it are not read: the token axis is the contiguous
+        one, and a mask that changes every key would cut the copies to single bytes."""
+        idx = (layer, pg, h, pl.ds(j * half, half), slice(None))
+        if lim is None:
+            byte = v_ref[idx]
+        else:
+            from jax.experimental.pallas import triton as plgpu
+
+            run = jnp.arange(page, dtype=jnp.int32) // _TRIM_RUN * _TRIM_RUN
+            keep = jnp.broadcast_to((run < lim)[None, :], (half, page))
+            byte = plgpu.load(v_ref.at[idx], mask=keep, other=0)
         lo, hi = _unpack_biased(byte, fast=fast_unpack)  # [(ppb,) g/2, page]
         lo, hi = jnp.swapaxes(lo, -1, -2), jnp.swapaxes(hi, -1, -2)
         if pages_per_block > 1:
@@ -430,10 +461,11 @@ def _kernel(
         # select over the [BM, block_k] tile). Each block of the loop holds a visible key,
         # so the max is finite and the masked keys' exp2 is 0. Needs finite bytes past the
         # length (init_cache zeros or earlier writes), as the dots read them anyway.
-        neg = None
+        neg = lim = None
         if masked == "keys":
             lim = kv_end - blk * block_k
             neg = jnp.where(jnp.arange(block_k, dtype=jnp.int32) < lim, 0.0, _MASK)[None, :]
+        trim = lim if trim_tail and quantized else None
 
         def scaled(x):
             return x * log2_scale if neg is None else x * log2_scale + neg
@@ -449,12 +481,12 @@ def _kernel(
             logits = scaled(jnp.dot(q_whole, k_all.T, preferred_element_type=jnp.float32))
         for j in range(n_groups if quantized else 0):  # INT4: per group, nibble halves
             if qk_int8:  # nibbles as int8 0..15: a mask and a shift, no float conversion
-                byte = load(k_ref, pg, slice(None), pl.ds(j * half, half))
+                byte = k_bytes(pg, j, trim)
                 k_lo = (byte & jnp.uint8(0xF)).astype(jnp.int8)
                 k_hi = (byte >> jnp.uint8(4)).astype(jnp.int8)
                 acc_t, bias = jnp.int32, 0.0
             else:  # INT4 as 128 + nibble in bf16 (bias folded into the zero point)
-                k_lo, k_hi = halves(k_ref, pg, j)
+                k_lo, k_hi = halves(pg, j, trim)
                 acc_t, bias = jnp.float32, _NIBBLE_BIAS
             raw = jnp.dot(q_pieces[j][0], k_lo.T, preferred_element_type=acc_t)
             raw += jnp.dot(q_pieces[j][1], k_hi.T, preferred_element_type=acc_t)
@@ -486,7 +518,7 @@ def _kernel(
             s = load(vs_ref, pg, j, slice(None)).astype(jnp.float32)[None, :]
             z = vz_now[j].astype(jnp.float32)[None, :] + _NIBBLE_BIAS
             ps = (probs * s).astype(jnp.bfloat16)
-            v_lo, v_hi = v_halves(pg, j)
+            v_lo, v_hi = v_halves(pg, j, trim)
             # Same rounded ps in the dot and in the correction: the bias cancels exactly.
             zc = jnp.sum(ps.astype(jnp.float32) * z, axis=1)[:, None]
             for acc, v_half in zip(accs[2 * j : 2 * j + 2], (v_lo, v_hi)):
@@ -585,6 +617,7 @@ def _attend(
     q_direct: bool = False,
     one_loop: bool = False,
     q_tiled: bool = False,
+    trim_tail: bool = False,
 ):
     """Launches the kernel over grid (B, Hkv, R / block_rows, num_splits); merges splits.
     ``ring``: None or ``(ring_k, ring_v, ring_slots)``, attended as one more key block.
@@ -607,7 +640,11 @@ def _attend(
     load) and stores all of them onto the ``hg`` output rows (the copies compute the same
     bits), instead of XLA padding q to ``block_rows`` rows per KV head and slicing the output
     back: at B = 1214 those two passes took 1.0 ms of a 51.8 ms LLaMA-3-8B decode step
-    (docs/benchmarks.md, run 48)."""
+    (docs/benchmarks.md, run 48).
+
+    ``trim_tail`` (INT4 pages, ``one_loop``, one page a step): the length-masked loop reads
+    only the K rows of keys below the length and V's in 16-key runs (masked loads, zeros
+    past them) instead of whole pages."""
     if q_tiled:
         batch, hkv, hg_q, head_dim = q_rows.shape
         rows = block_rows
@@ -629,6 +666,14 @@ def _attend(
     if block_k % kv.page_size or block_k & (block_k - 1):
         raise ValueError(f"block_k={block_k} must be a power-of-two multiple of the page size")
     pages_per_block = block_k // kv.page_size
+    if trim_tail and not (kv.quantized and one_loop and pages_per_block == 1):
+        raise ValueError(
+            "trim_tail needs an INT4 cache, one_loop and one page a step (block_k == page), "
+            f"got quantized={kv.quantized}, one_loop={one_loop}, block_k={block_k}, "
+            f"page={kv.page_size}"
+        )
+    if trim_tail and kv.page_size % _TRIM_RUN:
+        raise ValueError(f"trim_tail needs pages of a multiple of {_TRIM_RUN} tokens")
     max_blocks = -(-max_pages // pages_per_block)
     # Pad the table to whole blocks; padded entries point at page 0 and are masked by length.
     page_table = jnp.pad(page_table, ((0, 0), (0, max_blocks * pages_per_block - max_pages)))
@@ -653,6 +698,7 @@ def _attend(
         one_loop=one_loop,
         q_tiled=q_tiled,
         tile_rows=block_rows if q_tiled else 0,
+        trim_tail=trim_tail,
     )
     whole = pl.no_block_spec  # the kernel gets the whole array and indexes it itself
     if q_direct:
@@ -863,6 +909,7 @@ def paged_decode_attention(
     ring_in_kernel: bool = True,
     one_loop: bool | None = None,
     q_tiled: bool | None = None,
+    trim_tail: bool | None = None,
 ):
     """One new token per sequence attends to its cached tokens (its own K/V already written).
 
@@ -908,6 +955,10 @@ def paged_decode_attention(
         output in it, filling its 16-row tile with copies of the GQA group's rows, instead
         of XLA padding q to the tile and slicing the output back (``_attend``). None
         (default): whenever it applies (one split, no lse, the group dividing the tile).
+      trim_tail: in the length-masked loop (one_loop, INT4 pages, one page a step) read only
+        the bytes of keys below the length (K by row, V in 16-key runs), not the whole last
+        page: its unused part averages half a page per (sequence, KV head). None (default):
+        :data:`TRIM_TAIL_DEFAULT` wherever it applies.
 
     Returns:
       ``[B, Hq, D]`` in q's dtype (and the lse with ``return_lse``).
@@ -942,6 +993,11 @@ def paged_decode_attention(
         num_stages = default_stages(decode=True, int4_pages=kv.quantized)
     if one_loop is None:
         one_loop = kv.quantized
+    trim_ok = (
+        kv.quantized and one_loop and block_k == kv.page_size and kv.page_size % _TRIM_RUN == 0
+    )
+    if trim_tail is None:
+        trim_tail = TRIM_TAIL_DEFAULT and trim_ok
     if not 1 <= num_splits <= max_pages:
         raise ValueError(f"num_splits={num_splits} must be in [1, max_pages={max_pages}]")
     hg_pad = 1 << (hg - 1).bit_length()
@@ -982,6 +1038,7 @@ def paged_decode_attention(
         ring=in_kernel,
         one_loop=one_loop,
         q_tiled=q_tiled,
+        trim_tail=bool(trim_tail),
     )
     if q_tiled:
         return out.reshape(batch, hq, d)

@@ -291,20 +291,24 @@ def test_step_memory_checked_against_free_memory(sync_engine):
 
 
 def test_sampler_variant_chosen_on_host(engine):
-    """Greedy-only batches run the sampler without the top-k/top-p filter, batches with a
-    filtering request the one with it (no device-side branch in either executable)."""
+    """Greedy-only batches run the argmax-only sampler, sampling batches the one without the
+    top-k/top-p filter, batches with a filtering request the one with it (no device-side
+    branch in any executable)."""
     runner = engine.runner
-    calls = {False: 0, True: 0}
+    calls = {"greedy": 0, "sample": 0, "filter": 0}
     originals = dict(runner._compiled_samplers)
+    assert {f for _, f in originals} == set(calls)
     for (b, f), fn in originals.items():
         runner._compiled_samplers[b, f] = lambda *a, fn=fn, f=f: (
             calls.__setitem__(f, calls[f] + 1) or fn(*a)
         )
     try:
         engine.generate(prompts(8, [5, 7]), GREEDY)
-        assert calls[False] > 0 and calls[True] == 0
+        assert calls["greedy"] > 0 and calls["sample"] == calls["filter"] == 0
+        engine.generate(prompts(8, [5]), SamplingParams(max_tokens=3, temperature=1, seed=2))
+        assert calls["sample"] > 0 and calls["filter"] == 0
         engine.generate(prompts(8, [5]), SamplingParams(max_tokens=3, temperature=1, top_k=4))
-        assert calls[True] > 0
+        assert calls["filter"] > 0
     finally:
         runner._compiled_samplers.update(originals)
     hlo = runner._compiled[4, 1, CFG.max_pages_per_seq, 0].as_text()

@@ -111,6 +111,62 @@ def test_decode_masks_the_tail_of_the_last_page_in_both_loop_structures(dtype):
     assert _rel(unmasked, ref) > 0.1
 
 
+@pytest.mark.parametrize("qk_int8", [False, True])
+def test_trimmed_tail_loads_give_the_same_bits(qk_int8):
+    """trim_tail reads no bytes of keys past each length (K rows, V in 16-key runs; zeros
+    instead). Those keys are masked anyway, so the output is bit for bit the full read's,
+    with junk written past the lengths; lengths cover a partial first page, a run boundary,
+    whole pages and a 16-key run's middle."""
+    hg, d, page, group, max_pages = 4, 128, 32, 64, 4
+    lens = np.array([5, page, 16, 2 * page + 17, 4 * page], np.int32)
+    rng = np.random.default_rng(11)
+    b, s = len(lens), max_pages * page
+    cfg = kc.KVCacheConfig(2, 2, d, page, b * max_pages + 3, group, "int4")
+    table = rng.permutation(cfg.num_pages)[: b * max_pages].reshape(b, max_pages).astype(np.int32)
+    pos = np.broadcast_to(np.arange(s), (b, s))
+    slots = kc.slot_mapping_from_positions(table, pos, page, pos < s)
+    junk = np.where(pos[..., None, None] < lens[:, None, None, None], 1.0, 40.0)
+    k = jnp.asarray(rng.standard_normal((b, s, 2, d)) * junk, jnp.bfloat16)
+    v = jnp.asarray(rng.standard_normal((b, s, 2, d)) * junk, jnp.bfloat16)
+    cache = _write(kc.init_cache(cfg), 1, k, v, slots)
+    q = jnp.asarray(rng.standard_normal((b, 2 * hg, d)), jnp.bfloat16)
+    outs = [
+        _jit(
+            attn.paged_decode_attention,
+            layer=1,
+            block_k=page,
+            num_splits=1,
+            trim_tail=trim,
+            qk_int8=qk_int8,
+            interpret=True,
+        )(q, cache.pages(), table, lens)
+        for trim in (False, True)
+    ]
+    np.testing.assert_array_equal(np.asarray(outs[0]), np.asarray(outs[1]))
+    ref = _jit(attn.paged_decode_attention_reference, layer=1)(q, cache.pages(), table, lens)
+    assert _rel(outs[1], ref) < 1e-2
+
+
+def test_trimmed_tail_needs_one_int4_page_a_step(monkeypatch):
+    """trim_tail=True is refused where it cannot apply (bf16 pages, gathered pages, the
+    two-loop structure); None follows TRIM_TAIL_DEFAULT where it applies, else stays off."""
+    lens = np.array([3, 20], np.int32)
+    cache, table, _, _, rng = _filled_cache("int4", 4, 64, 16, 64, lens, 2, seed=3)
+    q = jnp.asarray(rng.standard_normal((2, 8, 64)), jnp.bfloat16)
+    for bad in (dict(block_k=32), dict(one_loop=False)):
+        with pytest.raises(ValueError, match="trim_tail"):
+            attn.paged_decode_attention(q, cache.pages(), table, lens, trim_tail=True, **bad)
+    bf16, table16, _, _, _ = _filled_cache("bf16", 4, 64, 16, 64, lens, 2, seed=3)
+    with pytest.raises(ValueError, match="trim_tail"):
+        attn.paged_decode_attention(q, bf16.pages(), table16, lens, trim_tail=True)
+    seen = _spy_attend(monkeypatch, lambda kw: kw.get("trim_tail", False))
+    for default in (True, False):
+        monkeypatch.setattr(attn, "TRIM_TAIL_DEFAULT", default)
+        attn.paged_decode_attention(q, cache.pages(), table, lens, block_k=16, interpret=True)
+        attn.paged_decode_attention(q, cache.pages(), table, lens, block_k=32, interpret=True)
+    assert seen == [True, False, False, False]
+
+
 PREFILL_CASES = [  # dtype, gqa, head_dim, page, group
     ("int4", 4, 128, 16, 64),
     ("int4", 8, 64, 32, 32),

@@ -12,6 +12,7 @@ from comet_jax.engine.sampling import (
     _filter_top_k_top_p,
     needs_filter,
     sample_tokens,
+    sampler_kind,
 )
 
 B, V = 8, 64
@@ -42,6 +43,27 @@ def test_filter_matches_sort_reference():
     for i in range(B):
         want = reference_support(logits[i], int(top_k[i]), float(top_p[i]))
         np.testing.assert_array_equal(got[i], want, err_msg=f"row {i}")
+
+
+def test_greedy_only_sampler_is_the_argmax_of_greedy_rows():
+    """sampler_kind picks "greedy" only when no row samples; greedy_only then gives the
+    tokens of the full sampler (every row at temperature 0), "sample" / "filter" otherwise."""
+    rng = np.random.default_rng(5)
+    logits = rng.normal(size=(B, V)).astype(np.float32)
+    zeros = np.zeros(B, np.float32)
+    off_k, off_p = np.zeros(B, np.int32), np.ones(B, np.float32)
+    seeds, counters = np.arange(B, dtype=np.int32), np.full(B, 2, np.int32)
+    args = (logits, zeros, off_k, off_p, seeds, counters)
+    full = np.asarray(jax.jit(sample_tokens)(*args))
+    only = jax.jit(lambda *a: sample_tokens(*a, greedy_only=True))(*args)
+    np.testing.assert_array_equal(np.asarray(only), full)
+    np.testing.assert_array_equal(full, np.argmax(logits, axis=-1))
+    assert sampler_kind(zeros, off_k, off_p) == "greedy"
+    assert sampler_kind(zeros, np.full(B, 4, np.int32), off_p) == "greedy"  # top-k unused
+    one = zeros.copy()
+    one[3] = 0.7
+    assert sampler_kind(one, off_k, off_p) == "sample"
+    assert sampler_kind(one, off_k, np.full(B, 0.9, np.float32)) == "filter"
 
 
 def test_host_chosen_filter_matches_device_choice():

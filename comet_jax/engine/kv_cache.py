@@ -177,6 +177,10 @@ def _check_new(name: str, x, cfg: KVCacheConfig, n: int):
     return x
 
 
+# Tokens per program of the KV4 write kernel for prefill chunks (`write_kv`).
+PREFILL_WRITE_RUN = 16
+
+
 def write_kv(
     cache: PagedKVCache, layer, k_new, v_new, slot_mapping, *, kernel: bool = False,
     interpret: bool = False,
@@ -189,7 +193,10 @@ def write_kv(
       slot_mapping: ``[N]`` (or ``[B, T]``) int32 ``page * page_size + offset``; ``-1`` skips.
       kernel: INT4 cache: quantize and store with the one Pallas kernel
         (`pallas_kernels.kv4_write.kv4_write`, same bytes) instead of XLA's quantize + six
-        scatters (`kv4_write_reference`). `interpret` runs the kernel on the CPU.
+        scatters (`kv4_write_reference`). `interpret` runs the kernel on the CPU. With
+        ``[B, T]`` slots and ``T`` a multiple of `PREFILL_WRITE_RUN` (a prefill chunk) the
+        kernel takes runs of that many tokens (whole page rows where the run's slots are
+        consecutive, token by token where not).
 
     Returns the updated cache (donate the old one under jit for an in-place update).
     """
@@ -205,7 +212,12 @@ def write_kv(
         put = kv4_write.token_scatter(layer, slots, cfg.page_size, cfg.num_pages)
         return dataclasses.replace(cache, k=put(cache.k, k_new), v=put(cache.v, v_new))
     if kernel:
-        pages = kv4_write.kv4_write(cache.pages(), layer, k_new, v_new, slots, interpret=interpret)
+        run = PREFILL_WRITE_RUN
+        chunked = slot_mapping.ndim == 2 and slot_mapping.shape[1] % run == 0
+        run = run if chunked and cfg.page_size % run == 0 else 0
+        pages = kv4_write.kv4_write(
+            cache.pages(), layer, k_new, v_new, slots, interpret=interpret, run=run
+        )
     else:
         pages = kv4_write.kv4_write_reference(cache.pages(), layer, k_new, v_new, slots)
     return dataclasses.replace(cache, **pages._asdict())

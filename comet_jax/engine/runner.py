@@ -13,8 +13,8 @@ row from the logits of its last valid token. Only [B] int32 leaves the device.
 
 It runs as two executables: the model (tokens, positions, page table -> last-position logits
 [B, V] f32, cache updated in place) and the sampler (logits + sampling arrays -> tokens). The
-host chooses the sampler variant (with or without the top-k/top-p filter) from the batch's
-parameters: a device-side choice (`lax.cond`) made the host wait for the whole model to run
+host chooses the sampler variant (argmax only, sampling, or sampling with the top-k/top-p
+filter: `sampling.sampler_kind`) from the batch's parameters: a device-side choice (`lax.cond`) made the host wait for the whole model to run
 before it could go on, on every step (measured on an H100: 7-8 ms of an 18 ms decode step).
 With XLA command buffers (CUDA graphs, `cuda_graphs`), launching the step's 500-1000-node
 graph takes the host 2.5-4.5 ms; without them the one-by-one launches of the ~980-kernel
@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from comet_jax.engine import kv_cache
-from comet_jax.engine.sampling import needs_filter, sample_tokens
+from comet_jax.engine.sampling import SAMPLER_KINDS, sample_tokens, sampler_kind
 from models.llama import packing_from_lengths
 
 
@@ -273,8 +273,10 @@ def make_step_fn(model, filtered: bool | None = None):
     return step
 
 
-def _padded_sample(logits, *sampling, size: int, filtered: bool) -> jax.Array:
-    tokens = sample_tokens(logits, *sampling, filtered=filtered)
+def _padded_sample(logits, *sampling, size: int, kind: str) -> jax.Array:
+    tokens = sample_tokens(
+        logits, *sampling, filtered=kind == "filter", greedy_only=kind == "greedy"
+    )
     return jnp.pad(tokens, (0, max(size - tokens.shape[0], 0)))
 
 
@@ -464,12 +466,12 @@ class ModelRunner:
             jit_sampler = sr.jit_replicated(mesh)
         self._jits: dict[int, Any] = {}  # packed rows (0: none) -> jitted model step
         self._samplers = {
-            f: jit_sampler(functools.partial(_padded_sample, size=out_size, filtered=f))
-            for f in (False, True)
+            kind: jit_sampler(functools.partial(_padded_sample, size=out_size, kind=kind))
+            for kind in SAMPLER_KINDS
         }
         # keys: (batch, length, pages, packed rows), see `run`
         self._compiled: dict[tuple[int, int, int, int], Any] = {}
-        self._compiled_samplers: dict[tuple[int, bool], Any] = {}
+        self._compiled_samplers: dict[tuple[int, str], Any] = {}  # (batch, kind)
         self._memory: dict[tuple[int, int, int, int], dict[str, int] | None] = {}
         self._warm: set[tuple[int, int, int, int]] = set()  # shapes warm_up has run
         self.allow_lazy = True
@@ -528,7 +530,8 @@ class ModelRunner:
 
     def _lowerings(self, batch: int, length: int, pages: int, rows: int, claimed=None):
         """Yields (store, lowered) for each executable of this shape not compiled yet: the
-        model step and the batch's two samplers; ``store(compiled)`` files the result.
+        model step and the batch's samplers (`SAMPLER_KINDS`); ``store(compiled)`` files the
+        result.
         claimed: a set of sampler keys already being compiled (skipped; new ones added)."""
         key = (batch, length, pages, rows)
         if key not in self._compiled:
@@ -545,7 +548,7 @@ class ModelRunner:
                 jitted.lower(self.params, self.cache, abstract.model_inputs(prev, prev)),
             )
         vocab = self.model.config.vocab_size
-        for f in (False, True):
+        for f in SAMPLER_KINDS:
             if (batch, f) in self._compiled_samplers or (batch, f) in (claimed or ()):
                 continue
             if claimed is not None:
@@ -560,7 +563,7 @@ class ModelRunner:
 
     def compile(self, batch: int, length: int, pages: int, rows: int = 0) -> None:
         """Compiles the model executable for this shape (`rows`: packed rows of a
-        multi-sequence prefill call, 0 = its grid) and both samplers for `batch`."""
+        multi-sequence prefill call, 0 = its grid) and the samplers for `batch`."""
         for store, lowered in self._lowerings(batch, length, pages, rows):
             store(lowered.compile(compiler_options=self.compiler_options))
 
@@ -590,7 +593,7 @@ class ModelRunner:
         opts = self.compiler_options
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="xla-compile") as pool:
             pending = []  # (key, [(store, lowered, future)])
-            claimed: set[tuple[int, bool]] = set()  # samplers shared by shapes: compiled once
+            claimed: set[tuple[int, str]] = set()  # samplers shared by shapes: compiled once
             for key in keys:
                 jobs = [
                     (store, lowered, pool.submit(lowered.compile, compiler_options=opts))
@@ -619,7 +622,7 @@ class ModelRunner:
                     on_done(key)
 
     def warm_up(self) -> int:
-        """Runs each compiled step shape not yet run once, on an all-padding batch, and both
+        """Runs each compiled step shape not yet run once, on an all-padding batch, and each
         of its batch's samplers; returns how many shapes it ran.
 
         A padding row (no tokens: ``num_valid = 0``, page table all 0) is what fills every
@@ -633,7 +636,7 @@ class ModelRunner:
             inp = StepInputs.zeros(*key[:3])
             model_inputs = inp.model_inputs(self.no_tokens, self.no_tokens)
             logits, self.cache = self._compiled[key](self.params, self.cache, model_inputs)
-            samplers = [self._compiled_samplers[key[0], f] for f in (False, True)]
+            samplers = [self._compiled_samplers[key[0], f] for f in SAMPLER_KINDS]
             out = [sample(logits, *inp.sampling_inputs()) for sample in samplers]
             self._warm.add(key)
         jax.block_until_ready((self.cache, out))
@@ -651,7 +654,7 @@ class ModelRunner:
                 "packed rows it runs on (pack_tokens = the step's token budget)"
             )
         key = (b, t, inp.page_table.shape[1], pack_rows(b, t, total, self.pack_buckets))
-        filtered = needs_filter(inp.top_k, inp.top_p)
+        kind = sampler_kind(inp.temperature, inp.top_k, inp.top_p)
         if key not in self._compiled:
             if not self.allow_lazy:
                 raise RuntimeError(f"step shape {key} was not compiled at start-up")
@@ -662,7 +665,7 @@ class ModelRunner:
             prev = (self.no_tokens, self.no_tokens)
         model_inputs = inp.model_inputs(*prev)
         logits, self.cache = self._compiled[key](self.params, self.cache, model_inputs)
-        sampler = self._compiled_samplers[key[0], filtered]
+        sampler = self._compiled_samplers[key[0], kind]
         return sampler(logits, *inp.sampling_inputs())
 
 

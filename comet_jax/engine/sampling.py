@@ -106,6 +106,22 @@ def needs_filter(top_k, top_p) -> bool:
     return bool(np.any(np.asarray(top_k) > 0) or np.any(np.asarray(top_p) < 1.0))
 
 
+# The engine's sampler executables, one per kind (`sampler_kind`).
+SAMPLER_KINDS = ("greedy", "sample", "filter")
+
+
+def sampler_kind(temperature, top_k, top_p) -> str:
+    """Host-side choice of sampler for a batch (numpy [B] arrays): "greedy" when no row
+    samples (temperature 0 everywhere, padding rows included): the argmax alone, without
+    the Gumbel noise's hash and two logs per [B, V] element (run 64's H100 trace of the 8B
+    engine at batch 1214 shows a 0.53 ms reduction fusion per decode step, most likely the
+    sampler's; docs/benchmarks.md 2026-11-28); "filter" when a row uses top-k or top-p; else
+    "sample". The tokens are those of `sample_tokens` with the choice made on the device."""
+    if not np.any(np.asarray(temperature) > 0):
+        return "greedy"
+    return "filter" if needs_filter(top_k, top_p) else "sample"
+
+
 def sample_tokens(
     logits: jax.Array,
     temperature: jax.Array,
@@ -115,6 +131,7 @@ def sample_tokens(
     counters: jax.Array,
     *,
     filtered: bool | None = None,
+    greedy_only: bool = False,
 ) -> jax.Array:
     """Samples one token per row.
 
@@ -125,9 +142,13 @@ def sample_tokens(
     host until every kernel before it has run, so the engine decides on the host instead
     (`needs_filter`) and passes True/False (static: one compiled sampler each). A row with
     top_k 0 and top_p 1 is unchanged by the filter, so True is always correct, only slower.
+    greedy_only: every row is greedy (the caller knows all temperatures are 0): the argmax
+    alone, the same tokens without the noise and the filter.
     """
     logits = logits.astype(jnp.float32)
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    if greedy_only:
+        return greedy
     t = jnp.where(temperature > 0, temperature, 1.0)
     scaled = logits / t[:, None]
     if filtered is None:
