@@ -437,8 +437,8 @@ def cudnn_prefill_study(key):
 
 def write_runs_study(key):
     """kv4_write of a prefill step's 8192 tokens (8 chunks of 1024 consecutive positions in
-    random pages of 128) into all 32 layers of a pool, one jitted loop over the layers (as in
-    the engine's step, so the timing is the device's, not the dispatch's): per token
+    random pages of 128) into all 32 layers of a pool, one jitted loop over the layers (no
+    per-call dispatch; the times include the loop's per-iteration overhead): per token
     (run=0, the decode launch) vs runs of 16 tokens (whole page rows); and the 1214-token
     decode write (one token per sequence) for reference. Bytes checked against XLA's
     quantize + scatters at layer 0."""
@@ -573,7 +573,8 @@ def tail_study(key):
     in [1024, 1536] and uniform S = 1025 (127 unused keys in the last page), 1152 and 1280
     (whole pages: no tail, the mask's cost alone). Outputs must be equal bit for bit; timings
     alternate A B A B. (2) kv4_write by warps per program at 1214 and 8192 tokens (page 128),
-    bytes checked against XLA's quantize + scatters."""
+    bytes checked against XLA's quantize + scatters (single calls: their dispatch is in the
+    times; `--write-runs` loops over layers instead)."""
     e = ENGINE_SHAPE
     b, page = e["batch"], 128
     mp = -(-e["seq_hi"] // page)

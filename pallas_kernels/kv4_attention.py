@@ -958,7 +958,7 @@ def paged_decode_attention(
       trim_tail: in the length-masked loop (one_loop, INT4 pages, one page a step) read only
         the bytes of keys below the length (K by row, V in 16-key runs), not the whole last
         page: its unused part averages half a page per (sequence, KV head). None (default):
-        :data:`TRIM_TAIL_DEFAULT` wherever it applies.
+        :data:`TRIM_TAIL_DEFAULT` (off: measured 1.8x slower on the H100) where it applies.
 
     Returns:
       ``[B, Hq, D]`` in q's dtype (and the lse with ``return_lse``).

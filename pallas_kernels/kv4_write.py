@@ -31,11 +31,11 @@ multiple of 16): a program takes 16 consecutive tokens of one KV head; when thei
 16 consecutive positions from a 16-aligned page offset it quantizes them together and stores
 whole rows (each of V's 64 transposed rows gets 16 adjacent bytes in one store instead of
 16 single-byte stores from 16 programs), else it writes them token by token as above. On the
-H100 (2026-11-28, ``bench_attention.py --write-runs``, 32 layers in one jitted loop, bytes
-equal to XLA's) a prefill step's 8192 tokens took 20.7 us per layer against 90.9 us per
-token; in the 8B engine at 1024/512 the median prefill step went from 107.2 to 105.7 ms
-(run 74, same machine). Decode (one token per sequence) keeps the per-token grid: 42.6 us per
-layer for 1214 tokens in the same run.
+H100 (2026-11-28, ``bench_attention.py --write-runs``, 32 layers in one jitted loop whose
+per-iteration overhead the times include, bytes equal to XLA's) a prefill step's 8192 tokens
+took 20.7 us per layer against 90.9 us token by token; in the 8B engine at 1024/512 the
+median prefill step went from 107.2 to 105.7 ms (run 74, same machine). Decode (one token
+per sequence) keeps the per-token grid: 42.6 us per layer for 1214 tokens in the same run.
 
 Bit-exactness: interpret mode on the CPU equals the reference bytes and scales exactly
 (tests). On the GPU the kernel uses ``div.rn.f32`` and ``cvt.rni`` as

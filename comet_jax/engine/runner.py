@@ -14,8 +14,9 @@ row from the logits of its last valid token. Only [B] int32 leaves the device.
 It runs as two executables: the model (tokens, positions, page table -> last-position logits
 [B, V] f32, cache updated in place) and the sampler (logits + sampling arrays -> tokens). The
 host chooses the sampler variant (argmax only, sampling, or sampling with the top-k/top-p
-filter: `sampling.sampler_kind`) from the batch's parameters: a device-side choice (`lax.cond`) made the host wait for the whole model to run
-before it could go on, on every step (measured on an H100: 7-8 ms of an 18 ms decode step).
+filter: `sampling.sampler_kind`) from the batch's parameters: a device-side choice
+(`lax.cond`) made the host wait for the whole model to run before it could go on, on every
+step (measured on an H100: 7-8 ms of an 18 ms decode step).
 With XLA command buffers (CUDA graphs, `cuda_graphs`), launching the step's 500-1000-node
 graph takes the host 2.5-4.5 ms; without them the one-by-one launches of the ~980-kernel
 W4AxKV4 step take longer than its kernels run. Either way the launch only stops idling the GPU when it overlaps the previous
