@@ -464,9 +464,7 @@ def write_runs_study(key):
             want = jax.jit(W.kv4_write_reference)(kv, 0, k, v, slots)
             for run in runs:
                 one = jax.jit(functools.partial(W.kv4_write, run=run))(kv, 0, k, v, slots)
-                row[f"run{run}_equal"] = all(
-                    bool(jnp.array_equal(a, b_)) for a, b_ in zip(one, want)
-                )
+                row[f"run{run}_equal"] = _same_leaves(one, want)
             del want, one
             for run in runs:
 
@@ -632,16 +630,9 @@ def tail_study(key):
             fn = jax.jit(functools.partial(W.kv4_write, num_warps=warps), donate_argnums=0)
             try:
                 got = fn(kc.init_cache(cfg).pages(), 0, k, v, slots)
-                row[f"w{warps}_equal"] = all(
-                    bool(jnp.array_equal(a, b_))
-                    for a, b_ in zip(jax.tree.leaves(got), jax.tree.leaves(want))
-                )
-                state = [kc.init_cache(cfg).pages()]
-
-                def step(fn=fn, state=state, kvs=(k, v, slots)):
-                    state[0] = fn(state[0], 0, *kvs)
-                    return state[0].k
-
+                row[f"w{warps}_equal"] = _same_leaves(got, want)
+                pool = [kc.init_cache(cfg).pages()]
+                step = functools.partial(_write_step, fn, pool, k, v, slots)
                 row[f"w{warps}_us"] = bench(step, [()]) * 1e6
             except Exception as e_:
                 row[f"w{warps}_error"] = repr(e_)[:300]
@@ -811,9 +802,14 @@ def prefill(key, quick):
         save()
 
 
-def _write_step(fn, state, k, slots):
-    state[0] = fn(state[0], 0, k, k, slots)  # donated: an in-place update, as in the engine
+def _write_step(fn, state, k, v, slots):
+    state[0] = fn(state[0], 0, k, v, slots)  # donated: an in-place update, as in the engine
     return state[0].k
+
+
+def _same_leaves(a, b) -> bool:
+    """Whether two pytrees of arrays (pools) hold the same values, leaf by leaf."""
+    return all(bool(jnp.array_equal(x, y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
 def writes(key):
@@ -834,11 +830,8 @@ def writes(key):
             try:
                 if kernel:
                     got = fn(kc.init_cache(cfg), 0, k, k, slots)
-                    row["kernel_equal"] = all(
-                        bool(jnp.array_equal(a, b))
-                        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(xla_out))
-                    )
-                step = functools.partial(_write_step, fn, [kc.init_cache(cfg)], k, slots)
+                    row["kernel_equal"] = _same_leaves(got, xla_out)
+                step = functools.partial(_write_step, fn, [kc.init_cache(cfg)], k, k, slots)
                 row[name + "_us"] = bench(step, [()]) * 1e6
             except Exception as e:
                 row[name + "_error"] = repr(e)[:300]

@@ -666,14 +666,12 @@ def _attend(
     if block_k % kv.page_size or block_k & (block_k - 1):
         raise ValueError(f"block_k={block_k} must be a power-of-two multiple of the page size")
     pages_per_block = block_k // kv.page_size
-    if trim_tail and not (kv.quantized and one_loop and pages_per_block == 1):
+    if trim_tail and not _trim_applies(kv, one_loop, block_k):
         raise ValueError(
-            "trim_tail needs an INT4 cache, one_loop and one page a step (block_k == page), "
-            f"got quantized={kv.quantized}, one_loop={one_loop}, block_k={block_k}, "
-            f"page={kv.page_size}"
+            "trim_tail needs an INT4 cache, one_loop, one page a step (block_k == page) and "
+            f"pages of a multiple of {_TRIM_RUN} tokens, got quantized={kv.quantized}, "
+            f"one_loop={one_loop}, block_k={block_k}, page={kv.page_size}"
         )
-    if trim_tail and kv.page_size % _TRIM_RUN:
-        raise ValueError(f"trim_tail needs pages of a multiple of {_TRIM_RUN} tokens")
     max_blocks = -(-max_pages // pages_per_block)
     # Pad the table to whole blocks; padded entries point at page 0 and are masked by length.
     page_table = jnp.pad(page_table, ((0, 0), (0, max_blocks * pages_per_block - max_pages)))
@@ -766,6 +764,12 @@ def _attend(
         return out
     lse = jnp.where(l_sum > 0, m_max[:, :, 0] + jnp.log(jnp.where(l_sum > 0, l_sum, 1.0)), -jnp.inf)
     return out, lse
+
+
+def _trim_applies(kv: PagedKV, one_loop: bool, block_k: int) -> bool:
+    """Whether ``trim_tail`` can run: INT4 pages, the one-loop decode, one page a loop step,
+    pages of whole ``_TRIM_RUN``-key runs."""
+    return kv.quantized and one_loop and block_k == kv.page_size and kv.page_size % _TRIM_RUN == 0
 
 
 def _fast_unpack(unpack: str, interpret: bool) -> bool:
@@ -993,11 +997,8 @@ def paged_decode_attention(
         num_stages = default_stages(decode=True, int4_pages=kv.quantized)
     if one_loop is None:
         one_loop = kv.quantized
-    trim_ok = (
-        kv.quantized and one_loop and block_k == kv.page_size and kv.page_size % _TRIM_RUN == 0
-    )
     if trim_tail is None:
-        trim_tail = TRIM_TAIL_DEFAULT and trim_ok
+        trim_tail = TRIM_TAIL_DEFAULT and _trim_applies(kv, one_loop, block_k)
     if not 1 <= num_splits <= max_pages:
         raise ValueError(f"num_splits={num_splits} must be in [1, max_pages={max_pages}]")
     hg_pad = 1 << (hg - 1).bit_length()
