@@ -1004,14 +1004,37 @@ MGPU_SMEM_UNPACK_CONFIGS = (
     dict(stages=5, smem_unpack=True),
 )
 
+# The packed weights unpacked in registers into wgmma's A operand (Y^T tiles: block_n tokens
+# x 2 * rows_per_wg weight rows); `--mgpu-w-regs`.
+MGPU_W_REGS_CONFIGS = (
+    dict(w_regs=True, block_n=128, rows_per_wg=64),
+    dict(w_regs=True, block_n=128, rows_per_wg=64, stages=5),
+    dict(w_regs=True, block_n=128, rows_per_wg=64, park_int8=True),
+    dict(w_regs=True, block_n=256, rows_per_wg=64, park_int8=True, stages=3),
+    dict(w_regs=True, block_n=256, rows_per_wg=64, park_int8=True),
+    dict(w_regs=True, block_n=128, rows_per_wg=128, park_int8=True),
+    dict(w_regs=True, block_n=64, rows_per_wg=64, stages=5),
+)
+# Token tiles fitting the engine's 1216-row decode batch in fewer whole waves on 132 SMs
+# (8 x 160, 16 x 80 rows, against 10 x 128 or 5 x 256; 152, which divides 1216, is not an
+# integer wgmma shape); `--mgpu-w-regs decode`.
+MGPU_W_REGS_DECODE_CONFIGS = (
+    dict(w_regs=True, block_n=160, rows_per_wg=64, park_int8=True),
+    dict(w_regs=True, block_n=160, rows_per_wg=64),
+    dict(w_regs=True, block_n=80, rows_per_wg=64),
+    dict(w_regs=True, block_n=80, rows_per_wg=64, stages=6),
+)
+
 
 def _mgpu_label(c) -> str:
-    """A MgpuConfig's row label: tile, stages, park8 / smem-unpack."""
+    """A MgpuConfig's row label: tile (rows x columns of the output), stages, park8 /
+    smem-unpack / w-regs."""
     extra = (" park8" if c.park_int8 else "") + (" smem-unpack" if c.smem_unpack else "")
-    return f"mgpu {c.block_m}x{c.block_n} s{c.stages}{extra}"
+    extra += " w-regs" if c.w_regs else ""
+    return f"mgpu {c.block_m}x{c.tile_n} s{c.stages}{extra}"
 
 
-def mgpu_study(results, deadline, ms=None, shapes_name="llama3-8b", smem_unpack=False):
+def mgpu_study(results, deadline, ms=None, shapes_name="llama3-8b", smem_unpack=False, w_regs=""):
     """The Mosaic GPU W4Ax kernel (``pallas_kernels/w4ax_mgpu.py``) against the Triton kernel
     (the table's config; for an ``mgpu`` entry its Triton fields) and XLA bf16 / int8 at compute-bound M (default 1024, 4096, 8192), 25% INT8. Each
     schedule's output is first checked on the device against the reference (f32): every
@@ -1042,13 +1065,21 @@ def mgpu_study(results, deadline, ms=None, shapes_name="llama3-8b", smem_unpack=
             row["tuned_us"] = time_ours(m, n, k, k8, tuned, sets=sets) * 1e6
             best = (row["tuned_us"], "tuned")
             configs = [MgpuConfig(**fields) for fields in MGPU_CONFIGS]
-            if smem_unpack:  # the table's schedule, the same unpacking in the kernel, the rest
+            if smem_unpack or w_regs:  # the table's schedule (XLA unpacks), then the kernel's
                 table = tuning.get_config(m, n, k, k8)
                 configs = []
                 if table.backend == "mgpu":
                     t = MgpuConfig.from_gemm_config(table)
-                    configs = [t, dataclasses.replace(t, smem_unpack=True)]
-                for fields in MGPU_SMEM_UNPACK_CONFIGS:
+                    configs = [t]
+                    if smem_unpack and not t.w_regs:
+                        configs.append(dataclasses.replace(t, smem_unpack=True))
+                w_regs_configs = {
+                    "": (),
+                    "tiles": MGPU_W_REGS_CONFIGS,
+                    "decode": MGPU_W_REGS_DECODE_CONFIGS,
+                }[w_regs]
+                more = (MGPU_SMEM_UNPACK_CONFIGS if smem_unpack else ()) + w_regs_configs
+                for fields in more:
                     if MgpuConfig(**fields) not in configs:
                         configs.append(MgpuConfig(**fields))
             for cfg in configs:
@@ -1445,6 +1476,16 @@ def main(argv=None):
         "smem-unpack schedules (instead of MGPU_CONFIGS)",
     )
     ap.add_argument(
+        "--mgpu-w-regs",
+        nargs="?",
+        const="tiles",
+        default="",
+        choices=("tiles", "decode"),
+        help="--mgpu times the tuning table's schedule and the schedules unpacking the packed "
+        "weights in registers: MGPU_W_REGS_CONFIGS (tiles, the default) or the token tiles "
+        "dividing the 1216-row decode batch (decode: MGPU_W_REGS_DECODE_CONFIGS)",
+    )
+    ap.add_argument(
         "--out-rows",
         action="store_true",
         help="the engine's large-M GEMM path at decode-batch M (--study-ms, default 1216,1214): "
@@ -1587,7 +1628,13 @@ def main(argv=None):
             pre_x_study(results, deadline, **study)
             save()
         if args.mgpu:
-            mgpu_study(results, deadline, smem_unpack=args.mgpu_smem_unpack, **study)
+            mgpu_study(
+                results,
+                deadline,
+                smem_unpack=args.mgpu_smem_unpack,
+                w_regs=args.mgpu_w_regs,
+                **study,
+            )
             save()
         if args.large_m:
             large_m_study(results, deadline, **study)

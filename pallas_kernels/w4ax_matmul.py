@@ -119,7 +119,9 @@ class GemmConfig:
     # "pallas": the kernel below. "xla_int8": unpack INT4 weights/activations to int8 with
     # XLA, then XLA's int8 GEMM ([N, K]) per segment and the same epilogue (module docstring).
     # "mgpu": the Mosaic GPU kernel (pallas_kernels/w4ax_mgpu.py) with block_m (128 or 256
-    # rows), block_n, num_stages and acc8_first (its park_int8) as its schedule; where it
+    # rows), block_n, num_stages and acc8_first (its park_int8) as its schedule (with swap_ab
+    # and a pre_unpack without "w": MgpuConfig.w_regs, block_m tokens and block_n weight
+    # rows per tile); where it
     # cannot run (interpret mode, group scales, tile_k != 128, N not a multiple of block_n,
     # raw sums, 256 rows with two accumulators) the same config runs here with backend
     # "pallas".
@@ -712,12 +714,24 @@ def _mgpu_config(cfg: GemmConfig, w_scales, n, two_segments, *, raw, tile_k, int
     the call (it then runs on the Triton kernel). block_m is the tile's rows (two
     warpgroups); acc8_first: the INT8 partial in bf16 registers (MgpuConfig.park_int8), the
     Mosaic GPU form of the same idea."""
-    from pallas_kernels.w4ax_mgpu import BLOCK_NS, ROWS_PER_WG, MgpuConfig, mgpu_unsupported
+    from pallas_kernels.w4ax_mgpu import (
+        BLOCK_NS,
+        ROWS_PER_WG,
+        MgpuConfig,
+        mgpu_unsupported,
+        w_regs_tokens_ok,
+    )
 
     if raw or interpret:  # no raw sums; jax 0.10 has no Mosaic GPU interpreter
         return None
-    if cfg.block_n not in BLOCK_NS or cfg.block_m not in [2 * r for r in ROWS_PER_WG]:
-        return None  # tiles it lacks (MgpuConfig's choices)
+    # the tiles it has (MgpuConfig's choices); with the weights unpacked in registers
+    # (swap_ab, no "w" pre-unpack) block_m counts tokens (wgmma's N), block_n weight rows
+    wrows = [2 * r for r in ROWS_PER_WG]
+    if cfg.swap_ab and "w" not in cfg.pre_unpack:
+        if not w_regs_tokens_ok(cfg.block_m) or cfg.block_n not in wrows:
+            return None
+    elif cfg.block_n not in BLOCK_NS or cfg.block_m not in wrows:
+        return None
     mcfg = MgpuConfig.from_gemm_config(cfg)
     n_groups = 0 if w_scales.ndim == 1 else w_scales.shape[1]
     if mgpu_unsupported(n, n_groups, tile_k, mcfg, two_segments=two_segments):
@@ -728,8 +742,10 @@ def _mgpu_config(cfg: GemmConfig, w_scales, n, two_segments, *, raw, tile_k, int
 def _fallback_from_mgpu(cfg: GemmConfig, w_scales) -> GemmConfig:
     """An ``mgpu`` config the Mosaic GPU kernel cannot run, as the Triton kernel's
     (acc8_first is the Triton kernel's too, for per-channel scales only)."""
+    # Triton tiles are powers of two (a w_regs entry may tile 152 tokens)
+    block_m = 1 << (cfg.block_m.bit_length() - 1)
     return dataclasses.replace(
-        cfg, backend="pallas", acc8_first=cfg.acc8_first and w_scales.ndim == 1
+        cfg, backend="pallas", acc8_first=cfg.acc8_first and w_scales.ndim == 1, block_m=block_m
     )
 
 

@@ -46,6 +46,24 @@ through int16 registers, took 1.6-2.2x. The unpack sits between a warpgroup's wg
 pipeline waits for each step's wgmma before the next step's unpack), so the tensor cores
 still wait on it every K step.
 
+``w_regs`` (the tuning table's choice for the engine's large-M GEMMs since 2026-11-28): the
+packed weights reach the kernel as they are stored (``[N, K/2]`` int8, no XLA pass) and are
+unpacked in registers into wgmma's A operand, which may live in registers (shared memory is
+only read). With the weights as A the MMA computes tiles of ``Y^T``: each compute warpgroup
+owns ``rows_per_wg`` weight rows (wgmma's M) of a ``block_n``-token tile (wgmma's N; any
+multiple of 16 from 64 to 256, e.g. 160: eight tiles cover the 1216-row decode batch in two
+whole waves on 132 SMs). Per K step a warpgroup loads its ``[rows_per_wg, 64]`` packed bytes
+in the 8-bit wgmma register layout (four bytes per register), turns each register into
+``(w << 4) & 0xF0F0F0F0`` and ``w & 0xF0F0F0F0`` (16 * low / 16 * high nibbles, channels
+``[0, 64)`` / ``[64, 128)`` of the tile: :func:`_split_nibbles`) and issues one wgmma per
+half against the activations' two ``[block_n, 64]`` halves in shared memory. The epilogue
+scales per weight row (``ws``) and per token (``r4``, ``r8``), converts the ``[64, block_n]``
+sub-tiles to the transposed register layout and writes them through a transposed view of
+the ``[block_n, 64]`` staging tile of ``Y``, then TMA. On the H100 (2026-11-28,
+``bench_gemm.py --mgpu --mgpu-w-regs``): at M = 8192 0.99-1.01x the ``wx`` schedules with
+XLA's unpack included, at M = 1216 0.72-0.91x of them (docs/kernels_gemm.md); the serving
+benchmark's decode step 47.6 -> 44.6 ms (docs/benchmarks.md).
+
 GPU only. jax 0.10 (the CPU machines) has no Mosaic GPU interpreter: the CPU tests trace and
 lower the kernel for CUDA; its numbers are checked against the reference on the device
 (``experiments/bench_gemm.py --mgpu``).
@@ -64,9 +82,19 @@ from pallas_kernels.act_quant import to_unpacked
 from pallas_kernels.w4ax_matmul import DEFAULT_TILE_K, unpack_int4_x16_tiles, validate_args
 
 BLOCK_NS = (64, 128)  # MgpuConfig.block_n: wgmma's N per tile
+W_REGS_TOKENS = (64, 256)  # w_regs: tokens per tile (wgmma's N), a multiple of 16 in this range
+MAX_TWO_ACC_ELEMS = 64 * 160  # w_regs: two int32 accumulators fit up to this many elements
 ROWS_PER_WG = (64, 128)  # MgpuConfig.rows_per_wg: one or two 64-row wgmma M blocks
 OUT_ROW_TILE = 8  # rows of the epilogue's TMA store tiling: output rows come in multiples of it
 NIBBLE_HIGH_MASK = -252645136  # 0xF0F0F0F0 as int32: each byte's high nibble
+
+
+def w_regs_tokens_ok(tokens: int) -> bool:
+    """Whether ``tokens`` can be a w_regs tile's token count: an integer wgmma's N (from 64
+    up a multiple of 16: ptxas refuses m64n152k32 for s8), not a power of two necessarily
+    (160: 8 tiles cover the 1216-row decode batch, against 10 of 128)."""
+    lo, hi = W_REGS_TOKENS
+    return tokens % 16 == 0 and lo <= tokens <= hi
 
 
 def packed_words(w_packed):
@@ -84,9 +112,12 @@ class MgpuConfig:
     N); ``rows_per_wg``: output rows per compute warpgroup (the tile is ``2 * rows_per_wg``
     rows); 128 only with one segment or ``park_int8``: two int32 accumulators of
     ``128 x 128`` would need 256 registers per thread; ``smem_unpack``: the kernel unpacks
-    the packed weight tiles in shared memory itself (module docstring); ``stages``:
-    shared-memory slots of the
-    TMA pipeline; ``snake``: the tile order walks bands of this many tiles (L2 reuse of the
+    the packed weight tiles in shared memory itself (module docstring); ``w_regs``: the
+    kernel unpacks them in registers (module docstring): ``block_n`` then counts tokens
+    (wgmma's N, a multiple of 16 in [64, 256]), the tile has ``2 * rows_per_wg`` weight rows,
+    and two accumulators (both segments without ``park_int8``) fit up to
+    ``MAX_TWO_ACC_ELEMS`` elements each (:attr:`block_m` / :attr:`tile_n`: the tile's extent
+    along M / N either way); ``stages``: shared-memory slots of the TMA pipeline; ``snake``: the tile order walks bands of this many tiles (L2 reuse of the
     weight tiles); ``park_int8`` (two segments): one accumulator, the INT8 segment's K tiles
     first, its scaled partial then held as bf16 in registers (half the space of an int32
     accumulator) while the zeroed accumulator takes the INT4 tiles; one extra bf16 rounding
@@ -98,10 +129,21 @@ class MgpuConfig:
     rows_per_wg: int = 64
     park_int8: bool = False
     smem_unpack: bool = False
+    w_regs: bool = False
 
     def __post_init__(self):
-        if self.block_n not in BLOCK_NS:
+        if self.w_regs and not w_regs_tokens_ok(self.block_n):
+            lo, hi = W_REGS_TOKENS
+            raise ValueError(
+                f"MgpuConfig.block_n={self.block_n} (tokens per tile with w_regs) must be a "
+                f"multiple of 16 in [{lo}, {hi}]"
+            )
+        if not self.w_regs and self.block_n not in BLOCK_NS:
             raise ValueError(f"MgpuConfig.block_n={self.block_n} must be one of {BLOCK_NS}")
+        if self.w_regs and self.smem_unpack:
+            raise ValueError(
+                "MgpuConfig: w_regs and smem_unpack are exclusive (two weight unpacks)"
+            )
         if self.rows_per_wg not in ROWS_PER_WG:
             raise ValueError(
                 f"MgpuConfig.rows_per_wg={self.rows_per_wg} must be one of {ROWS_PER_WG}"
@@ -111,14 +153,29 @@ class MgpuConfig:
 
     @property
     def block_m(self) -> int:
-        return 2 * self.rows_per_wg
+        """Rows of the output (tokens) per tile: M is padded to a multiple of it."""
+        return self.block_n if self.w_regs else 2 * self.rows_per_wg
+
+    @property
+    def tile_n(self) -> int:
+        """Columns of the output (weight rows) per tile: N must be a multiple of it."""
+        return 2 * self.rows_per_wg if self.w_regs else self.block_n
 
     @classmethod
     def from_gemm_config(cls, cfg) -> MgpuConfig:
         """The schedule of an ``mgpu`` :class:`~pallas_kernels.tuning.GemmConfig`: block_m
         is the tile's rows (two warpgroups); acc8_first is the Mosaic GPU form of the same
         idea (park_int8); a pre_unpack without "w" leaves the weights to the kernel
-        (smem_unpack)."""
+        (smem_unpack), and with swap_ab to its registers (w_regs: block_m is then the
+        tokens per tile, wgmma's N, and block_n the weight rows, two warpgroups')."""
+        if cfg.swap_ab and "w" not in cfg.pre_unpack:
+            return cls(
+                block_n=cfg.block_m,
+                stages=cfg.num_stages,
+                rows_per_wg=cfg.block_n // 2,
+                park_int8=cfg.acc8_first,
+                w_regs=True,
+            )
         return cls(
             block_n=cfg.block_n,
             stages=cfg.num_stages,
@@ -130,6 +187,138 @@ class MgpuConfig:
 
 def _num_sms() -> int:
     return getattr(jax.devices()[0], "core_count", 132)
+
+
+def _broadcast_load(vec_ref, shape, dim):
+    """A ``[shape[dim]]`` vector in global memory -> ``[shape]`` in the wgmma accumulator's
+    layout, entry i along index i of axis ``dim`` (per-row or per-column scales)."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    layout = plgpu.Layout.WGMMA.reduce(1 - dim)
+    v = plgpu.load(vec_ref, (), layout=layout, optimized=False)
+    return lax.broadcast_in_dim(v, shape, (dim,))
+
+
+def _nothing(*_, **__):
+    return None
+
+
+def _pipeline(body, context, *, in_specs, k_steps, cfg):
+    """The K loop of one output tile: a memory warpgroup streams ``in_specs``' blocks through
+    ``cfg.stages`` shared-memory slots, two compute warpgroups run ``body`` per K step
+    inside ``context`` (the accumulators' scope)."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    return plgpu.emit_pipeline_warp_specialized(
+        body,
+        grid=(k_steps,),
+        memory_registers=40,
+        in_specs=in_specs,
+        wg_axis="wg",
+        num_compute_wgs=2,
+        max_concurrent_steps=cfg.stages,
+        compute_context=context,
+    )
+
+
+def _launch(kernel, out_type, args):
+    """A persistent grid of one CTA per SM, three warpgroups (memory + two compute)."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    return plgpu.kernel(
+        kernel,
+        out_type=out_type,
+        grid=(_num_sms(),),
+        grid_names=("sm",),
+        num_threads=3,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
+    )(*args)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Segments:
+    """The INT4 / INT8 accumulation and epilogue math shared by both kernels: a tile's int32
+    accumulators (one per segment, or with ``park`` one, the INT8 partial parked as bf16 in
+    registers), the K step's wgmmas into the segment's accumulator, and the output tile
+    ``(acc4 * r4 + acc8 * r8) * ws (+ bias)``. ``per_token(r_hbm)`` / ``per_channel(c_hbm)``:
+    a ``[M]`` / ``[N]`` vector broadcast to the accumulator's ``shape`` (the two kernels
+    orient the tile differently)."""
+
+    park: bool
+    segments: tuple
+    k4_steps: int
+    k8_steps: int
+    shape: tuple
+    per_token: object
+    per_channel: object
+    r4_hbm: object
+    r8_hbm: object
+    ws_hbm: object
+    bias_hbm: object
+    out_dtype: object
+
+    def scaled(self, acc_ref, r_hbm):
+        return acc_ref[...].astype(jnp.float32) * self.per_token(r_hbm)
+
+    def context(self, run, finish):
+        """Allocates the accumulators, runs the pipeline (``run``), then ``finish(y)`` with
+        ``y`` the output tile ``[shape]`` in out_dtype, inside the accumulators' scope."""
+        import jax.experimental.pallas as pl
+        import jax.experimental.pallas.mosaic_gpu as plgpu
+
+        names = ("acc",) if self.park else self.segments
+        accs = {a: plgpu.ACC(self.shape, jnp.int32) for a in names}
+
+        @functools.partial(pl.run_scoped, **accs)
+        def _(**acc):
+            if self.park:
+                zero = jnp.zeros(self.shape, jnp.bfloat16)
+                _, partial8 = run((acc, plgpu.layout_cast(zero, plgpu.Layout.WGMMA)))
+                y = self.scaled(acc["acc"], self.r4_hbm) + partial8.astype(jnp.float32)
+            else:
+                run(acc)
+                r_of = {"acc4": self.r4_hbm, "acc8": self.r8_hbm}
+                y = functools.reduce(
+                    lambda a, b: a + b, [self.scaled(acc[s], r_of[s]) for s in self.segments]
+                )
+            y = y * self.per_channel(self.ws_hbm)
+            if self.bias_hbm is not None:
+                y = y + self.per_channel(self.bias_hbm)
+            finish(y.astype(self.out_dtype))
+
+    def step(self, s, carry, mma):
+        """K step ``s``: ``mma(acc_ref)`` issues its wgmmas into the step's segment's
+        accumulator; waits for them; with ``park``, after the last INT8 tile, parks the
+        scaled partial and zeroes the accumulator. Returns the pipeline's carry."""
+        import jax.experimental.pallas as pl
+        import jax.experimental.pallas.mosaic_gpu as plgpu
+
+        acc = carry[0] if self.park else carry
+        if self.park or len(self.segments) == 1:
+            mma(acc["acc" if self.park else self.segments[0]])
+        else:
+
+            @pl.when(s < self.k4_steps)
+            def _():
+                mma(acc["acc4"])
+
+            @pl.when(s >= self.k4_steps)
+            def _():
+                mma(acc["acc8"])
+
+        plgpu.wgmma_wait(0)
+        if not self.park:
+            return acc
+
+        def park_partial(_):  # after the last INT8 tile: park it, zero the acc
+            p = self.scaled(acc["acc"], self.r8_hbm).astype(jnp.bfloat16)
+            zero = jnp.zeros(self.shape, jnp.int32)
+            acc["acc"][...] = plgpu.layout_cast(zero, plgpu.Layout.WGMMA)
+            return p
+
+        partial8 = lax.cond(s == self.k8_steps - 1, park_partial, lambda p: p, carry[1])
+        return acc, partial8
 
 
 def segment_matmul(x_u, r4, r8, w_u, ws, bias, *, k4, cfg, out_dtype, tile_k=128, out_rows=None):
@@ -149,6 +338,12 @@ def segment_matmul(x_u, r4, r8, w_u, ws, bias, *, k4, cfg, out_dtype, tile_k=128
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
+    out_rows = x_u.shape[0] if out_rows is None else out_rows
+    if cfg.w_regs:
+        return _swap_segment_matmul(
+            x_u, r4, r8, w_u, ws, bias,
+            k4=k4, cfg=cfg, out_dtype=out_dtype, tk=tile_k, out_rows=out_rows,
+        )  # fmt: skip
     mp, k = x_u.shape
     n = w_u.shape[0]
     k8 = k - k4
@@ -165,7 +360,6 @@ def segment_matmul(x_u, r4, r8, w_u, ws, bias, *, k4, cfg, out_dtype, tile_k=128
         raise ValueError(
             f"M={mp}, N={n}, K4={k4}, K={k}: want multiples of {cta_m}, {bn}, {tk}, {tk}"
         )
-    out_rows = mp if out_rows is None else out_rows
     if not cta_m <= out_rows <= mp or out_rows % OUT_ROW_TILE:
         raise ValueError(
             f"out_rows={out_rows} must be a multiple of {OUT_ROW_TILE} in [{cta_m}, M={mp}]"
@@ -218,23 +412,10 @@ def segment_matmul(x_u, r4, r8, w_u, ws, bias, *, k4, cfg, out_dtype, tile_k=128
     else:
         in_specs = [smem_spec((cta_m, tk), k_tile, in_tf), smem_spec((bn, tk), k_tile, in_tf)]
 
-    def pipeline(body, context):
-        return plgpu.emit_pipeline_warp_specialized(
-            body,
-            grid=(k_steps,),
-            memory_registers=40,
-            in_specs=in_specs,
-            wg_axis="wg",
-            num_compute_wgs=2,
-            max_concurrent_steps=cfg.stages,
-            compute_context=context,
-        )
+    pipeline = functools.partial(_pipeline, in_specs=in_specs, k_steps=k_steps, cfg=cfg)
 
     def kernel(x_hbm, r4_hbm, r8_hbm, w_hbm, ws_hbm, *rest):
         bias_hbm, y_hbm = (rest[0], rest[1]) if has_bias else (None, rest[0])
-
-        def nothing(*_, **__):
-            return None
 
         operands = (x_hbm, x_hbm, w_hbm) if su else (x_hbm, w_hbm)
         # smem_unpack: each compute warpgroup's unpacked weight halves [lo | hi] of one tile,
@@ -248,7 +429,7 @@ def segment_matmul(x_u, r4, r8, w_u, ws, bias, *, k4, cfg, out_dtype, tile_k=128
 
         @functools.partial(
             pl.run_scoped,
-            allocs=pipeline(nothing, nothing).get_allocations(*operands),
+            allocs=pipeline(_nothing, _nothing).get_allocations(*operands),
             y_smem=plgpu.SMEM((2, slots, epi_m, epi_n), out_dtype, transforms=out_tf),
             collective_axes="wg",
             **scratch,
@@ -265,56 +446,36 @@ def segment_matmul(x_u, r4, r8, w_u, ws, bias, *, k4, cfg, out_dtype, tile_k=128
                 cols = pl.ds(ni * bn, bn)
 
                 shape = (rows_wg, bn)
-                row_layout = plgpu.Layout.WGMMA.reduce(1)
-                col_layout = plgpu.Layout.WGMMA.reduce(0)
 
                 def rows_of(r_hbm):  # [Mp] scales -> [rows_wg, bn], row i's along row i
-                    v = plgpu.load(r_hbm.at[rows], (), layout=row_layout, optimized=False)
-                    return lax.broadcast_in_dim(v, shape, (0,))
+                    return _broadcast_load(r_hbm.at[rows], shape, 0)
 
                 def cols_of(c_hbm):  # [N] scales -> [rows_wg, bn], column j's along column j
-                    v = plgpu.load(c_hbm.at[cols], (), layout=col_layout, optimized=False)
-                    return lax.broadcast_in_dim(v, shape, (1,))
+                    return _broadcast_load(c_hbm.at[cols], shape, 1)
 
-                def scaled(acc_ref, r_hbm):
-                    return acc_ref[...].astype(jnp.float32) * rows_of(r_hbm)
+                segs = _Segments(
+                    park, segments, k4_steps, k8_steps, shape, rows_of, cols_of,
+                    r4_hbm, r8_hbm, ws_hbm, bias_hbm, out_dtype,
+                )  # fmt: skip
 
-                def context(run):
-                    names = ("acc",) if park else segments
-                    accs = {a: plgpu.ACC(shape, jnp.int32) for a in names}
+                def finish(y):
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                    for e, (i, j) in enumerate(epi_tiles):
+                        er = slice(i * epi_m, (i + 1) * epi_m)
+                        ec = slice(j * epi_n, (j + 1) * epi_n)
+                        slot = e % slots
+                        plgpu.wait_smem_to_gmem(1, wait_read_only=True)
+                        y_smem[wg, slot] = y[er, ec]
+                        plgpu.commit_smem()
+                        plgpu.copy_smem_to_gmem(
+                            y_smem.at[wg, slot], y_hbm.at[rows, cols].at[er, ec]
+                        )
 
-                    @functools.partial(pl.run_scoped, **accs)
-                    def _(**acc):
-                        if park:
-                            zero = jnp.zeros(shape, jnp.bfloat16)
-                            _, partial8 = run((acc, plgpu.layout_cast(zero, plgpu.Layout.WGMMA)))
-                            y = scaled(acc["acc"], r4_hbm) + partial8.astype(jnp.float32)
-                        else:
-                            run(acc)
-                            r_of = {"acc4": r4_hbm, "acc8": r8_hbm}
-                            y = functools.reduce(
-                                lambda a, b: a + b, [scaled(acc[s], r_of[s]) for s in segments]
-                            )
-                        y = y * cols_of(ws_hbm)
-                        if has_bias:
-                            y = y + cols_of(bias_hbm)
-                        y = y.astype(out_dtype)
-                        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                        for e, (i, j) in enumerate(epi_tiles):
-                            er = slice(i * epi_m, (i + 1) * epi_m)
-                            ec = slice(j * epi_n, (j + 1) * epi_n)
-                            slot = e % slots
-                            plgpu.wait_smem_to_gmem(1, wait_read_only=True)
-                            y_smem[wg, slot] = y[er, ec]
-                            plgpu.commit_smem()
-                            plgpu.copy_smem_to_gmem(
-                                y_smem.at[wg, slot], y_hbm.at[rows, cols].at[er, ec]
-                            )
+                context = functools.partial(segs.context, finish=finish)
 
                 def step(idx, *refs):
                     (s,) = idx
                     *smems, carry = refs
-                    acc = carry[0] if park else carry
                     mine = pl.ds(wg * rows_wg, rows_wg)
                     if su:
                         # The tile's packed bytes, four to an int32 word -> registers -> 16 *
@@ -337,34 +498,11 @@ def segment_matmul(x_u, r4, r8, w_u, ws, bias, *, k4, cfg, out_dtype, tile_k=128
                         # w: [tk, bn], K-major
                         pairs = [(x_smem.at[mine], plgpu.transpose_ref(w_smem, (1, 0)))]
 
-                    def mma(name):
+                    def mma(acc):
                         for a, b in pairs:
-                            plgpu.wgmma(acc[name], a, b)
+                            plgpu.wgmma(acc, a, b)
 
-                    if park or len(segments) == 1:
-                        mma("acc" if park else segments[0])
-                    else:
-
-                        @pl.when(s < k4_steps)
-                        def _():
-                            mma("acc4")
-
-                        @pl.when(s >= k4_steps)
-                        def _():
-                            mma("acc8")
-
-                    plgpu.wgmma_wait(0)
-                    if not park:
-                        return acc
-
-                    def park_partial(_):  # after the last INT8 tile: park it, zero the acc
-                        p = scaled(acc["acc"], r8_hbm).astype(jnp.bfloat16)
-                        zero = jnp.zeros(shape, jnp.int32)
-                        acc["acc"][...] = plgpu.layout_cast(zero, plgpu.Layout.WGMMA)
-                        return p
-
-                    partial8 = lax.cond(s == k8_steps - 1, park_partial, lambda p: p, carry[1])
-                    return acc, partial8
+                    return segs.step(s, carry, mma)
 
                 x_rows = x_hbm.at[pl.ds(mi * cta_m, cta_m), :]
                 ins = (x_rows, x_rows) if su else (x_rows,)
@@ -373,15 +511,176 @@ def segment_matmul(x_u, r4, r8, w_u, ws, bias, *, k4, cfg, out_dtype, tile_k=128
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
     args = [x_u, r4, r8, w_u, ws] + ([bias] if has_bias else [])
-    return plgpu.kernel(
-        kernel,
-        out_type=jax.ShapeDtypeStruct((out_rows, n), out_dtype),
-        grid=(_num_sms(),),
-        grid_names=("sm",),
-        num_threads=3,
-        thread_name="wg",
-        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
-    )(*args)
+    return _launch(kernel, jax.ShapeDtypeStruct((out_rows, n), out_dtype), args)
+
+
+def _split_nibbles(packed):
+    """``[R, 64]`` int8 packed bytes in the WGMMA_8BIT register layout -> ``(16 * low
+    nibbles, 16 * high nibbles)``, both int8 in the same layout: the A operands of the two
+    half-tile wgmmas. Each register holds four bytes; as one 32-bit word it takes
+    ``(w << 4) & 0xF0F0F0F0`` and ``w & 0xF0F0F0F0`` (two operations per four bytes).
+    Written at the Mosaic GPU level: Pallas' Mosaic GPU lowering refuses 8-bit shifts."""
+    import jax.experimental.mosaic.gpu as mgpu
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+    import numpy as np
+    from jax.experimental.mosaic.gpu import utils as mgpu_utils
+    from jaxlib.mlir import ir
+    from jaxlib.mlir.dialects import arith
+
+    out = plgpu.ShapeDtypeStruct(packed.shape, jnp.int8, layout=plgpu.Layout.WGMMA_8BIT)
+
+    @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA_8BIT,), return_type=(out, out))
+    def split(_, arr):
+        i32 = ir.IntegerType.get_signless(32)
+        mask = arith.constant(i32, NIBBLE_HIGH_MASK)
+        four = arith.constant(i32, 4)
+
+        def each(fn):
+            regs = np.empty(arr.registers.shape, dtype=object)
+            for idx, reg in np.ndenumerate(arr.registers):
+                word = mgpu_utils.bitcast(reg, i32)
+                regs[idx] = mgpu_utils.bitcast(fn(word), reg.type)
+            return mgpu.FragmentedArray(_registers=regs, _layout=arr.layout, _is_signed=True)
+
+        low = each(lambda w: arith.andi(arith.shli(w, four), mask))
+        high = each(lambda w: arith.andi(w, mask))
+        return low, high
+
+    return split(packed)
+
+
+def _swap_segment_matmul(x_u, r4, r8, w_p, ws, bias, *, k4, cfg, out_dtype, tk, out_rows):
+    """``segment_matmul`` with ``cfg.w_regs``: the packed weights ``w_p [N, K/2]`` int8 as
+    they are stored, unpacked in registers into wgmma's A operand; the MMA computes tiles of
+    ``Y^T`` (module docstring). The tiles cover ``out_rows`` rounded up to ``block_n``; x_u
+    (and r4, r8) may have more rows than that (act_quant's 256-row padding), which are not
+    read."""
+    import jax.experimental.pallas as pl
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    rows, k = x_u.shape
+    n = w_p.shape[0]
+    if w_p.dtype != jnp.int8 or 2 * w_p.shape[1] != k:
+        raise ValueError(
+            f"w_regs takes the packed weights as int8 [N, {k // 2}], got {w_p.dtype} {w_p.shape}"
+        )
+    k8 = k - k4
+    bt, rw = cfg.block_n, cfg.rows_per_wg  # tokens per tile (wgmma N); weight rows per wg
+    cta_w = 2 * rw
+    h = tk // 2
+    mp = -(-out_rows // bt) * bt  # the rows the tiles cover
+    if n % cta_w or k4 % tk or k % tk:
+        raise ValueError(f"N={n}, K4={k4}, K={k}: want multiples of {cta_w}, {tk}, {tk}")
+    if not 0 < out_rows or out_rows % OUT_ROW_TILE or mp > rows:
+        raise ValueError(
+            f"out_rows={out_rows} must be a positive multiple of {OUT_ROW_TILE} whose tiles of "
+            f"{bt} rows ({mp}) fit x's {rows} rows"
+        )
+    t_tiles, w_tiles = mp // bt, n // cta_w
+    k4_steps, k_steps = k4 // tk, k // tk
+    k8_steps = k_steps - k4_steps
+    segments = (("acc4",) if k4 else ()) + (("acc8",) if k8 else ())
+    park = cfg.park_int8 and len(segments) == 2
+    if len(segments) == 2 and not park and rw * bt > MAX_TWO_ACC_ELEMS:
+        raise ValueError(_two_acc_reason(cfg))
+
+    def k_tile(s):  # with park the INT8 segment's tiles come first
+        return lax.rem(s + k4_steps, k_steps) if park else s
+
+    swz_h = plgpu.find_swizzle(h * 8)  # 64 bytes: half a K tile of x, or its packed bytes
+    half_tf = (plgpu.TilingTransform((8, swz_h)), plgpu.SwizzleTransform(swz_h))
+    out_bits = jnp.dtype(out_dtype).itemsize * 8
+    epi_w = min(64, 1024 // out_bits)  # output columns (weight rows) per epilogue store
+    out_swz = plgpu.find_swizzle(epi_w * out_bits)
+    out_tf = (
+        plgpu.TilingTransform((8, out_swz * 8 // out_bits)),
+        plgpu.SwizzleTransform(out_swz),
+    )
+    epi_t = 64 if bt % 64 == 0 else bt  # output rows (tokens) per epilogue store
+    epi_tiles = [(i, j) for i in range(rw // epi_w) for j in range(bt // epi_t)]
+    slots = min(2, len(epi_tiles))
+    has_bias = bias is not None
+
+    def smem_spec(shape, index):
+        return plgpu.BlockSpec(shape, index, transforms=half_tf, memory_space=plgpu.SMEM)
+
+    in_specs = [
+        smem_spec((bt, h), lambda s: (0, 2 * k_tile(s))),  # x: the tile's low-nibble half
+        smem_spec((bt, h), lambda s: (0, 2 * k_tile(s) + 1)),  # and its high-nibble half
+        smem_spec((cta_w, h), lambda s: (0, k_tile(s))),  # w: the tile's packed bytes
+    ]
+
+    pipeline = functools.partial(_pipeline, in_specs=in_specs, k_steps=k_steps, cfg=cfg)
+
+    def kernel(x_hbm, r4_hbm, r8_hbm, w_hbm, ws_hbm, *rest):
+        bias_hbm, y_hbm = (rest[0], rest[1]) if has_bias else (None, rest[0])
+
+        @functools.partial(
+            pl.run_scoped,
+            allocs=pipeline(_nothing, _nothing).get_allocations(x_hbm, x_hbm, w_hbm),
+            y_smem=plgpu.SMEM((2, slots, epi_t, epi_w), out_dtype, transforms=out_tf),
+            collective_axes="wg",
+        )
+        def scoped(allocs, y_smem):
+            wg = lax.axis_index("wg")
+
+            @plgpu.nd_loop((t_tiles * w_tiles,), collective_axes="sm")
+            def tiles(info):
+                (lin,) = info.index
+                ti, wi = plgpu.planar_snake(lin, (t_tiles, w_tiles), 1, cfg.snake)
+                toks = pl.ds(ti * bt, bt)
+                wrows = pl.ds(wi * cta_w + wg * rw, rw)
+                shape = (rw, bt)  # Y^T: weight rows x tokens
+
+                def of_w(c_hbm):  # [N] -> [rw, bt], weight row i's value along row i
+                    return _broadcast_load(c_hbm.at[wrows], shape, 0)
+
+                def of_t(r_hbm):  # [Mp] -> [rw, bt], token j's value along column j
+                    return _broadcast_load(r_hbm.at[toks], shape, 1)
+
+                segs = _Segments(
+                    park, segments, k4_steps, k8_steps, shape, of_t, of_w,
+                    r4_hbm, r8_hbm, ws_hbm, bias_hbm, out_dtype,
+                )  # fmt: skip
+
+                def finish(y):
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                    for e, (i, j) in enumerate(epi_tiles):
+                        ew = slice(i * epi_w, (i + 1) * epi_w)
+                        et = slice(j * epi_t, (j + 1) * epi_t)
+                        slot = e % slots
+                        plgpu.wait_smem_to_gmem(1, wait_read_only=True)
+                        # [epi_w, epi_t] of Y^T into the [epi_t, epi_w] staging tile of Y
+                        sub = plgpu.layout_cast(y[ew, et], plgpu.Layout.WGMMA_TRANSPOSED)
+                        plgpu.transpose_ref(y_smem.at[wg, slot], (1, 0))[...] = sub
+                        plgpu.commit_smem()
+                        plgpu.copy_smem_to_gmem(
+                            y_smem.at[wg, slot], y_hbm.at[toks, wrows].at[et, ew]
+                        )
+
+                context = functools.partial(segs.context, finish=finish)
+
+                def step(idx, x_lo, x_hi, w_smem, carry):
+                    (s,) = idx
+                    packed = plgpu.load(
+                        w_smem.at[pl.ds(wg * rw, rw)], (), layout=plgpu.Layout.WGMMA_8BIT
+                    )
+                    low, high = _split_nibbles(packed)
+
+                    def mma(acc):
+                        plgpu.wgmma(acc, low, plgpu.transpose_ref(x_lo, (1, 0)))
+                        plgpu.wgmma(acc, high, plgpu.transpose_ref(x_hi, (1, 0)))
+
+                    return segs.step(s, carry, mma)
+
+                x_rows = x_hbm.at[toks, :]
+                w_rows = w_hbm.at[pl.ds(wi * cta_w, cta_w), :]
+                pipeline(step, context)(x_rows, x_rows, w_rows, allocations=allocs)
+
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+    args = [x_u, r4, r8, w_p, ws] + ([bias] if has_bias else [])
+    return _launch(kernel, jax.ShapeDtypeStruct((out_rows, n), out_dtype), args)
 
 
 def mgpu_unsupported(n: int, n_groups: int, tile_k: int, cfg, *, two_segments: bool):
@@ -394,14 +693,27 @@ def mgpu_unsupported(n: int, n_groups: int, tile_k: int, cfg, *, two_segments: b
         )
     if tile_k != 128:
         return f"the Mosaic GPU W4Ax kernel needs tile_k=128 (one 128-byte K row), got {tile_k}"
-    if n % cfg.block_n:
-        return f"N={n} must be a multiple of MgpuConfig.block_n={cfg.block_n}"
+    if n % cfg.tile_n:
+        what = "2 * rows_per_wg" if cfg.w_regs else "block_n"
+        return f"N={n} must be a multiple of MgpuConfig.{what}={cfg.tile_n}"
+    if cfg.w_regs:
+        if two_segments and not cfg.park_int8 and cfg.rows_per_wg * cfg.block_n > MAX_TWO_ACC_ELEMS:
+            return _two_acc_reason(cfg)
+        return None
     if cfg.rows_per_wg == 128 and two_segments and not cfg.park_int8:
         return (
             "MgpuConfig.rows_per_wg=128 takes one segment; this call has both INT4 and INT8 "
             "channels (two accumulators: use rows_per_wg=64, or park_int8=True)"
         )
     return None
+
+
+def _two_acc_reason(cfg) -> str:
+    return (
+        f"MgpuConfig(w_regs=True, rows_per_wg={cfg.rows_per_wg}, block_n={cfg.block_n}): two "
+        f"int32 accumulators of {cfg.rows_per_wg} x {cfg.block_n} exceed the register file; "
+        "this call has both INT4 and INT8 channels (use park_int8=True or a smaller tile)"
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("tile_k", "out_dtype", "cfg"))
@@ -431,18 +743,28 @@ def w4ax_matmul_mgpu_unpacked(
 
 def _on_unpacked(x_u, x_scales, w_packed, w_scales, bias, *, m, k4, tile_k, out_dtype, cfg):
     rows = x_u.shape[0]
-    mp = -(-rows // cfg.block_m) * cfg.block_m
+    # The output stops at m rows rounded up to the TMA row tiling (segment_matmul's
+    # out_rows): with m a multiple of 8 (and at least one row tile) no slice is left.
+    out_rows = -(-m // OUT_ROW_TILE) * OUT_ROW_TILE
+    if cfg.w_regs:  # its tiles cover out_rows only: extra rows of x are left unread
+        mp = max(rows, -(-out_rows // cfg.block_m) * cfg.block_m)
+    else:
+        out_rows = max(out_rows, cfg.block_m)
+        mp = -(-rows // cfg.block_m) * cfg.block_m
     if mp != rows:
         x_u = jnp.pad(x_u, ((0, mp - rows), (0, 0)))
         x_scales = jnp.pad(x_scales, ((0, mp - rows), (0, 0)))
     r4 = x_scales[:, 0] * (1.0 / 256.0)
     r8 = x_scales[:, 1] * (1.0 / 16.0)
-    # [N, K] int8, unless the kernel unpacks the packed tiles itself (smem_unpack)
-    w_u = packed_words(w_packed) if cfg.smem_unpack else unpack_int4_x16_tiles(w_packed, tile_k)
+    # [N, K] int8, unless the kernel unpacks the packed tiles itself (smem_unpack: as int32
+    # words; w_regs: the packed bytes as they are)
+    if cfg.w_regs:
+        w_u = w_packed
+    elif cfg.smem_unpack:
+        w_u = packed_words(w_packed)
+    else:
+        w_u = unpack_int4_x16_tiles(w_packed, tile_k)
     b = None if bias is None else bias.astype(jnp.float32)
-    # The output stops at m rows rounded up to the TMA row tiling (segment_matmul's
-    # out_rows): with m a multiple of 8 (and at least one row tile) no slice is left.
-    out_rows = max(-(-m // OUT_ROW_TILE) * OUT_ROW_TILE, cfg.block_m)
     y = segment_matmul(
         x_u, r4, r8, w_u, w_scales.astype(jnp.float32), b,
         k4=k4, tile_k=tile_k, cfg=cfg, out_dtype=out_dtype, out_rows=out_rows,

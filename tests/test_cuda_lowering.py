@@ -72,6 +72,14 @@ def test_w4ax_gemm_lowers(m, config):
         (200, 384, 128, True, dict(smem_unpack=True)),
         (300, 384, 128, False, dict(rows_per_wg=128, stages=3, park_int8=True, smem_unpack=True)),
         (64, 0, 512, False, dict(block_n=64, smem_unpack=True)),
+        # the packed weights unpacked in registers (Y^T tiles: block_n tokens x 2 *
+        # rows_per_wg weight rows; tiles that are not powers of two)
+        (200, 384, 128, False, dict(w_regs=True)),
+        (300, 384, 128, True, dict(w_regs=True, block_n=256, park_int8=True)),
+        (1216, 384, 128, False, dict(w_regs=True, block_n=160)),
+        (1216, 384, 128, True, dict(w_regs=True, block_n=160, park_int8=True, stages=3)),
+        (40, 0, 512, True, dict(w_regs=True, block_n=80)),
+        (300, 512, 0, False, dict(w_regs=True, rows_per_wg=128, stages=3)),
     ],
 )
 def test_w4ax_mgpu_gemm_lowers(m, k4, k8, bias, fields):
@@ -105,6 +113,27 @@ def test_w4ax_mgpu_output_has_the_real_rows(m, sliced):
     [call] = [line for line in text.splitlines() if "custom_call @mosaic_gpu" in line]
     assert call.endswith(f"-> tensor<{out}x256xbf16>")
     assert (f"[0:{m}, 0:256] : (tensor<{out}x256xbf16>)" in text) == sliced
+
+
+@pytest.mark.parametrize(
+    "m,tokens,park", [(1216, 160, False), (1214, 80, False), (1000, 256, True)]
+)
+def test_w_regs_reads_the_engine_operand_as_it_is(m, tokens, park):
+    """With the weights unpacked in registers (an ``mgpu`` config with swap_ab and pre_unpack
+    "x") the engine's GEMM call is the kernel alone: no XLA pass over the packed weights (no
+    shift), none over act_quant's operand (its rows padded to 256 are more than the token
+    tiles cover: no pad, no slice), and the output has the m real rows rounded up to 8."""
+    cfg = GemmConfig(tokens, 128, 1, 4, 4, True, 8, pre_unpack="x", backend="mgpu", acc8_first=park)
+    rows = -(-m // 256) * 256
+    fn = functools.partial(wm.w4ax_matmul_unpacked, k4=384, m=m, config=cfg)
+    args = (S((rows, 512), jnp.int8), S((rows, 2), jnp.float32)) + _gemm_args(m, 256, 384, 128)[3:]
+    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    [call] = [line for line in text.splitlines() if "custom_call @mosaic_gpu" in line]
+    assert f"tensor<{rows}x512xi8>" in call and "tensor<256x256xi8>" in call  # x_u, packed w
+    out = -(-m // 8) * 8
+    assert call.endswith(f"-> tensor<{out}x256xbf16>")
+    assert "stablehlo.shift_left" not in text and "stablehlo.pad" not in text
+    assert (f"[0:{m}, 0:256]" in text) == (out != m)
 
 
 def test_w4ax_mgpu_config_routes_through_w4ax_matmul():

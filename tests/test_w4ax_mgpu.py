@@ -6,6 +6,8 @@ its CUDA lowering in tests/test_cuda_lowering.py."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,11 +32,38 @@ def _rel(a, b):
 
 
 @pytest.mark.parametrize(
-    "fields", [dict(block_n=96), dict(block_n=256), dict(stages=1), dict(rows_per_wg=96)]
+    "fields",
+    [
+        dict(block_n=96),
+        dict(block_n=256),
+        dict(stages=1),
+        dict(rows_per_wg=96),
+        # w_regs: tokens per tile are an integer wgmma N from 64 to 256 (multiples of 16)
+        dict(w_regs=True, block_n=152),
+        dict(w_regs=True, block_n=48),
+        dict(w_regs=True, block_n=272),
+        dict(w_regs=True, smem_unpack=True),
+    ],
 )
 def test_config_errors(fields):
     with pytest.raises(ValueError, match="MgpuConfig"):
         MgpuConfig(**fields)
+
+
+def test_w_regs_config_from_a_gemm_config():
+    """An ``mgpu`` GemmConfig with swap_ab and no "w" pre-unpack is MgpuConfig.w_regs: its
+    block_m counts tokens (wgmma's N, M padded to it), block_n weight rows (two warpgroups,
+    N a multiple of it); without swap_ab the same fields are smem_unpack."""
+    g = GemmConfig(160, 128, 1, 4, 4, True, 8, pre_unpack="x", backend="mgpu", acc8_first=True)
+    c = MgpuConfig.from_gemm_config(g)
+    assert c == MgpuConfig(block_n=160, stages=4, rows_per_wg=64, park_int8=True, w_regs=True)
+    assert (c.block_m, c.tile_n) == (160, 128)
+    c = MgpuConfig.from_gemm_config(
+        GemmConfig(128, 256, 1, 4, 3, True, 8, pre_unpack="x", backend="mgpu")
+    )
+    assert (c.w_regs, c.rows_per_wg, c.block_n, c.tile_n) == (True, 128, 128, 256)
+    plain = MgpuConfig.from_gemm_config(dataclasses.replace(g, swap_ab=False, block_m=256))
+    assert plain.smem_unpack and not plain.w_regs and (plain.block_m, plain.tile_n) == (256, 128)
 
 
 def test_shape_errors_name_the_problem():
@@ -50,6 +79,16 @@ def test_shape_errors_name_the_problem():
     ops = list(random_operands(jax.random.PRNGKey(1), 8, 128, 256, 128))
     with pytest.raises(ValueError, match="rows_per_wg=128 takes one segment"):
         w4ax_matmul_mgpu(*ops, config=MgpuConfig(rows_per_wg=128, stages=3))
+    # w_regs: N counts weight rows (two warpgroups of rows_per_wg); two accumulators of
+    # 64 x 256 (both segments, no park) do not fit the registers
+    ops = list(random_operands(jax.random.PRNGKey(1), 8, 192, 256, 128))
+    with pytest.raises(
+        ValueError, match="N=192 must be a multiple of MgpuConfig.2 \\* rows_per_wg=128"
+    ):
+        w4ax_matmul_mgpu(*ops, config=MgpuConfig(w_regs=True))
+    ops = list(random_operands(jax.random.PRNGKey(1), 8, 128, 256, 128))
+    with pytest.raises(ValueError, match="two int32 accumulators of 64 x 256"):
+        w4ax_matmul_mgpu(*ops, config=MgpuConfig(w_regs=True, block_n=256))
 
 
 def test_word_unpack_of_smem_unpack_equals_the_xla_unpack():
@@ -84,9 +123,23 @@ def test_word_unpack_of_smem_unpack_equals_the_xla_unpack():
 MGPU_PARK = GemmConfig(
     256, 128, 1, 8, 3, False, 8, pre_unpack="wx", backend="mgpu", acc8_first=True
 )
+# The weights unpacked in registers (MgpuConfig.w_regs), 160-token tiles: the Triton
+# fallback takes the largest power of two below (its tiles are powers of two), 128.
+MGPU_W_REGS = GemmConfig(160, 128, 1, 4, 4, True, 8, pre_unpack="x", backend="mgpu")
 
 
-@pytest.mark.parametrize("config", [MGPU, MGPU_PARK])
+def test_w_regs_fallback_tiles_are_powers_of_two():
+    from pallas_kernels.w4ax_matmul import _fallback_from_mgpu
+
+    w_scales = jnp.ones((128,), jnp.float32)
+    assert _fallback_from_mgpu(MGPU_W_REGS, w_scales).block_m == 128
+    assert _fallback_from_mgpu(dataclasses.replace(MGPU_W_REGS, block_m=80), w_scales).block_m == 64
+    assert _fallback_from_mgpu(MGPU_PARK, w_scales) == dataclasses.replace(
+        MGPU_PARK, backend="pallas"
+    )
+
+
+@pytest.mark.parametrize("config", [MGPU, MGPU_PARK, MGPU_W_REGS])
 @pytest.mark.parametrize("group_size", [None, 128])
 def test_mgpu_config_falls_back_to_triton_in_interpret_mode(group_size, config):
     """An mgpu config (from the table or given) in interpret mode runs the Triton kernel with
@@ -106,11 +159,17 @@ def test_mgpu_config_raw_sums_are_exact():
         np.testing.assert_array_equal(np.asarray(g), np.asarray(r))
 
 
-def test_table_routes_the_large_prefill_gemms_to_mosaic_gpu():
-    """The engine's packed-prefill GEMMs (M = 8192 rows, 8B shapes, 25% INT8) take the Mosaic
-    GPU kernel's parked schedule (256 x 128 tiles, INT8 first; fastest at M = 8192 on the H100,
-    2026-11-27); the decode GEMMs (M = 256) stay on Triton."""
+def test_table_routes_the_large_gemms_to_mosaic_gpu_with_the_weights_unpacked_in_registers():
+    """The engine's packed-prefill GEMMs (M = 8192 rows, 8B shapes, 25% INT8) and its
+    1214-row decode GEMMs take the Mosaic GPU kernel unpacking the packed weights in
+    registers (MgpuConfig.w_regs; H100, 2026-11-28: prefill 256 tokens x 128 weight rows,
+    INT8 first; decode 160-token tiles, 80 for k / v); the decode GEMMs at M = 256 stay on
+    Triton."""
     for n, k in ((4096, 4096), (14336, 4096), (4096, 14336), (1024, 4096)):
         cfg = get_config(8192, n, k, k // 4)
-        assert (cfg.backend, cfg.block_m, cfg.acc8_first) == ("mgpu", 256, True)
+        assert (cfg.backend, cfg.block_m, cfg.block_n, cfg.acc8_first) == ("mgpu", 256, 128, True)
+        assert MgpuConfig.from_gemm_config(cfg).w_regs
+        cfg = get_config(1214, n, k, k // 4)
+        assert (cfg.backend, cfg.block_m) == ("mgpu", 80 if n == 1024 else 160)
+        assert MgpuConfig.from_gemm_config(cfg).w_regs
     assert get_config(256, 14336, 4096, 1024).backend == "pallas"
