@@ -39,6 +39,7 @@ from pallas_kernels.w4ax_matmul import (
     w4ax_matmul,
     w4ax_matmul_reference,
     w4ax_matmul_unpacked,
+    w4ax_swiglu_unpacked,
 )
 
 M_VALUES = (1, 4, 16, 64, 256, 1024, 4096)
@@ -364,6 +365,102 @@ def swiglu_study(results, deadline):
             row["fused_vs_unfused_max_diff"] = int(np.abs(a - b).max())
         rows.append(row)
         log(f"swiglu {json.dumps(row)}")
+
+
+def gate_up_study(results, deadline):
+    """The MLP between the mlp_in and down_in quantizations, as the engine runs it at its
+    large M (act_quant's unpacked operand in, the down projection's unpacked operand out;
+    LLaMA-3-8B: gate / up 14336 x 4096, down K = 14336, 25% INT8 on both sides, the down
+    input's permutation folded away): "separate" = the gate and up GEMMs (the tuning table's
+    schedules) and ``act_quant(up, gate=gate)``; "fused" = ``w4ax_swiglu_unpacked`` (one
+    Mosaic GPU kernel writing silu(gate) * up) and ``act_quant(hidden)``. Checks on the
+    device: the fused hidden state against ``act_quant.swiglu`` of the separate GEMMs'
+    outputs (elements that differ: the GPU's exp against XLA's, by one bf16 ulp where a value
+    sits on a rounding boundary) and against the f32 reference (within one bf16 rounding of
+    each GEMM and of the product); the down operands' bytes of the two paths. Device time of
+    both paths (weights rotated over enough copies to leave L2) and of their GEMM parts."""
+    rows = results.setdefault("gate_up", [])
+    cases = [(5, 256, 256)] if SMOKE else [(1216, 14336, 4096), (8192, 14336, 4096)]
+    for case in _gemm_input_cases("gate_up", cases, 41, deadline):
+        row = _gate_up_case(*case)
+        rows.append(row)
+        log(f"gate_up {json.dumps(row)}")
+
+
+def _gate_up_case(m, n, k, k8, kx, x, perm) -> dict:
+    """One case of :func:`gate_up_study`."""
+    from pallas_kernels.act_quant import swiglu
+
+    k4 = k - k8
+    k8d = tuning.int8_fraction_k8(n, 0.25)
+    x_u, xs = act_quant(
+        x, perm, k4, layout="unpacked", row_align=UNPACKED_ROW_ALIGN, interpret=SMOKE
+    )
+    down_q = functools.partial(
+        act_quant, layout="unpacked", row_align=UNPACKED_ROW_ALIGN, interpret=SMOKE
+    )
+    gemm = functools.partial(w4ax_matmul_unpacked, k4=k4, m=m, interpret=SMOKE)
+
+    def separate_gemms(wg, wsg, wu, wsu):
+        return gemm(x_u, xs, wg, wsg), gemm(x_u, xs, wu, wsu)
+
+    def fused_gemm(wg, wsg, wu, wsu):
+        return w4ax_swiglu_unpacked(x_u, xs, wg, wsg, wu, wsu, k4=k4, m=m, interpret=SMOKE)
+
+    def separate(*w):
+        g, u = separate_gemms(*w)
+        return down_q(u, None, n - k8d, gate=g)
+
+    def fused(*w):
+        return down_q(fused_gemm(*w), None, n - k8d)
+
+    sets = []
+    for j in range(n_copies(2 * n * k // 2, m)):
+        wg = tuning.random_operands(jax.random.fold_in(kx, 10 + 2 * j), 1, n, k, k8)[3:5]
+        wu = tuning.random_operands(jax.random.fold_in(kx, 11 + 2 * j), 1, n, k, k8)[3:5]
+        sets.append((*wg, *wu))
+    row = dict(m=m, n=n, k=k, k8=k8, k8_down=k8d)
+    try:
+        h = jax.jit(fused_gemm)(*sets[0])
+        if h is None:
+            raise RuntimeError("no w_regs schedule in the tuning table for this shape")
+        g, u = jax.jit(separate_gemms)(*sets[0])
+        hs = np.asarray(swiglu(g, u)).view(np.uint16)
+        hf = np.asarray(h).view(np.uint16)
+        row["hidden_elements_differing"] = int(np.sum(hs != hf))
+        ulp = np.abs(hs.astype(np.int32) - hf.astype(np.int32))
+        row["hidden_max_ulp"] = int(ulp[hs >> 15 == hf >> 15].max(initial=0))
+        wg, wsg, wu, wsu = sets[0]
+        x4p, x8 = to_packed_ops(x_u, k4, m)
+        ref = []
+        for w, ws in ((wg, wsg), (wu, wsu)):
+            ref.append(w4ax_matmul_reference(x4p, x8, xs[:m], w, ws, out_dtype=jnp.float32))
+        h_ref = np.asarray(jax.nn.silu(ref[0]) * ref[1])
+        tol = 2.0**-6 * (np.abs(h_ref) + np.sqrt(np.mean(h_ref**2)))
+        row["hidden_bad_vs_f32"] = int(np.sum(~(np.abs(np.asarray(h, np.float32) - h_ref) <= tol)))
+        row["hidden_rel_err"] = rel_err(np.asarray(h, np.float32), h_ref)
+        qa, qb = jax.jit(separate)(*sets[0]), jax.jit(fused)(*sets[0])
+        row["down_operand_bytes_differing"] = int(np.sum(np.asarray(qa[0]) != np.asarray(qb[0])))
+        for name, fn in (
+            ("separate", separate),
+            ("fused", fused),
+            ("separate_gemms", separate_gemms),
+            ("fused_gemm", fused_gemm),
+        ):
+            row[f"{name}_us"] = timing.device_time(fn, sets) * 1e6
+        row["fused_vs_separate"] = row["separate_us"] / row["fused_us"]
+    except Exception as e:  # noqa: BLE001 - the next case still runs
+        row["error"] = f"{type(e).__name__}: {e!s:.600}"
+    return row
+
+
+def to_packed_ops(x_u, k4, m):
+    """act_quant's unpacked operand ``[16 * x4 | x8]`` back to the packed form of the
+    reference (``x4_packed``, ``x8``) for its first ``m`` rows."""
+    from comet_jax.quant.pack import pack_int4
+
+    q4 = jnp.right_shift(x_u[:m, :k4], 4)  # 16 * x4 -> x4, exact
+    return pack_int4(q4, 128), x_u[:m, k4:]
 
 
 def gather_study(results, deadline):
@@ -1515,6 +1612,12 @@ def main(argv=None):
         "act_quant(gate=...)",
     )
     ap.add_argument(
+        "--gate-up",
+        action="store_true",
+        help="the MLP at the engine's large M: gate / up GEMMs + act_quant(gate=) vs one "
+        "Mosaic GPU kernel writing silu(gate) * up + act_quant (W4AxLinear.fuse_gate_up)",
+    )
+    ap.add_argument(
         "--unpacked",
         action="store_true",
         help="act_quant's unpacked operand into the GEMM vs packed + XLA unpack (checked, timed)",
@@ -1594,6 +1697,7 @@ def main(argv=None):
             ("unpacked", unpacked_study),
             ("swiglu", swiglu_study),
             ("gather", gather_study),
+            ("gate_up", gate_up_study),
         ):
             if getattr(args, flag):
                 study(results, deadline)

@@ -484,6 +484,7 @@ def bench_precision(args, model_config, precision: str) -> list[dict]:
         mode=mode,
         interpret=args.interpret,
         fuse_swiglu=not args.unfused_swiglu,
+        fuse_gate_up=args.fuse_gate_up,
     )
     dtype = jnp.float32 if args.float32 else jnp.bfloat16
     model = LlamaForCausalLM(model_config, linear=linear, dtype=dtype, param_dtype=dtype)
@@ -838,6 +839,12 @@ def parse_args(argv=None):
         action="store_true",
         help="W4AxKV4 ablation: the layer writes the MLP hidden state and act_quant reads it "
         "back (default: act_quant builds silu(gate) * up itself, W4AxLinear.fuse_swiglu)",
+    )
+    p.add_argument(
+        "--fuse-gate-up",
+        action="store_true",
+        help="W4AxKV4: the gate / up GEMMs as one Mosaic GPU kernel writing silu(gate) * up "
+        "where the tuning table's schedule is a w_regs one (W4AxLinear.fuse_gate_up)",
     )
     p.add_argument("--num-pages", type=int, default=None, help="default: plan from free memory")
     p.add_argument("--memory-fraction", type=float, default=0.85)

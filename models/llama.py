@@ -120,10 +120,15 @@ class DecoderLayer(nn.Module):
     param_dtype: Any = jnp.float32
     capture_transform: Callable | None = None
 
-    def _group(self, spec: GroupSpec, x, norm_weight, gate=None) -> dict[str, jax.Array]:
+    def _group(
+        self, spec: GroupSpec, x, norm_weight, gate=None, hidden_of=None
+    ) -> dict[str, jax.Array]:
         """Runs one input group: prepare once per distinct backend, then each projection.
         gate (down_in only, see `_fuses_swiglu`): the input is swiglu(gate, x), which each
-        backend's prepare_input builds itself (fused into its quantization)."""
+        backend's prepare_input builds itself (fused into its quantization).
+        hidden_of (mlp_in): the (gate, up) projection names; where their backend builds the
+        MLP hidden state swiglu(gate, up) itself (`gate_up_swiglu`, W4AxLinear.fuse_gate_up)
+        the result has it as "hidden" instead of the two outputs."""
         if self.is_mutable_collection("intermediates"):
             x_in = x if norm_weight is None else rms_norm(x, norm_weight, self.config.rms_norm_eps)
             if self.capture_transform is not None:
@@ -154,11 +159,24 @@ class DecoderLayer(nn.Module):
             )
             for b in distinct
         }
+        weights = {
+            p.name: self.param(p.name, backends[p.name].weight_init(p, self.param_dtype))
+            for p in spec.projections
+        }
         out = {}
+        if hidden_of is not None and not self.is_mutable_collection("intermediates"):
+            g, u = hidden_of
+            backend = backends[g]
+            fused = getattr(backend, "gate_up_swiglu", None)
+            if backends[u] is backend and fused is not None:
+                hidden = fused(weights[g], weights[u], prepared[backend])
+                if hidden is not None:
+                    out["hidden"] = hidden
         for p in spec.projections:
+            if "hidden" in out and p.name in hidden_of:
+                continue
             backend = backends[p.name]
-            w = self.param(p.name, backend.weight_init(p, self.param_dtype))
-            out[p.name] = backend.matmul(w, prepared[backend])
+            out[p.name] = backend.matmul(weights[p.name], prepared[backend])
         return out
 
     @nn.compact
@@ -184,11 +202,13 @@ class DecoderLayer(nn.Module):
         x = x + self._group(specs["o_in"], attn, None)["o_proj"]
 
         post_norm = self.param("post_attn_norm", _ones_init((h,), self.param_dtype))
-        gu = self._group(specs["mlp_in"], x, post_norm)
-        gate, up = gu["gate_proj"], gu["up_proj"]
-        if self._fuses_swiglu(specs["down_in"]) and up.dtype == jnp.dtype(self.dtype):
-            down = self._group(specs["down_in"], up, None, gate=gate)
+        gu = self._group(specs["mlp_in"], x, post_norm, hidden_of=("gate_proj", "up_proj"))
+        if "hidden" in gu:  # the gate / up backend built swiglu(gate, up) itself
+            down = self._group(specs["down_in"], gu["hidden"], None)
+        elif self._fuses_swiglu(specs["down_in"]) and gu["up_proj"].dtype == jnp.dtype(self.dtype):
+            down = self._group(specs["down_in"], gu["up_proj"], None, gate=gu["gate_proj"])
         else:
+            gate, up = gu["gate_proj"], gu["up_proj"]
             hidden = (jax.nn.silu(gate.astype(jnp.float32)) * up).astype(self.dtype)
             down = self._group(specs["down_in"], hidden, None)
         x = x + down["down_proj"]

@@ -914,6 +914,51 @@ def w4ax_matmul_unpacked(
     )  # fmt: skip
 
 
+def w4ax_swiglu_unpacked(
+    x_u,
+    x_scales,
+    w_gate,
+    ws_gate,
+    w_up,
+    ws_up,
+    *,
+    k4: int,
+    m: int | None = None,
+    tile_k: int = DEFAULT_TILE_K,
+    out_dtype=jnp.bfloat16,
+    interpret: bool = False,
+    config: GemmConfig | None = None,
+):
+    """The MLP's hidden state ``act_quant.swiglu(gate, up)`` from one Mosaic GPU kernel over
+    the unpacked activations (``w4ax_mgpu.swiglu_matmul_mgpu_unpacked``: the gate and up
+    GEMMs' tiles side by side in registers, only the hidden state written), or None where
+    that kernel does not run the call: the config for the gate / up shape (``(m, N, K,
+    K8)``, as each GEMM would look it up) is not a Mosaic GPU w_regs schedule, or the call
+    is interpreted, or has group scales. The caller then runs the two GEMMs and
+    ``act_quant.swiglu`` (the same values; the GPU's ``exp`` aside). Operands as
+    :func:`w4ax_matmul_unpacked` (both weights ``[N, K/2]`` with ``[N]`` scales, no bias)."""
+    m, n, k4, k8 = validate_unpacked_args(x_u, x_scales, w_gate, ws_gate, None, k4, m, tile_k)
+    validate_unpacked_args(x_u, x_scales, w_up, ws_up, None, k4, m, tile_k)
+    if w_gate.shape != w_up.shape:
+        raise ValueError(f"w_gate {w_gate.shape} and w_up {w_up.shape} must have one shape")
+    cfg = _resolve_config(config, m, n, k4, k8, tile_k)
+    if cfg.backend != "mgpu":
+        return None
+    two = k4 > 0 and k8 > 0
+    mcfg = _mgpu_config(cfg, ws_gate, n, two, raw=False, tile_k=tile_k, interpret=interpret)
+    if mcfg is None:
+        return None
+    from pallas_kernels.w4ax_mgpu import swiglu_config, swiglu_matmul_mgpu_unpacked
+
+    scfg = swiglu_config(mcfg, two_segments=two)
+    if scfg is None or n % scfg.tile_n:
+        return None
+    return swiglu_matmul_mgpu_unpacked(
+        x_u, x_scales, w_gate, ws_gate, w_up, ws_up,
+        m=m, k4=k4, tile_k=tile_k, out_dtype=jnp.dtype(out_dtype), cfg=scfg,
+    )  # fmt: skip
+
+
 def w4ax_accumulators(
     x4_packed,
     x8,

@@ -64,6 +64,15 @@ the ``[block_n, 64]`` staging tile of ``Y``, then TMA. On the H100 (2026-11-28,
 XLA's unpack included, at M = 1216 0.72-0.91x of them (docs/kernels_gemm.md); the serving
 benchmark's decode step 47.6 -> 44.6 ms (docs/benchmarks.md).
 
+:func:`swiglu_matmul_mgpu_unpacked` is the same kernel with two weight operands, gate and
+up: each compute warpgroup unpacks both weights' rows for the same 64 output channels and
+accumulates both tiles over the same activation tile (two accumulator sets, hence
+:func:`swiglu_config`'s smaller token tiles), and the epilogue writes only the MLP's hidden
+state ``act_quant.swiglu(gate, up)`` of the two tiles rounded to the output dtype, as the
+separate GEMMs' outputs are. Lowered on the CPU; not yet run on the GPU
+(``bench_gemm.py --gate-up`` checks and times it against the separate GEMMs and
+``act_quant(gate=)``; ``W4AxLinear.fuse_gate_up`` puts it in the model, off by default).
+
 GPU only. jax 0.10 (the CPU machines) has no Mosaic GPU interpreter: the CPU tests trace and
 lower the kernel for CUDA; its numbers are checked against the reference on the device
 (``experiments/bench_gemm.py --mgpu``).
@@ -78,12 +87,15 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels.act_quant import swiglu as swiglu_of
 from pallas_kernels.act_quant import to_unpacked
 from pallas_kernels.w4ax_matmul import DEFAULT_TILE_K, unpack_int4_x16_tiles, validate_args
 
 BLOCK_NS = (64, 128)  # MgpuConfig.block_n: wgmma's N per tile
 W_REGS_TOKENS = (64, 256)  # w_regs: tokens per tile (wgmma's N), a multiple of 16 in this range
-MAX_TWO_ACC_ELEMS = 64 * 160  # w_regs: two int32 accumulators fit up to this many elements
+# w_regs: registers per thread its accumulators and parked partials may take (the parked
+# 64-row x 256-token tile's 128 + 64, measured on the H100 without spills)
+MAX_ACC_REGS = 192
 ROWS_PER_WG = (64, 128)  # MgpuConfig.rows_per_wg: one or two 64-row wgmma M blocks
 OUT_ROW_TILE = 8  # rows of the epilogue's TMA store tiling: output rows come in multiples of it
 NIBBLE_HIGH_MASK = -252645136  # 0xF0F0F0F0 as int32: each byte's high nibble
@@ -115,8 +127,8 @@ class MgpuConfig:
     the packed weight tiles in shared memory itself (module docstring); ``w_regs``: the
     kernel unpacks them in registers (module docstring): ``block_n`` then counts tokens
     (wgmma's N, a multiple of 16 in [64, 256]), the tile has ``2 * rows_per_wg`` weight rows,
-    and two accumulators (both segments without ``park_int8``) fit up to
-    ``MAX_TWO_ACC_ELEMS`` elements each (:attr:`block_m` / :attr:`tile_n`: the tile's extent
+    and the accumulators (and parked partials) may take up to ``MAX_ACC_REGS`` registers
+    per thread (:func:`acc_regs`) (:attr:`block_m` / :attr:`tile_n`: the tile's extent
     along M / N either way); ``stages``: shared-memory slots of the TMA pipeline; ``snake``: the tile order walks bands of this many tiles (L2 reuse of the
     weight tiles); ``park_int8`` (two segments): one accumulator, the INT8 segment's K tiles
     first, its scaled partial then held as bf16 in registers (half the space of an int32
@@ -238,12 +250,13 @@ def _launch(kernel, out_type, args):
 
 @dataclasses.dataclass(frozen=True)
 class _Segments:
-    """The INT4 / INT8 accumulation and epilogue math shared by both kernels: a tile's int32
-    accumulators (one per segment, or with ``park`` one, the INT8 partial parked as bf16 in
-    registers), the K step's wgmmas into the segment's accumulator, and the output tile
-    ``(acc4 * r4 + acc8 * r8) * ws (+ bias)``. ``per_token(r_hbm)`` / ``per_channel(c_hbm)``:
-    a ``[M]`` / ``[N]`` vector broadcast to the accumulator's ``shape`` (the two kernels
-    orient the tile differently)."""
+    """The INT4 / INT8 accumulation and epilogue math shared by the kernels: a tile's int32
+    accumulators (per output, one per segment, or with ``park`` one, the INT8 partial parked
+    as bf16 in registers), the K step's wgmmas into the segment's accumulators, and the
+    output tiles ``(acc4 * r4 + acc8 * r8) * ws (+ bias)``, one per ``ws_hbms`` entry (two
+    for the SwiGLU kernel: gate and up over the same tokens). ``per_token(r_hbm)`` /
+    ``per_channel(c_hbm)``: a ``[M]`` / ``[N]`` vector broadcast to the accumulator's
+    ``shape`` (the kernels orient the tile differently)."""
 
     park: bool
     segments: tuple
@@ -254,71 +267,94 @@ class _Segments:
     per_channel: object
     r4_hbm: object
     r8_hbm: object
-    ws_hbm: object
-    bias_hbm: object
+    ws_hbms: tuple
+    bias_hbms: tuple
     out_dtype: object
 
     def scaled(self, acc_ref, r_hbm):
         return acc_ref[...].astype(jnp.float32) * self.per_token(r_hbm)
 
+    def _name(self, name, o):
+        return name if len(self.ws_hbms) == 1 else f"{name}_{o}"
+
+    def _accs(self, acc, name):
+        return tuple(acc[self._name(name, o)] for o in range(len(self.ws_hbms)))
+
     def context(self, run, finish):
-        """Allocates the accumulators, runs the pipeline (``run``), then ``finish(y)`` with
-        ``y`` the output tile ``[shape]`` in out_dtype, inside the accumulators' scope."""
+        """Allocates the accumulators, runs the pipeline (``run``), then ``finish(ys)`` with
+        ``ys`` the output tiles ``[shape]`` in out_dtype (one per output), inside the
+        accumulators' scope."""
         import jax.experimental.pallas as pl
         import jax.experimental.pallas.mosaic_gpu as plgpu
 
+        outs = range(len(self.ws_hbms))
         names = ("acc",) if self.park else self.segments
-        accs = {a: plgpu.ACC(self.shape, jnp.int32) for a in names}
+        accs = {self._name(a, o): plgpu.ACC(self.shape, jnp.int32) for o in outs for a in names}
 
         @functools.partial(pl.run_scoped, **accs)
         def _(**acc):
             if self.park:
-                zero = jnp.zeros(self.shape, jnp.bfloat16)
-                _, partial8 = run((acc, plgpu.layout_cast(zero, plgpu.Layout.WGMMA)))
-                y = self.scaled(acc["acc"], self.r4_hbm) + partial8.astype(jnp.float32)
+                zero = plgpu.layout_cast(jnp.zeros(self.shape, jnp.bfloat16), plgpu.Layout.WGMMA)
+                parked = zero if len(outs) == 1 else tuple(zero for _ in outs)
+                _, parked = run((acc, parked))
+                parked = (parked,) if len(outs) == 1 else parked
+                ys = [
+                    self.scaled(a, self.r4_hbm) + p.astype(jnp.float32)
+                    for a, p in zip(self._accs(acc, "acc"), parked)
+                ]
             else:
                 run(acc)
                 r_of = {"acc4": self.r4_hbm, "acc8": self.r8_hbm}
-                y = functools.reduce(
-                    lambda a, b: a + b, [self.scaled(acc[s], r_of[s]) for s in self.segments]
-                )
-            y = y * self.per_channel(self.ws_hbm)
-            if self.bias_hbm is not None:
-                y = y + self.per_channel(self.bias_hbm)
-            finish(y.astype(self.out_dtype))
+                ys = [
+                    functools.reduce(
+                        lambda a, b: a + b,
+                        [self.scaled(self._accs(acc, s)[o], r_of[s]) for s in self.segments],
+                    )
+                    for o in outs
+                ]
+            out = []
+            for y, ws_hbm, bias_hbm in zip(ys, self.ws_hbms, self.bias_hbms):
+                y = y * self.per_channel(ws_hbm)
+                if bias_hbm is not None:
+                    y = y + self.per_channel(bias_hbm)
+                out.append(y.astype(self.out_dtype))
+            finish(tuple(out))
 
     def step(self, s, carry, mma):
-        """K step ``s``: ``mma(acc_ref)`` issues its wgmmas into the step's segment's
-        accumulator; waits for them; with ``park``, after the last INT8 tile, parks the
-        scaled partial and zeroes the accumulator. Returns the pipeline's carry."""
+        """K step ``s``: ``mma(acc_refs)`` issues its wgmmas into the step's segment's
+        accumulators (one per output); waits for them; with ``park``, after the last INT8
+        tile, parks the scaled partials and zeroes the accumulators. Returns the pipeline's
+        carry."""
         import jax.experimental.pallas as pl
         import jax.experimental.pallas.mosaic_gpu as plgpu
 
         acc = carry[0] if self.park else carry
         if self.park or len(self.segments) == 1:
-            mma(acc["acc" if self.park else self.segments[0]])
+            mma(self._accs(acc, "acc" if self.park else self.segments[0]))
         else:
 
             @pl.when(s < self.k4_steps)
             def _():
-                mma(acc["acc4"])
+                mma(self._accs(acc, "acc4"))
 
             @pl.when(s >= self.k4_steps)
             def _():
-                mma(acc["acc8"])
+                mma(self._accs(acc, "acc8"))
 
         plgpu.wgmma_wait(0)
         if not self.park:
             return acc
 
         def park_partial(_):  # after the last INT8 tile: park it, zero the acc
-            p = self.scaled(acc["acc"], self.r8_hbm).astype(jnp.bfloat16)
-            zero = jnp.zeros(self.shape, jnp.int32)
-            acc["acc"][...] = plgpu.layout_cast(zero, plgpu.Layout.WGMMA)
-            return p
+            parked = []
+            for a in self._accs(acc, "acc"):
+                parked.append(self.scaled(a, self.r8_hbm).astype(jnp.bfloat16))
+                zero = jnp.zeros(self.shape, jnp.int32)
+                a[...] = plgpu.layout_cast(zero, plgpu.Layout.WGMMA)
+            return parked[0] if len(parked) == 1 else tuple(parked)
 
-        partial8 = lax.cond(s == self.k8_steps - 1, park_partial, lambda p: p, carry[1])
-        return acc, partial8
+        parked = lax.cond(s == self.k8_steps - 1, park_partial, lambda p: p, carry[1])
+        return acc, parked
 
 
 def segment_matmul(x_u, r4, r8, w_u, ws, bias, *, k4, cfg, out_dtype, tile_k=128, out_rows=None):
@@ -341,7 +377,7 @@ def segment_matmul(x_u, r4, r8, w_u, ws, bias, *, k4, cfg, out_dtype, tile_k=128
     out_rows = x_u.shape[0] if out_rows is None else out_rows
     if cfg.w_regs:
         return _swap_segment_matmul(
-            x_u, r4, r8, w_u, ws, bias,
+            x_u, r4, r8, (w_u,), (ws,), (bias,),
             k4=k4, cfg=cfg, out_dtype=out_dtype, tk=tile_k, out_rows=out_rows,
         )  # fmt: skip
     mp, k = x_u.shape
@@ -455,10 +491,11 @@ def segment_matmul(x_u, r4, r8, w_u, ws, bias, *, k4, cfg, out_dtype, tile_k=128
 
                 segs = _Segments(
                     park, segments, k4_steps, k8_steps, shape, rows_of, cols_of,
-                    r4_hbm, r8_hbm, ws_hbm, bias_hbm, out_dtype,
+                    r4_hbm, r8_hbm, (ws_hbm,), (bias_hbm,), out_dtype,
                 )  # fmt: skip
 
-                def finish(y):
+                def finish(ys):
+                    (y,) = ys
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
                     for e, (i, j) in enumerate(epi_tiles):
                         er = slice(i * epi_m, (i + 1) * epi_m)
@@ -498,7 +535,8 @@ def segment_matmul(x_u, r4, r8, w_u, ws, bias, *, k4, cfg, out_dtype, tile_k=128
                         # w: [tk, bn], K-major
                         pairs = [(x_smem.at[mine], plgpu.transpose_ref(w_smem, (1, 0)))]
 
-                    def mma(acc):
+                    def mma(accs):
+                        (acc,) = accs
                         for a, b in pairs:
                             plgpu.wgmma(acc, a, b)
 
@@ -549,21 +587,28 @@ def _split_nibbles(packed):
     return split(packed)
 
 
-def _swap_segment_matmul(x_u, r4, r8, w_p, ws, bias, *, k4, cfg, out_dtype, tk, out_rows):
-    """``segment_matmul`` with ``cfg.w_regs``: the packed weights ``w_p [N, K/2]`` int8 as
-    they are stored, unpacked in registers into wgmma's A operand; the MMA computes tiles of
-    ``Y^T`` (module docstring). The tiles cover ``out_rows`` rounded up to ``block_n``; x_u
+def _swap_segment_matmul(
+    x_u, r4, r8, w_ps, wss, biases, *, k4, cfg, out_dtype, tk, out_rows, swiglu=False
+):
+    """``segment_matmul`` with ``cfg.w_regs``: the packed weights ``[N, K/2]`` int8 as they
+    are stored, unpacked in registers into wgmma's A operand; the MMA computes tiles of
+    ``Y^T`` (module docstring). ``w_ps``, ``wss``, ``biases``: one entry per output, or with
+    ``swiglu`` two (gate, up) whose outputs the epilogue combines into ``silu(gate) * up``
+    (:func:`swiglu_matmul_mgpu_unpacked`). The tiles cover ``out_rows`` rounded up to ``block_n``; x_u
     (and r4, r8) may have more rows than that (act_quant's 256-row padding), which are not
     read."""
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     rows, k = x_u.shape
-    n = w_p.shape[0]
-    if w_p.dtype != jnp.int8 or 2 * w_p.shape[1] != k:
-        raise ValueError(
-            f"w_regs takes the packed weights as int8 [N, {k // 2}], got {w_p.dtype} {w_p.shape}"
-        )
+    n = w_ps[0].shape[0]
+    for w_p in w_ps:
+        if w_p.dtype != jnp.int8 or w_p.shape != (n, k // 2):
+            raise ValueError(
+                f"w_regs takes the packed weights as int8 [N, {k // 2}] (every output's of "
+                f"N = {n} rows), got {w_p.dtype} {w_p.shape}"
+            )
+    n_out = len(w_ps)
     k8 = k - k4
     bt, rw = cfg.block_n, cfg.rows_per_wg  # tokens per tile (wgmma N); weight rows per wg
     cta_w = 2 * rw
@@ -581,8 +626,8 @@ def _swap_segment_matmul(x_u, r4, r8, w_p, ws, bias, *, k4, cfg, out_dtype, tk, 
     k8_steps = k_steps - k4_steps
     segments = (("acc4",) if k4 else ()) + (("acc8",) if k8 else ())
     park = cfg.park_int8 and len(segments) == 2
-    if len(segments) == 2 and not park and rw * bt > MAX_TWO_ACC_ELEMS:
-        raise ValueError(_two_acc_reason(cfg))
+    if acc_regs(cfg, two_segments=len(segments) == 2, outputs=n_out) > MAX_ACC_REGS:
+        raise ValueError(_acc_reason(cfg, n_out))
 
     def k_tile(s):  # with park the INT8 segment's tiles come first
         return lax.rem(s + k4_steps, k_steps) if park else s
@@ -599,7 +644,7 @@ def _swap_segment_matmul(x_u, r4, r8, w_p, ws, bias, *, k4, cfg, out_dtype, tk, 
     epi_t = 64 if bt % 64 == 0 else bt  # output rows (tokens) per epilogue store
     epi_tiles = [(i, j) for i in range(rw // epi_w) for j in range(bt // epi_t)]
     slots = min(2, len(epi_tiles))
-    has_bias = bias is not None
+    has_bias = [b is not None for b in biases]
 
     def smem_spec(shape, index):
         return plgpu.BlockSpec(shape, index, transforms=half_tf, memory_space=plgpu.SMEM)
@@ -607,17 +652,21 @@ def _swap_segment_matmul(x_u, r4, r8, w_p, ws, bias, *, k4, cfg, out_dtype, tk, 
     in_specs = [
         smem_spec((bt, h), lambda s: (0, 2 * k_tile(s))),  # x: the tile's low-nibble half
         smem_spec((bt, h), lambda s: (0, 2 * k_tile(s) + 1)),  # and its high-nibble half
-        smem_spec((cta_w, h), lambda s: (0, k_tile(s))),  # w: the tile's packed bytes
-    ]
+    ] + [smem_spec((cta_w, h), lambda s: (0, k_tile(s)))] * n_out  # w: the packed bytes
 
     pipeline = functools.partial(_pipeline, in_specs=in_specs, k_steps=k_steps, cfg=cfg)
 
-    def kernel(x_hbm, r4_hbm, r8_hbm, w_hbm, ws_hbm, *rest):
-        bias_hbm, y_hbm = (rest[0], rest[1]) if has_bias else (None, rest[0])
+    def kernel(x_hbm, r4_hbm, r8_hbm, *rest):
+        w_hbms, ws_hbms, rest = rest[:n_out], rest[n_out : 2 * n_out], rest[2 * n_out :]
+        bias_hbms = []
+        for b in has_bias:
+            bias_hbms.append(rest[0] if b else None)
+            rest = rest[1:] if b else rest
+        (y_hbm,) = rest
 
         @functools.partial(
             pl.run_scoped,
-            allocs=pipeline(_nothing, _nothing).get_allocations(x_hbm, x_hbm, w_hbm),
+            allocs=pipeline(_nothing, _nothing).get_allocations(x_hbm, x_hbm, *w_hbms),
             y_smem=plgpu.SMEM((2, slots, epi_t, epi_w), out_dtype, transforms=out_tf),
             collective_axes="wg",
         )
@@ -640,10 +689,13 @@ def _swap_segment_matmul(x_u, r4, r8, w_p, ws, bias, *, k4, cfg, out_dtype, tk, 
 
                 segs = _Segments(
                     park, segments, k4_steps, k8_steps, shape, of_t, of_w,
-                    r4_hbm, r8_hbm, ws_hbm, bias_hbm, out_dtype,
+                    r4_hbm, r8_hbm, tuple(ws_hbms), tuple(bias_hbms), out_dtype,
                 )  # fmt: skip
 
-                def finish(y):
+                def finish(ys):
+                    # the gate and up tiles rounded to out_dtype, as their GEMM outputs, then
+                    # the MLP's expression on them (act_quant.swiglu)
+                    (y,) = (swiglu_of(*ys),) if swiglu else ys
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
                     for e, (i, j) in enumerate(epi_tiles):
                         ew = slice(i * epi_w, (i + 1) * epi_w)
@@ -660,26 +712,30 @@ def _swap_segment_matmul(x_u, r4, r8, w_p, ws, bias, *, k4, cfg, out_dtype, tk, 
 
                 context = functools.partial(segs.context, finish=finish)
 
-                def step(idx, x_lo, x_hi, w_smem, carry):
+                def step(idx, x_lo, x_hi, *refs):
                     (s,) = idx
-                    packed = plgpu.load(
-                        w_smem.at[pl.ds(wg * rw, rw)], (), layout=plgpu.Layout.WGMMA_8BIT
-                    )
-                    low, high = _split_nibbles(packed)
+                    *w_smems, carry = refs
+                    halves = []
+                    for w_smem in w_smems:
+                        packed = plgpu.load(
+                            w_smem.at[pl.ds(wg * rw, rw)], (), layout=plgpu.Layout.WGMMA_8BIT
+                        )
+                        halves.append(_split_nibbles(packed))
 
-                    def mma(acc):
-                        plgpu.wgmma(acc, low, plgpu.transpose_ref(x_lo, (1, 0)))
-                        plgpu.wgmma(acc, high, plgpu.transpose_ref(x_hi, (1, 0)))
+                    def mma(accs):
+                        for acc, (low, high) in zip(accs, halves):
+                            plgpu.wgmma(acc, low, plgpu.transpose_ref(x_lo, (1, 0)))
+                            plgpu.wgmma(acc, high, plgpu.transpose_ref(x_hi, (1, 0)))
 
                     return segs.step(s, carry, mma)
 
                 x_rows = x_hbm.at[toks, :]
-                w_rows = w_hbm.at[pl.ds(wi * cta_w, cta_w), :]
-                pipeline(step, context)(x_rows, x_rows, w_rows, allocations=allocs)
+                w_rows = [w.at[pl.ds(wi * cta_w, cta_w), :] for w in w_hbms]
+                pipeline(step, context)(x_rows, x_rows, *w_rows, allocations=allocs)
 
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-    args = [x_u, r4, r8, w_p, ws] + ([bias] if has_bias else [])
+    args = [x_u, r4, r8, *w_ps, *wss] + [b for b in biases if b is not None]
     return _launch(kernel, jax.ShapeDtypeStruct((out_rows, n), out_dtype), args)
 
 
@@ -697,8 +753,8 @@ def mgpu_unsupported(n: int, n_groups: int, tile_k: int, cfg, *, two_segments: b
         what = "2 * rows_per_wg" if cfg.w_regs else "block_n"
         return f"N={n} must be a multiple of MgpuConfig.{what}={cfg.tile_n}"
     if cfg.w_regs:
-        if two_segments and not cfg.park_int8 and cfg.rows_per_wg * cfg.block_n > MAX_TWO_ACC_ELEMS:
-            return _two_acc_reason(cfg)
+        if acc_regs(cfg, two_segments=two_segments) > MAX_ACC_REGS:
+            return _acc_reason(cfg)
         return None
     if cfg.rows_per_wg == 128 and two_segments and not cfg.park_int8:
         return (
@@ -708,11 +764,23 @@ def mgpu_unsupported(n: int, n_groups: int, tile_k: int, cfg, *, two_segments: b
     return None
 
 
-def _two_acc_reason(cfg) -> str:
+def acc_regs(cfg, *, two_segments: bool, outputs: int = 1) -> int:
+    """Registers per thread that a w_regs tile's accumulators take: per output one int32
+    ``rows_per_wg x block_n`` accumulator per segment, or with ``park_int8`` one plus the
+    parked bf16 partial (half of one)."""
+    one = cfg.rows_per_wg * cfg.block_n // 128  # one int32 accumulator over 128 threads
+    park = cfg.park_int8 and two_segments
+    per_output = one + one // 2 if park else one * (2 if two_segments else 1)
+    return outputs * per_output
+
+
+def _acc_reason(cfg, outputs: int = 1) -> str:
+    what = "gate and up accumulators" if outputs == 2 else "int32 accumulators"
     return (
-        f"MgpuConfig(w_regs=True, rows_per_wg={cfg.rows_per_wg}, block_n={cfg.block_n}): two "
-        f"int32 accumulators of {cfg.rows_per_wg} x {cfg.block_n} exceed the register file; "
-        "this call has both INT4 and INT8 channels (use park_int8=True or a smaller tile)"
+        f"MgpuConfig(w_regs=True, rows_per_wg={cfg.rows_per_wg}, block_n={cfg.block_n}, "
+        f"park_int8={cfg.park_int8}): the {what} of {cfg.rows_per_wg} x {cfg.block_n} "
+        f"exceed {MAX_ACC_REGS} registers per thread with this call's segments (use "
+        "park_int8=True or fewer tokens per tile)"
     )
 
 
@@ -741,12 +809,16 @@ def w4ax_matmul_mgpu_unpacked(
     )  # fmt: skip
 
 
-def _on_unpacked(x_u, x_scales, w_packed, w_scales, bias, *, m, k4, tile_k, out_dtype, cfg):
+def _rows(x_u, x_scales, m, cfg):
+    """The activation operand's rows as the kernel takes them: ``(x_u, r4, r8, out_rows)``,
+    x_u padded to whole row tiles only where its rows fall short (w_regs tiles cover
+    ``out_rows`` only: extra rows are left unread), the per-row scales with the x16 / x256
+    unpack factors folded in. The output stops at m rows rounded up to the TMA row tiling
+    (segment_matmul's out_rows): with m a multiple of 8 (and, without w_regs, at least one
+    row tile) no slice is left."""
     rows = x_u.shape[0]
-    # The output stops at m rows rounded up to the TMA row tiling (segment_matmul's
-    # out_rows): with m a multiple of 8 (and at least one row tile) no slice is left.
     out_rows = -(-m // OUT_ROW_TILE) * OUT_ROW_TILE
-    if cfg.w_regs:  # its tiles cover out_rows only: extra rows of x are left unread
+    if cfg.w_regs:
         mp = max(rows, -(-out_rows // cfg.block_m) * cfg.block_m)
     else:
         out_rows = max(out_rows, cfg.block_m)
@@ -754,8 +826,11 @@ def _on_unpacked(x_u, x_scales, w_packed, w_scales, bias, *, m, k4, tile_k, out_
     if mp != rows:
         x_u = jnp.pad(x_u, ((0, mp - rows), (0, 0)))
         x_scales = jnp.pad(x_scales, ((0, mp - rows), (0, 0)))
-    r4 = x_scales[:, 0] * (1.0 / 256.0)
-    r8 = x_scales[:, 1] * (1.0 / 16.0)
+    return x_u, x_scales[:, 0] * (1.0 / 256.0), x_scales[:, 1] * (1.0 / 16.0), out_rows
+
+
+def _on_unpacked(x_u, x_scales, w_packed, w_scales, bias, *, m, k4, tile_k, out_dtype, cfg):
+    x_u, r4, r8, out_rows = _rows(x_u, x_scales, m, cfg)
     # [N, K] int8, unless the kernel unpacks the packed tiles itself (smem_unpack: as int32
     # words; w_regs: the packed bytes as they are)
     if cfg.w_regs:
@@ -770,6 +845,49 @@ def _on_unpacked(x_u, x_scales, w_packed, w_scales, bias, *, m, k4, tile_k, out_
         k4=k4, tile_k=tile_k, cfg=cfg, out_dtype=out_dtype, out_rows=out_rows,
     )  # fmt: skip
     return y if out_rows == m else y[:m]
+
+
+def swiglu_config(cfg: MgpuConfig, *, two_segments: bool) -> MgpuConfig | None:
+    """The SwiGLU kernel's schedule from a w_regs GEMM schedule (the tuning table's for the
+    gate / up shape): 64 weight rows per warpgroup and the most tokens per tile, at most
+    ``cfg.block_n``, whose gate and up accumulators fit ``MAX_ACC_REGS``; None for a schedule
+    that is not w_regs (the kernel exists only in that form)."""
+    if not cfg.w_regs:
+        return None
+    c = dataclasses.replace(cfg, rows_per_wg=64)
+    while acc_regs(c, two_segments=two_segments, outputs=2) > MAX_ACC_REGS:
+        if c.block_n - 16 < W_REGS_TOKENS[0]:
+            return None
+        c = dataclasses.replace(c, block_n=c.block_n - 16)
+    return c
+
+
+@functools.partial(jax.jit, static_argnames=("m", "k4", "tile_k", "out_dtype", "cfg"))
+def swiglu_matmul_mgpu_unpacked(
+    x_u, x_scales, w_gate, ws_gate, w_up, ws_up, *, m, k4, tile_k, out_dtype, cfg
+):
+    """The LLaMA MLP's hidden state from one kernel: ``swiglu(gate, up)`` (``act_quant.swiglu``:
+    ``silu(f32(gate)) * up`` rounded to out_dtype) of the W4Ax GEMMs ``gate = x @ w_gate``,
+    ``up = x @ w_up`` over the same activations, each rounded to out_dtype first, as the two
+    GEMMs' outputs are: the same values as the separate GEMMs and ``act_quant.swiglu``
+    (the GPU's ``exp`` aside), without writing gate and up. ``x_u [R, K]`` int8 / ``x_scales
+    [R, 2]`` as ``act_quant(layout="unpacked")`` writes them (first ``m`` rows real),
+    ``w_gate`` / ``w_up`` ``[N, K/2]`` packed, ``ws_gate`` / ``ws_up`` ``[N]`` ->
+    ``[m, N]`` out_dtype. ``cfg``: a w_regs schedule (:func:`swiglu_config`). Each compute
+    warpgroup computes the gate and the up tile of the same 64 weight rows and tokens (the
+    A operands of both unpacked in registers, the activation tile read from shared memory
+    by both), so the epilogue has both in registers."""
+    if not cfg.w_regs or cfg.rows_per_wg != 64:
+        raise ValueError(
+            f"swiglu_matmul takes a w_regs schedule of 64 rows per warpgroup, got {cfg}"
+        )
+    x_u, r4, r8, out_rows = _rows(x_u, x_scales, m, cfg)
+    wss = tuple(w.astype(jnp.float32) for w in (ws_gate, ws_up))
+    h = _swap_segment_matmul(
+        x_u, r4, r8, (w_gate, w_up), wss, (None, None),
+        k4=k4, cfg=cfg, out_dtype=out_dtype, tk=tile_k, out_rows=out_rows, swiglu=True,
+    )  # fmt: skip
+    return h if out_rows == m else h[:m]
 
 
 def w4ax_matmul_mgpu(

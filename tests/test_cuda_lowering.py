@@ -136,6 +136,48 @@ def test_w_regs_reads_the_engine_operand_as_it_is(m, tokens, park):
     assert (f"[0:{m}, 0:256]" in text) == (out != m)
 
 
+@pytest.mark.parametrize(
+    "m,k4,tokens,park", [(1216, 384, 160, True), (1214, 384, 160, False), (300, 512, 256, False)]
+)
+def test_w4ax_swiglu_lowers_to_one_kernel(m, k4, tokens, park):
+    """w4ax_swiglu_unpacked with a w_regs schedule: one Mosaic GPU call taking both packed
+    weights and writing the [m, N] hidden state (swiglu_config's token tile: 128 parked,
+    96 with two accumulators each, 192 with one segment), no XLA pass over the weights."""
+    cfg = GemmConfig(tokens, 128, 1, 4, 4, True, 8, pre_unpack="x", backend="mgpu", acc8_first=park)
+    rows, n = -(-m // 256) * 256, 256
+    fn = functools.partial(wm.w4ax_swiglu_unpacked, k4=k4, m=m, config=cfg)
+    w = (S((n, 256), jnp.int8), S((n,), jnp.float32))
+    args = (S((rows, 512), jnp.int8), S((rows, 2), jnp.float32)) + w + w
+    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    [call] = [line for line in text.splitlines() if "custom_call @mosaic_gpu" in line]
+    assert call.count("tensor<256x256xi8>") == 2
+    assert call.endswith(f"-> tensor<{-(-m // 8) * 8}x{n}xbf16>")
+    assert "stablehlo.shift_left" not in text and "triton" not in text
+
+
+def test_w4ax_swiglu_declines_where_its_kernel_does_not_run():
+    """None (the caller runs the two GEMMs) for a Triton or a Mosaic GPU non-w_regs config,
+    in interpret mode, and for group scales; operand errors name the problem."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    x_u = jnp.asarray(rng.integers(-8, 8, (256, 512)).astype(np.int8))
+    xs = jnp.ones((256, 2), jnp.float32)
+    w = jnp.asarray(rng.integers(-128, 128, (256, 256)).astype(np.int8))
+    ws = jnp.ones((256,), jnp.float32)
+    w_regs = GemmConfig(128, 128, 1, 4, 4, True, 8, pre_unpack="x", backend="mgpu")
+    call = functools.partial(wm.w4ax_swiglu_unpacked, k4=384, m=200)
+    triton = GemmConfig(128, 128, 1, 4, 3, False, 8, pre_unpack="wx")
+    wx_mgpu = GemmConfig(128, 128, 1, 4, 4, False, 8, pre_unpack="wx", backend="mgpu")
+    assert call(x_u, xs, w, ws, w, ws, config=triton) is None
+    assert call(x_u, xs, w, ws, w, ws, config=wx_mgpu) is None
+    assert call(x_u, xs, w, ws, w, ws, config=w_regs, interpret=True) is None
+    groups = jnp.ones((256, 4), jnp.float32)
+    assert call(x_u, xs, w, groups, w, groups, config=w_regs) is None
+    with pytest.raises(ValueError, match="one shape"):
+        call(x_u, xs, w, ws, w[:128], ws[:128], config=w_regs)
+
+
 def test_w4ax_mgpu_config_routes_through_w4ax_matmul():
     """A GemmConfig with backend "mgpu" reaches the Mosaic GPU kernel through w4ax_matmul;
     with group scales, which that kernel does not take, the Triton kernel."""

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from comet_jax.quant.qlinear import W4AxLinear
 from models import (
     GROUPS,
     PROJECTIONS,
@@ -542,3 +544,72 @@ def test_fused_swiglu_gives_the_same_logits():
     _, state = fused_model.apply({"params": params}, tokens, mutable=["intermediates"])
     sown = state["intermediates"]["layers_0"]["down_in"][0]
     assert sown.shape == (2, 5, cfg.intermediate_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class _JnpGateUp(W4AxLinear):
+    """W4AxLinear whose gate_up_swiglu always runs, as jnp: the value the one-kernel path
+    computes (act_quant.swiglu of the two GEMM outputs, each rounded to the compute dtype)."""
+
+    def gate_up_swiglu(self, gate_params, up_params, prepared):
+        from pallas_kernels.act_quant import swiglu
+
+        return swiglu(self.matmul(gate_params, prepared), self.matmul(up_params, prepared))
+
+
+def test_gate_up_kernel_path_gives_the_same_logits():
+    """W4AxLinear.fuse_gate_up: where the gate / up backend returns the MLP hidden state
+    itself (here a jnp stand-in with the kernel's expression) the layer hands it to the down
+    projection, whose act_quant then reads it instead of building it from gate and up: the
+    same logits, bit for bit (interpret mode), as the default path; where it does not run
+    (interpret mode) fuse_gate_up changes nothing. The CUDA lowering with a w_regs schedule
+    for every shape runs the one kernel: no act_quant_swiglu, one Mosaic GPU call fewer."""
+    from comet_jax.engine.runner import precision_plan
+    from models import PROJECTIONS_OF
+    from pallas_kernels import tuning
+    from pallas_kernels.w4ax_matmul import GemmConfig
+
+    cfg = ModelConfig(
+        vocab_size=320, hidden_size=256, intermediate_size=256, num_layers=1, num_heads=4,
+        num_kv_heads=2, head_dim=64,
+    )  # fmt: skip
+    plan = precision_plan(cfg, "w4axkv4", mode="pallas", interpret=True)
+    backends = {g: plan.backend_for(0, PROJECTIONS_OF[g][0]) for g in GROUPS}
+
+    def model_with(mlp_in, **fields):
+        bs = {g: dataclasses.replace(b, **fields) for g, b in backends.items()}
+        bs["mlp_in"] = dataclasses.replace(mlp_in, **fields)
+        linear = LinearPlan.from_mapping({(None, g): b for g, b in bs.items()})
+        return LlamaForCausalLM(cfg, linear=linear, dtype=jnp.bfloat16)
+
+    mlp = backends["mlp_in"]
+    base = model_with(mlp)
+    params = init_params(base, jax.random.key(5))
+    tokens = _tokens(2, 5, seed=6, vocab=320)
+    fwd = jax.jit(lambda m, p, t: m.apply({"params": p}, t)[0], static_argnums=0)
+    want = np.asarray(fwd(base, params, tokens))
+    assert np.isfinite(want).all() and np.abs(want).max() > 0
+    stand_in = model_with(_JnpGateUp(**dataclasses.asdict(mlp)))
+    np.testing.assert_array_equal(np.asarray(fwd(stand_in, params, tokens)), want)
+    on = model_with(dataclasses.replace(mlp, fuse_gate_up=True))  # interpreted: not run
+    np.testing.assert_array_equal(np.asarray(fwd(on, params, tokens)), want)
+
+    def cuda_hlo(fuse: bool) -> str:
+        gpu = dict(interpret=False, act_layout="unpacked")
+        model = model_with(dataclasses.replace(mlp, fuse_gate_up=fuse), **gpu)
+        return fwd.trace(model, params, tokens).lower(lowering_platforms=("cuda",)).as_text()
+
+    w_regs = GemmConfig(128, 128, 1, 4, 4, True, 8, pre_unpack="x", backend="mgpu")
+    real = tuning.get_config
+    try:
+        tuning.get_config = lambda m, n, k, k8=0, **kw: w_regs
+        fused, separate = cuda_hlo(True), cuda_hlo(False)
+    finally:
+        tuning.get_config = real
+    assert "act_quant_swiglu" in separate and "act_quant_swiglu" not in fused
+
+    def operand_counts(text):  # of the Mosaic GPU calls (x, 2 row scales, weights, scales)
+        return sorted({len(c.split(",")) for c in re.findall(r"@mosaic_gpu\w*\(([^)]*)\)", text)})
+
+    assert operand_counts(separate) == [5]  # one weight, its scales
+    assert operand_counts(fused) == [5, 7]  # and gate|up: both weights, both scales

@@ -87,8 +87,27 @@ def test_shape_errors_name_the_problem():
     ):
         w4ax_matmul_mgpu(*ops, config=MgpuConfig(w_regs=True))
     ops = list(random_operands(jax.random.PRNGKey(1), 8, 128, 256, 128))
-    with pytest.raises(ValueError, match="two int32 accumulators of 64 x 256"):
+    with pytest.raises(ValueError, match="int32 accumulators of 64 x 256 exceed 192 registers"):
         w4ax_matmul_mgpu(*ops, config=MgpuConfig(w_regs=True, block_n=256))
+
+
+def test_w_regs_register_budget_and_the_swiglu_schedule():
+    """acc_regs counts a w_regs tile's accumulator registers per thread (int32 per segment,
+    or one plus the parked bf16 half with park_int8); swiglu_config keeps the GEMM's stages
+    and shrinks the token tile (multiples of 16) until gate and up fit MAX_ACC_REGS."""
+    from pallas_kernels.w4ax_mgpu import MAX_ACC_REGS, acc_regs, swiglu_config
+
+    c = MgpuConfig(w_regs=True, block_n=160)
+    assert acc_regs(c, two_segments=True) == 160 and acc_regs(c, two_segments=False) == 80
+    park = MgpuConfig(w_regs=True, block_n=256, park_int8=True)
+    assert acc_regs(park, two_segments=True) == MAX_ACC_REGS == 192
+    assert acc_regs(park, two_segments=True, outputs=2) == 384
+    assert swiglu_config(park, two_segments=True) == dataclasses.replace(park, block_n=128)
+    assert swiglu_config(c, two_segments=True) == dataclasses.replace(c, block_n=96)
+    assert swiglu_config(c, two_segments=False) == c  # 2 x 80 registers
+    wide = MgpuConfig(w_regs=True, block_n=128, rows_per_wg=128, stages=3)
+    assert swiglu_config(wide, two_segments=False) == dataclasses.replace(wide, rows_per_wg=64)
+    assert swiglu_config(MgpuConfig(), two_segments=True) is None  # not w_regs
 
 
 def test_word_unpack_of_smem_unpack_equals_the_xla_unpack():

@@ -334,6 +334,7 @@ def precision_plan(
     block: int | None = None,
     runtime_perm: tuple[str, ...] = ("attn_in", "o_in", "mlp_in"),
     fuse_swiglu: bool = True,
+    fuse_gate_up: bool = False,
 ):
     """Projection backends of a precision preset for random weights (benchmarks, tests).
 
@@ -349,6 +350,8 @@ def precision_plan(
     residual stream) always gather.
     fuse_swiglu: `W4AxLinear.fuse_swiglu` of the down projection (False: the unfused
     ablation, the layer writing the MLP hidden state).
+    fuse_gate_up: `W4AxLinear.fuse_gate_up` (the gate / up GEMMs writing the hidden state
+    from one kernel where it runs).
     """
     from models.llama import layer_specs
     from models.projection import GROUPS, FloatLinear, LinearPlan
@@ -386,6 +389,7 @@ def precision_plan(
             interpret=interpret,
             permute=group in runtime_perm,
             fuse_swiglu=fuse_swiglu,
+            fuse_gate_up=fuse_gate_up,
         )
     assert set(g for _, g in overrides) == set(GROUPS)
     return LinearPlan.from_mapping(overrides)

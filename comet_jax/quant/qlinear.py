@@ -329,6 +329,14 @@ class W4AxLinear:
         letting the layer write it and the kernel read it back (see `fuses_swiglu`). Same
         values (interpret mode: bit for bit; module docstring of ``pallas_kernels.act_quant``
         for the GPU's silu); False is the unfused ablation.
+      fuse_gate_up: as the gate / up projections' backend, compute the MLP hidden state
+        ``silu(gate) * up`` in one Mosaic GPU kernel (``w4ax_matmul.w4ax_swiglu_unpacked``:
+        both GEMMs' tiles side by side in registers, gate and up never written; the down
+        projection's act_quant then reads the hidden state) wherever the tuning table's
+        schedule for the gate / up shape is a w_regs one (the engine's large-M calls on the
+        GPU); elsewhere the two GEMMs as usual (`gate_up_swiglu`). Same values (the GPU's
+        ``exp`` aside). Off by default until measured against the separate GEMMs and
+        ``act_quant(gate=)`` in serving.
     """
 
     k4: int
@@ -345,6 +353,7 @@ class W4AxLinear:
     interpret: bool = False
     act_layout: str = "auto"
     fuse_swiglu: bool = True
+    fuse_gate_up: bool = False
 
     def __post_init__(self):
         kernel_ok = self.act_granularity == "segment" and self.w_group is None
@@ -542,6 +551,26 @@ class W4AxLinear:
             wj = 0 if self.w_group is None else lo // self.w_group
             out.append((lo, lo + unit, xi, wj))
         return tuple(out)
+
+    def gate_up_swiglu(self, gate_params, up_params, prepared):
+        """``act_quant.swiglu(gate, up)`` ``[..., N]`` (prepared's dtype) of the gate and up
+        projections of ``prepared`` from the one-kernel path (`fuse_gate_up`), or None where
+        it does not run (not enabled, not the unpacked kernel operand, interpreted, biases,
+        no w_regs schedule for the shape): the caller then runs `matmul` twice."""
+        if not (self.fuse_gate_up and isinstance(prepared, PreparedUnpacked)):
+            return None
+        if "bias" in gate_params or "bias" in up_params:
+            return None
+        from pallas_kernels import w4ax_matmul as wk
+
+        h = wk.w4ax_swiglu_unpacked(
+            prepared.x_u, prepared.x_scales,
+            gate_params["w_packed"], gate_params["w_scales"],
+            up_params["w_packed"], up_params["w_scales"],
+            k4=prepared.k4, m=prepared.m, tile_k=self.tile, out_dtype=prepared.dtype,
+            interpret=self.interpret,
+        )  # fmt: skip
+        return None if h is None else h.reshape(*prepared.lead, h.shape[-1])
 
     def matmul(self, weight_params, prepared):
         if self.act_granularity == "block":
