@@ -85,6 +85,7 @@ def engine_for(
     pack_buckets: tuple[int, ...] | None = None,
     schedule: str = "mixed",
     gc_freeze: bool = True,
+    gc_full_every_steps: int = 0,
 ):
     """The engine of the max-throughput runs over an InstantRunner with a pool for `batch`
     sequences of prompt + output tokens: steps of 8192 tokens, min(64, 8192 // prompt)
@@ -110,6 +111,7 @@ def engine_for(
         async_scheduling=async_scheduling,
         schedule=schedule,
         gc_freeze=gc_freeze,
+        gc_full_every_steps=gc_full_every_steps,
     )
     pages = batch * -(-(prompt + output) // 128) + 1
     runner = InstantRunner(pages, max(batch, prefill_seqs), cfg.pack_bucket_list)
@@ -193,6 +195,8 @@ def run_case(batch: int, prompt: int, output: int, profile: int = 0, **engine_kw
         prefill_batch_buckets=list(eng.config.prefill_batch_bucket_list),
         pack_buckets=list(eng.config.pack_bucket_list),
         gc_freeze=eng.config.gc_freeze,
+        gc_full_every_steps=eng.config.gc_full_every_steps,
+        engine_full_collections=eng.gc_full_collections,
         gc_pauses=pauses.summary(),
     )
     for kind, (computed, real, calls) in eng.runner.rows.items():
@@ -248,6 +252,13 @@ def main(argv=None):
         help="EngineConfig.gc_freeze (default on, as in bench_throughput.py); each row reports "
         "the garbage collector's pauses during the run by generation",
     )
+    ap.add_argument(
+        "--gc-full-every-steps",
+        type=int,
+        default=0,
+        help="EngineConfig.gc_full_every_steps (0: Python's own full collections; N: held off, "
+        "run by the engine when it drains or every N steps)",
+    )
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "/tmp"), "bench_host.json"))
     args = ap.parse_args(argv)
     cases = []
@@ -264,7 +275,12 @@ def main(argv=None):
             raise SystemExit(f"--cases item {item!r}: every number must be >= 1")
     if args.repeats < 1:
         raise SystemExit(f"--repeats={args.repeats} must be >= 1")
-    kw = dict(async_scheduling=not args.sync, schedule=args.schedule, gc_freeze=args.gc_freeze)
+    kw = dict(
+        async_scheduling=not args.sync,
+        schedule=args.schedule,
+        gc_freeze=args.gc_freeze,
+        gc_full_every_steps=args.gc_full_every_steps,
+    )
     for flag, name in (("--decode-buckets", "decode_buckets"),
                        ("--prefill-batch-buckets", "prefill_batch_buckets"),
                        ("--pack-buckets", "pack_buckets")):  # fmt: skip

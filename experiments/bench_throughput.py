@@ -529,6 +529,7 @@ def bench_precision(args, model_config, precision: str) -> list[dict]:
         kv_window_kernel=args.kv_window_kernel,
         kv_recent_window=args.kv_recent_window if precision == "w4axkv4" else 0,
         gc_freeze=args.gc_freeze,
+        gc_full_every_steps=args.gc_full_every_steps,
     )
     if args.max_batch == "memory":
         # As many sequences as the pool planned from the memory left after the weights holds,
@@ -612,6 +613,7 @@ def step_memory_summary(runner) -> dict:
 def _bench_engine(args, engine: LLMEngine, row: dict) -> dict:
     row["max_throughput"] = []
     row["gc_frozen"] = engine.gc_frozen_objects  # EngineConfig.gc_freeze (--gc-freeze)
+    row["gc_full_every_steps"] = engine.config.gc_full_every_steps
     for i, (pin, pout) in enumerate(args.workloads):
         trace = None
         if args.trace_window and i == 0:
@@ -943,6 +945,13 @@ def parse_args(argv=None):
         help="EngineConfig.gc_freeze: gc.freeze() after start-up, so Python's full "
         "collections skip the compiled steps and params during the runs (default on; runs "
         "before 2026-11-27 run 69 had it off: --no-gc-freeze)",
+    )
+    p.add_argument(
+        "--gc-full-every-steps",
+        type=int,
+        default=0,
+        help="EngineConfig.gc_full_every_steps: Python's full collections held off during the "
+        "runs, run by the engine when a run drains or every N steps (default 0: Python's own)",
     )
     p.add_argument("--out", default="bench_throughput.json")
     args = p.parse_args(argv)

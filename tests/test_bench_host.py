@@ -46,6 +46,8 @@ def test_gc_pauses_are_timed_and_the_freeze_is_released(bench):
     assert row["gc_freeze"] and gc.get_freeze_count() == 0
     assert all(p["count"] >= 1 and p["max_ms"] >= 0 for p in row["gc_pauses"].values())
     assert not bench.run_case(40, 20, 6, gc_freeze=False)["gc_freeze"]
+    held = bench.run_case(40, 20, 6, gc_full_every_steps=10**6)  # the engine's at drain only
+    assert held["engine_full_collections"] == 1 and held["gc_pauses"]["gen2"]["count"] == 1
 
 
 def test_instant_runner_counts_the_rows_the_gemms_would_run(bench):

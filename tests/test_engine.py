@@ -225,6 +225,41 @@ def test_gc_freeze_after_start_up_and_close(model, sync_engine):
         dataclasses.replace(CFG, gc_freeze=1)
 
 
+def test_gc_full_collections_held_off_while_requests_run(model, sync_engine):
+    """EngineConfig.gc_full_every_steps: Python's generation-2 threshold is raised at
+    start-up (no full collection of its own while requests run), the engine runs one every
+    N steps and when it drains, the tokens are the same, and close() restores Python's
+    thresholds."""
+    import gc
+
+    before = gc.get_threshold()
+    eng = LLMEngine(
+        dataclasses.replace(CFG, gc_full_every_steps=4), sync_engine.runner, progress=False
+    )
+    try:
+        assert gc.get_threshold()[:2] == before[:2] and gc.get_threshold()[2] > 10**9
+        ps = prompts(12, [7, 19])
+        want = sync_engine.generate(ps, GREEDY)
+        full = []
+        gc.callbacks.append(lambda phase, info: full.append(info) if phase == "start" else None)
+        try:
+            got = eng.generate(ps, GREEDY)
+        finally:
+            gc.callbacks.pop()
+        assert [g["token_ids"] for g in got] == [w["token_ids"] for w in want]
+        steps = eng.stats.steps
+        assert eng.gc_full_collections == steps // 4 + (steps % 4 > 0)  # every 4th + drain
+        assert sum(i["generation"] == 2 for i in full) == eng.gc_full_collections
+        assert eng.step() == [] and eng.gc_full_collections == steps // 4 + (steps % 4 > 0)
+    finally:
+        eng.close()
+    assert gc.get_threshold() == before
+    assert sync_engine.gc_full_collections == 0  # off by default
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="gc_full_every_steps"):
+            dataclasses.replace(CFG, gc_full_every_steps=bad)
+
+
 def test_no_recompilation_after_warmup(engine):
     compiles = count_backend_compiles()
     before = engine.runner.num_compilations

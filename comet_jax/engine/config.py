@@ -186,6 +186,14 @@ class EngineConfig:
         until ``gc.unfreeze()`` (``LLMEngine.close`` calls it), which a process building many
         engines (tests, sweeps) would notice; the CLI's commands and
         ``experiments/bench_throughput.py`` turn it on.
+      gc_full_every_steps: 0 leaves Python's full (generation-2) collections to its own
+        schedule; N > 0 holds them off while requests run (the generation-2 threshold raised
+        at start-up, restored by ``LLMEngine.close``) and runs one whenever the engine drains
+        (a step leaves no request and nothing in flight) or N steps after the last, at the
+        latest; the young generations are collected as usual. The full collections of a
+        serving run otherwise land every ~44 decode steps at batch 1214 (30-50 ms each with
+        ``gc_freeze``, longer than the host's slack in a 43 ms step: run 78's long steps,
+        docs/benchmarks.md). Process-wide, like gc_freeze.
     """
 
     max_batch: int = 16
@@ -222,6 +230,7 @@ class EngineConfig:
     kv_recent_window: int = 0
     kv_window_kernel: bool = True
     gc_freeze: bool = False
+    gc_full_every_steps: int = 0
 
     def __post_init__(self):
         if self.page_size is None:
@@ -242,6 +251,9 @@ class EngineConfig:
         for name in bools:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be a bool")
+        n = self.gc_full_every_steps
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"gc_full_every_steps={n!r} must be an int >= 0 (0: Python's own)")
         if not isinstance(self.tp, int) or self.tp < 1:
             raise ValueError(f"tp={self.tp!r} must be a positive int")
         for name in (

@@ -58,6 +58,10 @@ from comet_jax.engine.sampling import SamplingParams, TextStream
 from comet_jax.engine.scheduler import PENDING, Chunk, FinishReason, Scheduler
 from comet_jax.engine.scheduler import Sequence as Seq
 
+# Python's generation-2 threshold while EngineConfig.gc_full_every_steps holds full
+# collections off (gen-1 collections between full ones: never reached in practice).
+_GC_HELD = 2**31 - 1
+
 
 @dataclasses.dataclass(frozen=True)
 class RequestOutput:
@@ -146,6 +150,14 @@ class LLMEngine:
             gc.collect()
             gc.freeze()
             self.gc_frozen_objects = gc.get_freeze_count()
+        # EngineConfig.gc_full_every_steps: Python's thresholds to restore at close, the
+        # steps since the engine's last full collection, and how many it ran.
+        self._gc_threshold = None
+        self._gc_steps = 0
+        self.gc_full_collections = 0
+        if config.gc_full_every_steps:
+            self._gc_threshold = gc.get_threshold()
+            gc.set_threshold(self._gc_threshold[0], self._gc_threshold[1], _GC_HELD)
 
     def close(self) -> None:
         """Ends the engine's hold on the process: with ``config.gc_freeze``, gives the
@@ -157,6 +169,9 @@ class LLMEngine:
         if self.config.gc_freeze:
             gc.unfreeze()
             self.gc_frozen_objects = 0
+        if self._gc_threshold is not None:
+            gc.set_threshold(*self._gc_threshold)
+            self._gc_threshold = None
 
     @classmethod
     def build(
@@ -446,7 +461,21 @@ class LLMEngine:
             st.host_time_s += (t1 - t0) + (time.perf_counter() - t2)
             st.device_time_s += t2 - t1
             st.wait_time_s += t2 - t_wait
+        self._full_collection_point()
         return outputs
+
+    def _full_collection_point(self) -> None:
+        """EngineConfig.gc_full_every_steps: the held-off full collection, when the engine
+        has drained (no request left, nothing in flight) or N steps after the last one."""
+        n = self.config.gc_full_every_steps
+        if not n:
+            return
+        self._gc_steps += 1
+        drained = self._inflight is None and self.scheduler.num_unfinished == 0
+        if drained or self._gc_steps >= n:
+            gc.collect()
+            self._gc_steps = 0
+            self.gc_full_collections += 1
 
     def _pad_calls(self, tokens: list) -> tuple:
         """The step's sampler outputs as (decode, prefill) slots for the next step's `prev`."""
