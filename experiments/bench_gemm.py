@@ -39,6 +39,7 @@ from pallas_kernels.w4ax_matmul import (
     w4ax_matmul,
     w4ax_matmul_reference,
     w4ax_matmul_unpacked,
+    w4ax_matmul_unpacked_reference,
     w4ax_swiglu_unpacked,
 )
 
@@ -431,10 +432,10 @@ def _gate_up_case(m, n, k, k8, kx, x, perm) -> dict:
         ulp = np.abs(hs.astype(np.int32) - hf.astype(np.int32))
         row["hidden_max_ulp"] = int(ulp[hs >> 15 == hf >> 15].max(initial=0))
         wg, wsg, wu, wsu = sets[0]
-        x4p, x8 = to_packed_ops(x_u, k4, m)
-        ref = []
-        for w, ws in ((wg, wsg), (wu, wsu)):
-            ref.append(w4ax_matmul_reference(x4p, x8, xs[:m], w, ws, out_dtype=jnp.float32))
+        ref = [
+            w4ax_matmul_unpacked_reference(x_u, xs, w, ws, k4=k4, m=m, out_dtype=jnp.float32)
+            for w, ws in ((wg, wsg), (wu, wsu))
+        ]
         h_ref = np.asarray(jax.nn.silu(ref[0]) * ref[1])
         tol = 2.0**-6 * (np.abs(h_ref) + np.sqrt(np.mean(h_ref**2)))
         row["hidden_bad_vs_f32"] = int(np.sum(~(np.abs(np.asarray(h, np.float32) - h_ref) <= tol)))
@@ -452,15 +453,6 @@ def _gate_up_case(m, n, k, k8, kx, x, perm) -> dict:
     except Exception as e:  # noqa: BLE001 - the next case still runs
         row["error"] = f"{type(e).__name__}: {e!s:.600}"
     return row
-
-
-def to_packed_ops(x_u, k4, m):
-    """act_quant's unpacked operand ``[16 * x4 | x8]`` back to the packed form of the
-    reference (``x4_packed``, ``x8``) for its first ``m`` rows."""
-    from comet_jax.quant.pack import pack_int4
-
-    q4 = jnp.right_shift(x_u[:m, :k4], 4)  # 16 * x4 -> x4, exact
-    return pack_int4(q4, 128), x_u[:m, k4:]
 
 
 def gather_study(results, deadline):
