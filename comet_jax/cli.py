@@ -41,6 +41,7 @@ ENGINE_FLAGS = (
     "prefill_dequantize",
     "kv_write_kernel",
     "kv_window_kernel",
+    "prefill_own_kv",
     "compute_dtype",
     "kernels",
     "interpret",
@@ -445,6 +446,14 @@ def _common(p: argparse.ArgumentParser, engine: bool = True) -> None:
         help="recent window, Pallas kernels: decode attends the bf16 ring inside the decode "
         "kernel (default on, +2.8%% serving on the H100; --no-kv_window_kernel uses XLA's "
         "dots and merge beside it)",
+    )
+    g.add_argument(
+        "--prefill_own_kv",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="prefill calls with no cached prefix attend over the chunk's own K/V as computed "
+        "(cuDNN flash attention on a GPU) instead of reading them back from the pages; the "
+        "pages are still written (default off; one device, no recent window)",
     )
     g.add_argument(
         "--compute_dtype",

@@ -1424,6 +1424,27 @@ def markdown(results) -> str:
                 f"{x.get('fused_vs_unfused_elements', '-')}, "
                 f"{x.get('fused_vs_unfused_max_diff', '-')} |"
             )
+    if results.get("gate_up"):
+        out += [
+            "",
+            "## MLP gate / up to the down operand (device us; w4ax_swiglu_unpacked vs two GEMMs)",
+            "",
+            "| M | N x K | separate | fused | separate GEMMs | fused GEMM | separate / fused | "
+            "hidden differing | bad vs f32 | down bytes differing |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for x in results["gate_up"]:
+            if "error" in x:
+                out.append(f"| {x['m']} | {x['n']} x {x['k']} | {x['error'][:120]} |")
+                continue
+            t = " | ".join(
+                f"{x[f'{v}_us']:.1f}" for v in ("separate", "fused", "separate_gemms", "fused_gemm")
+            )
+            out.append(
+                f"| {x['m']} | {x['n']} x {x['k']} | {t} | {x['fused_vs_separate']:.3f} | "
+                f"{x['hidden_elements_differing']} | {x['hidden_bad_vs_f32']} | "
+                f"{x['down_operand_bytes_differing']} |"
+            )
     if results.get("act_quant"):
         out += [
             "",

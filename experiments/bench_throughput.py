@@ -156,6 +156,7 @@ def run_workload(
 
     st0 = dataclasses.replace(engine.stats)
     preempt0 = engine.scheduler.num_preemptions  # the engine's counter spans all workloads
+    own0 = engine.runner.own_kv_calls
     t0 = time.perf_counter()
     for _ in range(n):
         engine.add_request(None, rng.integers(0, vocab, prompt_len).tolist(), params, on_output)
@@ -203,6 +204,7 @@ def run_workload(
         "wait_s": wait,
         "engine_overhead": host / max(host + dev, 1e-9),
         "preemptions": engine.scheduler.num_preemptions - preempt0,
+        "own_kv_calls": engine.runner.own_kv_calls - own0,  # prefill calls on own K/V
         "step_phases": step_phases(steps_log, engine.config.async_scheduling),
         # per step, in order: [kind dispatched, wall ms, wait ms] (where a tail comes from)
         "step_log": [[k, round(1e3 * w, 3), round(1e3 * q, 3)] for k, w, q in steps_log],
@@ -527,6 +529,7 @@ def bench_precision(args, model_config, precision: str) -> list[dict]:
         prefill_dequantize=args.prefill_dequantize,
         kv_write_kernel=args.kv_write_kernel,
         kv_window_kernel=args.kv_window_kernel,
+        prefill_own_kv=args.prefill_own_kv,
         kv_recent_window=args.kv_recent_window if precision == "w4axkv4" else 0,
         gc_freeze=args.gc_freeze,
         gc_full_every_steps=args.gc_full_every_steps,
@@ -898,6 +901,13 @@ def parse_args(argv=None):
         default=True,
         help="with --kv-recent-window: decode attends the ring inside the Pallas kernel "
         "(EngineConfig.kv_window_kernel; on by default, --no-kv-window-kernel uses XLA)",
+    )
+    p.add_argument(
+        "--prefill-own-kv",
+        action="store_true",
+        help="prefill calls without a cached prefix attend over the chunk's own K/V (cuDNN "
+        "flash attention on a GPU) instead of its pages (EngineConfig.prefill_own_kv; off by "
+        "default); each run reports how many prefill calls took that path (own_kv_calls)",
     )
     p.add_argument(
         "--modes",

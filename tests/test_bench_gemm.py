@@ -130,3 +130,19 @@ def test_smoke_out_rows_and_act_quant_launch_studies(tmp_path):
         variants = [k[: -len("_us")] for k in r if k.startswith("bm") and k.endswith("_us")]
         assert len(variants) == 2
         assert all(r[f"{v}_mismatch"] == [0, 0] for v in variants)
+
+
+def test_gate_up_table():
+    """The --gate-up study's markdown: a measured row (the H100 file's first case) with its
+    times, ratio and checks, and a declined case with its reason."""
+    bench = experiment_scripts.load("bench_gemm")
+    row = dict(
+        m=1216, n=14336, k=4096, separate_us=272.2, fused_us=268.7, separate_gemms_us=227.2,
+        fused_gemm_us=239.4, fused_vs_separate=272.2 / 268.7, hidden_elements_differing=0,
+        hidden_bad_vs_f32=40, down_operand_bytes_differing=0,
+    )  # fmt: skip
+    declined = dict(m=5, n=256, k=256, error="RuntimeError: no w_regs schedule")
+    meta = dict(date="2026-11-28", device="H100", jax="0.11.2")
+    md = bench.markdown(dict(meta=meta, check=[], sweep=[], ablation=[], gate_up=[row, declined]))
+    assert "| 1216 | 14336 x 4096 | 272.2 | 268.7 | 227.2 | 239.4 | 1.013 | 0 | 40 | 0 |" in md
+    assert "| 5 | 256 x 256 | RuntimeError: no w_regs schedule |" in md

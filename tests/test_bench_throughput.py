@@ -161,6 +161,23 @@ def test_several_trace_windows(bench, tmp_path):
         bench.run_workload(None, 1, 4, 4, seed=0, trace=[(4, 3), (5, 1)])
 
 
+def test_prefill_own_kv_runs_are_counted(bench, tmp_path):
+    """--prefill-own-kv: the tiny batch's prefill calls without a prefix run on the own-K/V
+    executables, and each run says how many did (at most one per step that prefilled);
+    without it none."""
+    out = tmp_path / "o.json"
+    argv = ["--tiny", "--precisions", "bf16", "--quiet", "--out", str(out), "--fixed-batches="]
+    for flag, own in (["--prefill-own-kv"], True), ([], False):
+        assert bench.main(argv + flag) == 0
+        [row] = json.loads(out.read_text())["results"]
+        assert len(row["max_throughput"]) == 2  # --tiny's two workloads
+        for run in row["max_throughput"]:
+            phases = run["step_phases"]
+            prefill_steps = sum(phases[k]["steps"] for k in ("prefill", "mixed") if k in phases)
+            assert (0 < run["own_kv_calls"] <= prefill_steps) if own else run["own_kv_calls"] == 0
+            assert run["output_tokens"] == run["requests"] * run["output_len"]
+
+
 def test_max_batch_as_memory_allows(bench, tmp_path):
     """--max-batch memory --requests batch: each precision runs one full batch of as many
     sequences as its pool holds at the longest workload's length (tiny: 63 pages of 16 tokens,

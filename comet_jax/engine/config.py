@@ -175,6 +175,16 @@ class EngineConfig:
         at about 11 small kernels per layer on the H100. On by default: serving LLaMA-3-8B
         shapes at 1024/512 with W = 16 on one H100, 5541.5 vs 5392.8 tok/s for the XLA path
         (+2.8%, both runs on the same GPU; docs/benchmarks.md, 2026-11-26).
+      prefill_own_kv: a prefill call none of whose rows has a cached prefix (every chunk
+        starts its sequence, as in an offline batch of whole prompts) attends over the
+        chunk's own K/V as the projections computed them, with cuDNN flash attention on a
+        GPU (`kv_cache.own_chunk_attention`), instead of over its pages read back; the K/V
+        are written to the pages as before for the decode steps. Calls with a prefix (a
+        long prompt's later chunks, a preempted sequence's recompute past its first chunk)
+        take the paged kernels. Each prefill shape compiles one more executable. For a bf16
+        cache the values attended are the same; for the INT4 cache a prompt's own prefill
+        then sees unquantized K/V (what QServe's and vLLM's prefill do), and only later
+        steps read the INT4 pages. Off by default; one device (tp = 1), no recent window.
       gc_freeze: at the end of start-up (compile, warm-up) run ``gc.collect()`` then
         ``gc.freeze()``: Python's full collections then skip every object alive at that point
         (the compiled steps, params, tokenizer, the modules), so that a collection during
@@ -229,6 +239,7 @@ class EngineConfig:
     kv_write_kernel: bool = True
     kv_recent_window: int = 0
     kv_window_kernel: bool = True
+    prefill_own_kv: bool = False
     gc_freeze: bool = False
     gc_full_every_steps: int = 0
 
@@ -246,6 +257,7 @@ class EngineConfig:
             "prefill_dequantize",
             "kv_write_kernel",
             "kv_window_kernel",
+            "prefill_own_kv",
             "gc_freeze",
         )
         for name in bools:
@@ -290,6 +302,11 @@ class EngineConfig:
             raise ValueError(
                 f"kv_recent_window={w} needs the INT4 KV cache (kv_dtype is "
                 f"{self.resolved_kv_dtype!r})"
+            )
+        if self.prefill_own_kv and (w or self.tp > 1):
+            raise ValueError(
+                f"prefill_own_kv runs on one device without a recent window (tp={self.tp}, "
+                f"kv_recent_window={w})"
             )
         if self.max_prefill_seqs > self.max_batch:
             raise ValueError(

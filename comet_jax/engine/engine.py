@@ -241,6 +241,7 @@ class LLMEngine:
             xla_remat=config.xla_remat,
             out_size=max(config.decode_bucket_list[-1], config.prefill_batch_bucket_list[-1]),
             pack_buckets=config.pack_bucket_list,
+            prefill_own_kv=config.prefill_own_kv,
         )
         return cls(config, runner, tokenizer=tokenizer, capacity=plan, progress=progress)
 

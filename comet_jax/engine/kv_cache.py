@@ -302,6 +302,39 @@ def paged_attention(
     return out, cache
 
 
+def own_chunk_attention(q, k, v, q_lens, *, implementation: str | None = None):
+    """Causal attention of prefill rows over their own chunk's K/V as computed, not read back
+    from the pages: what a row with no cached prefix sees when its prompt's keys are not
+    quantized for its own prefill (the engine's ``EngineConfig.prefill_own_kv``; K/V still go
+    into the cache for the decode steps that follow).
+
+    q ``[B, T, Hq, D]``, k / v ``[B, T, Hkv, D]`` (Hq a multiple of Hkv), q_lens ``[B]`` int32
+    valid tokens per row (right padding). Token ``t`` of a row attends to tokens ``0..t`` of
+    the same row; scale ``D**-0.5``. Returns ``[B, T, Hq, D]`` in q's dtype; positions at or
+    past a row's ``q_len`` (and rows with ``q_len = 0``) hold finite values nobody reads.
+
+    implementation: ``jax.nn.dot_product_attention``'s; None: ``"cudnn"`` (flash attention) on
+    a GPU for bf16 / f16 operands, ``"xla"`` otherwise.
+    """
+    q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
+    if q.ndim != 4 or k.shape != v.shape or k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3]:
+        raise ValueError(
+            f"q must be [B, T, Hq, D] and k, v [B, T, Hkv, D], got {q.shape}, {k.shape}, {v.shape}"
+        )
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"q heads {q.shape[2]} must be a multiple of KV heads {k.shape[2]}")
+    if implementation is None:
+        half = q.dtype in (jnp.bfloat16, jnp.float16)
+        implementation = "cudnn" if half and jax.default_backend() == "gpu" else "xla"
+    # A padding row (q_len 0) attends to its first key instead of to nothing: finite output.
+    lens = jnp.maximum(jnp.asarray(q_lens, jnp.int32), 1)
+    out = jax.nn.dot_product_attention(
+        q, k.astype(q.dtype), v.astype(q.dtype), is_causal=True, query_seq_lengths=lens,
+        key_value_seq_lengths=lens, implementation=implementation,
+    )  # fmt: skip
+    return out.astype(q.dtype)
+
+
 def attend_pages(
     q, pages, layer, page_table, seq_lens, q_lens=None, *, mode, backend, interpret,
     kernel_kwargs=None, **semantics,

@@ -68,6 +68,11 @@ class PagedAttention:
       Pallas write kernel (EngineConfig.kv_write_kernel).
     window_kernel: with "pallas" and a recent window, decode attends the ring inside the
       kernel (EngineConfig.kv_window_kernel).
+    own_kv: prefill (T > 1) attends over the chunk's own K/V as computed
+      (`kv_cache.own_chunk_attention`: cuDNN flash attention on a GPU) instead of over the
+      pages, after writing them as usual. Only right for rows with no cached prefix: the
+      runner uses it for the executables it runs on such calls alone
+      (EngineConfig.prefill_own_kv).
     """
 
     backend: str = "reference"
@@ -75,6 +80,7 @@ class PagedAttention:
     prefill_dequantize: bool = True
     kv_write_kernel: bool = True
     window_kernel: bool = False
+    own_kv: bool = False
 
     def __call__(self, q, k, v, layer_idx, state: PagedState):
         t = q.shape[1]
@@ -106,6 +112,14 @@ class PagedAttention:
                 **common,
             )
             out = out[:, None]
+        elif self.own_kv:
+            if state.cache.config.recent_window:
+                raise ValueError("own_kv prefill does not fill the recent-window rings")
+            cache = kv_cache.write_kv(
+                state.cache, layer_idx, k, v, slots, kernel=common["write_kernel"],
+                interpret=self.interpret,
+            )  # fmt: skip
+            out = kv_cache.own_chunk_attention(q, k, v, state.num_valid)
         else:
             out, cache = kv_cache.paged_attention(
                 q,
@@ -435,6 +449,7 @@ class ModelRunner:
         xla_remat: bool = False,
         out_size: int = 0,
         pack_buckets: tuple[int, ...] = (),
+        prefill_own_kv: bool = False,
     ):
         # mesh: a `comet_jax.parallel.make_mesh(tp)` mesh runs the steps tensor-parallel
         # (params and KV cache sharded, see comet_jax/parallel); None: one device.
@@ -447,6 +462,16 @@ class ModelRunner:
         # multi-sequence prefill call runs its GEMMs on the smallest that holds its tokens
         # instead of the padded grid when that is smaller (`pack_rows`, make_logits_fn).
         # (): off.
+        # prefill_own_kv: every prefill shape gets a second executable whose attention reads
+        # the chunk's own K/V (`PagedAttention.own_kv`); `run` takes it for calls where no row
+        # has a cached prefix (all `start` 0). Needs a PagedAttention model on one device.
+        if prefill_own_kv and (mesh is not None or not isinstance(model.attention, PagedAttention)):
+            raise ValueError(
+                "prefill_own_kv needs one device (tp=1) and a model whose attention is "
+                f"PagedAttention (mesh={mesh}, attention={type(model.attention).__name__})"
+            )
+        self.prefill_own_kv = prefill_own_kv
+        self.own_kv_calls = 0  # prefill calls run on the own-K/V executables
         self.mesh = mesh
         self.pack_buckets = tuple(pack_buckets)
         self.compiler_options = _compiler_options(cuda_graphs, xla_remat)
@@ -469,15 +494,18 @@ class ModelRunner:
         else:
             self.cache = sr.init_sharded_cache(cache_config, mesh)  # distinct buffers
             jit_sampler = sr.jit_replicated(mesh)
-        self._jits: dict[int, Any] = {}  # packed rows (0: none) -> jitted model step
+        self._jits: dict[tuple[int, bool], Any] = {}  # (packed rows, own_kv) -> jitted step
         self._samplers = {
             kind: jit_sampler(functools.partial(_padded_sample, size=out_size, kind=kind))
             for kind in SAMPLER_KINDS
         }
-        # keys: (batch, length, pages, packed rows), see `run`
+        # keys: (batch, length, pages, packed rows), see `run`; `_own_kv`: the prefill
+        # shapes' own-K/V executables (prefill_own_kv), same keys
         self._compiled: dict[tuple[int, int, int, int], Any] = {}
+        self._own_kv: dict[tuple[int, int, int, int], Any] = {}
         self._compiled_samplers: dict[tuple[int, str], Any] = {}  # (batch, kind)
         self._memory: dict[tuple[int, int, int, int], dict[str, int] | None] = {}
+        self._own_kv_memory: dict[tuple[int, int, int, int], dict[str, int] | None] = {}
         self._warm: set[tuple[int, int, int, int]] = set()  # shapes warm_up has run
         self.allow_lazy = True
         self.no_tokens = self._replicated(np.zeros(self.token_slots(1), np.int32))
@@ -495,22 +523,25 @@ class ModelRunner:
 
     @property
     def num_compilations(self) -> int:
-        return len(self._compiled)
+        return len(self._compiled) + len(self._own_kv)
 
-    def _jit_for(self, rows: int):
+    def _jit_for(self, rows: int, own_kv: bool = False):
         """The jitted model step whose multi-sequence prefill calls run on `rows` packed rows
-        (0: the grid)."""
-        if rows not in self._jits:
-            fn = make_logits_fn(self.model, rows)
+        (0: the grid); `own_kv`: its prefill attention reads the chunk's own K/V."""
+        if (rows, own_kv) not in self._jits:
+            model = self.model
+            if own_kv:
+                model = model.clone(attention=dataclasses.replace(model.attention, own_kv=True))
+            fn = make_logits_fn(model, rows)
             if self.mesh is None:
-                self._jits[rows] = jax.jit(fn, donate_argnums=(1,))
+                self._jits[rows, own_kv] = jax.jit(fn, donate_argnums=(1,))
             else:
                 from comet_jax.parallel import sharded_runner as sr
 
-                self._jits[rows] = sr.jit_step(
+                self._jits[rows, own_kv] = sr.jit_step(
                     fn, self.mesh, self.params, self.cache, self.model.config
                 )
-        return self._jits[rows]
+        return self._jits[rows, own_kv]
 
     @property
     def pack_tokens(self) -> int:
@@ -528,26 +559,31 @@ class ModelRunner:
         when the backend reports no analysis."""
         needs = [
             m["temp"] + max(m["output"] - m["alias"], 0)
-            for m in self._memory.values()
+            for m in (*self._memory.values(), *self._own_kv_memory.values())
             if m is not None
         ]
         return max(needs, default=0)
 
     def _lowerings(self, batch: int, length: int, pages: int, rows: int, claimed=None):
         """Yields (store, lowered) for each executable of this shape not compiled yet: the
-        model step and the batch's samplers (`SAMPLER_KINDS`); ``store(compiled)`` files the
-        result.
+        model step (and, with `prefill_own_kv`, a prefill shape's own-K/V step) and the
+        batch's samplers (`SAMPLER_KINDS`); ``store(compiled)`` files the result.
         claimed: a set of sampler keys already being compiled (skipped; new ones added)."""
         key = (batch, length, pages, rows)
-        if key not in self._compiled:
-            abstract = StepInputs.zeros(batch, length, pages).abstract()
-            prev = jax.ShapeDtypeStruct((self.token_slots(1),), jnp.int32)
-            jitted = self._jit_for(rows)
+        abstract = StepInputs.zeros(batch, length, pages).abstract()
+        prev = jax.ShapeDtypeStruct((self.token_slots(1),), jnp.int32)
+        variants = [(False, self._compiled, self._memory)]
+        if self.prefill_own_kv and length > 1:
+            variants.append((True, self._own_kv, self._own_kv_memory))
+        for own_kv, exes, memory in variants:
+            if key in exes:
+                continue
 
-            def store_step(compiled, key=key):
-                self._compiled[key] = compiled
-                self._memory[key] = executable_memory(compiled)
+            def store_step(compiled, key=key, exes=exes, memory=memory):
+                exes[key] = compiled
+                memory[key] = executable_memory(compiled)
 
+            jitted = self._jit_for(rows, own_kv)
             yield (
                 store_step,
                 jitted.lower(self.params, self.cache, abstract.model_inputs(prev, prev)),
@@ -568,7 +604,8 @@ class ModelRunner:
 
     def compile(self, batch: int, length: int, pages: int, rows: int = 0) -> None:
         """Compiles the model executable for this shape (`rows`: packed rows of a
-        multi-sequence prefill call, 0 = its grid) and the samplers for `batch`."""
+        multi-sequence prefill call, 0 = its grid; with `prefill_own_kv` a prefill shape's
+        own-K/V executable too) and the samplers for `batch`."""
         for store, lowered in self._lowerings(batch, length, pages, rows):
             store(lowered.compile(compiler_options=self.compiler_options))
 
@@ -640,7 +677,9 @@ class ModelRunner:
         for key in fresh:
             inp = StepInputs.zeros(*key[:3])
             model_inputs = inp.model_inputs(self.no_tokens, self.no_tokens)
-            logits, self.cache = self._compiled[key](self.params, self.cache, model_inputs)
+            for exes in (self._compiled, self._own_kv):
+                if key in exes:
+                    logits, self.cache = exes[key](self.params, self.cache, model_inputs)
             samplers = [self._compiled_samplers[key[0], f] for f in SAMPLER_KINDS]
             out = [sample(logits, *inp.sampling_inputs()) for sample in samplers]
             self._warm.add(key)
@@ -669,7 +708,11 @@ class ModelRunner:
                 raise ValueError("inp.src points into a previous step's tokens but prev is None")
             prev = (self.no_tokens, self.no_tokens)
         model_inputs = inp.model_inputs(*prev)
-        logits, self.cache = self._compiled[key](self.params, self.cache, model_inputs)
+        exe = self._compiled[key]
+        if t > 1 and self.prefill_own_kv and not inp.start.any():  # no row has a prefix
+            exe = self._own_kv[key]
+            self.own_kv_calls += 1
+        logits, self.cache = exe(self.params, self.cache, model_inputs)
         sampler = self._compiled_samplers[key[0], kind]
         return sampler(logits, *inp.sampling_inputs())
 
