@@ -118,8 +118,8 @@ def test_engine_runs_no_prefix_calls_on_own_kv(model):
 
 def test_engine_int4_own_kv_prefill_logits(model):
     """INT4 cache: a no-prefix prefill does not read the pages, so its first token equals the
-    bf16-cache engine's with the same option, while the decode steps after it read the INT4
-    pages the call wrote (tokens then follow the INT4 engine)."""
+    bf16-cache engine's with the same option (what the call writes into the INT4 pages is
+    checked by test_plugin_writes_the_cache_and_attends_own_kv[int4])."""
     ps = [np.random.default_rng(6).integers(0, 320, n).tolist() for n in (7, 19)]
     one = SamplingParams(max_tokens=1, temperature=0.0)
     firsts = []
