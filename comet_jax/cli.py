@@ -42,6 +42,7 @@ ENGINE_FLAGS = (
     "kv_write_kernel",
     "kv_window_kernel",
     "prefill_own_kv",
+    "decode_fused_write",
     "compute_dtype",
     "kernels",
     "interpret",
@@ -454,6 +455,14 @@ def _common(p: argparse.ArgumentParser, engine: bool = True) -> None:
         help="prefill calls with no cached prefix attend over the chunk's own K/V as computed "
         "(cuDNN flash attention on a GPU) instead of reading them back from the pages; the "
         "pages are still written (default off; one device, no recent window)",
+    )
+    g.add_argument(
+        "--decode_fused_write",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="INT4 cache, Pallas kernels: the decode attention kernel quantizes and stores "
+        "the step's new K/V itself instead of a separate write kernel before it (default "
+        "off; no recent window)",
     )
     g.add_argument(
         "--compute_dtype",

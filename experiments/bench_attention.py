@@ -55,6 +55,7 @@ STUDIES = {
     "--tail-study": ("bench_attention_tail", "tail_study"),
     "--cudnn-prefill": ("bench_attention_cudnn_prefill", "cudnn_prefill_study"),
     "--write-runs": ("bench_attention_write_runs", "write_runs_study"),
+    "--fused-write": ("bench_attention_fused_write", "fused_write_study"),
 }
 NAME = "bench_attention_focus" if FOCUS else "bench_attention"
 for _flag, (_name, _) in STUDIES.items():
@@ -80,6 +81,7 @@ RESULTS: dict = {
     "write_warps": [],
     "cudnn_prefill": [],
     "write_runs": [],
+    "fused_write": [],
 }
 
 
@@ -489,6 +491,86 @@ def write_runs_study(key):
         save()
 
 
+def fused_write_study(key):
+    """The decode step's cache write then attention (``kv4_write``, then
+    ``paged_decode_attention``) against the attention kernel writing the new token itself
+    (``new_kv=``, `EngineConfig.decode_fused_write`) at the engine's shape
+    (``--engine-batch``, ragged S in [1024, 1536] counting the new token, page 128). Checked
+    first on a one-layer pool: the pools after both paths equal leaf by leaf, outputs within
+    1e-2 relative L2. Timed on a pool of ``ENGINE_SHAPE["layers"]`` layers (over 4 GiB per
+    packed array, as the engine's), one jitted loop over the layers per call (the pool
+    donated and carried, so written in place), A B A B; per layer."""
+    from pallas_kernels import kv4_write as W
+
+    e = ENGINE_SHAPE
+    b, page = e["batch"], 128
+    mp = -(-e["seq_hi"] // page)
+    pages = b * mp + 1
+    rng = np.random.default_rng(0)
+    lens_np = rng.integers(e["seq_lo"], e["seq_hi"] + 1, b).astype(np.int32)
+    table_np = rng.permutation(pages)[: b * mp].reshape(b, mp).astype(np.int32)
+    last = lens_np - 1
+    slots = jnp.asarray(
+        (table_np[np.arange(b), last // page] * page + last % page).astype(np.int32)
+    )
+    table, lens = jnp.asarray(table_np), jnp.asarray(lens_np)
+    q = jax.random.normal(jax.random.fold_in(key, 1), (b, HQ, D), jnp.bfloat16)
+    k_new = jax.random.normal(jax.random.fold_in(key, 2), (b, HKV, D), jnp.bfloat16)
+    v_new = jax.random.normal(jax.random.fold_in(key, 3), (b, HKV, D), jnp.bfloat16)
+    new_kv = (k_new, v_new, slots)
+
+    def separate(kv, layer):
+        kv = W.kv4_write(kv, layer, k_new, v_new, slots)
+        return A.paged_decode_attention(q, kv, table, lens, layer=layer), kv
+
+    def fused(kv, layer):
+        return A.paged_decode_attention(q, kv, table, lens, layer=layer, new_kv=new_kv)
+
+    row = dict(B=b, layers=e["layers"], mean_S=float(lens_np.mean()))
+    try:  # one layer: both paths from the same pool, compared
+        kv = _int4_pool(jax.random.fold_in(key, 7), 1, pages, page)
+        out_s, kv_s = jax.jit(separate, static_argnums=1)(kv, 0)
+        out_f, kv_f = jax.jit(fused, static_argnums=1)(kv, 0)
+        row["pools_equal"] = _same_leaves(kv_s, kv_f)
+        row["written"] = not bool(jnp.array_equal(kv_s.v, kv.v))
+        row["rel_l2"] = rel(out_f, out_s)
+        row["finite"] = bool(jnp.all(jnp.isfinite(out_f.astype(jnp.float32))))
+        del kv, kv_s, kv_f
+        log("fused write check", row)
+        kv = _int4_pool(jax.random.fold_in(key, e["layers"]), e["layers"], pages, page)
+        fns = {}
+        for tag, path in (("separate", separate), ("fused", fused)):
+
+            def all_layers(kv, path=path):
+                def body(i, c):
+                    o, c_kv = path(c[1], i)
+                    return c[0] + o.astype(jnp.float32), c_kv
+
+                zero = jnp.zeros(q.shape, jnp.float32)
+                return jax.lax.fori_loop(0, e["layers"], body, (zero, kv))
+
+            fns[tag] = jax.jit(all_layers, donate_argnums=0)
+        state = [kv]
+        kv = None  # donated from here on
+
+        def step(tag):
+            out, state[0] = fns[tag](state[0])
+            return out
+
+        for rep_i in range(2):
+            for tag in fns:
+                t = bench(functools.partial(step, tag), [()])
+                row[f"{tag}{rep_i}_us_per_layer"] = t * 1e6 / e["layers"]
+        sep = min(row["separate0_us_per_layer"], row["separate1_us_per_layer"])
+        fus = min(row["fused0_us_per_layer"], row["fused1_us_per_layer"])
+        row["fused_over_separate"] = fus / sep
+    except Exception as e_:
+        row["error"] = repr(e_)[:400]
+    RESULTS["fused_write"].append(row)
+    log("fused write", row)
+    save()
+
+
 ENGINE_SHAPE = dict(batch=256, seq_lo=1024, seq_hi=1536, layers=32, layer=5, launch=False)
 # --engine-launch: case (c) alone, the default launch against these (tag, kernel kwargs)
 ENGINE_LAUNCH_VARIANTS = (
@@ -895,6 +977,7 @@ def markdown():
         ("write_warps", "kv4_write warps"),
         ("cudnn_prefill", "prefill: engine path vs cuDNN on the same K/V"),
         ("write_runs", "kv4_write: per token vs runs of 16 (32 layers, one jitted loop)"),
+        ("fused_write", "decode: kv4_write then attention vs the attention kernel writing"),
     ):
         if RESULTS[sec]:
             lines += ["", f"## {title}", ""] + [f"- {r}" for r in RESULTS[sec]]
@@ -972,6 +1055,12 @@ def main():
         "--write-runs",
         action="store_true",
         help="only kv4_write of a prefill step (8192 tokens) per token vs in runs of 16",
+    )
+    ap.add_argument(
+        "--fused-write",
+        action="store_true",
+        help="only decode at --engine-batch: kv4_write then attention vs the attention "
+        "kernel writing the new token itself (pools checked equal; 32 layers, one jitted loop)",
     )
     ap.add_argument(
         "--loop-study",

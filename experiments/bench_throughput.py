@@ -530,6 +530,7 @@ def bench_precision(args, model_config, precision: str) -> list[dict]:
         kv_write_kernel=args.kv_write_kernel,
         kv_window_kernel=args.kv_window_kernel,
         prefill_own_kv=args.prefill_own_kv,
+        decode_fused_write=args.decode_fused_write,
         kv_recent_window=args.kv_recent_window if precision == "w4axkv4" else 0,
         gc_freeze=args.gc_freeze,
         gc_full_every_steps=args.gc_full_every_steps,
@@ -908,6 +909,12 @@ def parse_args(argv=None):
         help="prefill calls without a cached prefix attend over the chunk's own K/V (cuDNN "
         "flash attention on a GPU) instead of its pages (EngineConfig.prefill_own_kv; off by "
         "default); each run reports how many prefill calls took that path (own_kv_calls)",
+    )
+    p.add_argument(
+        "--decode-fused-write",
+        action="store_true",
+        help="INT4: the decode attention kernel writes the step's new K/V itself instead of "
+        "the write kernel before it (EngineConfig.decode_fused_write; off by default)",
     )
     p.add_argument(
         "--modes",

@@ -10,7 +10,10 @@ warp-stall breakdown (cycles per issued instruction spent in each stall reason).
 whether a kernel is bound by memory, by latency (few warps, long stalls) or by issue.
 
 Variants are the decode shape of issue 4 (B = 64, S = 4096, LLaMA-3-8B heads, page 128,
-INT4 g = 128) and the prefill shape on the 1.5x line (B = 8, T = 1024) with Pallas ``mha``.
+INT4 g = 128), the prefill shape on the 1.5x line (B = 8, T = 1024) with Pallas ``mha``, and
+the 8B W4AxKV4 engine's decode step at 1024/512 (``*_engine``: 1214 sequences, ragged S in
+[1024, 1536], an 8-layer pool over 4 GiB per packed array as the engine's, read at layer 5):
+its attention call and its ``kv4_write`` of one new token per sequence.
 Writes ``ncu_attention.{json,md}`` and the raw CSV to $OUT (or experiments/results/).
 """
 
@@ -52,7 +55,7 @@ STALLS = (
 )
 STALL_METRICS = [f"smsp__average_warps_issue_stalled_{s}_per_issue_active.ratio" for s in STALLS]
 SECTIONS = ("SpeedOfLight", "Occupancy", "LaunchStats", "SchedulerStats", "WarpStateStats")
-EXTRA_METRICS = ["smsp__inst_executed.sum", "dram__bytes_read.sum"]
+EXTRA_METRICS = ["smsp__inst_executed.sum", "dram__bytes_read.sum", "dram__bytes_write.sum"]
 # What the summary keeps from the sections, by ncu's metric names in the details page.
 KEEP = {
     "Duration": "duration",
@@ -127,14 +130,54 @@ def _prefill(variant: str):
     return lambda: compiled(*args)
 
 
+EB, E_LO, E_HI, E_LAYERS, E_LAYER = 1214, 1024, 1536, 8, 5  # the engine's decode step
+
+
+def _engine(variant: str):
+    """The engine-shaped decode attention call or its KV4 write (module docstring)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from experiments.bench_attention import _int4_pool
+    from pallas_kernels import kv4_attention as A
+    from pallas_kernels.kv4_write import kv4_write
+
+    key = jax.random.key(0)
+    page = 128
+    mp = -(-E_HI // page)
+    pages = EB * mp + 1
+    kv = _int4_pool(key, E_LAYERS, pages, page)
+    rng = np.random.default_rng(0)
+    table = rng.permutation(pages)[: EB * mp].reshape(EB, mp).astype(np.int32)
+    lens = rng.integers(E_LO, E_HI + 1, EB).astype(np.int32)
+    if variant == "decode_engine":
+        q = jax.random.normal(jax.random.fold_in(key, 1), (EB, HQ, D), jnp.bfloat16)
+        fn = jax.jit(functools.partial(A.paged_decode_attention, layer=E_LAYER))
+        args = (q, kv, jnp.asarray(table), jnp.asarray(lens))
+    else:  # the newest token of each sequence: its page and offset
+        last = lens - 1
+        slots = table[np.arange(EB), last // page] * page + last % page
+        k_new, v_new = (
+            jax.random.normal(jax.random.fold_in(key, i), (EB, HKV, D), jnp.bfloat16)
+            for i in (2, 3)
+        )
+        fn = jax.jit(lambda kv, k, v, s: kv4_write(kv, E_LAYER, k, v, s), donate_argnums=0)
+        args = (kv, k_new, v_new, jnp.asarray(slots.astype(np.int32)))
+    compiled = fn.lower(*args).compile()
+    return lambda: compiled(*args)  # launched once: the donated pool is not reused
+
+
 VARIANTS = {
     "decode_int4": _decode,  # the default path (2 warps at this grid)
     "decode_int4_w4": _decode,
     "decode_bf16": _decode,  # the same kernel on bf16 pages (4 warps)
     "prefill_kv4": _prefill,  # dequantized pool + bf16-page kernel (the dequant pass too)
     "prefill_mha": _prefill,
+    "decode_engine": _engine,
+    "write_engine": _engine,
 }
-KERNEL_REGEX = "regex:paged_attention|mha|kv4_dequant"
+KERNEL_REGEX = "regex:paged_attention|mha|kv4_dequant|kv4_write"
 
 
 def child(names):
@@ -189,7 +232,8 @@ def markdown(meta, launches):
         ("dram_pct", "DRAM %"), ("regs", "regs"), ("threads", "threads"),
         ("occ_theoretical_pct", "occ. theor. %"), ("occ_achieved_pct", "occ. achieved %"),
         ("issue_active_pct", "cycles issuing %"), ("eligible_per_scheduler", "eligible/sched"),
-        ("cycles_per_issue", "cycles/issue"),
+        ("cycles_per_issue", "cycles/issue"), ("dram__bytes_read.sum", "DRAM read"),
+        ("dram__bytes_write.sum", "DRAM write"),
     ]  # fmt: skip
     lines = [f"# ncu: attention kernels ({meta})", ""]
     lines.append("| " + " | ".join(c[1] for c in cols) + " | top stalls (cycles per issue) |")
@@ -255,7 +299,12 @@ def main():
         jax=jax.__version__,
         ncu=version.strip().splitlines()[-1:],
         wall_s=round(time.time() - t0, 1),
-        shape=dict(decode=dict(B=B, S=S), prefill=dict(B=PB, T=PT), heads=(HQ, HKV, D)),
+        shape=dict(
+            decode=dict(B=B, S=S),
+            prefill=dict(B=PB, T=PT),
+            engine=dict(B=EB, S=(E_LO, E_HI), layers=E_LAYERS, layer=E_LAYER),
+            heads=(HQ, HKV, D),
+        ),
     )
     launches = parse(proc.stdout, names)
     with open(os.path.join(OUT, NAME + ".json"), "w") as f:

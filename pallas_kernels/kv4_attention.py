@@ -275,6 +275,65 @@ def _online_softmax_step(logits, m_prev, l_prev, valid=None):
     return probs, corr, m_next, l_prev * corr + jnp.sum(probs, axis=1)
 
 
+def _new_token(
+    kn_ref, vn_ref, slot, pool_outs, accs, m_i, l_i, q_cols, *, layer, h, use, group, n_groups,
+    log2_scale, interpret,
+):  # fmt: skip
+    """Decode with the step's own K/V (``paged_decode_attention(new_kv=...)``): quantizes the
+    token's ``[G, 2, g/2]`` K and V blocks with :mod:`pallas_kernels.kv4_write`'s arithmetic,
+    stores the bytes and f16 scale / zero at ``slot`` of ``pool_outs`` (k, v, ks, kz, vs, vz;
+    V's page transposed), and attends the token as one more key from registers, dequantized
+    as the reference reads it back (``(n - zero) * scale``), inside the same online softmax.
+    ``use`` False (splits other than 0) or slot -1: no key, no store. Returns the updated
+    ``(accs, m, l)``."""
+    from pallas_kernels.kv4_write import _quantize_groups  # kv4_write imports this module
+
+    k_out, v_out, ks_out, kz_out, vs_out, vz_out = pool_outs
+    page = k_out.shape[3]
+    half = group // 2
+    keep = use & (slot >= 0)
+    in_pool = keep & (slot < k_out.shape[1] * page)
+    pg = jnp.where(in_pool, slot // page, 0)
+    off = jnp.where(in_pool, slot % page, 0)
+    logit, v_hats, stores = None, [], []
+    for j in range(n_groups):
+        deq = []
+        for x_ref, p_out, s_out, z_out, transposed in (
+            (kn_ref, k_out, ks_out, kz_out, False),
+            (vn_ref, v_out, vs_out, vz_out, True),
+        ):
+            x = x_ref[j].astype(jnp.float32)[None]  # [1, 2, g/2]
+            byte, scale, zero = _quantize_groups(x, interpret)  # [1, g/2], [1], [1]
+            stores.append((p_out, s_out, z_out, transposed, j, byte, scale, zero))
+            lo = (byte & jnp.uint8(0xF)).astype(jnp.float32).reshape(half)
+            hi = (byte >> jnp.uint8(4)).astype(jnp.float32).reshape(half)
+            deq.append(((lo - zero) * scale, (hi - zero) * scale))  # [g/2] each
+        (k_lo, k_hi), (v_lo, v_hi) = deq
+        q_lo = q_cols(j * group, half).astype(jnp.float32)
+        q_hi = q_cols(j * group + half, half).astype(jnp.float32)
+        term = jnp.sum(q_lo * k_lo[None, :], axis=1) + jnp.sum(q_hi * k_hi[None, :], axis=1)
+        logit = term if logit is None else logit + term
+        v_hats += [v_lo, v_hi]
+    t = jnp.where(keep, logit * log2_scale, _MASK)
+    m_next = jnp.maximum(m_i, t)
+    corr = jnp.exp2(m_i - m_next)
+    p = jnp.where(keep, jnp.exp2(t - m_next), 0.0)
+    accs = tuple(acc * corr[:, None] + p[:, None] * v[None, :] for acc, v in zip(accs, v_hats))
+
+    @pl.when(in_pool)
+    def _():
+        for p_out, s_out, z_out, transposed, j, byte, scale, zero in stores:
+            cols = pl.ds(j * half, half)
+            if transposed:
+                p_out[layer, pg, h, cols, off] = byte.reshape(half)
+            else:
+                p_out[layer, pg, h, off, cols] = byte.reshape(half)
+            s_out[layer, pg, h, pl.ds(j, 1), off] = scale.astype(s_out.dtype)
+            z_out[layer, pg, h, pl.ds(j, 1), off] = zero.astype(z_out.dtype)
+
+    return accs, m_next, l_i * corr + p
+
+
 def _kernel(
     # inputs
     layer_ref,  # [1] int32
@@ -305,6 +364,8 @@ def _kernel(
     q_tiled: bool = False,
     tile_rows: int = 0,
     trim_tail: bool = False,
+    new_kv: bool = False,
+    interpret: bool = False,
 ):
     if quantized:
         ks_ref, kz_ref, vs_ref, vz_ref, *outs = rest
@@ -312,6 +373,10 @@ def _kernel(
         outs = list(rest)
     if ring:  # the recent window's rings [L, S, Hkv, W, D] and each row's slot [B]
         rk_ref, rv_ref, rs_ref, *outs = outs
+    if new_kv:  # the step's own token: its K/V block [G, 2, g/2] and each row's slot [B];
+        # the six pool arrays come last among the outputs (aliased to the inputs)
+        kn_ref, vn_ref, slot_ref, *outs = outs
+        outs, pool_outs = outs[:-6], outs[-6:]
     o_ref = outs[0]
     b, h, qt, split = (pl.program_id(i) for i in range(4))
     if q_direct:  # the rows of [block_q, hg, D] are token-major, as in the row layout
@@ -556,6 +621,12 @@ def _kernel(
     else:
         carry = jax.lax.fori_loop(blk_lo, full_hi, functools.partial(body, masked=False), carry)
         accs, m_i, l_i, *_ = jax.lax.fori_loop(full_hi, blk_hi, body, carry)
+    if new_kv:  # the step's own token (position seq_len - 1), quantized here, in split 0
+        accs, m_i, l_i = _new_token(
+            kn_ref, vn_ref, slot_ref[b], pool_outs, accs, m_i, l_i, q_cols,
+            layer=layer, h=h, use=split == 0, group=group, n_groups=n_groups,
+            log2_scale=log2_scale, interpret=interpret,
+        )  # fmt: skip
     if ring:  # one more key block: the slot's ring, positions (p - W, p], in split 0 only
         slot = rs_ref[b]
         window = rk_ref.shape[3]
@@ -618,9 +689,15 @@ def _attend(
     one_loop: bool = False,
     q_tiled: bool = False,
     trim_tail: bool = False,
+    new_kv=None,
 ):
     """Launches the kernel over grid (B, Hkv, R / block_rows, num_splits); merges splits.
     ``ring``: None or ``(ring_k, ring_v, ring_slots)``, attended as one more key block.
+    ``new_kv``: None or ``(k_new, v_new, slots)`` (decode, INT4 pages): each row's own token,
+    ``[B, Hkv, D]`` K / V and ``[B]`` slots; the kernel stores it and attends it as one
+    more key (``_new_token``); the pages are attended with ``causal_shift`` 1 (below the
+    token). Then the result is ``(out, PagedKV)``: the pool arrays updated in place
+    (aliased; donate them under jit).
 
     Returns ``o [B, Hkv, R, D]`` (q's dtype), or with ``return_lse`` ``(o, lse [B, Hkv, R]
     f32)``, lse = log of the softmax denominator (-inf for rows that see no key).
@@ -697,6 +774,8 @@ def _attend(
         q_tiled=q_tiled,
         tile_rows=block_rows if q_tiled else 0,
         trim_tail=trim_tail,
+        new_kv=new_kv is not None,
+        interpret=interpret,
     )
     whole = pl.no_block_spec  # the kernel gets the whole array and indexes it itself
     if q_direct:
@@ -717,6 +796,13 @@ def _attend(
     if ring is not None:
         inputs += list(ring)
         in_specs += [whole] * 3
+    if new_kv is not None:
+        k_new, v_new, slots = new_kv
+        g_count = kv.k_scale.shape[-2]
+        split = (batch, hkv, g_count, 2, kv.group_size // 2)  # a head's groups, nibble halves
+        new_spec = pl.BlockSpec((None, None, *split[2:]), lambda b, h, t, s: (b, h, 0, 0, 0))
+        inputs += [k_new.reshape(split), v_new.reshape(split), slots]
+        in_specs += [new_spec, new_spec, whole]
     o_spec = pl.BlockSpec(
         (None, None, None, block_rows, head_dim), lambda b, h, t, s: (b, h, s, t, 0)
     )
@@ -734,6 +820,13 @@ def _attend(
             jax.ShapeDtypeStruct((batch, hkv, num_splits, rows), jnp.float32),
         ]
         out_specs = [o_spec, ml_spec, ml_spec]
+    aliases = {}
+    n_out = len(out_shape)
+    if new_kv is not None:  # inputs 6..11: k, v, k_scale, k_zero, v_scale, v_zero
+        pools = inputs[6:12]
+        out_shape += [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in pools]
+        out_specs += [whole] * 6
+        aliases = {6 + i: n_out + i for i in range(6)}
     compiler_params = None
     if not interpret:
         from jax.experimental.pallas import triton as plgpu  # GPU-only import
@@ -745,10 +838,19 @@ def _attend(
         in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shape,
+        input_output_aliases=aliases,
         compiler_params=compiler_params,
         interpret=interpret,
         name="kv4_paged_attention" if kv.quantized else "bf16_paged_attention",
     )(*inputs)
+    if new_kv is not None:
+        outs, pools = outs[:n_out], PagedKV(*outs[n_out:])
+        return _attend_result(outs, q_rows, q_direct, q_tiled, num_splits, return_lse), pools
+    return _attend_result(outs, q_rows, q_direct, q_tiled, num_splits, return_lse)
+
+
+def _attend_result(outs, q_rows, q_direct, q_tiled, num_splits, return_lse):
+    """The kernel's outputs -> o (merging flash-decoding splits), or (o, lse)."""
     if q_direct or q_tiled:
         return outs[0]
     if num_splits == 1 and not return_lse:
@@ -891,6 +993,30 @@ def _check_shift(causal_shift) -> int:
     return causal_shift
 
 
+def _check_new_kv(new_kv, kv: PagedKV, batch: int, ring, return_lse, causal_shift):
+    """Validated ``(k_new, v_new, slots)`` of ``paged_decode_attention(new_kv=...)``."""
+    try:
+        k_new, v_new, slots = new_kv
+    except (TypeError, ValueError):
+        raise ValueError("new_kv must be a tuple (k_new, v_new, slots)") from None
+    if not kv.quantized:
+        raise ValueError("new_kv needs an INT4 cache (the bf16 pages are written by XLA)")
+    if ring is not None or return_lse or causal_shift:
+        raise ValueError(
+            "new_kv attends the newest token itself: no ring, return_lse or causal_shift "
+            f"(got ring={ring is not None}, return_lse={return_lse}, causal_shift={causal_shift})"
+        )
+    k_new, v_new, slots = jnp.asarray(k_new), jnp.asarray(v_new), jnp.asarray(slots)
+    want = (batch, kv.k.shape[2], kv.head_dim)
+    for name, x in (("k_new", k_new), ("v_new", v_new)):
+        if x.shape != want or not jnp.issubdtype(x.dtype, jnp.floating):
+            raise ValueError(f"new_kv {name} must be float [B, Hkv, D] = {want}, got "
+                             f"{x.dtype} {x.shape}")  # fmt: skip
+    if slots.shape != (batch,) or slots.dtype != jnp.int32:
+        raise ValueError(f"new_kv slots must be int32 [B={batch}], got {slots.dtype} {slots.shape}")
+    return k_new, v_new, slots
+
+
 def paged_decode_attention(
     q,
     kv: PagedKV,
@@ -914,8 +1040,10 @@ def paged_decode_attention(
     one_loop: bool | None = None,
     q_tiled: bool | None = None,
     trim_tail: bool | None = None,
+    new_kv=None,
 ):
-    """One new token per sequence attends to its cached tokens (its own K/V already written).
+    """One new token per sequence attends to its cached tokens (its own K/V already written,
+    or, with ``new_kv``, written by this call).
 
     Args:
       q: ``[B, Hq, D]`` float; the INT4 path feeds it to the dots as bf16 (bf16 pages: q's
@@ -963,9 +1091,23 @@ def paged_decode_attention(
         the bytes of keys below the length (K by row, V in 16-key runs), not the whole last
         page: its unused part averages half a page per (sequence, KV head). None (default):
         :data:`TRIM_TAIL_DEFAULT` (off: measured 1.8x slower on the H100) where it applies.
+      new_kv: ``(k_new, v_new, slots)``, ``[B, Hkv, D]`` float and ``[B] int32`` (INT4 cache,
+        no ring or lse): the call writes each row's own token itself instead of a separate
+        :func:`pallas_kernels.kv4_write.kv4_write` before it. Row b's token is at position
+        ``seq_lens[b] - 1`` (``seq_lens`` counts it, as without ``new_kv``), stored at
+        ``slots[b]`` (-1: none; then the row attends only its first ``seq_lens[b] - 1``
+        keys). The program of (row, KV head) quantizes the token with ``kv4_write``'s
+        arithmetic (the same bytes), stores it and attends it as one more key from
+        registers, dequantized as the reference reads it back; the pages are read below
+        it. Returns ``(out, kv)`` with the pool arrays updated in place (aliased: donate
+        ``kv`` under jit). Semantics (rows with a slot): the pages of
+        :func:`pallas_kernels.kv4_write.kv4_write_reference`, then this function without
+        ``new_kv`` over them (the output within the kernel's bf16 tolerance, not bit for bit:
+        the token's key enters in f32). Measured slower on the H200 (docs/kernels_attention.md).
 
     Returns:
-      ``[B, Hq, D]`` in q's dtype (and the lse with ``return_lse``).
+      ``[B, Hq, D]`` in q's dtype (and the lse with ``return_lse``; with ``new_kv``,
+      ``(out, kv)``).
 
     Checks shapes and dtypes always; page-table entries, lengths and layer only when they are
     concrete (outside jit).
@@ -976,6 +1118,9 @@ def paged_decode_attention(
     page_table = jnp.asarray(page_table)
     _check_tables(kv, page_table, seq_lens, layer, batch)
     sm_scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)
+    if new_kv is not None:
+        new_kv = _check_new_kv(new_kv, kv, batch, ring, return_lse, causal_shift)
+        causal_shift = 1  # the pages below the new token; the token itself from registers
     in_kernel, xla_ring = None, None
     if ring is not None:
         ring_k, ring_v, ring_slots, window = _check_ring(ring, ring_slots, kv, batch)
@@ -1040,7 +1185,12 @@ def paged_decode_attention(
         one_loop=one_loop,
         q_tiled=q_tiled,
         trim_tail=bool(trim_tail),
+        new_kv=new_kv,
     )
+    if new_kv is not None:
+        out, pools = out  # no lse (checked)
+        out = out.reshape(batch, hq, d) if q_tiled else _from_rows(out, 1, hg, hg_pad)[:, 0]
+        return out, pools
     if q_tiled:
         return out.reshape(batch, hq, d)
     if not want_lse:

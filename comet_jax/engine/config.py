@@ -185,6 +185,12 @@ class EngineConfig:
         cache the values attended are the same; for the INT4 cache a prompt's own prefill
         then sees unquantized K/V (what QServe's and vLLM's prefill do), and only later
         steps read the INT4 pages. Off by default; one device (tp = 1), no recent window.
+      decode_fused_write: INT4 cache with Pallas kernels, no recent window: the decode
+        attention kernel quantizes and stores each row's new K/V itself (the program of a
+        row and KV head, after its pages; the same bytes as the write kernel) and attends
+        the new token as one more key from registers, instead of a separate write kernel
+        launched before it (`paged_decode_attention(new_kv=...)`). Prefill keeps the write
+        kernel. Off by default.
       gc_freeze: at the end of start-up (compile, warm-up) run ``gc.collect()`` then
         ``gc.freeze()``: Python's full collections then skip every object alive at that point
         (the compiled steps, params, tokenizer, the modules), so that a collection during
@@ -240,6 +246,7 @@ class EngineConfig:
     kv_recent_window: int = 0
     kv_window_kernel: bool = True
     prefill_own_kv: bool = False
+    decode_fused_write: bool = False
     gc_freeze: bool = False
     gc_full_every_steps: int = 0
 
@@ -258,6 +265,7 @@ class EngineConfig:
             "kv_write_kernel",
             "kv_window_kernel",
             "prefill_own_kv",
+            "decode_fused_write",
             "gc_freeze",
         )
         for name in bools:
@@ -307,6 +315,11 @@ class EngineConfig:
             raise ValueError(
                 f"prefill_own_kv runs on one device without a recent window (tp={self.tp}, "
                 f"kv_recent_window={w})"
+            )
+        if self.decode_fused_write and w:
+            raise ValueError(
+                f"decode_fused_write writes the pages only; with kv_recent_window={w} the "
+                "decode step also fills the rings (use one or the other)"
             )
         if self.max_prefill_seqs > self.max_batch:
             raise ValueError(

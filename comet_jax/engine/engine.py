@@ -209,6 +209,7 @@ class LLMEngine:
                 config.prefill_dequantize,
                 config.kv_write_kernel,
                 config.kv_window_kernel,
+                decode_fused_write=config.decode_fused_write,
             ),
             dtype=dtype,
             param_dtype=dtype,

@@ -258,6 +258,7 @@ def paged_attention(
     interpret: bool = False,
     window_slots=None,
     write_kernel: bool = False,
+    fused_write: bool = False,
     **kernel_kwargs,
 ):
     """Writes the new tokens' K/V into the cache, then attends over the cache.
@@ -269,6 +270,9 @@ def paged_attention(
     window_slots: ``[B] int32`` ring slots of the rows (-1: padding); required when the cache
       has a recent window (`comet_jax.engine.recent_window`: the newest W keys unquantized).
     write_kernel: INT4 cache: write with the Pallas quantize-and-store kernel (`write_kv`).
+    fused_write: decode over an INT4 cache without a recent window, ``backend="pallas"``:
+      the decode kernel writes the new K/V itself (``paged_decode_attention(new_kv=...)``,
+      the same bytes) instead of a write before it; elsewhere the usual write.
 
     Returns ``(out, cache)``: ``out`` shaped like q (q's dtype; the reference returns f32).
     """
@@ -276,6 +280,18 @@ def paged_attention(
         raise ValueError(f"mode={mode!r} must be 'decode' or 'prefill'")
     if backend not in ("pallas", "reference"):
         raise ValueError(f"backend={backend!r} must be 'pallas' or 'reference'")
+    cfg = cache.config
+    if fused_write and mode == "decode" and backend == "pallas" and cfg.quantized:
+        if cfg.recent_window:
+            raise ValueError("fused_write: the recent window's decode writes its rings apart")
+        slots = jnp.asarray(slot_mapping)
+        if slots.dtype != jnp.int32:
+            raise ValueError(f"slot_mapping must be int32, got {slots.dtype}")
+        out, pages = attn.paged_decode_attention(
+            q, cache.pages(), page_table, seq_lens, layer=layer, interpret=interpret,
+            new_kv=(k_new, v_new, slots), **kernel_kwargs,
+        )  # fmt: skip
+        return out, dataclasses.replace(cache, **pages._asdict())
     cache = write_kv(
         cache, layer, k_new, v_new, slot_mapping, kernel=write_kernel, interpret=interpret
     )

@@ -73,6 +73,10 @@ class PagedAttention:
       pages, after writing them as usual. Only right for rows with no cached prefix: the
       runner uses it for the executables it runs on such calls alone
       (EngineConfig.prefill_own_kv).
+    decode_fused_write: with "pallas" and an INT4 cache (no recent window), the decode
+      attention kernel quantizes and stores the step's own K/V itself and attends them from
+      registers, instead of a separate write kernel before it
+      (EngineConfig.decode_fused_write).
     """
 
     backend: str = "reference"
@@ -81,6 +85,7 @@ class PagedAttention:
     kv_write_kernel: bool = True
     window_kernel: bool = False
     own_kv: bool = False
+    decode_fused_write: bool = False
 
     def __call__(self, q, k, v, layer_idx, state: PagedState):
         t = q.shape[1]
@@ -109,6 +114,7 @@ class PagedAttention:
                 seq_lens,
                 slots[:, 0],
                 mode="decode",
+                fused_write=self.decode_fused_write and self.backend == "pallas",
                 **common,
             )
             out = out[:, None]
