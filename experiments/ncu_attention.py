@@ -283,7 +283,11 @@ def main():
         cmd += ["--section", s]
     cmd += [sys.executable, os.path.abspath(__file__), "--child", "--variants", ",".join(names)]
     t0 = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
+    # ncu saves and restores device memory around each replayed kernel: with XLA holding most
+    # of the device (its default preallocation, or the 92% the engine-shaped variants' import
+    # of bench_attention asks for) it "failed to profile" (H200, 2026-11-28).
+    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     os.makedirs(OUT, exist_ok=True)
     with open(os.path.join(OUT, NAME + ".csv"), "w") as f:
         f.write(proc.stdout)
