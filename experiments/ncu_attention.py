@@ -13,7 +13,12 @@ Variants are the decode shape of issue 4 (B = 64, S = 4096, LLaMA-3-8B heads, pa
 INT4 g = 128), the prefill shape on the 1.5x line (B = 8, T = 1024) with Pallas ``mha``, and
 the 8B W4AxKV4 engine's decode step at 1024/512 (``*_engine``: 1214 sequences, ragged S in
 [1024, 1536], an 8-layer pool over 4 GiB per packed array as the engine's, read at layer 5):
-its attention call and its ``kv4_write`` of one new token per sequence.
+its attention call and its ``kv4_write`` of one new token per sequence. Beside them, the
+engine's prefill-step activation quantization (``act_quant_*``: 8192 tokens, the unpacked
+operand of the large-M GEMMs, two INT8 blocks): the SwiGLU form feeding down_proj (K = 14336,
+no permutation: it is folded into gate / up) and the RMSNorm + gather form feeding q/k/v
+(K = 4096, a random permutation stored as a calibrated checkpoint stores it: each segment's
+channels ascending).
 Writes ``ncu_attention.{json,md}`` and the raw CSV to $OUT (or experiments/results/).
 """
 
@@ -168,6 +173,40 @@ def _engine(variant: str):
     return lambda: compiled(*args)  # launched once: the donated pool is not reused
 
 
+def _act_quant(variant: str):
+    """One prefill-step act_quant call as the engine makes it (module docstring)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from pallas_kernels import act_quant as aq
+    from pallas_kernels.w4ax_matmul import UNPACKED_ROW_ALIGN
+
+    key = jax.random.key(0)
+    m = 8192
+    kw = dict(layout="unpacked", row_align=UNPACKED_ROW_ALIGN)
+    if variant == "act_quant_swiglu":
+        k = 14336
+        up = jax.random.normal(key, (m, k), jnp.bfloat16)
+        gate = jax.random.normal(jax.random.fold_in(key, 1), (m, k), jnp.bfloat16)
+        fn = jax.jit(lambda x, g: aq.act_quant(x, None, k - 256, gate=g, **kw))
+        args = (up, gate)
+    else:
+        k = 4096
+        x = jax.random.normal(key, (m, k), jnp.bfloat16)
+        # a calibrated checkpoint's stored form: each segment's channels ascending
+        # (`fmpq.gather_order`, as bench_throughput's random_params stores them)
+        from comet_jax.quant import fmpq
+
+        perm = np.asarray(jax.random.permutation(jax.random.fold_in(key, 2), k))
+        perm = jnp.asarray(perm[fmpq.gather_order(perm, 256)], jnp.int32)
+        w = jax.random.uniform(jax.random.fold_in(key, 3), (k,), jnp.bfloat16, 0.5, 1.5)
+        fn = jax.jit(lambda x, p, w: aq.act_quant(x, p, k - 256, norm_weight=w, **kw))
+        args = (x, perm, w)
+    compiled = fn.lower(*args).compile()
+    return lambda: compiled(*args)
+
+
 VARIANTS = {
     "decode_int4": _decode,  # the default path (2 warps at this grid)
     "decode_int4_w4": _decode,
@@ -176,8 +215,10 @@ VARIANTS = {
     "prefill_mha": _prefill,
     "decode_engine": _engine,
     "write_engine": _engine,
+    "act_quant_swiglu": _act_quant,
+    "act_quant_norm": _act_quant,
 }
-KERNEL_REGEX = "regex:paged_attention|mha|kv4_dequant|kv4_write"
+KERNEL_REGEX = "regex:paged_attention|mha|kv4_dequant|kv4_write|act_quant"
 
 
 def child(names):

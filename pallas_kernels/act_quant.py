@@ -394,7 +394,16 @@ def default_rows_per_program(m: int, k: int, layout: str = "packed") -> int:
 
 
 def default_num_warps(bm: int, k: int) -> int:
-    """Warps so that a program's ``bm * K`` values take <= ~64 registers a thread."""
+    """Warps so that a program's ``bm * K`` values take <= ~64 registers a thread, but 4 for
+    one-row programs (the engine's launch at every M).
+
+    One row, K = 14336 (the SwiGLU input of LLaMA-3-8B's down_proj, M = 8192, unpacked
+    layout, bytes equal): 4 warps 333.8 us against 421-428 for 8, 948 for 16 on the H200
+    (2026-11-28; Nsight Compute at 8 warps: 128 registers a thread, 2 programs per SM, DRAM
+    at 30% of peak); 263.8 against 269.7 on the H100 (2026-11-27, ``bench_gemm.py
+    --act-quant-launch-gated``)."""
+    if bm == 1:
+        return 4
     w = 4
     while w < 16 and bm * k > 64 * 32 * w:
         w *= 2
