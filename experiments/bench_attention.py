@@ -509,10 +509,10 @@ def fused_write_study(key):
     rng = np.random.default_rng(0)
     lens_np = rng.integers(e["seq_lo"], e["seq_hi"] + 1, b).astype(np.int32)
     table_np = rng.permutation(pages)[: b * mp].reshape(b, mp).astype(np.int32)
-    last = lens_np - 1
-    slots = jnp.asarray(
-        (table_np[np.arange(b), last // page] * page + last % page).astype(np.int32)
-    )
+    from comet_jax.engine import kv_cache as kc
+
+    last = lens_np[:, None] - 1  # the new token's position
+    slots = kc.slot_mapping_from_positions(table_np, last, page)[:, 0]
     table, lens = jnp.asarray(table_np), jnp.asarray(lens_np)
     q = jax.random.normal(jax.random.fold_in(key, 1), (b, HQ, D), jnp.bfloat16)
     k_new = jax.random.normal(jax.random.fold_in(key, 2), (b, HKV, D), jnp.bfloat16)

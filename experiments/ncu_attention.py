@@ -161,14 +161,15 @@ def _engine(variant: str):
         fn = jax.jit(functools.partial(A.paged_decode_attention, layer=E_LAYER))
         args = (q, kv, jnp.asarray(table), jnp.asarray(lens))
     else:  # the newest token of each sequence: its page and offset
-        last = lens - 1
-        slots = table[np.arange(EB), last // page] * page + last % page
+        from comet_jax.engine.kv_cache import slot_mapping_from_positions
+
+        slots = slot_mapping_from_positions(table, lens[:, None] - 1, page)[:, 0]
         k_new, v_new = (
             jax.random.normal(jax.random.fold_in(key, i), (EB, HKV, D), jnp.bfloat16)
             for i in (2, 3)
         )
         fn = jax.jit(lambda kv, k, v, s: kv4_write(kv, E_LAYER, k, v, s), donate_argnums=0)
-        args = (kv, k_new, v_new, jnp.asarray(slots.astype(np.int32)))
+        args = (kv, k_new, v_new, slots)
     compiled = fn.lower(*args).compile()
     return lambda: compiled(*args)  # launched once: the donated pool is not reused
 

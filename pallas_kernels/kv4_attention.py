@@ -994,26 +994,23 @@ def _check_shift(causal_shift) -> int:
 
 
 def _check_new_kv(new_kv, kv: PagedKV, batch: int, ring, return_lse, causal_shift):
-    """Validated ``(k_new, v_new, slots)`` of ``paged_decode_attention(new_kv=...)``."""
+    """Validated ``(k_new, v_new, slots)`` of ``paged_decode_attention(new_kv=...)``: the
+    write kernel's checks (``kv4_write._check_write``), one token per row."""
+    from pallas_kernels.kv4_write import _check_write  # kv4_write imports this module
+
     try:
         k_new, v_new, slots = new_kv
     except (TypeError, ValueError):
         raise ValueError("new_kv must be a tuple (k_new, v_new, slots)") from None
-    if not kv.quantized:
-        raise ValueError("new_kv needs an INT4 cache (the bf16 pages are written by XLA)")
     if ring is not None or return_lse or causal_shift:
         raise ValueError(
             "new_kv attends the newest token itself: no ring, return_lse or causal_shift "
             f"(got ring={ring is not None}, return_lse={return_lse}, causal_shift={causal_shift})"
         )
     k_new, v_new, slots = jnp.asarray(k_new), jnp.asarray(v_new), jnp.asarray(slots)
-    want = (batch, kv.k.shape[2], kv.head_dim)
-    for name, x in (("k_new", k_new), ("v_new", v_new)):
-        if x.shape != want or not jnp.issubdtype(x.dtype, jnp.floating):
-            raise ValueError(f"new_kv {name} must be float [B, Hkv, D] = {want}, got "
-                             f"{x.dtype} {x.shape}")  # fmt: skip
-    if slots.shape != (batch,) or slots.dtype != jnp.int32:
-        raise ValueError(f"new_kv slots must be int32 [B={batch}], got {slots.dtype} {slots.shape}")
+    _check_write(kv, k_new, v_new, slots)
+    if slots.shape != (batch,):
+        raise ValueError(f"new_kv slots must be [B={batch}] (one token per row), got {slots.shape}")
     return k_new, v_new, slots
 
 

@@ -284,12 +284,9 @@ def paged_attention(
     if fused_write and mode == "decode" and backend == "pallas" and cfg.quantized:
         if cfg.recent_window:
             raise ValueError("fused_write: the recent window's decode writes its rings apart")
-        slots = jnp.asarray(slot_mapping)
-        if slots.dtype != jnp.int32:
-            raise ValueError(f"slot_mapping must be int32, got {slots.dtype}")
-        out, pages = attn.paged_decode_attention(
+        out, pages = attn.paged_decode_attention(  # checks the shapes and dtypes
             q, cache.pages(), page_table, seq_lens, layer=layer, interpret=interpret,
-            new_kv=(k_new, v_new, slots), **kernel_kwargs,
+            new_kv=(k_new, v_new, slot_mapping), **kernel_kwargs,
         )  # fmt: skip
         return out, dataclasses.replace(cache, **pages._asdict())
     cache = write_kv(
