@@ -43,6 +43,7 @@ ENGINE_FLAGS = (
     "kv_window_kernel",
     "prefill_own_kv",
     "decode_fused_write",
+    "decode_qk_int8",
     "compute_dtype",
     "kernels",
     "interpret",
@@ -463,6 +464,14 @@ def _common(p: argparse.ArgumentParser, engine: bool = True) -> None:
         help="INT4 cache, Pallas kernels: the decode attention kernel quantizes and stores "
         "the step's new K/V itself instead of a separate write kernel before it (default "
         "off; no recent window)",
+    )
+    g.add_argument(
+        "--decode_qk_int8",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="INT4 cache, Pallas kernels: decode attention rounds q to INT8 per row and takes "
+        "the logits from int8 dots (faster; adds q's rounding error, large where q has "
+        "outlier channels; default off)",
     )
     g.add_argument(
         "--compute_dtype",

@@ -56,6 +56,7 @@ STUDIES = {
     "--cudnn-prefill": ("bench_attention_cudnn_prefill", "cudnn_prefill_study"),
     "--write-runs": ("bench_attention_write_runs", "write_runs_study"),
     "--fused-write": ("bench_attention_fused_write", "fused_write_study"),
+    "--nibbles-study": ("bench_attention_nibbles", "nibbles_study"),
 }
 NAME = "bench_attention_focus" if FOCUS else "bench_attention"
 for _flag, (_name, _) in STUDIES.items():
@@ -82,6 +83,8 @@ RESULTS: dict = {
     "cudnn_prefill": [],
     "write_runs": [],
     "fused_write": [],
+    "nibbles": [],
+    "nibbles_decode": [],
 }
 
 
@@ -491,6 +494,20 @@ def write_runs_study(key):
         save()
 
 
+def _engine_ragged_case():
+    """``(B, page, pages, lens [B], table [B, max_pages])`` of the engine's decode shape
+    (ENGINE_SHAPE): ragged lengths uniform in [seq_lo, seq_hi], page 128, a pool of one page
+    more than the table uses, pages in random order (seeded)."""
+    e = ENGINE_SHAPE
+    b, page = e["batch"], 128
+    mp = -(-e["seq_hi"] // page)
+    pages = b * mp + 1
+    rng = np.random.default_rng(0)
+    lens = rng.integers(e["seq_lo"], e["seq_hi"] + 1, b).astype(np.int32)
+    table = rng.permutation(pages)[: b * mp].reshape(b, mp).astype(np.int32)
+    return b, page, pages, lens, table
+
+
 def fused_write_study(key):
     """The decode step's cache write then attention (``kv4_write``, then
     ``paged_decode_attention``) against the attention kernel writing the new token itself
@@ -503,12 +520,7 @@ def fused_write_study(key):
     from pallas_kernels import kv4_write as W
 
     e = ENGINE_SHAPE
-    b, page = e["batch"], 128
-    mp = -(-e["seq_hi"] // page)
-    pages = b * mp + 1
-    rng = np.random.default_rng(0)
-    lens_np = rng.integers(e["seq_lo"], e["seq_hi"] + 1, b).astype(np.int32)
-    table_np = rng.permutation(pages)[: b * mp].reshape(b, mp).astype(np.int32)
+    b, page, pages, lens_np, table_np = _engine_ragged_case()
     from comet_jax.engine import kv_cache as kc
 
     last = lens_np[:, None] - 1  # the new token's position
@@ -568,6 +580,62 @@ def fused_write_study(key):
         row["error"] = repr(e_)[:400]
     RESULTS["fused_write"].append(row)
     log("fused write", row)
+    save()
+
+
+# --nibbles-study: the dots' operand formats (tag -> paged_decode_attention kwargs)
+NIBBLE_VARIANTS = {
+    "bf16": {},
+    "f16": dict(f16_nibbles=True),
+    "int8": dict(qk_int8=True),
+    "int8_f16": dict(qk_int8=True, f16_nibbles=True),
+}
+
+
+def nibbles_study(key):
+    """How the decode kernel feeds its dots (NIBBLE_VARIANTS: nibbles as bf16 128 + n, the
+    default; as f16 subnormals, ``f16_nibbles``; q rounded to INT8 per row against int8 K
+    nibbles, ``qk_int8``; both) at the engine's shape (``--engine-batch``, 32-layer pool,
+    ragged S in [1024, 1536], layer 5). Errors against the f32 reference over the
+    dequantized pages on the first 64 rows, for q ~ N(0, 1) and for q with 4 channels per
+    head 20x larger (int8 q's scale follows its largest channel); then timings, each variant
+    in turn, twice; then the B x S points of ``STAGES_DECODE`` by variant."""
+    e = ENGINE_SHAPE
+    b, page, pages, lens_np, table_np = _engine_ragged_case()
+    table, lens = jnp.asarray(table_np), jnp.asarray(lens_np)
+    q = jax.random.normal(jax.random.fold_in(key, 1), (b, HQ, D), jnp.bfloat16)
+    outlier = jnp.zeros((D,), jnp.float32).at[jnp.array([3, 40, 77, 120])].set(19.0) + 1.0
+    q_out = (q.astype(jnp.float32) * outlier).astype(jnp.bfloat16)
+    row = dict(B=b, layers=e["layers"], mean_S=float(lens_np.mean()))
+    try:
+        kv = _int4_pool(jax.random.fold_in(key, e["layers"]), e["layers"], pages, page)
+        fns = {
+            tag: jax.jit(functools.partial(A.paged_decode_attention, layer=e["layer"], **kw))
+            for tag, kw in NIBBLE_VARIANTS.items()
+        }
+        n = min(64, b)
+        for q_kind, qq in (("normal", q), ("outliers", q_out)):
+            ref = A.paged_decode_attention_reference(
+                qq[:n], kv, table[:n], lens[:n], layer=e["layer"]
+            )
+            for tag, fn in fns.items():
+                out = fn(qq, kv, table, lens)
+                row[f"{tag}_{q_kind}_rel_l2"] = rel(out[:n], ref)
+                row[f"{tag}_{q_kind}_finite"] = bool(jnp.all(jnp.isfinite(out.astype(jnp.float32))))
+        log("nibbles check", row)
+        for rep_i in range(2):
+            for tag, fn in fns.items():
+                row[f"{tag}{rep_i}_us"] = bench(fn, [(q, kv, table, lens)]) * 1e6
+        base = min(row["bf160_us"], row["bf161_us"])
+        for tag in fns:
+            row[f"{tag}_over_bf16"] = min(row[f"{tag}0_us"], row[f"{tag}1_us"]) / base
+        del kv
+    except Exception as e_:
+        row["error"] = repr(e_)[:400]
+    RESULTS["nibbles"].append(row)
+    log("nibbles", row)
+    save()
+    _decode_rows(key, NIBBLE_VARIANTS, "nibbles_decode")
     save()
 
 
@@ -978,6 +1046,8 @@ def markdown():
         ("cudnn_prefill", "prefill: engine path vs cuDNN on the same K/V"),
         ("write_runs", "kv4_write: per token vs runs of 16 (32 layers, one jitted loop)"),
         ("fused_write", "decode: kv4_write then attention vs the attention kernel writing"),
+        ("nibbles", "decode at the engine's shape by the dots' operand formats"),
+        ("nibbles_decode", "decode over B x S by the dots' operand formats"),
     ):
         if RESULTS[sec]:
             lines += ["", f"## {title}", ""] + [f"- {r}" for r in RESULTS[sec]]
@@ -1061,6 +1131,12 @@ def main():
         action="store_true",
         help="only decode at --engine-batch: kv4_write then attention vs the attention "
         "kernel writing the new token itself (pools checked equal; 32 layers, one jitted loop)",
+    )
+    ap.add_argument(
+        "--nibbles-study",
+        action="store_true",
+        help="only decode at --engine-batch by the dots' operand formats (bf16 / f16 "
+        "subnormal nibbles / int8 q; errors vs the reference, timings), then over B x S",
     )
     ap.add_argument(
         "--loop-study",

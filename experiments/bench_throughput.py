@@ -67,6 +67,7 @@ from comet_jax.engine.engine import LLMEngine, max_batch_for_memory
 from comet_jax.engine.runner import precision_plan, preset_config
 from comet_jax.engine.sampling import SamplingParams
 from models.llama import LlamaForCausalLM, abstract_params
+from pallas_kernels import kv4_attention
 
 
 def random_params(model, seed: int = 0):
@@ -531,6 +532,7 @@ def bench_precision(args, model_config, precision: str) -> list[dict]:
         kv_window_kernel=args.kv_window_kernel,
         prefill_own_kv=args.prefill_own_kv,
         decode_fused_write=args.decode_fused_write,
+        decode_qk_int8=args.decode_qk_int8 and precision == "w4axkv4",
         kv_recent_window=args.kv_recent_window if precision == "w4axkv4" else 0,
         gc_freeze=args.gc_freeze,
         gc_full_every_steps=args.gc_full_every_steps,
@@ -917,6 +919,18 @@ def parse_args(argv=None):
         "the write kernel before it (EngineConfig.decode_fused_write; off by default)",
     )
     p.add_argument(
+        "--bf16-nibbles",
+        action="store_true",
+        help="INT4 decode attention feeds its dots the bf16 128 + n nibbles (the format "
+        "before the f16 subnormals; sets kv4_attention.F16_NIBBLES_DEFAULT off for the run)",
+    )
+    p.add_argument(
+        "--decode-qk-int8",
+        action="store_true",
+        help="W4AxKV4: decode attention rounds q to INT8 per row and takes the logits from "
+        "int8 dots (EngineConfig.decode_qk_int8; off by default)",
+    )
+    p.add_argument(
         "--modes",
         type=lambda t: t.split(","),
         default=["async"],
@@ -1000,6 +1014,8 @@ def _write_record(args, results) -> None:
         "xla_mem_fraction": os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION"),
         "device_bytes_limit": device_memory()[0],
         "args": {k: v for k, v in vars(args).items()},
+        # kernel-level defaults the engine does not set (which format decode feeds its dots)
+        "kernel_defaults": {"f16_nibbles": kv4_attention.F16_NIBBLES_DEFAULT},
         "results": results,
     }
     with open(args.out, "w") as f:
@@ -1013,6 +1029,8 @@ def main(argv=None) -> int:
     # Takes effect only if no computation has run yet in this process; an explicit setting wins.
     os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")
     args = parse_args(argv)
+    if args.bf16_nibbles:
+        kv4_attention.F16_NIBBLES_DEFAULT = False
     if args.compile_cache:
         from comet_jax.engine import compile_cache
 

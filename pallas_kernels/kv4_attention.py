@@ -236,22 +236,74 @@ _LO_ASM = _NIBBLE_ASM.replace("{shift}", "mov.b32 x, $2;")
 _HI_ASM = _NIBBLE_ASM.replace("{shift}", "shr.u32 x, $2, 4;")
 
 
+def _asm_halves(byte, asms, dtype, constraints: str):
+    """``(lo, hi)``: one elementwise inline-PTX call per string of ``asms`` over ``byte``'s
+    words (4 bytes a call), each giving ``dtype`` values of ``byte``'s shape (GPU only)."""
+    from jax.experimental.pallas import triton as plgpu  # GPU-only
+
+    out = [jax.ShapeDtypeStruct(byte.shape, dtype)]
+    return tuple(
+        plgpu.elementwise_inline_asm(
+            a, args=[byte], constraints=constraints, pack=4, result_shape_dtypes=out
+        )[0]
+        for a in asms
+    )
+
+
 def _unpack_biased(byte, *, fast: bool):
     """``[..] uint8 -> (lo, hi)`` bf16 holding ``128 + (byte & 15)`` and ``128 + (byte >> 4)``."""
     if fast:
-        from jax.experimental.pallas import triton as plgpu  # GPU-only
-
-        out = [jax.ShapeDtypeStruct(byte.shape, jnp.bfloat16)]
-        (lo,) = plgpu.elementwise_inline_asm(
-            _LO_ASM, args=[byte], constraints="=r,=r,r", pack=4, result_shape_dtypes=out
-        )
-        (hi,) = plgpu.elementwise_inline_asm(
-            _HI_ASM, args=[byte], constraints="=r,=r,r", pack=4, result_shape_dtypes=out
-        )
-        return lo, hi
+        return _asm_halves(byte, (_LO_ASM, _HI_ASM), jnp.bfloat16, "=r,=r,r")
     lo = (byte & jnp.uint8(0xF)).astype(jnp.float32) + _NIBBLE_BIAS
     hi = (byte >> jnp.uint8(4)).astype(jnp.float32) + _NIBBLE_BIAS
     return lo.astype(jnp.bfloat16), hi.astype(jnp.bfloat16)
+
+
+# f16_nibbles: a nibble's bits, left where they are in a 16-bit lane, read as f16 are a
+# subnormal: lane & 0x000F == lo * 2^-24 and lane & 0x00F0 == 16 * hi * 2^-24, exact, with no
+# bias to remove. Both halves come from the same two prmt (ptxas merges the identical ones
+# of the two calls), the high one needs no shift: 6 instructions per 4 bytes instead of 9.
+# The 2^24 (2^20 for V's high half) comes back as a power-of-two scale after the dots; q's
+# high half enters divided by 16.
+_SUB_SCALE = 2.0**24
+# paged_decode_attention(f16_nibbles=None). On: on the H200 (2026-11-28, `bench_attention.py
+# --nibbles-study`) decode took 680-686 us against 731-743 (bf16 128 + n) at the engine's
+# B = 1214, 32-layer pool, ragged S in [1024, 1536]; 112 vs 122-123 us at B = 64, S = 4096;
+# relative error against the f32 reference 1.7e-3 against 2.4-2.6e-3.
+F16_NIBBLES_DEFAULT = True
+_SUB_ASM = """
+{
+.reg .b32 t01, t23;
+prmt.b32 t01, $2, 0, 0x4140;
+prmt.b32 t23, $2, 0, 0x4342;
+and.b32 $0, t01, {mask};
+and.b32 $1, t23, {mask};
+}
+"""
+_SUB_LO_ASM = _SUB_ASM.replace("{mask}", "0x000F000F")
+_SUB_HI_ASM = _SUB_ASM.replace("{mask}", "0x00F000F0")
+
+
+def _unpack_subnormal(byte, *, fast: bool):
+    """``[..] uint8 -> (lo, hi)`` f16 holding ``(byte & 15) * 2^-24`` and
+    ``16 * (byte >> 4) * 2^-24`` (subnormals, exact)."""
+    if fast:
+        return _asm_halves(byte, (_SUB_LO_ASM, _SUB_HI_ASM), jnp.float16, "=r,=r,r")
+    unit = np.float32(1.0 / _SUB_SCALE)
+    lo = (byte & jnp.uint8(0xF)).astype(jnp.float32) * unit
+    hi = (byte & jnp.uint8(0xF0)).astype(jnp.float32) * unit
+    return lo.astype(jnp.float16), hi.astype(jnp.float16)
+
+
+_I8_LO_ASM = "and.b32 $0, $1, 0x0F0F0F0F;"
+_I8_HI_ASM = "{ .reg .b32 t; shr.u32 t, $1, 4; and.b32 $0, t, 0x0F0F0F0F; }"
+
+
+def _unpack_int8(byte, *, fast: bool):
+    """``[..] uint8 -> (lo, hi)`` int8 nibbles 0..15: one ``and`` per 4 bytes (two for hi)."""
+    if fast:
+        return _asm_halves(byte, (_I8_LO_ASM, _I8_HI_ASM), jnp.int8, "=r,r")
+    return (byte & jnp.uint8(0xF)).astype(jnp.int8), (byte >> jnp.uint8(4)).astype(jnp.int8)
 
 
 def _round_to_int8(y):
@@ -259,17 +311,25 @@ def _round_to_int8(y):
     return jnp.where(y >= 0, y + 0.5, y - 0.5).astype(jnp.int32).astype(jnp.int8)
 
 
-def _online_softmax_step(logits, m_prev, l_prev, valid=None):
+def _online_softmax_step(logits, m_prev, l_prev, valid=None, row_scale=None):
     """One key block of the online (flash) softmax, base 2: f32 ``logits [BM, K]`` scaled by
     ``sm_scale * log2(e)``, the rows' running max (same units) and denominator ``[BM]``;
-    ``valid [BM, K]`` masks keys (None: all visible).
+    ``valid [BM, K]`` masks keys (None: all visible). ``row_scale [BM, 1]`` (> 0): the logits
+    still to be multiplied by it, which happens inside the exponent's multiply-add (the max
+    of a row scales with it).
     Returns ``(probs, corr, m_next, l_next)``: unnormalized block probabilities, the factor
     that rescales the earlier accumulators, and the updated max and denominator."""
     if valid is not None:
         logits = jnp.where(valid, logits, _MASK)
-    m_next = jnp.maximum(m_prev, jnp.max(logits, axis=1))
+    block_max = jnp.max(logits, axis=1)
+    if row_scale is not None:
+        block_max = block_max * row_scale[:, 0]
+    m_next = jnp.maximum(m_prev, block_max)
     corr = jnp.exp2(m_prev - m_next)
-    probs = jnp.exp2(logits - m_next[:, None])
+    if row_scale is None:
+        probs = jnp.exp2(logits - m_next[:, None])
+    else:
+        probs = jnp.exp2(logits * row_scale - m_next[:, None])
     if valid is not None:
         probs = jnp.where(valid, probs, 0.0)
     return probs, corr, m_next, l_prev * corr + jnp.sum(probs, axis=1)
@@ -365,6 +425,7 @@ def _kernel(
     tile_rows: int = 0,
     trim_tail: bool = False,
     new_kv: bool = False,
+    f16_nibbles: bool = False,
     interpret: bool = False,
 ):
     if quantized:
@@ -452,13 +513,16 @@ def _kernel(
             sq = jnp.where(amax > 0, amax / 127.0, 1.0)
             lo, hi = (_round_to_int8(x / sq[:, None]) for x in (lo, hi))
             q_scales.append(sq[:, None])
+        elif f16_nibbles:  # the high half scaled by 1/16 against the keys' 16 n
+            lo = lo.astype(jnp.float16)
+            hi = (hi.astype(jnp.float32) * (1.0 / 16.0)).astype(jnp.float16)
         else:
             lo, hi = lo.astype(cdt), hi.astype(cdt)
         q_pieces.append((lo, hi))
         # Sums of the rounded q the dot sees, so the zero-point term cancels exactly.
-        q_sums.append(
-            jnp.sum(lo.astype(jnp.float32), axis=1) + jnp.sum(hi.astype(jnp.float32), axis=1)
-        )
+        lo_sum = jnp.sum(lo.astype(jnp.float32), axis=1)
+        hi_sum = jnp.sum(hi.astype(jnp.float32), axis=1)
+        q_sums.append(lo_sum + (16.0 * hi_sum if f16_nibbles and not qk_int8 else hi_sum))
     # bf16 pages have no groups to split: one dot over all D channels for the logits, one
     # accumulator [BM, D] for P V (wider MMAs than two half-width ones).
     acc_width = half if quantized else head_dim
@@ -484,8 +548,10 @@ def _kernel(
         )
 
     def halves(pg, j, lim):
-        """The [block_k, g/2] K nibble halves of group j as bf16 128 + nibble (exact)."""
-        return _unpack_biased(k_bytes(pg, j, lim), fast=fast_unpack)
+        """The [block_k, g/2] K nibble halves of group j as bf16 128 + nibble (exact), or
+        with f16_nibbles as the f16 subnormals nibble * 2^-24 and 16 * nibble * 2^-24."""
+        unpack = _unpack_subnormal if f16_nibbles else _unpack_biased
+        return unpack(k_bytes(pg, j, lim), fast=fast_unpack)
 
     def v_halves(pg, j, lim):
         """The same for V, read from its transposed pages ([g/2, page] bytes per page). With
@@ -500,7 +566,8 @@ def _kernel(
             run = jnp.arange(page, dtype=jnp.int32) // _TRIM_RUN * _TRIM_RUN
             keep = jnp.broadcast_to((run < lim)[None, :], (half, page))
             byte = plgpu.load(v_ref.at[idx], mask=keep, other=0)
-        lo, hi = _unpack_biased(byte, fast=fast_unpack)  # [(ppb,) g/2, page]
+        unpack = _unpack_subnormal if f16_nibbles else _unpack_biased
+        lo, hi = unpack(byte, fast=fast_unpack)  # [(ppb,) g/2, page]
         lo, hi = jnp.swapaxes(lo, -1, -2), jnp.swapaxes(hi, -1, -2)
         if pages_per_block > 1:
             lo, hi = lo.reshape(block_k, half), hi.reshape(block_k, half)
@@ -517,9 +584,14 @@ def _kernel(
         return tuple(load(vz_ref, pg, j, slice(None)) for j in range(n_groups))
 
     log2_scale = sm_scale * _LOG2E  # softmax in base 2: exp2(logit * scale * log2(e))
+    # P V's operands: bf16 128 + nibble (the bias leaves with the zero point), or the f16
+    # subnormals of f16_nibbles (no bias)
+    v_dtype, v_bias = (jnp.float16, 0.0) if f16_nibbles else (jnp.bfloat16, _NIBBLE_BIAS)
 
     def body(blk, carry, masked=True):
-        accs, m_prev, l_prev, *vz_now = carry
+        accs, m_prev, l_prev, *rest = carry
+        if quantized:  # the V zero-point terms [BM] per group, then the V zero points
+            zaccs, *vz_now = rest
         pg = pages_of(blk)
         # masked == "keys" (one query token per tile, decode): keys >= kv_end get _MASK added
         # to their logits (a per-key [1, block_k] vector folded into the scaling's add, no
@@ -547,9 +619,11 @@ def _kernel(
         for j in range(n_groups if quantized else 0):  # INT4: per group, nibble halves
             if qk_int8:  # nibbles as int8 0..15: a mask and a shift, no float conversion
                 byte = k_bytes(pg, j, trim)
-                k_lo = (byte & jnp.uint8(0xF)).astype(jnp.int8)
-                k_hi = (byte >> jnp.uint8(4)).astype(jnp.int8)
+                k_lo, k_hi = _unpack_int8(byte, fast=fast_unpack)
                 acc_t, bias = jnp.int32, 0.0
+            elif f16_nibbles:  # f16 subnormals n 2^-24, 16 n 2^-24: no bias
+                k_lo, k_hi = halves(pg, j, trim)
+                acc_t, bias = jnp.float32, 0.0
             else:  # INT4 as 128 + nibble in bf16 (bias folded into the zero point)
                 k_lo, k_hi = halves(pg, j, trim)
                 acc_t, bias = jnp.float32, _NIBBLE_BIAS
@@ -558,38 +632,51 @@ def _kernel(
             raw = raw.astype(jnp.float32)
             s = load(ks_ref, pg, j, slice(None)).astype(jnp.float32)[None, :]
             z = load(kz_ref, pg, j, slice(None)).astype(jnp.float32)[None, :] + bias
-            # s * (raw - z * q_sum) * log2_scale as raw * a + off: a, c are per key (per row
-            # and key with int8 q) and off needs no dot, so one multiply-add follows the dots
-            # on the loop's critical path (the length mask rides in off).
+            # s * (raw - z * q_sum) * log2_scale as raw * a + off: a, c are per key and off
+            # needs no dot, so one multiply-add follows the dots on the loop's critical path
+            # (the length mask rides in off). int8 q: times its per-row scale after.
             a = s * log2_scale
-            if qk_int8:
-                a = a * q_scales[j]
             c = a * z
+            if f16_nibbles and not qk_int8:  # the dots' 2^-24
+                a = a * _SUB_SCALE
             qs = q_sums[j][:, None]
-            off = neg - qs * c if (j == 0 and neg is not None) else -(qs * c)
-            term = raw * a + off
+            mask_here = j == 0 and neg is not None
+            if qk_int8 and n_groups == 1:  # q's row scale waits for the exponent
+                term = raw * a - qs * c
+                term = term + neg if mask_here else term
+            elif qk_int8:
+                term = (raw * a - qs * c) * q_scales[j]
+                term = term + neg if mask_here else term
+            else:
+                off = neg - qs * c if mask_here else -(qs * c)
+                term = raw * a + off
             logits = term if logits is None else logits + term
         valid = None
         if masked and masked != "keys":
             key_pos = blk * block_k + jnp.arange(block_k, dtype=jnp.int32)
             valid = (key_pos[None, :] <= row_pos[:, None]) & (key_pos[None, :] < seq_len)
-        probs, corr, m_next, l_next = _online_softmax_step(logits, m_prev, l_prev, valid)
+        row_scale = q_scales[0] if qk_int8 and n_groups == 1 else None
+        probs, corr, m_next, l_next = _online_softmax_step(logits, m_prev, l_prev, valid, row_scale)
         new_accs = []
         if not quantized:
             v_all = load(v_ref, pg, slice(None), slice(None))  # [block_k, D]
             pv = jnp.dot(probs.astype(v_all.dtype), v_all, preferred_element_type=jnp.float32)
             return (accs[0] * corr[:, None] + pv,), m_next, l_next
+        new_zaccs = []
         for j in range(n_groups):
             s = load(vs_ref, pg, j, slice(None)).astype(jnp.float32)[None, :]
-            z = vz_now[j].astype(jnp.float32)[None, :] + _NIBBLE_BIAS
-            ps = (probs * s).astype(jnp.bfloat16)
+            z = vz_now[j].astype(jnp.float32)[None, :] + v_bias
+            ps = (probs * s).astype(v_dtype)
             v_lo, v_hi = v_halves(pg, j, trim)
             # Same rounded ps in the dot and in the correction: the bias cancels exactly.
-            zc = jnp.sum(ps.astype(jnp.float32) * z, axis=1)[:, None]
+            # The correction, the same for every column, is kept per row beside the
+            # accumulators and subtracted once after the loop (one multiply-add a column).
+            zc = jnp.sum(ps.astype(jnp.float32) * z, axis=1)
+            new_zaccs.append(zaccs[j] * corr + zc)
             for acc, v_half in zip(accs[2 * j : 2 * j + 2], (v_lo, v_hi)):
                 pv = jnp.dot(ps, v_half, preferred_element_type=jnp.float32)
-                new_accs.append(acc * corr[:, None] + (pv - zc))
-        return tuple(new_accs), m_next, l_next, *vz_next
+                new_accs.append(acc * corr[:, None] + pv)
+        return tuple(new_accs), m_next, l_next, tuple(new_zaccs), *vz_next
 
     n_accs = 2 * n_groups if quantized else 1
     accs0 = tuple(jnp.zeros((block_rows, acc_width), jnp.float32) for _ in range(n_accs))
@@ -601,9 +688,10 @@ def _kernel(
     n_full = jnp.clip(q_start + first_token + 1 - causal_shift, 0, seq_len) // block_k
     full_hi = jnp.clip(n_full, blk_lo, blk_hi)
     carry = (accs0, m0, l0)
-    if quantized:  # the first block's V zero points (page 0 when the split has no blocks)
+    if quantized:  # the V zero-point terms; the first block's V zero points (page 0 when
+        # the split has no blocks)
         first = jnp.where(blk_lo < blk_hi, blk_lo, 0)
-        carry += v_zeros(pages_of(first))
+        carry += (tuple(jnp.zeros_like(l0) for _ in range(n_groups)), *v_zeros(pages_of(first)))
     if one_loop:
         # Decode: each program runs ONE pipelined loop over all its blocks, masked by length
         # when its last block is partial, unmasked otherwise (the other loop has no trips).
@@ -615,12 +703,19 @@ def _kernel(
         tail = (kv_end % block_k != 0) & (blk_hi == n_blocks)
         split_at = jnp.where(tail, blk_lo, blk_hi)
         carry = jax.lax.fori_loop(blk_lo, split_at, functools.partial(body, masked=False), carry)
-        accs, m_i, l_i, *_ = jax.lax.fori_loop(
+        accs, m_i, l_i, *rest = jax.lax.fori_loop(
             split_at, blk_hi, functools.partial(body, masked="keys"), carry
         )
     else:
         carry = jax.lax.fori_loop(blk_lo, full_hi, functools.partial(body, masked=False), carry)
-        accs, m_i, l_i, *_ = jax.lax.fori_loop(full_hi, blk_hi, body, carry)
+        accs, m_i, l_i, *rest = jax.lax.fori_loop(full_hi, blk_hi, body, carry)
+    if quantized:  # each group's V zero-point term, from both of its accumulators (f16
+        # subnormal nibbles: after the dots' 2^-24, and 16x for the high halves)
+        accs = tuple(
+            (acc * (_SUB_SCALE / (16.0 if c % 2 else 1.0)) if f16_nibbles else acc)
+            - rest[0][c // 2][:, None]
+            for c, acc in enumerate(accs)
+        )
     if new_kv:  # the step's own token (position seq_len - 1), quantized here, in split 0
         accs, m_i, l_i = _new_token(
             kn_ref, vn_ref, slot_ref[b], pool_outs, accs, m_i, l_i, q_cols,
@@ -690,6 +785,7 @@ def _attend(
     q_tiled: bool = False,
     trim_tail: bool = False,
     new_kv=None,
+    f16_nibbles: bool = False,
 ):
     """Launches the kernel over grid (B, Hkv, R / block_rows, num_splits); merges splits.
     ``ring``: None or ``(ring_k, ring_v, ring_slots)``, attended as one more key block.
@@ -775,6 +871,7 @@ def _attend(
         tile_rows=block_rows if q_tiled else 0,
         trim_tail=trim_tail,
         new_kv=new_kv is not None,
+        f16_nibbles=f16_nibbles,
         interpret=interpret,
     )
     whole = pl.no_block_spec  # the kernel gets the whole array and indexes it itself
@@ -889,6 +986,12 @@ def _check_qk_int8(qk_int8: bool, kv: PagedKV) -> bool:
         # Each dot contracts half a group; int8 tensor-core MMAs take K in steps of 32.
         raise ValueError(f"qk_int8=True needs groups of >= 64 channels, got {kv.group_size}")
     return bool(qk_int8)
+
+
+def _check_f16_nibbles(f16_nibbles: bool, kv: PagedKV) -> bool:
+    if f16_nibbles and not kv.quantized:
+        raise ValueError("f16_nibbles needs an INT4 cache (this one is bf16)")
+    return bool(f16_nibbles)
 
 
 def _check_q(q, kv: PagedKV, ndim: int, what: str):
@@ -1038,6 +1141,7 @@ def paged_decode_attention(
     q_tiled: bool | None = None,
     trim_tail: bool | None = None,
     new_kv=None,
+    f16_nibbles: bool | None = None,
 ):
     """One new token per sequence attends to its cached tokens (its own K/V already written,
     or, with ``new_kv``, written by this call).
@@ -1101,6 +1205,13 @@ def paged_decode_attention(
         :func:`pallas_kernels.kv4_write.kv4_write_reference`, then this function without
         ``new_kv`` over them (the output within the kernel's bf16 tolerance, not bit for bit:
         the token's key enters in f32). Measured slower on the H200 (docs/kernels_attention.md).
+      f16_nibbles: (INT4 cache) the K and V nibbles enter the dots as f16 subnormals read
+        from their own bits (``n * 2^-24`` and, the high nibble left in place,
+        ``16 n * 2^-24``): 6 instructions per 4 bytes instead of 9, no bias to remove, the
+        2^24 restored by power-of-two scales after the dots. q (the high half divided by 16,
+        exactly) and the probabilities times V's scales enter as f16 instead of bf16: more
+        mantissa, and values below 2^-24 (6e-8) round to 0 or a subnormal. With ``qk_int8``
+        the V side only. None (default): :data:`F16_NIBBLES_DEFAULT` for INT4 caches.
 
     Returns:
       ``[B, Hq, D]`` in q's dtype (and the lse with ``return_lse``; with ``new_kv``,
@@ -1183,6 +1294,9 @@ def paged_decode_attention(
         q_tiled=q_tiled,
         trim_tail=bool(trim_tail),
         new_kv=new_kv,
+        f16_nibbles=_check_f16_nibbles(
+            F16_NIBBLES_DEFAULT and kv.quantized if f16_nibbles is None else f16_nibbles, kv
+        ),
     )
     if new_kv is not None:
         out, pools = out  # no lse (checked)

@@ -168,13 +168,9 @@ def test_paged_attention_routes_decode_only():
     assert _rel(out_f, out_r) < 1e-2
 
 
-@pytest.mark.slow
-def test_engine_decode_fused_write_in_interpret_mode(monkeypatch):
-    """`EngineConfig.decode_fused_write` on the Pallas path (interpret mode): the decode
-    steps trace the fused kernel and no separate decode write (prefill keeps the write
-    kernel, in runs of 16), and greedy tokens follow the reference engine's. As in
-    tests/test_engine.py's Pallas test: a random tiny model has near-flat logits, so the
-    first three tokens of every sequence must be equal and most tokens overall."""
+def tiny_engine_case(seed, **config):
+    """The random tiny LLaMA on the reference engine (INT4 cache; ``config`` overrides):
+    ``(model config, params, EngineConfig, prompts, greedy SamplingParams, its tokens)``."""
     from comet_jax.engine import runner as runner_mod
     from comet_jax.engine.config import EngineConfig
     from comet_jax.engine.engine import LLMEngine
@@ -187,14 +183,35 @@ def test_engine_decode_fused_write_in_interpret_mode(monkeypatch):
         max_batch=4, max_tokens_per_step=32, max_prefill_seqs=2, max_model_len=128,
         page_size=16, num_pages=24, decode_buckets=(4,), prefill_batch_buckets=(2,),
         chunk_buckets=(32,), compute_dtype="float32", kernels="reference", kv_dtype="int4",
+        **config,
     )  # fmt: skip
-    rng = np.random.default_rng(8)
+    rng = np.random.default_rng(seed)
     ps = [rng.integers(0, 320, n).tolist() for n in (5, 40, 1, 17)]
     sp = SamplingParams(max_tokens=6, temperature=0)
-    want = [
-        w["token_ids"] for w in LLMEngine.build(cfg, params, ec, progress=False).generate(ps, sp)
-    ]
+    engine = LLMEngine.build(cfg, params, ec, progress=False)
+    want = [w["token_ids"] for w in engine.generate(ps, sp)]
+    return cfg, params, ec, ps, sp, want
 
+
+def assert_follows(got, want):
+    """Greedy tokens of a kernel engine against the reference engine's: a random tiny model
+    has near-flat logits, so the first three of every sequence must be equal and most
+    tokens overall (as tests/test_engine.py's Pallas test)."""
+    assert [g[:3] for g in got] == [w[:3] for w in want]
+    same = sum(a == b for g, w in zip(got, want) for a, b in zip(g, w))
+    assert same >= 0.75 * sum(len(w) for w in want)
+
+
+@pytest.mark.slow
+def test_engine_decode_fused_write_in_interpret_mode(monkeypatch):
+    """`EngineConfig.decode_fused_write` on the Pallas path (interpret mode): the decode
+    steps trace the fused kernel and no separate decode write (prefill keeps the write
+    kernel, in runs of 16), and greedy tokens follow the reference engine's. As in
+    tests/test_engine.py's Pallas test: a random tiny model has near-flat logits, so the
+    first three tokens of every sequence must be equal and most tokens overall."""
+    from comet_jax.engine.engine import LLMEngine
+
+    cfg, params, ec, ps, sp, want = tiny_engine_case(8)
     writes, fused = [], []
     real_write, real_attn = W.kv4_write, attn.paged_decode_attention
     monkeypatch.setattr(
@@ -210,10 +227,7 @@ def test_engine_decode_fused_write_in_interpret_mode(monkeypatch):
     assert eng.runner.model.attention.decode_fused_write
     assert fused and all(fused)  # every decode layer call writes its own K/V
     assert writes and set(writes) == {16}  # the write kernel runs for prefill chunks only
-    got = [g["token_ids"] for g in eng.generate(ps, sp)]
-    assert [g[:3] for g in got] == [w[:3] for w in want]
-    same = sum(a == b for g, w in zip(got, want) for a, b in zip(g, w))
-    assert same >= 0.75 * sum(len(w) for w in want)
+    assert_follows([g["token_ids"] for g in eng.generate(ps, sp)], want)
     with pytest.raises(ValueError, match="decode_fused_write"):
         dataclasses.replace(pec, kv_recent_window=4)
 

@@ -191,6 +191,14 @@ class EngineConfig:
         the new token as one more key from registers, instead of a separate write kernel
         launched before it (`paged_decode_attention(new_kv=...)`). Prefill keeps the write
         kernel. Off by default.
+      decode_qk_int8: INT4 cache with Pallas kernels, groups of >= 64 channels: the decode
+        attention kernel rounds q to INT8 per row (symmetric, its largest channel at 127)
+        and takes the logits from int8 tensor-core dots against the K nibbles
+        (`paged_decode_attention(qk_int8=True)`). Faster (H200, 2026-11-28: 640 vs 680 us
+        per layer at the 8B engine's B = 1214) but it adds q's rounding to the logits: on
+        random data 3.9e-3 relative error against the reference vs 1.7e-3, and 3.7e-2 vs
+        1.7e-3 when 4 of q's 128 channels are 20x the rest (docs/kernels_attention.md). Off by
+        default.
       gc_freeze: at the end of start-up (compile, warm-up) run ``gc.collect()`` then
         ``gc.freeze()``: Python's full collections then skip every object alive at that point
         (the compiled steps, params, tokenizer, the modules), so that a collection during
@@ -247,6 +255,7 @@ class EngineConfig:
     kv_window_kernel: bool = True
     prefill_own_kv: bool = False
     decode_fused_write: bool = False
+    decode_qk_int8: bool = False
     gc_freeze: bool = False
     gc_full_every_steps: int = 0
 
@@ -266,6 +275,7 @@ class EngineConfig:
             "kv_window_kernel",
             "prefill_own_kv",
             "decode_fused_write",
+            "decode_qk_int8",
             "gc_freeze",
         )
         for name in bools:
@@ -320,6 +330,11 @@ class EngineConfig:
             raise ValueError(
                 f"decode_fused_write writes the pages only; with kv_recent_window={w} the "
                 "decode step also fills the rings (use one or the other)"
+            )
+        if self.decode_qk_int8 and (self.resolved_kv_dtype != "int4" or self.kv_group < 64):
+            raise ValueError(
+                "decode_qk_int8 needs the INT4 KV cache with groups of >= 64 channels (kv_dtype "
+                f"{self.resolved_kv_dtype!r}, kv_group={self.kv_group})"
             )
         if self.max_prefill_seqs > self.max_batch:
             raise ValueError(

@@ -77,6 +77,8 @@ class PagedAttention:
       attention kernel quantizes and stores the step's own K/V itself and attends them from
       registers, instead of a separate write kernel before it
       (EngineConfig.decode_fused_write).
+    decode_qk_int8: with "pallas" and an INT4 cache, decode takes its logits from int8 dots
+      of q rounded per row against the K nibbles (EngineConfig.decode_qk_int8).
     """
 
     backend: str = "reference"
@@ -86,6 +88,7 @@ class PagedAttention:
     window_kernel: bool = False
     own_kv: bool = False
     decode_fused_write: bool = False
+    decode_qk_int8: bool = False
 
     def __call__(self, q, k, v, layer_idx, state: PagedState):
         t = q.shape[1]
@@ -104,6 +107,9 @@ class PagedAttention:
             common["window_slots"] = state.window_slot
             common["window_kernel"] = self.window_kernel and self.backend == "pallas"
         if t == 1:
+            int8 = self.decode_qk_int8 and self.backend == "pallas"
+            if int8 and state.cache.config.quantized:
+                common["qk_int8"] = True
             out, cache = kv_cache.paged_attention(
                 q[:, 0],
                 k[:, 0],
