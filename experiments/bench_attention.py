@@ -585,9 +585,9 @@ def fused_write_study(key):
 
 # --nibbles-study: the dots' operand formats (tag -> paged_decode_attention kwargs)
 NIBBLE_VARIANTS = {
-    "bf16": {},
+    "bf16": dict(f16_nibbles=False),
     "f16": dict(f16_nibbles=True),
-    "int8": dict(qk_int8=True),
+    "int8": dict(qk_int8=True, f16_nibbles=False),
     "int8_f16": dict(qk_int8=True, f16_nibbles=True),
 }
 

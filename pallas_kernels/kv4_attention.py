@@ -522,7 +522,10 @@ def _kernel(
         # Sums of the rounded q the dot sees, so the zero-point term cancels exactly.
         lo_sum = jnp.sum(lo.astype(jnp.float32), axis=1)
         hi_sum = jnp.sum(hi.astype(jnp.float32), axis=1)
-        q_sums.append(lo_sum + (16.0 * hi_sum if f16_nibbles and not qk_int8 else hi_sum))
+        if f16_nibbles and not qk_int8:  # the high half's 1/16; the dots' 2^-24 (below)
+            q_sums.append((lo_sum + 16.0 * hi_sum) * (1.0 / _SUB_SCALE))
+        else:
+            q_sums.append(lo_sum + hi_sum)
     # bf16 pages have no groups to split: one dot over all D channels for the logits, one
     # accumulator [BM, D] for P V (wider MMAs than two half-width ones).
     acc_width = half if quantized else head_dim
@@ -635,10 +638,11 @@ def _kernel(
             # s * (raw - z * q_sum) * log2_scale as raw * a + off: a, c are per key and off
             # needs no dot, so one multiply-add follows the dots on the loop's critical path
             # (the length mask rides in off). int8 q: times its per-row scale after.
-            a = s * log2_scale
+            # f16 subnormals: the dots' 2^-24 comes back in a (in the constant) and leaves
+            # q_sum (there, once a program): s * (2^24 raw - z * q_sum) = a (raw - z q_sum')
+            sub = f16_nibbles and not qk_int8
+            a = s * (log2_scale * _SUB_SCALE if sub else log2_scale)
             c = a * z
-            if f16_nibbles and not qk_int8:  # the dots' 2^-24
-                a = a * _SUB_SCALE
             qs = q_sums[j][:, None]
             mask_here = j == 0 and neg is not None
             if qk_int8 and n_groups == 1:  # q's row scale waits for the exponent
@@ -666,12 +670,16 @@ def _kernel(
         for j in range(n_groups):
             s = load(vs_ref, pg, j, slice(None)).astype(jnp.float32)[None, :]
             z = vz_now[j].astype(jnp.float32)[None, :] + v_bias
-            ps = (probs * s).astype(v_dtype)
+            ps_f32 = probs * s
+            ps = ps_f32.astype(v_dtype)
             v_lo, v_hi = v_halves(pg, j, trim)
-            # Same rounded ps in the dot and in the correction: the bias cancels exactly.
-            # The correction, the same for every column, is kept per row beside the
-            # accumulators and subtracted once after the loop (one multiply-add a column).
-            zc = jnp.sum(ps.astype(jnp.float32) * z, axis=1)
+            # bf16 128 + n: the same rounded ps in the dot and in the correction, so the
+            # bias cancels exactly. f16 subnormals have no bias: the correction takes the
+            # unrounded products (no conversion back). Either way the correction, the same
+            # for every column, is kept per row beside the accumulators and subtracted once
+            # after the loop (one multiply-add a column).
+            zc_ps = ps_f32 if f16_nibbles else ps.astype(jnp.float32)
+            zc = jnp.sum(zc_ps * z, axis=1)
             new_zaccs.append(zaccs[j] * corr + zc)
             for acc, v_half in zip(accs[2 * j : 2 * j + 2], (v_lo, v_hi)):
                 pv = jnp.dot(ps, v_half, preferred_element_type=jnp.float32)
