@@ -194,11 +194,11 @@ class EngineConfig:
       decode_qk_int8: INT4 cache with Pallas kernels, groups of >= 64 channels: the decode
         attention kernel rounds q to INT8 per row (symmetric, its largest channel at 127)
         and takes the logits from int8 tensor-core dots against the K nibbles
-        (`paged_decode_attention(qk_int8=True)`). Faster (H200, 2026-11-28: 640 vs 680 us
-        per layer at the 8B engine's B = 1214) but it adds q's rounding to the logits: on
-        random data 3.9e-3 relative error against the reference vs 1.7e-3, and 3.7e-2 vs
-        1.7e-3 when 4 of q's 128 channels are 20x the rest (docs/kernels_attention.md). Off by
-        default.
+        (`paged_decode_attention(qk_int8=True)`). Faster (H200, 2026-11-28: 588-599 vs
+        666-673 us per layer at the 8B engine's B = 1214; serving 18604.0 vs 17759.2 tok/s)
+        but it adds q's rounding to the logits: 3.4e-3 relative error against the reference
+        vs 1.7e-3 on random data, 3.7e-2 vs 1.7e-3 when 4 of q's 128 channels are 20x the rest
+        (docs/kernels_attention.md). Off by default.
       gc_freeze: at the end of start-up (compile, warm-up) run ``gc.collect()`` then
         ``gc.freeze()``: Python's full collections then skip every object alive at that point
         (the compiled steps, params, tokenizer, the modules), so that a collection during
