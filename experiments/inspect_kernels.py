@@ -9,7 +9,11 @@ package where one is installed (the GPU machine has triton 3.6 beside torch) wit
 num_warps / num_stages for sm_90a, and disassembles the cubin with ``cuobjdump`` (PATH, the
 CUDA wheels, or the copy bundled with the triton wheel).
 It counts MMA kinds (wgmma = warpgroup MMA, HGMMA/IGMMA in SASS; mma.sync = warp MMA,
-HMMA/IMMA), shared-memory traffic and unpack instructions. Caveat: the triton package's
+HMMA/IMMA), shared-memory traffic and unpack instructions, and each loop's instructions per
+trip by opcode (``sass_loops``). No GPU is needed for any of it: with ``pip install
+triton==3.6.0`` (the GPU machine's version) on a CPU machine, Pallas lowers the probes to
+Triton IR there and the triton package compiles it for sm_90a and disassembles it
+(how the decode kernel's nibble formats were compared, docs/kernels_attention.md). Caveat: the triton package's
 pipeline is not byte-identical to the one inside XLA, so the counts show what Triton makes of
 this IR, not a dump of the binary that ran.
 
@@ -69,6 +73,44 @@ def count_sass(sass: str) -> dict:
     for op in SASS_OPCODES:
         out[op] = len(re.findall(rf"\b{op}(?=[.\s])", sass))
     out["mma_kinds"] = sorted(set(re.findall(r"\b((?:HGMMA|IGMMA|HMMA|IMMA)\.\S+)", sass)))
+    return out
+
+
+_SASS_LINE = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", re.MULTILINE)
+_SASS_MOVES = ("MOV", "IMAD.MOV", "IMAD.MOV.U32")
+
+
+def sass_loops(sass: str, min_body: int = 100) -> list[dict]:
+    """The loops of a SASS listing (a branch back to an earlier address, bodies of at least
+    ``min_body`` instructions), outermost first: ``{"start", "end"}`` addresses,
+    ``"instructions"`` in the body and ``"opcodes"``, the body's counts by opcode without
+    modifiers (predicates dropped; ``MOV`` / ``IMAD.MOV`` counted together as ``MOVE``): per
+    thread, one trip of the loop, what a kernel's steady state costs in issue slots."""
+    ins = [(int(a, 16), body) for a, body in _SASS_LINE.findall(sass)]
+    index = {a: i for i, (a, _) in enumerate(ins)}
+    loops = []
+    for i, (addr, body) in enumerate(ins):
+        body = re.sub(r"^@!?U?P\w+\s+", "", body)
+        target = re.search(r"0x([0-9a-f]+)", body) if body.startswith("BRA") else None
+        if target and int(target.group(1), 16) <= addr and int(target.group(1), 16) in index:
+            first = index[int(target.group(1), 16)]
+            if i - first + 1 >= min_body:
+                loops.append((first, i))
+    out = []
+    for first, last in sorted(loops, key=lambda fl: fl[0]):
+        counts: dict[str, int] = {}
+        for _, body in ins[first : last + 1]:
+            op = re.sub(r"^@!?U?P\w+\s+", "", body).split()[0]
+            op = "MOVE" if op in _SASS_MOVES else op.split(".")[0]
+            counts[op] = counts.get(op, 0) + 1
+        out.append(
+            dict(
+                start=ins[first][0],
+                end=ins[last][0],
+                instructions=last - first + 1,
+                opcodes=dict(sorted(counts.items(), key=lambda kv: -kv[1])),
+            )
+        )
     return out
 
 
@@ -219,6 +261,18 @@ def attention_probes(small: bool = False):
         fn = functools.partial(A.paged_prefill_attention, num_warps=8, **kw)
         args = (qp, kv, table, lens, jnp.full((4,), 64, jnp.int32))
         out.append((f"kv4_prefill{tag}", fn, args, 8, 2, dict(page=128, num_warps=8, **kw)))
+    # The engine's decode launch at a large grid (2 warps, 5 stages, one split, q in its own
+    # layout) by the dots' operand format (docs/kernels_attention.md): compare the loops'
+    # instruction counts (``sass_loops``).
+    for tag, kw in (
+        ("f16", {}),
+        ("bf16", dict(f16_nibbles=False)),
+        ("int8_f16", dict(qk_int8=True)),
+    ):
+        launch = dict(num_warps=2, num_stages=5, num_splits=1)
+        fn = functools.partial(A.paged_decode_attention, **launch, **kw)
+        cfg = dict(page=128, **launch, **kw)
+        out.append((f"kv4_decode_engine_{tag}", fn, (q, kv, table, lens), 2, 5, cfg))
     return out
 
 
@@ -244,6 +298,19 @@ def markdown(rows) -> str:
             )
         if "error" in r:
             lines.append(f"| {r['name']} | error: {r['error'][:120]} | | | | | | | | |")
+    loops = [
+        (r["name"], k["entry"], loop)
+        for r in rows
+        for k in r.get("kernels", [])
+        for loop in k.get("sass_loops", [])
+    ]
+    if loops:
+        lines += ["", "SASS loops (one trip, per thread; opcodes without modifiers):", ""]
+        lines += ["| probe | kernel | loop | instructions | top opcodes |", "|---|---|---|---|---|"]
+        for name, entry, loop in loops:
+            top = ", ".join(f"{op} {n}" for op, n in list(loop["opcodes"].items())[:10])
+            span = f"{loop['start']:#x}-{loop['end']:#x}"
+            lines.append(f"| {name} | {entry[:40]} | {span} | {loop['instructions']} | {top} |")
     return "\n".join(lines) + "\n"
 
 
@@ -275,6 +342,7 @@ def inspect(probes, out: pathlib.Path, arch: str) -> list[dict]:
                     if sass is not None:
                         stem.with_suffix(".sass").write_text(sass)
                         kern["sass"] = count_sass(sass)
+                        kern["sass_loops"] = sass_loops(sass)
                 row["kernels"].append(kern)
         except Exception as e:  # noqa: BLE001 - report and go on to the next probe
             row["error"] = f"{type(e).__name__}: {e!s:.300}"

@@ -75,6 +75,32 @@ def test_markdown_lists_each_kernel_and_errors():
     assert "| q | error: RuntimeError: x" in text
 
 
+LOOP_SASS = """
+        /*0100*/                   MOV R1, R2 ;
+        /*0110*/                   PRMT R3, R4, 0x4140, RZ ;
+        /*0120*/                   LOP3.LUT R3, R3, 0xf000f, RZ, 0xc0, !PT ;
+        /*0130*/                   IMAD.MOV.U32 R5, RZ, RZ, R3 ;
+        /*0140*/                   HMMA.16816.F32 R8, R4, R6, R8 ;
+        /*0150*/              @!P0 BRA 0x110 ;
+        /*0160*/                   EXIT ;
+        /*0170*/                   BRA 0x170 ;
+"""
+
+
+def test_sass_loops_counts_one_trip_by_opcode():
+    [loop] = ik.sass_loops(LOOP_SASS, min_body=3)  # the self-branch at 0x170 is 1 long
+    assert (loop["start"], loop["end"], loop["instructions"]) == (0x110, 0x150, 5)
+    assert loop["opcodes"] == {"PRMT": 1, "LOP3": 1, "MOVE": 1, "HMMA": 1, "BRA": 1}
+    assert ik.sass_loops(LOOP_SASS) == []  # shorter than the default 100
+    rows = [dict(name="p", kernels=[dict(
+        entry="k", ttgir=ik.count_ttgir(TTGIR), ptx=ik.count_ptx(PTX),
+        sass=ik.count_sass(LOOP_SASS), sass_loops=[loop],
+    )])]  # fmt: skip
+    assert "| p | k | 0x110-0x150 | 5 | PRMT 1, LOP3 1, MOVE 1, HMMA 1, BRA 1 |" in ik.markdown(
+        rows
+    )
+
+
 def test_count_ttgir():
     c = ik.count_ttgir(TTGIR)
     assert (c["warp_group_dot"], c["dot"], c["mma_v3_layouts"], c["mma_v2_layouts"]) == (1, 0, 1, 0)
@@ -91,7 +117,9 @@ def test_inspect_captures_each_kernels_triton_ir(tmp_path, monkeypatch):
     rows = ik.inspect(probes, tmp_path, "sm_90a")
     names = ["w4ax_m16_256x512", "w4ax_park_wx_m64_256x512", "w4ax_park_swap_m64_256x512"]
     names += ["kv4_decode", "kv4_prefill"]
-    assert [r["name"] for r in rows] == names + ["kv4_decode_qk_int8", "kv4_prefill_qk_int8"]
+    names += ["kv4_decode_qk_int8", "kv4_prefill_qk_int8"]
+    names += [f"kv4_decode_engine_{t}" for t in ("f16", "bf16", "int8_f16")]
+    assert [r["name"] for r in rows] == names
     assert all("error" not in r and len(r["kernels"]) == 1 for r in rows)
     int8_ir = (tmp_path / "isa" / "kv4_decode_qk_int8_kv4_paged_attention.ttir").read_text()
     assert "i8" in int8_ir and "tt.dot" in int8_ir
@@ -104,4 +132,9 @@ def test_inspect_captures_each_kernels_triton_ir(tmp_path, monkeypatch):
     assert "tt.func public @w4ax_k4_384_k8_128" in ttir and "tt.dot" in ttir
     attn_ir = (tmp_path / "isa" / "kv4_decode_kv4_paged_attention.ttir").read_text()
     assert "prmt.b32" in attn_ir  # the inline-PTX nibble unpack is in the kernel's IR
+    engine = {t: (tmp_path / "isa" / f"kv4_decode_engine_{t}_kv4_paged_attention.ttir")
+              for t in ("f16", "bf16")}  # fmt: skip
+    assert "0x00F000F0" in engine["f16"].read_text()  # the f16 subnormal masks
+    assert "0x43004300" in engine["bf16"].read_text()  # bf16 128 + n
+    assert rows[-1]["num_warps"] == 2 and rows[-1]["num_stages"] == 5
     assert rows[0]["kernels"][0]["ptx"]["wgmma"] == 2
