@@ -644,16 +644,10 @@ def _kernel(
             a = s * (log2_scale * _SUB_SCALE if sub else log2_scale)
             c = a * z
             qs = q_sums[j][:, None]
-            mask_here = j == 0 and neg is not None
-            if qk_int8 and n_groups == 1:  # q's row scale waits for the exponent
-                term = raw * a - qs * c
-                term = term + neg if mask_here else term
-            elif qk_int8:
-                term = (raw * a - qs * c) * q_scales[j]
-                term = term + neg if mask_here else term
-            else:
-                off = neg - qs * c if mask_here else -(qs * c)
-                term = raw * a + off
+            off = neg - qs * c if (j == 0 and neg is not None) else -(qs * c)
+            term = raw * a + off
+            if qk_int8 and n_groups > 1:  # one group: q's row scale waits for the exponent
+                term = term * q_scales[j]
             logits = term if logits is None else logits + term
         valid = None
         if masked and masked != "keys":

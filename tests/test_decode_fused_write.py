@@ -232,26 +232,33 @@ def test_engine_decode_fused_write_in_interpret_mode(monkeypatch):
         dataclasses.replace(pec, kv_recent_window=4)
 
 
-def test_bench_attention_fused_write_study_runs(monkeypatch, tmp_path):
-    """`bench_attention.py --fused-write` at a tiny engine shape with the kernels in
-    interpret mode: both paths' pools equal, outputs close, both timed."""
+def tiny_bench_attention(monkeypatch, tmp_path, *sections):
+    """experiments/bench_attention.py for a CPU test of a study: writing to ``tmp_path``, the
+    engine shape shrunk (3 rows of 130-300 tokens, 2 layers, layer 1), the decode kernel in
+    interpret mode, a timer that calls once and reports 1 ms, ``RESULTS[s]`` empty for each
+    of ``sections``."""
     from tests import experiment_scripts
 
     monkeypatch.setenv("OUT", str(tmp_path))
     bench = experiment_scripts.load("bench_attention")
     monkeypatch.setattr(bench, "OUT", str(tmp_path))
-    monkeypatch.setitem(bench.ENGINE_SHAPE, "batch", 3)
-    monkeypatch.setitem(bench.ENGINE_SHAPE, "seq_lo", 130)
-    monkeypatch.setitem(bench.ENGINE_SHAPE, "seq_hi", 300)
-    monkeypatch.setitem(bench.ENGINE_SHAPE, "layers", 2)
+    for k, v in dict(batch=3, seq_lo=130, seq_hi=300, layers=2, layer=1).items():
+        monkeypatch.setitem(bench.ENGINE_SHAPE, k, v)
     monkeypatch.setattr(
         attn,
         "paged_decode_attention",
         functools.partial(attn.paged_decode_attention, interpret=True),
     )
-    monkeypatch.setattr(W, "kv4_write", functools.partial(W.kv4_write, interpret=True))
     monkeypatch.setattr(bench, "bench", lambda fn, arg_sets: (fn(*arg_sets[0]), 1e-3)[1])
-    monkeypatch.setattr(bench, "RESULTS", {**bench.RESULTS, "fused_write": []})
+    monkeypatch.setattr(bench, "RESULTS", {**bench.RESULTS, **{s: [] for s in sections}})
+    return bench
+
+
+def test_bench_attention_fused_write_study_runs(monkeypatch, tmp_path):
+    """`bench_attention.py --fused-write` at a tiny engine shape with the kernels in
+    interpret mode: both paths' pools equal, outputs close, both timed."""
+    bench = tiny_bench_attention(monkeypatch, tmp_path, "fused_write")
+    monkeypatch.setattr(W, "kv4_write", functools.partial(W.kv4_write, interpret=True))
     bench.fused_write_study(jax.random.key(0))
     [row] = bench.RESULTS["fused_write"]
     assert "error" not in row, row.get("error")

@@ -23,7 +23,13 @@ import numpy as np
 import pytest
 
 from pallas_kernels import kv4_attention as attn
-from tests.test_decode_fused_write import _case, _rel, assert_follows, tiny_engine_case
+from tests.test_decode_fused_write import (
+    _case,
+    _rel,
+    assert_follows,
+    tiny_bench_attention,
+    tiny_engine_case,
+)
 
 
 def test_subnormal_unpack_is_exact():
@@ -197,21 +203,8 @@ def test_bench_attention_nibbles_study_runs(monkeypatch, tmp_path):
     """`bench_attention.py --nibbles-study` at a tiny engine shape (interpret mode): every
     format's error against the reference within 1e-2 for random q (int8 q larger with
     outlier channels, as measured), every variant timed."""
-    from tests import experiment_scripts
-
-    monkeypatch.setenv("OUT", str(tmp_path))
-    bench = experiment_scripts.load("bench_attention")
-    monkeypatch.setattr(bench, "OUT", str(tmp_path))
-    for k, v in dict(batch=3, seq_lo=130, seq_hi=300, layers=2, layer=1).items():
-        monkeypatch.setitem(bench.ENGINE_SHAPE, k, v)
+    bench = tiny_bench_attention(monkeypatch, tmp_path, "nibbles", "nibbles_decode")
     monkeypatch.setattr(bench, "STAGES_DECODE", ((2, 256),))
-    monkeypatch.setattr(
-        attn,
-        "paged_decode_attention",
-        functools.partial(attn.paged_decode_attention, interpret=True),
-    )
-    monkeypatch.setattr(bench, "bench", lambda fn, arg_sets: (fn(*arg_sets[0]), 1e-3)[1])
-    monkeypatch.setattr(bench, "RESULTS", {**bench.RESULTS, "nibbles": [], "nibbles_decode": []})
     bench.nibbles_study(jax.random.key(0))
     [row] = bench.RESULTS["nibbles"]
     assert "error" not in row, row.get("error")

@@ -107,8 +107,7 @@ class PagedAttention:
             common["window_slots"] = state.window_slot
             common["window_kernel"] = self.window_kernel and self.backend == "pallas"
         if t == 1:
-            int8 = self.decode_qk_int8 and self.backend == "pallas"
-            if int8 and state.cache.config.quantized:
+            if self.decode_qk_int8 and self.backend == "pallas" and state.cache.config.quantized:
                 common["qk_int8"] = True
             out, cache = kv_cache.paged_attention(
                 q[:, 0],
