@@ -587,15 +587,16 @@ def fused_write_study(key):
 NIBBLE_VARIANTS = {
     "bf16": dict(f16_nibbles=False),
     "f16": dict(f16_nibbles=True),
-    "int8": dict(qk_int8=True, f16_nibbles=False),
-    "int8_f16": dict(qk_int8=True, f16_nibbles=True),
+    "int8_f16": dict(qk_int8=True, q_residual=False, f16_nibbles=True),
+    "int8x2_f16": dict(qk_int8=True, q_residual=True, f16_nibbles=True),
 }
 
 
 def nibbles_study(key):
     """How the decode kernel feeds its dots (NIBBLE_VARIANTS: nibbles as bf16 128 + n, the
     format before 2026-11-28; as f16 subnormals, ``f16_nibbles``, the default since; q
-    rounded to INT8 per row against int8 K nibbles, ``qk_int8``, with either V) at the engine's shape (``--engine-batch``, 32-layer pool,
+    as INT8 per row against int8 K nibbles, ``qk_int8``, in one part or two,
+    ``q_residual``, with f16 V) at the engine's shape (``--engine-batch``, 32-layer pool,
     ragged S in [1024, 1536], layer 5). Errors against the f32 reference over the
     dequantized pages on the first 64 rows, for q ~ N(0, 1) and for q with 4 channels per
     head 20x larger (int8 q's scale follows its largest channel); then timings, each variant

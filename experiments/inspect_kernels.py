@@ -268,6 +268,7 @@ def attention_probes(small: bool = False):
         ("f16", {}),
         ("bf16", dict(f16_nibbles=False)),
         ("int8_f16", dict(qk_int8=True)),
+        ("int8x2_f16", dict(qk_int8=True, q_residual=True)),  # q as two int8 parts
     ):
         launch = dict(num_warps=2, num_stages=5, num_splits=1)
         fn = functools.partial(A.paged_decode_attention, **launch, **kw)

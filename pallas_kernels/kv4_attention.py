@@ -306,6 +306,13 @@ def _unpack_int8(byte, *, fast: bool):
     return (byte & jnp.uint8(0xF)).astype(jnp.int8), (byte >> jnp.uint8(4)).astype(jnp.int8)
 
 
+# qk_int8 with q_residual: q ~ s (hi + lo / _Q_RES), hi and lo int8; the residual of hi's
+# rounding lies in [-0.5, 0.5], so 254 of its units fill lo's [-127, 127]. The int32 sums
+# combine as 254 dot(hi, k) + dot(lo, k): |.| <= 254 * 127 * 15 * group, inside int32 for
+# groups of up to 4096 channels.
+_Q_RES = 254
+
+
 def _round_to_int8(y):
     """Round half away from zero to int8 (|y| <= 127): Pallas-Triton has no ``round``."""
     return jnp.where(y >= 0, y + 0.5, y - 0.5).astype(jnp.int32).astype(jnp.int8)
@@ -416,6 +423,7 @@ def _kernel(
     sm_scale: float,
     fast_unpack: bool,
     qk_int8: bool = False,
+    q_residual: bool = False,
     causal_shift: int = 0,
     partials: bool = False,
     ring: bool = False,
@@ -502,7 +510,7 @@ def _kernel(
     blk_hi = jnp.minimum(n_blocks, blk_lo + blocks_per_split)
 
     # q pieces: group j -> (first half, second half) of its channels, matching the nibbles.
-    q_pieces, q_sums, q_scales = [], [], []
+    q_pieces, q_sums, q_scales, q_res = [], [], [], []
     cdt = jnp.bfloat16 if quantized else q_ref.dtype
     for j in range(n_groups if quantized else 0):
         lo = q_cols(j * group, half)
@@ -511,7 +519,15 @@ def _kernel(
             lo, hi = lo.astype(jnp.float32), hi.astype(jnp.float32)
             amax = jnp.maximum(jnp.max(jnp.abs(lo), axis=1), jnp.max(jnp.abs(hi), axis=1))
             sq = jnp.where(amax > 0, amax / 127.0, 1.0)
-            lo, hi = (_round_to_int8(x / sq[:, None]) for x in (lo, hi))
+            y_lo, y_hi = lo / sq[:, None], hi / sq[:, None]
+            lo, hi = _round_to_int8(y_lo), _round_to_int8(y_hi)
+            if q_residual:  # the rounding's residual as a second int8 part, in 1/254 units
+                r_lo, r_hi = (
+                    _round_to_int8((y - x.astype(jnp.float32)) * _Q_RES)
+                    for y, x in ((y_lo, lo), (y_hi, hi))
+                )
+                q_res.append((r_lo, r_hi))
+                sq = sq * (1.0 / _Q_RES)  # the dots' sums come in the residual's units
             q_scales.append(sq[:, None])
         elif f16_nibbles:  # the high half scaled by 1/16 against the keys' 16 n
             lo = lo.astype(jnp.float16)
@@ -524,6 +540,9 @@ def _kernel(
         hi_sum = jnp.sum(hi.astype(jnp.float32), axis=1)
         if f16_nibbles and not qk_int8:  # the high half's 1/16; the dots' 2^-24 (below)
             q_sums.append((lo_sum + 16.0 * hi_sum) * (1.0 / _SUB_SCALE))
+        elif q_res:  # in the residual's units, as the combined sums
+            r_sum = sum(jnp.sum(x.astype(jnp.float32), axis=1) for x in q_res[j])
+            q_sums.append((lo_sum + hi_sum) * _Q_RES + r_sum)
         else:
             q_sums.append(lo_sum + hi_sum)
     # bf16 pages have no groups to split: one dot over all D channels for the logits, one
@@ -632,6 +651,10 @@ def _kernel(
                 acc_t, bias = jnp.float32, _NIBBLE_BIAS
             raw = jnp.dot(q_pieces[j][0], k_lo.T, preferred_element_type=acc_t)
             raw += jnp.dot(q_pieces[j][1], k_hi.T, preferred_element_type=acc_t)
+            if q_res:  # the residual part's dots on the same nibbles, exact in int32
+                raw = raw * jnp.int32(_Q_RES)
+                raw += jnp.dot(q_res[j][0], k_lo.T, preferred_element_type=jnp.int32)
+                raw += jnp.dot(q_res[j][1], k_hi.T, preferred_element_type=jnp.int32)
             raw = raw.astype(jnp.float32)
             s = load(ks_ref, pg, j, slice(None)).astype(jnp.float32)[None, :]
             z = load(kz_ref, pg, j, slice(None)).astype(jnp.float32)[None, :] + bias
@@ -779,6 +802,7 @@ def _attend(
     interpret: bool,
     unpack: str,
     qk_int8: bool = False,
+    q_residual: bool = False,
     causal_shift: int = 0,
     return_lse: bool = False,
     ring=None,
@@ -864,6 +888,7 @@ def _attend(
         sm_scale=sm_scale,
         fast_unpack=_fast_unpack(unpack, interpret),
         qk_int8=qk_int8,
+        q_residual=qk_int8 and q_residual,
         causal_shift=causal_shift,
         partials=num_splits > 1 or return_lse,
         ring=ring is not None,
@@ -988,6 +1013,12 @@ def _check_qk_int8(qk_int8: bool, kv: PagedKV) -> bool:
         # Each dot contracts half a group; int8 tensor-core MMAs take K in steps of 32.
         raise ValueError(f"qk_int8=True needs groups of >= 64 channels, got {kv.group_size}")
     return bool(qk_int8)
+
+
+def _check_bool(name: str, value) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name}={value!r} must be a bool")
+    return bool(value)
 
 
 def _check_f16_nibbles(f16_nibbles: bool, kv: PagedKV) -> bool:
@@ -1134,6 +1165,7 @@ def paged_decode_attention(
     interpret: bool = False,
     unpack: str = "auto",
     qk_int8: bool = False,
+    q_residual: bool = False,
     causal_shift: int = 0,
     return_lse: bool = False,
     ring=None,
@@ -1165,9 +1197,18 @@ def paged_decode_attention(
         to float conversions), "auto" (asm unless interpret).
       qk_int8: compute the logits on int8 tensor cores: q rounded to INT8 per row and group
         (symmetric), K nibbles used as int8 0..15 (a mask and a shift, no float conversion),
-        exact int32 sums, scales and zero points applied per key. Adds q's rounding (about
-        1/254 of the group's max |q|) to the logits; V is unchanged. INT4 caches with groups
-        of >= 64 channels only.
+        exact int32 sums, scales and zero points applied per key. V is unchanged. INT4
+        caches with groups of >= 64 channels only.
+        One INT8 part per row costs accuracy where q has a few large channels (its scale
+        follows them): 3.7e-2 relative error against the reference vs 1.7e-3 for the
+        default f16 format (H200, 2026-11-28, docs/kernels_attention.md).
+      q_residual: (with ``qk_int8``) q enters as two INT8 parts, ``q ~ s (hi + lo / 254)``:
+        a second pair of int8 dots on the same unpacked nibbles carries hi's rounding
+        residual, and the int32 sums combine exactly as ``254 hi.k + lo.k``. As accurate as
+        the f16 format (also with outlier channels) but slower than it, though its loop has
+        fewer instructions (1326 vs 1477 SASS per step, twice one part's int8 MMAs): H200
+        at the engine shape 831-839 us vs f16 676-679 and one part 603-605, presumably
+        bound by the tensor pipe. Kept for the study; off by default.
       causal_shift: attend only to keys at positions <= the query's own minus this (the
         newest ones are attended elsewhere: the bf16 recent window, `comet_jax.engine`).
       return_lse: also return the log-sum-exp of the scaled logits per row, ``[B, Hq]`` f32
@@ -1289,6 +1330,7 @@ def paged_decode_attention(
         interpret=interpret,
         unpack=unpack,
         qk_int8=_check_qk_int8(qk_int8, kv),
+        q_residual=_check_bool("q_residual", q_residual),
         causal_shift=_check_shift(causal_shift),
         return_lse=want_lse,
         ring=in_kernel,
@@ -1333,6 +1375,7 @@ def paged_prefill_attention(
     interpret: bool = False,
     unpack: str = "auto",
     qk_int8: bool = False,
+    q_residual: bool = False,
     dequantize: bool = False,
     dequantize_kernel: bool | None = None,
     causal_shift: int = 0,
@@ -1350,7 +1393,7 @@ def paged_prefill_attention(
       num_warps: default :func:`default_prefill_warps` (8 for 128-row tiles).
       num_stages: default :func:`default_stages` (bf16 or dequantized pages: 5).
       block_k: keys per loop step, as in :func:`paged_decode_attention`.
-      qk_int8: int8 logits, as in :func:`paged_decode_attention`.
+      qk_int8, q_residual: int8 logits, as in :func:`paged_decode_attention`.
       dequantize: INT4 cache only. Dequantize the pages the table names once (XLA, into a
         bf16 pool of ``B x max_pages`` pages, :func:`dequantized_pool`) and run the bf16-page
         kernel on them, instead of unpacking every page again in each of the chunk's
@@ -1422,6 +1465,7 @@ def paged_prefill_attention(
         interpret=interpret,
         unpack=unpack,
         qk_int8=_check_qk_int8(qk_int8, kv),
+        q_residual=_check_bool("q_residual", q_residual),
         causal_shift=_check_shift(causal_shift),
         return_lse=return_lse,
         q_direct=direct,

@@ -118,7 +118,7 @@ def test_inspect_captures_each_kernels_triton_ir(tmp_path, monkeypatch):
     names = ["w4ax_m16_256x512", "w4ax_park_wx_m64_256x512", "w4ax_park_swap_m64_256x512"]
     names += ["kv4_decode", "kv4_prefill"]
     names += ["kv4_decode_qk_int8", "kv4_prefill_qk_int8"]
-    names += [f"kv4_decode_engine_{t}" for t in ("f16", "bf16", "int8_f16")]
+    names += [f"kv4_decode_engine_{t}" for t in ("f16", "bf16", "int8_f16", "int8x2_f16")]
     assert [r["name"] for r in rows] == names
     assert all("error" not in r and len(r["kernels"]) == 1 for r in rows)
     int8_ir = (tmp_path / "isa" / "kv4_decode_qk_int8_kv4_paged_attention.ttir").read_text()
@@ -136,5 +136,10 @@ def test_inspect_captures_each_kernels_triton_ir(tmp_path, monkeypatch):
               for t in ("f16", "bf16")}  # fmt: skip
     assert "0x00F000F0" in engine["f16"].read_text()  # the f16 subnormal masks
     assert "0x43004300" in engine["bf16"].read_text()  # bf16 128 + n
+    # q's residual part: a second pair of int8 dots, the sums combined in int32
+    i8 = {t: (tmp_path / "isa" / f"kv4_decode_engine_{t}_kv4_paged_attention.ttir").read_text()
+          for t in ("int8_f16", "int8x2_f16")}  # fmt: skip
+    dots = {t: sum("tt.dot" in ln and "i32" in ln for ln in x.splitlines()) for t, x in i8.items()}
+    assert dots["int8x2_f16"] == 2 * dots["int8_f16"] > 0, dots
     assert rows[-1]["num_warps"] == 2 and rows[-1]["num_stages"] == 5
     assert rows[0]["kernels"][0]["ptx"]["wgmma"] == 2

@@ -198,7 +198,8 @@ class EngineConfig:
         666-673 us per layer at the 8B engine's B = 1214; serving 18604.0 vs 17759.2 tok/s)
         but it adds q's rounding to the logits: 3.4e-3 relative error against the reference
         vs 1.7e-3 on random data, 3.7e-2 vs 1.7e-3 when 4 of q's 128 channels are 20x the rest
-        (docs/kernels_attention.md). Off by default.
+        (docs/kernels_attention.md). Off by default. (q in two INT8 parts, the kernel's
+        ``q_residual``, restores the accuracy but measured slower than the default.)
       gc_freeze: at the end of start-up (compile, warm-up) run ``gc.collect()`` then
         ``gc.freeze()``: Python's full collections then skip every object alive at that point
         (the compiled steps, params, tokenizer, the modules), so that a collection during
