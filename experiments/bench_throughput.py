@@ -925,10 +925,16 @@ def parse_args(argv=None):
         "before the f16 subnormals; sets kv4_attention.F16_NIBBLES_DEFAULT off for the run)",
     )
     p.add_argument(
+        "--q-one-part",
+        action="store_true",
+        help="with --decode-qk-int8: q enters the int8 dots as one INT8 part per row (the "
+        "form before 2026-11-28 evening; sets kv4_attention.Q_RESIDUAL_DEFAULT off for the run)",
+    )
+    p.add_argument(
         "--decode-qk-int8",
         action="store_true",
-        help="W4AxKV4: decode attention rounds q to INT8 per row and takes the logits from "
-        "int8 dots (EngineConfig.decode_qk_int8; off by default)",
+        help="W4AxKV4: decode attention takes the logits from int8 dots of q (two INT8 parts "
+        "per row) and the K nibbles (EngineConfig.decode_qk_int8; off by default)",
     )
     p.add_argument(
         "--modes",
@@ -1015,7 +1021,10 @@ def _write_record(args, results) -> None:
         "device_bytes_limit": device_memory()[0],
         "args": {k: v for k, v in vars(args).items()},
         # kernel-level defaults the engine does not set (which format decode feeds its dots)
-        "kernel_defaults": {"f16_nibbles": kv4_attention.F16_NIBBLES_DEFAULT},
+        "kernel_defaults": {
+            "f16_nibbles": kv4_attention.F16_NIBBLES_DEFAULT,
+            "q_residual": kv4_attention.Q_RESIDUAL_DEFAULT,
+        },
         "results": results,
     }
     with open(args.out, "w") as f:
@@ -1031,6 +1040,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.bf16_nibbles:
         kv4_attention.F16_NIBBLES_DEFAULT = False
+    if args.q_one_part:
+        kv4_attention.Q_RESIDUAL_DEFAULT = False
     if args.compile_cache:
         from comet_jax.engine import compile_cache
 

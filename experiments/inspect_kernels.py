@@ -204,6 +204,27 @@ def disassemble_cubin(cubin: bytes) -> tuple[str | None, str]:
         return r.stdout, dis
 
 
+def resource_usage(cubin: bytes) -> dict:
+    """``{"registers", "stack", "shared"}`` per thread / kernel from ``cuobjdump
+    -res-usage`` (what ptxas allotted; the registers set how many programs fit an SM), or
+    ``{}`` without the tool."""
+    dis = _tool("cuobjdump")
+    if not dis:
+        return {}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        pathlib.Path(path).write_bytes(cubin)
+        r = subprocess.run([dis, "-res-usage", path], capture_output=True, text=True)
+    return parse_resource_usage(r.stdout)
+
+
+def parse_resource_usage(text: str) -> dict:
+    """``cuobjdump -res-usage`` text -> ``{"registers", "stack", "shared"}`` (ints)."""
+    found = dict(re.findall(r"\b(REG|STACK|SHARED):(\d+)", text))
+    names = dict(REG="registers", STACK="stack", SHARED="shared")
+    return {names[k]: int(v) for k, v in found.items()}
+
+
 def gemm_probes(small: bool = False):
     """(name, fn, args, num_warps, num_stages, config) for the W4Ax GEMM as the engine runs it."""
     import jax
@@ -267,7 +288,7 @@ def attention_probes(small: bool = False):
     for tag, kw in (
         ("f16", {}),
         ("bf16", dict(f16_nibbles=False)),
-        ("int8_f16", dict(qk_int8=True)),
+        ("int8_f16", dict(qk_int8=True, q_residual=False)),
         ("int8x2_f16", dict(qk_int8=True, q_residual=True)),  # q as two int8 parts
     ):
         launch = dict(num_warps=2, num_stages=5, num_splits=1)
@@ -300,18 +321,23 @@ def markdown(rows) -> str:
         if "error" in r:
             lines.append(f"| {r['name']} | error: {r['error'][:120]} | | | | | | | | |")
     loops = [
-        (r["name"], k["entry"], loop)
+        (r["name"], k["entry"], k.get("resources", {}).get("registers", "-"), loop)
         for r in rows
         for k in r.get("kernels", [])
         for loop in k.get("sass_loops", [])
     ]
     if loops:
         lines += ["", "SASS loops (one trip, per thread; opcodes without modifiers):", ""]
-        lines += ["| probe | kernel | loop | instructions | top opcodes |", "|---|---|---|---|---|"]
-        for name, entry, loop in loops:
+        lines += [
+            "| probe | kernel | registers | loop | instructions | top opcodes |",
+            "|---|---|---|---|---|---|",
+        ]
+        for name, entry, regs, loop in loops:
             top = ", ".join(f"{op} {n}" for op, n in list(loop["opcodes"].items())[:10])
             span = f"{loop['start']:#x}-{loop['end']:#x}"
-            lines.append(f"| {name} | {entry[:40]} | {span} | {loop['instructions']} | {top} |")
+            lines.append(
+                f"| {name} | {entry[:40]} | {regs} | {span} | {loop['instructions']} | {top} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -340,6 +366,8 @@ def inspect(probes, out: pathlib.Path, arch: str) -> list[dict]:
                     kern["ttgir"], kern["ptx"] = count_ttgir(comp["ttgir"]), count_ptx(comp["ptx"])
                     sass, how = disassemble_cubin(comp["cubin"]) if comp["cubin"] else (None, "-")
                     kern["sass_tool"] = how
+                    if comp["cubin"]:
+                        kern["resources"] = resource_usage(comp["cubin"])
                     if sass is not None:
                         stem.with_suffix(".sass").write_text(sass)
                         kern["sass"] = count_sass(sass)

@@ -61,6 +61,25 @@ STALLS = (
 STALL_METRICS = [f"smsp__average_warps_issue_stalled_{s}_per_issue_active.ratio" for s in STALLS]
 SECTIONS = ("SpeedOfLight", "Occupancy", "LaunchStats", "SchedulerStats", "WarpStateStats")
 EXTRA_METRICS = ["smsp__inst_executed.sum", "dram__bytes_read.sum", "dram__bytes_write.sum"]
+# The tensor pipes' busy share (is a kernel bound by its MMAs?): asked for only where this
+# ncu knows the name (``ncu --query-metrics``; the names differ across chips and versions).
+TENSOR_METRICS = [
+    "sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active",
+    "sm__pipe_tensor_op_imma_cycles_active.avg.pct_of_peak_sustained_active",
+    "sm__pipe_tensor_cycles_active.avg.pct_of_peak_sustained_active",
+    "sm__inst_executed_pipe_tensor_op_hmma.sum",
+    "sm__inst_executed_pipe_tensor_op_imma.sum",
+]
+
+
+def known_metrics(ncu: str, wanted: list[str]) -> list[str]:
+    """The names of ``wanted`` whose base metric ``ncu --query-metrics`` lists (the device's
+    chip)."""
+    out = subprocess.run([ncu, "--query-metrics"], capture_output=True, text=True).stdout
+    bases = {ln.split()[0] for ln in out.splitlines() if ln.strip()}
+    return [m for m in wanted if m.split(".")[0] in bases]
+
+
 # What the summary keeps from the sections, by ncu's metric names in the details page.
 KEEP = {
     "Duration": "duration",
@@ -156,9 +175,10 @@ def _engine(variant: str):
     rng = np.random.default_rng(0)
     table = rng.permutation(pages)[: EB * mp].reshape(EB, mp).astype(np.int32)
     lens = rng.integers(E_LO, E_HI + 1, EB).astype(np.int32)
-    if variant == "decode_engine":
+    if variant.startswith("decode_engine"):
         q = jax.random.normal(jax.random.fold_in(key, 1), (EB, HQ, D), jnp.bfloat16)
-        fn = jax.jit(functools.partial(A.paged_decode_attention, layer=E_LAYER))
+        kw = ENGINE_DECODE_KWARGS[variant]
+        fn = jax.jit(functools.partial(A.paged_decode_attention, layer=E_LAYER, **kw))
         args = (q, kv, jnp.asarray(table), jnp.asarray(lens))
     else:  # the newest token of each sequence: its page and offset
         from comet_jax.engine.kv_cache import slot_mapping_from_positions
@@ -208,6 +228,13 @@ def _act_quant(variant: str):
     return lambda: compiled(*args)
 
 
+# the engine-shaped decode call by how its dots are fed (docs/kernels_attention.md)
+ENGINE_DECODE_KWARGS = {
+    "decode_engine": {},  # the default (f16 nibbles)
+    "decode_engine_qk_int8": dict(qk_int8=True, q_residual=False),
+    "decode_engine_qk_int8x2": dict(qk_int8=True, q_residual=True),
+}
+
 VARIANTS = {
     "decode_int4": _decode,  # the default path (2 warps at this grid)
     "decode_int4_w4": _decode,
@@ -215,6 +242,8 @@ VARIANTS = {
     "prefill_kv4": _prefill,  # dequantized pool + bf16-page kernel (the dequant pass too)
     "prefill_mha": _prefill,
     "decode_engine": _engine,
+    "decode_engine_qk_int8": _engine,
+    "decode_engine_qk_int8x2": _engine,
     "write_engine": _engine,
     "act_quant_swiglu": _act_quant,
     "act_quant_norm": _act_quant,
@@ -253,7 +282,7 @@ def parse(csv_text: str, names):
                 d["duration_unit"] = unit
         elif name.startswith("smsp__average_warps_issue_stalled_"):
             d["stall_" + name.split("stalled_")[1].split("_per_issue")[0]] = val
-        elif name in EXTRA_METRICS:
+        elif name in EXTRA_METRICS or name in TENSOR_METRICS:
             d[name] = val
     out = [launches[i] for i in sorted(launches)]
     # Map launches to variants: the kernels of each variant come in launch order; prefill_kv4
@@ -300,7 +329,14 @@ def markdown(meta, launches):
         f"warps {d.get('limit_warps')}; dyn smem {d.get('dyn_smem')}; grid {d.get('grid')}"
         for d in launches
     ]
-    return "\n".join(lines + [""] + limits) + "\n"
+    tensor = [
+        f"{d.get('variant')}: " + ", ".join(f"{m} {d[m]:.4g}" for m in TENSOR_METRICS if m in d)
+        for d in launches
+        if any(m in d for m in TENSOR_METRICS)
+    ]
+    if tensor:
+        tensor = ["", "Tensor pipes:", ""] + [f"- {t}" for t in tensor]
+    return "\n".join(lines + [""] + limits + tensor) + "\n"
 
 
 def main():
@@ -320,7 +356,8 @@ def main():
     if ncu is None:
         raise SystemExit("ncu (Nsight Compute) is not on the PATH")
     cmd = [ncu, "--clock-control", "none", "--kernel-name", KERNEL_REGEX, "--csv",
-           "--page", "details", "--metrics", ",".join(STALL_METRICS + EXTRA_METRICS)]  # fmt: skip
+           "--page", "details", "--metrics",
+           ",".join(STALL_METRICS + EXTRA_METRICS + known_metrics(ncu, TENSOR_METRICS))]  # fmt: skip
     for s in SECTIONS:
         cmd += ["--section", s]
     cmd += [sys.executable, os.path.abspath(__file__), "--child", "--variants", ",".join(names)]

@@ -311,6 +311,12 @@ def _unpack_int8(byte, *, fast: bool):
 # combine as 254 dot(hi, k) + dot(lo, k): |.| <= 254 * 127 * 15 * group, inside int32 for
 # groups of up to 4096 channels.
 _Q_RES = 254
+# q_residual in the decode tile's spare rows (q_tiled, 16 rows, hg | 8): rows 8-15 are copies
+# of rows 0-7, so they take the residual part and one pair of dots gives both sums.
+Q_RESIDUAL_ROWS = True
+# paged_*_attention(q_residual=None) with qk_int8: two parts (in decode tiles with spare rows
+# as fast as one part: H200, 2026-11-28, docs/kernels_attention.md)
+Q_RESIDUAL_DEFAULT = True
 
 
 def _round_to_int8(y):
@@ -424,6 +430,7 @@ def _kernel(
     fast_unpack: bool,
     qk_int8: bool = False,
     q_residual: bool = False,
+    q_res_rows: bool = False,
     causal_shift: int = 0,
     partials: bool = False,
     ring: bool = False,
@@ -470,6 +477,15 @@ def _kernel(
 
         def store_o(start, val):  # the copies of a row hold the same bits: any may land
             o_ref[rid, cols(start, val.shape[1])] = val
+    elif q_res_rows:  # decode rows [hg_pad real + padding]: read rows r % 8 (copies)
+        block_rows, head_dim = q_ref.shape
+        rid8 = (jnp.arange(block_rows, dtype=jnp.int32) % (block_rows // 2))[:, None]
+
+        def q_cols(start, size):
+            return q_ref[rid8, (start + jnp.arange(size, dtype=jnp.int32))[None, :]]
+
+        def store_o(start, val):
+            o_ref[:, pl.ds(start, val.shape[1])] = val
     else:
         block_rows, head_dim = q_ref.shape
 
@@ -545,6 +561,9 @@ def _kernel(
             q_sums.append((lo_sum + hi_sum) * _Q_RES + r_sum)
         else:
             q_sums.append(lo_sum + hi_sum)
+        if q_res_rows:  # rows 8-15 (copies of 0-7) carry the residual part instead
+            low_rows = (jnp.arange(block_rows, dtype=jnp.int32) < block_rows // 2)[:, None]
+            q_pieces[j] = tuple(jnp.where(low_rows, x, r) for x, r in zip((lo, hi), q_res[j]))
     # bf16 pages have no groups to split: one dot over all D channels for the logits, one
     # accumulator [BM, D] for P V (wider MMAs than two half-width ones).
     acc_width = half if quantized else head_dim
@@ -651,7 +670,11 @@ def _kernel(
                 acc_t, bias = jnp.float32, _NIBBLE_BIAS
             raw = jnp.dot(q_pieces[j][0], k_lo.T, preferred_element_type=acc_t)
             raw += jnp.dot(q_pieces[j][1], k_hi.T, preferred_element_type=acc_t)
-            if q_res:  # the residual part's dots on the same nibbles, exact in int32
+            if q_res_rows:  # row r + 8 holds row r's residual sums: combine, copy back
+                top, bottom = jnp.split(raw, 2, axis=0)
+                comb = top * jnp.int32(_Q_RES) + bottom
+                raw = jnp.broadcast_to(comb[None], (2, *comb.shape)).reshape(raw.shape)
+            elif q_res:  # the residual part's dots on the same nibbles, exact in int32
                 raw = raw * jnp.int32(_Q_RES)
                 raw += jnp.dot(q_res[j][0], k_lo.T, preferred_element_type=jnp.int32)
                 raw += jnp.dot(q_res[j][1], k_hi.T, preferred_element_type=jnp.int32)
@@ -889,6 +912,13 @@ def _attend(
         fast_unpack=_fast_unpack(unpack, interpret),
         qk_int8=qk_int8,
         q_residual=qk_int8 and q_residual,
+        q_res_rows=bool(
+            Q_RESIDUAL_ROWS
+            and qk_int8
+            and q_residual
+            and _spare_rows(block_rows, hg_pad, rows)
+            and (q_tiled or (one_loop and not q_direct))
+        ),  # fmt: skip
         causal_shift=causal_shift,
         partials=num_splits > 1 or return_lse,
         ring=ring is not None,
@@ -990,6 +1020,12 @@ def _attend_result(outs, q_rows, q_direct, q_tiled, num_splits, return_lse):
         return out
     lse = jnp.where(l_sum > 0, m_max[:, :, 0] + jnp.log(jnp.where(l_sum > 0, l_sum, 1.0)), -jnp.inf)
     return out, lse
+
+
+def _spare_rows(block_rows: int, hg_pad: int, rows: int) -> bool:
+    """A decode tile of 16 rows whose GQA group fits 8 of them (one query token): rows 8-15
+    are copies or padding, free to carry q's residual part (``Q_RESIDUAL_ROWS``)."""
+    return block_rows == 16 and hg_pad <= 8 and rows == block_rows
 
 
 def _trim_applies(kv: PagedKV, one_loop: bool, block_k: int) -> bool:
@@ -1165,7 +1201,7 @@ def paged_decode_attention(
     interpret: bool = False,
     unpack: str = "auto",
     qk_int8: bool = False,
-    q_residual: bool = False,
+    q_residual: bool | None = None,
     causal_shift: int = 0,
     return_lse: bool = False,
     ring=None,
@@ -1199,16 +1235,15 @@ def paged_decode_attention(
         (symmetric), K nibbles used as int8 0..15 (a mask and a shift, no float conversion),
         exact int32 sums, scales and zero points applied per key. V is unchanged. INT4
         caches with groups of >= 64 channels only.
-        One INT8 part per row costs accuracy where q has a few large channels (its scale
-        follows them): 3.7e-2 relative error against the reference vs 1.7e-3 for the
-        default f16 format (H200, 2026-11-28, docs/kernels_attention.md).
-      q_residual: (with ``qk_int8``) q enters as two INT8 parts, ``q ~ s (hi + lo / 254)``:
-        a second pair of int8 dots on the same unpacked nibbles carries hi's rounding
-        residual, and the int32 sums combine exactly as ``254 hi.k + lo.k``. As accurate as
-        the f16 format (also with outlier channels) but slower than it, though its loop has
-        fewer instructions (1326 vs 1477 SASS per step, twice one part's int8 MMAs): H200
-        at the engine shape 831-839 us vs f16 676-679 and one part 603-605, presumably
-        bound by the tensor pipe. Kept for the study; off by default.
+      q_residual: (with ``qk_int8``) q enters as two INT8 parts, ``q ~ s (hi + lo / 254)``,
+        lo the rounding residual of hi; the int32 sums combine exactly as
+        ``254 hi.k + lo.k``. In a decode tile of 16 rows whose GQA group fits 8 (rows 8-15
+        are copies or padding) the residual part takes rows 8-15 and the same dots give
+        both sums (``Q_RESIDUAL_ROWS``); elsewhere (prefill, larger groups) a second pair
+        of dots does. Error against the reference as the f16 format's (1.7e-3, also with
+        4 of 128 channels 20x the rest, where one part has 3.7e-2: H200, 2026-11-28,
+        docs/kernels_attention.md). None (default): :data:`Q_RESIDUAL_DEFAULT` (on);
+        False: one part.
       causal_shift: attend only to keys at positions <= the query's own minus this (the
         newest ones are attended elsewhere: the bf16 recent window, `comet_jax.engine`).
       return_lse: also return the log-sum-exp of the scaled logits per row, ``[B, Hq]`` f32
@@ -1330,7 +1365,9 @@ def paged_decode_attention(
         interpret=interpret,
         unpack=unpack,
         qk_int8=_check_qk_int8(qk_int8, kv),
-        q_residual=_check_bool("q_residual", q_residual),
+        q_residual=_check_bool(
+            "q_residual", Q_RESIDUAL_DEFAULT if q_residual is None else q_residual
+        ),
         causal_shift=_check_shift(causal_shift),
         return_lse=want_lse,
         ring=in_kernel,
@@ -1375,7 +1412,7 @@ def paged_prefill_attention(
     interpret: bool = False,
     unpack: str = "auto",
     qk_int8: bool = False,
-    q_residual: bool = False,
+    q_residual: bool | None = None,
     dequantize: bool = False,
     dequantize_kernel: bool | None = None,
     causal_shift: int = 0,
@@ -1465,7 +1502,9 @@ def paged_prefill_attention(
         interpret=interpret,
         unpack=unpack,
         qk_int8=_check_qk_int8(qk_int8, kv),
-        q_residual=_check_bool("q_residual", q_residual),
+        q_residual=_check_bool(
+            "q_residual", Q_RESIDUAL_DEFAULT if q_residual is None else q_residual
+        ),
         causal_shift=_check_shift(causal_shift),
         return_lse=return_lse,
         q_direct=direct,

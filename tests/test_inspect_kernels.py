@@ -94,11 +94,19 @@ def test_sass_loops_counts_one_trip_by_opcode():
     assert ik.sass_loops(LOOP_SASS) == []  # shorter than the default 100
     rows = [dict(name="p", kernels=[dict(
         entry="k", ttgir=ik.count_ttgir(TTGIR), ptx=ik.count_ptx(PTX),
-        sass=ik.count_sass(LOOP_SASS), sass_loops=[loop],
+        sass=ik.count_sass(LOOP_SASS), sass_loops=[loop], resources=dict(registers=168),
     )])]  # fmt: skip
-    assert "| p | k | 0x110-0x150 | 5 | PRMT 1, LOP3 1, MOVE 1, HMMA 1, BRA 1 |" in ik.markdown(
-        rows
+    md = ik.markdown(rows)
+    assert "| p | k | 168 | 0x110-0x150 | 5 | PRMT 1, LOP3 1, MOVE 1, HMMA 1, BRA 1 |" in md
+
+
+def test_resource_usage_parses_cuobjdump():
+    text = (
+        "Resource usage:\n Function kv4_paged_attention:\n"
+        "  REG:221 STACK:0 SHARED:0 LOCAL:0 CONSTANT[0]:904 TEXTURE:0 SURFACE:0 SAMPLER:0\n"
     )
+    assert ik.parse_resource_usage(text) == dict(registers=221, stack=0, shared=0)
+    assert ik.parse_resource_usage("") == {}
 
 
 def test_count_ttgir():
@@ -136,10 +144,12 @@ def test_inspect_captures_each_kernels_triton_ir(tmp_path, monkeypatch):
               for t in ("f16", "bf16")}  # fmt: skip
     assert "0x00F000F0" in engine["f16"].read_text()  # the f16 subnormal masks
     assert "0x43004300" in engine["bf16"].read_text()  # bf16 128 + n
-    # q's residual part: a second pair of int8 dots, the sums combined in int32
+    # q's residual part in the tile's rows 8-15: as many int8 dots as one part, the two
+    # halves of their sums split apart and combined in int32
     i8 = {t: (tmp_path / "isa" / f"kv4_decode_engine_{t}_kv4_paged_attention.ttir").read_text()
           for t in ("int8_f16", "int8x2_f16")}  # fmt: skip
     dots = {t: sum("tt.dot" in ln and "i32" in ln for ln in x.splitlines()) for t, x in i8.items()}
-    assert dots["int8x2_f16"] == 2 * dots["int8_f16"] > 0, dots
+    assert dots["int8x2_f16"] == dots["int8_f16"] > 0, dots
+    assert "tt.split" in i8["int8x2_f16"] and "tt.split" not in i8["int8_f16"]
     assert rows[-1]["num_warps"] == 2 and rows[-1]["num_stages"] == 5
     assert rows[0]["kernels"][0]["ptx"]["wgmma"] == 2

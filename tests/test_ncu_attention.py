@@ -58,3 +58,27 @@ def test_parse_and_cli_reject_bad_input(monkeypatch):
     monkeypatch.setattr(N.shutil, "which", lambda name: None)
     with pytest.raises(SystemExit, match="ncu .* is not on the PATH"):
         N.main()
+
+
+def test_tensor_pipe_metrics_asked_for_only_where_known_and_reported(tmp_path):
+    """The tensor metrics go on ncu's command line only if ``ncu --query-metrics`` lists
+    their base names (a fake ncu here), and come back in the row and the markdown."""
+    fake = tmp_path / "ncu"
+    fake.write_text(
+        "#!/bin/sh\necho 'Device NVIDIA H200'\necho 'Metric Name  Metric Description'\n"
+        "echo 'sm__pipe_tensor_op_hmma_cycles_active  # of cycles where HMMA pipe was active'\n"
+        "echo 'sm__inst_executed_pipe_tensor_op_imma  # of IMMA instructions'\n"
+    )
+    fake.chmod(0o755)
+    got = N.known_metrics(str(fake), N.TENSOR_METRICS)
+    assert got == [
+        "sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active",
+        "sm__inst_executed_pipe_tensor_op_imma.sum",
+    ]
+    hmma = got[0]
+    text = _csv([("0", "7", "kv4_paged_attention(...)", "cmd", hmma, "%", "61.5")])
+    [row] = N.parse(text, ["decode_engine_qk_int8x2"])
+    assert row[hmma] == 61.5 and row["variant"] == "decode_engine_qk_int8x2"
+    assert f"- decode_engine_qk_int8x2: {hmma} 61.5" in N.markdown({"date": "x"}, [row])
+    assert N.ENGINE_DECODE_KWARGS["decode_engine_qk_int8x2"] == dict(qk_int8=True, q_residual=True)
+    assert set(N.ENGINE_DECODE_KWARGS) <= set(N.VARIANTS)

@@ -192,14 +192,13 @@ class EngineConfig:
         launched before it (`paged_decode_attention(new_kv=...)`). Prefill keeps the write
         kernel. Off by default.
       decode_qk_int8: INT4 cache with Pallas kernels, groups of >= 64 channels: the decode
-        attention kernel rounds q to INT8 per row (symmetric, its largest channel at 127)
-        and takes the logits from int8 tensor-core dots against the K nibbles
-        (`paged_decode_attention(qk_int8=True)`). Faster (H200, 2026-11-28: 588-599 vs
-        666-673 us per layer at the 8B engine's B = 1214; serving 18604.0 vs 17759.2 tok/s)
-        but it adds q's rounding to the logits: 3.4e-3 relative error against the reference
-        vs 1.7e-3 on random data, 3.7e-2 vs 1.7e-3 when 4 of q's 128 channels are 20x the rest
-        (docs/kernels_attention.md). Off by default. (q in two INT8 parts, the kernel's
-        ``q_residual``, restores the accuracy but measured slower than the default.)
+        attention kernel takes the logits from int8 tensor-core dots of q against the K
+        nibbles (`paged_decode_attention(qk_int8=True)`), q as two INT8 parts per row (the
+        rounding's residual in the tile's spare rows: `q_residual`), so its error against
+        the reference is the default f16 path's (1.7e-3, also when 4 of q's 128 channels
+        are 20x the rest; one part had 3.7e-2). Faster: serving 18883.8 vs 18019.3 tok/s
+        (H200, 2026-11-28, same machine, docs/kernels_attention.md). Off by default: it is
+        not yet measured on the H100 nor at small batches with flash-decoding splits.
       gc_freeze: at the end of start-up (compile, warm-up) run ``gc.collect()`` then
         ``gc.freeze()``: Python's full collections then skip every object alive at that point
         (the compiled steps, params, tokenizer, the modules), so that a collection during

@@ -78,7 +78,7 @@ class PagedAttention:
       registers, instead of a separate write kernel before it
       (EngineConfig.decode_fused_write).
     decode_qk_int8: with "pallas" and an INT4 cache, decode takes its logits from int8 dots
-      of q rounded per row against the K nibbles (EngineConfig.decode_qk_int8).
+      of q (two INT8 parts per row) against the K nibbles (EngineConfig.decode_qk_int8).
     """
 
     backend: str = "reference"
