@@ -469,9 +469,9 @@ def _common(p: argparse.ArgumentParser, engine: bool = True) -> None:
         "--decode_qk_int8",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="INT4 cache, Pallas kernels: decode attention takes the logits from int8 dots of "
-        "q (two INT8 parts per row: as accurate as the default) and the K nibbles (faster; "
-        "default off)",
+        help="INT4 cache (groups >= 64), Pallas kernels: decode attention takes the logits from "
+        "int8 dots of q (two INT8 parts per row) and the K nibbles (default on there; "
+        "--no-decode_qk_int8: f16 nibbles, slower, the same accuracy)",
     )
     g.add_argument(
         "--compute_dtype",

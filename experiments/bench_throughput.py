@@ -532,7 +532,7 @@ def bench_precision(args, model_config, precision: str) -> list[dict]:
         kv_window_kernel=args.kv_window_kernel,
         prefill_own_kv=args.prefill_own_kv,
         decode_fused_write=args.decode_fused_write,
-        decode_qk_int8=args.decode_qk_int8 and precision == "w4axkv4",
+        decode_qk_int8=args.decode_qk_int8 if precision == "w4axkv4" else None,
         kv_recent_window=args.kv_recent_window if precision == "w4axkv4" else 0,
         gc_freeze=args.gc_freeze,
         gc_full_every_steps=args.gc_full_every_steps,
@@ -932,9 +932,11 @@ def parse_args(argv=None):
     )
     p.add_argument(
         "--decode-qk-int8",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=None,
         help="W4AxKV4: decode attention takes the logits from int8 dots of q (two INT8 parts "
-        "per row) and the K nibbles (EngineConfig.decode_qk_int8; off by default)",
+        "per row) and the K nibbles (EngineConfig.decode_qk_int8; default: on for the INT4 "
+        "cache; --no-decode-qk-int8: the f16-nibble logits)",
     )
     p.add_argument(
         "--modes",

@@ -311,8 +311,9 @@ def _unpack_int8(byte, *, fast: bool):
 # combine as 254 dot(hi, k) + dot(lo, k): |.| <= 254 * 127 * 15 * group, inside int32 for
 # groups of up to 4096 channels.
 _Q_RES = 254
-# q_residual in the decode tile's spare rows (q_tiled, 16 rows, hg | 8): rows 8-15 are copies
-# of rows 0-7, so they take the residual part and one pair of dots gives both sums.
+# q_residual in the decode tile's spare rows (16 rows, the GQA group padded to <= 8): rows 8-15
+# are copies or padding, read as copies of rows 0-7, so they take the residual part and one
+# pair of dots gives both sums (`_spare_rows`).
 Q_RESIDUAL_ROWS = True
 # paged_*_attention(q_residual=None) with qk_int8: two parts (in decode tiles with spare rows
 # as fast as one part: H200, 2026-11-28, docs/kernels_attention.md)
@@ -918,7 +919,7 @@ def _attend(
             and q_residual
             and _spare_rows(block_rows, hg_pad, rows)
             and (q_tiled or (one_loop and not q_direct))
-        ),  # fmt: skip
+        ),
         causal_shift=causal_shift,
         partials=num_splits > 1 or return_lse,
         ring=ring is not None,

@@ -227,14 +227,28 @@ def test_engine_decode_qk_int8_config_errors():
         EngineConfig(kv_dtype="bf16", decode_qk_int8=True)
     with pytest.raises(ValueError, match="decode_qk_int8 needs the INT4 KV cache"):
         EngineConfig(kv_dtype="int4", kv_group=32, decode_qk_int8=True)
-    with pytest.raises(ValueError, match="decode_qk_int8=1 must be a bool"):
+    with pytest.raises(ValueError, match="decode_qk_int8=1 must be a bool or None"):
         EngineConfig(kv_dtype="int4", decode_qk_int8=1)
+
+
+def test_engine_decode_qk_int8_default_resolves_where_it_applies():
+    """None (default): the int8 logits wherever the INT4 cache has groups of >= 64 channels;
+    elsewhere off without an error; an explicit False keeps the f16-nibble logits."""
+    from comet_jax.engine.config import EngineConfig
+
+    assert EngineConfig().decode_qk_int8 is None
+    assert EngineConfig(precision="w4axkv4").resolved_decode_qk_int8
+    assert EngineConfig(kv_dtype="int4", kv_group=64).resolved_decode_qk_int8
+    assert not EngineConfig(kv_dtype="int4", kv_group=32).resolved_decode_qk_int8
+    assert not EngineConfig(precision="bf16").resolved_decode_qk_int8
+    assert not EngineConfig(precision="w4axkv4", decode_qk_int8=False).resolved_decode_qk_int8
 
 
 @pytest.mark.slow
 def test_engine_decode_qk_int8_in_interpret_mode(monkeypatch):
-    """`EngineConfig.decode_qk_int8` on the Pallas path (interpret mode): every decode
-    attention call gets ``qk_int8=True`` (prefill none), and greedy tokens follow the
+    """`EngineConfig.decode_qk_int8` left at its default on the Pallas path (interpret
+    mode, an INT4 cache with 64-channel groups): every decode attention call gets
+    ``qk_int8=True`` (prefill none), and greedy tokens follow the
     reference engine's (as in tests/test_decode_fused_write.py: the first three of every
     sequence equal, most tokens overall)."""
     from comet_jax.engine.engine import LLMEngine
@@ -248,7 +262,8 @@ def test_engine_decode_qk_int8_in_interpret_mode(monkeypatch):
     monkeypatch.setattr(
         attn, "paged_prefill_attention", lambda *a, **k: prefill_kw.append(k) or real_pre(*a, **k)
     )
-    pec = dataclasses.replace(ec, kernels="pallas", interpret=True, decode_qk_int8=True)
+    pec = dataclasses.replace(ec, kernels="pallas", interpret=True)
+    assert pec.decode_qk_int8 is None and pec.resolved_decode_qk_int8
     eng = LLMEngine.build(cfg, params, pec, progress=False)
     assert eng.runner.model.attention.decode_qk_int8
     assert decode_kw and all(k.get("qk_int8") is True for k in decode_kw)

@@ -195,10 +195,11 @@ class EngineConfig:
         attention kernel takes the logits from int8 tensor-core dots of q against the K
         nibbles (`paged_decode_attention(qk_int8=True)`), q as two INT8 parts per row (the
         rounding's residual in the tile's spare rows: `q_residual`), so its error against
-        the reference is the default f16 path's (1.7e-3, also when 4 of q's 128 channels
-        are 20x the rest; one part had 3.7e-2). Faster: serving 18883.8 vs 18019.3 tok/s
-        (H200, 2026-11-28, same machine, docs/kernels_attention.md). Off by default: it is
-        not yet measured on the H100 nor at small batches with flash-decoding splits.
+        the reference is the f16-nibble path's (1.7e-3, also when 4 of q's 128 channels are
+        20x the rest; one part had 3.7e-2). Faster: serving 18883.8 vs 18019.3 tok/s (H200,
+        2026-11-28, same machine; B = 16, S = 16384 with flash-decoding splits 143.6-145.0
+        vs 149.6-150.9 us; docs/kernels_attention.md). None (default): on where it applies
+        (:attr:`resolved_decode_qk_int8`); False: the f16-nibble logits.
       gc_freeze: at the end of start-up (compile, warm-up) run ``gc.collect()`` then
         ``gc.freeze()``: Python's full collections then skip every object alive at that point
         (the compiled steps, params, tokenizer, the modules), so that a collection during
@@ -255,7 +256,7 @@ class EngineConfig:
     kv_window_kernel: bool = True
     prefill_own_kv: bool = False
     decode_fused_write: bool = False
-    decode_qk_int8: bool = False
+    decode_qk_int8: bool | None = None
     gc_freeze: bool = False
     gc_full_every_steps: int = 0
 
@@ -275,12 +276,13 @@ class EngineConfig:
             "kv_window_kernel",
             "prefill_own_kv",
             "decode_fused_write",
-            "decode_qk_int8",
             "gc_freeze",
         )
         for name in bools:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be a bool")
+        if self.decode_qk_int8 is not None and not isinstance(self.decode_qk_int8, bool):
+            raise ValueError(f"decode_qk_int8={self.decode_qk_int8!r} must be a bool or None")
         n = self.gc_full_every_steps
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ValueError(f"gc_full_every_steps={n!r} must be an int >= 0 (0: Python's own)")
@@ -365,6 +367,14 @@ class EngineConfig:
                     f"prefill batch bucket {self.prefill_batch_bucket_list[0]} x "
                     f"max_tokens_per_step {self.max_tokens_per_step} = {need}"
                 )
+
+    @property
+    def resolved_decode_qk_int8(self) -> bool:
+        """``decode_qk_int8``, None resolved: on for the INT4 cache with groups of >= 64
+        channels (the decode kernel's int8 logits), off otherwise."""
+        if self.decode_qk_int8 is not None:
+            return self.decode_qk_int8
+        return self.resolved_kv_dtype == "int4" and self.kv_group >= 64
 
     @property
     def resolved_kv_dtype(self) -> str:

@@ -210,7 +210,7 @@ class LLMEngine:
                 config.kv_write_kernel,
                 config.kv_window_kernel,
                 decode_fused_write=config.decode_fused_write,
-                decode_qk_int8=config.decode_qk_int8,
+                decode_qk_int8=config.resolved_decode_qk_int8,
             ),
             dtype=dtype,
             param_dtype=dtype,
