@@ -190,32 +190,33 @@ def compile_ttir(ttir: str, num_warps: int, num_stages: int, arch: str) -> dict:
         )
 
 
-def disassemble_cubin(cubin: bytes) -> tuple[str | None, str]:
-    """(SASS text or None, the tool used or why there is none)."""
+def _cuobjdump(cubin: bytes, flag: str):
+    """``cuobjdump FLAG`` on ``cubin`` -> (CompletedProcess or None, the tool or why none)."""
     dis = _tool("cuobjdump")
     if not dis:
         return None, "no cuobjdump"
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "k.cubin")
         pathlib.Path(path).write_bytes(cubin)
-        r = subprocess.run([dis, "-sass", path], capture_output=True, text=True)
-        if r.returncode:
-            return None, f"cuobjdump failed: {r.stderr[:300]}"
-        return r.stdout, dis
+        return subprocess.run([dis, flag, path], capture_output=True, text=True), dis
+
+
+def disassemble_cubin(cubin: bytes) -> tuple[str | None, str]:
+    """(SASS text or None, the tool used or why there is none)."""
+    r, how = _cuobjdump(cubin, "-sass")
+    if r is None:
+        return None, how
+    if r.returncode:
+        return None, f"cuobjdump failed: {r.stderr[:300]}"
+    return r.stdout, how
 
 
 def resource_usage(cubin: bytes) -> dict:
     """``{"registers", "stack", "shared"}`` per thread / kernel from ``cuobjdump
     -res-usage`` (what ptxas allotted; the registers set how many programs fit an SM), or
     ``{}`` without the tool."""
-    dis = _tool("cuobjdump")
-    if not dis:
-        return {}
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "k.cubin")
-        pathlib.Path(path).write_bytes(cubin)
-        r = subprocess.run([dis, "-res-usage", path], capture_output=True, text=True)
-    return parse_resource_usage(r.stdout)
+    r, _ = _cuobjdump(cubin, "-res-usage")
+    return {} if r is None else parse_resource_usage(r.stdout)
 
 
 def parse_resource_usage(text: str) -> dict:

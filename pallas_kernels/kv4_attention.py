@@ -478,20 +478,17 @@ def _kernel(
 
         def store_o(start, val):  # the copies of a row hold the same bits: any may land
             o_ref[rid, cols(start, val.shape[1])] = val
-    elif q_res_rows:  # decode rows [hg_pad real + padding]: read rows r % 8 (copies)
+    else:  # q's rows as the block holds them
         block_rows, head_dim = q_ref.shape
-        rid8 = (jnp.arange(block_rows, dtype=jnp.int32) % (block_rows // 2))[:, None]
+        if q_res_rows:  # decode rows [hg_pad real + padding]: read rows r % 8 (copies)
+            rid8 = (jnp.arange(block_rows, dtype=jnp.int32) % (block_rows // 2))[:, None]
 
-        def q_cols(start, size):
-            return q_ref[rid8, (start + jnp.arange(size, dtype=jnp.int32))[None, :]]
+            def q_cols(start, size):
+                return q_ref[rid8, (start + jnp.arange(size, dtype=jnp.int32))[None, :]]
+        else:
 
-        def store_o(start, val):
-            o_ref[:, pl.ds(start, val.shape[1])] = val
-    else:
-        block_rows, head_dim = q_ref.shape
-
-        def q_cols(start, size):
-            return q_ref[:, pl.ds(start, size)]
+            def q_cols(start, size):
+                return q_ref[:, pl.ds(start, size)]
 
         def store_o(start, val):
             o_ref[:, pl.ds(start, val.shape[1])] = val
