@@ -174,8 +174,9 @@ def cpu_act_quant_reference(x, perm, k4, **kw):
     """act_quant_reference evaluated by XLA on the host CPU; numpy outputs."""
     cpu = jax.devices("cpu")[0]
     args = [jax.device_put(np.asarray(v), cpu) for v in (x, perm)]
-    if kw.get("norm_weight") is not None:
-        kw = dict(kw, norm_weight=jax.device_put(np.asarray(kw["norm_weight"]), cpu))
+    for name in ("norm_weight", "gate"):
+        if kw.get(name) is not None:
+            kw = dict(kw, **{name: jax.device_put(np.asarray(kw[name]), cpu)})
     with jax.default_device(cpu):
         return [np.asarray(o) for o in act_quant_reference(*args, k4, **kw)]
 
@@ -680,6 +681,95 @@ def act_quant_launch_study(results, deadline, m=8192, only_gated=False):
                 row[f"{lbl}_error"] = f"{type(e).__name__}: {e}"[:300]
         rows.append(row)
         log(f"act_quant_launch {json.dumps(row)}")
+
+
+def load_module_file(path: str, name: str = "act_quant_baseline"):
+    """A Python file as a module (e.g. ``git show REV:pallas_kernels/act_quant.py > f.py``:
+    an earlier build of a kernel, timed beside the current one in the same run)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ValueError(f"cannot load a module from {path!r}")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    if not callable(getattr(mod, "act_quant", None)):
+        raise ValueError(f"{path!r} defines no act_quant()")
+    return mod
+
+
+def act_quant_build_study(results, deadline, baseline: str | None = None):
+    """act_quant as the engine calls it (unpacked layout, default launch, 25% of K in INT8)
+    at the decode batch and a prefill step's M, on the LLaMA-3-8B inputs: the q/k/v and MLP
+    input (K = 4096, FMPQ permutation, RMSNorm) and the down projection's (K = 14336, SwiGLU
+    of gate and up, identity order). Variants: this build's default, with ``silu_approx``
+    flipped (SwiGLU cases), and ``baseline``, a comma list of earlier act_quant.py files (see
+    :func:`load_module_file`; ``baseline_<file stem>``). Per variant: device us (two input
+    sets, each past the L2), elements of the INT8 operand that differ from the reference
+    evaluated by XLA on the host CPU (and their largest difference in levels), scales that
+    differ, and elements that differ from this build's default."""
+    rows = results.setdefault("act_quant_build", [])
+    builds = {"default": act_quant}
+    for path in [p for p in (baseline or "").split(",") if p]:
+        stem = pathlib.Path(path).stem
+        builds[f"baseline_{stem}"] = load_module_file(path, f"baseline_{stem}").act_quant
+    cases = [  # m, k, k4, gated
+        (2222, 4096, 3072, False), (8192, 4096, 3072, False),
+        (2222, 14336, 10752, True), (8192, 14336, 10752, True),
+    ]  # fmt: skip
+    if SMOKE:
+        cases = [(5, 256, 128, False), (5, 256, 128, True)]
+    key = jax.random.PRNGKey(43)
+    for i, (m, k, k4, gated) in _within_budget("act_quant_build", cases, deadline):
+        kx = jax.random.fold_in(key, i)
+        sets = []
+        for j in range(2):
+            kj = jax.random.fold_in(kx, j)
+            x = (2 * jax.random.normal(kj, (m, k), jnp.float32)).astype(jnp.bfloat16)
+            g = (2 * jax.random.normal(jax.random.fold_in(kj, 1), (m, k))).astype(jnp.bfloat16)
+            sets.append((x, g) if gated else (x,))
+        perm = None
+        w = None
+        if not gated:
+            perm = jax.random.permutation(jax.random.fold_in(kx, 2), k).astype(jnp.int32)
+            w = jax.random.uniform(jax.random.fold_in(kx, 3), (k,), jnp.float32, 0.5, 1.5)
+        kw = dict(k4=k4, norm_weight=w, layout="unpacked", row_align=UNPACKED_ROW_ALIGN)
+        ref = cpu_act_quant_reference(
+            sets[0][0], np.arange(k, dtype=np.int32) if perm is None else perm,
+            gate=sets[0][1] if gated else None, **kw,
+        )  # fmt: skip
+        kw["perm"] = perm
+        variants = {}
+        for bname, fn in builds.items():
+            variants[bname] = functools.partial(fn, interpret=SMOKE, **kw)
+            if gated and bname == "default":
+                flip = not aq_mod.SILU_APPROX_DEFAULT
+                variants[f"silu_approx_{flip}"] = functools.partial(
+                    fn, interpret=SMOKE, silu_approx=flip, **kw
+                )
+        row = dict(m=m, k=k, k4=k4, gated=gated, silu_approx_default=aq_mod.SILU_APPROX_DEFAULT)
+        outs = {}
+        for name, f in variants.items():
+            call = (lambda x, g, f=f: f(x, gate=g)) if gated else f
+            try:
+                out = [np.asarray(o) for o in jax.jit(call)(*sets[0])]
+                d = out[0].astype(np.int32) - ref[0].astype(np.int32)
+                row[f"{name}_mismatch"] = int(np.count_nonzero(d))
+                levels = np.concatenate([d[:, :k4].ravel() // 16, d[:, k4:].ravel()])
+                row[f"{name}_max_level_diff"] = int(np.abs(levels).max())
+                row[f"{name}_scale_mismatch"] = int(np.count_nonzero(out[1] != ref[1]))
+                if name != "default" and "default" in outs:
+                    diff = np.count_nonzero(out[0] != outs["default"])
+                    row[f"{name}_vs_default_mismatch"] = int(diff)
+                outs[name] = out[0]
+                row[f"{name}_us"] = timing.device_time(call, sets) * 1e6
+            except Exception as e:  # noqa: BLE001 - report and go on
+                row[f"{name}_error"] = f"{type(e).__name__}: {e}"[:300]
+        row["bytes_moved_mb"] = m * k * (2 * len(sets[0]) + 1) / 1e6
+        if row.get("default_us"):
+            row["default_tbps"] = row["bytes_moved_mb"] / row["default_us"] / 1e6
+        rows.append(row)
+        log(f"act_quant_build {json.dumps(row)}")
 
 
 def time_copy(nbytes=1 << 30):
@@ -1445,6 +1535,28 @@ def markdown(results) -> str:
                 f"{x['hidden_elements_differing']} | {x['hidden_bad_vs_f32']} | "
                 f"{x['down_operand_bytes_differing']} |"
             )
+    if results.get("act_quant_build"):
+        out += [
+            "",
+            "## act_quant builds (device us; operand elements differing from the CPU reference / "
+            "from this build's default)",
+            "",
+            "| M | K | SwiGLU | variant | us | vs default | differing (ref / default) | "
+            "scales differing |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for x in results["act_quant_build"]:
+            names = [key[:-3] for key in x if key.endswith("_us")]
+            for name in names + [key[:-6] for key in x if key.endswith("_error")]:
+                head = f"| {x['m']} | {x['k']} | {x['gated']} | {name} |"
+                if f"{name}_error" in x:
+                    out.append(f"{head} {x[f'{name}_error'][:100]} | | | |")
+                    continue
+                rel = x[f"{name}_us"] / x["default_us"] if x.get("default_us") else float("nan")
+                out.append(
+                    f"{head} {x[f'{name}_us']:.1f} | {rel:.3f} | {x[f'{name}_mismatch']} / "
+                    f"{x.get(f'{name}_vs_default_mismatch', '-')} | {x[f'{name}_scale_mismatch']} |"
+                )
     if results.get("act_quant"):
         out += [
             "",
@@ -1611,6 +1723,18 @@ def main(argv=None):
         action="store_true",
         help="--act-quant-launch on the SwiGLU input (K = 14336) alone, 1-2 rows per program",
     )
+    ap.add_argument(
+        "--act-quant-build",
+        action="store_true",
+        help="act_quant at the engine's M (2222, 8192), K = 4096 / 14336 (SwiGLU): this build "
+        "(and silu_approx flipped) against the device reference, timed",
+    )
+    ap.add_argument(
+        "--act-quant-baseline",
+        default="",
+        help="with --act-quant-build: comma list of earlier act_quant.py files to time beside "
+        "this build",
+    )
     ap.add_argument("--timing-study", action="store_true", help="old vs device timing")
     ap.add_argument("--act-quant", action="store_true", help="act_quant kernel vs XLA")
     ap.add_argument(
@@ -1702,6 +1826,9 @@ def main(argv=None):
             save()
         if args.out_rows:
             out_rows_study(results, deadline, ms=args.study_ms)
+            save()
+        if args.act_quant_build:
+            act_quant_build_study(results, deadline, baseline=args.act_quant_baseline or None)
             save()
         if args.act_quant_launch or args.act_quant_launch_gated:
             act_quant_launch_study(results, deadline, only_gated=args.act_quant_launch_gated)

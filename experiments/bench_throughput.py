@@ -67,7 +67,7 @@ from comet_jax.engine.engine import LLMEngine, max_batch_for_memory
 from comet_jax.engine.runner import precision_plan, preset_config
 from comet_jax.engine.sampling import SamplingParams
 from models.llama import LlamaForCausalLM, abstract_params
-from pallas_kernels import kv4_attention
+from pallas_kernels import act_quant, kv4_attention
 
 
 def random_params(model, seed: int = 0):
@@ -931,6 +931,14 @@ def parse_args(argv=None):
         "form before 2026-11-28 evening; sets kv4_attention.Q_RESIDUAL_DEFAULT off for the run)",
     )
     p.add_argument(
+        "--silu-approx",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="act_quant's fused SwiGLU with the approximate PTX logistic (on) or Triton's "
+        "accurate exp and division (off); sets act_quant.SILU_APPROX_DEFAULT for the run "
+        "(default: the kernel's default)",
+    )
+    p.add_argument(
         "--decode-qk-int8",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -1026,6 +1034,7 @@ def _write_record(args, results) -> None:
         "kernel_defaults": {
             "f16_nibbles": kv4_attention.F16_NIBBLES_DEFAULT,
             "q_residual": kv4_attention.Q_RESIDUAL_DEFAULT,
+            "silu_approx": act_quant.SILU_APPROX_DEFAULT,
         },
         "results": results,
     }
@@ -1044,6 +1053,8 @@ def main(argv=None) -> int:
         kv4_attention.F16_NIBBLES_DEFAULT = False
     if args.q_one_part:
         kv4_attention.Q_RESIDUAL_DEFAULT = False
+    if args.silu_approx is not None:
+        act_quant.SILU_APPROX_DEFAULT = args.silu_approx
     if args.compile_cache:
         from comet_jax.engine import compile_cache
 

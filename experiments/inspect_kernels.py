@@ -98,20 +98,32 @@ def sass_loops(sass: str, min_body: int = 100) -> list[dict]:
                 loops.append((first, i))
     out = []
     for first, last in sorted(loops, key=lambda fl: fl[0]):
-        counts: dict[str, int] = {}
-        for _, body in ins[first : last + 1]:
-            op = re.sub(r"^@!?U?P\w+\s+", "", body).split()[0]
-            op = "MOVE" if op in _SASS_MOVES else op.split(".")[0]
-            counts[op] = counts.get(op, 0) + 1
         out.append(
             dict(
                 start=ins[first][0],
                 end=ins[last][0],
                 instructions=last - first + 1,
-                opcodes=dict(sorted(counts.items(), key=lambda kv: -kv[1])),
+                opcodes=_opcode_counts(body for _, body in ins[first : last + 1]),
             )
         )
     return out
+
+
+def _opcode_counts(bodies) -> dict:
+    """SASS instruction bodies -> counts by opcode without modifiers, largest first."""
+    counts: dict[str, int] = {}
+    for body in bodies:
+        op = re.sub(r"^@!?U?P\w+\s+", "", body).split()[0]
+        op = "MOVE" if op in _SASS_MOVES else op.split(".")[0]
+        counts[op] = counts.get(op, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def sass_totals(sass: str) -> dict:
+    """The whole listing's ``{"instructions", "opcodes"}`` (per thread, as written: what a
+    straight-line kernel such as act_quant issues once per program; loops count one trip)."""
+    bodies = [body for _, body in _SASS_LINE.findall(sass)]
+    return dict(instructions=len(bodies), opcodes=_opcode_counts(bodies))
 
 
 def _tool(name: str) -> str | None:
@@ -299,6 +311,54 @@ def attention_probes(small: bool = False):
     return out
 
 
+def _act_quant_gated(x, gate, **kw):
+    from pallas_kernels.act_quant import act_quant
+
+    return act_quant(x, None, gate=gate, **kw)
+
+
+def _act_quant_norm(x, perm, norm_weight, **kw):
+    from pallas_kernels.act_quant import act_quant
+
+    return act_quant(x, perm, norm_weight=norm_weight, **kw)
+
+
+def act_quant_probes(small: bool = False):
+    """(name, fn, args, num_warps, num_stages, config) for act_quant as the engine calls it in
+    prefill (unpacked layout, one row a program, 25% of K in INT8 as in the benchmark model):
+    the down projection's SwiGLU input (K = 14336, identity order; the logistic accurate and
+    approximate) and the q/k/v input (K = 4096, FMPQ permutation, RMSNorm). The kernel has no
+    loop: ``sass_totals`` is what a program issues per row."""
+    import jax
+    import jax.numpy as jnp
+
+    from pallas_kernels import act_quant as aq
+
+    m = 16
+    out = []
+    for name, k, k4, gated, extra in (
+        ("swiglu", 14336, 10752, True, dict(silu_approx=False)),
+        ("swiglu_approx", 14336, 10752, True, dict(silu_approx=True)),
+        ("norm_perm", 4096, 3072, False, {}),
+    ):
+        if small:
+            k, k4 = 512, 384
+        kx = jax.random.PRNGKey(k)
+        x = jax.random.normal(kx, (m, k), jnp.bfloat16)
+        g = jax.random.normal(jax.random.fold_in(kx, 1), (m, k), jnp.bfloat16)
+        perm = jax.random.permutation(jax.random.fold_in(kx, 2), k).astype(jnp.int32)
+        w = jnp.ones((k,), jnp.float32)
+        kw = dict(k4=k4, layout="unpacked", row_align=1, rows_per_program=1, **extra)
+        if gated:
+            fn, ops = functools.partial(_act_quant_gated, **kw), (x, g)
+        else:
+            fn, ops = functools.partial(_act_quant_norm, **kw), (x, perm, w)
+        warps = aq.default_num_warps(1, k)
+        cfg = dict(k=k, k4=k4, num_warps=warps, **extra)
+        out.append((f"act_quant_{name}", fn, ops, warps, 1, cfg))
+    return out
+
+
 def markdown(rows) -> str:
     lines = [
         "| probe | kernel | warp_group_dot / tt.dot (TTGIR) | PTX wgmma (A in regs) | "
@@ -321,6 +381,18 @@ def markdown(rows) -> str:
             )
         if "error" in r:
             lines.append(f"| {r['name']} | error: {r['error'][:120]} | | | | | | | | |")
+    totals = [(r["name"], k) for r in rows for k in r.get("kernels", []) if "sass_totals" in k]
+    if totals:
+        lines += ["", "SASS per kernel (the whole listing, per thread):", ""]
+        lines += [
+            "| probe | kernel | registers | instructions | top opcodes |",
+            "|---|---|---|---|---|",
+        ]
+        for name, k in totals:
+            t = k["sass_totals"]
+            top = ", ".join(f"{op} {n}" for op, n in list(t["opcodes"].items())[:10])
+            regs = k.get("resources", {}).get("registers", "-")
+            lines.append(f"| {name} | {k['entry'][:40]} | {regs} | {t['instructions']} | {top} |")
     loops = [
         (r["name"], k["entry"], k.get("resources", {}).get("registers", "-"), loop)
         for r in rows
@@ -373,6 +445,7 @@ def inspect(probes, out: pathlib.Path, arch: str) -> list[dict]:
                         stem.with_suffix(".sass").write_text(sass)
                         kern["sass"] = count_sass(sass)
                         kern["sass_loops"] = sass_loops(sass)
+                        kern["sass_totals"] = sass_totals(sass)
                 row["kernels"].append(kern)
         except Exception as e:  # noqa: BLE001 - report and go on to the next probe
             row["error"] = f"{type(e).__name__}: {e!s:.300}"
@@ -409,6 +482,7 @@ def main(argv=None):
     print(meta, flush=True)
     only = [p for p in args.only.split(",") if p]
     probes = gemm_probes(args.small) + attention_probes(args.small)
+    probes += act_quant_probes(args.small)
     probes = [p for p in probes if not only or any(p[0].startswith(o) for o in only)]
     rows = inspect(probes, out, arch)
     (out / "kernels_isa.json").write_text(json.dumps(dict(meta=meta, probes=rows), indent=1))

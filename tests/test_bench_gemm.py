@@ -146,3 +146,34 @@ def test_gate_up_table():
     md = bench.markdown(dict(meta=meta, check=[], sweep=[], ablation=[], gate_up=[row, declined]))
     assert "| 1216 | 14336 x 4096 | 272.2 | 268.7 | 227.2 | 239.4 | 1.013 | 0 | 40 | 0 |" in md
     assert "| 5 | 256 x 256 | RuntimeError: no w_regs schedule |" in md
+
+
+def test_smoke_act_quant_build_study(tmp_path):
+    """The build study: this build, its SwiGLU with ``silu_approx`` flipped (interpret mode:
+    XLA's logistic either way) and an earlier act_quant.py loaded from a file all give the
+    reference's bytes and are timed; a file without act_quant() is refused by name."""
+    import pathlib
+
+    import pytest
+
+    from pallas_kernels import act_quant as aq
+
+    baseline = tmp_path / "old_act_quant.py"
+    baseline.write_text(pathlib.Path(aq.__file__).read_text())
+    _, res = _smoke(tmp_path, "--act-quant-build", "--act-quant-baseline", str(baseline))
+    plain, gated = res["act_quant_build"]
+    assert not plain["gated"] and gated["gated"]
+    flip = f"silu_approx_{not gated['silu_approx_default']}"
+    old = "baseline_old_act_quant"
+    for row, names in ((plain, ("default", old)), (gated, ("default", old, flip))):
+        for name in names:
+            assert f"{name}_error" not in row, row.get(f"{name}_error")
+            assert row[f"{name}_mismatch"] == 0 and row[f"{name}_scale_mismatch"] == 0, name
+            assert row[f"{name}_us"] > 0
+            assert name == "default" or row[f"{name}_vs_default_mismatch"] == 0
+    assert f"{flip}_us" not in plain  # K = 4096 cases have no SwiGLU
+    bench = experiment_scripts.load("bench_gemm")
+    empty = tmp_path / "empty.py"
+    empty.write_text("x = 1\n")
+    with pytest.raises(ValueError, match="defines no act_quant"):
+        bench.load_module_file(str(empty))

@@ -178,6 +178,23 @@ def test_prefill_own_kv_runs_are_counted(bench, tmp_path):
             assert run["output_tokens"] == run["requests"] * run["output_len"]
 
 
+def test_silu_approx_flag_sets_and_records_the_kernel_default(bench, tmp_path, monkeypatch):
+    """--silu-approx / --no-silu-approx set act_quant.SILU_APPROX_DEFAULT for the run (what the
+    engine's fused SwiGLU calls then trace with) and the record says which; without either
+    the kernel's own default stands."""
+    from pallas_kernels import act_quant as aq
+
+    own = aq.SILU_APPROX_DEFAULT
+    monkeypatch.setattr(aq, "SILU_APPROX_DEFAULT", own)  # restored after the test
+    out = tmp_path / "s.json"
+    argv = ["--tiny", "--precisions", "bf16", "--quiet", "--out", str(out), "--fixed-batches="]
+    argv += ["--workloads", "8/4"]
+    for flag, want in ([], own), (["--silu-approx"], True), (["--no-silu-approx"], False):
+        assert bench.main(argv + flag) == 0
+        assert json.loads(out.read_text())["kernel_defaults"]["silu_approx"] is want
+        assert aq.SILU_APPROX_DEFAULT is want
+
+
 def test_max_batch_as_memory_allows(bench, tmp_path):
     """--max-batch memory --requests batch: each precision runs one full batch of as many
     sequences as its pool holds at the longest workload's length (tiny: 63 pages of 16 tokens,

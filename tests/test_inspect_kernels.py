@@ -100,6 +100,16 @@ def test_sass_loops_counts_one_trip_by_opcode():
     assert "| p | k | 168 | 0x110-0x150 | 5 | PRMT 1, LOP3 1, MOVE 1, HMMA 1, BRA 1 |" in md
 
 
+def test_sass_totals_count_the_whole_listing():
+    t = ik.sass_totals(LOOP_SASS)
+    assert t["instructions"] == len(ik._SASS_LINE.findall(LOOP_SASS)) > 5
+    assert t["opcodes"]["PRMT"] == 1 and sum(t["opcodes"].values()) == t["instructions"]
+    kern = dict(entry="act_quant", ttgir=ik.count_ttgir(TTGIR), ptx=ik.count_ptx(PTX),
+                sass=ik.count_sass(LOOP_SASS), sass_totals=t, resources=dict(registers=64))  # fmt: skip
+    md = ik.markdown([dict(name="aq", kernels=[kern])])
+    assert f"| aq | act_quant | 64 | {t['instructions']} | " in md
+
+
 def test_resource_usage_parses_cuobjdump():
     text = (
         "Resource usage:\n Function kv4_paged_attention:\n"
@@ -122,7 +132,23 @@ def test_inspect_captures_each_kernels_triton_ir(tmp_path, monkeypatch):
     monkeypatch.setattr(ik, "compile_ttir", lambda ttir, w, s, arch: fake)
     (tmp_path / "isa").mkdir()
     probes = ik.gemm_probes(small=True) + ik.attention_probes(small=True)
+    probes += ik.act_quant_probes(small=True)
     rows = ik.inspect(probes, tmp_path, "sm_90a")
+    aq_rows, rows = rows[-3:], rows[:-3]
+    assert [r["name"] for r in aq_rows] == [
+        "act_quant_swiglu", "act_quant_swiglu_approx", "act_quant_norm_perm"
+    ]  # fmt: skip
+    assert all("error" not in r and len(r["kernels"]) == 1 for r in aq_rows)
+    aq = {r["name"]: (tmp_path / "isa" / f"{r['name']}_{r['kernels'][0]['entry']}.ttir").read_text()
+          for r in aq_rows}  # fmt: skip
+    # The approximate logistic only where asked; round-and-convert in one cvt everywhere;
+    # contiguous chunks: one row-amax reduction per segment (INT4, INT8), not one per chunk
+    # (gathered chunks keep one per chunk: 3 INT4 chunks of 128 + 1 INT8).
+    assert "ex2.approx.ftz.f32" in aq["act_quant_swiglu_approx"]
+    assert "ex2.approx" not in aq["act_quant_swiglu"]
+    for name, ir in aq.items():
+        assert "cvt.rni.s32.f32" in ir, name
+        assert ir.count('"tt.reduce"') == (4 if name.endswith("norm_perm") else 2), name
     names = ["w4ax_m16_256x512", "w4ax_park_wx_m64_256x512", "w4ax_park_swap_m64_256x512"]
     names += ["kv4_decode", "kv4_prefill"]
     names += ["kv4_decode_qk_int8", "kv4_prefill_qk_int8"]
