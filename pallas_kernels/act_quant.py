@@ -222,34 +222,33 @@ def _act_quant_reference(x, perm, norm_weight, *, k4, eps, clip4, clip8, tile_k)
     return x4_packed, x8, jnp.stack([s4, s8], axis=-1)
 
 
+def _ptx(asm: str, *args, dtype=jnp.float32):
+    """One PTX instruction (or block) applied elementwise to 32-bit ``args`` -> ``dtype``
+    (``$0`` the result, ``$1``... the arguments); GPU only."""
+    [r] = plgpu.elementwise_inline_asm(
+        asm,
+        args=list(args),
+        constraints=",".join(["=r"] + ["r"] * len(args)),
+        pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(args[0].shape, dtype)],
+    )
+    return r
+
+
 def _div_rn(a, b, interpret):
     """IEEE a / b (Triton lowers ``/`` to the approximate ``div.full.f32``)."""
     if interpret:
         # The barrier keeps XLA from rewriting the reciprocal into the following multiply.
         a, b = jax.lax.optimization_barrier((a, b))
         return a / b
-    [q] = plgpu.elementwise_inline_asm(
-        "div.rn.f32 $0, $1, $2;",
-        args=[a, b],
-        constraints="=r,r,r",
-        pack=1,
-        result_shape_dtypes=[jax.ShapeDtypeStruct(a.shape, jnp.float32)],
-    )
-    return q
+    return _ptx("div.rn.f32 $0, $1, $2;", a, b)
 
 
 def _round_even(y, interpret):
     """Round half to even, as ``jnp.round`` (Pallas-Triton has no ``round`` lowering)."""
     if interpret:
         return jnp.round(y)
-    [r] = plgpu.elementwise_inline_asm(
-        "cvt.rni.f32.f32 $0, $1;",
-        args=[y],
-        constraints="=r,r",
-        pack=1,
-        result_shape_dtypes=[jax.ShapeDtypeStruct(y.shape, jnp.float32)],
-    )
-    return r
+    return _ptx("cvt.rni.f32.f32 $0, $1;", y)
 
 
 def _round_to_int(y, lo: int, hi: int, interpret):
@@ -259,14 +258,7 @@ def _round_to_int(y, lo: int, hi: int, interpret):
     saturating conversion's two clamps per element."""
     if interpret:
         return jnp.clip(jnp.round(y), float(lo), float(hi)).astype(jnp.int32)
-    [r] = plgpu.elementwise_inline_asm(
-        "cvt.rni.s32.f32 $0, $1;",
-        args=[y],
-        constraints="=r,r",
-        pack=1,
-        result_shape_dtypes=[jax.ShapeDtypeStruct(y.shape, jnp.int32)],
-    )
-    return jnp.clip(r, lo, hi)
+    return jnp.clip(_ptx("cvt.rni.s32.f32 $0, $1;", y, dtype=jnp.int32), lo, hi)
 
 
 # -log2(e) as an f32 bit pattern (0xBFB8AA3B), for the PTX below.
@@ -280,15 +272,11 @@ def _sigmoid(g, interpret, approx):
     and always when interpreting, ``jax.nn.sigmoid`` (XLA's logistic in interpret mode)."""
     if interpret or not approx:
         return jax.nn.sigmoid(g)
-    [r] = plgpu.elementwise_inline_asm(
+    return _ptx(
         "{ .reg .f32 t; mul.f32 t, $1, " + _NEG_LOG2E_PTX + "; ex2.approx.ftz.f32 t, t; "
         "add.f32 t, t, 0f3F800000; rcp.approx.ftz.f32 $0, t; }",
-        args=[g],
-        constraints="=r,r",
-        pack=1,
-        result_shape_dtypes=[jax.ShapeDtypeStruct(g.shape, jnp.float32)],
+        g,
     )
-    return r
 
 
 def _pow2_chunk(n: int, cap: int) -> int:

@@ -172,6 +172,7 @@ def test_smoke_act_quant_build_study(tmp_path):
             assert row[f"{name}_us"] > 0
             assert name == "default" or row[f"{name}_vs_default_mismatch"] == 0
     assert f"{flip}_us" not in plain  # K = 4096 cases have no SwiGLU
+    assert plain["default_tbps"] == pytest.approx(plain["bytes_moved_mb"] / plain["default_us"])
     bench = experiment_scripts.load("bench_gemm")
     empty = tmp_path / "empty.py"
     empty.write_text("x = 1\n")
