@@ -701,26 +701,30 @@ def load_module_file(path: str, name: str = "act_quant_baseline"):
 def act_quant_build_study(results, deadline, baseline: str | None = None):
     """act_quant as the engine calls it (unpacked layout, default launch, 25% of K in INT8)
     at the decode batch and a prefill step's M, on the LLaMA-3-8B inputs: the q/k/v and MLP
-    input (K = 4096, FMPQ permutation, RMSNorm) and the down projection's (K = 14336, SwiGLU
-    of gate and up, identity order). Variants: this build's default, with ``silu_approx``
+    input (K = 4096, RMSNorm, an FMPQ permutation stored as checkpoints store it, ascending
+    within each segment, and once in random order) and the down projection's (K = 14336,
+    SwiGLU of gate and up, identity order). Variants: this build's default, with ``silu_approx``
     flipped (SwiGLU cases), and ``baseline``, a comma list of earlier act_quant.py files (see
     :func:`load_module_file`; ``baseline_<file stem>``). Per variant: device us (two input
     sets, each past the L2), elements of the INT8 operand that differ from the reference
     evaluated by XLA on the host CPU (and their largest difference in levels), scales that
     differ, and elements that differ from this build's default."""
+    from comet_jax.quant import fmpq
+
     rows = results.setdefault("act_quant_build", [])
     builds = {"default": act_quant}
     for path in [p for p in (baseline or "").split(",") if p]:
         stem = pathlib.Path(path).stem
         builds[f"baseline_{stem}"] = load_module_file(path, f"baseline_{stem}").act_quant
-    cases = [  # m, k, k4, gated
-        (2222, 4096, 3072, False), (8192, 4096, 3072, False),
-        (2222, 14336, 10752, True), (8192, 14336, 10752, True),
+    cases = [  # m, k, k4, gated, permutation order (K = 4096)
+        (2222, 4096, 3072, False, "stored"), (8192, 4096, 3072, False, "stored"),
+        (8192, 4096, 3072, False, "random"),
+        (2222, 14336, 10752, True, None), (8192, 14336, 10752, True, None),
     ]  # fmt: skip
     if SMOKE:
-        cases = [(5, 256, 128, False), (5, 256, 128, True)]
+        cases = [(5, 256, 128, False, "stored"), (5, 256, 128, True, None)]
     key = jax.random.PRNGKey(43)
-    for i, (m, k, k4, gated) in _within_budget("act_quant_build", cases, deadline):
+    for i, (m, k, k4, gated, order) in _within_budget("act_quant_build", cases, deadline):
         kx = jax.random.fold_in(key, i)
         sets = []
         for j in range(2):
@@ -732,6 +736,8 @@ def act_quant_build_study(results, deadline, baseline: str | None = None):
         w = None
         if not gated:
             perm = jax.random.permutation(jax.random.fold_in(kx, 2), k).astype(jnp.int32)
+            if order == "stored":  # as a calibrated checkpoint stores it (ascending segments)
+                perm = perm[jnp.asarray(fmpq.gather_order(np.asarray(perm), k - k4))]
             w = jax.random.uniform(jax.random.fold_in(kx, 3), (k,), jnp.float32, 0.5, 1.5)
         kw = dict(k4=k4, norm_weight=w, layout="unpacked", row_align=UNPACKED_ROW_ALIGN)
         ref = cpu_act_quant_reference(
@@ -747,7 +753,8 @@ def act_quant_build_study(results, deadline, baseline: str | None = None):
                 variants[f"silu_approx_{flip}"] = functools.partial(
                     fn, interpret=SMOKE, silu_approx=flip, **kw
                 )
-        row = dict(m=m, k=k, k4=k4, gated=gated, silu_approx_default=aq_mod.SILU_APPROX_DEFAULT)
+        row = dict(m=m, k=k, k4=k4, gated=gated, perm_order=order)
+        row["silu_approx_default"] = aq_mod.SILU_APPROX_DEFAULT
         outs = {}
         for name, f in variants.items():
             call = (lambda x, g, f=f: f(x, gate=g)) if gated else f
@@ -1541,14 +1548,14 @@ def markdown(results) -> str:
             "## act_quant builds (device us; operand elements differing from the CPU reference / "
             "from this build's default)",
             "",
-            "| M | K | SwiGLU | variant | us | vs default | differing (ref / default) | "
-            "scales differing |",
+            "| M | K | SwiGLU / permutation | variant | us | vs default | "
+            "differing (ref / default) | scales differing |",
             "|---|---|---|---|---|---|---|---|",
         ]
         for x in results["act_quant_build"]:
             names = [key[:-3] for key in x if key.endswith("_us")]
             for name in names + [key[:-6] for key in x if key.endswith("_error")]:
-                head = f"| {x['m']} | {x['k']} | {x['gated']} | {name} |"
+                head = f"| {x['m']} | {x['k']} | {x['gated'] or x.get('perm_order')} | {name} |"
                 if f"{name}_error" in x:
                     out.append(f"{head} {x[f'{name}_error'][:100]} | | | |")
                     continue

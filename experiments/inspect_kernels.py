@@ -327,8 +327,9 @@ def act_quant_probes(small: bool = False):
     """(name, fn, args, num_warps, num_stages, config) for act_quant as the engine calls it in
     prefill (unpacked layout, one row a program, 25% of K in INT8 as in the benchmark model):
     the down projection's SwiGLU input (K = 14336, identity order; the logistic accurate and
-    approximate) and the q/k/v input (K = 4096, FMPQ permutation, RMSNorm). The kernel has no
-    loop: ``sass_totals`` is what a program issues per row."""
+    approximate) and the q/k/v input (K = 4096, FMPQ permutation, RMSNorm; gathered, and read
+    in order and stored scattered). The kernel has no loop: ``sass_totals`` is what a program
+    issues per row."""
     import jax
     import jax.numpy as jnp
 
@@ -339,7 +340,8 @@ def act_quant_probes(small: bool = False):
     for name, k, k4, gated, extra in (
         ("swiglu", 14336, 10752, True, dict(silu_approx=False)),
         ("swiglu_approx", 14336, 10752, True, dict(silu_approx=True)),
-        ("norm_perm", 4096, 3072, False, {}),
+        ("norm_perm", 4096, 3072, False, dict(scatter=False)),
+        ("norm_perm_scatter", 4096, 3072, False, dict(scatter=True)),
     ):
         if small:
             k, k4 = 512, 384

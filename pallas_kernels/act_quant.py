@@ -88,6 +88,14 @@ DEFAULT_TILE_K = 128
 # (H200, 2026-11-28: 207.4 -> 159.6 us at M = 8192, K = 14336; no element of the output
 # differed from the accurate form's, at M = 2222 and 8192 on random inputs).
 SILU_APPROX_DEFAULT = True
+# The unpacked layout under a permutation: read each row in order and store each channel at
+# its permuted column (True), or gather the row by the permutation and store in order (the
+# default: under a random permutation, H200, M = 8192, K = 4096, the scattered form took
+# 450.1 us against 108.4; not yet timed under a checkpoint's gather-order permutation).
+UNPACKED_SCATTER = False
+# Channels per chunk of the scattered form (128 = one a thread at 4 warps: the scattered
+# stores need no layout conversion through shared memory).
+SCATTER_CHUNK = 128
 
 
 def rms_inv(x, eps: float):
@@ -305,6 +313,7 @@ def _kernel(
     unpacked=False,
     valid_programs=None,
     silu_approx=False,
+    scatter=False,
 ):
     """One program quantizes ``bm`` whole rows in a single pass over HBM.
 
@@ -317,7 +326,18 @@ def _kernel(
     from this index on write the zero rows (scales 1) that pad the unpacked output; their x
     block repeats the last real one. ``idx_ref`` None (unpacked layout only): the identity
     order, each chunk one contiguous load. ``g_ref``: the SwiGLU gate, read like x.
+
+    ``scatter`` (unpacked layout, a permutation): ``idx_ref`` holds the inverse permutation
+    ``pos`` ([K], original channel order) and ``w_ref`` the norm weights in original order;
+    the row is read contiguously in its original order and each quantized channel ``c`` is
+    stored at column ``pos[c]`` (see :func:`_scatter_rows`).
     """
+    if scatter:
+        return _scatter_rows(
+            x_ref, g_ref, idx_ref, w_ref, inv_ref, *out_refs, k4=k4, cw=cw4, clip4=clip4,
+            clip8=clip8, has_norm=has_norm, interpret=interpret,
+            valid_programs=valid_programs, silu_approx=silu_approx,
+        )  # fmt: skip
     out_refs = list(out_refs)
     if unpacked:
         x4_ref = x8_ref = out_refs.pop(0)
@@ -366,11 +386,6 @@ def _kernel(
             a = jnp.maximum(a, jnp.max(jnp.abs(c), axis=1, keepdims=True))
         return a
 
-    def scale_of(a, clip, qmax):
-        # The library's ``amax * f32(clip / qmax)`` (XLA folds the constant the same way).
-        c = np.float32(clip / qmax)
-        return jnp.where(a * jnp.float32(clip) > 0, a * c, jnp.float32(1.0))
-
     def quant(v, s, qmax):
         # ``x * (1 / s)`` as XLA rewrites the library's division; IEEE ``div.rn`` for 1 / s.
         # Vectors, not scalars: inline asm needs IR values.
@@ -383,7 +398,7 @@ def _kernel(
     if k4 and unpacked:
         starts = range(0, k4, cw4)
         v4 = [gather(c, cw4) for c in starts]
-        s4 = scale_of(row_amax(v4), clip4, 7.0)
+        s4 = _scale_of(row_amax(v4), clip4, 7.0)
         for c, v in zip(starts, v4):
             x4_ref[:, pl.ds(c, cw4)] = kept(quant(v, s4, 7.0) * 16, 0).astype(jnp.int8)
     elif k4:
@@ -391,17 +406,73 @@ def _kernel(
         starts = range(0, h, cw4)
         lo = [gather(c, cw4) for c in starts]
         hi = [gather(h + c, cw4) for c in starts]
-        s4 = scale_of(row_amax(lo + hi), clip4, 7.0)
+        s4 = _scale_of(row_amax(lo + hi), clip4, 7.0)
         for c, a, b in zip(starts, lo, hi):
             qa, qb = quant(a, s4, 7.0), quant(b, s4, 7.0)
             x4_ref[:, pl.ds(c, cw4)] = ((qa & 0xF) | (qb << 4)).astype(jnp.int8)
     if k8:
         starts8 = range(0, k8, cw8)
         v8 = [gather(k4 + c, cw8) for c in starts8]
-        s8 = scale_of(row_amax(v8), clip8, 127.0)
+        s8 = _scale_of(row_amax(v8), clip8, 127.0)
         at = k4 if unpacked else 0  # the INT8 segment's first column in its output
         for c, v in zip(starts8, v8):
             x8_ref[:, pl.ds(at + c, cw8)] = kept(quant(v, s8, 127.0), 0).astype(jnp.int8)
+    lane = jax.lax.broadcasted_iota(jnp.int32, (bm, 2), 1)
+    s_ref[...] = kept(jnp.where(lane == 0, s4, s8), 1.0)
+
+
+def _scale_of(a, clip, qmax):
+    """The library's ``amax * f32(clip / qmax)`` (XLA folds the constant the same way); 1
+    where the amax is 0."""
+    c = np.float32(clip / qmax)
+    return jnp.where(a * jnp.float32(clip) > 0, a * c, jnp.float32(1.0))
+
+
+def _scatter_rows(
+    x_ref, g_ref, pos_ref, w_ref, inv_ref, out_ref, s_ref, *, k4, cw, clip4, clip8, has_norm,
+    interpret, valid_programs=None, silu_approx=False,
+):  # fmt: skip
+    """The unpacked layout under a permutation, read in order and stored scattered: every
+    chunk of ``cw`` original channels is one contiguous load (no index array to wait for
+    first); channel ``c`` belongs to the INT8 segment where ``pos[c] >= k4``, so the two row
+    amaxes are masked maxima over the same chunks, and its quantized value goes to column
+    ``pos[c]``. Same values as the gathered form (the same products, maxima and roundings),
+    stored by position instead of loaded by index. With a permutation stored in gather
+    order (ascending within each segment, ``fmpq.gather_order``) a warp's stores land in
+    one or two runs of columns."""
+    bm, k = x_ref.shape
+    keep = None if valid_programs is None else pl.program_id(0) < valid_programs
+
+    def kept(v, fill):
+        return v if keep is None else jnp.where(keep, v, fill)
+
+    rows = jax.lax.broadcasted_iota(jnp.int32, (bm, 1), 0)
+    inv = inv_ref[...].reshape(bm, 1) if has_norm else None
+    chunks = []
+    for c in range(0, k, cw):
+        v = x_ref[:, pl.ds(c, cw)]
+        if g_ref is not None:
+            gf = g_ref[:, pl.ds(c, cw)].astype(jnp.float32)
+            v = ((gf * _sigmoid(gf, interpret, silu_approx)) * v).astype(x_ref.dtype)
+        v = v.astype(jnp.float32)
+        if has_norm:
+            v = (v * inv) * w_ref[pl.ds(c, cw)].reshape(1, cw)
+        pos = pos_ref[pl.ds(c, cw)].reshape(1, cw)
+        chunks.append((v, pos, pos >= k4))
+    a4 = a8 = None
+    for v, _, is8 in chunks:  # masked maxima; 0 fills (|v| >= 0) leave them exact
+        av = jnp.abs(v)
+        m4, m8 = jnp.where(is8, 0.0, av), jnp.where(is8, av, 0.0)
+        a4 = m4 if a4 is None else jnp.maximum(a4, m4)
+        a8 = m8 if a8 is None else jnp.maximum(a8, m8)
+    s4 = _scale_of(jnp.max(a4, axis=1, keepdims=True), clip4, 7.0)
+    s8 = _scale_of(jnp.max(a8, axis=1, keepdims=True), clip8, 127.0)
+    one = jnp.full((bm, 1), 1.0, jnp.float32)
+    inv4, inv8 = _div_rn(one, s4, interpret), _div_rn(one, s8, interpret)
+    for v, pos, is8 in chunks:
+        q = _round_to_int(v * jnp.where(is8, inv8, inv4), -128, 127, interpret)
+        q = jnp.clip(q, jnp.where(is8, -128, -8), jnp.where(is8, 127, 7))
+        out_ref[rows, pos] = kept(jnp.where(is8, q, q * 16), 0).astype(jnp.int8)
     lane = jax.lax.broadcasted_iota(jnp.int32, (bm, 2), 1)
     s_ref[...] = kept(jnp.where(lane == 0, s4, s8), 1.0)
 
@@ -462,24 +533,30 @@ def default_num_warps(bm: int, k: int) -> int:
     jax.jit,
     static_argnames=(
         "k4", "eps", "clip4", "clip8", "tile_k", "interpret", "num_warps", "bm", "row_align",
-        "silu_approx",
+        "silu_approx", "scatter_chunk",
     ),
 )  # fmt: skip
 def _act_quant_call(
     x, perm, norm_weight, gate, *, k4, eps, clip4, clip8, tile_k, interpret, num_warps, bm,
-    row_align, silu_approx=False,
+    row_align, silu_approx=False, scatter_chunk=0,
 ):  # fmt: skip
-    """``row_align = 0``: the packed layout; ``>= 1``: unpacked, rows padded to it."""
+    """``row_align = 0``: the packed layout; ``>= 1``: unpacked, rows padded to it.
+    ``scatter_chunk > 0``: the unpacked layout under a permutation in the scattered form,
+    chunks of that many channels; 0: gathered."""
     m, k = x.shape
     k8 = k - k4
     has_norm = norm_weight is not None
     unpacked = row_align > 0
     if perm is None and not unpacked:  # the packed gather order of the identity
         perm = jnp.arange(k, dtype=jnp.int32)
-    idx = perm if unpacked else perm[jnp.asarray(kernel_order(perm, k4, tile_k))]
+    scatter = unpacked and perm is not None and scatter_chunk > 0
+    if scatter:  # the inverse permutation: channel c's column
+        idx = jnp.zeros((k,), jnp.int32).at[perm].set(jnp.arange(k, dtype=jnp.int32))
+    else:
+        idx = perm if unpacked else perm[jnp.asarray(kernel_order(perm, k4, tile_k))]
     if has_norm:
         w_k = norm_weight.astype(jnp.float32)
-        w_k = w_k if idx is None else w_k[idx]
+        w_k = w_k if idx is None or scatter else w_k[idx]
     else:
         w_k = jnp.ones((k,), jnp.float32)
     inv = rms_inv(x, eps) if has_norm else jnp.ones((m,), jnp.float32)
@@ -491,6 +568,8 @@ def _act_quant_call(
             gate = jnp.pad(gate, ((0, mp - m), (0, 0)))
     cw4 = _pow2_chunk(k4 if unpacked else k4 // 2, 512) if k4 else 0
     cw8 = _pow2_chunk(k8, 512) if k8 else 0
+    if scatter:  # one chunk width over the whole row (its original order)
+        cw4 = _pow2_chunk(k, scatter_chunk)
     # Unpacked: R rows out (M rounded up to row_align); the grid covers them in whole
     # programs, those past the input's blocks write zeros and read its last block again.
     r = -(-m // row_align) * row_align if unpacked else mp
@@ -526,6 +605,7 @@ def _act_quant_call(
         unpacked=unpacked,
         valid_programs=valid,
         silu_approx=silu_approx,
+        scatter=scatter,
     )
     outs = pl.pallas_call(
         kernel,
@@ -568,6 +648,7 @@ def act_quant(
     row_align: int = 1,
     gate=None,
     silu_approx: bool | None = None,
+    scatter: bool | None = None,
 ):
     """Fused RMSNorm -> permute -> per-token INT4/INT8 quantize -> pack (module docstring);
     with ``gate``, SwiGLU -> permute -> quantize -> pack.
@@ -581,6 +662,11 @@ def act_quant(
     ``silu_approx`` (with ``gate``, on the GPU): the SwiGLU's logistic by ``ex2.approx`` and
     ``rcp.approx`` (:func:`_sigmoid`) instead of Triton's accurate ``exp`` and division; None:
     ``SILU_APPROX_DEFAULT``. Interpret mode always evaluates XLA's logistic.
+
+    ``scatter`` (unpacked layout with a permutation): read each row in its original order and
+    store channel ``c`` at its permuted column (:func:`_scatter_rows`), or (False) gather the
+    row by the permutation and store in order; the same bytes either way. None:
+    ``UNPACKED_SCATTER``.
     """
     m, k = validate_args(x, perm, k4, norm_weight, clip4, clip8, tile_k, gate)
     _check_layout(layout, row_align)
@@ -603,6 +689,7 @@ def act_quant(
         bm=bm,
         row_align=row_align if layout == "unpacked" else 0,
         silu_approx=SILU_APPROX_DEFAULT if silu_approx is None else bool(silu_approx),
+        scatter_chunk=SCATTER_CHUNK if (UNPACKED_SCATTER if scatter is None else scatter) else 0,
     )
 
 

@@ -237,3 +237,37 @@ def test_swiglu_gate_checked():
         act_quant(x, perm, 128, gate=x, norm_weight=w, tile_k=TILE, interpret=True)
     with pytest.raises(ValueError, match="perm must be int32"):
         act_quant(x, perm[:5], 128, tile_k=TILE, interpret=True)
+
+
+@pytest.mark.parametrize(
+    "m,k,k4,bm,row_align,norm,gated,sorted_perm",
+    [
+        (5, 256, 192, 1, 8, True, False, True),  # a checkpoint's stored (gather-order) perm
+        (6, 384, 256, 2, 4, False, False, False),  # the score order, no norm (o_proj's input)
+        (3, 256, 0, 1, 4, True, False, True),  # all INT8
+        (4, 192, 192, 2, 1, True, False, False),  # all INT4
+        (7, 256, 128, 4, 16, False, True, True),  # SwiGLU under a permutation
+    ],
+)
+def test_unpacked_scatter_equals_gather(m, k, k4, bm, row_align, norm, gated, sorted_perm):
+    """The unpacked layout's two forms under a permutation, reading in order and storing
+    each channel at its permuted column (``scatter=True``) or gathering by the permutation
+    (the default): the same bytes and scales, both the reference's (tolerance: none)."""
+    from comet_jax.quant.fmpq import gather_order
+    from pallas_kernels import act_quant as aq
+
+    x, perm, w = _inputs(m, k, jnp.bfloat16, seed=3 * m + k4)
+    if sorted_perm:
+        perm = perm[jnp.asarray(gather_order(np.asarray(perm), k - k4))]
+    g = jax.random.normal(jax.random.PRNGKey(m), (m, k)).astype(jnp.bfloat16) if gated else None
+    kw = dict(norm_weight=w if norm else None, tile_k=TILE, layout="unpacked", gate=g)
+    kw["row_align"] = row_align
+    want = act_quant_reference(x, perm, k4, **kw)
+    outs = {
+        s: act_quant(x, perm, k4, interpret=True, scatter=s, rows_per_program=bm, **kw)
+        for s in (True, False)
+    }
+    for s, got in outs.items():
+        for a, b in zip(got, want):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=f"scatter={s}")
+    assert not aq.UNPACKED_SCATTER and aq.SCATTER_CHUNK >= 32

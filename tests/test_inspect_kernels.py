@@ -134,16 +134,18 @@ def test_inspect_captures_each_kernels_triton_ir(tmp_path, monkeypatch):
     probes = ik.gemm_probes(small=True) + ik.attention_probes(small=True)
     probes += ik.act_quant_probes(small=True)
     rows = ik.inspect(probes, tmp_path, "sm_90a")
-    aq_rows, rows = rows[-3:], rows[:-3]
+    aq_rows, rows = rows[-4:], rows[:-4]
     assert [r["name"] for r in aq_rows] == [
-        "act_quant_swiglu", "act_quant_swiglu_approx", "act_quant_norm_perm"
+        "act_quant_swiglu", "act_quant_swiglu_approx", "act_quant_norm_perm",
+        "act_quant_norm_perm_scatter",
     ]  # fmt: skip
     assert all("error" not in r and len(r["kernels"]) == 1 for r in aq_rows)
     aq = {r["name"]: (tmp_path / "isa" / f"{r['name']}_{r['kernels'][0]['entry']}.ttir").read_text()
           for r in aq_rows}  # fmt: skip
     # The approximate logistic only where asked; round-and-convert in one cvt everywhere;
-    # contiguous chunks: one row-amax reduction per segment (INT4, INT8), not one per chunk
-    # (gathered chunks keep one per chunk: 3 INT4 chunks of 128 + 1 INT8).
+    # contiguous chunks (the scattered form's too): one row-amax reduction per segment (INT4,
+    # INT8), not one per chunk (gathered chunks keep one per chunk: 3 INT4 chunks of 128 + 1
+    # INT8).
     assert "ex2.approx.ftz.f32" in aq["act_quant_swiglu_approx"]
     assert "ex2.approx" not in aq["act_quant_swiglu"]
     for name, ir in aq.items():
