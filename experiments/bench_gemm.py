@@ -704,8 +704,9 @@ def act_quant_build_study(results, deadline, baseline: str | None = None):
     input (K = 4096, RMSNorm, an FMPQ permutation stored as checkpoints store it, ascending
     within each segment, and once in random order) and the down projection's (K = 14336,
     SwiGLU of gate and up, identity order). Variants: this build's default, with ``silu_approx``
-    flipped (SwiGLU cases), and ``baseline``, a comma list of earlier act_quant.py files (see
-    :func:`load_module_file`; ``baseline_<file stem>``). Per variant: device us (two input
+    flipped (SwiGLU cases) or ``scatter`` flipped (permuted cases), and ``baseline``, a comma
+    list of earlier act_quant.py files (see :func:`load_module_file`; ``baseline_<file
+    stem>``). Per variant: device us (two input
     sets, each past the L2), elements of the INT8 operand that differ from the reference
     evaluated by XLA on the host CPU (and their largest difference in levels), scales that
     differ, and elements that differ from this build's default."""
@@ -752,6 +753,11 @@ def act_quant_build_study(results, deadline, baseline: str | None = None):
                 flip = not aq_mod.SILU_APPROX_DEFAULT
                 variants[f"silu_approx_{flip}"] = functools.partial(
                     fn, interpret=SMOKE, silu_approx=flip, **kw
+                )
+            if perm is not None and bname == "default":  # the other form of the permuted layout
+                flip = not aq_mod.UNPACKED_SCATTER
+                variants[f"scatter_{flip}"] = functools.partial(
+                    fn, interpret=SMOKE, scatter=flip, **kw
                 )
         row = dict(m=m, k=k, k4=k4, gated=gated, perm_order=order)
         row["silu_approx_default"] = aq_mod.SILU_APPROX_DEFAULT

@@ -150,8 +150,9 @@ def test_gate_up_table():
 
 def test_smoke_act_quant_build_study(tmp_path):
     """The build study: this build, its SwiGLU with ``silu_approx`` flipped (interpret mode:
-    XLA's logistic either way) and an earlier act_quant.py loaded from a file all give the
-    reference's bytes and are timed; a file without act_quant() is refused by name."""
+    XLA's logistic either way), its permuted layout in the other form (``scatter``) and an
+    earlier act_quant.py loaded from a file all give the reference's bytes and are timed; a
+    file without act_quant() is refused by name."""
     import pathlib
 
     import pytest
@@ -165,13 +166,15 @@ def test_smoke_act_quant_build_study(tmp_path):
     assert not plain["gated"] and gated["gated"]
     flip = f"silu_approx_{not gated['silu_approx_default']}"
     old = "baseline_old_act_quant"
-    for row, names in ((plain, ("default", old)), (gated, ("default", old, flip))):
+    scatter = f"scatter_{not aq.UNPACKED_SCATTER}"
+    assert plain["perm_order"] == "stored"
+    for row, names in ((plain, ("default", old, scatter)), (gated, ("default", old, flip))):
         for name in names:
             assert f"{name}_error" not in row, row.get(f"{name}_error")
             assert row[f"{name}_mismatch"] == 0 and row[f"{name}_scale_mismatch"] == 0, name
             assert row[f"{name}_us"] > 0
             assert name == "default" or row[f"{name}_vs_default_mismatch"] == 0
-    assert f"{flip}_us" not in plain  # K = 4096 cases have no SwiGLU
+    assert f"{flip}_us" not in plain and f"{scatter}_us" not in gated  # no SwiGLU / no perm
     assert plain["default_tbps"] == pytest.approx(plain["bytes_moved_mb"] / plain["default_us"])
     bench = experiment_scripts.load("bench_gemm")
     empty = tmp_path / "empty.py"
