@@ -746,19 +746,14 @@ def act_quant_build_study(results, deadline, baseline: str | None = None):
             gate=sets[0][1] if gated else None, **kw,
         )  # fmt: skip
         kw["perm"] = perm
-        variants = {}
-        for bname, fn in builds.items():
-            variants[bname] = functools.partial(fn, interpret=SMOKE, **kw)
-            if gated and bname == "default":
-                flip = not aq_mod.SILU_APPROX_DEFAULT
-                variants[f"silu_approx_{flip}"] = functools.partial(
-                    fn, interpret=SMOKE, silu_approx=flip, **kw
-                )
-            if perm is not None and bname == "default":  # the other form of the permuted layout
-                flip = not aq_mod.UNPACKED_SCATTER
-                variants[f"scatter_{flip}"] = functools.partial(
-                    fn, interpret=SMOKE, scatter=flip, **kw
-                )
+        variants = {b: functools.partial(fn, interpret=SMOKE, **kw) for b, fn in builds.items()}
+        flips = {"silu_approx": aq_mod.SILU_APPROX_DEFAULT} if gated else {}
+        if perm is not None:  # the other form of the permuted layout
+            flips["scatter"] = aq_mod.UNPACKED_SCATTER
+        for arg, default in flips.items():  # this build with one default flipped
+            variants[f"{arg}_{not default}"] = functools.partial(
+                act_quant, interpret=SMOKE, **{arg: not default}, **kw
+            )
         row = dict(m=m, k=k, k4=k4, gated=gated, perm_order=order)
         row["silu_approx_default"] = aq_mod.SILU_APPROX_DEFAULT
         outs = {}

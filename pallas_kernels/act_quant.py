@@ -345,11 +345,7 @@ def _kernel(
         x4_ref = out_refs.pop(0) if k4 else None
         x8_ref = out_refs.pop(0) if k8 else None
     s_ref = out_refs[0]
-    keep = None if valid_programs is None else pl.program_id(0) < valid_programs
-
-    def kept(v, fill):  # pad programs store zeros (scales: 1)
-        return v if keep is None else jnp.where(keep, v, fill)
-
+    kept = _keeper(valid_programs)
     bm = x_ref.shape[0]
     rows = jax.lax.broadcasted_iota(jnp.int32, (bm, 1), 0)
     inv = inv_ref[...].reshape(bm, 1) if has_norm else None
@@ -362,13 +358,8 @@ def _kernel(
             idx = idx_ref[pl.ds(start, width)].reshape(1, width)
             v = x_ref[rows, idx]  # [bm, width]
             g = None if g_ref is None else g_ref[rows, idx]
-        if g is not None:  # swiglu(g, v), as the layer computes it (rounded to x's dtype)
-            gf = g.astype(jnp.float32)
-            v = ((gf * _sigmoid(gf, interpret, silu_approx)) * v).astype(x_ref.dtype)
-        v = v.astype(jnp.float32)
-        if has_norm:
-            v = (v * inv) * w_ref[pl.ds(start, width)].reshape(1, width)
-        return v
+        w = (lambda: w_ref[pl.ds(start, width)].reshape(1, width)) if has_norm else None
+        return _layer_input(v, g, inv, w, interpret, silu_approx)
 
     def row_amax(chunks):  # [bm, 1]; the max is exact in any order
         if idx_ref is None:
@@ -417,7 +408,35 @@ def _kernel(
         at = k4 if unpacked else 0  # the INT8 segment's first column in its output
         for c, v in zip(starts8, v8):
             x8_ref[:, pl.ds(at + c, cw8)] = kept(quant(v, s8, 127.0), 0).astype(jnp.int8)
-    lane = jax.lax.broadcasted_iota(jnp.int32, (bm, 2), 1)
+    _store_scales(s_ref, s4, s8, kept)
+
+
+def _keeper(valid_programs):
+    """``kept(v, fill)``: ``v``, or ``fill`` in the programs from ``valid_programs`` on (they
+    write the zero rows, scales 1, that pad the unpacked output)."""
+    keep = None if valid_programs is None else pl.program_id(0) < valid_programs
+
+    def kept(v, fill):
+        return v if keep is None else jnp.where(keep, v, fill)
+
+    return kept
+
+
+def _layer_input(v, g, inv, load_w, interpret, silu_approx):
+    """A chunk ``[bm, width]`` of x as f32 as the layer feeds its linear: with the SwiGLU gate
+    ``g``, ``silu(f32(g)) * v`` rounded to v's dtype first (as the layer computes it); with
+    ``load_w`` (loads the RMSNorm weights ``[1, width]``; called after ``v * inv`` is
+    formed, the order the measured kernels were traced in) ``(v * inv) * w``."""
+    if g is not None:
+        gf = g.astype(jnp.float32)
+        v = ((gf * _sigmoid(gf, interpret, silu_approx)) * v).astype(v.dtype)
+    v = v.astype(jnp.float32)
+    return v if load_w is None else (v * inv) * load_w()
+
+
+def _store_scales(s_ref, s4, s8, kept):
+    """``[bm, 2]`` (INT4, INT8) scales; padding programs store 1."""
+    lane = jax.lax.broadcasted_iota(jnp.int32, s_ref.shape, 1)
     s_ref[...] = kept(jnp.where(lane == 0, s4, s8), 1.0)
 
 
@@ -441,22 +460,14 @@ def _scatter_rows(
     order (ascending within each segment, ``fmpq.gather_order``) a warp's stores land in
     one or two runs of columns."""
     bm, k = x_ref.shape
-    keep = None if valid_programs is None else pl.program_id(0) < valid_programs
-
-    def kept(v, fill):
-        return v if keep is None else jnp.where(keep, v, fill)
-
+    kept = _keeper(valid_programs)
     rows = jax.lax.broadcasted_iota(jnp.int32, (bm, 1), 0)
     inv = inv_ref[...].reshape(bm, 1) if has_norm else None
     chunks = []
     for c in range(0, k, cw):
-        v = x_ref[:, pl.ds(c, cw)]
-        if g_ref is not None:
-            gf = g_ref[:, pl.ds(c, cw)].astype(jnp.float32)
-            v = ((gf * _sigmoid(gf, interpret, silu_approx)) * v).astype(x_ref.dtype)
-        v = v.astype(jnp.float32)
-        if has_norm:
-            v = (v * inv) * w_ref[pl.ds(c, cw)].reshape(1, cw)
+        g = None if g_ref is None else g_ref[:, pl.ds(c, cw)]
+        w = (lambda c=c: w_ref[pl.ds(c, cw)].reshape(1, cw)) if has_norm else None
+        v = _layer_input(x_ref[:, pl.ds(c, cw)], g, inv, w, interpret, silu_approx)
         pos = pos_ref[pl.ds(c, cw)].reshape(1, cw)
         chunks.append((v, pos, pos >= k4))
     a4 = a8 = None
@@ -473,8 +484,7 @@ def _scatter_rows(
         q = _round_to_int(v * jnp.where(is8, inv8, inv4), -128, 127, interpret)
         q = jnp.clip(q, jnp.where(is8, -128, -8), jnp.where(is8, 127, 7))
         out_ref[rows, pos] = kept(jnp.where(is8, q, q * 16), 0).astype(jnp.int8)
-    lane = jax.lax.broadcasted_iota(jnp.int32, (bm, 2), 1)
-    s_ref[...] = kept(jnp.where(lane == 0, s4, s8), 1.0)
+    _store_scales(s_ref, s4, s8, kept)
 
 
 def _adapt_refs(*refs, gated, gathered, **kw):

@@ -1020,6 +1020,11 @@ def _attend_result(outs, q_rows, q_direct, q_tiled, num_splits, return_lse):
     return out, lse
 
 
+def _q_residual(q_residual) -> bool:
+    """``q_residual`` checked, None resolved to :data:`Q_RESIDUAL_DEFAULT`."""
+    return _check_bool("q_residual", Q_RESIDUAL_DEFAULT if q_residual is None else q_residual)
+
+
 def _spare_rows(block_rows: int, hg_pad: int, rows: int) -> bool:
     """A decode tile of 16 rows whose GQA group fits 8 of them (one query token): rows 8-15
     are copies or padding, free to carry q's residual part (``Q_RESIDUAL_ROWS``)."""
@@ -1363,9 +1368,7 @@ def paged_decode_attention(
         interpret=interpret,
         unpack=unpack,
         qk_int8=_check_qk_int8(qk_int8, kv),
-        q_residual=_check_bool(
-            "q_residual", Q_RESIDUAL_DEFAULT if q_residual is None else q_residual
-        ),
+        q_residual=_q_residual(q_residual),
         causal_shift=_check_shift(causal_shift),
         return_lse=want_lse,
         ring=in_kernel,
@@ -1500,9 +1503,7 @@ def paged_prefill_attention(
         interpret=interpret,
         unpack=unpack,
         qk_int8=_check_qk_int8(qk_int8, kv),
-        q_residual=_check_bool(
-            "q_residual", Q_RESIDUAL_DEFAULT if q_residual is None else q_residual
-        ),
+        q_residual=_q_residual(q_residual),
         causal_shift=_check_shift(causal_shift),
         return_lse=return_lse,
         q_direct=direct,
