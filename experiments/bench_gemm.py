@@ -1228,7 +1228,8 @@ def mgpu_study(results, deadline, ms=None, shapes_name="llama3-8b", smem_unpack=
     element within 2^-7 of its magnitude plus the output's RMS (one bf16 rounding; park_int8
     adds one more of the INT8 term, 2^-9 of it), and the relative error of the whole output
     < 1e-2."""
-    from pallas_kernels.w4ax_mgpu import MgpuConfig, w4ax_matmul_mgpu
+    from pallas_kernels.w4ax_matmul import UNPACKED_ROW_ALIGN
+    from pallas_kernels.w4ax_mgpu import MgpuConfig, _num_sms, w4ax_matmul_mgpu, wave_fit_schedules
 
     rows = results.setdefault("mgpu", [])
     shapes = _study_shapes(shapes_name)
@@ -1264,11 +1265,16 @@ def mgpu_study(results, deadline, ms=None, shapes_name="llama3-8b", smem_unpack=
                     "": (),
                     "tiles": MGPU_W_REGS_CONFIGS,
                     "decode": MGPU_W_REGS_DECODE_CONFIGS,
+                    "fit": (),
                 }[w_regs]
                 more = (MGPU_SMEM_UNPACK_CONFIGS if smem_unpack else ()) + w_regs_configs
-                for fields in more:
-                    if MgpuConfig(**fields) not in configs:
-                        configs.append(MgpuConfig(**fields))
+                for cfg in [MgpuConfig(**fields) for fields in more] + (
+                    wave_fit_schedules(m, n, sms=_num_sms(), row_align=UNPACKED_ROW_ALIGN)
+                    if w_regs == "fit"
+                    else []
+                ):
+                    if cfg not in configs:
+                        configs.append(cfg)
             for cfg in configs:
                 lbl = _mgpu_label(cfg)
                 f = functools.partial(w4ax_matmul_mgpu, config=cfg)
@@ -1284,6 +1290,7 @@ def mgpu_study(results, deadline, ms=None, shapes_name="llama3-8b", smem_unpack=
                 row[f"{lbl}_us"], row[f"{lbl}_bad"], row[f"{lbl}_rel_err"] = t, bad, err
                 if bad == 0 and err < 1e-2 and t < best[0]:
                     best = (t, lbl)
+                    row["best_mgpu"] = dataclasses.asdict(cfg)
             row["best"], row["best_us"] = best[1], best[0]
             row["best_vs_bf16"] = row["bf16_us"] / best[0]
             row["best_vs_int8"] = row["int8_us"] / best[0]
@@ -1710,10 +1717,13 @@ def main(argv=None):
         nargs="?",
         const="tiles",
         default="",
-        choices=("tiles", "decode"),
+        choices=("tiles", "decode", "fit"),
         help="--mgpu times the tuning table's schedule and the schedules unpacking the packed "
-        "weights in registers: MGPU_W_REGS_CONFIGS (tiles, the default) or the token tiles "
-        "dividing the 1216-row decode batch (decode: MGPU_W_REGS_DECODE_CONFIGS)",
+        "weights in registers: MGPU_W_REGS_CONFIGS (tiles, the default), the token tiles "
+        "dividing the 1216-row decode batch (decode: MGPU_W_REGS_DECODE_CONFIGS), or the "
+        "token tiles that fill the SMs' waves best at each --study-ms M (fit: "
+        "w4ax_mgpu.wave_fit_schedules); the best schedule of each row is recorded as "
+        "best_mgpu (python -m pallas_kernels.tuning --from-study puts it in the table)",
     )
     ap.add_argument(
         "--out-rows",

@@ -11,7 +11,11 @@ bucket's entries before); the heuristic :func:`default_config`. Regenerate on a 
     PYTHONPATH=. python -m pallas_kernels.tuning --regenerate [--quick]
 
 which times the candidate configs of :func:`candidates` on random data (device time,
-:mod:`pallas_kernels.timing`, L2-rotating repeats) and rewrites the JSON.
+:mod:`pallas_kernels.timing`, L2-rotating repeats) and rewrites the JSON. The Mosaic GPU
+entries come from ``experiments/bench_gemm.py --mgpu`` studies instead (each row's best
+schedule checked against the reference, then timed), merged with
+
+    PYTHONPATH=. python -m pallas_kernels.tuning --from-study gemm_<date>.json --bucket B
 """
 
 from __future__ import annotations
@@ -28,11 +32,12 @@ from pallas_kernels.w4ax_matmul import DEFAULT_TILE_K, GemmConfig
 
 TABLE_PATH = pathlib.Path(__file__).with_name("tuning_table.json")
 # 512: the engine's largest decode bucket by default; 1536: the LLaMA-3-8B decode batch of
-# the 1024/512 max-throughput runs (1214 rows; the 4096 bucket's entries are tuned at 8192).
-M_BUCKETS = (1, 4, 16, 64, 256, 512, 1024, 1536, 4096)
+# the 1024/512 max-throughput runs on the H100 (1214 rows); 3072: the same on the H200 (2222
+# rows; the 4096 bucket's entries are tuned at 8192).
+M_BUCKETS = (1, 4, 16, 64, 256, 512, 1024, 1536, 3072, 4096)
 # A bucket added later -> the bucket that covered its M before: shapes without entries of
 # their own keep the configs they had.
-FALLBACK_BUCKET = {1536: 4096}
+FALLBACK_BUCKET = {1536: 4096, 3072: 4096}
 FRAC_BUCKETS = (0.0, 0.125, 0.25, 0.5, 1.0)
 NUM_SMS = 132  # H100 SXM; only shapes the heuristic's grid sizes
 
@@ -363,12 +368,70 @@ def write_table(entries: dict, meta: dict, out_path=TABLE_PATH, merge: bool = Tr
     load_table.cache_clear()
 
 
+def entries_from_study(study: dict, bucket: int) -> dict:
+    """Table entries for M bucket ``bucket`` from a ``bench_gemm.py --mgpu`` results file
+    (``study``, the parsed JSON): each row timed at an M of that bucket whose best schedule
+    was a Mosaic GPU one (``best_mgpu``) gives ``"<bucket>:<N>:<K>:<frac>"`` -> that
+    schedule as an ``mgpu`` GemmConfig, with ``us`` and ``at_m`` (the M it was timed at).
+    Rows whose best was the table's Triton fallback add nothing. Two rows of one key: the
+    one timed at the larger M wins."""
+    from pallas_kernels.w4ax_mgpu import MgpuConfig
+
+    if bucket not in M_BUCKETS:
+        raise ValueError(f"bucket {bucket} is not one of M_BUCKETS {M_BUCKETS}")
+    rows = study.get("mgpu")
+    if not rows:
+        raise ValueError("the study has no 'mgpu' rows (bench_gemm.py --mgpu writes them)")
+    entries, at = {}, {}
+    for row in rows:
+        m, n, k, k8 = (int(row[f]) for f in ("m", "n", "k", "k8"))
+        if m_bucket(m) != bucket:
+            raise ValueError(f"a row at M = {m} falls in bucket {m_bucket(m)}, not {bucket}")
+        if "best_mgpu" not in row:
+            continue
+        key = table_key(m, n, k, k8)
+        if at.get(key, 0) > m:
+            continue
+        cfg = MgpuConfig(**row["best_mgpu"]).to_gemm_config()
+        entries[key] = dict(cfg.to_dict(), us=round(float(row["best_us"]), 2), at_m=m)
+        at[key] = m
+    return entries
+
+
 def _main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--regenerate", action="store_true", help="sweep configs on the GPU")
     ap.add_argument("--quick", action="store_true", help="fewer candidates and shapes")
+    ap.add_argument(
+        "--from-study",
+        metavar="FILE",
+        help="merge the best Mosaic GPU schedules of a bench_gemm.py --mgpu results file into "
+        "the table (entries_from_study; --bucket names the M bucket its rows fall in)",
+    )
+    ap.add_argument("--bucket", type=int, help="the M bucket of --from-study's rows")
     ap.add_argument("--out", default=str(TABLE_PATH))
     args = ap.parse_args(argv)
+    if args.from_study:
+        if args.bucket is None:
+            ap.error("--from-study needs --bucket")
+        study = json.loads(pathlib.Path(args.from_study).read_text())
+        try:
+            entries = entries_from_study(study, args.bucket)
+        except ValueError as e:
+            ap.error(f"--from-study {args.from_study}: {e}")
+        out = pathlib.Path(args.out)
+        meta = json.loads(out.read_text()).get("meta", {}) if out.exists() else {}
+        name = pathlib.Path(args.from_study).name
+        src = (
+            f"{args.bucket} bucket: the best Mosaic GPU schedules of bench_gemm.py --mgpu ({name})"
+        )
+        run = study.get("meta", {})
+        when = f"{run.get('device')}, jax {run.get('jax')}, {run.get('date')}"
+        meta["note"] = f"{meta.get('note', '')}; {src} ({when})".lstrip("; ")
+        write_table(entries, meta, out)
+        for key, v in sorted(entries.items()):
+            print(key, v)
+        return
     if not args.regenerate:
         for key, v in sorted(load_table().items()):
             print(key, v)

@@ -196,6 +196,32 @@ class MgpuConfig:
             smem_unpack="w" not in cfg.pre_unpack,
         )
 
+    def to_gemm_config(self):
+        """The ``mgpu`` :class:`~pallas_kernels.tuning.GemmConfig` (a tuning-table entry)
+        that :meth:`from_gemm_config` maps back to this schedule; ``snake`` has no field
+        there and must be the default."""
+        from pallas_kernels.w4ax_matmul import GemmConfig
+
+        if self.snake != MgpuConfig.snake:
+            raise ValueError(
+                f"MgpuConfig.snake={self.snake}: a GemmConfig has no field for it (only the "
+                f"default {MgpuConfig.snake} round-trips)"
+            )
+        if self.w_regs:
+            shape = dict(block_m=self.block_n, block_n=2 * self.rows_per_wg, swap_ab=True)
+            pre = "x"
+        else:
+            shape = dict(block_m=2 * self.rows_per_wg, block_n=self.block_n, swap_ab=False)
+            pre = "x" if self.smem_unpack else "wx"
+        return GemmConfig(
+            **shape,
+            num_warps=4,
+            num_stages=self.stages,
+            pre_unpack=pre,
+            backend="mgpu",
+            acc8_first=self.park_int8,
+        )
+
 
 def _num_sms() -> int:
     return getattr(jax.devices()[0], "core_count", 132)
@@ -772,6 +798,52 @@ def acc_regs(cfg, *, two_segments: bool, outputs: int = 1) -> int:
     park = cfg.park_int8 and two_segments
     per_output = one + one // 2 if park else one * (2 if two_segments else 1)
     return outputs * per_output
+
+
+# wave_fit_schedules' cost model: a tile's fixed cost (pipeline fill and drain, epilogue) in
+# token-equivalents of its K loop. A ranking heuristic only; the study times what it ranks.
+TILE_OVERHEAD_TOKENS = 24
+
+
+def wave_fit_schedules(
+    m: int,
+    n: int,
+    *,
+    sms: int = 132,
+    row_align: int = 1,
+    top: int = 3,
+    two_segments: bool = True,
+) -> list[MgpuConfig]:
+    """w_regs schedules (128 weight rows a tile) whose token tiles suit ``m`` rows of a
+    ``[m, K] x [K, n]`` GEMM on ``sms`` SMs, best-ranked first: for each token count ``t``
+    (a multiple of 16 in ``W_REGS_TOKENS``) the persistent grid runs ``ceil(m / t) * n /
+    128`` tiles in ``waves = ceil(tiles / sms)`` rounds, each costing ``t +
+    TILE_OVERHEAD_TOKENS``; the ``top`` cheapest token counts are kept (ties: more tokens a
+    tile first), each as the unparked schedule where its two accumulators fit
+    ``MAX_ACC_REGS`` and the ``park_int8`` one. ``row_align``: the operand's rows are padded
+    to a multiple of it already (act_quant's ``row_align``); token tiles reaching past that
+    would pad the operand a second time and are left out. At M = 2224 (the H200's 1024/512
+    decode batch) the 4096 bucket's 256-token tiles put 288 tiles of an ``N = 4096`` GEMM in
+    three waves, the last 18% full; 144-token tiles make 512 tiles, 3.9 waves."""
+    if m < 1 or n % 128:
+        raise ValueError(f"wave_fit_schedules: want m >= 1 and n % 128 == 0, got {m}, {n}")
+    rows = -(-m // row_align) * row_align
+    lo, hi = W_REGS_TOKENS
+    scored = []
+    for t in range(lo, hi + 1, 16):
+        tiles_m = -(-m // t)
+        if tiles_m * t > max(rows, t):  # a second padding of the operand's rows
+            continue
+        waves = -(-tiles_m * (n // 128) // sms)
+        scored.append((waves * (t + TILE_OVERHEAD_TOKENS), -t))
+    out = []
+    for _, neg_t in sorted(scored)[:top]:
+        plain = MgpuConfig(block_n=-neg_t, rows_per_wg=64, w_regs=True)
+        if acc_regs(plain, two_segments=two_segments) <= MAX_ACC_REGS:
+            out.append(plain)
+        if two_segments:
+            out.append(dataclasses.replace(plain, park_int8=True))
+    return out
 
 
 def _acc_reason(cfg, outputs: int = 1) -> str:

@@ -410,18 +410,99 @@ def test_tuning_bucket_of_the_8b_decode_batch_falls_back_to_the_old_bucket():
     """The M = 1536 bucket (tuned at the LLaMA-3-8B decode batch 1214) has its own entries
     for the engine's 8B shapes; a shape without one there keeps the 4096 bucket's
     (FALLBACK_BUCKET: what M = 1025..1536 used before the bucket existed), and M above the
-    bucket still reads the 4096 bucket."""
+    3072 bucket still reads the 4096 bucket."""
     from pallas_kernels import tuning
 
     table = tuning.load_table()
-    assert tuning.m_bucket(1214) == 1536 and tuning.m_bucket(1537) == 4096
+    assert tuning.m_bucket(1214) == 1536 and tuning.m_bucket(1537) == 3072
     for n, k in tuning.ENGINE_SHAPES["llama3-8b"]:
         key = f"1536:{n}:{k}:0.25"
         assert key in table, key
         assert tuning.get_config(1214, n, k, k // 4) == GemmConfig.from_dict(table[key])
-        assert tuning.get_config(2048, n, k, k // 4) == GemmConfig.from_dict(
+        assert tuning.get_config(4000, n, k, k // 4) == GemmConfig.from_dict(
             table[f"4096:{n}:{k}:0.25"]
         )
     assert "1536:8192:8192:0.25" not in table
     before = GemmConfig.from_dict(table["4096:8192:8192:0.25"])
     assert tuning.get_config(1214, 8192, 8192, 2048) == before
+
+
+def test_tuning_bucket_of_the_h200_decode_batch():
+    """The 3072 bucket (the H200's 1024/512 decode batch, 2222 rows, tuned at M = 2224) has
+    entries for the engine's 8B shapes; M above it reads the 4096 bucket, and a shape
+    without an entry of its own falls back to the 4096 bucket's."""
+    from pallas_kernels import tuning
+
+    table = tuning.load_table()
+    assert tuning.m_bucket(1537) == tuning.m_bucket(2222) == tuning.m_bucket(3072) == 3072
+    assert tuning.m_bucket(3073) == 4096
+    for n, k in tuning.ENGINE_SHAPES["llama3-8b"]:
+        entry = table[f"3072:{n}:{k}:0.25"]
+        assert entry["at_m"] == 2224
+        assert tuning.get_config(2222, n, k, k // 4) == GemmConfig.from_dict(entry)
+        assert tuning.get_config(3073, n, k, k // 4) == GemmConfig.from_dict(
+            table[f"4096:{n}:{k}:0.25"]
+        )
+    assert "3072:8192:8192:0.25" not in table
+    before = GemmConfig.from_dict(table["4096:8192:8192:0.25"])
+    assert tuning.get_config(2222, 8192, 8192, 2048) == before
+
+
+FIT_STUDY = "experiments/results/gemm_2026-11-28_mgpu_w_regs_fit_h200.json"
+
+
+def test_entries_from_study_rebuild_the_table_rows():
+    """tuning.entries_from_study turns a bench_gemm.py --mgpu results file into table entries
+    (the best Mosaic GPU schedule of each row, its time, the M it was timed at): the
+    recorded study gives the 3072 bucket's entries exactly; rows whose best is not a Mosaic
+    GPU schedule add nothing; of two rows of one key the larger M wins; bad input is named."""
+    import json
+    import pathlib
+
+    from pallas_kernels import tuning
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    study = json.loads((root / FIT_STUDY).read_text())
+    entries = tuning.entries_from_study(study, 3072)
+    table = tuning.load_table()
+    assert entries and entries == {key: table[key] for key in entries}
+    rows = study["mgpu"]
+    triton = dict(rows[0], best="tuned")
+    del triton["best_mgpu"]
+    assert tuning.entries_from_study({"mgpu": [triton]}, 3072) == {}
+    small = dict(rows[0], m=1600, best_us=1.0)
+    key = tuning.table_key(rows[0]["m"], rows[0]["n"], rows[0]["k"], rows[0]["k8"])
+    both = tuning.entries_from_study({"mgpu": [rows[0], small]}, 3072)
+    assert both[key]["at_m"] == 2224
+    with pytest.raises(ValueError, match="bucket 4096, not 3072"):
+        tuning.entries_from_study({"mgpu": [dict(rows[0], m=4000)]}, 3072)
+    with pytest.raises(ValueError, match="not one of M_BUCKETS"):
+        tuning.entries_from_study(study, 3000)
+    with pytest.raises(ValueError, match="no 'mgpu' rows"):
+        tuning.entries_from_study({"sweep": []}, 3072)
+
+
+def test_from_study_cli_merges_into_a_table(tmp_path, capsys):
+    """``python -m pallas_kernels.tuning --from-study FILE --bucket B --out TABLE`` merges the
+    study's entries into TABLE (other entries kept) and notes the source in its meta."""
+    import json
+    import pathlib
+
+    from pallas_kernels import tuning
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    out = tmp_path / "table.json"
+    out.write_text(json.dumps({"meta": {"note": "old"}, "entries": {"1:8:8:0.0": {"us": 1}}}))
+    try:
+        tuning._main(["--from-study", str(root / FIT_STUDY), "--bucket", "3072", "--out", str(out)])
+    finally:
+        tuning.load_table.cache_clear()
+    written = json.loads(out.read_text())
+    assert "1:8:8:0.0" in written["entries"]
+    assert "3072:4096:4096:0.25" in written["entries"]
+    note = written["meta"]["note"]
+    assert note.startswith("old; 3072 bucket") and "gemm_2026-11-28_mgpu_w_regs_fit_h200" in note
+    assert "3072:4096:4096:0.25" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        tuning._main(["--from-study", str(root / FIT_STUDY), "--out", str(out)])
+    assert "needs --bucket" in capsys.readouterr().err

@@ -66,6 +66,58 @@ def test_w_regs_config_from_a_gemm_config():
     assert plain.smem_unpack and not plain.w_regs and (plain.block_m, plain.tile_n) == (256, 128)
 
 
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        MgpuConfig(block_n=144, w_regs=True),
+        MgpuConfig(block_n=256, w_regs=True, park_int8=True, stages=3),
+        MgpuConfig(block_n=128, rows_per_wg=128, w_regs=True),
+        MgpuConfig(block_n=128, rows_per_wg=128, park_int8=True),
+        MgpuConfig(block_n=64, smem_unpack=True, stages=5),
+    ],
+)
+def test_to_gemm_config_round_trips(cfg):
+    """MgpuConfig.to_gemm_config is the table entry from_gemm_config maps back to it."""
+    g = cfg.to_gemm_config()
+    assert g.backend == "mgpu" and MgpuConfig.from_gemm_config(g) == cfg
+    assert (g.block_m, g.block_n) == (cfg.block_m, cfg.tile_n)
+    with pytest.raises(ValueError, match="snake=4"):
+        dataclasses.replace(cfg, snake=4).to_gemm_config()
+
+
+def test_wave_fit_schedules_rank_token_tiles_by_whole_waves():
+    """wave_fit_schedules ranks token tiles by modeled waves x tile cost: at the M the table
+    was measured at it puts the measured winner first (H100: 160 tokens at M = 1214, 256 at
+    8192); at the H200's 2224-row decode batch it prefers tiles filling the waves better than
+    256 (288 tiles of an N = 4096 GEMM: 3 waves on 132 SMs, the last 18% full); no tile
+    pads the operand past act_quant's rows; park_int8 variants follow each token count, the
+    unparked one only where two accumulators fit the register budget."""
+    from pallas_kernels.w4ax_mgpu import MAX_ACC_REGS, acc_regs, wave_fit_schedules
+
+    def tokens(m, n, **kw):
+        return [c.block_n for c in wave_fit_schedules(m, n, row_align=256, **kw)]
+
+    assert tokens(1214, 4096)[0] == 160
+    assert tokens(8192, 4096)[0] == 256
+    fit = tokens(2224, 4096)
+    assert 256 not in fit and fit[0] == 192 and 144 in fit
+    for m in (300, 1214, 2224, 8192):
+        for n in (1024, 4096, 14336):
+            cfgs = wave_fit_schedules(m, n, row_align=256)
+            assert len({c.block_n for c in cfgs}) == 3
+            for c in cfgs:
+                assert c.w_regs and c.tile_n == 128
+                assert -(-m // c.block_n) * c.block_n <= -(-m // 256) * 256
+                assert acc_regs(c, two_segments=True) <= MAX_ACC_REGS
+            assert [c for c in cfgs if c.park_int8]
+    one = wave_fit_schedules(2224, 4096, row_align=256, two_segments=False)
+    assert not any(c.park_int8 for c in one)
+    with pytest.raises(ValueError, match="n % 128"):
+        wave_fit_schedules(2224, 4000)
+    with pytest.raises(ValueError, match="m >= 1"):
+        wave_fit_schedules(0, 4096)
+
+
 def test_shape_errors_name_the_problem():
     ops = list(random_operands(jax.random.PRNGKey(1), 8, 192, 256, 128))
     with pytest.raises(ValueError, match="N=192 must be a multiple of MgpuConfig.block_n=128"):
@@ -190,5 +242,11 @@ def test_table_routes_the_large_gemms_to_mosaic_gpu_with_the_weights_unpacked_in
         assert MgpuConfig.from_gemm_config(cfg).w_regs
         cfg = get_config(1214, n, k, k // 4)
         assert (cfg.backend, cfg.block_m) == ("mgpu", 80 if n == 1024 else 160)
+        assert MgpuConfig.from_gemm_config(cfg).w_regs
+        # the H200's 2224-row decode batch (2026-11-28, the 3072 bucket): tiles that fill
+        # the waves, INT8 first
+        cfg = get_config(2224, n, k, k // 4)
+        want = {(4096, 4096): 192, (4096, 14336): 192, (14336, 4096): 224, (1024, 4096): 144}
+        assert (cfg.backend, cfg.block_m, cfg.acc8_first) == ("mgpu", want[n, k], True)
         assert MgpuConfig.from_gemm_config(cfg).w_regs
     assert get_config(256, 14336, 4096, 1024).backend == "pallas"
