@@ -1213,22 +1213,30 @@ MGPU_W_REGS_DECODE_CONFIGS = (
 )
 
 
+# Tile-order bands (MgpuConfig.snake) timed against the table's schedule (default 8):
+# `--mgpu-w-regs snake`.
+MGPU_SNAKES = (2, 4, 16, 32)
+
+
 def _mgpu_label(c) -> str:
     """A MgpuConfig's row label: tile (rows x columns of the output), stages, park8 /
-    smem-unpack / w-regs."""
+    smem-unpack / w-regs, and the tile-order band where it is not the default."""
+    from pallas_kernels.w4ax_mgpu import MgpuConfig
+
     extra = (" park8" if c.park_int8 else "") + (" smem-unpack" if c.smem_unpack else "")
     extra += " w-regs" if c.w_regs else ""
+    extra += f" snake{c.snake}" if c.snake != MgpuConfig.snake else ""
     return f"mgpu {c.block_m}x{c.tile_n} s{c.stages}{extra}"
 
 
 def mgpu_study(results, deadline, ms=None, shapes_name="llama3-8b", smem_unpack=False, w_regs=""):
     """The Mosaic GPU W4Ax kernel (``pallas_kernels/w4ax_mgpu.py``) against the Triton kernel
-    (the table's config; for an ``mgpu`` entry its Triton fields) and XLA bf16 / int8 at compute-bound M (default 1024, 4096, 8192), 25% INT8. Each
+    (the table's config; for an ``mgpu`` entry the Triton fallback the engine would run) and XLA bf16 / int8 at compute-bound M (default 1024, 4096, 8192), 25% INT8. Each
     schedule's output is first checked on the device against the reference (f32): every
     element within 2^-7 of its magnitude plus the output's RMS (one bf16 rounding; park_int8
     adds one more of the INT8 term, 2^-9 of it), and the relative error of the whole output
     < 1e-2."""
-    from pallas_kernels.w4ax_matmul import UNPACKED_ROW_ALIGN
+    from pallas_kernels.w4ax_matmul import UNPACKED_ROW_ALIGN, _fallback_from_mgpu
     from pallas_kernels.w4ax_mgpu import MgpuConfig, _num_sms, w4ax_matmul_mgpu, wave_fit_schedules
 
     rows = results.setdefault("mgpu", [])
@@ -1245,8 +1253,8 @@ def mgpu_study(results, deadline, ms=None, shapes_name="llama3-8b", smem_unpack=
             tol = 2.0**-7 * (np.abs(y_ref) + np.sqrt(np.mean(y_ref**2)))
             sets = _ours_sets(m, n, k, k8, n_copies(n * k // 2, m))
             tuned = tuning.get_config(m, n, k, k8)
-            if tuned.backend == "mgpu":  # compare against Triton: the entry's fallback fields
-                tuned = dataclasses.replace(tuned, backend="pallas")
+            if tuned.backend == "mgpu":  # compare against Triton: the entry's fallback
+                tuned = _fallback_from_mgpu(tuned, ops[4])
             row = dict(m=m, n=n, k=k, k8=k8, tuned_config=tuned.to_dict())
             row["bf16_us"] = time_bf16(m, n, k) * 1e6
             row["int8_us"] = time_int8(m, n, k) * 1e6
@@ -1266,13 +1274,15 @@ def mgpu_study(results, deadline, ms=None, shapes_name="llama3-8b", smem_unpack=
                     "tiles": MGPU_W_REGS_CONFIGS,
                     "decode": MGPU_W_REGS_DECODE_CONFIGS,
                     "fit": (),
+                    "snake": (),
                 }[w_regs]
-                more = (MGPU_SMEM_UNPACK_CONFIGS if smem_unpack else ()) + w_regs_configs
-                for cfg in [MgpuConfig(**fields) for fields in more] + (
-                    wave_fit_schedules(m, n, sms=_num_sms(), row_align=UNPACKED_ROW_ALIGN)
-                    if w_regs == "fit"
-                    else []
-                ):
+                more = [MgpuConfig(**f) for f in (MGPU_SMEM_UNPACK_CONFIGS if smem_unpack else ())]
+                more += [MgpuConfig(**fields) for fields in w_regs_configs]
+                if w_regs == "fit":
+                    more += wave_fit_schedules(m, n, sms=_num_sms(), row_align=UNPACKED_ROW_ALIGN)
+                if w_regs == "snake" and configs:
+                    more += [dataclasses.replace(configs[0], snake=b) for b in MGPU_SNAKES]
+                for cfg in more:
                     if cfg not in configs:
                         configs.append(cfg)
             for cfg in configs:
@@ -1717,12 +1727,13 @@ def main(argv=None):
         nargs="?",
         const="tiles",
         default="",
-        choices=("tiles", "decode", "fit"),
+        choices=("tiles", "decode", "fit", "snake"),
         help="--mgpu times the tuning table's schedule and the schedules unpacking the packed "
         "weights in registers: MGPU_W_REGS_CONFIGS (tiles, the default), the token tiles "
         "dividing the 1216-row decode batch (decode: MGPU_W_REGS_DECODE_CONFIGS), or the "
         "token tiles that fill the SMs' waves best at each --study-ms M (fit: "
-        "w4ax_mgpu.wave_fit_schedules); the best schedule of each row is recorded as "
+        "w4ax_mgpu.wave_fit_schedules), or the table's schedule with other tile-order bands "
+        "(snake: MGPU_SNAKES); the best schedule of each row is recorded as "
         "best_mgpu (python -m pallas_kernels.tuning --from-study puts it in the table)",
     )
     ap.add_argument(

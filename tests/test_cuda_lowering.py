@@ -80,6 +80,9 @@ def test_w4ax_gemm_lowers(m, config):
         (1216, 384, 128, True, dict(w_regs=True, block_n=160, park_int8=True, stages=3)),
         (40, 0, 512, True, dict(w_regs=True, block_n=80)),
         (300, 512, 0, False, dict(w_regs=True, rows_per_wg=128, stages=3)),
+        # the 3072 bucket's tiles at the H200's decode batch; a wider tile-order band
+        (2224, 384, 128, False, dict(w_regs=True, block_n=192, park_int8=True)),
+        (2224, 384, 128, True, dict(w_regs=True, block_n=224, park_int8=True, snake=32)),
     ],
 )
 def test_w4ax_mgpu_gemm_lowers(m, k4, k8, bias, fields):
