@@ -1231,7 +1231,8 @@ def _mgpu_label(c) -> str:
 
 def mgpu_study(results, deadline, ms=None, shapes_name="llama3-8b", smem_unpack=False, w_regs=""):
     """The Mosaic GPU W4Ax kernel (``pallas_kernels/w4ax_mgpu.py``) against the Triton kernel
-    (the table's config; for an ``mgpu`` entry the Triton fallback the engine would run) and XLA bf16 / int8 at compute-bound M (default 1024, 4096, 8192), 25% INT8. Each
+    (the table's config; for an ``mgpu`` entry the Triton fallback the engine would run) and
+    XLA bf16 / int8 at compute-bound M (default 1024, 4096, 8192), 25% INT8. Each
     schedule's output is first checked on the device against the reference (f32): every
     element within 2^-7 of its magnitude plus the output's RMS (one bf16 rounding; park_int8
     adds one more of the INT8 term, 2^-9 of it), and the relative error of the whole output

@@ -822,9 +822,11 @@ def wave_fit_schedules(
     tile first), each as the unparked schedule where its two accumulators fit
     ``MAX_ACC_REGS`` and the ``park_int8`` one. ``row_align``: the operand's rows are padded
     to a multiple of it already (act_quant's ``row_align``); token tiles reaching past that
-    would pad the operand a second time and are left out. At M = 2224 (the H200's 1024/512
-    decode batch) the 4096 bucket's 256-token tiles put 288 tiles of an ``N = 4096`` GEMM in
-    three waves, the last 18% full; 144-token tiles make 512 tiles, 3.9 waves."""
+    would pad the operand a second time and are left out (except where one tile covers all
+    the rows: then some padding is unavoidable). At M = 2224 (the H200's 1024/512 decode
+    batch) the 4096 bucket's 256-token tiles put 288 tiles of an ``N = 4096`` GEMM in three
+    waves, the last 18% full; 192-token tiles make 384 tiles, three waves 97% full (ranked
+    first, and the fastest there on the device, docs/kernels_gemm.md)."""
     if m < 1 or n % 128:
         raise ValueError(f"wave_fit_schedules: want m >= 1 and n % 128 == 0, got {m}, {n}")
     rows = -(-m // row_align) * row_align
@@ -832,8 +834,8 @@ def wave_fit_schedules(
     scored = []
     for t in range(lo, hi + 1, 16):
         tiles_m = -(-m // t)
-        if tiles_m * t > max(rows, t):  # a second padding of the operand's rows
-            continue
+        if tiles_m * t > max(rows, t):  # a second padding of the operand's rows (one tile:
+            continue  # unavoidable, allowed)
         waves = -(-tiles_m * (n // 128) // sms)
         scored.append((waves * (t + TILE_OVERHEAD_TOKENS), -t))
     out = []

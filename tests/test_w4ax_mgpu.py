@@ -110,6 +110,8 @@ def test_wave_fit_schedules_rank_token_tiles_by_whole_waves():
                 assert -(-m // c.block_n) * c.block_n <= -(-m // 256) * 256
                 assert acc_regs(c, two_segments=True) <= MAX_ACC_REGS
             assert [c for c in cfgs if c.park_int8]
+    # one tile covering every row pads the operand whatever its size: the smallest first
+    assert wave_fit_schedules(40, 1024)[0].block_n == 64
     one = wave_fit_schedules(2224, 4096, row_align=256, two_segments=False)
     assert not any(c.park_int8 for c in one)
     with pytest.raises(ValueError, match="n % 128"):
