@@ -355,6 +355,64 @@ def kernel_breakdown(per: dict, steps: int, top: int = 25) -> dict:
     }
 
 
+class LastDecodeCall:
+    """While open, ``runner.run`` also keeps its last decode call's ``(inputs, prev)`` (a
+    ``[B, 1]`` call): what :func:`replay_decode` dispatches again after the run."""
+
+    def __init__(self, runner):
+        self.runner, self.inp, self.prev = runner, None, None
+
+    def __enter__(self):
+        run = self.runner.run
+
+        def recording(inp, prev=None):
+            if inp.tokens.shape[1] == 1:
+                self.inp, self.prev = inp, prev
+            return run(inp, prev)
+
+        self.runner.run = recording  # an instance attribute over the class's method
+        return self
+
+    def __exit__(self, *exc):
+        del self.runner.run
+
+
+# StepInputs fields the model executable takes (the sampler's stay on the host)
+MODEL_INPUT_FIELDS = ("tokens", "start", "page_table", "src", "window_slot")
+
+
+def replay_decode(runner, inp, prev, steps: int) -> dict:
+    """The decode step's wall time without the engine around it: ``runner.run(inp, prev)``
+    (the run's last decode call) dispatched ``steps`` times back to back, at most two in
+    flight as in the engine's asynchronous scheduling: ms a step with the inputs built on the host as the engine passes them, and with the
+    model's inputs put on the device once. Against the engine's median decode step, the
+    difference is what the engine's own host work costs the device; against the traced
+    kernel time, what dispatch (input copies, graph launch) does. The pages it writes belong
+    to finished requests (the pool's next owners write before they read)."""
+    if steps < 1:
+        raise ValueError(f"replay_decode: steps must be >= 1, got {steps}")
+
+    def per_step(inputs):
+        runner.run(inputs, prev).block_until_ready()  # the shape's first call out of the way
+        t0 = time.perf_counter()
+        flight = []
+        for _ in range(steps):
+            flight.append(runner.run(inputs, prev))
+            if len(flight) > 2:  # the engine's depth: one step running, the next dispatched
+                flight.pop(0).block_until_ready()
+        flight[-1].block_until_ready()
+        return 1e3 * (time.perf_counter() - t0) / steps
+
+    host = per_step(inp)
+    on_device = inp._replace(**{f: jax.device_put(getattr(inp, f)) for f in MODEL_INPUT_FIELDS})
+    return {
+        "steps": steps,
+        "batch": int(inp.tokens.shape[0]),
+        "step_ms": host,
+        "step_ms_inputs_on_device": per_step(on_device),
+    }
+
+
 def trace_window(engine: LLMEngine, steps: int, keep: str | None = None) -> dict:
     """Traces the engine's next ``steps`` steps as they come (whatever mix of decode rows and
     prefill chunks the scheduler makes): wall and kernel time per step, the step's mix
@@ -626,13 +684,20 @@ def _bench_engine(args, engine: LLMEngine, row: dict) -> dict:
             w = args.trace_window
             trace = tuple(w) if len(w) == 2 else [tuple(w[j : j + 2]) for j in range(0, len(w), 2)]
         keep = f"{os.path.splitext(args.out)[0]}_{row['precision']}_window.xplane.pb"
-        with GpuMonitor(args.gpu_monitor) as monitor:
+        with GpuMonitor(args.gpu_monitor) as monitor, LastDecodeCall(engine.runner) as last:
             r = run_workload(
                 engine, row["requests"], pin, pout, seed=i, trace=trace,
                 keep=keep if args.keep_trace else None,
             )  # fmt: skip
         if args.gpu_monitor:
             r["gpu_monitor"] = monitor.summary()
+        if args.replay_decode and last.inp is not None:
+            r["replay_decode"] = replay_decode(
+                engine.runner, last.inp, last.prev, args.replay_decode
+            )
+            decode = r["step_phases"].get("decode")
+            r["replay_decode"]["engine_median_ms"] = decode["median_ms"] if decode else None
+            print(json.dumps(r["replay_decode"]), file=sys.stderr, flush=True)
         if trace is not None:
             print(json.dumps(r["trace"], indent=1), file=sys.stderr, flush=True)
         r["peak_mem_gib"] = (device_memory()[2] or 0) / 2**30
@@ -774,6 +839,15 @@ def parse_args(argv=None):
         type=int,
         default=4096,
         help="upper bound of --max-batch memory (each decode bucket is a compiled shape)",
+    )
+    p.add_argument(
+        "--replay-decode",
+        type=int,
+        default=0,
+        metavar="N",
+        help="after each max-throughput workload, dispatch its last decode call N times back "
+        "to back and record ms a step (replay_decode: the step without the engine's host work, "
+        "untraced, CUDA graphs as configured); 0: off",
     )
     p.add_argument(
         "--decode-row-align",

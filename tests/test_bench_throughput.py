@@ -86,6 +86,52 @@ def test_tiny_run_with_decode_profile(bench, tmp_path):
         assert len(log) == steps and all(w >= q >= 0 for _, w, q in log)
 
 
+def test_replay_decode_after_each_workload(bench, tmp_path):
+    """--replay-decode N: after each max-throughput workload its last decode call is
+    dispatched N more times (inputs from the host, then on the device) and timed beside the
+    engine's median decode step; the runner's run method is its own again afterwards, no
+    page leaks (the script asserts it), and the same tokens are served as without it."""
+    out = tmp_path / "rp.json"
+    argv = ["--tiny", "--precisions", "bf16", "--quiet", "--out", str(out), "--fixed-batches="]
+    argv += ["--modes", "sync,async"]
+    assert bench.main(argv + ["--replay-decode", "3"]) == 0
+    rows = json.loads(out.read_text())["results"]
+    for row in rows:
+        assert row["status"] == "ok"
+        for run in row["max_throughput"]:
+            rep = run["replay_decode"]
+            assert rep["steps"] == 3 and rep["batch"] >= 1
+            assert rep["step_ms"] > 0 and rep["step_ms_inputs_on_device"] > 0
+            assert rep["engine_median_ms"] == run["step_phases"]["decode"]["median_ms"]
+            assert run["output_tokens"] == run["requests"] * run["output_len"]
+    assert bench.main(argv) == 0
+    plain = json.loads(out.read_text())["results"]
+    assert all("replay_decode" not in r for row in plain for r in row["max_throughput"])
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        bench.replay_decode(None, None, None, 0)
+
+
+def test_last_decode_call_records_and_restores(bench):
+    """LastDecodeCall keeps the last [B, 1] call's inputs and prev, passes every call
+    through, and leaves the runner's own method in place when closed."""
+    import types
+
+    import numpy as np
+
+    class Runner:
+        def run(self, inp, prev=None):
+            return ("ran", inp.tokens.shape)
+
+    runner = Runner()
+    inp = types.SimpleNamespace
+    decode, prefill = inp(tokens=np.zeros((4, 1))), inp(tokens=np.zeros((2, 16)))
+    with bench.LastDecodeCall(runner) as last:
+        assert runner.run(decode, "p") == ("ran", (4, 1))
+        assert runner.run(prefill) == ("ran", (2, 16))
+    assert last.inp is decode and last.prev == "p"
+    assert "run" not in vars(runner) and runner.run(prefill) == ("ran", (2, 16))
+
+
 def test_step_phases_attribute_waits_to_the_awaited_step(bench):
     """Asynchronous: a step's wall and wait belong to the previous step's work; synchronous:
     to its own. A traced window breaks the chain; waits under 1.5 ms count as host-bound."""
