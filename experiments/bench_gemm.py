@@ -731,8 +731,11 @@ def act_quant_build_study(results, deadline, baseline: str | None = None):
         for j in range(2):
             kj = jax.random.fold_in(kx, j)
             x = (2 * jax.random.normal(kj, (m, k), jnp.float32)).astype(jnp.bfloat16)
-            g = (2 * jax.random.normal(jax.random.fold_in(kj, 1), (m, k))).astype(jnp.bfloat16)
-            sets.append((x, g) if gated else (x,))
+            if gated:
+                g = 2 * jax.random.normal(jax.random.fold_in(kj, 1), (m, k))
+                sets.append((x, g.astype(jnp.bfloat16)))
+            else:
+                sets.append((x,))
         perm = None
         w = None
         if not gated:
@@ -1229,6 +1232,24 @@ def _mgpu_label(c) -> str:
     return f"mgpu {c.block_m}x{c.tile_n} s{c.stages}{extra}"
 
 
+def _w_regs_schedules(choice: str, m: int, n: int, table_schedule) -> list:
+    """The schedules ``--mgpu-w-regs CHOICE`` adds for an ``[m, K] x [K, n]`` GEMM: a fixed
+    set (tiles, decode), the token tiles that fit the SMs' waves at this M (fit), or the
+    table's schedule (``table_schedule``, a MgpuConfig or None) with other tile-order bands
+    (snake); none for "" (off)."""
+    from pallas_kernels.w4ax_matmul import UNPACKED_ROW_ALIGN
+    from pallas_kernels.w4ax_mgpu import MgpuConfig, _num_sms, wave_fit_schedules
+
+    if choice in ("tiles", "decode"):
+        fixed = MGPU_W_REGS_CONFIGS if choice == "tiles" else MGPU_W_REGS_DECODE_CONFIGS
+        return [MgpuConfig(**fields) for fields in fixed]
+    if choice == "fit":
+        return wave_fit_schedules(m, n, sms=_num_sms(), row_align=UNPACKED_ROW_ALIGN)
+    if choice == "snake" and table_schedule is not None:
+        return [dataclasses.replace(table_schedule, snake=b) for b in MGPU_SNAKES]
+    return []
+
+
 def mgpu_study(results, deadline, ms=None, shapes_name="llama3-8b", smem_unpack=False, w_regs=""):
     """The Mosaic GPU W4Ax kernel (``pallas_kernels/w4ax_mgpu.py``) against the Triton kernel
     (the table's config; for an ``mgpu`` entry the Triton fallback the engine would run) and
@@ -1237,8 +1258,8 @@ def mgpu_study(results, deadline, ms=None, shapes_name="llama3-8b", smem_unpack=
     element within 2^-7 of its magnitude plus the output's RMS (one bf16 rounding; park_int8
     adds one more of the INT8 term, 2^-9 of it), and the relative error of the whole output
     < 1e-2."""
-    from pallas_kernels.w4ax_matmul import UNPACKED_ROW_ALIGN, _fallback_from_mgpu
-    from pallas_kernels.w4ax_mgpu import MgpuConfig, _num_sms, w4ax_matmul_mgpu, wave_fit_schedules
+    from pallas_kernels.w4ax_matmul import _fallback_from_mgpu
+    from pallas_kernels.w4ax_mgpu import MgpuConfig, w4ax_matmul_mgpu
 
     rows = results.setdefault("mgpu", [])
     shapes = _study_shapes(shapes_name)
@@ -1270,19 +1291,8 @@ def mgpu_study(results, deadline, ms=None, shapes_name="llama3-8b", smem_unpack=
                     configs = [t]
                     if smem_unpack and not t.w_regs:
                         configs.append(dataclasses.replace(t, smem_unpack=True))
-                w_regs_configs = {
-                    "": (),
-                    "tiles": MGPU_W_REGS_CONFIGS,
-                    "decode": MGPU_W_REGS_DECODE_CONFIGS,
-                    "fit": (),
-                    "snake": (),
-                }[w_regs]
                 more = [MgpuConfig(**f) for f in (MGPU_SMEM_UNPACK_CONFIGS if smem_unpack else ())]
-                more += [MgpuConfig(**fields) for fields in w_regs_configs]
-                if w_regs == "fit":
-                    more += wave_fit_schedules(m, n, sms=_num_sms(), row_align=UNPACKED_ROW_ALIGN)
-                if w_regs == "snake" and configs:
-                    more += [dataclasses.replace(configs[0], snake=b) for b in MGPU_SNAKES]
+                more += _w_regs_schedules(w_regs, m, n, configs[0] if configs else None)
                 for cfg in more:
                     if cfg not in configs:
                         configs.append(cfg)
@@ -1757,7 +1767,8 @@ def main(argv=None):
         "--act-quant-build",
         action="store_true",
         help="act_quant at the engine's M (2222, 8192), K = 4096 / 14336 (SwiGLU): this build "
-        "(and silu_approx flipped) checked against the CPU reference, timed",
+        "(and silu_approx flipped for the SwiGLU input, scatter for the permuted one) checked "
+        "against the CPU reference, timed",
     )
     ap.add_argument(
         "--act-quant-baseline",

@@ -384,8 +384,9 @@ MODEL_INPUT_FIELDS = ("tokens", "start", "page_table", "src", "window_slot")
 def replay_decode(runner, inp, prev, steps: int) -> dict:
     """The decode step's wall time without the engine around it: ``runner.run(inp, prev)``
     (the run's last decode call) dispatched ``steps`` times back to back, at most two in
-    flight as in the engine's asynchronous scheduling: ms a step with the inputs built on the host as the engine passes them, and with the
-    model's inputs put on the device once. Against the engine's median decode step, the
+    flight as in the engine's asynchronous scheduling: ms a step with the inputs built on
+    the host as the engine passes them, and with the model's inputs put on the device once.
+    Against the engine's median decode step, the
     difference is what the engine's own host work costs the device; against the traced
     kernel time, what dispatch (input copies, graph launch) does. The pages it writes belong
     to finished requests (the pool's next owners write before they read)."""

@@ -3,6 +3,7 @@ runs on the device pass here, and every stage writes its rows."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 from tests import experiment_scripts
@@ -181,3 +182,22 @@ def test_smoke_act_quant_build_study(tmp_path):
     empty.write_text("x = 1\n")
     with pytest.raises(ValueError, match="defines no act_quant"):
         bench.load_module_file(str(empty))
+
+
+def test_w_regs_schedules_of_each_choice():
+    """--mgpu-w-regs CHOICE: the fixed sets, the wave-fitted token tiles at the study's M
+    (act_quant's 256-row padding), the table's schedule with each other tile-order band, and
+    nothing when off (or, for snake, without a table schedule)."""
+    from pallas_kernels.w4ax_mgpu import MgpuConfig, wave_fit_schedules
+
+    bench = experiment_scripts.load("bench_gemm")
+    pick = bench._w_regs_schedules
+    assert pick("tiles", 8192, 4096, None) == [MgpuConfig(**f) for f in bench.MGPU_W_REGS_CONFIGS]
+    decode = [MgpuConfig(**f) for f in bench.MGPU_W_REGS_DECODE_CONFIGS]
+    assert pick("decode", 1216, 4096, None) == decode
+    assert pick("fit", 2224, 4096, None) == wave_fit_schedules(2224, 4096, row_align=256)
+    table = MgpuConfig(block_n=192, w_regs=True, park_int8=True)
+    snakes = pick("snake", 2224, 4096, table)
+    assert [c.snake for c in snakes] == list(bench.MGPU_SNAKES)
+    assert all(c == dataclasses.replace(table, snake=c.snake) for c in snakes)
+    assert pick("snake", 2224, 4096, None) == [] and pick("", 2224, 4096, table) == []
