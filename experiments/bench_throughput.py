@@ -381,7 +381,7 @@ class LastDecodeCall:
 MODEL_INPUT_FIELDS = ("tokens", "start", "page_table", "src", "window_slot")
 
 
-def replay_decode(runner, inp, prev, steps: int) -> dict:
+def replay_decode(runner, inp, prev, steps: int, trace_steps: int = 0) -> dict:
     """The decode step's wall time without the engine around it: ``runner.run(inp, prev)``
     (the run's last decode call) dispatched ``steps`` times back to back, at most two in
     flight as in the engine's asynchronous scheduling: ms a step with the inputs built on
@@ -389,9 +389,17 @@ def replay_decode(runner, inp, prev, steps: int) -> dict:
     Against the engine's median decode step, the
     difference is what the engine's own host work costs the device; against the traced
     kernel time, what dispatch (input copies, graph launch) does. The pages it writes belong
-    to finished requests (the pool's next owners write before they read)."""
+    to finished requests (the pool's next owners write before they read).
+
+    ``trace_steps`` > 0: then traces that many more dispatches (inputs on the device) and
+    adds ``traced``: kernel ms and launches per step, by category and by kernel (launches
+    and us per step), and ``untraced_minus_kernels_ms``, the untraced step's wall time less
+    its kernels' sum for the very same call (the profiler runs XLA's command buffers op by
+    op, so the traced steps' own wall time is not the untraced one)."""
     if steps < 1:
         raise ValueError(f"replay_decode: steps must be >= 1, got {steps}")
+    if trace_steps < 0:
+        raise ValueError(f"replay_decode: trace_steps must be >= 0, got {trace_steps}")
 
     def per_step(inputs):
         runner.run(inputs, prev).block_until_ready()  # the shape's first call out of the way
@@ -406,11 +414,40 @@ def replay_decode(runner, inp, prev, steps: int) -> dict:
 
     host = per_step(inp)
     on_device = inp._replace(**{f: jax.device_put(getattr(inp, f)) for f in MODEL_INPUT_FIELDS})
-    return {
+    out = {
         "steps": steps,
         "batch": int(inp.tokens.shape[0]),
         "step_ms": host,
         "step_ms_inputs_on_device": per_step(on_device),
+    }
+    if trace_steps:
+        out["traced"] = _trace_replay(runner, on_device, prev, trace_steps)
+        out["untraced_minus_kernels_ms"] = (
+            out["step_ms_inputs_on_device"] - out["traced"]["kernel_ms"]
+        )
+    return out
+
+
+def _trace_replay(runner, inputs, prev, steps: int) -> dict:
+    """Kernel time and launches per step of ``steps`` traced dispatches of one call."""
+    from pallas_kernels.timing import kernel_counts, traced_kernels
+
+    def run():
+        for _ in range(steps):
+            runner.run(inputs, prev).block_until_ready()
+
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "replay.xplane.pb")
+        total, count, _, per = traced_kernels(run, keep=path)
+        counts = kernel_counts(path) if os.path.exists(path) else {}
+    by_kernel = sorted(per.items(), key=lambda kv: -kv[1])
+    return {
+        "steps": steps,
+        "kernel_ms": total / steps / 1e6,
+        "kernels_per_step": count / steps,
+        "by_category_us": kernel_breakdown(per, steps)["by_category_us"],
+        # [name, launches a step, us a step], the longest first
+        "kernels": [[n, counts.get(n, 0) / steps, ns / steps / 1e3] for n, ns in by_kernel],
     }
 
 
@@ -694,7 +731,7 @@ def _bench_engine(args, engine: LLMEngine, row: dict) -> dict:
             r["gpu_monitor"] = monitor.summary()
         if args.replay_decode and last.inp is not None:
             r["replay_decode"] = replay_decode(
-                engine.runner, last.inp, last.prev, args.replay_decode
+                engine.runner, last.inp, last.prev, args.replay_decode, args.replay_trace
             )
             decode = r["step_phases"].get("decode")
             r["replay_decode"]["engine_median_ms"] = decode["median_ms"] if decode else None
@@ -849,6 +886,15 @@ def parse_args(argv=None):
         help="after each max-throughput workload, dispatch its last decode call N times back "
         "to back and record ms a step (replay_decode: the step without the engine's host work, "
         "untraced, CUDA graphs as configured); 0: off",
+    )
+    p.add_argument(
+        "--replay-trace",
+        type=int,
+        default=0,
+        metavar="K",
+        help="with --replay-decode: then trace K more dispatches of the same call and record "
+        "its kernels (ms, launches and the longest kernels per step) and the untraced step "
+        "less their sum; 0: off",
     )
     p.add_argument(
         "--decode-row-align",
@@ -1088,6 +1134,10 @@ def parse_args(argv=None):
         args.decode_buckets, args.prefill_batch_buckets, args.chunk_buckets = [8], [2], [64]
     if args.trace_window is not None and (not args.trace_window or len(args.trace_window) % 2):
         p.error(f"--trace-window takes START,STEPS pairs, got {args.trace_window}")
+    if args.replay_trace and not args.replay_decode:
+        p.error("--replay-trace traces the replayed decode call: it needs --replay-decode N")
+    if args.replay_trace < 0 or args.replay_decode < 0:
+        p.error("--replay-decode and --replay-trace take a count >= 0")
     if args.kernels == "auto":
         args.kernels = "pallas" if jax.default_backend() == "gpu" else "reference"
     return args

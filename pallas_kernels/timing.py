@@ -105,6 +105,17 @@ class _ProfilerError(RuntimeError):
     pass
 
 
+def kernel_counts(xplane_path: str) -> dict[str, int]:
+    """``{kernel name: launches}`` over the same GPU stream lines as :func:`gpu_kernel_ns`."""
+    from jax.profiler import ProfileData
+
+    counts: dict[str, int] = {}
+    for _, line in _stream_lines(ProfileData.from_file(xplane_path)):
+        for ev in line.events:
+            counts[ev.name] = counts.get(ev.name, 0) + 1
+    return counts
+
+
 def _stream_lines(data) -> list:
     """``[(plane/line name, line)]`` of the GPU lines that hold kernels."""
     lines = [
@@ -207,4 +218,4 @@ def _profiled(many, arg_sets, reps, info):
     return total * 1e-9 / calls
 
 
-__all__ = ["device_time", "dispatch_time", "gpu_kernel_ns", "traced_kernels"]
+__all__ = ["device_time", "dispatch_time", "gpu_kernel_ns", "kernel_counts", "traced_kernels"]

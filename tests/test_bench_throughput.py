@@ -94,7 +94,7 @@ def test_replay_decode_after_each_workload(bench, tmp_path):
     out = tmp_path / "rp.json"
     argv = ["--tiny", "--precisions", "bf16", "--quiet", "--out", str(out), "--fixed-batches="]
     argv += ["--modes", "sync,async"]
-    assert bench.main(argv + ["--replay-decode", "3"]) == 0
+    assert bench.main(argv + ["--replay-decode", "3", "--replay-trace", "2"]) == 0
     rows = json.loads(out.read_text())["results"]
     for row in rows:
         assert row["status"] == "ok"
@@ -102,6 +102,10 @@ def test_replay_decode_after_each_workload(bench, tmp_path):
             rep = run["replay_decode"]
             assert rep["steps"] == 3 and rep["batch"] >= 1
             assert rep["step_ms"] > 0 and rep["step_ms_inputs_on_device"] > 0
+            # the CPU's trace holds no device kernels: zero kernel time, the wall time left
+            tr = rep["traced"]
+            assert tr["steps"] == 2 and tr["kernel_ms"] == 0 and tr["kernels"] == []
+            assert rep["untraced_minus_kernels_ms"] == rep["step_ms_inputs_on_device"]
             assert rep["engine_median_ms"] == run["step_phases"]["decode"]["median_ms"]
             assert run["output_tokens"] == run["requests"] * run["output_len"]
     assert bench.main(argv) == 0
@@ -109,6 +113,10 @@ def test_replay_decode_after_each_workload(bench, tmp_path):
     assert all("replay_decode" not in r for row in plain for r in row["max_throughput"])
     with pytest.raises(ValueError, match="steps must be >= 1"):
         bench.replay_decode(None, None, None, 0)
+    with pytest.raises(ValueError, match="trace_steps must be >= 0"):
+        bench.replay_decode(None, None, None, 1, -1)
+    with pytest.raises(SystemExit):  # argparse: --replay-trace needs --replay-decode
+        bench.main(argv + ["--replay-trace", "2"])
 
 
 def test_last_decode_call_records_and_restores(bench):

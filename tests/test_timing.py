@@ -42,6 +42,7 @@ def test_gpu_kernel_ns_reads_stream_lines_only(tmp_path):
     assert names == ["/device:GPU:0/Stream #13(Compute)"]
     *_, per = timing.gpu_kernel_ns(str(path), by_name=True)
     assert per == {"w4ax_k4_3072_k8_1024": 5000, "loop_reduce_fusion": 2000}
+    assert timing.kernel_counts(str(path)) == {"w4ax_k4_3072_k8_1024": 1, "loop_reduce_fusion": 1}
 
 
 def test_device_time_on_cpu_falls_back_to_wall_clock():
@@ -92,3 +93,5 @@ def test_timeline_busy_span_and_gaps(tmp_path):
     assert t["top_gaps"][1] == [2.0, "act_quant", "w4ax"]
     assert timing.timeline(str(path), min_gap_us=5.0)["gaps"] == 1
     assert t["host_top_us"] == {"PjitFunction(step)": [2, 40.0]}
+    # launches by name over both streams (the host plane's events are not kernels)
+    assert timing.kernel_counts(str(path)) == {"w4ax": 2, "act_quant": 2}
