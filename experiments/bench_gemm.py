@@ -521,11 +521,12 @@ def _gemm_input_cases(name, cases, seed, deadline):
 
 def _engine_gemm(aq, k4, m):
     """``f(x, w_packed, w_scales)``: the engine's large-M path, act_quant (``aq``) writing
-    the unpacked operand into ``w4ax_matmul_unpacked`` with ``m`` real rows."""
+    the unpacked operand and the Mosaic GPU kernel's factors (``kernel_scales``) into
+    ``w4ax_matmul_unpacked`` with ``m`` real rows."""
 
     def f(x, wp, ws):
-        x_u, xs = aq(x, layout="unpacked", row_align=UNPACKED_ROW_ALIGN)
-        return w4ax_matmul_unpacked(x_u, xs, wp, ws, k4=k4, m=m, interpret=SMOKE)
+        x_u, xs, rs = aq(x, layout="unpacked", row_align=UNPACKED_ROW_ALIGN, kernel_scales=True)
+        return w4ax_matmul_unpacked(x_u, xs, wp, ws, k4=k4, m=m, interpret=SMOKE, rs=rs)
 
     return f
 
@@ -591,11 +592,16 @@ def unpacked_study(results, deadline):
 
 
 def out_rows_study(results, deadline, ms=None):
-    """The engine's large-M path (act_quant's unpacked operand into ``w4ax_matmul_unpacked``
-    with the table's config) at decode-batch M, on the LLaMA-3-8B projection shapes: every
-    output element against the XLA reference (f32; within 2^-7 of its magnitude plus the
-    output's RMS), the output's shape, and the device time of the call. With M a multiple of
-    8 the Mosaic GPU kernel writes exactly M rows (``w4ax_mgpu.segment_matmul(out_rows=)``);
+    """The engine's large-M path (act_quant's unpacked operand and factors into
+    ``w4ax_matmul_unpacked`` with the table's config) at decode-batch M, on the LLaMA-3-8B
+    projection shapes (the 4096-wide inputs RMSNorm-fused with bf16 weights, as the
+    engine's): act_quant's operand and scales element for element against the library's
+    reference evaluated on the host CPU (``to_unpacked``; ``x_scales_max_rel``: a scale may
+    differ in its last bit where the two evaluate ``rms_inv`` differently), its factors
+    ``rs`` against ``kernel_scales`` of its own scales (exact), every GEMM output element
+    against XLA's GEMM on the same operand (f32; within 2^-7 of its magnitude plus the
+    output's RMS), the output's shape, and the device time of the call. With M a multiple
+    of 8 the Mosaic GPU kernel writes exactly M rows (``w4ax_mgpu.segment_matmul(out_rows=)``);
     otherwise the rows rounded up to 8, then a slice (a copy when the output leaves the jit)."""
     rows = results.setdefault("out_rows", [])
     shapes = ((4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336))
@@ -604,13 +610,31 @@ def out_rows_study(results, deadline, ms=None):
         cases = [(300, 64, 256)]
     for m, n, k, k8, kx, x, perm in _gemm_input_cases("out_rows", cases, 23, deadline):
         k4 = k - k8
-        aq = functools.partial(act_quant, perm=perm, k4=k4, interpret=SMOKE)
-        row = dict(m=m, n=n, k=k, k8=k8, config=tuning.get_config(m, n, k, k8).to_dict())
+        w = None
+        if k == 4096 or SMOKE:  # the norm-fused inputs (qkv, gate / up), weights in bf16
+            w = jax.random.uniform(jax.random.fold_in(kx, 2), (k,), jnp.float32, 0.5, 1.5)
+            w = w.astype(jnp.bfloat16)
+        aq = functools.partial(act_quant, perm=perm, k4=k4, norm_weight=w, interpret=SMOKE)
+        row = dict(m=m, n=n, k=k, k8=k8, norm=w is not None)
+        row["config"] = tuning.get_config(m, n, k, k8).to_dict()
         try:
+            got = aq(x, layout="unpacked", row_align=UNPACKED_ROW_ALIGN, kernel_scales=True)
+            # the library's arithmetic on the host CPU (XLA on the GPU may round differently)
+            ref_ops = cpu_act_quant_reference(x, perm, k4, norm_weight=w)
+            want = to_unpacked(*ref_ops, row_align=UNPACKED_ROW_ALIGN)
+            # x_u and x_scales against the reference; rs against its definition on the
+            # kernel's own scales (exact)
+            want = (*want, aq_mod.kernel_scales(got[1]))
+            row["act_quant_mismatch"] = [int(jnp.sum(a != b)) for a, b in zip(got, want)]
+            row["x_scales_max_rel"] = float(jnp.max(jnp.abs(got[1] / want[1] - 1.0)))
             engine_path = _engine_gemm(aq, k4, m)
             sets = _weight_sets(kx, x, n, k, k8, m)
             y = jax.jit(engine_path)(*sets[0])
-            ref = np.asarray(w4ax_matmul_reference(*aq(x), *sets[0][1:], out_dtype=jnp.float32))
+            # the GEMM against XLA's on the kernel's own operand (the same integers)
+            ref = w4ax_matmul_unpacked_reference(
+                got[0], got[1], *sets[0][1:], k4=k4, m=m, out_dtype=jnp.float32
+            )
+            ref = np.asarray(ref)
             tol = 2.0**-7 * (np.abs(ref) + np.sqrt(np.mean(ref**2)))
             yf = np.asarray(y, np.float32)
             row["shape"] = list(yf.shape)

@@ -21,6 +21,10 @@ or, with ``layout="unpacked"`` (what the W4Ax GEMM's large-M configs consume; se
                                    ``unpack_int4_x16_tiles`` is the natural order), R = M
                                    rounded up to ``row_align``; rows >= M are zero
     x_scales:    [R, 2]    f32     as above; rows >= M hold 1 (the scale of a zero row)
+    rs:          [2, R]    f32     with ``kernel_scales=True`` only: :func:`kernel_scales`
+                                   of x_scales, the Mosaic GPU GEMM's per-token factor
+                                   operand, written here so that no XLA pass (a kernel
+                                   launch per GEMM call) builds it
 
 The unpacked layout saves the GEMM's callers an XLA pass per call that unpacked the INT4
 bytes, concatenated the INT8 segment and padded the rows (``[M, K]`` written and re-read):
@@ -212,6 +216,15 @@ def to_unpacked(x4_packed, x8, x_scales, *, tile_k: int = DEFAULT_TILE_K, row_al
     return x_u, jnp.pad(x_scales, ((0, r - m), (0, 0)), constant_values=1.0)
 
 
+def kernel_scales(x_scales):
+    """``x_scales [R, 2]`` (s4, s8 per token) -> ``rs [2, R]`` f32: ``s4 / 256`` and
+    ``s8 / 16``, the per-token factors of the W4Ax GEMM on the unpacked operands (they carry
+    16 * x4 and the kernel's unpacked weights 16 * w4, so the INT4 sums are 256 times and the
+    INT8 ones 16 times the integer products). Powers of two: the products are exact. The
+    reference of ``act_quant(..., kernel_scales=True)``'s third output."""
+    return jnp.stack([x_scales[:, 0] * (1.0 / 256.0), x_scales[:, 1] * (1.0 / 16.0)])
+
+
 @functools.partial(jax.jit, static_argnames=("k4", "eps", "clip4", "clip8", "tile_k"))
 def _act_quant_reference(x, perm, norm_weight, *, k4, eps, clip4, clip8, tile_k):
     m, k = x.shape
@@ -317,6 +330,11 @@ def _kernel(
 ):
     """One program quantizes ``bm`` whole rows in a single pass over HBM.
 
+    ``w_ref``: the RMSNorm weights ``[K]`` in their original order and stored dtype; a
+    gathered chunk reads them by the same indices as x (so no XLA gather and convert of the
+    weights runs before the kernel). ``out_refs``: the quantized output(s), ``x_scales``
+    ``[bm, 2]``, and with ``kernel_scales`` ``rs`` ``[2, bm]`` (unpacked layout).
+
     Packed layout: ``idx_ref`` / ``w_ref`` are in *kernel order*: ``[0, K4/2)`` the channels
     that become low nibbles of the packed INT4 bytes, ``[K4/2, K4)`` the high nibbles,
     ``[K4, K)`` the INT8 segment. ``unpacked``: in the permuted order itself, and one output
@@ -344,7 +362,7 @@ def _kernel(
     else:
         x4_ref = out_refs.pop(0) if k4 else None
         x8_ref = out_refs.pop(0) if k8 else None
-    s_ref = out_refs[0]
+    s_ref, rs_ref = out_refs[0], (out_refs[1] if len(out_refs) > 1 else None)
     kept = _keeper(valid_programs)
     bm = x_ref.shape[0]
     rows = jax.lax.broadcasted_iota(jnp.int32, (bm, 1), 0)
@@ -358,8 +376,13 @@ def _kernel(
             idx = idx_ref[pl.ds(start, width)].reshape(1, width)
             v = x_ref[rows, idx]  # [bm, width]
             g = None if g_ref is None else g_ref[rows, idx]
-        w = (lambda: w_ref[pl.ds(start, width)].reshape(1, width)) if has_norm else None
-        return _layer_input(v, g, inv, w, interpret, silu_approx)
+
+        def load_w():  # [1, width] f32, by the same indices as x
+            if idx_ref is None:
+                return w_ref[pl.ds(start, width)].astype(jnp.float32).reshape(1, width)
+            return w_ref[idx].astype(jnp.float32)
+
+        return _layer_input(v, g, inv, load_w if has_norm else None, interpret, silu_approx)
 
     def row_amax(chunks):  # [bm, 1]; the max is exact in any order
         if idx_ref is None:
@@ -408,7 +431,7 @@ def _kernel(
         at = k4 if unpacked else 0  # the INT8 segment's first column in its output
         for c, v in zip(starts8, v8):
             x8_ref[:, pl.ds(at + c, cw8)] = kept(quant(v, s8, 127.0), 0).astype(jnp.int8)
-    _store_scales(s_ref, s4, s8, kept)
+    _store_scales(s_ref, s4, s8, kept, rs_ref)
 
 
 def _keeper(valid_programs):
@@ -434,10 +457,17 @@ def _layer_input(v, g, inv, load_w, interpret, silu_approx):
     return v if load_w is None else (v * inv) * load_w()
 
 
-def _store_scales(s_ref, s4, s8, kept):
-    """``[bm, 2]`` (INT4, INT8) scales; padding programs store 1."""
+def _store_scales(s_ref, s4, s8, kept, rs_ref=None):
+    """``[bm, 2]`` (INT4, INT8) scales; padding programs store 1. ``rs_ref`` ``[2, bm]``: also
+    their :func:`kernel_scales` (``s4 / 256``, ``s8 / 16``: exact)."""
     lane = jax.lax.broadcasted_iota(jnp.int32, s_ref.shape, 1)
-    s_ref[...] = kept(jnp.where(lane == 0, s4, s8), 1.0)
+    s4, s8 = kept(s4, 1.0), kept(s8, 1.0)
+    s_ref[...] = jnp.where(lane == 0, s4, s8)
+    if rs_ref is not None:
+        bm = s4.shape[0]
+        row = jax.lax.broadcasted_iota(jnp.int32, rs_ref.shape, 0)
+        r4, r8 = s4.reshape(1, bm) * (1.0 / 256.0), s8.reshape(1, bm) * (1.0 / 16.0)
+        rs_ref[...] = jnp.where(row == 0, r4, r8)
 
 
 def _scale_of(a, clip, qmax):
@@ -448,8 +478,8 @@ def _scale_of(a, clip, qmax):
 
 
 def _scatter_rows(
-    x_ref, g_ref, pos_ref, w_ref, inv_ref, out_ref, s_ref, *, k4, cw, clip4, clip8, has_norm,
-    interpret, valid_programs=None, silu_approx=False,
+    x_ref, g_ref, pos_ref, w_ref, inv_ref, out_ref, s_ref, rs_ref=None, *, k4, cw, clip4,
+    clip8, has_norm, interpret, valid_programs=None, silu_approx=False,
 ):  # fmt: skip
     """The unpacked layout under a permutation, read in order and stored scattered: every
     chunk of ``cw`` original channels is one contiguous load (no index array to wait for
@@ -466,7 +496,11 @@ def _scatter_rows(
     chunks = []
     for c in range(0, k, cw):
         g = None if g_ref is None else g_ref[:, pl.ds(c, cw)]
-        w = (lambda c=c: w_ref[pl.ds(c, cw)].reshape(1, cw)) if has_norm else None
+        w = (
+            (lambda c=c: w_ref[pl.ds(c, cw)].astype(jnp.float32).reshape(1, cw))
+            if has_norm
+            else None
+        )
         v = _layer_input(x_ref[:, pl.ds(c, cw)], g, inv, w, interpret, silu_approx)
         pos = pos_ref[pl.ds(c, cw)].reshape(1, cw)
         chunks.append((v, pos, pos >= k4))
@@ -484,7 +518,7 @@ def _scatter_rows(
         q = _round_to_int(v * jnp.where(is8, inv8, inv4), -128, 127, interpret)
         q = jnp.clip(q, jnp.where(is8, -128, -8), jnp.where(is8, 127, 7))
         out_ref[rows, pos] = kept(jnp.where(is8, q, q * 16), 0).astype(jnp.int8)
-    _store_scales(s_ref, s4, s8, kept)
+    _store_scales(s_ref, s4, s8, kept, rs_ref)
 
 
 def _adapt_refs(*refs, gated, gathered, **kw):
@@ -543,16 +577,17 @@ def default_num_warps(bm: int, k: int) -> int:
     jax.jit,
     static_argnames=(
         "k4", "eps", "clip4", "clip8", "tile_k", "interpret", "num_warps", "bm", "row_align",
-        "silu_approx", "scatter_chunk",
+        "silu_approx", "scatter_chunk", "kernel_scales",
     ),
 )  # fmt: skip
 def _act_quant_call(
     x, perm, norm_weight, gate, *, k4, eps, clip4, clip8, tile_k, interpret, num_warps, bm,
-    row_align, silu_approx=False, scatter_chunk=0,
+    row_align, silu_approx=False, scatter_chunk=0, kernel_scales=False,
 ):  # fmt: skip
     """``row_align = 0``: the packed layout; ``>= 1``: unpacked, rows padded to it.
     ``scatter_chunk > 0``: the unpacked layout under a permutation in the scattered form,
-    chunks of that many channels; 0: gathered."""
+    chunks of that many channels; 0: gathered. ``kernel_scales`` (unpacked): a third
+    output, ``rs [2, R]``."""
     m, k = x.shape
     k8 = k - k4
     has_norm = norm_weight is not None
@@ -564,11 +599,8 @@ def _act_quant_call(
         idx = jnp.zeros((k,), jnp.int32).at[perm].set(jnp.arange(k, dtype=jnp.int32))
     else:
         idx = perm if unpacked else perm[jnp.asarray(kernel_order(perm, k4, tile_k))]
-    if has_norm:
-        w_k = norm_weight.astype(jnp.float32)
-        w_k = w_k if idx is None or scatter else w_k[idx]
-    else:
-        w_k = jnp.ones((k,), jnp.float32)
+    # the weights as stored: the kernel gathers and converts them (no XLA op before it)
+    w_k = norm_weight if has_norm else jnp.ones((k,), jnp.float32)
     inv = rms_inv(x, eps) if has_norm else jnp.ones((m,), jnp.float32)
     mp = -(-m // bm) * bm
     if mp != m:
@@ -600,6 +632,9 @@ def _act_quant_call(
         out_specs.append(pl.BlockSpec((bm, k8), lambda i: (i, 0)))
     out_shape.append(jax.ShapeDtypeStruct((grid_rows, 2), jnp.float32))
     out_specs.append(pl.BlockSpec((bm, 2), lambda i: (i, 0)))
+    if kernel_scales:
+        out_shape.append(jax.ShapeDtypeStruct((2, grid_rows), jnp.float32))
+        out_specs.append(pl.BlockSpec((2, bm), lambda i: (0, i)))
     kernel = functools.partial(
         _adapt_refs,
         gated=gate is not None,
@@ -634,7 +669,8 @@ def _act_quant_call(
         name="act_quant_swiglu" if gate is not None else "act_quant",
     )(*(a for a in (x, gate, idx) if a is not None), w_k, inv)
     if unpacked:
-        return tuple(o[:r] for o in outs)
+        x_u, x_scales = outs[0][:r], outs[1][:r]
+        return (x_u, x_scales, outs[2][:, :r]) if kernel_scales else (x_u, x_scales)
     outs = [o[:m] for o in outs]
     x4 = outs.pop(0) if k4 else jnp.zeros((m, 0), jnp.int8)
     x8 = outs.pop(0) if k8 else jnp.zeros((m, 0), jnp.int8)
@@ -659,6 +695,7 @@ def act_quant(
     gate=None,
     silu_approx: bool | None = None,
     scatter: bool | None = None,
+    kernel_scales: bool = False,
 ):
     """Fused RMSNorm -> permute -> per-token INT4/INT8 quantize -> pack (module docstring);
     with ``gate``, SwiGLU -> permute -> quantize -> pack.
@@ -667,7 +704,8 @@ def act_quant(
     :func:`default_num_warps`). Returns
     ``(x4_packed [M, K4/2] int8, x8 [M, K-K4] int8, x_scales [M, 2] f32)``, or with
     ``layout="unpacked"`` ``(x_u [R, K] int8, x_scales [R, 2] f32)``, R = M rounded up to
-    ``row_align``.
+    ``row_align``; with ``kernel_scales`` (unpacked layout only) also ``rs [2, R]`` f32,
+    :func:`kernel_scales` of x_scales (the Mosaic GPU GEMM's operand).
 
     ``silu_approx`` (with ``gate``, on the GPU): the SwiGLU's logistic by ``ex2.approx`` and
     ``rcp.approx`` (:func:`_sigmoid`) instead of Triton's accurate ``exp`` and division; None:
@@ -680,6 +718,11 @@ def act_quant(
     """
     m, k = validate_args(x, perm, k4, norm_weight, clip4, clip8, tile_k, gate)
     _check_layout(layout, row_align)
+    if kernel_scales and layout != "unpacked":
+        raise ValueError(
+            "kernel_scales=True writes the unpacked layout's GEMM factors: it "
+            f"needs layout='unpacked', got {layout!r}"
+        )
     bm = rows_per_program or default_rows_per_program(m, k, layout)
     if bm < 1 or bm & (bm - 1):
         raise ValueError(f"rows_per_program={bm} must be a power of two >= 1")
@@ -700,6 +743,7 @@ def act_quant(
         row_align=row_align if layout == "unpacked" else 0,
         silu_approx=SILU_APPROX_DEFAULT if silu_approx is None else bool(silu_approx),
         scatter_chunk=SCATTER_CHUNK if (UNPACKED_SCATTER if scatter is None else scatter) else 0,
+        kernel_scales=bool(kernel_scales),
     )
 
 
@@ -708,6 +752,7 @@ __all__ = [
     "act_quant",
     "act_quant_reference",
     "kernel_order",
+    "kernel_scales",
     "rms_inv",
     "swiglu",
     "to_unpacked",

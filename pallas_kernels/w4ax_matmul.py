@@ -811,7 +811,9 @@ def w4ax_matmul(
     )
 
 
-def validate_unpacked_args(x_u, x_scales, w_packed, w_scales, bias, k4, m, tile_k) -> tuple:
+def validate_unpacked_args(
+    x_u, x_scales, w_packed, w_scales, bias, k4, m, tile_k, rs=None
+) -> tuple:
     """Checks the operands of :func:`w4ax_matmul_unpacked`; returns ``(M, N, K4, K8)``."""
     _check_2d("x_u", x_u, jnp.int8)
     rows, k = x_u.shape
@@ -827,6 +829,11 @@ def validate_unpacked_args(x_u, x_scales, w_packed, w_scales, bias, k4, m, tile_
         raise ValueError(
             f"x_scales must be f32 [{rows}, 2] (one row per x_u row), got {x_scales.dtype} "
             f"{tuple(x_scales.shape)}"
+        )
+    if rs is not None and (rs.shape != (2, rows) or rs.dtype != jnp.float32):
+        raise ValueError(
+            f"rs must be f32 [2, {rows}] (act_quant.kernel_scales of x_scales), got {rs.dtype} "
+            f"{tuple(rs.shape)}"
         )
     shapes = (
         jax.ShapeDtypeStruct((m, k4 // 2), jnp.int8),
@@ -872,12 +879,16 @@ def w4ax_matmul_unpacked(
     out_dtype=jnp.bfloat16,
     interpret: bool = False,
     config: GemmConfig | None = None,
+    rs=None,
 ):
     """W4Ax GEMM ``[m, N]`` on the activations as ``act_quant(layout="unpacked")`` writes
     them: ``x_u [R, K] int8`` = ``[16 * x4 | x8]`` (the INT4 channels ``[0, k4)`` unpacked
     into the natural order and times 16, the INT8 channels after), ``x_scales [R, 2]``, the
     first ``m`` rows real (default all ``R``). Same values as :func:`w4ax_matmul` on the
-    packed form of the same integers, with the same config lookup (``(m, N, K, K8)``):
+    packed form of the same integers, with the same config lookup (``(m, N, K, K8)``).
+    ``rs [2, R]`` (optional): ``act_quant.kernel_scales(x_scales)`` as act_quant writes it
+    with ``kernel_scales=True``; the Mosaic GPU kernel then takes it as its factor operand
+    instead of an XLA pass building it (the other backends read x_scales).
 
     * ``mgpu``: the Mosaic GPU kernel reads ``x_u`` as its activation operand directly, rows
       padded to its tile only where R is not a multiple of it (``act_quant``'s ``row_align``
@@ -888,7 +899,9 @@ def w4ax_matmul_unpacked(
       engine's shapes: ``tests/test_w4ax_matmul.py``);
     * ``xla_int8``: XLA's int8 dots on the x16 operands, exact shifts back.
     """
-    m, n, k4, k8 = validate_unpacked_args(x_u, x_scales, w_packed, w_scales, bias, k4, m, tile_k)
+    m, n, k4, k8 = validate_unpacked_args(
+        x_u, x_scales, w_packed, w_scales, bias, k4, m, tile_k, rs
+    )
     cfg = _resolve_config(config, m, n, k4, k8, tile_k)
     out_dtype = jnp.dtype(out_dtype)
     if cfg.backend == "xla_int8" and w_scales.ndim == 1:
@@ -903,7 +916,7 @@ def w4ax_matmul_unpacked(
             from pallas_kernels.w4ax_mgpu import w4ax_matmul_mgpu_unpacked
 
             return w4ax_matmul_mgpu_unpacked(
-                x_u, x_scales, w_packed, w_scales, bias,
+                x_u, x_scales, w_packed, w_scales, bias, rs,
                 m=m, k4=k4, tile_k=tile_k, out_dtype=out_dtype, cfg=mcfg,
             )  # fmt: skip
         cfg = _fallback_from_mgpu(cfg, w_scales)
@@ -928,6 +941,7 @@ def w4ax_swiglu_unpacked(
     out_dtype=jnp.bfloat16,
     interpret: bool = False,
     config: GemmConfig | None = None,
+    rs=None,
 ):
     """The MLP's hidden state ``act_quant.swiglu(gate, up)`` from one Mosaic GPU kernel over
     the unpacked activations (``w4ax_mgpu.swiglu_matmul_mgpu_unpacked``: the gate and up
@@ -936,8 +950,9 @@ def w4ax_swiglu_unpacked(
     K8)``, as each GEMM would look it up) is not a Mosaic GPU w_regs schedule, or the call
     is interpreted, or has group scales. The caller then runs the two GEMMs and
     ``act_quant.swiglu`` (the same values; the GPU's ``exp`` aside). Operands as
-    :func:`w4ax_matmul_unpacked` (both weights ``[N, K/2]`` with ``[N]`` scales, no bias)."""
-    m, n, k4, k8 = validate_unpacked_args(x_u, x_scales, w_gate, ws_gate, None, k4, m, tile_k)
+    :func:`w4ax_matmul_unpacked` (both weights ``[N, K/2]`` with ``[N]`` scales, no bias,
+    ``rs`` optional)."""
+    m, n, k4, k8 = validate_unpacked_args(x_u, x_scales, w_gate, ws_gate, None, k4, m, tile_k, rs)
     validate_unpacked_args(x_u, x_scales, w_up, ws_up, None, k4, m, tile_k)
     if w_gate.shape != w_up.shape:
         raise ValueError(f"w_gate {w_gate.shape} and w_up {w_up.shape} must have one shape")
@@ -954,7 +969,7 @@ def w4ax_swiglu_unpacked(
     if scfg is None or n % scfg.tile_n:
         return None
     return swiglu_matmul_mgpu_unpacked(
-        x_u, x_scales, w_gate, ws_gate, w_up, ws_up,
+        x_u, x_scales, w_gate, ws_gate, w_up, ws_up, rs,
         m=m, k4=k4, tile_k=tile_k, out_dtype=jnp.dtype(out_dtype), cfg=scfg,
     )  # fmt: skip
 

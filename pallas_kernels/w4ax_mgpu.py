@@ -87,8 +87,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels.act_quant import kernel_scales, to_unpacked
 from pallas_kernels.act_quant import swiglu as swiglu_of
-from pallas_kernels.act_quant import to_unpacked
 from pallas_kernels.w4ax_matmul import DEFAULT_TILE_K, unpack_int4_x16_tiles, validate_args
 
 BLOCK_NS = (64, 128)  # MgpuConfig.block_n: wgmma's N per tile
@@ -383,11 +383,12 @@ class _Segments:
         return acc, parked
 
 
-def segment_matmul(x_u, r4, r8, w_u, ws, bias, *, k4, cfg, out_dtype, tile_k=128, out_rows=None):
+def segment_matmul(x_u, rs, w_u, ws, bias, *, k4, cfg, out_dtype, tile_k=128, out_rows=None):
     """The kernel on unpacked operands (module docstring): ``y = (acc4 * r4[m] + acc8 * r8[m])
     * ws[n] (+ bias[n])`` with ``acc4`` over the first ``k4`` channels, ``acc8`` over the rest.
 
-    x_u: [Mp, K] int8, r4 / r8: [Mp] f32, w_u: [N, K] int8 (K contiguous), ws: [N] f32,
+    x_u: [Mp, K] int8, rs: [2, Mp'] f32 (Mp' >= Mp), rows r4 and r8 (the per-token factors,
+    one operand: ``act_quant.kernel_scales``), w_u: [N, K] int8 (K contiguous), ws: [N] f32,
     bias: [N] f32 or None -> [out_rows, N] out_dtype. Mp a multiple of ``cfg.block_m``, N of
     ``cfg.block_n``, k4 and K of ``tile_k``. With ``k4 = 0`` it is a plain int8 GEMM with a
     per-row and a per-column scale. ``out_rows`` (default Mp; a multiple of 8, the TMA
@@ -403,7 +404,7 @@ def segment_matmul(x_u, r4, r8, w_u, ws, bias, *, k4, cfg, out_dtype, tile_k=128
     out_rows = x_u.shape[0] if out_rows is None else out_rows
     if cfg.w_regs:
         return _swap_segment_matmul(
-            x_u, r4, r8, (w_u,), (ws,), (bias,),
+            x_u, rs, (w_u,), (ws,), (bias,),
             k4=k4, cfg=cfg, out_dtype=out_dtype, tk=tile_k, out_rows=out_rows,
         )  # fmt: skip
     mp, k = x_u.shape
@@ -476,8 +477,9 @@ def segment_matmul(x_u, r4, r8, w_u, ws, bias, *, k4, cfg, out_dtype, tile_k=128
 
     pipeline = functools.partial(_pipeline, in_specs=in_specs, k_steps=k_steps, cfg=cfg)
 
-    def kernel(x_hbm, r4_hbm, r8_hbm, w_hbm, ws_hbm, *rest):
+    def kernel(x_hbm, rs_hbm, w_hbm, ws_hbm, *rest):
         bias_hbm, y_hbm = (rest[0], rest[1]) if has_bias else (None, rest[0])
+        r4_hbm, r8_hbm = rs_hbm.at[0], rs_hbm.at[1]
 
         operands = (x_hbm, x_hbm, w_hbm) if su else (x_hbm, w_hbm)
         # smem_unpack: each compute warpgroup's unpacked weight halves [lo | hi] of one tile,
@@ -574,7 +576,8 @@ def segment_matmul(x_u, r4, r8, w_u, ws, bias, *, k4, cfg, out_dtype, tile_k=128
 
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-    args = [x_u, r4, r8, w_u, ws] + ([bias] if has_bias else [])
+    _check_rs(rs, mp)
+    args = [x_u, rs, w_u, ws] + ([bias] if has_bias else [])
     return _launch(kernel, jax.ShapeDtypeStruct((out_rows, n), out_dtype), args)
 
 
@@ -614,15 +617,15 @@ def _split_nibbles(packed):
 
 
 def _swap_segment_matmul(
-    x_u, r4, r8, w_ps, wss, biases, *, k4, cfg, out_dtype, tk, out_rows, swiglu=False
+    x_u, rs, w_ps, wss, biases, *, k4, cfg, out_dtype, tk, out_rows, swiglu=False
 ):
     """``segment_matmul`` with ``cfg.w_regs``: the packed weights ``[N, K/2]`` int8 as they
     are stored, unpacked in registers into wgmma's A operand; the MMA computes tiles of
     ``Y^T`` (module docstring). ``w_ps``, ``wss``, ``biases``: one entry per output, or with
     ``swiglu`` two (gate, up) whose outputs the epilogue combines into ``silu(gate) * up``
-    (:func:`swiglu_matmul_mgpu_unpacked`). The tiles cover ``out_rows`` rounded up to ``block_n``; x_u
-    (and r4, r8) may have more rows than that (act_quant's 256-row padding), which are not
-    read."""
+    (:func:`swiglu_matmul_mgpu_unpacked`). The tiles cover ``out_rows`` rounded up to
+    ``block_n``; x_u (and rs's columns) may have more rows than that (act_quant's 256-row
+    padding), which are not read."""
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
@@ -682,7 +685,8 @@ def _swap_segment_matmul(
 
     pipeline = functools.partial(_pipeline, in_specs=in_specs, k_steps=k_steps, cfg=cfg)
 
-    def kernel(x_hbm, r4_hbm, r8_hbm, *rest):
+    def kernel(x_hbm, rs_hbm, *rest):
+        r4_hbm, r8_hbm = rs_hbm.at[0], rs_hbm.at[1]
         w_hbms, ws_hbms, rest = rest[:n_out], rest[n_out : 2 * n_out], rest[2 * n_out :]
         bias_hbms = []
         for b in has_bias:
@@ -761,7 +765,8 @@ def _swap_segment_matmul(
 
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-    args = [x_u, r4, r8, *w_ps, *wss] + [b for b in biases if b is not None]
+    _check_rs(rs, mp)
+    args = [x_u, rs, *w_ps, *wss] + [b for b in biases if b is not None]
     return _launch(kernel, jax.ShapeDtypeStruct((out_rows, n), out_dtype), args)
 
 
@@ -871,26 +876,37 @@ def _w4ax_mgpu_call(x4_packed, x8, x_scales, w_packed, w_scales, bias, *, tile_k
 
 @functools.partial(jax.jit, static_argnames=("m", "k4", "tile_k", "out_dtype", "cfg"))
 def w4ax_matmul_mgpu_unpacked(
-    x_u, x_scales, w_packed, w_scales, bias, *, m, k4, tile_k, out_dtype, cfg
+    x_u, x_scales, w_packed, w_scales, bias, rs=None, *, m, k4, tile_k, out_dtype, cfg
 ):
     """The kernel on the unpacked activation operand that ``act_quant(layout="unpacked")``
     writes (``x_u [R, K]`` int8 = [16 * x4 | x8], ``x_scales [R, 2]``, the first ``m`` rows
-    real): no XLA pass over the activations before the call. Operands checked by
+    real; ``rs [2, R]``: ``act_quant.kernel_scales`` of x_scales where act_quant wrote it, else
+    None): no XLA pass over the activations before the call. Operands checked by
     ``w4ax_matmul.w4ax_matmul_unpacked``, which routes here."""
     return _on_unpacked(
         x_u, x_scales, w_packed, w_scales, bias,
-        m=m, k4=k4, tile_k=tile_k, out_dtype=out_dtype, cfg=cfg,
+        m=m, k4=k4, tile_k=tile_k, out_dtype=out_dtype, cfg=cfg, rs=rs,
     )  # fmt: skip
 
 
-def _rows(x_u, x_scales, m, cfg):
-    """The activation operand's rows as the kernel takes them: ``(x_u, r4, r8, out_rows)``,
+def _check_rs(rs, rows: int) -> None:
+    if rs.dtype != jnp.float32 or rs.ndim != 2 or rs.shape[0] != 2 or rs.shape[1] < rows:
+        raise ValueError(
+            f"rs must be float32 [2, >= {rows}] (kernel_scales of the rows' x_scales), got "
+            f"{rs.dtype} {rs.shape}"
+        )
+
+
+def _rows(x_u, x_scales, m, cfg, rs=None):
+    """The activation operand's rows as the kernel takes them: ``(x_u, rs, out_rows)``,
     x_u padded to whole row tiles only where its rows fall short (w_regs tiles cover
-    ``out_rows`` only: extra rows are left unread), the per-row scales with the x16 / x256
-    unpack factors folded in. The output stops at m rows rounded up to the TMA row tiling
-    (segment_matmul's out_rows): with m a multiple of 8 (and, without w_regs, at least one
-    row tile) no slice is left."""
+    ``out_rows`` only: extra rows are left unread), ``rs`` the per-row factors
+    (``act_quant.kernel_scales``; computed here from x_scales when the caller has none). The output
+    stops at m rows rounded up to the TMA row tiling (segment_matmul's out_rows): with m a
+    multiple of 8 (and, without w_regs, at least one row tile) no slice is left."""
     rows = x_u.shape[0]
+    if rs is not None:
+        _check_rs(rs, rows)
     out_rows = -(-m // OUT_ROW_TILE) * OUT_ROW_TILE
     if cfg.w_regs:
         mp = max(rows, -(-out_rows // cfg.block_m) * cfg.block_m)
@@ -900,11 +916,15 @@ def _rows(x_u, x_scales, m, cfg):
     if mp != rows:
         x_u = jnp.pad(x_u, ((0, mp - rows), (0, 0)))
         x_scales = jnp.pad(x_scales, ((0, mp - rows), (0, 0)))
-    return x_u, x_scales[:, 0] * (1.0 / 256.0), x_scales[:, 1] * (1.0 / 16.0), out_rows
+        if rs is not None:
+            rs = jnp.pad(rs[:, :rows], ((0, 0), (0, mp - rows)))
+    return x_u, kernel_scales(x_scales) if rs is None else rs, out_rows
 
 
-def _on_unpacked(x_u, x_scales, w_packed, w_scales, bias, *, m, k4, tile_k, out_dtype, cfg):
-    x_u, r4, r8, out_rows = _rows(x_u, x_scales, m, cfg)
+def _on_unpacked(
+    x_u, x_scales, w_packed, w_scales, bias, *, m, k4, tile_k, out_dtype, cfg, rs=None
+):
+    x_u, rs, out_rows = _rows(x_u, x_scales, m, cfg, rs)
     # [N, K] int8, unless the kernel unpacks the packed tiles itself (smem_unpack: as int32
     # words; w_regs: the packed bytes as they are)
     if cfg.w_regs:
@@ -915,7 +935,7 @@ def _on_unpacked(x_u, x_scales, w_packed, w_scales, bias, *, m, k4, tile_k, out_
         w_u = unpack_int4_x16_tiles(w_packed, tile_k)
     b = None if bias is None else bias.astype(jnp.float32)
     y = segment_matmul(
-        x_u, r4, r8, w_u, w_scales.astype(jnp.float32), b,
+        x_u, rs, w_u, w_scales.astype(jnp.float32), b,
         k4=k4, tile_k=tile_k, cfg=cfg, out_dtype=out_dtype, out_rows=out_rows,
     )  # fmt: skip
     return y if out_rows == m else y[:m]
@@ -938,7 +958,7 @@ def swiglu_config(cfg: MgpuConfig, *, two_segments: bool) -> MgpuConfig | None:
 
 @functools.partial(jax.jit, static_argnames=("m", "k4", "tile_k", "out_dtype", "cfg"))
 def swiglu_matmul_mgpu_unpacked(
-    x_u, x_scales, w_gate, ws_gate, w_up, ws_up, *, m, k4, tile_k, out_dtype, cfg
+    x_u, x_scales, w_gate, ws_gate, w_up, ws_up, rs=None, *, m, k4, tile_k, out_dtype, cfg
 ):
     """The LLaMA MLP's hidden state from one kernel: ``swiglu(gate, up)`` (``act_quant.swiglu``:
     ``silu(f32(gate)) * up`` rounded to out_dtype) of the W4Ax GEMMs ``gate = x @ w_gate``,
@@ -955,10 +975,10 @@ def swiglu_matmul_mgpu_unpacked(
         raise ValueError(
             f"swiglu_matmul takes a w_regs schedule of 64 rows per warpgroup, got {cfg}"
         )
-    x_u, r4, r8, out_rows = _rows(x_u, x_scales, m, cfg)
+    x_u, rs, out_rows = _rows(x_u, x_scales, m, cfg, rs)
     wss = tuple(w.astype(jnp.float32) for w in (ws_gate, ws_up))
     h = _swap_segment_matmul(
-        x_u, r4, r8, (w_gate, w_up), wss, (None, None),
+        x_u, rs, (w_gate, w_up), wss, (None, None),
         k4=k4, cfg=cfg, out_dtype=out_dtype, tk=tile_k, out_rows=out_rows, swiglu=True,
     )  # fmt: skip
     return h if out_rows == m else h[:m]

@@ -271,3 +271,43 @@ def test_unpacked_scatter_equals_gather(m, k, k4, bm, row_align, norm, gated, so
         for a, b in zip(got, want):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=f"scatter={s}")
     assert not aq.UNPACKED_SCATTER and aq.SCATTER_CHUNK >= 32
+
+
+@pytest.mark.parametrize(
+    "m,k,k4,bm,row_align,form",
+    [
+        (5, 256, 192, 1, 8, "gather"),  # the decode launch, 3 pad rows
+        (6, 384, 256, 2, 4, "scatter"),  # 2 rows a program
+        (3, 256, 0, 1, 4, "identity"),  # all INT8, contiguous chunks
+        (7, 256, 128, 4, 16, "gated"),  # the SwiGLU input (no norm)
+    ],
+)
+def test_kernel_scales_and_bf16_norm_weights(m, k, k4, bm, row_align, form):
+    """``kernel_scales=True``: the third output ``rs [2, R]`` is ``kernel_scales(x_scales)``
+    (``s4 / 256``, ``s8 / 16``; the padding rows' 1 / 256 and 1 / 16), and the other two
+    outputs are unchanged; the RMSNorm weights arrive in their stored dtype (bf16 here) and
+    the kernel gathers and converts them itself. Tolerance: none (the reference's bytes)."""
+    from pallas_kernels.act_quant import kernel_scales
+
+    x, perm, w = _inputs(m, k, jnp.bfloat16, seed=5 * m + k4)
+    w = None if form == "gated" else w.astype(jnp.bfloat16)
+    perm = None if form == "identity" else perm
+    g = jax.random.normal(jax.random.PRNGKey(m), (m, k)).astype(jnp.bfloat16)
+    kw = dict(norm_weight=w, tile_k=TILE, layout="unpacked", row_align=row_align)
+    kw["gate"] = g if form == "gated" else None
+    want = act_quant_reference(x, perm, k4, **kw)
+    got = act_quant(
+        x, perm, k4, interpret=True, rows_per_program=bm, kernel_scales=True,
+        scatter=form == "scatter", **kw,
+    )  # fmt: skip
+    assert len(got) == 3
+    for a, b in zip(got[:2], want):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    rs = np.asarray(got[2])
+    assert rs.shape == (2, got[1].shape[0]) and rs.dtype == np.float32
+    np.testing.assert_array_equal(rs, np.asarray(kernel_scales(want[1])))
+    rows = -(-m // row_align) * row_align
+    assert (rs[:, m:rows] == np.array([[1 / 256], [1 / 16]], np.float32)).all()
+    assert (rs[0, :m] * 256 == np.asarray(want[1])[:m, 0]).all()
+    with pytest.raises(ValueError, match="kernel_scales=True .* needs layout='unpacked'"):
+        act_quant(x, perm, k4, interpret=True, tile_k=TILE, kernel_scales=True)

@@ -120,12 +120,17 @@ def test_smoke_swiglu_study(tmp_path):
 
 
 def test_smoke_out_rows_and_act_quant_launch_studies(tmp_path):
-    """--out-rows: the engine's large-M path checked against the reference (every element
-    within tolerance) with its output shape; --act-quant-launch: every launch variant's
-    bytes equal the default launch's, and each is timed."""
+    """--out-rows: the engine's large-M path checked against the reference (act_quant's
+    bytes and, within XLA's last-bit differences of rms_inv between fusions, its scales,
+    with bf16 RMSNorm weights; its GEMM factors exactly; every GEMM element within
+    tolerance) with its output shape; --act-quant-launch: every launch variant's bytes equal
+    the default launch's, and each is timed."""
     _, res = _smoke(tmp_path, "--out-rows", "--act-quant-launch")
     [row] = res["out_rows"]
     assert row["bad"] == 0 and row["shape"] == [row["m"], row["n"]] and row["us"] > 0
+    mismatch = row["act_quant_mismatch"]
+    assert row["norm"] and mismatch[0] == 0 and mismatch[2] == 0
+    assert row["x_scales_max_rel"] <= 2.0**-22  # one f32 ulp at most
     assert len(res["act_quant_launch"]) == 2
     for r in res["act_quant_launch"]:
         variants = [k[: -len("_us")] for k in r if k.startswith("bm") and k.endswith("_us")]

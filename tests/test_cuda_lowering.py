@@ -234,6 +234,26 @@ def test_act_quant_unpacked_lowers(m, bm):
     )
 
 
+@pytest.mark.parametrize("m,bm,scatter", [(2224, 1, False), (300, 2, True)])
+def test_act_quant_kernel_scales_with_bf16_norm_weights_lowers(m, bm, scatter):
+    """kernel_scales=True (the GEMM factors ``[2, R]`` as a third output, a [2, bm] block a
+    program) with the RMSNorm weights in bf16, gathered by the permutation in the kernel
+    (and read in order by the scattered form): no XLA gather or convert of the weights."""
+    perm = np.random.default_rng(0).permutation(512).astype(np.int32)
+    fn = functools.partial(
+        aq.act_quant, perm=jnp.asarray(perm), k4=384, layout="unpacked", row_align=256,
+        rows_per_program=bm, kernel_scales=True, scatter=scatter,
+    )  # fmt: skip
+    text = _lower_cuda(
+        lambda x, w: fn(x, norm_weight=w), S((m, 512), jnp.bfloat16), S((512,), jnp.bfloat16)
+    )
+    assert "gather" not in text.split("__gpu$xla.gpu.triton")[0]
+    out = jax.eval_shape(lambda x, w: fn(x, norm_weight=w), S((m, 512), jnp.bfloat16),
+                         S((512,), jnp.bfloat16))  # fmt: skip
+    r = -(-m // 256) * 256
+    assert [o.shape for o in out] == [(r, 512), (r, 2), (2, r)]
+
+
 @pytest.mark.parametrize("m,bm,layout,permuted", [(16, 1, "packed", True), (300, 1, "unpacked", False),
                                                  (512, 2, "unpacked", True)])  # fmt: skip
 def test_act_quant_swiglu_and_identity_lower(m, bm, layout, permuted):

@@ -608,8 +608,13 @@ def test_gate_up_kernel_path_gives_the_same_logits():
         tuning.get_config = real
     assert "act_quant_swiglu" in separate and "act_quant_swiglu" not in fused
 
-    def operand_counts(text):  # of the Mosaic GPU calls (x, 2 row scales, weights, scales)
+    def operand_counts(text):  # of the Mosaic GPU calls (x, row factors [2, R], weights, scales)
         return sorted({len(c.split(",")) for c in re.findall(r"@mosaic_gpu\w*\(([^)]*)\)", text)})
 
-    assert operand_counts(separate) == [5]  # one weight, its scales
-    assert operand_counts(fused) == [5, 7]  # and gate|up: both weights, both scales
+    assert operand_counts(separate) == [4]  # one weight, its scales
+    assert operand_counts(fused) == [4, 6]  # and gate|up: both weights, both scales
+    # act_quant writes the kernels' row factors (kernel_scales): no XLA op on the operands
+    # between act_quant and a Mosaic GPU call (each one a kernel launch per GEMM)
+    bodies = re.findall(r"func private @w4ax_matmul_mgpu_unpacked\w*\(.*?\n  \}", separate, re.S)
+    before = [b.split("stablehlo.custom_call @mosaic_gpu")[0].split("{", 1)[1] for b in bodies]
+    assert before and all("stablehlo." not in b for b in before), before

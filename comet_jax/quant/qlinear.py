@@ -184,20 +184,22 @@ class PreparedKernel:
 
 @functools.partial(
     jax.tree_util.register_dataclass,
-    data_fields=["x_u", "x_scales"],
+    data_fields=["x_u", "x_scales", "rs"],
     meta_fields=["k4", "dtype", "lead"],
 )
 @dataclasses.dataclass(frozen=True)
 class PreparedUnpacked:
     """Kernel-format activations in the unpacked layout (``act_quant(layout="unpacked")``):
     x_u [R, K] int8 = [16 * x4 | x8], x_scales [R, 2] f32, the first m = prod(lead) rows real,
-    the INT4 segment k4 channels wide."""
+    the INT4 segment k4 channels wide; rs [2, R] f32 (or None): the Mosaic GPU GEMM's
+    per-token factors (``act_quant.kernel_scales``), written by act_quant with the rest."""
 
     x_u: jax.Array
     x_scales: jax.Array
     k4: int
     dtype: Any
     lead: tuple
+    rs: jax.Array | None = None
 
     @property
     def m(self) -> int:
@@ -502,14 +504,14 @@ class W4AxLinear:
         if self.mode == "pallas" and self._unpacked(x2.shape[0]):
             from pallas_kernels.w4ax_matmul import UNPACKED_ROW_ALIGN
 
-            x_u, x_scales = aq.act_quant(
+            x_u, x_scales, rs = aq.act_quant(
                 x2, perm, k4, interpret=self.interpret, layout="unpacked",
-                row_align=UNPACKED_ROW_ALIGN, **kwargs,
+                row_align=UNPACKED_ROW_ALIGN, kernel_scales=True, **kwargs,
             )  # fmt: skip
             if zero_bytes:  # the pad zero channels, unpacked
                 zeros = jnp.zeros((x_u.shape[0], self.pad), x_u.dtype)
                 x_u = jnp.concatenate([zeros, x_u], axis=-1)
-            return PreparedUnpacked(x_u, x_scales, self.k4, jnp.dtype(x.dtype), tuple(lead))
+            return PreparedUnpacked(x_u, x_scales, self.k4, jnp.dtype(x.dtype), tuple(lead), rs=rs)
         if self.mode == "pallas":
             out = aq.act_quant(x2, perm, k4, interpret=self.interpret, **kwargs)
         else:
@@ -568,7 +570,7 @@ class W4AxLinear:
             gate_params["w_packed"], gate_params["w_scales"],
             up_params["w_packed"], up_params["w_scales"],
             k4=prepared.k4, m=prepared.m, tile_k=self.tile, out_dtype=prepared.dtype,
-            interpret=self.interpret,
+            interpret=self.interpret, rs=prepared.rs,
         )  # fmt: skip
         return None if h is None else h.reshape(*prepared.lead, h.shape[-1])
 
@@ -596,8 +598,9 @@ class W4AxLinear:
         if isinstance(prepared, PreparedUnpacked):  # written by the kernel path only
             x_args = (prepared.x_u, prepared.x_scales)
             fn = functools.partial(
-                wk.w4ax_matmul_unpacked, k4=prepared.k4, m=prepared.m, interpret=self.interpret
-            )
+                wk.w4ax_matmul_unpacked, k4=prepared.k4, m=prepared.m, interpret=self.interpret,
+                rs=prepared.rs,
+            )  # fmt: skip
         else:
             x_args = (prepared.x4_packed, prepared.x8, prepared.x_scales)
             fn = wk.w4ax_matmul_reference
