@@ -584,6 +584,7 @@ def bench_precision(args, model_config, precision: str) -> list[dict]:
         interpret=args.interpret,
         fuse_swiglu=not args.unfused_swiglu,
         fuse_gate_up=args.fuse_gate_up,
+        fuse_projections=args.fuse_projections,
     )
     dtype = jnp.float32 if args.float32 else jnp.bfloat16
     model = LlamaForCausalLM(model_config, linear=linear, dtype=dtype, param_dtype=dtype)
@@ -974,6 +975,13 @@ def parse_args(argv=None):
         action="store_true",
         help="W4AxKV4: the gate / up GEMMs as one Mosaic GPU kernel writing silu(gate) * up "
         "where the tuning table's schedule is a w_regs one (W4AxLinear.fuse_gate_up)",
+    )
+    p.add_argument(
+        "--fuse-projections",
+        action="store_true",
+        help="W4AxKV4: the q / k / v projections as one GEMM over their concatenated weights "
+        "where the tuning table has the concatenated shape at the call's M bucket "
+        "(W4AxLinear.fuse_projections)",
     )
     p.add_argument("--num-pages", type=int, default=None, help="default: plan from free memory")
     p.add_argument("--memory-fraction", type=float, default=0.85)

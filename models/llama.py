@@ -172,6 +172,14 @@ class DecoderLayer(nn.Module):
                 hidden = fused(weights[g], weights[u], prepared[backend])
                 if hidden is not None:
                     out["hidden"] = hidden
+        if "hidden" not in out and len(distinct) == 1:
+            # one GEMM over the group's concatenated weights where the backend runs it
+            # (W4AxLinear.fuse_projections); None: one per projection below
+            fused = getattr(distinct[0], "group_matmul", None)
+            if fused is not None and not self.is_mutable_collection("intermediates"):
+                ys = fused([weights[p.name] for p in spec.projections], prepared[distinct[0]])
+                if ys is not None:
+                    return {p.name: y for p, y in zip(spec.projections, ys)}
         for p in spec.projections:
             if "hidden" in out and p.name in hidden_of:
                 continue

@@ -167,14 +167,28 @@ def get_config(m: int, n: int, k: int, k8: int = 0, *, tile_k: int = DEFAULT_TIL
     table = load_table()
     entry, bucket, frac = None, m_bucket(m), frac_bucket(k8, k)
     while entry is None and bucket is not None:
-        entry = table.get(_key(bucket, n, k, frac))
-        if entry is None:
-            same = [v for key, v in table.items() if key.startswith(_key(bucket, n, k))]
-            entry = same[0] if same else None
+        entry = _bucket_entry(table, bucket, n, k, frac)
         bucket = FALLBACK_BUCKET.get(bucket)
     if entry is None or tile_k != DEFAULT_TILE_K:
         return default_config(m, n, k, k8, tile_k=tile_k)
     return GemmConfig.from_dict(entry)
+
+
+def table_entry(m: int, n: int, k: int, k8: int = 0) -> GemmConfig | None:
+    """The table's own entry for the shape in M's bucket (as :func:`get_config` reads it,
+    without the fallback bucket and the heuristic), or None: what a caller that should only
+    run a shape where it was measured asks."""
+    entry = _bucket_entry(load_table(), m_bucket(m), n, k, frac_bucket(k8, k))
+    return None if entry is None else GemmConfig.from_dict(entry)
+
+
+def _bucket_entry(table: dict, bucket: int, n: int, k: int, frac: float) -> dict | None:
+    """The entry of bucket and shape at this INT8 fraction, else at any fraction, or None."""
+    entry = table.get(_key(bucket, n, k, frac))
+    if entry is None:
+        same = [v for key, v in table.items() if key.startswith(_key(bucket, n, k))]
+        entry = same[0] if same else None
+    return entry
 
 
 def candidates(m: int, n: int, k: int, *, tile_k: int = DEFAULT_TILE_K, quick: bool = False):

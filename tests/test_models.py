@@ -546,6 +546,54 @@ def test_fused_swiglu_gives_the_same_logits():
     assert sown.shape == (2, 5, cfg.intermediate_size)
 
 
+def test_fused_projections_give_the_same_logits(monkeypatch):
+    """W4AxLinear.fuse_projections: an input group's projections as one GEMM over their
+    concatenated weights, the output split back, where the tuning table has the
+    concatenated shape in the call's M bucket. Without an entry (the real table at this toy
+    shape) the group declines; with one (patched: one fixed GEMM config for every shape,
+    the kernels in interpret mode) the logits equal the one-GEMM-per-projection path's bit
+    for bit, and the CUDA lowering holds 4 GEMM calls per layer instead of 7 (q | k | v and
+    gate | up, then o and down)."""
+    from comet_jax.engine.runner import precision_plan
+    from pallas_kernels import tuning
+    from pallas_kernels.w4ax_matmul import GemmConfig
+
+    cfg = ModelConfig(
+        vocab_size=320, hidden_size=256, intermediate_size=256, num_layers=1, num_heads=4,
+        num_kv_heads=2, head_dim=64,
+    )  # fmt: skip
+    tokens = _tokens(2, 5, seed=6, vocab=320)
+
+    def model(fuse, interpret=True):
+        plan = precision_plan(
+            cfg, "w4axkv4", mode="pallas", interpret=interpret, fuse_projections=fuse
+        )
+        return LlamaForCausalLM(cfg, linear=plan, dtype=jnp.bfloat16)
+
+    def logits(m, params):  # a fresh jit: the tuning functions are read while tracing
+        return np.asarray(jax.jit(lambda p, t: m.apply({"params": p}, t)[0])(params, tokens))
+
+    params = init_params(model(False), jax.random.key(7))
+    base = logits(model(False), params)
+    assert np.isfinite(base).all() and np.abs(base).max() > 0
+    assert tuning.table_entry(10, 384, 256, 64) is None  # q | k | v at this shape
+    np.testing.assert_array_equal(logits(model(True), params), base)
+
+    one = GemmConfig(64, 64, 1, 4, 3, False, 8)
+    monkeypatch.setattr(tuning, "get_config", lambda m, n, k, k8=0, **kw: one)
+    monkeypatch.setattr(tuning, "table_entry", lambda m, n, k, k8=0: one)
+    want = logits(model(False), params)
+    np.testing.assert_array_equal(logits(model(True), params), want)
+
+    def gemm_calls(fuse):  # the GPU lowering: Triton GEMM kernels in the HLO
+        m = model(fuse, interpret=False)
+        fn = jax.jit(lambda p, t: m.apply({"params": p}, t)[0])
+        text = fn.trace(params, tokens).lower(lowering_platforms=("cuda",)).as_text()
+        return len(re.findall(r"= call @_w4ax_call", text))
+
+    assert (gemm_calls(False), gemm_calls(True)) == (7, 4)
+
+
 @dataclasses.dataclass(frozen=True)
 class _JnpGateUp(W4AxLinear):
     """W4AxLinear whose gate_up_swiglu always runs, as jnp: the value the one-kernel path

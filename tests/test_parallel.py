@@ -424,3 +424,38 @@ def test_pallas_kernels_on_mesh():
 
 if __name__ == "__main__":  # XLA_FLAGS=--xla_force_host_platform_device_count=8 python ...
     _equality_body()
+
+
+def test_shard_plan_turns_fused_projections_off_across_devices():
+    """W4AxLinear.fuse_projections concatenates an input group's weights: a one-device form,
+    so shard_plan turns it off on a mesh of 2 (where q / k / v stay plain or are wrapped) and
+    keeps it on one device. A stand-in mesh: shard_plan reads only its axis sizes."""
+    import dataclasses
+
+    from comet_jax.engine.runner import precision_plan
+    from comet_jax.parallel.sharded_runner import shard_plan
+    from models import PROJECTIONS_OF
+
+    cfg = ModelConfig(
+        vocab_size=64, hidden_size=256, intermediate_size=512, num_layers=2, num_heads=4,
+        num_kv_heads=2, head_dim=64,
+    )  # fmt: skip
+    plan = precision_plan(cfg, "w4axkv4", fuse_projections=True)
+
+    def fused(p, layer, proj):
+        b = p.backend_for(layer, proj)
+        return getattr(b, "inner", b).fuse_projections
+
+    @dataclasses.dataclass(frozen=True)
+    class StandIn:  # hashable, as the backends holding it must be
+        d: int
+
+        @property
+        def shape(self):
+            return {mesh_lib.TP_AXIS: self.d}
+
+    for d, want in ((1, True), (2, False)):
+        mesh = StandIn(d)
+        sharded = shard_plan(plan, cfg, mesh)
+        for layer in range(cfg.num_layers):
+            assert all(fused(sharded, layer, p) == want for p in PROJECTIONS_OF["attn_in"])

@@ -472,3 +472,34 @@ def test_w4ax_gate_quantizes_the_swiglu_hidden_state(m, permute):
     np.testing.assert_array_equal(y, np.asarray(plain.matmul(wp, want)))
     assert np.abs(y).max() > 0
     assert not W4AxLinear(k4=64, k8=64, block=64, tile=64, rotate=True).fuses_swiglu
+
+
+def test_group_matmul_runs_where_enabled_and_measured(monkeypatch):
+    """W4AxLinear.group_matmul (fuse_projections): three projections' outputs from one GEMM
+    over their concatenated weights, equal to one GEMM each (Pallas, interpret mode, one
+    config for every shape); it declines (None) when not enabled, in simulation, for one
+    projection, for different parameter sets (a bias on one), and where the tuning table has
+    no entry of its own for the concatenated shape."""
+    from pallas_kernels import tuning
+
+    rng = np.random.default_rng(11)
+    k4, k8, tile = 128, 128, 64
+    backend = W4AxLinear(k4=k4, k8=k8, block=tile, tile=tile, mode="pallas", interpret=True)
+    fused = dataclasses.replace(backend, fuse_projections=True)
+    ws = [_weights(rng, n, k4 + k8, tile)[0] for n in (128, 64, 64)]
+    x = _x(rng, (2, 3, k4 + k8))
+    prep = fused.prepare_input(None, x, None, eps=EPS)
+    assert fused.group_matmul(ws, prep) is None  # the real table: no entry at this shape
+    one = wk.GemmConfig(64, 64, 1, 4, 3, False, 8)
+    monkeypatch.setattr(tuning, "get_config", lambda m, n, k, k8=0, **kw: one)
+    monkeypatch.setattr(tuning, "table_entry", lambda m, n, k, k8=0: one)
+    ys = fused.group_matmul(ws, prep)
+    assert [y.shape for y in ys] == [(2, 3, 128), (2, 3, 64), (2, 3, 64)]
+    for y, w in zip(ys, ws):
+        np.testing.assert_array_equal(np.asarray(y), np.asarray(fused.matmul(w, prep)))
+    assert backend.group_matmul(ws, prep) is None  # not enabled
+    sim = dataclasses.replace(fused, mode="sim", interpret=False)
+    assert sim.group_matmul(ws, sim.prepare_input(None, x, None, eps=EPS)) is None
+    assert fused.group_matmul(ws[:1], prep) is None
+    with_bias = [dict(ws[0], bias=jnp.ones((128,), jnp.float32)), *ws[1:]]
+    assert fused.group_matmul(with_bias, prep) is None

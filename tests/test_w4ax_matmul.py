@@ -448,6 +448,34 @@ def test_tuning_bucket_of_the_h200_decode_batch():
     assert tuning.get_config(2222, 8192, 8192, 2048) == before
 
 
+QKV_STUDY = "experiments/results/gemm_2026-11-29_mgpu_qkv_fit_h200.json"
+
+
+def test_fused_qkv_shape_has_entries_of_its_own_where_measured():
+    """LLaMA-3-8B's q / k / v as one 6144 x 4096 GEMM (W4AxLinear.fuse_projections): the 3072
+    and 4096 buckets hold the study's best schedules (timed at M = 2224 and 8192);
+    tuning.table_entry reads a bucket's own entry only, so the 1536 bucket (the H100's decode
+    batch, not measured) has none, though get_config falls back to the 4096 bucket's there."""
+    import json
+    import pathlib
+
+    from pallas_kernels import tuning
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    study = json.loads((root / QKV_STUDY).read_text())
+    table = tuning.load_table()
+    for bucket, m in ((3072, 2224), (4096, 8192)):
+        rows = [r for r in study["mgpu"] if r["n"] == 6144 and r["m"] == m]
+        entries = tuning.entries_from_study(dict(study, mgpu=rows), bucket)
+        key = f"{bucket}:6144:4096:0.25"
+        assert entries == {key: table[key]}
+        assert tuning.table_entry(m, 6144, 4096, 1024) == GemmConfig.from_dict(table[key])
+    assert tuning.table_entry(1214, 6144, 4096, 1024) is None
+    assert tuning.get_config(1214, 6144, 4096, 1024) == tuning.table_entry(8192, 6144, 4096, 1024)
+    assert tuning.table_entry(2224, 4096, 4096, 1024) == tuning.get_config(2224, 4096, 4096, 1024)
+    assert tuning.table_entry(2224, 12345, 4096, 1024) is None
+
+
 FIT_STUDY = "experiments/results/gemm_2026-11-28_mgpu_w_regs_fit_h200.json"
 
 

@@ -360,6 +360,7 @@ def precision_plan(
     runtime_perm: tuple[str, ...] = ("attn_in", "o_in", "mlp_in"),
     fuse_swiglu: bool = True,
     fuse_gate_up: bool = False,
+    fuse_projections: bool = False,
 ):
     """Projection backends of a precision preset for random weights (benchmarks, tests).
 
@@ -377,6 +378,8 @@ def precision_plan(
     ablation, the layer writing the MLP hidden state).
     fuse_gate_up: `W4AxLinear.fuse_gate_up` (the gate / up GEMMs writing the hidden state
     from one kernel where it runs).
+    fuse_projections: `W4AxLinear.fuse_projections` (an input group's projections, q / k /
+    v, as one GEMM where the tuning table has the concatenated shape; one device only).
     """
     from models.llama import layer_specs
     from models.projection import GROUPS, FloatLinear, LinearPlan
@@ -415,6 +418,7 @@ def precision_plan(
             permute=group in runtime_perm,
             fuse_swiglu=fuse_swiglu,
             fuse_gate_up=fuse_gate_up,
+            fuse_projections=fuse_projections,
         )
     assert set(g for _, g in overrides) == set(GROUPS)
     return LinearPlan.from_mapping(overrides)

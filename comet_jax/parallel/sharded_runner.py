@@ -152,7 +152,8 @@ def shard_plan(plan, config, mesh: Mesh, axis: str = TP_AXIS) -> LinearPlan:
 
     A column-parallel input group is wrapped only when all its projections are split (with
     the replicated-KV rule, q/k/v stay plain and XLA partitions them); chunked row-parallel
-    backends are bound to the mesh.
+    backends are bound to the mesh; `W4AxLinear.fuse_projections` is turned off (a
+    one-device form).
     """
     plan = as_plan(plan)
     d = tp_size(mesh, axis)
@@ -166,6 +167,10 @@ def shard_plan(plan, config, mesh: Mesh, axis: str = TP_AXIS) -> LinearPlan:
                 b = plan.backend_for(i, p)
                 if isinstance(b, ColumnParallelLinear):  # re-target an already sharded plan
                     b = b.inner
+                if d > 1 and getattr(b, "fuse_projections", False):
+                    # one GEMM over concatenated weights is a one-device form: across devices
+                    # the concatenation of column shards would move the weights
+                    b = dataclasses.replace(b, fuse_projections=False)
                 if isinstance(b, ChunkedW4AxLinear):
                     b = dataclasses.replace(b, mesh=mesh if d > 1 else None, axis=axis)
                 elif wrap and p in rules.COLUMN and isinstance(b, INTEGER_BACKENDS):

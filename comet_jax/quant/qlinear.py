@@ -339,6 +339,15 @@ class W4AxLinear:
         GPU); elsewhere the two GEMMs as usual (`gate_up_swiglu`). Same values (the GPU's
         ``exp`` aside). Off by default until measured against the separate GEMMs and
         ``act_quant(gate=)`` in serving.
+      fuse_projections (``mode="pallas"``): the input group's projections (q / k / v) as
+        one GEMM over their weights concatenated along N, the output split back
+        (`group_matmul`), wherever the tuning table has an entry of its own for the
+        concatenated shape in the call's M bucket (measured there: LLaMA-3-8B's 6144 x 4096
+        at M = 2224 and 8192); elsewhere one GEMM per projection. Every output element is
+        computed as by its own GEMM (same integer sums, same epilogue), so the values are
+        the same. The concatenation is an XLA copy of the group's weights per call (for the
+        8B's q / k / v 12.6 MB a layer); one device only (under tensor parallelism the
+        concatenation of column-sharded weights would move them between devices).
     """
 
     k4: int
@@ -356,6 +365,7 @@ class W4AxLinear:
     act_layout: str = "auto"
     fuse_swiglu: bool = True
     fuse_gate_up: bool = False
+    fuse_projections: bool = False
 
     def __post_init__(self):
         kernel_ok = self.act_granularity == "segment" and self.w_group is None
@@ -573,6 +583,35 @@ class W4AxLinear:
             interpret=self.interpret, rs=prepared.rs,
         )  # fmt: skip
         return None if h is None else h.reshape(*prepared.lead, h.shape[-1])
+
+    def group_matmul(self, weight_params: list, prepared):
+        """The outputs of the projections ``weight_params`` (a list, one input group's, in
+        order) from one GEMM over their weights concatenated along N (`fuse_projections`),
+        or None where that does not run (not enabled, not the Pallas path, fewer than two
+        projections, different parameter sets, no table entry of its own for the
+        concatenated shape at this M): the caller then runs `matmul` per projection."""
+        if not self.fuse_projections or self.mode != "pallas" or len(weight_params) < 2:
+            return None
+        if self.act_granularity != "segment" or not isinstance(
+            prepared, (PreparedKernel, PreparedUnpacked)
+        ):
+            return None
+        keys = set(weight_params[0])
+        if any(set(w) != keys for w in weight_params):
+            return None
+        from pallas_kernels import tuning
+
+        ns = [int(w["w_packed"].shape[0]) for w in weight_params]
+        m = math.prod(prepared.lead)
+        if tuning.table_entry(m, sum(ns), self.padded_features, self.k8) is None:
+            return None
+        fused = {key: jnp.concatenate([w[key] for w in weight_params], axis=0) for key in keys}
+        y = self.matmul(fused, prepared)
+        outs, start = [], 0
+        for n in ns:
+            outs.append(y[..., start : start + n])
+            start += n
+        return outs
 
     def matmul(self, weight_params, prepared):
         if self.act_granularity == "block":
