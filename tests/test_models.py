@@ -576,7 +576,8 @@ def test_fused_projections_give_the_same_logits(monkeypatch):
     params = init_params(model(False), jax.random.key(7))
     base = logits(model(False), params)
     assert np.isfinite(base).all() and np.abs(base).max() > 0
-    assert tuning.table_entry(10, 384, 256, 64) is None  # q | k | v at this shape
+    attn = model(True).linear.backend_for(0, "q_proj")  # q | k | v: 256 + 128 + 128 rows
+    assert tuning.table_entry(10, 512, attn.padded_features, attn.k8) is None
     np.testing.assert_array_equal(logits(model(True), params), base)
 
     one = GemmConfig(64, 64, 1, 4, 3, False, 8)
