@@ -49,7 +49,13 @@ ENGINE_FLAGS = (
     "interpret",
     "seed",
     "gc_freeze",
+    "gc_full_every_steps",
 )
+
+# The CLI's engines hold Python's full collections off while requests run and collect
+# every this many steps at the latest, or when the engine drains
+# (EngineConfig.gc_full_every_steps; docs/benchmarks.md, runs 111-112).
+GC_FULL_EVERY_STEPS = 1000
 
 
 # -- configuration ---------------------------------------------------------------------------
@@ -165,7 +171,9 @@ def _build_engine(args, build, **extra):
         print(f"XLA compilation cache: {cache_dir}", file=sys.stderr)
     t0 = time.perf_counter()
     # The CLI's processes hold one engine: freeze the start-up's objects by default.
-    cfg = _engine_config(args, build, **{"gc_freeze": True, **extra})
+    cfg = _engine_config(
+        args, build, **{"gc_freeze": True, "gc_full_every_steps": GC_FULL_EVERY_STEPS, **extra}
+    )
     lm = load_model(args.model, precision=cfg.precision, dtype=cfg.compute_dtype, seed=cfg.seed)
     if lm.kv_dtype is not None and cfg.kv_dtype is None:
         cfg = dataclasses.replace(cfg, kv_dtype=lm.kv_dtype)
@@ -502,6 +510,16 @@ def _common(p: argparse.ArgumentParser, engine: bool = True) -> None:
         help="gc.freeze() after start-up so Python's full collections skip the compiled "
         "steps and params (default on: collections stalled serving for 0.6 s each on the "
         "H100; --no-gc_freeze keeps them)",
+    )
+    g.add_argument(
+        "--gc_full_every_steps",
+        type=int,
+        default=None,
+        metavar="N",
+        help="hold Python's full garbage collections off while requests run; the engine "
+        f"runs one when it drains or every N steps at the latest (default {GC_FULL_EVERY_STEPS}; "
+        "0: Python's own schedule, whose collections every ~20 decode steps at batch 2222 "
+        "stalled the step loop; docs/benchmarks.md runs 111-112)",
     )
 
 

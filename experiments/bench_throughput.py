@@ -981,7 +981,7 @@ def parse_args(argv=None):
         action="store_true",
         help="W4AxKV4: the q / k / v projections as one GEMM over their concatenated weights "
         "where the tuning table has the concatenated shape at the call's M bucket "
-        "(W4AxLinear.fuse_projections)",
+        "(W4AxLinear.fuse_projections; no gain in serving, runs 110 and 113)",
     )
     p.add_argument("--num-pages", type=int, default=None, help="default: plan from free memory")
     p.add_argument("--memory-fraction", type=float, default=0.85)
@@ -1125,9 +1125,11 @@ def parse_args(argv=None):
     p.add_argument(
         "--gc-full-every-steps",
         type=int,
-        default=0,
+        default=1000,
         help="EngineConfig.gc_full_every_steps: Python's full collections held off during the "
-        "runs, run by the engine when a run drains or every N steps (default 0: Python's own)",
+        "runs, run by the engine when a run drains or every N steps (default 1000, as the "
+        "CLI; 0: Python's own, the default before 2026-11-29 run 111: its collections left "
+        "11-12 of the H200's 511 decode steps host-bound against 1 held off, runs 111-112)",
     )
     p.add_argument("--out", default="bench_throughput.json")
     args = p.parse_args(argv)

@@ -54,6 +54,7 @@ def test_tiny_run_with_decode_profile(bench, tmp_path):
     row = rows[0]
     assert row["status"] == "ok"  # the script asserts no KV page leaked, profile included
     assert all(r["gc_frozen"] > 0 for r in rows)  # --gc-freeze is on by default
+    assert all(r["gc_full_every_steps"] == 1000 for r in rows)  # held off by default
     import gc
 
     assert gc.get_freeze_count() == 0  # each run's engine unfroze them when closed

@@ -123,6 +123,42 @@ def test_gc_freeze_flag_default_on_in_the_cli():
     assert gc.get_freeze_count() == 0
 
 
+def test_gc_full_collections_held_off_by_default_in_the_cli(monkeypatch):
+    """The CLI's engines hold Python's full collections off (every GC_FULL_EVERY_STEPS steps
+    at the latest, and at each drain) unless --gc_full_every_steps says otherwise; close()
+    gives Python its thresholds back."""
+    import gc
+
+    parse = cli.build_parser().parse_args
+    args = parse(["generate", "x"])
+    assert cli._engine_config(args, cli._configure(args)).gc_full_every_steps == 0  # library
+    cases = (([], cli.GC_FULL_EVERY_STEPS), (["--gc_full_every_steps", "0"], 0),
+             (["--gc_full_every_steps", "7"], 7))  # fmt: skip
+    for argv, want in cases:
+        args = parse(["generate", "x", *argv])
+        cfg = cli._engine_config(
+            args, cli._configure(args), gc_full_every_steps=cli.GC_FULL_EVERY_STEPS
+        )
+        assert cfg.gc_full_every_steps == want, argv
+    assert cli.GC_FULL_EVERY_STEPS == 1000
+    from comet_jax.engine.engine import LLMEngine
+
+    built, build = [], LLMEngine.build.__func__
+
+    def spy(cls, *a, **kw):  # the config the command's engine is built with
+        engine = build(cls, *a, **kw)
+        built.append(engine)
+        return engine
+
+    monkeypatch.setattr(LLMEngine, "build", classmethod(spy))
+    before = gc.get_threshold()
+    args = ["generate", "--model", "random:tiny", "Hi", "--max_tokens", "2", *TINY_ENGINE]
+    assert cli.main(args) == 0
+    assert [e.config.gc_full_every_steps for e in built] == [cli.GC_FULL_EVERY_STEPS]
+    assert built[0].gc_full_collections >= 1  # the one at the drain
+    assert gc.get_threshold() == before
+
+
 def test_bad_gin_binding_fails_before_compute():
     args = cli.build_parser().parse_args(
         ["generate", "x", "--gin_param", "EngineConfig.no_such_field = 1"]

@@ -218,7 +218,13 @@ class EngineConfig:
         latest; the young generations are collected as usual. The full collections of a
         serving run otherwise land every ~44 decode steps at batch 1214 (30-50 ms each with
         ``gc_freeze``, longer than the host's slack in a 43 ms step: run 78's long steps,
-        docs/benchmarks.md). Process-wide, like gc_freeze.
+        docs/benchmarks.md), and every ~20 at the H200's batch 2222, where the host's
+        slack is smaller. Held off, the decode steps that found the device idle went from
+        12 / 11 to 1 / 1 in two same-machine pairs on the H200 (runs 111 and 112,
+        docs/benchmarks.md), the throughput within the runs' spread (+0.55%, -0.11%; on
+        the H100, run 81, no difference either): steadier steps, not faster ones.
+        Process-wide, like gc_freeze: off in the library, 1000 in the CLI and
+        ``experiments/bench_throughput.py``.
     """
 
     max_batch: int = 16

@@ -347,7 +347,14 @@ class W4AxLinear:
         computed as by its own GEMM (same integer sums, same epilogue), so the values are
         the same. The concatenation is an XLA copy of the group's weights per call (for the
         8B's q / k / v 12.6 MB a layer); one device only (under tensor parallelism the
-        concatenation of column-sharded weights would move them between devices).
+        concatenation of column-sharded weights would move them between devices). Off by
+        default: in serving it gained nothing (H200, 8B, 1024/512: 18966.8 against
+        19056.1 / 19106.7 tok/s on one machine, run 110). The decode step's trace (run 113)
+        says why: its GEMMs took 0.47 ms a step less than the three GEMMs in run 106's
+        trace (another machine), not the kernel study's 1.4 ms (which reads every operand
+        from memory; in the step k's and v's operand may still be in L2 after q's GEMM:
+        not measured), and the weights' concatenation (0.38 ms) and the copies of the
+        split outputs (0.13 ms) took that back.
     """
 
     k4: int
