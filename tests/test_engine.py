@@ -819,3 +819,30 @@ def test_parallel_compile_retries_a_failed_compilation_alone(model, monkeypatch)
     calls.update(n=0, fail_on=set(range(1, 1000)))
     with pytest.raises(jax.errors.JaxRuntimeError, match="ptxas"), pytest.warns(RuntimeWarning):
         fresh.runner.compile_many(fresh.bucket_shapes(), 2)
+
+
+def test_step_inputs_of_decode_rows_and_a_token_not_in_flight(sync_engine):
+    """_inputs: a decode row takes its one id (the prompt's last token, or an output), a
+    PENDING one reads the in-flight step's slot on the device (src) and gives id 0, and a
+    PENDING id with no step in flight is an error naming the request, as is a prefill
+    chunk ending in one."""
+    from comet_jax.engine.scheduler import PENDING, Chunk
+    from comet_jax.engine.scheduler import Sequence as Seq
+
+    eng = LLMEngine(CFG, sync_engine.runner, progress=False)
+    a = Seq("a", (11, 12, 13), GREEDY)
+    b = Seq("b", (21, 22), GREEDY, output_ids=[31, PENDING])
+    c = Seq("c", (41,), GREEDY, output_ids=[51])
+    for s in (a, b, c):
+        s.pages = [len(s.request_id)]
+    eng._inflight_slots = {id(b): 9}
+    rows = [Chunk(a, 2, 1, True), Chunk(b, 3, 1, True), Chunk(c, 1, 1, True)]
+    inp = eng._inputs(rows, CFG.decode_bucket_list, 1)
+    np.testing.assert_array_equal(inp.tokens[:3, 0], [13, 0, 51])
+    np.testing.assert_array_equal(inp.src[:4], [-1, 9, -1, -1])
+    np.testing.assert_array_equal(inp.start[:3], [2, 3, 1])
+    eng._inflight_slots = {}
+    with pytest.raises(RuntimeError, match="b: pending token cannot be supplied"):
+        eng._inputs(rows, CFG.decode_bucket_list, 1)
+    with pytest.raises(RuntimeError, match="b: pending token cannot be supplied"):
+        eng._inputs([Chunk(b, 2, 2, True)], CFG.prefill_batch_bucket_list, 32)

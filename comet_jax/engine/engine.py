@@ -373,13 +373,22 @@ class LLMEngine:
         ids, src_rows, src_slots = [], [], []
         slots = self._inflight_slots
         for i, c in enumerate(chunks):
-            row = c.seq.token_slice(c.start, c.start + c.length)
-            if row[-1] == PENDING:  # sampled by the step in flight: read on the device
-                if c.length != 1 or id(c.seq) not in slots:
-                    raise RuntimeError(f"{c.seq.request_id}: pending token cannot be supplied")
-                src_rows.append(i)
-                src_slots.append(slots[id(c.seq)])
-                row = [0]
+            seq = c.seq
+            if c.length == 1:  # a decode row: its one id (token_slice without the list)
+                start, prompt = c.start, len(seq.prompt_ids)
+                tok = seq.output_ids[start - prompt] if start >= prompt else seq.prompt_ids[start]
+                if tok == PENDING:  # sampled by the step in flight: read on the device
+                    slot = slots.get(id(seq))
+                    if slot is None:
+                        raise RuntimeError(f"{seq.request_id}: pending token cannot be supplied")
+                    src_rows.append(i)
+                    src_slots.append(slot)
+                    tok = 0
+                ids.append(tok)
+                continue
+            row = seq.token_slice(c.start, c.start + c.length)
+            if row[-1] == PENDING:  # only a decode row's token can be in flight
+                raise RuntimeError(f"{seq.request_id}: pending token cannot be supplied")
             ids.extend(row)
         lengths = np.fromiter((c.length for c in chunks), np.int32, n)
         # Row-major boolean fills: each row's leading `lengths[i]` tokens / `page_counts[i]` pages.
@@ -444,20 +453,22 @@ class LLMEngine:
         t2 = time.perf_counter()
         outputs = []
         with self._lock:
+            processed, resolve, requests = 0, self.scheduler.resolve, self._requests
             for rows, toks in results:
-                for (c, index), tok in zip(rows, toks):
+                for (c, index), tok in zip(rows, toks.tolist()):  # Python ints: one pass
                     seq = c.seq
                     if index is None:
                         if not seq.finished:
-                            self.stats.processed_tokens += c.length
+                            processed += c.length
                         continue
-                    if not self.scheduler.resolve(seq, index, int(tok)):
+                    if not resolve(seq, index, tok):
                         continue
-                    self.stats.processed_tokens += c.length
-                    req = self._requests.get(seq.request_id)
+                    processed += c.length
+                    req = requests.get(seq.request_id)
                     if req is not None:
                         outputs.append(self._after_token(req, index))
             st = self.stats
+            st.processed_tokens += processed
             st.steps += 1
             st.decode_calls += bool(plan.decode)
             st.prefill_calls += bool(plan.prefill)
@@ -522,7 +533,22 @@ class LLMEngine:
             del seq.output_ids[done:]  # the stop token and any PENDING after it
             self.scheduler.finish(seq, reason)
             self.stats.requests_finished += 1
-        return self._emit(req, seq.output_ids[req.sent : done], delta, sent=done)
+            return self._emit(req, seq.output_ids[req.sent : done], delta, sent=done)
+        # Still running (resolve() found it unfinished): _emit's delta without its checks,
+        # the path of every token but a request's last.
+        sent, req.sent = req.sent, done
+        out = RequestOutput(
+            request_id=seq.request_id,
+            new_token_ids=tuple(seq.output_ids[sent:done]),
+            new_text=delta,
+            finished=False,
+            finish_reason=None,
+            num_prompt_tokens=len(seq.prompt_ids),
+            num_output_tokens=done,
+        )
+        if req.on_output is not None:
+            req.on_output(out)
+        return out
 
     def _emit(
         self, req: _Request, new_ids: list[int], text: str, sent: int | None = None

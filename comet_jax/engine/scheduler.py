@@ -51,7 +51,7 @@ class FinishReason(enum.StrEnum):
     ABORT = "abort"  # cancelled by the client
 
 
-@dataclasses.dataclass(eq=False)
+@dataclasses.dataclass(eq=False, slots=True)
 class Sequence:
     """One request's state. Identity (not value) equality: used as the page owner.
 
@@ -204,14 +204,6 @@ class Scheduler:
         plan.preempted.append(seq)
 
     # -- one step ----------------------------------------------------------------------------------
-    def _length_done(self, seq: Sequence) -> bool:
-        """Whether seq has all the tokens it may have (max_tokens or max_model_len), counting
-        PENDING ones: only then can a running sequence be in this state (asynchronous mode)."""
-        return (
-            len(seq.output_ids) >= seq.params.max_tokens
-            or seq.num_tokens >= self.config.max_model_len
-        )
-
     def schedule(self) -> StepPlan:
         if self.config.schedule == "prefill_first":
             plan = self._prompt_chunks_only()
@@ -262,13 +254,28 @@ class Scheduler:
         cfg = self.config
         plan = StepPlan()
         budget = cfg.max_tokens_per_step
+        running, decode = self.running, plan.decode
+        max_len, page = cfg.max_model_len, cfg.page_size
         i = 0
-        while i < len(self.running) and budget > 0:
-            seq = self.running[i]
-            if self._length_done(seq):
+        while i < len(running) and budget > 0:
+            seq = running[i]
+            # Lengths spelled out (no property calls): this loop runs once per running
+            # sequence and step, thousands of rows at the largest batches. A sequence with
+            # all the tokens it may have (max_tokens or max_model_len, PENDING ones counted)
+            # is running only while its last token is in flight (asynchronous mode).
+            n_out = len(seq.output_ids)
+            n_tok = len(seq.prompt_ids) + n_out
+            if n_out >= seq.params.max_tokens or n_tok >= max_len:
                 i += 1  # its last token is in flight; it finishes when that token is back
                 continue
-            length = min(seq.remaining, budget)
+            start = seq.num_computed
+            length = min(n_tok - start, budget)
+            if length == 1 and start < len(seq.pages) * page:
+                # a decode row inside its pages (_grow has nothing to do): the common case
+                decode.append(Chunk(seq, start, 1, start + 1 == n_tok))
+                budget -= 1
+                i += 1
+                continue
             if length > 1:
                 length = self._prefill_room(plan.prefill, length)
                 if length == 0:
