@@ -220,7 +220,8 @@ class Scheduler:
         for seq in self.running:
             if budget < 2:
                 break
-            if seq.remaining < 2:
+            # seq.remaining < 2, spelled out (once per running sequence and step)
+            if len(seq.prompt_ids) + len(seq.output_ids) - seq.num_computed < 2:
                 continue  # a decode row, or a last token in flight
             length = self._prefill_room(plan.prefill, min(seq.remaining, budget))
             if length >= 2 and self._grow(seq, seq.num_computed + length):
@@ -350,9 +351,10 @@ class Scheduler:
     def resolve(seq: Sequence, index: int, token: int) -> bool:
         """Fills the placeholder at `index`; False (nothing changed) when the sequence finished
         meanwhile (aborted, or stopped at an earlier token) and the placeholder is gone."""
-        if seq.finished or index >= len(seq.output_ids) or seq.output_ids[index] != PENDING:
+        out = seq.output_ids
+        if seq.status is Status.FINISHED or index >= len(out) or out[index] != PENDING:
             return False
-        seq.output_ids[index] = int(token)
+        out[index] = int(token)
         return True
 
     def complete(self, chunk: Chunk, token: int | None) -> bool:
