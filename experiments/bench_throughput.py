@@ -62,6 +62,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from comet_jax.cli import GC_FULL_EVERY_STEPS
 from comet_jax.engine.config import SCHEDULES, EngineConfig
 from comet_jax.engine.engine import LLMEngine, max_batch_for_memory
 from comet_jax.engine.runner import precision_plan, preset_config
@@ -1125,10 +1126,10 @@ def parse_args(argv=None):
     p.add_argument(
         "--gc-full-every-steps",
         type=int,
-        default=1000,
+        default=GC_FULL_EVERY_STEPS,
         help="EngineConfig.gc_full_every_steps: Python's full collections held off during the "
-        "runs, run by the engine when a run drains or every N steps (default 1000, as the "
-        "CLI; 0: Python's own, the default before 2026-11-29 run 111: its collections left "
+        f"runs, run by the engine when a run drains or every N steps (default "
+        f"{GC_FULL_EVERY_STEPS}, as the CLI; 0: Python's own, the default before 2026-11-29 run 111: its collections left "
         "11-12 of the H200's 511 decode steps host-bound against 1 held off, runs 111-112)",
     )
     p.add_argument("--out", default="bench_throughput.json")

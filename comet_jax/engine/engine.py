@@ -534,21 +534,9 @@ class LLMEngine:
             self.scheduler.finish(seq, reason)
             self.stats.requests_finished += 1
             return self._emit(req, seq.output_ids[req.sent : done], delta, sent=done)
-        # Still running (resolve() found it unfinished): _emit's delta without its checks,
+        # Still running (resolve() found it unfinished): the delta without _emit's checks,
         # the path of every token but a request's last.
-        sent, req.sent = req.sent, done
-        out = RequestOutput(
-            request_id=seq.request_id,
-            new_token_ids=tuple(seq.output_ids[sent:done]),
-            new_text=delta,
-            finished=False,
-            finish_reason=None,
-            num_prompt_tokens=len(seq.prompt_ids),
-            num_output_tokens=done,
-        )
-        if req.on_output is not None:
-            req.on_output(out)
-        return out
+        return self._deliver(req, seq.output_ids[req.sent : done], delta, False, done)
 
     def _emit(
         self, req: _Request, new_ids: list[int], text: str, sent: int | None = None
@@ -557,7 +545,17 @@ class LLMEngine:
         finished = seq.finished
         if finished:  # aborted or stopped: nothing PENDING remains
             seq.output_ids[:] = [t for t in seq.output_ids if t != PENDING]
-        req.sent = len(seq.output_ids) if sent is None else min(sent, len(seq.output_ids))
+            del self._requests[seq.request_id]
+        sent = len(seq.output_ids) if sent is None else min(sent, len(seq.output_ids))
+        return self._deliver(req, new_ids, text, finished, sent)
+
+    def _deliver(
+        self, req: _Request, new_ids: list[int], text: str, finished: bool, sent: int
+    ) -> RequestOutput:
+        """The RequestOutput of ``new_ids`` / ``text``, ``sent`` output tokens reported in
+        all, handed to the request's callback."""
+        seq = req.seq
+        req.sent = sent
         out = RequestOutput(
             request_id=seq.request_id,
             new_token_ids=tuple(new_ids),
@@ -565,10 +563,8 @@ class LLMEngine:
             finished=finished,
             finish_reason=seq.finish_reason.value if seq.finish_reason else None,
             num_prompt_tokens=len(seq.prompt_ids),
-            num_output_tokens=req.sent,
+            num_output_tokens=sent,
         )
-        if finished:
-            del self._requests[seq.request_id]
         if req.on_output is not None:
             req.on_output(out)
         return out
