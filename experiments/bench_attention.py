@@ -57,6 +57,7 @@ STUDIES = {
     "--write-runs": ("bench_attention_write_runs", "write_runs_study"),
     "--fused-write": ("bench_attention_fused_write", "fused_write_study"),
     "--nibbles-study": ("bench_attention_nibbles", "nibbles_study"),
+    "--window-study": ("bench_attention_window", "window_study"),
 }
 NAME = "bench_attention_focus" if FOCUS else "bench_attention"
 for _flag, (_name, _) in STUDIES.items():
@@ -83,6 +84,7 @@ RESULTS: dict = {
     "cudnn_prefill": [],
     "write_runs": [],
     "fused_write": [],
+    "window": [],
     "nibbles": [],
     "nibbles_decode": [],
 }
@@ -583,6 +585,65 @@ def fused_write_study(key):
     save()
 
 
+WINDOW = 16  # --window-study's recent window (the accuracy study's W, docs/accuracy.md)
+
+
+def window_study(key):
+    """Decode with the bf16 recent window (``ring=``, `EngineConfig.kv_recent_window`) at the
+    engine's shape (``--engine-batch``, ragged S in [1024, 1536], page 128, one layer, the
+    engine's decode logits: ``qk_int8``, `EngineConfig.decode_qk_int8`'s default): the ring attended inside the kernel as one more key
+    block (``ring_in_kernel``, the engine's default `kv_window_kernel`) and beside it in XLA
+    (the kernel's log-sum-exp merged with :func:`ring_attention_reference`), each against
+    the jnp reference (relative L2) and timed, with the plain decode call (no window) of
+    the same pool beside them. Every 97th row is a padded row (ring slot -1)."""
+    b, page, pages, lens_np, table_np = _engine_ragged_case()
+    w = WINDOW
+    table, lens = jnp.asarray(table_np), jnp.asarray(lens_np)
+    q = jax.random.normal(jax.random.fold_in(key, 1), (b, HQ, D), jnp.bfloat16)
+    ring_shape = (1, b, HKV, w, D)
+    ring_k = jax.random.normal(jax.random.fold_in(key, 2), ring_shape, jnp.bfloat16)
+    ring_v = jax.random.normal(jax.random.fold_in(key, 3), ring_shape, jnp.bfloat16)
+    slots_np = np.arange(b, dtype=np.int32)
+    slots_np[::97] = -1
+    ring = dict(ring=(ring_k, ring_v), ring_slots=jnp.asarray(slots_np))
+    eng = dict(qk_int8=True)  # the engine's decode default (EngineConfig.decode_qk_int8)
+    row = dict(B=b, W=w, mean_S=float(lens_np.mean()), padded_rows=int((slots_np < 0).sum()))
+    try:
+        kv = _int4_pool(jax.random.fold_in(key, 7), 1, pages, page)
+        fns = {
+            "kernel": jax.jit(
+                lambda kv: A.paged_decode_attention(
+                    q, kv, table, lens, **ring, ring_in_kernel=True, **eng
+                )
+            ),
+            "xla": jax.jit(
+                lambda kv: A.paged_decode_attention(
+                    q, kv, table, lens, **ring, ring_in_kernel=False, **eng
+                )
+            ),
+            "no_window": jax.jit(lambda kv: A.paged_decode_attention(q, kv, table, lens, **eng)),
+        }
+        ref = jax.jit(lambda kv: A.paged_decode_attention_reference(q, kv, table, lens, **ring))(kv)
+        outs = {tag: fn(kv) for tag, fn in fns.items()}
+        row["kernel_vs_ref"] = rel(outs["kernel"], ref)
+        row["xla_vs_ref"] = rel(outs["xla"], ref)
+        row["kernel_vs_xla"] = rel(outs["kernel"], outs["xla"])
+        row["finite"] = all(bool(jnp.isfinite(o.astype(jnp.float32)).all()) for o in outs.values())
+        del ref
+        log("window check", row)
+        for rep_i in range(2):
+            for tag, fn in fns.items():
+                row[f"{tag}{rep_i}_us"] = bench(fn, [(kv,)]) * 1e6
+        best = {t: min(row[f"{t}0_us"], row[f"{t}1_us"]) for t in fns}
+        row["kernel_over_no_window"] = best["kernel"] / best["no_window"]
+        row["xla_over_kernel"] = best["xla"] / best["kernel"]
+    except Exception as e_:
+        row["error"] = repr(e_)[:400]
+    RESULTS["window"].append(row)
+    log("window", row)
+    save()
+
+
 # --nibbles-study: the dots' operand formats (tag -> paged_decode_attention kwargs)
 NIBBLE_VARIANTS = {
     "bf16": dict(f16_nibbles=False),
@@ -1049,6 +1110,7 @@ def markdown():
         ("fused_write", "decode: kv4_write then attention vs the attention kernel writing"),
         ("nibbles", "decode at the engine's shape by the dots' operand formats"),
         ("nibbles_decode", "decode over B x S by the dots' operand formats"),
+        ("window", "decode with the bf16 recent window: ring in the kernel / in XLA / none"),
     ):
         if RESULTS[sec]:
             lines += ["", f"## {title}", ""] + [f"- {r}" for r in RESULTS[sec]]
@@ -1138,6 +1200,13 @@ def main():
         action="store_true",
         help="only decode at --engine-batch by the dots' operand formats (bf16 / f16 "
         "subnormal nibbles / int8 q; errors vs the reference, timings), then over B x S",
+    )
+    ap.add_argument(
+        "--window-study",
+        action="store_true",
+        help=f"only decode at --engine-batch with a bf16 recent window of {WINDOW} tokens: "
+        "the ring inside the kernel vs beside it in XLA vs no window (errors vs the "
+        "reference, timings)",
     )
     ap.add_argument(
         "--loop-study",

@@ -722,12 +722,28 @@ def load_module_file(path: str, name: str = "act_quant_baseline"):
     return mod
 
 
-def act_quant_build_study(results, deadline, baseline: str | None = None):
+# act_quant_build_study's cases: name -> (M, K, K4, gated, permutation order of K = 4096)
+ACT_QUANT_BUILD_CASES = {
+    "2222-stored": (2222, 4096, 3072, False, "stored"),
+    "8192-stored": (8192, 4096, 3072, False, "stored"),
+    "8192-random": (8192, 4096, 3072, False, "random"),
+    "2222-identity": (2222, 4096, 3072, False, "identity"),
+    "8192-identity": (8192, 4096, 3072, False, "identity"),
+    "2222-swiglu": (2222, 14336, 10752, True, None),
+    "8192-swiglu": (8192, 14336, 10752, True, None),
+}
+ACT_QUANT_BUILD_DEFAULT = "2222-stored,8192-stored,8192-random,2222-swiglu,8192-swiglu"
+
+
+def act_quant_build_study(
+    results, deadline, baseline: str | None = None, cases: str = ACT_QUANT_BUILD_DEFAULT
+):
     """act_quant as the engine calls it (unpacked layout, default launch, 25% of K in INT8)
     at the decode batch and a prefill step's M, on the LLaMA-3-8B inputs: the q/k/v and MLP
     input (K = 4096, RMSNorm, an FMPQ permutation stored as checkpoints store it, ascending
-    within each segment, and once in random order) and the down projection's (K = 14336,
-    SwiGLU of gate and up, identity order). Variants: this build's default, with ``silu_approx``
+    within each segment, in random order, or none: the identity, contiguous loads) and the
+    down projection's (K = 14336, SwiGLU of gate and up, identity order). ``cases``: a comma
+    list of :data:`ACT_QUANT_BUILD_CASES` names. Variants: this build's default, with ``silu_approx``
     flipped (SwiGLU cases) or ``scatter`` flipped (permuted cases), and ``baseline``, a comma
     list of earlier act_quant.py files (see :func:`load_module_file`; ``baseline_<file
     stem>``). Per variant: device us (two input
@@ -741,13 +757,16 @@ def act_quant_build_study(results, deadline, baseline: str | None = None):
     for path in [p for p in (baseline or "").split(",") if p]:
         stem = pathlib.Path(path).stem
         builds[f"baseline_{stem}"] = load_module_file(path, f"baseline_{stem}").act_quant
-    cases = [  # m, k, k4, gated, permutation order (K = 4096)
-        (2222, 4096, 3072, False, "stored"), (8192, 4096, 3072, False, "stored"),
-        (8192, 4096, 3072, False, "random"),
-        (2222, 14336, 10752, True, None), (8192, 14336, 10752, True, None),
-    ]  # fmt: skip
-    if SMOKE:
-        cases = [(5, 256, 128, False, "stored"), (5, 256, 128, True, None)]
+    names = [c for c in cases.split(",") if c]
+    unknown = [c for c in names if c not in ACT_QUANT_BUILD_CASES]
+    if unknown or not names:
+        raise ValueError(
+            f"act_quant build cases {unknown or cases!r}: choose from "
+            f"{', '.join(ACT_QUANT_BUILD_CASES)}"
+        )
+    cases = [ACT_QUANT_BUILD_CASES[c] for c in names]
+    if SMOKE:  # the same inputs at one tiny shape
+        cases = list(dict.fromkeys((5, 256, 128, g, order) for _, _, _, g, order in cases))
     key = jax.random.PRNGKey(43)
     for i, (m, k, k4, gated, order) in _within_budget("act_quant_build", cases, deadline):
         kx = jax.random.fold_in(key, i)
@@ -762,11 +781,13 @@ def act_quant_build_study(results, deadline, baseline: str | None = None):
                 sets.append((x,))
         perm = None
         w = None
-        if not gated:
+        if order in ("stored", "random"):
             perm = jax.random.permutation(jax.random.fold_in(kx, 2), k).astype(jnp.int32)
             if order == "stored":  # as a calibrated checkpoint stores it (ascending segments)
                 perm = perm[jnp.asarray(fmpq.gather_order(np.asarray(perm), k - k4))]
+        if not gated:
             w = jax.random.uniform(jax.random.fold_in(kx, 3), (k,), jnp.float32, 0.5, 1.5)
+            w = w.astype(jnp.bfloat16)  # stored as the engine's model stores it
         kw = dict(k4=k4, norm_weight=w, layout="unpacked", row_align=UNPACKED_ROW_ALIGN)
         ref = cpu_act_quant_reference(
             sets[0][0], np.arange(k, dtype=np.int32) if perm is None else perm,
@@ -1800,6 +1821,12 @@ def main(argv=None):
         help="with --act-quant-build: comma list of earlier act_quant.py files to time beside "
         "this build",
     )
+    ap.add_argument(
+        "--act-quant-cases",
+        default=ACT_QUANT_BUILD_DEFAULT,
+        help="with --act-quant-build: comma list of cases, from "
+        + ", ".join(ACT_QUANT_BUILD_CASES),
+    )
     ap.add_argument("--timing-study", action="store_true", help="old vs device timing")
     ap.add_argument("--act-quant", action="store_true", help="act_quant kernel vs XLA")
     ap.add_argument(
@@ -1893,7 +1920,10 @@ def main(argv=None):
             out_rows_study(results, deadline, ms=args.study_ms)
             save()
         if args.act_quant_build:
-            act_quant_build_study(results, deadline, baseline=args.act_quant_baseline or None)
+            act_quant_build_study(
+                results, deadline, baseline=args.act_quant_baseline or None,
+                cases=args.act_quant_cases,
+            )  # fmt: skip
             save()
         if args.act_quant_launch or args.act_quant_launch_gated:
             act_quant_launch_study(results, deadline, only_gated=args.act_quant_launch_gated)

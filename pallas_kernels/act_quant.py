@@ -45,9 +45,13 @@ Bit-exact contract: the kernel reproduces :func:`act_quant_reference`, which is
 segments, so the simulated path equals the kernel path. For that:
 
 * the RMSNorm statistic ``inv_rms[m] = rsqrt(mean(x^2) + eps)`` (a float reduction whose
-  order would otherwise differ between XLA and Triton) is computed once by :func:`rms_inv`,
-  shared by reference and kernel wrapper; the kernel applies ``(x * inv_rms) * w`` in f32
-  (the same two IEEE products as the reference; no bf16 rounding of the normalized value);
+  order would otherwise differ between XLA and Triton) is computed by :func:`rms_inv`, the
+  same XLA expression in reference and kernel wrapper; the kernel applies
+  ``(x * inv_rms) * w`` in f32 (the same two IEEE products as the reference; no bf16
+  rounding of the normalized value). XLA compiles that reduction inside each caller's
+  program, and its order can follow the fusion there: the two statistics can differ in the
+  last bit of a row (seen on the CPU at K = 512: 6 of 74 scales one or two ulps apart, no
+  byte; docs/kernels_gemm.md), which the tests' shapes do not hit;
 * the library computes ``scale = amax * f32(clip / qmax)`` and ``q = round(x * (1 / scale))``
   with every step spelled out (so no XLA graph reorders it); the kernel evaluates the same
   expressions, with IEEE ``div.rn.f32`` for ``1 / scale`` (Triton's ``/`` is approximate)
@@ -330,9 +334,10 @@ def _kernel(
 ):
     """One program quantizes ``bm`` whole rows in a single pass over HBM.
 
-    ``w_ref``: the RMSNorm weights ``[K]`` in their original order and stored dtype; a
-    gathered chunk reads them by the same indices as x (so no XLA gather and convert of the
-    weights runs before the kernel). ``out_refs``: the quantized output(s), ``x_scales``
+    ``w_ref``: the RMSNorm weights ``[K]`` in their stored dtype, in the order the kernel
+    reads x's channels (the wrapper gathers them by ``idx_ref`` once per call), so every
+    chunk loads its weights contiguously; the scattered form reads them in their original
+    order. ``out_refs``: the quantized output(s), ``x_scales``
     ``[bm, 2]``, and with ``kernel_scales`` ``rs`` ``[2, bm]`` (unpacked layout).
 
     Packed layout: ``idx_ref`` / ``w_ref`` are in *kernel order*: ``[0, K4/2)`` the channels
@@ -377,10 +382,8 @@ def _kernel(
             v = x_ref[rows, idx]  # [bm, width]
             g = None if g_ref is None else g_ref[rows, idx]
 
-        def load_w():  # [1, width] f32, by the same indices as x
-            if idx_ref is None:
-                return w_ref[pl.ds(start, width)].astype(jnp.float32).reshape(1, width)
-            return w_ref[idx].astype(jnp.float32)
+        def load_w():  # [1, width] f32: the weights of the channels gathered into v
+            return w_ref[pl.ds(start, width)].astype(jnp.float32).reshape(1, width)
 
         return _layer_input(v, g, inv, load_w if has_norm else None, interpret, silu_approx)
 
@@ -599,8 +602,14 @@ def _act_quant_call(
         idx = jnp.zeros((k,), jnp.int32).at[perm].set(jnp.arange(k, dtype=jnp.int32))
     else:
         idx = perm if unpacked else perm[jnp.asarray(kernel_order(perm, k4, tile_k))]
-    # the weights as stored: the kernel gathers and converts them (no XLA op before it)
+    # The weights in their stored dtype (the kernel converts them), in the order the kernel
+    # reads x: gathered here once per call, so the programs load them contiguously instead
+    # of gathering them element by element, as each program once did (H200, M = 8192 /
+    # 2222, K = 4096, a checkpoint's gather order: 74.2 -> 65.3 / 23.3 -> 20.9 us, this
+    # XLA gather included; docs/kernels_gemm.md).
     w_k = norm_weight if has_norm else jnp.ones((k,), jnp.float32)
+    if has_norm and idx is not None and not scatter:
+        w_k = w_k[idx]
     inv = rms_inv(x, eps) if has_norm else jnp.ones((m,), jnp.float32)
     mp = -(-m // bm) * bm
     if mp != m:

@@ -157,8 +157,10 @@ def test_gate_up_table():
 def test_smoke_act_quant_build_study(tmp_path):
     """The build study: this build, its SwiGLU with ``silu_approx`` flipped (interpret mode:
     XLA's logistic either way), its permuted layout in the other form (``scatter``) and an
-    earlier act_quant.py loaded from a file all give the reference's bytes and are timed; a
-    file without act_quant() is refused by name."""
+    earlier act_quant.py loaded from a file all give the reference's bytes and are timed,
+    also under the identity order (perm None: no scatter form); cases are chosen by name
+    (an unknown one is refused, naming the known ones); a file without act_quant() is
+    refused by name."""
     import pathlib
 
     import pytest
@@ -167,9 +169,16 @@ def test_smoke_act_quant_build_study(tmp_path):
 
     baseline = tmp_path / "old_act_quant.py"
     baseline.write_text(pathlib.Path(aq.__file__).read_text())
-    _, res = _smoke(tmp_path, "--act-quant-build", "--act-quant-baseline", str(baseline))
-    plain, gated = res["act_quant_build"]
-    assert not plain["gated"] and gated["gated"]
+    _, res = _smoke(
+        tmp_path, "--act-quant-build", "--act-quant-baseline", str(baseline),
+        "--act-quant-cases", "2222-stored,8192-stored,2222-identity,2222-swiglu",
+    )  # fmt: skip
+    plain, identity, gated = res["act_quant_build"]  # the two stored cases: one tiny shape
+    assert not plain["gated"] and not identity["gated"] and gated["gated"]
+    assert identity["perm_order"] == "identity"
+    for name in ("default", "baseline_old_act_quant"):
+        assert identity[f"{name}_mismatch"] == 0 and identity[f"{name}_scale_mismatch"] == 0
+    assert not any(key.startswith("scatter_") for key in identity)
     flip = f"silu_approx_{not gated['silu_approx_default']}"
     old = "baseline_old_act_quant"
     scatter = f"scatter_{not aq.UNPACKED_SCATTER}"
@@ -187,6 +196,8 @@ def test_smoke_act_quant_build_study(tmp_path):
     empty.write_text("x = 1\n")
     with pytest.raises(ValueError, match="defines no act_quant"):
         bench.load_module_file(str(empty))
+    with pytest.raises(ValueError, match="choose from 2222-stored"):
+        bench.act_quant_build_study({}, float("inf"), cases="2222-stored,4096-stored")
 
 
 def test_w_regs_schedules_of_each_choice():
