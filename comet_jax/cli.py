@@ -463,7 +463,7 @@ def _common(p: argparse.ArgumentParser, engine: bool = True) -> None:
         default=None,
         help="prefill calls with no cached prefix attend over the chunk's own K/V as computed "
         "(cuDNN flash attention on a GPU) instead of reading them back from the pages; the "
-        "pages are still written (default off; one device, no recent window)",
+        "pages (and a recent window's rings) are still written (default off; one device)",
     )
     g.add_argument(
         "--decode_fused_write",

@@ -590,12 +590,13 @@ WINDOW = 16  # --window-study's recent window (the accuracy study's W, docs/accu
 
 def window_study(key):
     """Decode with the bf16 recent window (``ring=``, `EngineConfig.kv_recent_window`) at the
-    engine's shape (``--engine-batch``, ragged S in [1024, 1536], page 128, one layer, the
-    engine's decode logits: ``qk_int8``, `EngineConfig.decode_qk_int8`'s default): the ring attended inside the kernel as one more key
-    block (``ring_in_kernel``, the engine's default `kv_window_kernel`) and beside it in XLA
-    (the kernel's log-sum-exp merged with :func:`ring_attention_reference`), each against
-    the jnp reference (relative L2) and timed, with the plain decode call (no window) of
-    the same pool beside them. Every 97th row is a padded row (ring slot -1)."""
+    engine's shape (``--engine-batch``, ragged S in [1024, 1536], page 128, one layer) with
+    the engine's decode logits (``qk_int8``, `EngineConfig.decode_qk_int8`'s default): the
+    ring attended inside the kernel as one more key block (``ring_in_kernel``, the engine's
+    default `kv_window_kernel`) and beside it in XLA (the kernel's log-sum-exp merged with
+    :func:`ring_attention_reference`), each against the jnp reference (relative L2) and
+    timed, with the plain decode call (no window) of the same pool beside them. Every 97th
+    row is a padded row (ring slot -1)."""
     b, page, pages, lens_np, table_np = _engine_ragged_case()
     w = WINDOW
     table, lens = jnp.asarray(table_np), jnp.asarray(lens_np)

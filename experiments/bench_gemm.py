@@ -743,10 +743,10 @@ def act_quant_build_study(
     input (K = 4096, RMSNorm, an FMPQ permutation stored as checkpoints store it, ascending
     within each segment, in random order, or none: the identity, contiguous loads) and the
     down projection's (K = 14336, SwiGLU of gate and up, identity order). ``cases``: a comma
-    list of :data:`ACT_QUANT_BUILD_CASES` names. Variants: this build's default, with ``silu_approx``
-    flipped (SwiGLU cases) or ``scatter`` flipped (permuted cases), and ``baseline``, a comma
-    list of earlier act_quant.py files (see :func:`load_module_file`; ``baseline_<file
-    stem>``). Per variant: device us (two input
+    list of :data:`ACT_QUANT_BUILD_CASES` names. Variants: this build's default, with
+    ``silu_approx`` flipped (SwiGLU cases) or ``scatter`` flipped (permuted cases), and
+    ``baseline``, a comma list of earlier act_quant.py files (see :func:`load_module_file`;
+    ``baseline_<file stem>``). Per variant: device us (two input
     sets, each past the L2), elements of the INT8 operand that differ from the reference
     evaluated by XLA on the host CPU (and their largest difference in levels), scales that
     differ, and elements that differ from this build's default."""

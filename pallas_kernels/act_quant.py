@@ -337,8 +337,8 @@ def _kernel(
     ``w_ref``: the RMSNorm weights ``[K]`` in their stored dtype, in the order the kernel
     reads x's channels (the wrapper gathers them by ``idx_ref`` once per call), so every
     chunk loads its weights contiguously; the scattered form reads them in their original
-    order. ``out_refs``: the quantized output(s), ``x_scales``
-    ``[bm, 2]``, and with ``kernel_scales`` ``rs`` ``[2, bm]`` (unpacked layout).
+    order. ``out_refs``: the quantized output(s), ``x_scales`` ``[bm, 2]``, and with
+    ``kernel_scales`` ``rs`` ``[2, bm]`` (unpacked layout).
 
     Packed layout: ``idx_ref`` / ``w_ref`` are in *kernel order*: ``[0, K4/2)`` the channels
     that become low nibbles of the packed INT4 bytes, ``[K4/2, K4)`` the high nibbles,

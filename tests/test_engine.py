@@ -705,13 +705,15 @@ _HLO_DTYPES = {"uint8": "u8", "int8": "s8", "float16": "f16", "bfloat16": "bf16"
         dict(kv_dtype="int4", kv_group=64, kv_recent_window=4),
         dict(kv_dtype="int4", kv_group=64, kv_recent_window=4, tp=2),
         dict(precision="w4axkv4", kv_group=64, kv_recent_window=4),
+        dict(kv_dtype="int4", kv_group=64, kv_recent_window=4, prefill_own_kv=True),
     ],
-    ids=["bf16", "int4", "int4_window", "int4_window_tp2", "w4axkv4_window"],
+    ids=["bf16", "int4", "int4_window", "int4_window_tp2", "w4axkv4_window", "window_own_kv"],
 )  # fmt: skip
 def test_compiled_steps_update_the_cache_in_place(model, cache):
-    """No compiled step (prefill and decode buckets) copies a whole cache array: the pages,
-    scales and the recent window's rings are donated and updated in place, layer after layer.
-    (A copy of the rings in every layer was found this way, docs/benchmarks.md 2026-11-26.)"""
+    """No compiled step (prefill and decode buckets, and the own-K/V prefill executables)
+    copies a whole cache array: the pages, scales and the recent window's rings are donated
+    and updated in place, layer after layer. (A copy of the rings in every layer was found
+    this way, docs/benchmarks.md 2026-11-26.)"""
     ec = dataclasses.replace(CFG, num_pages=24, **cache)
     cfg, params = model
     if ec.precision == "w4axkv4":  # quantized linears: params in the plan's shapes
@@ -723,7 +725,8 @@ def test_compiled_steps_update_the_cache_in_place(model, cache):
     dims = [x.sharding.shard_shape(x.shape) for x in leaves]
     shapes = {f"{_HLO_DTYPES[str(x.dtype)]}[{','.join(map(str, d))}]" for x, d in zip(leaves, dims)}
     assert runner.num_compilations >= 2  # a decode and a prefill shape at least
-    for key, compiled in runner._compiled.items():
+    assert bool(runner._own_kv) == bool(ec.prefill_own_kv)
+    for key, compiled in [*runner._compiled.items(), *runner._own_kv.items()]:
         text = compiled.as_text()
         assert any(s in text for s in shapes), key  # the check looks at the right shapes
         copies = [

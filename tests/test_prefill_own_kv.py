@@ -61,24 +61,42 @@ def test_own_chunk_attention_bf16_and_errors():
         kv_cache.own_chunk_attention(q, k[:, :8], v[:, :8], lens)
 
 
-@pytest.mark.parametrize("dtype", ["bf16", "int4"])
+@pytest.mark.parametrize("dtype", ["bf16", "int4", "int4_window"])
 def test_plugin_writes_the_cache_and_attends_own_kv(dtype):
     """PagedAttention(own_kv=True) on rows without a prefix: the cache afterwards holds exactly
-    what the paged path writes, and the output is attention over the computed K/V (bf16
-    cache: the paged path's output up to the cache's bf16 rounding of K/V)."""
+    what the paged path writes (with a recent window of 4 tokens: the pages and the rings, whose
+    rows held stale values of an earlier occupant before the call), and the output is
+    attention over the computed K/V (bf16 cache: the paged path's output up to the cache's
+    bf16 rounding of K/V). Tolerance: none for the cache, 1e-5 for the output (f32)."""
+    window = dict(recent_window=4, window_slots=3, window_dtype="float32")
     cfg = kv_cache.KVCacheConfig(
         num_layers=2, num_kv_heads=2, head_dim=64, page_size=16, num_pages=8, group_size=64,
-        dtype=dtype,
+        dtype=dtype.split("_")[0], **(window if dtype == "int4_window" else {}),
     )  # fmt: skip
     q, k, v = _qkv(jax.random.key(3), 2, 32, 4, 2, 64)
     table = jnp.array([[1, 2, 0, 0], [3, 4, 5, 0]], jnp.int32)
+    cache = kv_cache.init_cache(cfg)
+    extra = {}
+    if cfg.recent_window:
+        stale = jax.random.normal(jax.random.key(9), cache.ring_k.shape, jnp.float32)
+        cache = dataclasses.replace(cache, ring_k=stale, ring_v=stale * 2)
+        extra["window_slot"] = jnp.array([2, 0], jnp.int32)
     state = PagedState(
-        kv_cache.init_cache(cfg), table, jnp.zeros(2, jnp.int32), jnp.array([32, 20], jnp.int32)
+        cache, table, jnp.zeros(2, jnp.int32), jnp.array([32, 20], jnp.int32), **extra
     )
     paged, s_paged = PagedAttention("reference")(q, k, v, 1, state)
     own, s_own = PagedAttention("reference", own_kv=True)(q, k, v, 1, state)
     for a, b in zip(jax.tree.leaves(s_paged.cache), jax.tree.leaves(s_own.cache)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    if cfg.recent_window:  # the rows' newest 4 tokens (positions 28-31 and 16-19) went in
+        rk = np.asarray(s_own.cache.ring_k)[1]
+        np.testing.assert_array_equal(
+            rk[2][:, [0, 1, 2, 3]], np.asarray(k)[0, 28:32].swapaxes(0, 1)
+        )
+        np.testing.assert_array_equal(
+            rk[0][:, [0, 1, 2, 3]], np.asarray(k)[1, 16:20].swapaxes(0, 1)
+        )
+        np.testing.assert_array_equal(rk[1], np.asarray(state.cache.ring_k)[1, 1])  # untouched
     valid = jnp.arange(32)[None, :] < state.num_valid[:, None]
     want = dense_attention(q, k, v, key_valid=valid)
     for row, n in enumerate(state.num_valid.tolist()):
@@ -131,13 +149,51 @@ def test_engine_int4_own_kv_prefill_logits(model):
     assert firsts[0] == firsts[1]
 
 
+def test_engine_own_kv_with_recent_window(model):
+    """INT4 cache with a recent window of 4 tokens: no-prefix prefill calls take the own-K/V
+    executables and still fill the rings (what they write: test_plugin_writes_the_cache_and_
+    attends_own_kv[int4_window]); a 70-token prompt's later chunks take the paged path. The
+    first token equals the bf16-cache own-K/V engine's (the call reads no cache); the whole
+    greedy run with the Pallas kernels in interpret mode equals the reference backend's; on
+    prompts no longer than the window the engine gives the window engine's tokens without
+    the option. No recompiles after start-up, no pages leaked."""
+    rng = np.random.default_rng(7)
+    ps = [rng.integers(0, 320, n).tolist() for n in (7, 19, 70)]
+    base = dataclasses.replace(CFG, kv_dtype="int4", kv_group=64, prefill_own_kv=True)
+    bf16 = LLMEngine.build(*model, dataclasses.replace(base, kv_dtype="bf16"), progress=False)
+    one = SamplingParams(max_tokens=1, temperature=0.0)
+    firsts = [g["token_ids"] for g in bf16.generate(ps, one)]
+    runs = []
+    for kernels in (dict(kernels="reference"), dict(kernels="pallas", interpret=True)):
+        ec = dataclasses.replace(base, kv_recent_window=4, **kernels)
+        eng = LLMEngine.build(*model, ec, progress=False)
+        before = eng.runner.num_compilations
+        assert [g["token_ids"] for g in eng.generate(ps, one)] == firsts
+        runs.append([g["token_ids"] for g in eng.generate(ps, GREEDY)])
+        assert 0 < eng.runner.own_kv_calls < eng.stats.prefill_calls  # the 70-token prompt
+        assert eng.runner.num_compilations == before and eng.allocator.num_used == 0
+    assert runs[0] == runs[1]
+    # Prompts no longer than the window: the paged prefill attends all of their keys
+    # unquantized too, so the two prefills mean the same, and the decode steps read the
+    # rings each filled: the same greedy tokens (without ring_fill the rings are stale).
+    short = [rng.integers(0, 320, n).tolist() for n in (2, 3, 4)]
+    paged = dataclasses.replace(base, kv_recent_window=4, prefill_own_kv=False)
+    own = dataclasses.replace(base, kv_recent_window=4)
+    got = [
+        [
+            g["token_ids"]
+            for g in LLMEngine.build(*model, ec, progress=False).generate(short, GREEDY)
+        ]
+        for ec in (paged, own)
+    ]
+    assert got[0] == got[1]
+
+
 def test_prefill_own_kv_config_errors(model):
     for bad in (dict(prefill_own_kv=1), dict(prefill_own_kv="yes")):
         with pytest.raises(ValueError, match="prefill_own_kv=.* must be a bool"):
             dataclasses.replace(CFG, **bad)
-    with pytest.raises(ValueError, match="prefill_own_kv runs on one device without a recent"):
-        dataclasses.replace(CFG, kv_dtype="int4", kv_recent_window=4, prefill_own_kv=True)
-    with pytest.raises(ValueError, match="prefill_own_kv runs on one device"):
+    with pytest.raises(ValueError, match=r"prefill_own_kv runs on one device \(tp=2\)"):
         dataclasses.replace(CFG, tp=2, prefill_own_kv=True)
     cfg, params = model
     cache = kv_cache.KVCacheConfig(

@@ -184,7 +184,9 @@ class EngineConfig:
         take the paged kernels. Each prefill shape compiles one more executable. For a bf16
         cache the values attended are the same; for the INT4 cache a prompt's own prefill
         then sees unquantized K/V (what QServe's and vLLM's prefill do), and only later
-        steps read the INT4 pages. Off by default; one device (tp = 1), no recent window.
+        steps read the INT4 pages; with a recent window the call also writes the chunk's
+        newest tokens into the rings (its own attention already sees all of its keys
+        unquantized). Off by default; one device (tp = 1).
       decode_fused_write: INT4 cache with Pallas kernels, no recent window: the decode
         attention kernel quantizes and stores each row's new K/V itself (the program of a
         row and KV head, after its pages; the same bytes as the write kernel) and attends
@@ -329,11 +331,8 @@ class EngineConfig:
                 f"kv_recent_window={w} needs the INT4 KV cache (kv_dtype is "
                 f"{self.resolved_kv_dtype!r})"
             )
-        if self.prefill_own_kv and (w or self.tp > 1):
-            raise ValueError(
-                f"prefill_own_kv runs on one device without a recent window (tp={self.tp}, "
-                f"kv_recent_window={w})"
-            )
+        if self.prefill_own_kv and self.tp > 1:
+            raise ValueError(f"prefill_own_kv runs on one device (tp={self.tp})")
         if self.decode_fused_write and w:
             raise ValueError(
                 f"decode_fused_write writes the pages only; with kv_recent_window={w} the "

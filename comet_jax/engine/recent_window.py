@@ -20,6 +20,11 @@ One attention call (a decode step, T = 1, or a prefill chunk of T tokens startin
 3. the two softmaxes merged by their log-sum-exps;
 4. the chunk's tokens among its sequence's newest W written into the ring.
 
+A prefill call none of whose rows has a cached prefix may instead attend its chunk's own K/V
+unquantized (`EngineConfig.prefill_own_kv`: every key of the chunk in float, a superset of the
+window's W); it still writes the pages and, by :func:`ring_fill`, the ring, so the decode
+steps and later chunks that follow read the same cache as after steps 1-4.
+
 A decode step (T = 1) takes a shorter route through the same semantics: write the new token
 into its ring row first (:func:`ring_put_decode`), then attend the pages and the slot's whole
 ring, which now holds exactly the positions ``(p - W, p]`` (rows of negative positions
@@ -50,17 +55,37 @@ def band_kv(cache, layer, slots, start, k_new, v_new):
     window = cache.config.recent_window
     t = k_new.shape[1]
     prior_pos = start[:, None] - window + 1 + jnp.arange(window - 1, dtype=jnp.int32)  # [B, W-1]
-    slot = jnp.clip(slots, 0, cache.config.window_slots - 1)
     row = jnp.mod(prior_pos, window)[:, None, :, None]
+    k_rows, v_rows = slot_rings(cache, layer, slots)
 
-    def ext(ring, new):
-        rows = jnp.take(ring[layer], slot, axis=0)  # [B, Hkv, W, D]
+    def ext(rows, new):
         prior = jnp.take_along_axis(rows, row, axis=2).transpose(0, 2, 1, 3)  # [B, W-1, Hkv, D]
-        return jnp.concatenate([prior.astype(new.dtype), new], axis=1), rows
+        return jnp.concatenate([prior.astype(new.dtype), new], axis=1)
 
     pos = jnp.concatenate([prior_pos, start[:, None] + jnp.arange(t, dtype=jnp.int32)], axis=1)
-    (k_ext, k_rows), (v_ext, v_rows) = ext(cache.ring_k, k_new), ext(cache.ring_v, v_new)
-    return k_ext, v_ext, pos, (k_rows, v_rows)
+    return ext(k_rows, k_new), ext(v_rows, v_new), pos, (k_rows, v_rows)
+
+
+def slot_rings(cache, layer, slots):
+    """``(k_rows, v_rows)``, each ``[B, Hkv, W, D]``: layer ``layer``'s rings of the rows'
+    slots as read now (slot -1, a padded row, reads slot 0; nothing uses it)."""
+    slot = jnp.clip(slots, 0, cache.config.window_slots - 1)
+    return tuple(jnp.take(ring[layer], slot, axis=0) for ring in (cache.ring_k, cache.ring_v))
+
+
+def ring_fill(cache, layer, k_new, v_new, slots, start, q_lens, seq_lens):
+    """A prefill chunk's own ring write when its attention does not read the ring (rows
+    without a cached prefix attending their own K/V, `EngineConfig.prefill_own_kv`): the
+    chunk's tokens among their sequence's newest W go into their slot's ring rows, the same
+    values as :func:`windowed_attention` writes. k_new / v_new ``[B, T, Hkv, D]``. Returns
+    the cache with its rings updated."""
+    seq_lens = jnp.asarray(seq_lens, jnp.int32)
+    rows = slot_rings(cache, layer, slots)
+    ring_k, ring_v = ring_write(
+        cache, layer, k_new, v_new, slots, jnp.asarray(start, jnp.int32),
+        jnp.asarray(q_lens, jnp.int32), seq_lens, rows,
+    )  # fmt: skip
+    return dataclasses.replace(cache, ring_k=ring_k, ring_v=ring_v)
 
 
 def band_attention(q, k_ext, v_ext, ext_pos, seq_lens, window: int, sm_scale: float):
@@ -108,10 +133,10 @@ def ring_write(cache, layer, k_new, v_new, slots, start, q_lens, seq_lens, rows)
     """Writes each chunk token whose position is among its sequence's newest W into ring row
     ``position % W`` of its slot (the others, padding and slot -1 are dropped).
 
-    ``rows`` are :func:`band_kv`'s ``(k_rows, v_rows)``, this layer's rings as read before the
-    write. The written values are ``where(keep, new, old)`` with ``old`` taken from them:
-    the same values (dropped tokens are never written), but the scatter now depends on the
-    read, so XLA orders the read first and updates the ring in place. Without that edge the
+    ``rows`` are :func:`slot_rings` (as :func:`band_kv` returns them), this layer's rings as
+    read before the write. The written values are ``where(keep, new, old)`` with ``old``
+    taken from them: the same values (dropped tokens are never written), but the scatter now
+    depends on the read, so XLA orders the read first and updates the ring in place. Without that edge the
     read and the scatter were unordered and XLA copied both whole rings ``[L, S, Hkv, W, D]``
     in every layer (seen in the compiled HLO; tests/test_recent_window.py checks it)."""
     cfg = cache.config

@@ -70,8 +70,9 @@ class PagedAttention:
       kernel (EngineConfig.kv_window_kernel).
     own_kv: prefill (T > 1) attends over the chunk's own K/V as computed
       (`kv_cache.own_chunk_attention`: cuDNN flash attention on a GPU) instead of over the
-      pages, after writing them as usual. Only right for rows with no cached prefix: the
-      runner uses it for the executables it runs on such calls alone
+      pages, after writing them as usual (and, with a recent window, the chunk's newest
+      tokens into the rings: `recent_window.ring_fill`). Only right for rows with no cached
+      prefix: the runner uses it for the executables it runs on such calls alone
       (EngineConfig.prefill_own_kv).
     decode_fused_write: with "pallas" and an INT4 cache (no recent window), the decode
       attention kernel quantizes and stores the step's own K/V itself and attends them from
@@ -124,12 +125,17 @@ class PagedAttention:
             )
             out = out[:, None]
         elif self.own_kv:
-            if state.cache.config.recent_window:
-                raise ValueError("own_kv prefill does not fill the recent-window rings")
             cache = kv_cache.write_kv(
                 state.cache, layer_idx, k, v, slots, kernel=common["write_kernel"],
                 interpret=self.interpret,
             )  # fmt: skip
+            if cache.config.recent_window:
+                from comet_jax.engine import recent_window
+
+                cache = recent_window.ring_fill(
+                    cache, layer_idx, k, v, state.window_slot, state.start, state.num_valid,
+                    seq_lens,
+                )  # fmt: skip
             out = kv_cache.own_chunk_attention(q, k, v, state.num_valid)
         else:
             out, cache = kv_cache.paged_attention(
