@@ -100,6 +100,13 @@ def save():
         json.dump(RESULTS, f, indent=1)
 
 
+def record(section: str, label: str, row: dict) -> None:
+    """A study's row: into ``RESULTS[section]``, printed under ``label``, results saved."""
+    RESULTS[section].append(row)
+    log(label, row)
+    save()
+
+
 def bench(fn, arg_sets, target_s=0.05, repeats=7):
     """Median seconds per call of ``fn(*args)``, rotating over ``arg_sets``."""
     jax.block_until_ready(fn(*arg_sets[0]))
@@ -437,9 +444,7 @@ def cudnn_prefill_study(key):
             row["cudnn_over_engine"] = row["cudnn_us"] / row["engine_us"]
         except Exception as e_:
             row["error"] = repr(e_)[:400]
-        RESULTS["cudnn_prefill"].append(row)
-        log("cudnn prefill", row)
-        save()
+        record("cudnn_prefill", "cudnn prefill", row)
 
 
 def write_runs_study(key):
@@ -491,9 +496,7 @@ def write_runs_study(key):
                 kv = state[0]
         except Exception as e_:
             row["error"] = repr(e_)[:400]
-        RESULTS["write_runs"].append(row)
-        log("write runs", row)
-        save()
+        record("write_runs", "write runs", row)
 
 
 def _engine_ragged_case():
@@ -580,9 +583,7 @@ def fused_write_study(key):
         row["fused_over_separate"] = fus / sep
     except Exception as e_:
         row["error"] = repr(e_)[:400]
-    RESULTS["fused_write"].append(row)
-    log("fused write", row)
-    save()
+    record("fused_write", "fused write", row)
 
 
 WINDOW = 16  # --window-study's recent window (the accuracy study's W, docs/accuracy.md)
@@ -640,9 +641,7 @@ def window_study(key):
         row["xla_over_kernel"] = best["xla"] / best["kernel"]
     except Exception as e_:
         row["error"] = repr(e_)[:400]
-    RESULTS["window"].append(row)
-    log("window", row)
-    save()
+    record("window", "window", row)
 
 
 # --nibbles-study: the dots' operand formats (tag -> paged_decode_attention kwargs)
@@ -695,9 +694,7 @@ def nibbles_study(key):
         del kv
     except Exception as e_:
         row["error"] = repr(e_)[:400]
-    RESULTS["nibbles"].append(row)
-    log("nibbles", row)
-    save()
+    record("nibbles", "nibbles", row)
     _decode_rows(key, NIBBLE_VARIANTS, "nibbles_decode")
     save()
 

@@ -1129,8 +1129,9 @@ def parse_args(argv=None):
         default=GC_FULL_EVERY_STEPS,
         help="EngineConfig.gc_full_every_steps: Python's full collections held off during the "
         f"runs, run by the engine when a run drains or every N steps (default "
-        f"{GC_FULL_EVERY_STEPS}, as the CLI; 0: Python's own, the default before 2026-11-29 run 111: its collections left "
-        "11-12 of the H200's 511 decode steps host-bound against 1 held off, runs 111-112)",
+        f"{GC_FULL_EVERY_STEPS}, as the CLI; 0: Python's own, the default before 2026-11-29 "
+        "run 111: its collections left 11-12 of the H200's 511 decode steps host-bound "
+        "against 1 held off, runs 111-112)",
     )
     p.add_argument("--out", default="bench_throughput.json")
     args = p.parse_args(argv)

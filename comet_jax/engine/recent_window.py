@@ -136,9 +136,10 @@ def ring_write(cache, layer, k_new, v_new, slots, start, q_lens, seq_lens, rows)
     ``rows`` are :func:`slot_rings` (as :func:`band_kv` returns them), this layer's rings as
     read before the write. The written values are ``where(keep, new, old)`` with ``old``
     taken from them: the same values (dropped tokens are never written), but the scatter now
-    depends on the read, so XLA orders the read first and updates the ring in place. Without that edge the
-    read and the scatter were unordered and XLA copied both whole rings ``[L, S, Hkv, W, D]``
-    in every layer (seen in the compiled HLO; tests/test_recent_window.py checks it)."""
+    depends on the read, so XLA orders the read first and updates the ring in place. Without
+    that edge the read and the scatter were unordered and XLA copied both whole rings
+    ``[L, S, Hkv, W, D]`` in every layer (seen in the compiled HLO;
+    tests/test_recent_window.py checks it)."""
     cfg = cache.config
     w = cfg.recent_window
     b, t = k_new.shape[:2]
