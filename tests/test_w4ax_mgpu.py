@@ -236,14 +236,15 @@ def test_table_routes_the_large_gemms_to_mosaic_gpu_with_the_weights_unpacked_in
     """The engine's packed-prefill GEMMs (M = 8192 rows, 8B shapes, 25% INT8) and its
     1214-row decode GEMMs take the Mosaic GPU kernel unpacking the packed weights in
     registers (MgpuConfig.w_regs; H100, 2026-11-28: prefill 256 tokens x 128 weight rows,
-    INT8 first; decode 160-token tiles, 80 for k / v); the decode GEMMs at M = 256 stay on
-    Triton."""
+    INT8 first; decode refitted on an H200, 2026-11-29: 160-token tiles, 176 for gate / up,
+    80 for k / v, INT8 first); the decode GEMMs at M = 256 stay on Triton."""
     for n, k in ((4096, 4096), (14336, 4096), (4096, 14336), (1024, 4096)):
         cfg = get_config(8192, n, k, k // 4)
         assert (cfg.backend, cfg.block_m, cfg.block_n, cfg.acc8_first) == ("mgpu", 256, 128, True)
         assert MgpuConfig.from_gemm_config(cfg).w_regs
         cfg = get_config(1214, n, k, k // 4)
-        assert (cfg.backend, cfg.block_m) == ("mgpu", 80 if n == 1024 else 160)
+        want = {(4096, 4096): 160, (4096, 14336): 160, (14336, 4096): 176, (1024, 4096): 80}
+        assert (cfg.backend, cfg.block_m, cfg.acc8_first) == ("mgpu", want[n, k], True)
         assert MgpuConfig.from_gemm_config(cfg).w_regs
         # the H200's 2224-row decode batch (2026-11-28, the 3072 bucket): tiles that fill
         # the waves, INT8 first
