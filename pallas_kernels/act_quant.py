@@ -548,6 +548,48 @@ def kernel_order(perm, k4: int, tile_k: int):
     return np.concatenate([lo, lo + h, np.arange(k4, k)]).astype(np.int32)
 
 
+def _read_order(perm, k: int, k4: int, tile_k: int, unpacked: bool, scatter: bool):
+    """``[K]`` int32 channel indices in the order the kernel reads a row of x, or None where
+    it reads the row in its original order (the unpacked layout without a permutation).
+    Scattered form (``scatter``): the inverse permutation (channel c's column)."""
+    if perm is None and not unpacked:  # the packed gather order of the identity
+        perm = jnp.arange(k, dtype=jnp.int32)
+    if unpacked and perm is not None and scatter:
+        return jnp.zeros((k,), jnp.int32).at[perm].set(jnp.arange(k, dtype=jnp.int32))
+    return perm if unpacked else perm[jnp.asarray(kernel_order(perm, k4, tile_k))]
+
+
+def kernel_norm_weight(
+    norm_weight,
+    perm,
+    k4: int,
+    *,
+    tile_k: int = DEFAULT_TILE_K,
+    layout: str = "packed",
+    scatter: bool | None = None,
+):
+    """``norm_weight [K]`` (original channel order) -> ``[K]`` in the order in which
+    :func:`act_quant` reads a row of x for this ``perm``, ``k4``, ``tile_k``, ``layout`` and
+    ``scatter``: what ``act_quant`` gathers on every call (one XLA gather each), computed once
+    (an engine does it at start-up). Pass it as ``act_quant(..., norm_weight=w,
+    norm_in_kernel_order=True)``: the same bytes out, no gather in the call. The stored
+    dtype is kept (the kernel converts)."""
+    k = norm_weight.shape[0]
+    if norm_weight.ndim != 1 or (perm is not None and perm.shape != (k,)):
+        shape = None if perm is None else tuple(perm.shape)
+        raise ValueError(
+            f"kernel_norm_weight: want norm_weight [K] and perm [K] or None, got "
+            f"{tuple(norm_weight.shape)} and {shape}"
+        )
+    _check_layout(layout, 1)
+    unpacked = layout == "unpacked"
+    scatter = unpacked and (UNPACKED_SCATTER if scatter is None else bool(scatter))
+    idx = _read_order(perm, k, int(k4), tile_k, unpacked, scatter)
+    if idx is None or (scatter and perm is not None):  # read in the original order
+        return norm_weight
+    return norm_weight[idx]
+
+
 def default_rows_per_program(m: int, k: int, layout: str = "packed") -> int:
     """Rows per program: 1 for decode (more programs), up to 4 when M is large and K small in
     the packed layout; always 1 in the unpacked layout (the engine's from M = 257 up): at
@@ -580,35 +622,32 @@ def default_num_warps(bm: int, k: int) -> int:
     jax.jit,
     static_argnames=(
         "k4", "eps", "clip4", "clip8", "tile_k", "interpret", "num_warps", "bm", "row_align",
-        "silu_approx", "scatter_chunk", "kernel_scales",
+        "silu_approx", "scatter_chunk", "kernel_scales", "norm_ordered",
     ),
 )  # fmt: skip
 def _act_quant_call(
     x, perm, norm_weight, gate, *, k4, eps, clip4, clip8, tile_k, interpret, num_warps, bm,
-    row_align, silu_approx=False, scatter_chunk=0, kernel_scales=False,
+    row_align, silu_approx=False, scatter_chunk=0, kernel_scales=False, norm_ordered=False,
 ):  # fmt: skip
     """``row_align = 0``: the packed layout; ``>= 1``: unpacked, rows padded to it.
     ``scatter_chunk > 0``: the unpacked layout under a permutation in the scattered form,
     chunks of that many channels; 0: gathered. ``kernel_scales`` (unpacked): a third
-    output, ``rs [2, R]``."""
+    output, ``rs [2, R]``. ``norm_ordered``: norm_weight is in the kernel's read order
+    already (:func:`kernel_norm_weight`)."""
     m, k = x.shape
     k8 = k - k4
     has_norm = norm_weight is not None
     unpacked = row_align > 0
-    if perm is None and not unpacked:  # the packed gather order of the identity
-        perm = jnp.arange(k, dtype=jnp.int32)
     scatter = unpacked and perm is not None and scatter_chunk > 0
-    if scatter:  # the inverse permutation: channel c's column
-        idx = jnp.zeros((k,), jnp.int32).at[perm].set(jnp.arange(k, dtype=jnp.int32))
-    else:
-        idx = perm if unpacked else perm[jnp.asarray(kernel_order(perm, k4, tile_k))]
+    idx = _read_order(perm, k, k4, tile_k, unpacked, scatter)
     # The weights in their stored dtype (the kernel converts them), in the order the kernel
     # reads x: gathered here once per call, so the programs load them contiguously instead
     # of gathering them element by element, as each program once did (H200, M = 8192 /
     # 2222, K = 4096, a checkpoint's gather order: 74.2 -> 65.3 / 23.3 -> 20.9 us, this
-    # XLA gather included; docs/kernels_gemm.md).
+    # XLA gather included; docs/kernels_gemm.md). An engine gathers them once at start-up
+    # instead (``norm_ordered``, :func:`kernel_norm_weight`): no gather in the call.
     w_k = norm_weight if has_norm else jnp.ones((k,), jnp.float32)
-    if has_norm and idx is not None and not scatter:
+    if has_norm and idx is not None and not scatter and not norm_ordered:
         w_k = w_k[idx]
     inv = rms_inv(x, eps) if has_norm else jnp.ones((m,), jnp.float32)
     mp = -(-m // bm) * bm
@@ -705,6 +744,7 @@ def act_quant(
     silu_approx: bool | None = None,
     scatter: bool | None = None,
     kernel_scales: bool = False,
+    norm_in_kernel_order: bool = False,
 ):
     """Fused RMSNorm -> permute -> per-token INT4/INT8 quantize -> pack (module docstring);
     with ``gate``, SwiGLU -> permute -> quantize -> pack.
@@ -724,8 +764,16 @@ def act_quant(
     store channel ``c`` at its permuted column (:func:`_scatter_rows`), or (False) gather the
     row by the permutation and store in order; the same bytes either way. None:
     ``UNPACKED_SCATTER``.
+
+    ``norm_in_kernel_order``: ``norm_weight`` is :func:`kernel_norm_weight` of the RMSNorm
+    weight for this call's ``perm``, ``k4``, ``tile_k``, ``layout`` and ``scatter`` (gathered
+    once, e.g. at an engine's start-up) instead of the original order, which the call would
+    gather itself (an XLA gather a call). The same bytes out; a weight in another order gives
+    wrong numbers, so it is for callers that keep the two together.
     """
     m, k = validate_args(x, perm, k4, norm_weight, clip4, clip8, tile_k, gate)
+    if norm_in_kernel_order and norm_weight is None:
+        raise ValueError("norm_in_kernel_order=True needs a norm_weight (kernel_norm_weight)")
     _check_layout(layout, row_align)
     if kernel_scales and layout != "unpacked":
         raise ValueError(
@@ -753,6 +801,7 @@ def act_quant(
         silu_approx=SILU_APPROX_DEFAULT if silu_approx is None else bool(silu_approx),
         scatter_chunk=SCATTER_CHUNK if (UNPACKED_SCATTER if scatter is None else scatter) else 0,
         kernel_scales=bool(kernel_scales),
+        norm_ordered=bool(norm_in_kernel_order),
     )
 
 
@@ -760,6 +809,7 @@ __all__ = [
     "LAYOUTS",
     "act_quant",
     "act_quant_reference",
+    "kernel_norm_weight",
     "kernel_order",
     "kernel_scales",
     "rms_inv",

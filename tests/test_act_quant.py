@@ -311,3 +311,48 @@ def test_kernel_scales_and_bf16_norm_weights(m, k, k4, bm, row_align, form):
     assert (rs[0, :m] * 256 == np.asarray(want[1])[:m, 0]).all()
     with pytest.raises(ValueError, match="kernel_scales=True .* needs layout='unpacked'"):
         act_quant(x, perm, k4, interpret=True, tile_k=TILE, kernel_scales=True)
+
+
+@pytest.mark.parametrize(
+    "m,k,k4,bm,layout,row_align,form",
+    [
+        (3, 256, 192, 1, "packed", 1, "perm"),  # the decode launch (packed)
+        (5, 256, 128, 1, "unpacked", 8, "perm"),  # the large-M operand, 3 pad rows
+        (2, 192, 192, 2, "packed", 1, "identity"),  # packed gather order of the identity
+        (4, 256, 0, 1, "unpacked", 4, "identity"),  # read in order: nothing to gather
+        (6, 384, 256, 2, "unpacked", 4, "scatter"),  # scattered form: read in order
+    ],
+)
+def test_norm_weight_in_kernel_order(m, k, k4, bm, layout, row_align, form):
+    """``kernel_norm_weight`` (the RMSNorm weights gathered once into the kernel's read order)
+    with ``norm_in_kernel_order=True``: the same bytes and scales as the call that gathers
+    them itself and as the reference (tolerance: none). A weight left in the original order
+    under a permutation gives other bytes, so the test can fail."""
+    from pallas_kernels.act_quant import kernel_norm_weight
+
+    x, perm, w = _inputs(m, k, jnp.bfloat16, seed=7 * m + k4)
+    w = w.astype(jnp.bfloat16)
+    perm = None if form == "identity" else perm
+    scatter = form == "scatter"
+    kw = dict(tile_k=TILE, layout=layout)
+    if layout == "unpacked":
+        kw["row_align"] = row_align
+    want = act_quant_reference(x, perm, k4, norm_weight=w, **kw)
+    w_k = kernel_norm_weight(w, perm, k4, tile_k=TILE, layout=layout, scatter=scatter)
+    assert w_k.dtype == w.dtype and w_k.shape == (k,)
+    got = act_quant(
+        x, perm, k4, interpret=True, rows_per_program=bm, scatter=scatter, norm_weight=w_k,
+        norm_in_kernel_order=True, **kw,
+    )  # fmt: skip
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    if form == "perm":  # the original order passed as if gathered: other numbers
+        wrong = act_quant(
+            x, perm, k4, interpret=True, rows_per_program=bm, norm_weight=w,
+            norm_in_kernel_order=True, **kw,
+        )  # fmt: skip
+        assert any(not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(wrong, want))
+        with pytest.raises(ValueError, match="kernel_norm_weight: want norm_weight"):
+            kernel_norm_weight(w[:-1], perm, k4, tile_k=TILE, layout=layout)
+    with pytest.raises(ValueError, match="norm_in_kernel_order=True needs a norm_weight"):
+        act_quant(x, perm, k4, interpret=True, norm_in_kernel_order=True, **kw)

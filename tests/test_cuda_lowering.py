@@ -257,6 +257,13 @@ def test_act_quant_kernel_scales_with_bf16_norm_weights_lowers(m, bm, scatter):
                          S((512,), jnp.bfloat16))  # fmt: skip
     r = -(-m // 256) * 256
     assert [o.shape for o in out] == [(r, 512), (r, 2), (2, r)]
+    # the weights in the kernel's order already (kernel_norm_weight, an engine's start-up):
+    # no XLA op on them in the call
+    text = _lower_cuda(
+        lambda x, w: fn(x, norm_weight=w, norm_in_kernel_order=True),
+        S((m, 512), jnp.bfloat16), S((512,), jnp.bfloat16),
+    )  # fmt: skip
+    assert not [ln for ln in text.split("__gpu$xla.gpu.triton")[0].splitlines() if "gather" in ln]
 
 
 @pytest.mark.parametrize("m,bm,layout,permuted", [(16, 1, "packed", True), (300, 1, "unpacked", False),

@@ -34,6 +34,7 @@ from models import (
     rope_cos_sin,
     rope_inv_freq,
 )
+from models.llama import NORM_OF_GROUP, kernel_norm_variables
 
 TINY = ModelConfig(
     vocab_size=96,
@@ -667,3 +668,96 @@ def test_gate_up_kernel_path_gives_the_same_logits():
     bodies = re.findall(r"func private @w4ax_matmul_mgpu_unpacked\w*\(.*?\n  \}", separate, re.S)
     before = [b.split("stablehlo.custom_call @mosaic_gpu")[0].split("{", 1)[1] for b in bodies]
     assert before and all("stablehlo." not in b for b in before), before
+
+
+def _top_gathers(fn, *args, width: int) -> int:
+    """Gathers producing a float ``[width]`` vector in ``fn``'s jaxpr (norm weights, not the
+    int32 index vectors), nested calls included and Pallas kernels' bodies left out (the XLA
+    gathers a call runs besides its kernels)."""
+
+    def walk(jaxpr) -> int:
+        n = 0
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "pallas_call":
+                continue
+            aval = eqn.outvars[0].aval if eqn.outvars else None
+            if (
+                eqn.primitive.name == "gather"
+                and aval.shape == (width,)
+                and jnp.issubdtype(aval.dtype, jnp.floating)
+            ):
+                n += 1
+            for v in eqn.params.values():
+                for sub in v if isinstance(v, (tuple, list)) else (v,):
+                    inner = getattr(sub, "jaxpr", sub)
+                    if hasattr(inner, "eqns"):
+                        n += walk(inner)
+        return n
+
+    return walk(jax.make_jaxpr(fn)(*args).jaxpr)
+
+
+@pytest.mark.parametrize("layout", ["auto", "unpacked"])
+def test_kernel_norm_variables_give_the_same_logits(layout):
+    """The "kernel_norms" collection (``kernel_norm_variables``: the RMSNorm weights gathered
+    once into the act_quant kernel's read order, as the engine's runner does at start-up):
+    the same logits bit for bit as the per-call gather, W4AxKV4 with the Pallas kernels in
+    interpret mode, in the packed (decode-size M) and the unpacked layout; the step then
+    holds no gather of a norm weight (2 a layer without it). Weights left in the original
+    order under the permutations give other logits (the collection is read). Float and
+    simulated backends have none."""
+    from comet_jax.engine.runner import model_variables, precision_plan, preset_config
+    from pallas_kernels.act_quant import kernel_norm_weight
+
+    cfg = dataclasses.replace(preset_config("tiny"), num_layers=2)
+    plan = precision_plan(cfg, "w4axkv4", mode="pallas", interpret=True)
+
+    def lay(b):
+        return dataclasses.replace(b, act_layout=layout) if isinstance(b, W4AxLinear) else b
+
+    plan = LinearPlan(
+        default=lay(plan.default), overrides=tuple((k, lay(b)) for k, b in plan.overrides)
+    )
+    model = LlamaForCausalLM(cfg, linear=plan, dtype=jnp.bfloat16)
+    params = init_params(model, jax.random.key(5))
+
+    def vary(path, a):  # norm weights other than ones, permutations other than the identity
+        name = jax.tree_util.keystr(path)
+        key = jax.random.fold_in(jax.random.key(7), sum(map(ord, name)))
+        if name.endswith("['perm']"):
+            return jax.random.permutation(key, a)
+        return a * (1.0 + 0.5 * jax.random.uniform(key, a.shape)) if "norm" in name else a
+
+    params = jax.tree_util.tree_map_with_path(vary, params)
+    norms = kernel_norm_variables(model, params)
+    assert sorted(norms) == ["layers_0", "layers_1"]
+    for i in range(2):
+        assert sorted(norms[f"layers_{i}"]) == ["attn_in", "mlp_in"]
+        layer = params[f"layers_{i}"]
+        backend = plan.backend_for(i, "q_proj")
+        for lay in ("packed", "unpacked"):
+            want = kernel_norm_weight(
+                layer["input_norm"], layer["attn_in"]["perm"], backend.k4, tile_k=backend.tile,
+                layout=lay,
+            )  # fmt: skip
+            np.testing.assert_array_equal(norms[f"layers_{i}"]["attn_in"][lay], want)
+    variables = model_variables(model, params)
+    assert variables.keys() == {"params", "kernel_norms"}
+    tokens = _tokens(2, 5, seed=6)
+    fwd = jax.jit(lambda v, t: model.apply(v, t)[0])
+    want = np.asarray(fwd({"params": params}, tokens))
+    got = np.asarray(fwd(variables, tokens))
+    assert np.isfinite(got).all() and np.abs(got).max() > 0
+    np.testing.assert_array_equal(got, want)
+    plain = {  # the same groups, each weight in its original order
+        name: {g: {lay: params[name][NORM_OF_GROUP[g]] for lay in d} for g, d in groups.items()}
+        for name, groups in norms.items()
+    }
+    other = np.asarray(fwd({"params": params, "kernel_norms": plain}, tokens))
+    assert not np.array_equal(other, want)
+    width = cfg.hidden_size
+    assert _top_gathers(lambda v: model.apply(v, tokens)[0], {"params": params}, width=width) == 4
+    assert _top_gathers(lambda v: model.apply(v, tokens)[0], variables, width=width) == 0
+    sim = LlamaForCausalLM(cfg, linear=precision_plan(cfg, "w4axkv4"), dtype=jnp.bfloat16)
+    assert kernel_norm_variables(sim, params) == {}
+    assert model_variables(sim, params).keys() == {"params"}

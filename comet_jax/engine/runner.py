@@ -44,7 +44,7 @@ import numpy as np
 
 from comet_jax.engine import kv_cache
 from comet_jax.engine.sampling import SAMPLER_KINDS, sample_tokens, sampler_kind
-from models.llama import packing_from_lengths
+from models.llama import kernel_norm_variables, packing_from_lengths
 
 
 class PagedState(NamedTuple):
@@ -263,9 +263,24 @@ def prefill_row_options(
     return ((0,) if grid <= max_tokens else ()) + rows
 
 
+def model_variables(model, params) -> dict:
+    """The Flax variables the runner's executables take: ``{"params": params}`` plus, where
+    the model has any, the ``"kernel_norms"`` collection (``models.llama``: the RMSNorm
+    weights in the act_quant kernel's channel order, gathered here once instead of in every
+    step; the same numbers)."""
+    norms = jax.jit(functools.partial(kernel_norm_variables, model))(params)
+    return {"params": params, "kernel_norms": norms} if norms else {"params": params}
+
+
+def _as_variables(params) -> dict:
+    """``params`` (the model's params tree) or a variables dict of :func:`model_variables`
+    (the params tree has no top-level "params" entry) -> the variables dict."""
+    return params if "params" in params else {"params": params}
+
+
 def make_logits_fn(model, pack_tokens: int = 0):
     """The model executable: (params, cache, ModelInputs) -> (logits [B, V] f32 at each row's
-    last valid token, cache).
+    last valid token, cache). ``params``: the params tree or :func:`model_variables`.
 
     pack_tokens > 0: a prefill call whose [B, T] grid exceeds it runs embedding, projections
     and MLP on ``pack_tokens`` packed rows (the real tokens; `models.llama` "Packed tokens"),
@@ -284,7 +299,7 @@ def make_logits_fn(model, pack_tokens: int = 0):
         state = PagedState(cache, inp.page_table, inp.start, inp.num_valid, inp.window_slot)
         last = jnp.maximum(inp.num_valid - 1, 0)
         logits, state = model.apply(
-            {"params": params}, tokens, positions, cache=state, logits_at=last, packing=packing
+            _as_variables(params), tokens, positions, cache=state, logits_at=last, packing=packing
         )
         return logits[:, 0].astype(jnp.float32), state.cache
 
@@ -503,7 +518,9 @@ class ModelRunner:
             model = sr.shard_model(model, mesh)
             params = sr.shard_params(params, model.config, mesh)
         self.model = model
-        self.params = params
+        # one device: the executables take the variables with the kernel-order norm weights
+        # (model_variables); the sharded path keeps the params tree its rules shard
+        self.params = params if mesh is not None else model_variables(model, params)
         self.cache_config = cache_config
         self.num_pages = cache_config.num_pages
         if mesh is None:

@@ -464,9 +464,38 @@ class W4AxLinear:
             and not self.pad
         )
 
-    def prepare_input(self, group_params, x, norm_weight, *, eps, gate=None):
+    def kernel_norm_weights(self, group_params, norm_weight):
+        """``{"packed": [K], "unpacked": [K]}``: ``norm_weight`` in the order in which the
+        act_quant kernel reads a row of the group's input in each layout
+        (`act_quant.kernel_norm_weight` under the group's ``perm``), for `prepare_input`'s
+        ``kernel_norm`` (``models.llama.kernel_norm_variables`` builds them once); None where
+        the kernel does not take the norm weight as it is (not ``mode="pallas"``, rotation,
+        zero padding, block granularity, no norm)."""
+        if (
+            norm_weight is None
+            or self.mode != "pallas"
+            or self.rotate
+            or self.pad
+            or self.act_granularity == "block"
+        ):
+            return None
+        from pallas_kernels import act_quant as aq
+
+        self._check_k(norm_weight.shape[0], "kernel_norm_weights")
+        perm = group_params["perm"] if self.permute else None
+        return {
+            layout: aq.kernel_norm_weight(
+                norm_weight, perm, self.k4, tile_k=self.tile, layout=layout
+            )
+            for layout in ("packed", "unpacked")
+        }
+
+    def prepare_input(self, group_params, x, norm_weight, *, eps, gate=None, kernel_norm=None):
         """gate: [..., K] or None: the input is then the SwiGLU hidden state
-        ``silu(f32(gate)) * x`` in x's dtype (fused into act_quant where `fuses_swiglu`)."""
+        ``silu(f32(gate)) * x`` in x's dtype (fused into act_quant where `fuses_swiglu`).
+        kernel_norm: None, or `kernel_norm_weights(group_params, norm_weight)` computed ahead
+        (then the kernel reads it as it is instead of gathering the norm weight per call;
+        the same numbers)."""
         self._check_k(x.shape[-1], "prepare_input")
         from pallas_kernels import act_quant as aq
 
@@ -518,7 +547,16 @@ class W4AxLinear:
             clip8=self.act_clip,
             tile_k=self.tile,
         )
-        if self.mode == "pallas" and self._unpacked(x2.shape[0]):
+        unpacked = self.mode == "pallas" and self._unpacked(x2.shape[0])
+        if kernel_norm is not None and norm_weight is not None and self.mode == "pallas":
+            if self.rotate or self.pad:  # kernel_norm_weights gives None for these
+                raise ValueError(
+                    "kernel_norm is for the kernel's fused RMSNorm; this backend normalizes "
+                    f"outside it (rotate={self.rotate}, pad={self.pad})"
+                )
+            kwargs["norm_weight"] = kernel_norm["unpacked" if unpacked else "packed"]
+            kwargs["norm_in_kernel_order"] = True
+        if unpacked:
             from pallas_kernels.w4ax_matmul import UNPACKED_ROW_ALIGN
 
             x_u, x_scales, rs = aq.act_quant(
