@@ -42,11 +42,11 @@ max-throughput runs in docs/benchmarks.md since 2026-11-27 used 0.92 and --memor
 
 An 80 GB H100's memory on an H200: XLA_PYTHON_CLIENT_MEM_FRACTION=0.5211 gives the H200's
 allocator the H100's limit at 0.92 (78,223,769,600 against 78,217,478,144 bytes,
-`device_bytes_limit` in the JSON), so each precision plans the H100's pool and batch (1215 vs 277 at 1024/512). The
-H200's bandwidth still speeds up the bandwidth-bound steps: on 2026-11-29 the H100's
-run-83 build gave 2.19x this way on two machines against 2.47x on the H100 itself
-(docs/benchmarks.md, runs 118-119): such a ratio is not an H100 figure (for that build it
-came out 11% under the H100's).
+`device_bytes_limit` in the JSON), so each precision plans the H100's pool and batch (1215
+vs 277 at 1024/512). The H200's bandwidth still speeds up the bandwidth-bound steps: on
+2026-11-29 the H100's run-83 build gave 2.19x this way on two machines against 2.47x on the
+H100 itself (docs/benchmarks.md, runs 118-119): such a ratio is not an H100 figure (for that
+build it came out 11% under the H100's).
 
 Writes a JSON file (--out) and prints a table. A configuration whose weights do not fit in
 device memory is recorded as "does not fit" instead of being run.
