@@ -29,12 +29,12 @@ attention alone sees the [B, T] layout:
 
 See :func:`packing_from_lengths`. The logits are those of the unpacked call at the rows kept.
 
-Kernel-order norm weights (serving): a backend whose input quantization kernel reads the
-RMSNorm weight in its own channel order (`W4AxLinear.kernel_norm_weights`) gathers it on every
-call unless the variables hold it already in that order, as the optional ``"kernel_norms"``
-collection built once by :func:`kernel_norm_variables`:
+Kernel orders (serving): a backend whose input quantization kernel reads the RMSNorm weight
+and the FMPQ permutation in its own channel order (`W4AxLinear.kernel_orders`) rearranges them
+on every call unless the variables hold them in that order already, as the optional
+``"kernel_orders"`` collection built once by :func:`kernel_order_variables`:
 
-    variables = {"params": p, "kernel_norms": kernel_norm_variables(model, p)}
+    variables = {"params": p, "kernel_orders": kernel_order_variables(model, p)}
     logits, cache = model.apply(variables, tokens, positions, cache=None)   # same numbers
 """
 
@@ -116,27 +116,29 @@ def packing_from_lengths(num_valid, t: int, size: int) -> tuple[jax.Array, jax.A
 NORM_OF_GROUP = {"attn_in": "input_norm", "mlp_in": "post_attn_norm"}  # RMSNorm param names
 
 
-def kernel_norm_variables(model: LlamaForCausalLM, params) -> dict:
-    """The ``"kernel_norms"`` collection (module docstring) for ``params``: for each layer's
-    normalized input group ("attn_in", "mlp_in") whose projections share one backend with a
-    ``kernel_norm_weights(group_params, norm_weight)`` method (W4AxLinear in its kernel mode),
-    ``layers_{i}/{group}`` -> that method's dict of the RMSNorm weight in each order its kernel
-    reads; groups without one are left out (they gather per call, or need no gather). Empty
-    for a float model. Run it once (e.g. at an engine's start-up), not inside a step."""
+def kernel_order_variables(model: LlamaForCausalLM, params) -> dict:
+    """The ``"kernel_orders"`` collection (module docstring) for ``params``: for each layer's
+    input group whose projections share one backend with a ``kernel_orders(group_params,
+    norm_weight)`` method (W4AxLinear in its kernel mode), ``layers_{i}/{group}`` -> what that
+    method returns (the group's RMSNorm weight and permutation in the orders its kernel
+    reads); groups where it returns None are left out (they rearrange per call, or need
+    nothing). Empty for a float model. Run it once (e.g. at an engine's start-up), not inside
+    a step."""
     plan = as_plan(model.linear)
     out: dict = {}
     for i in range(model.config.num_layers):
         layer = params[f"layers_{i}"]
         specs = layer_specs(model.config, i)
-        for group, norm_name in NORM_OF_GROUP.items():
-            backends = {plan.backend_for(i, p.name) for p in specs[group].projections}
+        for group, spec in specs.items():
+            backends = {plan.backend_for(i, p.name) for p in spec.projections}
             if len(backends) != 1:
                 continue
             (backend,) = backends
-            make = getattr(backend, "kernel_norm_weights", None)
-            weights = make(layer.get(group), layer[norm_name]) if make is not None else None
-            if weights is not None:
-                out.setdefault(f"layers_{i}", {})[group] = weights
+            make = getattr(backend, "kernel_orders", None)
+            norm = layer[NORM_OF_GROUP[group]] if group in NORM_OF_GROUP else None
+            orders = make(layer.get(group), norm) if make is not None else None
+            if orders is not None:
+                out.setdefault(f"layers_{i}", {})[group] = orders
     return out
 
 
@@ -184,10 +186,10 @@ class DecoderLayer(nn.Module):
         if owners:
             group_params = self.param(spec.name, dict(group_inits)[owners[0]])
         extra = {} if gate is None else {"gate": gate}
-        if norm_weight is not None and self.has_variable("kernel_norms", spec.name):
-            # the norm weight in the kernel's channel order (kernel_norm_variables): one
-            # backend in the group, which takes it instead of gathering it per call
-            extra["kernel_norm"] = self.get_variable("kernel_norms", spec.name)
+        if self.has_variable("kernel_orders", spec.name):
+            # the norm weight and permutation in the kernel's orders (kernel_order_variables):
+            # one backend in the group, which takes them instead of rearranging them per call
+            extra["kernel_orders"] = self.get_variable("kernel_orders", spec.name)
         prepared = {
             b: b.prepare_input(
                 group_params if b in owners else None,

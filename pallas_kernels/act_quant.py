@@ -552,11 +552,35 @@ def _read_order(perm, k: int, k4: int, tile_k: int, unpacked: bool, scatter: boo
     """``[K]`` int32 channel indices in the order the kernel reads a row of x, or None where
     it reads the row in its original order (the unpacked layout without a permutation).
     Scattered form (``scatter``): the inverse permutation (channel c's column)."""
-    if perm is None and not unpacked:  # the packed gather order of the identity
-        perm = jnp.arange(k, dtype=jnp.int32)
+    if perm is None and not unpacked:  # the packed gather order of the identity: a constant
+        return jnp.asarray(kernel_order(np.arange(k), k4, tile_k))
     if unpacked and perm is not None and scatter:
         return jnp.zeros((k,), jnp.int32).at[perm].set(jnp.arange(k, dtype=jnp.int32))
     return perm if unpacked else perm[jnp.asarray(kernel_order(perm, k4, tile_k))]
+
+
+def kernel_read_order(
+    perm,
+    k: int,
+    k4: int,
+    *,
+    tile_k: int = DEFAULT_TILE_K,
+    layout: str = "packed",
+    scatter: bool | None = None,
+):
+    """The ``[K]`` int32 index vector :func:`act_quant` builds from ``perm`` on every call of
+    this ``layout`` and ``scatter`` (the packed layout: ``perm`` in the packed gather order,
+    :func:`kernel_order`, an XLA gather; the scattered form: the inverse permutation), or
+    ``perm`` itself where the call uses it as it is (the unpacked layout's gathered form), or
+    None (the unpacked layout without a permutation). Computed once (an engine does it at
+    start-up) and passed as ``act_quant(perm=idx, perm_in_kernel_order=True)``: the same
+    bytes out, no index op in the call."""
+    if perm is not None and (perm.ndim != 1 or perm.shape[0] != k):
+        raise ValueError(f"kernel_read_order: want perm [{k}] or None, got {tuple(perm.shape)}")
+    _check_layout(layout, 1)
+    unpacked = layout == "unpacked"
+    scatter = unpacked and (UNPACKED_SCATTER if scatter is None else bool(scatter))
+    return _read_order(perm, k, int(k4), tile_k, unpacked, scatter)
 
 
 def kernel_norm_weight(
@@ -622,24 +646,26 @@ def default_num_warps(bm: int, k: int) -> int:
     jax.jit,
     static_argnames=(
         "k4", "eps", "clip4", "clip8", "tile_k", "interpret", "num_warps", "bm", "row_align",
-        "silu_approx", "scatter_chunk", "kernel_scales", "norm_ordered",
+        "silu_approx", "scatter_chunk", "kernel_scales", "norm_ordered", "perm_ordered",
     ),
 )  # fmt: skip
 def _act_quant_call(
     x, perm, norm_weight, gate, *, k4, eps, clip4, clip8, tile_k, interpret, num_warps, bm,
     row_align, silu_approx=False, scatter_chunk=0, kernel_scales=False, norm_ordered=False,
+    perm_ordered=False,
 ):  # fmt: skip
     """``row_align = 0``: the packed layout; ``>= 1``: unpacked, rows padded to it.
     ``scatter_chunk > 0``: the unpacked layout under a permutation in the scattered form,
     chunks of that many channels; 0: gathered. ``kernel_scales`` (unpacked): a third
     output, ``rs [2, R]``. ``norm_ordered``: norm_weight is in the kernel's read order
-    already (:func:`kernel_norm_weight`)."""
+    already (:func:`kernel_norm_weight`); ``perm_ordered``: perm is the read order already
+    (:func:`kernel_read_order`)."""
     m, k = x.shape
     k8 = k - k4
     has_norm = norm_weight is not None
     unpacked = row_align > 0
     scatter = unpacked and perm is not None and scatter_chunk > 0
-    idx = _read_order(perm, k, k4, tile_k, unpacked, scatter)
+    idx = perm if perm_ordered else _read_order(perm, k, k4, tile_k, unpacked, scatter)
     # The weights in their stored dtype (the kernel converts them), in the order the kernel
     # reads x: gathered here once per call, so the programs load them contiguously instead
     # of gathering them element by element, as each program once did (H200, M = 8192 /
@@ -745,6 +771,7 @@ def act_quant(
     scatter: bool | None = None,
     kernel_scales: bool = False,
     norm_in_kernel_order: bool = False,
+    perm_in_kernel_order: bool = False,
 ):
     """Fused RMSNorm -> permute -> per-token INT4/INT8 quantize -> pack (module docstring);
     with ``gate``, SwiGLU -> permute -> quantize -> pack.
@@ -770,10 +797,16 @@ def act_quant(
     once, e.g. at an engine's start-up) instead of the original order, which the call would
     gather itself (an XLA gather a call). The same bytes out; a weight in another order gives
     wrong numbers, so it is for callers that keep the two together.
+
+    ``perm_in_kernel_order``: ``perm`` is :func:`kernel_read_order` of the FMPQ permutation for
+    this call's ``k4``, ``tile_k``, ``layout`` and ``scatter`` (in the packed layout the call
+    would rearrange it itself: an XLA gather a call). The same bytes out.
     """
     m, k = validate_args(x, perm, k4, norm_weight, clip4, clip8, tile_k, gate)
     if norm_in_kernel_order and norm_weight is None:
         raise ValueError("norm_in_kernel_order=True needs a norm_weight (kernel_norm_weight)")
+    if perm_in_kernel_order and perm is None:
+        raise ValueError("perm_in_kernel_order=True needs a perm (kernel_read_order)")
     _check_layout(layout, row_align)
     if kernel_scales and layout != "unpacked":
         raise ValueError(
@@ -802,6 +835,7 @@ def act_quant(
         scatter_chunk=SCATTER_CHUNK if (UNPACKED_SCATTER if scatter is None else scatter) else 0,
         kernel_scales=bool(kernel_scales),
         norm_ordered=bool(norm_in_kernel_order),
+        perm_ordered=bool(perm_in_kernel_order),
     )
 
 
@@ -811,6 +845,7 @@ __all__ = [
     "act_quant_reference",
     "kernel_norm_weight",
     "kernel_order",
+    "kernel_read_order",
     "kernel_scales",
     "rms_inv",
     "swiglu",

@@ -356,3 +356,52 @@ def test_norm_weight_in_kernel_order(m, k, k4, bm, layout, row_align, form):
             kernel_norm_weight(w[:-1], perm, k4, tile_k=TILE, layout=layout)
     with pytest.raises(ValueError, match="norm_in_kernel_order=True needs a norm_weight"):
         act_quant(x, perm, k4, interpret=True, norm_in_kernel_order=True, **kw)
+
+
+@pytest.mark.parametrize(
+    "m,k,k4,bm,layout,row_align,form",
+    [
+        (3, 256, 192, 1, "packed", 1, "norm"),  # the decode launch, RMSNorm input
+        (4, 256, 128, 2, "packed", 1, "plain"),  # o_proj's input (no norm)
+        (5, 256, 128, 1, "packed", 1, "gated"),  # SwiGLU input under a permutation
+        (5, 256, 128, 1, "unpacked", 8, "norm"),  # the unpacked layout uses perm as it is
+        (6, 384, 256, 2, "unpacked", 4, "scatter"),  # scattered form: the inverse permutation
+    ],
+)
+def test_perm_in_kernel_order(m, k, k4, bm, layout, row_align, form):
+    """``kernel_read_order`` (the index vector a call builds from the permutation, computed
+    once) with ``perm_in_kernel_order=True``, alone and with the norm weights in the kernel's
+    order too: the same bytes and scales as the reference (tolerance: none). In the packed
+    layout the stored permutation passed as if rearranged gives other bytes (the test can
+    fail)."""
+    from pallas_kernels.act_quant import kernel_norm_weight, kernel_read_order
+
+    x, perm, w = _inputs(m, k, jnp.bfloat16, seed=11 * m + k4)
+    norm = w if form in ("norm", "scatter") else None
+    g = jax.random.normal(jax.random.PRNGKey(m), (m, k)).astype(jnp.bfloat16)
+    gate = g if form == "gated" else None
+    scatter = form == "scatter"
+    kw = dict(tile_k=TILE, layout=layout, gate=gate)
+    if layout == "unpacked":
+        kw["row_align"] = row_align
+    want = act_quant_reference(x, perm, k4, norm_weight=norm, **kw)
+    idx = kernel_read_order(perm, k, k4, tile_k=TILE, layout=layout, scatter=scatter)
+    assert idx.shape == (k,) and idx.dtype == jnp.int32
+    if layout == "unpacked" and not scatter:
+        np.testing.assert_array_equal(idx, perm)
+    call = dict(interpret=True, rows_per_program=bm, scatter=scatter, **kw)
+    variants = [dict(norm_weight=norm)]
+    if norm is not None:
+        w_k = kernel_norm_weight(norm, perm, k4, tile_k=TILE, layout=layout, scatter=scatter)
+        variants.append(dict(norm_weight=w_k, norm_in_kernel_order=True))
+    for v in variants:
+        got = act_quant(x, idx, k4, perm_in_kernel_order=True, **call, **v)
+        for a, b in zip(got, want):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=str(v.keys()))
+    if layout == "packed":
+        wrong = act_quant(x, perm, k4, perm_in_kernel_order=True, norm_weight=norm, **call)
+        assert any(not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(wrong, want))
+    with pytest.raises(ValueError, match="perm_in_kernel_order=True needs a perm"):
+        act_quant(x, None, k4, perm_in_kernel_order=True, **call)
+    with pytest.raises(ValueError, match="kernel_read_order: want perm"):
+        kernel_read_order(perm[:-1], k, k4, tile_k=TILE, layout=layout)

@@ -221,6 +221,24 @@ def test_act_quant_lowers():
     )
 
 
+def test_act_quant_packed_in_kernel_order_lowers():
+    """The packed layout (decode-size M) with the permutation and the norm weights as
+    arguments: the call rearranges both (two XLA gathers, the ``[K]`` int32 index vector and
+    the bf16 weights); given in the kernel's orders (``perm_in_kernel_order``,
+    ``norm_in_kernel_order``: an engine's start-up) it runs none."""
+    args = (S((16, 512), jnp.bfloat16), S((512,), jnp.int32), S((512,), jnp.bfloat16))
+
+    def gathers(**flags):
+        def fn(x, p, w):
+            return aq.act_quant(x, p, 384, norm_weight=w, **flags)
+
+        text = _lower_cuda(fn, *args)
+        return [ln for ln in text.split("__gpu$xla.gpu.triton")[0].splitlines() if "gather" in ln]
+
+    assert len(gathers()) == 2
+    assert not gathers(perm_in_kernel_order=True, norm_in_kernel_order=True)
+
+
 @pytest.mark.parametrize("m,bm", [(16, 1), (300, 2)])
 def test_act_quant_unpacked_lowers(m, bm):
     """The unpacked layout, with pad programs (300 rows -> 512) and several rows a program."""

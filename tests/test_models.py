@@ -34,7 +34,7 @@ from models import (
     rope_cos_sin,
     rope_inv_freq,
 )
-from models.llama import NORM_OF_GROUP, kernel_norm_variables
+from models.llama import NORM_OF_GROUP, kernel_order_variables
 
 TINY = ModelConfig(
     vocab_size=96,
@@ -670,10 +670,10 @@ def test_gate_up_kernel_path_gives_the_same_logits():
     assert before and all("stablehlo." not in b for b in before), before
 
 
-def _top_gathers(fn, *args, width: int) -> int:
-    """Gathers producing a float ``[width]`` vector in ``fn``'s jaxpr (norm weights, not the
-    int32 index vectors), nested calls included and Pallas kernels' bodies left out (the XLA
-    gathers a call runs besides its kernels)."""
+def _vector_gathers(fn, *args, floating: bool) -> int:
+    """Gathers producing a 1-D float (``floating``: norm weights) or integer (index vectors)
+    array in ``fn``'s jaxpr, nested calls included and Pallas kernels' bodies left out (the
+    XLA gathers a call runs besides its kernels)."""
 
     def walk(jaxpr) -> int:
         n = 0
@@ -683,8 +683,8 @@ def _top_gathers(fn, *args, width: int) -> int:
             aval = eqn.outvars[0].aval if eqn.outvars else None
             if (
                 eqn.primitive.name == "gather"
-                and aval.shape == (width,)
-                and jnp.issubdtype(aval.dtype, jnp.floating)
+                and aval.ndim == 1
+                and jnp.issubdtype(aval.dtype, jnp.floating) == floating
             ):
                 n += 1
             for v in eqn.params.values():
@@ -698,16 +698,18 @@ def _top_gathers(fn, *args, width: int) -> int:
 
 
 @pytest.mark.parametrize("layout", ["auto", "unpacked"])
-def test_kernel_norm_variables_give_the_same_logits(layout):
-    """The "kernel_norms" collection (``kernel_norm_variables``: the RMSNorm weights gathered
-    once into the act_quant kernel's read order, as the engine's runner does at start-up):
-    the same logits bit for bit as the per-call gather, W4AxKV4 with the Pallas kernels in
-    interpret mode, in the packed (decode-size M) and the unpacked layout; the step then
-    holds no gather of a norm weight (2 a layer without it). Weights left in the original
-    order under the permutations give other logits (the collection is read). Float and
-    simulated backends have none."""
+def test_kernel_order_variables_give_the_same_logits(layout):
+    """The "kernel_orders" collection (``kernel_order_variables``: the RMSNorm weights and the
+    runtime permutations rearranged once into the act_quant kernel's read orders, as the
+    engine's runner does at start-up): the same logits bit for bit as the per-call
+    rearrangement, W4AxKV4 with the Pallas kernels in interpret mode, in the packed
+    (decode-size M) and the unpacked layout; the step then holds no gather of a norm weight
+    (2 a layer without it) and, packed, none of a permutation (3 a layer: attn_in, o_in,
+    mlp_in). Norm weights left in the original order under the permutations give other
+    logits, and so does a permutation left in its stored order in the packed layout (the
+    collection is read). Float and simulated backends have none."""
     from comet_jax.engine.runner import model_variables, precision_plan, preset_config
-    from pallas_kernels.act_quant import kernel_norm_weight
+    from pallas_kernels.act_quant import kernel_norm_weight, kernel_read_order
 
     cfg = dataclasses.replace(preset_config("tiny"), num_layers=2)
     plan = precision_plan(cfg, "w4axkv4", mode="pallas", interpret=True)
@@ -729,35 +731,59 @@ def test_kernel_norm_variables_give_the_same_logits(layout):
         return a * (1.0 + 0.5 * jax.random.uniform(key, a.shape)) if "norm" in name else a
 
     params = jax.tree_util.tree_map_with_path(vary, params)
-    norms = kernel_norm_variables(model, params)
-    assert sorted(norms) == ["layers_0", "layers_1"]
+    orders = kernel_order_variables(model, params)
+    assert sorted(orders) == ["layers_0", "layers_1"]
     for i in range(2):
-        assert sorted(norms[f"layers_{i}"]) == ["attn_in", "mlp_in"]
+        got = orders[f"layers_{i}"]
+        assert sorted(got) == ["attn_in", "mlp_in", "o_in"]  # down_in: perm folded, no norm
+        assert sorted(got["attn_in"]) == ["norm", "perm_packed"] and list(got["o_in"]) == [
+            "perm_packed"
+        ]
         layer = params[f"layers_{i}"]
         backend = plan.backend_for(i, "q_proj")
-        for lay in ("packed", "unpacked"):
+        perm = layer["attn_in"]["perm"]
+        for lay_ in ("packed", "unpacked"):
             want = kernel_norm_weight(
-                layer["input_norm"], layer["attn_in"]["perm"], backend.k4, tile_k=backend.tile,
-                layout=lay,
-            )  # fmt: skip
-            np.testing.assert_array_equal(norms[f"layers_{i}"]["attn_in"][lay], want)
+                layer["input_norm"], perm, backend.k4, tile_k=backend.tile, layout=lay_
+            )
+            np.testing.assert_array_equal(got["attn_in"]["norm"][lay_], want)
+        want = kernel_read_order(perm, perm.shape[0], backend.k4, tile_k=backend.tile)
+        np.testing.assert_array_equal(got["attn_in"]["perm_packed"], want)
     variables = model_variables(model, params)
-    assert variables.keys() == {"params", "kernel_norms"}
+    assert variables.keys() == {"params", "kernel_orders"}
     tokens = _tokens(2, 5, seed=6)
     fwd = jax.jit(lambda v, t: model.apply(v, t)[0])
     want = np.asarray(fwd({"params": params}, tokens))
     got = np.asarray(fwd(variables, tokens))
     assert np.isfinite(got).all() and np.abs(got).max() > 0
     np.testing.assert_array_equal(got, want)
-    plain = {  # the same groups, each weight in its original order
-        name: {g: {lay: params[name][NORM_OF_GROUP[g]] for lay in d} for g, d in groups.items()}
-        for name, groups in norms.items()
-    }
-    other = np.asarray(fwd({"params": params, "kernel_norms": plain}, tokens))
+
+    def swapped(part):  # the collection with one part left in its stored order
+        out = {}
+        for name, groups in orders.items():
+            out[name] = {}
+            for g, d in groups.items():
+                d = dict(d)
+                if part == "norm" and "norm" in d:
+                    d["norm"] = {k: params[name][NORM_OF_GROUP[g]] for k in d["norm"]}
+                if part == "perm":
+                    d["perm_packed"] = params[name][g]["perm"]
+                out[name][g] = d
+        return out
+
+    other = np.asarray(fwd({"params": params, "kernel_orders": swapped("norm")}, tokens))
     assert not np.array_equal(other, want)
-    width = cfg.hidden_size
-    assert _top_gathers(lambda v: model.apply(v, tokens)[0], {"params": params}, width=width) == 4
-    assert _top_gathers(lambda v: model.apply(v, tokens)[0], variables, width=width) == 0
+    if layout == "auto":  # packed at this M: the index vector is read
+        other = np.asarray(fwd({"params": params, "kernel_orders": swapped("perm")}, tokens))
+        assert not np.array_equal(other, want)
+
+    def count(v, floating):
+        return _vector_gathers(lambda v: model.apply(v, tokens)[0], v, floating=floating)
+
+    assert count({"params": params}, True) == 4
+    assert count(variables, True) == 0
+    assert count({"params": params}, False) == (6 if layout == "auto" else 0)
+    assert count(variables, False) == 0
     sim = LlamaForCausalLM(cfg, linear=precision_plan(cfg, "w4axkv4"), dtype=jnp.bfloat16)
-    assert kernel_norm_variables(sim, params) == {}
+    assert kernel_order_variables(sim, params) == {}
     assert model_variables(sim, params).keys() == {"params"}

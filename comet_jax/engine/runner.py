@@ -44,7 +44,7 @@ import numpy as np
 
 from comet_jax.engine import kv_cache
 from comet_jax.engine.sampling import SAMPLER_KINDS, sample_tokens, sampler_kind
-from models.llama import kernel_norm_variables, packing_from_lengths
+from models.llama import kernel_order_variables, packing_from_lengths
 
 
 class PagedState(NamedTuple):
@@ -265,11 +265,11 @@ def prefill_row_options(
 
 def model_variables(model, params) -> dict:
     """The Flax variables the runner's executables take: ``{"params": params}`` plus, where
-    the model has any, the ``"kernel_norms"`` collection (``models.llama``: the RMSNorm
-    weights in the act_quant kernel's channel order, gathered here once instead of in every
-    step; the same numbers)."""
-    norms = jax.jit(functools.partial(kernel_norm_variables, model))(params)
-    return {"params": params, "kernel_norms": norms} if norms else {"params": params}
+    the model has any, the ``"kernel_orders"`` collection (``models.llama``: the RMSNorm
+    weights and FMPQ permutations in the act_quant kernel's channel orders, rearranged here
+    once instead of in every step; the same numbers)."""
+    orders = jax.jit(functools.partial(kernel_order_variables, model))(params)
+    return {"params": params, "kernel_orders": orders} if orders else {"params": params}
 
 
 def _as_variables(params) -> dict:
@@ -518,7 +518,7 @@ class ModelRunner:
             model = sr.shard_model(model, mesh)
             params = sr.shard_params(params, model.config, mesh)
         self.model = model
-        # one device: the executables take the variables with the kernel-order norm weights
+        # one device: the executables take the variables with the kernel orders
         # (model_variables); the sharded path keeps the params tree its rules shard
         self.params = params if mesh is not None else model_variables(model, params)
         self.cache_config = cache_config

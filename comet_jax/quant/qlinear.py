@@ -464,38 +464,41 @@ class W4AxLinear:
             and not self.pad
         )
 
-    def kernel_norm_weights(self, group_params, norm_weight):
-        """``{"packed": [K], "unpacked": [K]}``: ``norm_weight`` in the order in which the
-        act_quant kernel reads a row of the group's input in each layout
-        (`act_quant.kernel_norm_weight` under the group's ``perm``), for `prepare_input`'s
-        ``kernel_norm`` (``models.llama.kernel_norm_variables`` builds them once); None where
-        the kernel does not take the norm weight as it is (not ``mode="pallas"``, rotation,
-        zero padding, block granularity, no norm)."""
-        if (
-            norm_weight is None
-            or self.mode != "pallas"
-            or self.rotate
-            or self.pad
-            or self.act_granularity == "block"
-        ):
+    def kernel_orders(self, group_params, norm_weight):
+        """What the act_quant kernel takes in its own channel order, computed ahead for
+        `prepare_input`'s ``kernel_orders`` (``models.llama.kernel_order_variables`` builds
+        them once): ``"norm"``: ``{"packed": [K], "unpacked": [K]}``, the RMSNorm weight in the
+        order in which the kernel reads a row in each layout (`act_quant.kernel_norm_weight`;
+        absent without a norm); ``"perm_packed"``: ``[K]`` int32, the group's ``perm`` in the
+        packed layout's gather order (`act_quant.kernel_read_order`; absent without a runtime
+        permutation). None where there is nothing to give or the kernel does not take the
+        input as it is (not ``mode="pallas"``, rotation, zero padding, block granularity)."""
+        if self.mode != "pallas" or self.rotate or self.pad or self.act_granularity == "block":
             return None
         from pallas_kernels import act_quant as aq
 
-        self._check_k(norm_weight.shape[0], "kernel_norm_weights")
         perm = group_params["perm"] if self.permute else None
-        return {
-            layout: aq.kernel_norm_weight(
-                norm_weight, perm, self.k4, tile_k=self.tile, layout=layout
+        out = {}
+        if norm_weight is not None:
+            self._check_k(norm_weight.shape[0], "kernel_orders")
+            out["norm"] = {
+                layout: aq.kernel_norm_weight(
+                    norm_weight, perm, self.k4, tile_k=self.tile, layout=layout
+                )
+                for layout in ("packed", "unpacked")
+            }
+        if perm is not None:
+            out["perm_packed"] = aq.kernel_read_order(
+                perm, perm.shape[0], self.k4, tile_k=self.tile, layout="packed"
             )
-            for layout in ("packed", "unpacked")
-        }
+        return out or None
 
-    def prepare_input(self, group_params, x, norm_weight, *, eps, gate=None, kernel_norm=None):
+    def prepare_input(self, group_params, x, norm_weight, *, eps, gate=None, kernel_orders=None):
         """gate: [..., K] or None: the input is then the SwiGLU hidden state
         ``silu(f32(gate)) * x`` in x's dtype (fused into act_quant where `fuses_swiglu`).
-        kernel_norm: None, or `kernel_norm_weights(group_params, norm_weight)` computed ahead
-        (then the kernel reads it as it is instead of gathering the norm weight per call;
-        the same numbers)."""
+        kernel_orders: None, or `kernel_orders(group_params, norm_weight)` computed ahead
+        (then the kernel reads the norm weight and, in the packed layout, the permutation as
+        they are instead of rearranging them per call; the same numbers)."""
         self._check_k(x.shape[-1], "prepare_input")
         from pallas_kernels import act_quant as aq
 
@@ -548,14 +551,18 @@ class W4AxLinear:
             tile_k=self.tile,
         )
         unpacked = self.mode == "pallas" and self._unpacked(x2.shape[0])
-        if kernel_norm is not None and norm_weight is not None and self.mode == "pallas":
-            if self.rotate or self.pad:  # kernel_norm_weights gives None for these
+        if kernel_orders is not None and self.mode == "pallas":
+            if self.rotate or self.pad:  # kernel_orders gives None for these
                 raise ValueError(
-                    "kernel_norm is for the kernel's fused RMSNorm; this backend normalizes "
-                    f"outside it (rotate={self.rotate}, pad={self.pad})"
+                    "kernel_orders is for the kernel's own input path; this backend "
+                    f"normalizes and permutes outside it (rotate={self.rotate}, pad={self.pad})"
                 )
-            kwargs["norm_weight"] = kernel_norm["unpacked" if unpacked else "packed"]
-            kwargs["norm_in_kernel_order"] = True
+            if norm_weight is not None and "norm" in kernel_orders:
+                kwargs["norm_weight"] = kernel_orders["norm"]["unpacked" if unpacked else "packed"]
+                kwargs["norm_in_kernel_order"] = True
+            if not unpacked and perm is not None and "perm_packed" in kernel_orders:
+                perm = kernel_orders["perm_packed"]
+                kwargs["perm_in_kernel_order"] = True
         if unpacked:
             from pallas_kernels.w4ax_matmul import UNPACKED_ROW_ALIGN
 
