@@ -559,6 +559,18 @@ def _read_order(perm, k: int, k4: int, tile_k: int, unpacked: bool, scatter: boo
     return perm if unpacked else perm[jnp.asarray(kernel_order(perm, k4, tile_k))]
 
 
+def _norm_in_read_order(norm_weight, idx, scatter: bool):
+    """The RMSNorm weights as the kernel loads them: gathered into the read order ``idx``, or
+    as they are where the kernel reads x in its original order (no ``idx``, or the scattered
+    form, whose ``idx`` is where each channel is stored)."""
+    return norm_weight if idx is None or scatter else norm_weight[idx]
+
+
+def _scattered(layout: str, scatter: bool | None) -> bool:
+    """Whether a call of ``layout`` runs the scattered form (``scatter`` None: the default)."""
+    return layout == "unpacked" and (UNPACKED_SCATTER if scatter is None else bool(scatter))
+
+
 def kernel_read_order(
     perm,
     k: int,
@@ -578,9 +590,7 @@ def kernel_read_order(
     if perm is not None and (perm.ndim != 1 or perm.shape[0] != k):
         raise ValueError(f"kernel_read_order: want perm [{k}] or None, got {tuple(perm.shape)}")
     _check_layout(layout, 1)
-    unpacked = layout == "unpacked"
-    scatter = unpacked and (UNPACKED_SCATTER if scatter is None else bool(scatter))
-    return _read_order(perm, k, int(k4), tile_k, unpacked, scatter)
+    return _read_order(perm, k, int(k4), tile_k, layout == "unpacked", _scattered(layout, scatter))
 
 
 def kernel_norm_weight(
@@ -605,13 +615,8 @@ def kernel_norm_weight(
             f"kernel_norm_weight: want norm_weight [K] and perm [K] or None, got "
             f"{tuple(norm_weight.shape)} and {shape}"
         )
-    _check_layout(layout, 1)
-    unpacked = layout == "unpacked"
-    scatter = unpacked and (UNPACKED_SCATTER if scatter is None else bool(scatter))
-    idx = _read_order(perm, k, int(k4), tile_k, unpacked, scatter)
-    if idx is None or (scatter and perm is not None):  # read in the original order
-        return norm_weight
-    return norm_weight[idx]
+    idx = kernel_read_order(perm, k, k4, tile_k=tile_k, layout=layout, scatter=scatter)
+    return _norm_in_read_order(norm_weight, idx, perm is not None and _scattered(layout, scatter))
 
 
 def default_rows_per_program(m: int, k: int, layout: str = "packed") -> int:
@@ -672,9 +677,9 @@ def _act_quant_call(
     # 2222, K = 4096, a checkpoint's gather order: 74.2 -> 65.3 / 23.3 -> 20.9 us, this
     # XLA gather included; docs/kernels_gemm.md). An engine gathers them once at start-up
     # instead (``norm_ordered``, :func:`kernel_norm_weight`): no gather in the call.
-    w_k = norm_weight if has_norm else jnp.ones((k,), jnp.float32)
-    if has_norm and idx is not None and not scatter and not norm_ordered:
-        w_k = w_k[idx]
+    w_k = jnp.ones((k,), jnp.float32)
+    if has_norm:
+        w_k = norm_weight if norm_ordered else _norm_in_read_order(norm_weight, idx, scatter)
     inv = rms_inv(x, eps) if has_norm else jnp.ones((m,), jnp.float32)
     mp = -(-m // bm) * bm
     if mp != m:
